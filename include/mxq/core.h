@@ -1,0 +1,82 @@
+/* mxq core: status codes, the context object (logger + error record). */
+#ifndef MXQ_CORE_H
+#define MXQ_CORE_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MXQ_VERSION "0.1.0"
+
+/* Every fallible library function returns one of these. The human-readable
+ * story of what went wrong lives in the mxq_ctx that was passed in. */
+typedef enum {
+    MXQ_OK = 0,
+    MXQ_ERR_ARG,      /* caller passed a value outside the documented range */
+    MXQ_ERR_IO,       /* open/read/write/rename of a file failed */
+    MXQ_ERR_FORMAT,   /* a file exists but its content is not what was expected */
+    MXQ_ERR_NOMEM,
+    MXQ_ERR_MPI,
+    MXQ_ERR_HDF5,
+    MXQ_ERR_LAPACK,
+    MXQ_ERR_REMOTE,   /* another rank failed; this rank stopped to avoid a hang */
+    MXQ_ERR_INTERNAL, /* a bug in mxq */
+} mxq_status;
+
+const char *mxq_status_name(mxq_status status);
+
+typedef enum {
+    MXQ_LOG_ERROR = 0,
+    MXQ_LOG_WARN = 1,
+    MXQ_LOG_INFO = 2,
+    MXQ_LOG_DEBUG = 3,
+} mxq_log_level;
+
+/* The context carries everything that would otherwise be a global: the log
+ * level and rank used to prefix messages, and the first error raised. One per
+ * process (or per thread), passed as the first argument of fallible calls. */
+typedef struct mxq_ctx mxq_ctx;
+
+mxq_status mxq_ctx_create(mxq_ctx **out);
+void mxq_ctx_destroy(mxq_ctx *ctx);
+
+void mxq_ctx_set_log_level(mxq_ctx *ctx, mxq_log_level level);
+mxq_log_level mxq_ctx_log_level(const mxq_ctx *ctx);
+/* Rank information only changes how messages are prefixed and which ranks
+ * print INFO lines (rank 0 only, unless all_ranks_info). */
+void mxq_ctx_set_rank(mxq_ctx *ctx, int rank, int nranks);
+void mxq_ctx_set_all_ranks_info(mxq_ctx *ctx, int enabled);
+/* Where log lines go; default stderr. */
+void mxq_ctx_set_log_stream(mxq_ctx *ctx, FILE *stream);
+
+void mxq_log(mxq_ctx *ctx, mxq_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Error record. The first error raised wins; call sites it passes through on
+ * the way up are appended as a trace (shown at DEBUG level). */
+void mxq_error_set(mxq_ctx *ctx, mxq_status code, const char *file, int line,
+                   const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+void mxq_error_trace(mxq_ctx *ctx, const char *file, int line);
+mxq_status mxq_error_code(const mxq_ctx *ctx);
+/* The message alone, e.g. "unknown format 'mxint5' (valid: ...)". */
+const char *mxq_error_message(const mxq_ctx *ctx);
+/* Where it was raised, "src/formats/mx.c:42". */
+const char *mxq_error_origin(const mxq_ctx *ctx);
+/* Print "error: <message> [origin]" on one line, plus the trace at DEBUG. */
+void mxq_error_print(mxq_ctx *ctx, FILE *stream, const char *prefix);
+void mxq_error_clear(mxq_ctx *ctx);
+
+/* Wall-clock seconds since an arbitrary fixed point (monotonic). */
+double mxq_time_now(void);
+/* Peak resident set size of this process in bytes (0 if unknown). */
+size_t mxq_peak_rss_bytes(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

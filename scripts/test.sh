@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install, build and run the whole test suite. The last line is
+# "N passed, N failed" (N counts test cases); the exit status is non-zero if
+# anything failed or the build did not succeed.
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD=${MXQ_BUILD_DIR:-$ROOT/build}
+export MXQ_BUILD_DIR=$BUILD
+
+if ! bash "$ROOT/scripts/setup.sh"; then
+  echo "test: set-up or build failed"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+
+rm -f "$BUILD/meson-logs/testlog.json"
+meson test -C "$BUILD" --print-errorlogs "$@"
+meson_rc=$?
+
+if [ ! -f "$BUILD/meson-logs/testlog.json" ]; then
+  echo "test: meson test produced no log"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+python3 "$ROOT/scripts/tap_summary.py" "$BUILD/meson-logs/testlog.json"
+summary_rc=$?
+if [ $meson_rc -ne 0 ] || [ $summary_rc -ne 0 ]; then
+  exit 1
+fi
+exit 0

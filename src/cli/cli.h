@@ -1,0 +1,17 @@
+/* The mxq command-line tool: one function per verb, sharing option helpers. */
+#ifndef MXQ_CLI_H
+#define MXQ_CLI_H
+
+#include "mxq/core.h"
+
+/* Exit codes of the tool. */
+enum { MXQ_EXIT_OK = 0, MXQ_EXIT_FAILURE = 1, MXQ_EXIT_USAGE = 2 };
+
+int mxq_cmd_cast(mxq_ctx *ctx, int argc, char **argv);
+
+/* Print "mxq <verb>: error: <message>" (one line) and return MXQ_EXIT_USAGE. */
+int mxq_cli_usage_error(const char *verb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Parse a whole decimal integer in [lo, hi]; -1 if it is not one. */
+int mxq_cli_parse_int(const char *text, long lo, long hi, long *out);
+
+#endif

@@ -1,0 +1,108 @@
+/* mxq: the thin command-line layer over libmxq. Parses the verb, sets up the
+ * context, and turns library errors into one line and an exit code. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "mxq/h5io.h"
+#include "mxq/mx.h"
+
+static void print_main_help(FILE *out)
+{
+    fprintf(out,
+            "mxq %s - post-training quantization of LLaMA-family models to microscaling (MX) formats\n"
+            "\n"
+            "Usage: mxq <command> [options]\n"
+            "       mxq <command> --help     options of one command\n"
+            "\n"
+            "Commands:\n"
+            "  cast    quantize a 2-D float32 HDF5 dataset to an MX format, row by row\n"
+            "          (writes dequantized values, E8M0 scales and packed element bytes)\n"
+            "  help    show this text, or `mxq help <command>`\n"
+            "\n"
+            "MX formats (block of B elements along the last axis shares one E8M0 scale):\n"
+            "  %s\n"
+            "Roundings: even (ties to even, default), nearest (ties away from zero).\n"
+            "\n"
+            "Exit status: 0 success, 1 the job failed (message on stderr), 2 bad command line.\n"
+            "Options common to every command: -v/--verbose (debug log and error traces),\n"
+            "-q/--quiet (errors only), -h/--help.\n",
+            MXQ_VERSION, mxq_format_names());
+}
+
+int mxq_cli_usage_error(const char *verb, const char *fmt, ...)
+{
+    char message[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(message, sizeof(message), fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "mxq%s%s: error: %s\n", verb ? " " : "", verb ? verb : "", message);
+    return MXQ_EXIT_USAGE;
+}
+
+int mxq_cli_parse_int(const char *text, long lo, long hi, long *out)
+{
+    if (!text || !*text)
+        return -1;
+    char *end = NULL;
+    errno = 0;
+    long value = strtol(text, &end, 10);
+    if (errno != 0 || *end != '\0' || value < lo || value > hi)
+        return -1;
+    *out = value;
+    return 0;
+}
+
+/* argv[0] is the verb itself, as getopt expects a program name there. */
+static int run_verb(const char *verb, int argc, char **argv)
+{
+    mxq_ctx *ctx = NULL;
+    if (mxq_ctx_create(&ctx) != MXQ_OK) {
+        fprintf(stderr, "mxq: error: out of memory\n");
+        return MXQ_EXIT_FAILURE;
+    }
+    mxq_h5_silence_errors();
+
+    int rc;
+    if (strcmp(verb, "cast") == 0)
+        rc = mxq_cmd_cast(ctx, argc, argv);
+    else
+        rc = mxq_cli_usage_error(NULL, "unknown command '%s' (commands: cast, help; see mxq --help)", verb);
+
+    mxq_ctx_destroy(ctx);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        print_main_help(stderr);
+        return MXQ_EXIT_USAGE;
+    }
+    const char *verb = argv[1];
+    if (strcmp(verb, "-h") == 0 || strcmp(verb, "--help") == 0) {
+        print_main_help(stdout);
+        return MXQ_EXIT_OK;
+    }
+    if (strcmp(verb, "--version") == 0 || strcmp(verb, "version") == 0) {
+        printf("mxq %s\n", MXQ_VERSION);
+        return MXQ_EXIT_OK;
+    }
+    if (strcmp(verb, "help") == 0) {
+        if (argc < 3) {
+            print_main_help(stdout);
+            return MXQ_EXIT_OK;
+        }
+        /* `mxq help cast` is `mxq cast --help` */
+        static char help_flag[] = "--help";
+        verb = argv[2];
+        char *help_argv[] = {argv[2], help_flag, NULL};
+        return run_verb(verb, 2, help_argv);
+    }
+    return run_verb(verb, argc - 1, argv + 1);
+}
+

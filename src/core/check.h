@@ -1,0 +1,83 @@
+/* The one set of error-propagation macros used across the library.
+ *
+ * Convention: every fallible function declares `mxq_status status = MXQ_OK;`,
+ * has a single `fail:` label that releases what it owns, and returns status.
+ * The macros jump there after recording file, line and a message in ctx.
+ */
+#ifndef MXQ_CHECK_H
+#define MXQ_CHECK_H
+
+#include "mxq/core.h"
+
+/* Raise `code` with a formatted message unless `cond` holds. */
+#define CHECK(ctx, cond, code, ...)                                               \
+    do {                                                                          \
+        if (!(cond)) {                                                            \
+            mxq_error_set((ctx), (code), __FILE__, __LINE__, __VA_ARGS__);        \
+            status = (code);                                                      \
+            goto fail;                                                            \
+        }                                                                         \
+    } while (0)
+
+/* Unconditional failure. */
+#define FAIL(ctx, code, ...) CHECK(ctx, 0, code, __VA_ARGS__)
+
+/* Propagate the status of another mxq call, adding this call site to the trace. */
+#define CALL(ctx, expr)                                                           \
+    do {                                                                          \
+        mxq_status call_status_ = (expr);                                         \
+        if (call_status_ != MXQ_OK) {                                             \
+            mxq_error_trace((ctx), __FILE__, __LINE__);                           \
+            status = call_status_;                                                \
+            goto fail;                                                            \
+        }                                                                         \
+    } while (0)
+
+/* Allocation that fails with a message naming what was being allocated. */
+#define CHECK_ALLOC(ctx, ptr, bytes, what)                                        \
+    CHECK(ctx, (ptr) != NULL, MXQ_ERR_NOMEM, "out of memory allocating %zu bytes for %s", \
+          (size_t)(bytes), (what))
+
+/* HDF5 calls return a negative value on failure. The HDF5 error stack's
+ * innermost description is appended to the message. */
+void mxq_h5_error_set(mxq_ctx *ctx, const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+#define CALL_H5(ctx, expr, ...)                                                   \
+    do {                                                                          \
+        if ((expr) < 0) {                                                         \
+            mxq_h5_error_set((ctx), __FILE__, __LINE__, __VA_ARGS__);             \
+            status = MXQ_ERR_HDF5;                                                \
+            goto fail;                                                            \
+        }                                                                         \
+    } while (0)
+
+/* MPI calls return MPI_SUCCESS (0) or an error class; the MPI error string
+ * is appended. Defined in src/dist (needs mpi.h) but declared here so the
+ * macro is available everywhere. */
+void mxq_mpi_error_set(mxq_ctx *ctx, int mpi_rc, const char *file, int line,
+                       const char *what);
+#define CALL_MPI(ctx, expr)                                                       \
+    do {                                                                          \
+        int mpi_rc_ = (expr);                                                     \
+        if (mpi_rc_ != 0) {                                                       \
+            mxq_mpi_error_set((ctx), mpi_rc_, __FILE__, __LINE__, #expr);         \
+            status = MXQ_ERR_MPI;                                                 \
+            goto fail;                                                            \
+        }                                                                         \
+    } while (0)
+
+/* LAPACK(E) routines report through `info`: <0 bad argument, >0 numerical
+ * failure (e.g. matrix not positive definite at that minor). `what` names the
+ * routine and the operand, e.g. "dpotrf of the Hessian of layers.3.mlp.up_proj". */
+#define CALL_LAPACK(ctx, info_expr, what)                                         \
+    do {                                                                          \
+        long long lapack_info_ = (long long)(info_expr);                          \
+        if (lapack_info_ != 0) {                                                  \
+            mxq_error_set((ctx), MXQ_ERR_LAPACK, __FILE__, __LINE__,              \
+                          "%s failed (info=%lld)", (what), lapack_info_);         \
+            status = MXQ_ERR_LAPACK;                                              \
+            goto fail;                                                            \
+        }                                                                         \
+    } while (0)
+
+#endif

@@ -1,0 +1,185 @@
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+#include "check.h"
+#include "mxq/core.h"
+
+#define MXQ_TRACE_MAX 16
+
+struct mxq_ctx {
+    mxq_log_level level;
+    int rank;
+    int nranks;
+    int all_ranks_info;
+    FILE *log_stream;
+    double t0;
+
+    mxq_status err_code;
+    char err_message[2048];
+    char err_origin[256];
+    int trace_len;
+    char trace[MXQ_TRACE_MAX][256];
+};
+
+const char *mxq_status_name(mxq_status status)
+{
+    switch (status) {
+    case MXQ_OK: return "ok";
+    case MXQ_ERR_ARG: return "invalid argument";
+    case MXQ_ERR_IO: return "I/O error";
+    case MXQ_ERR_FORMAT: return "bad file content";
+    case MXQ_ERR_NOMEM: return "out of memory";
+    case MXQ_ERR_MPI: return "MPI error";
+    case MXQ_ERR_HDF5: return "HDF5 error";
+    case MXQ_ERR_LAPACK: return "LAPACK error";
+    case MXQ_ERR_REMOTE: return "failure on another rank";
+    case MXQ_ERR_INTERNAL: return "internal error";
+    }
+    return "unknown status";
+}
+
+double mxq_time_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+size_t mxq_peak_rss_bytes(void)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0)
+        return 0;
+    return (size_t)ru.ru_maxrss * 1024u; /* Linux reports KiB */
+}
+
+mxq_status mxq_ctx_create(mxq_ctx **out)
+{
+    mxq_ctx *ctx = calloc(1, sizeof(*ctx));
+    *out = ctx;
+    if (!ctx)
+        return MXQ_ERR_NOMEM;
+    ctx->level = MXQ_LOG_INFO;
+    ctx->nranks = 1;
+    ctx->log_stream = stderr;
+    ctx->t0 = mxq_time_now();
+    return MXQ_OK;
+}
+
+void mxq_ctx_destroy(mxq_ctx *ctx)
+{
+    free(ctx);
+}
+
+void mxq_ctx_set_log_level(mxq_ctx *ctx, mxq_log_level level) { ctx->level = level; }
+mxq_log_level mxq_ctx_log_level(const mxq_ctx *ctx) { return ctx->level; }
+void mxq_ctx_set_all_ranks_info(mxq_ctx *ctx, int enabled) { ctx->all_ranks_info = enabled; }
+void mxq_ctx_set_log_stream(mxq_ctx *ctx, FILE *stream) { ctx->log_stream = stream; }
+
+void mxq_ctx_set_rank(mxq_ctx *ctx, int rank, int nranks)
+{
+    ctx->rank = rank;
+    ctx->nranks = nranks;
+}
+
+static const char *level_tag(mxq_log_level level)
+{
+    switch (level) {
+    case MXQ_LOG_ERROR: return "ERROR";
+    case MXQ_LOG_WARN: return "WARN ";
+    case MXQ_LOG_INFO: return "INFO ";
+    case MXQ_LOG_DEBUG: return "DEBUG";
+    }
+    return "?    ";
+}
+
+void mxq_log(mxq_ctx *ctx, mxq_log_level level, const char *fmt, ...)
+{
+    if (level > ctx->level)
+        return;
+    /* INFO from every rank of a 64-rank job is noise; rank 0 speaks for all
+     * unless asked otherwise. Warnings and errors always get through. */
+    if (level >= MXQ_LOG_INFO && ctx->rank != 0 && !ctx->all_ranks_info)
+        return;
+    char line[4096];
+    int n = 0;
+    if (ctx->nranks > 1)
+        n = snprintf(line, sizeof(line), "[%8.2fs r%d] %s ", mxq_time_now() - ctx->t0, ctx->rank,
+                     level_tag(level));
+    else
+        n = snprintf(line, sizeof(line), "[%8.2fs] %s ", mxq_time_now() - ctx->t0, level_tag(level));
+    va_list ap;
+    va_start(ap, fmt);
+    if (n >= 0 && (size_t)n < sizeof(line))
+        vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);
+    va_end(ap);
+    /* One fputs per line so that lines of different ranks sharing a terminal
+     * do not interleave mid-line. */
+    size_t len = strlen(line);
+    if (len + 1 < sizeof(line)) {
+        line[len] = '\n';
+        line[len + 1] = '\0';
+    }
+    fputs(line, ctx->log_stream);
+    fflush(ctx->log_stream);
+}
+
+static const char *short_path(const char *file)
+{
+    /* __FILE__ may be absolute or relative to the build dir; keep from src/ on. */
+    const char *p = strstr(file, "src/");
+    return p ? p : file;
+}
+
+void mxq_error_set(mxq_ctx *ctx, mxq_status code, const char *file, int line, const char *fmt, ...)
+{
+    if (ctx->err_code != MXQ_OK)
+        return; /* the first error is the cause; later ones are consequences */
+    ctx->err_code = code;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ctx->err_message, sizeof(ctx->err_message), fmt, ap);
+    va_end(ap);
+    snprintf(ctx->err_origin, sizeof(ctx->err_origin), "%s:%d", short_path(file), line);
+    ctx->trace_len = 0;
+}
+
+void mxq_error_trace(mxq_ctx *ctx, const char *file, int line)
+{
+    if (ctx->trace_len < MXQ_TRACE_MAX) {
+        snprintf(ctx->trace[ctx->trace_len], sizeof(ctx->trace[0]), "%s:%d", short_path(file), line);
+        ctx->trace_len++;
+    }
+}
+
+mxq_status mxq_error_code(const mxq_ctx *ctx) { return ctx->err_code; }
+const char *mxq_error_message(const mxq_ctx *ctx) { return ctx->err_message; }
+const char *mxq_error_origin(const mxq_ctx *ctx) { return ctx->err_origin; }
+
+void mxq_error_print(mxq_ctx *ctx, FILE *stream, const char *prefix)
+{
+    if (ctx->err_code == MXQ_OK)
+        return;
+    char rank_tag[32] = "";
+    if (ctx->nranks > 1)
+        snprintf(rank_tag, sizeof(rank_tag), "[rank %d] ", ctx->rank);
+    fprintf(stream, "%s%s: error: %s [%s]\n", rank_tag, prefix ? prefix : "mxq", ctx->err_message,
+            ctx->err_origin);
+    if (ctx->level >= MXQ_LOG_DEBUG) {
+        for (int i = 0; i < ctx->trace_len; i++)
+            fprintf(stream, "    called from %s\n", ctx->trace[i]);
+    }
+    fflush(stream);
+}
+
+void mxq_error_clear(mxq_ctx *ctx)
+{
+    ctx->err_code = MXQ_OK;
+    ctx->err_message[0] = '\0';
+    ctx->err_origin[0] = '\0';
+    ctx->trace_len = 0;
+}

@@ -1,0 +1,92 @@
+/* MX dispatch: argument checks, kernel choice, dequantization. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "check.h"
+#include "mx_kernels.h"
+#include "mxq/mx.h"
+
+int mxq_cpu_has_avx512(void)
+{
+#if defined(__x86_64__) && defined(MXQ_HAVE_AVX512_KERNEL)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
+static mxq_mx_rows_kernel pick_kernel(mxq_kernel kernel)
+{
+#ifdef MXQ_HAVE_AVX512_KERNEL
+    if (mxq_kernel_resolve(kernel) == MXQ_KERNEL_AVX512)
+        return mxq_mx_quantize_rows_avx512;
+#else
+    (void)kernel;
+#endif
+    return mxq_mx_quantize_rows_reference;
+}
+
+mxq_status mxq_mx_quantize_rows(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *in, size_t rows,
+                                size_t cols, uint8_t *packed, uint8_t *scales, float *dequant)
+{
+    mxq_status status = MXQ_OK;
+    uint8_t *codes = NULL;
+    CALL(ctx, mxq_mx_spec_check(ctx, spec));
+    if (rows == 0 || cols == 0)
+        return MXQ_OK;
+    CHECK(ctx, in != NULL, MXQ_ERR_ARG, "MX quantize: input is NULL");
+    CHECK(ctx, rows <= SIZE_MAX / cols, MXQ_ERR_ARG, "MX quantize: %zu x %zu elements overflow", rows, cols);
+    codes = malloc(cols);
+    CHECK_ALLOC(ctx, codes, cols, "one row of MX element codes");
+    pick_kernel(spec->kernel)(spec->format, spec->block, spec->rounding, in, rows, cols, packed, scales,
+                              dequant, codes);
+fail:
+    free(codes);
+    return status;
+}
+
+mxq_status mxq_mx_dequantize_rows(mxq_ctx *ctx, const mxq_mx_spec *spec, const uint8_t *packed,
+                                  const uint8_t *scales, size_t rows, size_t cols, float *out)
+{
+    mxq_status status = MXQ_OK;
+    uint8_t *codes = NULL;
+    CALL(ctx, mxq_mx_spec_check(ctx, spec));
+    if (rows == 0 || cols == 0)
+        return MXQ_OK;
+    CHECK(ctx, packed && scales && out, MXQ_ERR_ARG, "MX dequantize: NULL buffer");
+    codes = malloc(cols);
+    CHECK_ALLOC(ctx, codes, cols, "one row of MX element codes");
+
+    /* Every code's value at scale 1, from the reference decoder. Multiplying
+     * by 2^se afterwards is exact in float32 (few significant bits, result
+     * never below 2^-149), so this equals decode(code, se). */
+    const mxq_format *format = spec->format;
+    float unit_value[256];
+    for (unsigned c = 0; c < (1u << format->bits); c++)
+        unit_value[c] = mxq_mx_decode(format, (uint8_t)c, 0);
+
+    const size_t nblocks = mxq_mx_blocks_per_row(cols, spec->block);
+    const size_t row_bytes = mxq_mx_packed_row_bytes(format, cols);
+    for (size_t r = 0; r < rows; r++) {
+        mxq_mx_unpack_row(format, packed + r * row_bytes, cols, codes);
+        for (size_t b = 0; b < nblocks; b++) {
+            size_t c0 = b * (size_t)spec->block;
+            size_t c1 = c0 + (size_t)spec->block < cols ? c0 + (size_t)spec->block : cols;
+            uint8_t scale = scales[r * nblocks + b];
+            float *dst = out + r * cols;
+            if (scale == MXQ_E8M0_NAN) {
+                for (size_t c = c0; c < c1; c++)
+                    dst[c] = NAN;
+                continue;
+            }
+            float factor = ldexpf(1.0f, (int)scale - 127);
+            for (size_t c = c0; c < c1; c++)
+                dst[c] = unit_value[codes[c]] * factor;
+        }
+    }
+fail:
+    free(codes);
+    return status;
+}

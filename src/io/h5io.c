@@ -1,0 +1,194 @@
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "mxq/fsutil.h"
+#include "mxq/h5io.h"
+
+void mxq_h5_silence_errors(void)
+{
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+}
+
+mxq_status mxq_h5_open_read(mxq_ctx *ctx, const char *path, hid_t *file_out)
+{
+    mxq_status status = MXQ_OK;
+    *file_out = H5I_INVALID_HID;
+    CHECK(ctx, access(path, F_OK) == 0, MXQ_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    CHECK(ctx, access(path, R_OK) == 0, MXQ_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+    htri_t is_hdf5 = H5Fis_hdf5(path);
+    CHECK(ctx, is_hdf5 > 0, MXQ_ERR_FORMAT, "'%s' is not an HDF5 file", path);
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    CALL_H5(ctx, file, "cannot open HDF5 file '%s'", path);
+    *file_out = file;
+fail:
+    return status;
+}
+
+mxq_status mxq_h5_read_f32_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages,
+                              const char *dataset, float **data, size_t *rows, size_t *cols)
+{
+    mxq_status status = MXQ_OK;
+    hid_t dset = H5I_INVALID_HID, space = H5I_INVALID_HID, type = H5I_INVALID_HID;
+    float *buf = NULL;
+    *data = NULL;
+
+    htri_t exists = H5Lexists(file, dataset, H5P_DEFAULT);
+    /* H5Lexists fails (rather than returning 0) when an intermediate group is
+     * missing; both mean the same to the user. */
+    H5Eclear2(H5E_DEFAULT);
+    CHECK(ctx, exists > 0, MXQ_ERR_FORMAT, "'%s' has no dataset '%s'", path_for_messages, dataset);
+    /* Opening as a generic object first tells a group from a dataset
+     * portably across HDF5 1.10 and 1.12+. */
+    hid_t object = H5Oopen(file, dataset, H5P_DEFAULT);
+    CALL_H5(ctx, object, "cannot open '%s' in '%s'", dataset, path_for_messages);
+    H5I_type_t object_type = H5Iget_type(object);
+    H5Oclose(object);
+    CHECK(ctx, object_type == H5I_DATASET, MXQ_ERR_FORMAT, "'%s' in '%s' is not a dataset", dataset,
+          path_for_messages);
+    dset = H5Dopen2(file, dataset, H5P_DEFAULT);
+    CALL_H5(ctx, dset, "cannot open dataset '%s' in '%s'", dataset, path_for_messages);
+
+    type = H5Dget_type(dset);
+    CALL_H5(ctx, type, "cannot read the type of '%s' in '%s'", dataset, path_for_messages);
+    CHECK(ctx, H5Tget_class(type) == H5T_FLOAT && H5Tget_size(type) == 4, MXQ_ERR_FORMAT,
+          "dataset '%s' in '%s' must be float32, but it is %s of %zu bytes", dataset, path_for_messages,
+          H5Tget_class(type) == H5T_FLOAT     ? "float"
+          : H5Tget_class(type) == H5T_INTEGER ? "integer"
+                                              : "a non-numeric type",
+          H5Tget_size(type));
+
+    space = H5Dget_space(dset);
+    CALL_H5(ctx, space, "cannot read the shape of '%s' in '%s'", dataset, path_for_messages);
+    int ndims = H5Sget_simple_extent_ndims(space);
+    CHECK(ctx, ndims == 2, MXQ_ERR_FORMAT, "dataset '%s' in '%s' must be 2-D [rows, cols], but it has %d dimension%s",
+          dataset, path_for_messages, ndims, ndims == 1 ? "" : "s");
+    hsize_t dims[2];
+    H5Sget_simple_extent_dims(space, dims, NULL);
+    CHECK(ctx, dims[0] > 0 && dims[1] > 0, MXQ_ERR_FORMAT, "dataset '%s' in '%s' is empty (%llu x %llu)", dataset,
+          path_for_messages, (unsigned long long)dims[0], (unsigned long long)dims[1]);
+    size_t count = (size_t)dims[0] * (size_t)dims[1];
+    buf = malloc(count * sizeof(float));
+    CHECK_ALLOC(ctx, buf, count * sizeof(float), "an input dataset");
+    CALL_H5(ctx, H5Dread(dset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf),
+            "cannot read dataset '%s' in '%s'", dataset, path_for_messages);
+    *data = buf;
+    *rows = (size_t)dims[0];
+    *cols = (size_t)dims[1];
+    buf = NULL;
+fail:
+    free(buf);
+    if (space >= 0)
+        H5Sclose(space);
+    if (type >= 0)
+        H5Tclose(type);
+    if (dset >= 0)
+        H5Dclose(dset);
+    return status;
+}
+
+mxq_status mxq_h5_write(mxq_ctx *ctx, hid_t file, const char *name, hid_t mem_type, int rank,
+                        const hsize_t *dims, const void *data)
+{
+    mxq_status status = MXQ_OK;
+    hid_t space = H5I_INVALID_HID, dset = H5I_INVALID_HID;
+    space = H5Screate_simple(rank, dims, NULL);
+    CALL_H5(ctx, space, "cannot create the dataspace of '%s'", name);
+    dset = H5Dcreate2(file, name, mem_type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    CALL_H5(ctx, dset, "cannot create dataset '%s'", name);
+    CALL_H5(ctx, H5Dwrite(dset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), "cannot write dataset '%s'", name);
+fail:
+    if (dset >= 0)
+        H5Dclose(dset);
+    if (space >= 0)
+        H5Sclose(space);
+    return status;
+}
+
+mxq_status mxq_h5_attr_string(mxq_ctx *ctx, hid_t object, const char *name, const char *value)
+{
+    mxq_status status = MXQ_OK;
+    hid_t type = H5I_INVALID_HID, space = H5I_INVALID_HID, attr = H5I_INVALID_HID;
+    type = H5Tcopy(H5T_C_S1);
+    CALL_H5(ctx, type, "cannot create a string type for attribute '%s'", name);
+    CALL_H5(ctx, H5Tset_size(type, strlen(value) + 1), "cannot size attribute '%s'", name);
+    space = H5Screate(H5S_SCALAR);
+    CALL_H5(ctx, space, "cannot create the dataspace of attribute '%s'", name);
+    attr = H5Acreate2(object, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
+    CALL_H5(ctx, attr, "cannot create attribute '%s'", name);
+    CALL_H5(ctx, H5Awrite(attr, type, value), "cannot write attribute '%s'", name);
+fail:
+    if (attr >= 0)
+        H5Aclose(attr);
+    if (space >= 0)
+        H5Sclose(space);
+    if (type >= 0)
+        H5Tclose(type);
+    return status;
+}
+
+mxq_status mxq_h5_attr_int(mxq_ctx *ctx, hid_t object, const char *name, long long value)
+{
+    mxq_status status = MXQ_OK;
+    hid_t space = H5I_INVALID_HID, attr = H5I_INVALID_HID;
+    space = H5Screate(H5S_SCALAR);
+    CALL_H5(ctx, space, "cannot create the dataspace of attribute '%s'", name);
+    attr = H5Acreate2(object, name, H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT);
+    CALL_H5(ctx, attr, "cannot create attribute '%s'", name);
+    CALL_H5(ctx, H5Awrite(attr, H5T_NATIVE_LLONG, &value), "cannot write attribute '%s'", name);
+fail:
+    if (attr >= 0)
+        H5Aclose(attr);
+    if (space >= 0)
+        H5Sclose(space);
+    return status;
+}
+
+mxq_status mxq_h5_output_begin(mxq_ctx *ctx, const char *final_path, mxq_h5_output *out)
+{
+    mxq_status status = MXQ_OK;
+    out->file = H5I_INVALID_HID;
+    out->final_path = NULL;
+    out->temp_path = NULL;
+    CALL(ctx, mxq_check_writable(ctx, final_path, "output"));
+    CALL(ctx, mxq_temp_path_for(ctx, final_path, &out->temp_path));
+    CALL(ctx, mxq_check_writable(ctx, out->temp_path, "temporary output"));
+    out->final_path = strdup(final_path);
+    CHECK_ALLOC(ctx, out->final_path, strlen(final_path) + 1, "the output path");
+    out->file = H5Fcreate(out->temp_path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    CALL_H5(ctx, out->file, "cannot create '%s'", out->temp_path);
+    return MXQ_OK;
+fail:
+    mxq_h5_output_abort(out);
+    return status;
+}
+
+mxq_status mxq_h5_output_commit(mxq_ctx *ctx, mxq_h5_output *out)
+{
+    mxq_status status = MXQ_OK;
+    herr_t closed = H5Fclose(out->file);
+    out->file = H5I_INVALID_HID;
+    CALL_H5(ctx, closed, "cannot finish writing '%s'", out->temp_path);
+    CALL(ctx, mxq_rename(ctx, out->temp_path, out->final_path));
+    free(out->temp_path);
+    free(out->final_path);
+    out->temp_path = out->final_path = NULL;
+    return MXQ_OK;
+fail:
+    mxq_h5_output_abort(out);
+    return status;
+}
+
+void mxq_h5_output_abort(mxq_h5_output *out)
+{
+    if (out->file >= 0)
+        H5Fclose(out->file);
+    out->file = H5I_INVALID_HID;
+    if (out->temp_path)
+        unlink(out->temp_path);
+    free(out->temp_path);
+    free(out->final_path);
+    out->temp_path = out->final_path = NULL;
+}
