@@ -6,6 +6,12 @@
 #include "mxq/core.h"
 #include "mxq/fsutil.h"
 #include "mxq/h5io.h"
+#include "mxq/dist.h"
+#include "mxq/eval.h"
+#include "mxq/model.h"
 #include "mxq/mx.h"
+#include "mxq/safetensors.h"
+#include "mxq/synth.h"
+#include "mxq/tokens.h"
 
 #endif

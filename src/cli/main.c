@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <mpi.h>
+
 #include "cli.h"
 #include "mxq/h5io.h"
 #include "mxq/mx.h"
@@ -21,6 +23,10 @@ static void print_main_help(FILE *out)
             "Commands:\n"
             "  cast    quantize a 2-D float32 HDF5 dataset to an MX format, row by row\n"
             "          (writes dequantized values, E8M0 scales and packed element bytes)\n"
+            "  eval    perplexity of a model on a token file, pipelined over MPI ranks;\n"
+            "          optionally with MX fake quantization of weights and activations\n"
+            "  synth   write a random-weight model with the shapes of a real one\n"
+            "          (llama-2-7b, llama-2-70b, llama-3.1-8b, qwen2-7b, mistral-7b)\n"
             "  help    show this text, or `mxq help <command>`\n"
             "\n"
             "MX formats (block of B elements along the last axis shares one E8M0 scale):\n"
@@ -57,9 +63,37 @@ int mxq_cli_parse_int(const char *text, long lo, long hi, long *out)
     return 0;
 }
 
+typedef struct {
+    const char *name;
+    int (*run)(mxq_ctx *ctx, int argc, char **argv);
+    int needs_mpi;
+} verb_entry;
+
+static const verb_entry verbs[] = {
+    {"cast", mxq_cmd_cast, 0},
+    {"eval", mxq_cmd_eval, 1},
+    {"synth", mxq_cmd_synth, 0},
+};
+
+static int wants_help(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0)
+            return 1;
+    return 0;
+}
+
 /* argv[0] is the verb itself, as getopt expects a program name there. */
 static int run_verb(const char *verb, int argc, char **argv)
 {
+    const verb_entry *entry = NULL;
+    for (size_t i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++)
+        if (strcmp(verbs[i].name, verb) == 0)
+            entry = &verbs[i];
+    if (!entry)
+        return mxq_cli_usage_error(NULL, "unknown command '%s' (commands: cast, eval, synth, help; see mxq --help)",
+                                   verb);
+
     mxq_ctx *ctx = NULL;
     if (mxq_ctx_create(&ctx) != MXQ_OK) {
         fprintf(stderr, "mxq: error: out of memory\n");
@@ -67,12 +101,23 @@ static int run_verb(const char *verb, int argc, char **argv)
     }
     mxq_h5_silence_errors();
 
-    int rc;
-    if (strcmp(verb, "cast") == 0)
-        rc = mxq_cmd_cast(ctx, argc, argv);
-    else
-        rc = mxq_cli_usage_error(NULL, "unknown command '%s' (commands: cast, help; see mxq --help)", verb);
-
+    /* --help needs no MPI: it must work on a login node without a launcher. */
+    int use_mpi = entry->needs_mpi && !wants_help(argc, argv);
+    if (use_mpi) {
+        int provided = 0;
+        if (MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+            fprintf(stderr, "mxq %s: error: MPI_Init failed\n", verb);
+            mxq_ctx_destroy(ctx);
+            return MXQ_EXIT_FAILURE;
+        }
+        int rank = 0, size = 1;
+        MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+        MPI_Comm_size(MPI_COMM_WORLD, &size);
+        mxq_ctx_set_rank(ctx, rank, size);
+    }
+    int rc = entry->run(ctx, argc, argv);
+    if (use_mpi)
+        MPI_Finalize();
     mxq_ctx_destroy(ctx);
     return rc;
 }

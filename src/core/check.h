@@ -35,7 +35,7 @@
 
 /* Allocation that fails with a message naming what was being allocated. */
 #define CHECK_ALLOC(ctx, ptr, bytes, what)                                        \
-    CHECK(ctx, (ptr) != NULL, MXQ_ERR_NOMEM, "out of memory allocating %zu bytes for %s", \
+    CHECK(ctx, (ptr), MXQ_ERR_NOMEM, "out of memory allocating %zu bytes for %s", \
           (size_t)(bytes), (what))
 
 /* HDF5 calls return a negative value on failure. The HDF5 error stack's

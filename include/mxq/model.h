@@ -1,0 +1,138 @@
+/* LLaMA-family models: Hugging Face config.json, weights of a range of
+ * decoder layers, and the FP32 forward pass (OpenBLAS GEMMs). */
+#ifndef MXQ_MODEL_H
+#define MXQ_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mxq/core.h"
+#include "mxq/mx.h"
+#include "mxq/safetensors.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { MXQ_ARCH_LLAMA = 0, MXQ_ARCH_MISTRAL, MXQ_ARCH_QWEN2 } mxq_arch;
+
+typedef struct {
+    mxq_arch arch;
+    char model_type[32];
+    int hidden;         /* d */
+    int intermediate;   /* FFN width */
+    int n_layers;
+    int n_heads;
+    int n_kv_heads;
+    int head_dim;
+    int vocab;
+    int max_positions;
+    double rms_eps;
+    double rope_theta;
+    /* Llama-3 rope scaling (rope_type "llama3"); factor 0 = none */
+    double rope_factor;
+    double rope_low_freq_factor;
+    double rope_high_freq_factor;
+    int rope_original_max_positions;
+    int tie_embeddings;
+    int qkv_bias;       /* q/k/v projections have biases (qwen2, llama attention_bias) */
+    int o_bias;         /* o_proj has a bias (llama attention_bias) */
+    int sliding_window; /* 0 = full causal attention */
+    int bos_token;
+} mxq_model_config;
+
+/* Parse <dir>/config.json. Unsupported architectures and values are errors
+ * naming the key. Reads both top-level rope_theta/rope_scaling and the
+ * rope_parameters object of recent transformers versions. */
+mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg);
+const char *mxq_arch_name(mxq_arch arch);
+
+/* Parameter counts, used to balance layers over ranks. */
+size_t mxq_config_layer_params(const mxq_model_config *cfg);
+size_t mxq_config_embedding_params(const mxq_model_config *cfg);
+
+/* The seven linear projections of a decoder layer, in a fixed order. */
+typedef enum {
+    MXQ_LIN_Q = 0,
+    MXQ_LIN_K,
+    MXQ_LIN_V,
+    MXQ_LIN_O,
+    MXQ_LIN_GATE,
+    MXQ_LIN_UP,
+    MXQ_LIN_DOWN,
+    MXQ_LIN_COUNT
+} mxq_linear_id;
+
+const char *mxq_linear_name(mxq_linear_id id); /* "self_attn.q_proj", "mlp.up_proj", ... */
+/* [out, in] of a linear under cfg */
+void mxq_linear_shape(const mxq_model_config *cfg, mxq_linear_id id, int *out_features, int *in_features);
+
+typedef struct {
+    float *attn_norm;               /* [d] */
+    float *ffn_norm;                /* [d] */
+    float *weight[MXQ_LIN_COUNT];   /* [out, in] row-major, as in the checkpoint */
+    float *bias[MXQ_LIN_COUNT];     /* [out] or NULL */
+} mxq_layer;
+
+/* The part of a model one rank holds: layers [first_layer, last_layer), plus
+ * the embedding when it owns the input and the final norm and lm_head when it
+ * owns the output. */
+typedef struct {
+    mxq_model_config cfg;
+    int first_layer;
+    int last_layer;
+    int has_embedding;
+    int has_head;
+    float *embedding;  /* [vocab, d] when has_embedding */
+    float *final_norm; /* [d] when has_head */
+    float *lm_head;    /* [vocab, d] when has_head (the embedding when tied) */
+    mxq_layer *layers; /* last_layer - first_layer entries */
+    double *rope_inv_freq; /* [head_dim / 2] */
+} mxq_model;
+
+typedef struct {
+    int first_layer, last_layer; /* [first, last) */
+    int embedding, head;
+} mxq_model_part;
+
+mxq_status mxq_model_load(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, const mxq_model_part *part,
+                          mxq_model **out);
+void mxq_model_free(mxq_model *model);
+
+/* Fake quantization for evaluation: weights rounded to nearest in MX once,
+ * and the input of every linear MX-quantized at run time. */
+typedef struct {
+    int enabled_weights;
+    int enabled_acts;
+    mxq_mx_spec weights;
+    mxq_mx_spec acts;
+} mxq_fake_quant;
+
+mxq_status mxq_model_fake_quantize_weights(mxq_ctx *ctx, mxq_model *model, const mxq_mx_spec *spec);
+
+/* Scratch space for a forward pass over up to max_seqs sequences of seq_len. */
+typedef struct mxq_workspace mxq_workspace;
+mxq_status mxq_workspace_create(mxq_ctx *ctx, const mxq_model_config *cfg, int max_seqs, int seq_len,
+                                mxq_workspace **out);
+void mxq_workspace_free(mxq_workspace *ws);
+
+/* x [n_seqs * seq_len, d] <- embedding rows of tokens [n_seqs, seq_len] */
+mxq_status mxq_model_embed(mxq_ctx *ctx, const mxq_model *model, const int32_t *tokens, int n_seqs, int seq_len,
+                           float *x);
+/* Run layers [from, to) (absolute indices, owned by this model part) in place
+ * on x [n_seqs * seq_len, d]. Every sequence starts at position 0. */
+mxq_status mxq_model_run_layers(mxq_ctx *ctx, const mxq_model *model, int from, int to, float *x, int n_seqs,
+                                int seq_len, const mxq_fake_quant *fq, mxq_workspace *ws);
+/* logits [n_seqs * seq_len, vocab] = lm_head(final_norm(x)); x is not changed. */
+mxq_status mxq_model_logits(mxq_ctx *ctx, const mxq_model *model, const float *x, int n_seqs, int seq_len,
+                            float *logits, mxq_workspace *ws);
+/* Sum of -log p(tokens[t+1] | tokens[..t]) over t < seq_len-1 per sequence:
+ * nll [n_seqs]. Computes the logits internally, a chunk at a time. */
+mxq_status mxq_model_sequence_nll(mxq_ctx *ctx, const mxq_model *model, const float *x, const int32_t *tokens,
+                                  int n_seqs, int seq_len, double *nll, mxq_workspace *ws);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

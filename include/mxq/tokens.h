@@ -1,0 +1,32 @@
+/* Token files: HDF5 dataset /tokens, int32 [n_sequences, seq_len]. */
+#ifndef MXQ_TOKENS_H
+#define MXQ_TOKENS_H
+
+#include <stdint.h>
+
+#include "mxq/core.h"
+#include "mxq/dist.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    int32_t *ids; /* [n_seqs, seq_len] */
+    int n_seqs;
+    int seq_len;
+    int total_seqs; /* sequences in the file, before any limit */
+} mxq_tokens;
+
+/* Collective over dist (parallel HDF5, MPI-IO driver): every rank reads the
+ * first `limit` sequences (0 = all) and checks every id against [0, vocab).
+ * Errors name the file and, for a bad id, the sequence and position. */
+mxq_status mxq_tokens_read(mxq_ctx *ctx, const mxq_dist *dist, const char *path, int limit, int vocab,
+                           mxq_tokens *out);
+void mxq_tokens_free(mxq_tokens *tokens);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,181 @@
+/* mxq eval: perplexity of a model on a token file, over MPI ranks. */
+#include <getopt.h>
+#include <jansson.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "cli.h"
+#include "mxq/eval.h"
+#include "mxq/fsutil.h"
+
+static void print_eval_help(FILE *out)
+{
+    fprintf(out,
+            "Usage: [mpirun -n R] mxq eval --model DIR --tokens FILE.h5 [options]\n"
+            "\n"
+            "Perplexity of a Hugging Face LLaMA-family model (llama, mistral, qwen2; safetensors\n"
+            "in F32, F16 or BF16, single file or sharded) on an HDF5 token file (/tokens, int32\n"
+            "[n_sequences, seq_len]). Each sequence is scored independently from position 0:\n"
+            "perplexity = exp(mean over every sequence and position t of -log p(token t+1 | 0..t)).\n"
+            "\n"
+            "Under mpirun/srun the decoder layers are split over the ranks (contiguous ranges\n"
+            "balanced by parameter count, 1 <= ranks <= layers) and micro-batches of sequences\n"
+            "flow through them as a pipeline. The result does not depend on the number of ranks.\n"
+            "\n"
+            "Options:\n"
+            "  -m, --model DIR        model directory (config.json + model.safetensors[.index.json])\n"
+            "  -t, --tokens FILE.h5   token file\n"
+            "  -n, --limit N          evaluate only the first N sequences\n"
+            "  -b, --batch N          sequences per micro-batch (default 8)\n"
+            "  -j, --json OUT.json    also write ppl, mean_nll, tokens_scored, seconds, tokens_per_s\n"
+            "\n"
+            "Fake quantization (weights rounded to nearest once; each linear's input quantized at\n"
+            "run time), to measure what a format costs:\n"
+            "      --weights FMT      MX format of linear weights\n"
+            "      --acts FMT         MX format of linear inputs\n"
+            "      --block B          MX block size (default 32)\n"
+            "      --rounding MODE    even (default) or nearest\n"
+            "  formats: %s\n"
+            "\n"
+            "  -v, --verbose          debug log (per-rank layer ownership), error traces\n"
+            "  -q, --quiet            errors only\n"
+            "  -h, --help             this text\n"
+            "\n"
+            "Threads: each rank uses OPENBLAS_NUM_THREADS threads for matrix products; with R\n"
+            "ranks on a node of C cores set it to C/R.\n"
+            "\n"
+            "Example:\n"
+            "  mpirun -n 2 mxq eval --model data/stories260K --tokens data/stories260K/eval.h5\n",
+            mxq_format_names());
+}
+
+static mxq_status write_json(mxq_ctx *ctx, const char *path, const char *model, const char *tokens,
+                             const mxq_eval_options *opt, const mxq_eval_result *r)
+{
+    mxq_status status = MXQ_OK;
+    char *temp = NULL;
+    json_t *root = json_pack("{s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:s, s:s}", "ppl", r->ppl, "mean_nll",
+                             r->mean_nll, "tokens_scored", (json_int_t)r->tokens_scored, "seconds", r->seconds,
+                             "tokens_per_s", r->tokens_per_s, "load_seconds", r->load_seconds, "sequences",
+                             r->sequences, "seq_len", r->seq_len, "ranks", r->ranks, "model", model, "tokens", tokens);
+    CHECK_ALLOC(ctx, root, 1, "the JSON report");
+    if (opt->quant.enabled_weights || opt->quant.enabled_acts) {
+        json_t *q = json_object();
+        if (opt->quant.enabled_weights)
+            json_object_set_new(q, "weights", json_string(opt->quant.weights.format->name));
+        if (opt->quant.enabled_acts)
+            json_object_set_new(q, "activations", json_string(opt->quant.acts.format->name));
+        const mxq_mx_spec *spec = opt->quant.enabled_weights ? &opt->quant.weights : &opt->quant.acts;
+        json_object_set_new(q, "block", json_integer(spec->block));
+        json_object_set_new(q, "rounding", json_string(mxq_rounding_name(spec->rounding)));
+        json_object_set_new(root, "fake_quant", q);
+    }
+    CALL(ctx, mxq_check_writable(ctx, path, "JSON output"));
+    CALL(ctx, mxq_temp_path_for(ctx, path, &temp));
+    CHECK(ctx, json_dump_file(root, temp, JSON_INDENT(2) | JSON_REAL_PRECISION(17)) == 0, MXQ_ERR_IO,
+          "cannot write '%s'", temp);
+    CALL(ctx, mxq_rename(ctx, temp, path));
+fail:
+    if (status != MXQ_OK && temp)
+        remove(temp);
+    free(temp);
+    json_decref(root);
+    return status;
+}
+
+int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
+{
+    enum { OPT_WEIGHTS = 1000, OPT_ACTS, OPT_BLOCK, OPT_ROUNDING };
+    static const struct option options[] = {
+        {"model", required_argument, NULL, 'm'},      {"tokens", required_argument, NULL, 't'},
+        {"limit", required_argument, NULL, 'n'},      {"batch", required_argument, NULL, 'b'},
+        {"json", required_argument, NULL, 'j'},       {"weights", required_argument, NULL, OPT_WEIGHTS},
+        {"acts", required_argument, NULL, OPT_ACTS},  {"block", required_argument, NULL, OPT_BLOCK},
+        {"rounding", required_argument, NULL, OPT_ROUNDING}, {"verbose", no_argument, NULL, 'v'},
+        {"quiet", no_argument, NULL, 'q'},            {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *model = NULL, *tokens = NULL, *json_path = NULL;
+    mxq_eval_options opt = {.batch = 8, .limit = 0};
+    long value, block = 32;
+    mxq_rounding rounding = MXQ_ROUND_EVEN;
+    const mxq_format *wfmt = NULL, *afmt = NULL;
+    int opt_char;
+    optind = 1;
+    opterr = 0;
+    while ((opt_char = getopt_long(argc, argv, ":m:t:n:b:j:vqh", options, NULL)) != -1) {
+        switch (opt_char) {
+        case 'm': model = optarg; break;
+        case 't': tokens = optarg; break;
+        case 'j': json_path = optarg; break;
+        case 'n':
+            if (mxq_cli_parse_int(optarg, 1, 1L << 30, &value) != 0)
+                return mxq_cli_usage_error("eval", "--limit must be a positive integer, got '%s'", optarg);
+            opt.limit = (int)value;
+            break;
+        case 'b':
+            if (mxq_cli_parse_int(optarg, 1, 1 << 16, &value) != 0)
+                return mxq_cli_usage_error("eval", "--batch must be an integer in 1..65536, got '%s'", optarg);
+            opt.batch = (int)value;
+            break;
+        case OPT_WEIGHTS:
+        case OPT_ACTS: {
+            const mxq_format *f = mxq_format_by_name(optarg);
+            if (!f)
+                return mxq_cli_usage_error("eval", "unknown format '%s' (valid: %s)", optarg, mxq_format_names());
+            *(opt_char == OPT_WEIGHTS ? &wfmt : &afmt) = f;
+            break;
+        }
+        case OPT_BLOCK:
+            if (mxq_cli_parse_int(optarg, 1, MXQ_MX_BLOCK_MAX, &block) != 0)
+                return mxq_cli_usage_error("eval", "block size must be an integer in 1..%d, got '%s'",
+                                           MXQ_MX_BLOCK_MAX, optarg);
+            break;
+        case OPT_ROUNDING:
+            if (mxq_rounding_by_name(optarg, &rounding) != 0)
+                return mxq_cli_usage_error("eval", "unknown rounding '%s' (valid: even nearest)", optarg);
+            break;
+        case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;
+        case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); break;
+        case 'h': print_eval_help(stdout); return MXQ_EXIT_OK;
+        case ':': return mxq_cli_usage_error("eval", "option '%s' needs a value", argv[optind - 1]);
+        default: return mxq_cli_usage_error("eval", "unknown option '%s' (see mxq eval --help)", argv[optind - 1]);
+        }
+    }
+    if (!model)
+        return mxq_cli_usage_error("eval", "--model DIR is required");
+    if (!tokens)
+        return mxq_cli_usage_error("eval", "--tokens FILE.h5 is required");
+    if (optind < argc)
+        return mxq_cli_usage_error("eval", "unexpected argument '%s'", argv[optind]);
+    if (wfmt) {
+        opt.quant.enabled_weights = 1;
+        opt.quant.weights = (mxq_mx_spec){wfmt, (int)block, rounding, MXQ_KERNEL_AUTO};
+    }
+    if (afmt) {
+        opt.quant.enabled_acts = 1;
+        opt.quant.acts = (mxq_mx_spec){afmt, (int)block, rounding, MXQ_KERNEL_AUTO};
+    }
+
+    mxq_eval_result r;
+    mxq_status st = mxq_eval_perplexity(ctx, MPI_COMM_WORLD, model, tokens, &opt, &r);
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    if (st == MXQ_OK && rank == 0) {
+        printf("perplexity %.6f  mean_nll %.9f  tokens_scored %zu  sequences %d  ranks %d  %.2f s  %.0f tokens/s\n",
+               r.ppl, r.mean_nll, r.tokens_scored, r.sequences, r.ranks, r.seconds, r.tokens_per_s);
+        fflush(stdout);
+        if (json_path)
+            st = write_json(ctx, json_path, model, tokens, &opt, &r);
+    }
+    if (st != MXQ_OK) {
+        /* The rank that failed explains; the others only stopped because of it. */
+        if (st != MXQ_ERR_REMOTE || mxq_ctx_log_level(ctx) >= MXQ_LOG_DEBUG)
+            mxq_error_print(ctx, stderr, "mxq eval");
+        return MXQ_EXIT_FAILURE;
+    }
+    return MXQ_EXIT_OK;
+}

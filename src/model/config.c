@@ -1,0 +1,237 @@
+/* Hugging Face config.json for llama, mistral and qwen2. */
+#include <errno.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "mxq/model.h"
+
+const char *mxq_arch_name(mxq_arch arch)
+{
+    switch (arch) {
+    case MXQ_ARCH_LLAMA: return "llama";
+    case MXQ_ARCH_MISTRAL: return "mistral";
+    case MXQ_ARCH_QWEN2: return "qwen2";
+    }
+    return "?";
+}
+
+typedef struct {
+    mxq_ctx *ctx;
+    const char *path;
+    json_t *root;
+} config_reader;
+
+/* Positive integer at `key`; required unless `fallback` >= 0. JSON null
+ * counts as absent (transformers writes "head_dim": null). */
+static mxq_status get_int(config_reader *r, json_t *obj, const char *key, long fallback, long min, int *out)
+{
+    mxq_status status = MXQ_OK;
+    mxq_ctx *ctx = r->ctx;
+    json_t *v = json_object_get(obj, key);
+    if (!v || json_is_null(v)) {
+        CHECK(ctx, fallback >= 0, MXQ_ERR_FORMAT, "%s: missing required key '%s'", r->path, key);
+        *out = (int)fallback;
+        return MXQ_OK;
+    }
+    CHECK(ctx, json_is_integer(v), MXQ_ERR_FORMAT, "%s: key '%s' must be an integer", r->path, key);
+    json_int_t value = json_integer_value(v);
+    CHECK(ctx, value >= min && value <= 1 << 30, MXQ_ERR_FORMAT, "%s: key '%s' = %lld is out of range (expected >= %ld)",
+          r->path, key, (long long)value, min);
+    *out = (int)value;
+fail:
+    return status;
+}
+
+static mxq_status get_number(config_reader *r, json_t *obj, const char *key, double fallback, int required,
+                             double *out)
+{
+    mxq_status status = MXQ_OK;
+    json_t *v = json_object_get(obj, key);
+    if (!v || json_is_null(v)) {
+        CHECK(r->ctx, !required, MXQ_ERR_FORMAT, "%s: missing required key '%s'", r->path, key);
+        *out = fallback;
+        return MXQ_OK;
+    }
+    CHECK(r->ctx, json_is_number(v), MXQ_ERR_FORMAT, "%s: key '%s' must be a number", r->path, key);
+    *out = json_number_value(v);
+    CHECK(r->ctx, *out > 0, MXQ_ERR_FORMAT, "%s: key '%s' must be positive, got %g", r->path, key, *out);
+fail:
+    return status;
+}
+
+static mxq_status get_bool(config_reader *r, const char *key, int fallback, int *out)
+{
+    mxq_status status = MXQ_OK;
+    json_t *v = json_object_get(r->root, key);
+    if (!v || json_is_null(v)) {
+        *out = fallback;
+        return MXQ_OK;
+    }
+    CHECK(r->ctx, json_is_boolean(v), MXQ_ERR_FORMAT, "%s: key '%s' must be true or false", r->path, key);
+    *out = json_is_true(v);
+fail:
+    return status;
+}
+
+/* rope_scaling (classic) or rope_parameters (transformers >= 4.5x): the
+ * llama3 fields live in the same object either way. */
+static mxq_status parse_rope_object(config_reader *r, json_t *obj, const char *what, mxq_model_config *cfg)
+{
+    mxq_status status = MXQ_OK;
+    mxq_ctx *ctx = r->ctx;
+    CHECK(ctx, json_is_object(obj), MXQ_ERR_FORMAT, "%s: '%s' must be an object or null", r->path, what);
+    json_t *type = json_object_get(obj, "rope_type");
+    if (!type)
+        type = json_object_get(obj, "type");
+    const char *type_name = json_is_string(type) ? json_string_value(type) : "default";
+    if (json_object_get(obj, "rope_theta"))
+        CALL(ctx, get_number(r, obj, "rope_theta", 0, 1, &cfg->rope_theta));
+    if (strcmp(type_name, "default") == 0)
+        return MXQ_OK;
+    CHECK(ctx, strcmp(type_name, "llama3") == 0, MXQ_ERR_FORMAT,
+          "%s: %s.rope_type '%s' is not supported (supported: default, llama3)", r->path, what, type_name);
+    CALL(ctx, get_number(r, obj, "factor", 0, 1, &cfg->rope_factor));
+    CALL(ctx, get_number(r, obj, "low_freq_factor", 0, 1, &cfg->rope_low_freq_factor));
+    CALL(ctx, get_number(r, obj, "high_freq_factor", 0, 1, &cfg->rope_high_freq_factor));
+    CALL(ctx, get_int(r, obj, "original_max_position_embeddings", -1, 1, &cfg->rope_original_max_positions));
+    CHECK(ctx, cfg->rope_high_freq_factor > cfg->rope_low_freq_factor, MXQ_ERR_FORMAT,
+          "%s: %s.high_freq_factor must exceed low_freq_factor", r->path, what);
+fail:
+    return status;
+}
+
+mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
+{
+    mxq_status status = MXQ_OK;
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    config_reader r = {ctx, path, NULL};
+    memset(cfg, 0, sizeof(*cfg));
+
+    CHECK(ctx, access(path, R_OK) == 0, MXQ_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+    json_error_t jerr;
+    r.root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    CHECK(ctx, r.root != NULL, MXQ_ERR_FORMAT, "%s: not valid JSON: %s (line %d)", path, jerr.text, jerr.line);
+    CHECK(ctx, json_is_object(r.root), MXQ_ERR_FORMAT, "%s: not a JSON object", path);
+
+    /* Architecture: model_type, else the architectures list. */
+    json_t *model_type = json_object_get(r.root, "model_type");
+    const char *type = json_is_string(model_type) ? json_string_value(model_type) : NULL;
+    if (!type) {
+        json_t *archs = json_object_get(r.root, "architectures");
+        const char *a = json_is_array(archs) ? json_string_value(json_array_get(archs, 0)) : NULL;
+        CHECK(ctx, a != NULL, MXQ_ERR_FORMAT, "%s: missing required key 'model_type'", path);
+        type = strcmp(a, "LlamaForCausalLM") == 0     ? "llama"
+               : strcmp(a, "MistralForCausalLM") == 0 ? "mistral"
+               : strcmp(a, "Qwen2ForCausalLM") == 0   ? "qwen2"
+                                                      : a;
+    }
+    snprintf(cfg->model_type, sizeof(cfg->model_type), "%s", type);
+    if (strcmp(type, "llama") == 0)
+        cfg->arch = MXQ_ARCH_LLAMA;
+    else if (strcmp(type, "mistral") == 0)
+        cfg->arch = MXQ_ARCH_MISTRAL;
+    else if (strcmp(type, "qwen2") == 0)
+        cfg->arch = MXQ_ARCH_QWEN2;
+    else
+        FAIL(ctx, MXQ_ERR_FORMAT, "%s: unsupported architecture '%s' (supported: llama, mistral, qwen2)", path, type);
+
+    CALL(ctx, get_int(&r, r.root, "hidden_size", -1, 1, &cfg->hidden));
+    CALL(ctx, get_int(&r, r.root, "intermediate_size", -1, 1, &cfg->intermediate));
+    CALL(ctx, get_int(&r, r.root, "num_hidden_layers", -1, 1, &cfg->n_layers));
+    CALL(ctx, get_int(&r, r.root, "num_attention_heads", -1, 1, &cfg->n_heads));
+    CALL(ctx, get_int(&r, r.root, "vocab_size", -1, 1, &cfg->vocab));
+    CALL(ctx, get_int(&r, r.root, "num_key_value_heads", cfg->n_heads, 1, &cfg->n_kv_heads));
+    CALL(ctx, get_int(&r, r.root, "head_dim", cfg->hidden / cfg->n_heads, 2, &cfg->head_dim));
+    long default_positions = cfg->arch == MXQ_ARCH_LLAMA ? 2048 : 32768;
+    CALL(ctx, get_int(&r, r.root, "max_position_embeddings", default_positions, 1, &cfg->max_positions));
+    CALL(ctx, get_int(&r, r.root, "bos_token_id", 1, 0, &cfg->bos_token));
+    CALL(ctx, get_number(&r, r.root, "rms_norm_eps", 1e-6, 0, &cfg->rms_eps));
+    CALL(ctx, get_number(&r, r.root, "rope_theta", 10000.0, 0, &cfg->rope_theta));
+    CALL(ctx, get_bool(&r, "tie_word_embeddings", 0, &cfg->tie_embeddings));
+
+    CHECK(ctx, cfg->n_heads % cfg->n_kv_heads == 0, MXQ_ERR_FORMAT,
+          "%s: num_attention_heads (%d) must be a multiple of num_key_value_heads (%d)", path, cfg->n_heads,
+          cfg->n_kv_heads);
+    CHECK(ctx, cfg->head_dim % 2 == 0, MXQ_ERR_FORMAT, "%s: head_dim (%d) must be even for rotary embeddings", path,
+          cfg->head_dim);
+
+    json_t *act = json_object_get(r.root, "hidden_act");
+    if (act && !json_is_null(act))
+        CHECK(ctx, json_is_string(act) && strcmp(json_string_value(act), "silu") == 0, MXQ_ERR_FORMAT,
+              "%s: hidden_act '%s' is not supported (supported: silu)", path,
+              json_is_string(act) ? json_string_value(act) : "(not a string)");
+    int mlp_bias = 0;
+    CALL(ctx, get_bool(&r, "mlp_bias", 0, &mlp_bias));
+    CHECK(ctx, !mlp_bias, MXQ_ERR_FORMAT, "%s: mlp_bias = true is not supported", path);
+
+    if (cfg->arch == MXQ_ARCH_QWEN2) {
+        cfg->qkv_bias = 1;
+    } else if (cfg->arch == MXQ_ARCH_LLAMA) {
+        int attention_bias = 0;
+        CALL(ctx, get_bool(&r, "attention_bias", 0, &attention_bias));
+        cfg->qkv_bias = cfg->o_bias = attention_bias;
+    }
+
+    /* Sliding-window attention: mistral always when set, qwen2 only when
+     * use_sliding_window is true. */
+    json_t *window = json_object_get(r.root, "sliding_window");
+    int use_window = cfg->arch == MXQ_ARCH_MISTRAL;
+    if (cfg->arch == MXQ_ARCH_QWEN2)
+        CALL(ctx, get_bool(&r, "use_sliding_window", 0, &use_window));
+    if (use_window && window && !json_is_null(window))
+        CALL(ctx, get_int(&r, r.root, "sliding_window", -1, 1, &cfg->sliding_window));
+
+    json_t *scaling = json_object_get(r.root, "rope_scaling");
+    if (scaling && !json_is_null(scaling))
+        CALL(ctx, parse_rope_object(&r, scaling, "rope_scaling", cfg));
+    json_t *params = json_object_get(r.root, "rope_parameters");
+    if (params && !json_is_null(params))
+        CALL(ctx, parse_rope_object(&r, params, "rope_parameters", cfg));
+fail:
+    json_decref(r.root);
+    return status;
+}
+
+size_t mxq_config_layer_params(const mxq_model_config *cfg)
+{
+    size_t n = 2 * (size_t)cfg->hidden; /* two norms */
+    for (int l = 0; l < MXQ_LIN_COUNT; l++) {
+        int out, in;
+        mxq_linear_shape(cfg, (mxq_linear_id)l, &out, &in);
+        n += (size_t)out * (size_t)in;
+    }
+    return n;
+}
+
+size_t mxq_config_embedding_params(const mxq_model_config *cfg)
+{
+    return (size_t)cfg->vocab * (size_t)cfg->hidden;
+}
+
+const char *mxq_linear_name(mxq_linear_id id)
+{
+    static const char *const names[MXQ_LIN_COUNT] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                     "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+                                                     "mlp.down_proj"};
+    return (unsigned)id < MXQ_LIN_COUNT ? names[id] : "?";
+}
+
+void mxq_linear_shape(const mxq_model_config *cfg, mxq_linear_id id, int *out_features, int *in_features)
+{
+    int d = cfg->hidden, q = cfg->n_heads * cfg->head_dim, kv = cfg->n_kv_heads * cfg->head_dim;
+    switch (id) {
+    case MXQ_LIN_Q: *out_features = q; *in_features = d; break;
+    case MXQ_LIN_K: *out_features = kv; *in_features = d; break;
+    case MXQ_LIN_V: *out_features = kv; *in_features = d; break;
+    case MXQ_LIN_O: *out_features = d; *in_features = q; break;
+    case MXQ_LIN_GATE: *out_features = cfg->intermediate; *in_features = d; break;
+    case MXQ_LIN_UP: *out_features = cfg->intermediate; *in_features = d; break;
+    case MXQ_LIN_DOWN: *out_features = d; *in_features = cfg->intermediate; break;
+    default: *out_features = *in_features = 0; break;
+    }
+}

@@ -1,0 +1,162 @@
+/* Loading one rank's part of a model from a safetensors checkpoint. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "mxq/model.h"
+
+static float *alloc_floats(size_t n)
+{
+    /* 64-byte alignment suits AVX-512 loads and OpenBLAS packing. */
+    size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+    return aligned_alloc(64, bytes ? bytes : 64);
+}
+
+/* Read tensor `name` of the given shape as float32 into a new buffer. */
+static mxq_status load_tensor(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *name, int rank, int64_t d0, int64_t d1,
+                              float **out)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_tensor_view *t;
+    float *buf = NULL;
+    CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &t));
+    int64_t shape[2] = {d0, d1};
+    size_t n = (size_t)d0 * (size_t)(rank == 2 ? d1 : 1);
+    buf = alloc_floats(n);
+    CHECK_ALLOC(ctx, buf, n * sizeof(float), name);
+    CALL(ctx, mxq_tensor_to_f32(ctx, t, rank, shape, buf));
+    *out = buf;
+    return MXQ_OK;
+fail:
+    free(buf);
+    return status;
+}
+
+/* HF's rotary frequencies, llama3-scaled when configured: computed as
+ * transformers does (float32 inv_freq), kept in double for the table. */
+static void rope_frequencies(const mxq_model_config *cfg, double *inv_freq)
+{
+    int half = cfg->head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float exponent = (float)(2 * i) / (float)cfg->head_dim;
+        float f = (float)(1.0 / pow(cfg->rope_theta, (double)exponent));
+        double freq = f;
+        if (cfg->rope_factor > 0) {
+            double old_len = cfg->rope_original_max_positions;
+            double low_wavelen = old_len / cfg->rope_low_freq_factor;
+            double high_wavelen = old_len / cfg->rope_high_freq_factor;
+            double wavelen = 2.0 * M_PI / freq;
+            if (wavelen > low_wavelen) {
+                freq = freq / cfg->rope_factor;
+            } else if (wavelen >= high_wavelen) {
+                double smooth = (old_len / wavelen - cfg->rope_low_freq_factor) /
+                                (cfg->rope_high_freq_factor - cfg->rope_low_freq_factor);
+                freq = (1.0 - smooth) * freq / cfg->rope_factor + smooth * freq;
+            }
+            freq = (float)freq;
+        }
+        inv_freq[i] = freq;
+    }
+}
+
+mxq_status mxq_model_load(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, const mxq_model_part *part,
+                          mxq_model **out)
+{
+    mxq_status status = MXQ_OK;
+    mxq_checkpoint *ckpt = NULL;
+    mxq_model *m = NULL;
+    char name[256];
+    *out = NULL;
+
+    CHECK(ctx, part->first_layer >= 0 && part->first_layer <= part->last_layer && part->last_layer <= cfg->n_layers,
+          MXQ_ERR_ARG, "layer range [%d, %d) is outside the model's %d layers", part->first_layer, part->last_layer,
+          cfg->n_layers);
+    CALL(ctx, mxq_checkpoint_open(ctx, dir, &ckpt));
+    m = calloc(1, sizeof(*m));
+    CHECK_ALLOC(ctx, m, sizeof(*m), "the model");
+    m->cfg = *cfg;
+    m->first_layer = part->first_layer;
+    m->last_layer = part->last_layer;
+    m->has_embedding = part->embedding;
+    m->has_head = part->head;
+    int n_local = part->last_layer - part->first_layer;
+    m->layers = calloc(n_local ? (size_t)n_local : 1, sizeof(mxq_layer));
+    m->rope_inv_freq = calloc((size_t)cfg->head_dim / 2, sizeof(double));
+    CHECK_ALLOC(ctx, m->layers && m->rope_inv_freq, (size_t)n_local * sizeof(mxq_layer), "the layer table");
+    rope_frequencies(cfg, m->rope_inv_freq);
+
+    const int d = cfg->hidden;
+    for (int l = part->first_layer; l < part->last_layer; l++) {
+        mxq_layer *layer = &m->layers[l - part->first_layer];
+        snprintf(name, sizeof(name), "model.layers.%d.input_layernorm.weight", l);
+        CALL(ctx, load_tensor(ctx, ckpt, name, 1, d, 0, &layer->attn_norm));
+        snprintf(name, sizeof(name), "model.layers.%d.post_attention_layernorm.weight", l);
+        CALL(ctx, load_tensor(ctx, ckpt, name, 1, d, 0, &layer->ffn_norm));
+        for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+            int out_f, in_f;
+            mxq_linear_shape(cfg, (mxq_linear_id)li, &out_f, &in_f);
+            snprintf(name, sizeof(name), "model.layers.%d.%s.weight", l, mxq_linear_name((mxq_linear_id)li));
+            CALL(ctx, load_tensor(ctx, ckpt, name, 2, out_f, in_f, &layer->weight[li]));
+            int has_bias = (li <= MXQ_LIN_V && cfg->qkv_bias) || (li == MXQ_LIN_O && cfg->o_bias);
+            if (has_bias) {
+                snprintf(name, sizeof(name), "model.layers.%d.%s.bias", l, mxq_linear_name((mxq_linear_id)li));
+                CALL(ctx, load_tensor(ctx, ckpt, name, 1, out_f, 0, &layer->bias[li]));
+            }
+        }
+    }
+    if (part->embedding || (part->head && cfg->tie_embeddings))
+        CALL(ctx, load_tensor(ctx, ckpt, "model.embed_tokens.weight", 2, cfg->vocab, d, &m->embedding));
+    if (part->head) {
+        CALL(ctx, load_tensor(ctx, ckpt, "model.norm.weight", 1, d, 0, &m->final_norm));
+        if (cfg->tie_embeddings)
+            m->lm_head = m->embedding;
+        else
+            CALL(ctx, load_tensor(ctx, ckpt, "lm_head.weight", 2, cfg->vocab, d, &m->lm_head));
+    }
+    mxq_checkpoint_close(ckpt);
+    *out = m;
+    return MXQ_OK;
+fail:
+    mxq_checkpoint_close(ckpt);
+    mxq_model_free(m);
+    return status;
+}
+
+void mxq_model_free(mxq_model *m)
+{
+    if (!m)
+        return;
+    int n_local = m->last_layer - m->first_layer;
+    for (int i = 0; m->layers && i < n_local; i++) {
+        mxq_layer *layer = &m->layers[i];
+        free(layer->attn_norm);
+        free(layer->ffn_norm);
+        for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+            free(layer->weight[li]);
+            free(layer->bias[li]);
+        }
+    }
+    free(m->layers);
+    if (m->lm_head != m->embedding)
+        free(m->lm_head);
+    free(m->embedding);
+    free(m->final_norm);
+    free(m->rope_inv_freq);
+    free(m);
+}
+
+mxq_status mxq_model_fake_quantize_weights(mxq_ctx *ctx, mxq_model *m, const mxq_mx_spec *spec)
+{
+    mxq_status status = MXQ_OK;
+    for (int l = 0; l < m->last_layer - m->first_layer; l++)
+        for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+            int out_f, in_f;
+            mxq_linear_shape(&m->cfg, (mxq_linear_id)li, &out_f, &in_f);
+            float *w = m->layers[l].weight[li];
+            CALL(ctx, mxq_mx_quantize_rows(ctx, spec, w, (size_t)out_f, (size_t)in_f, NULL, NULL, w));
+        }
+fail:
+    return status;
+}
