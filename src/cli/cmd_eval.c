@@ -172,9 +172,7 @@ int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
             st = write_json(ctx, json_path, model, tokens, &opt, &r);
     }
     if (st != MXQ_OK) {
-        /* The rank that failed explains; the others only stopped because of it. */
-        if (st != MXQ_ERR_REMOTE || mxq_ctx_log_level(ctx) >= MXQ_LOG_DEBUG)
-            mxq_error_print(ctx, stderr, "mxq eval");
+        mxq_error_print(ctx, stderr, "mxq eval");
         return MXQ_EXIT_FAILURE;
     }
     return MXQ_EXIT_OK;

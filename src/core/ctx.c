@@ -23,6 +23,7 @@ struct mxq_ctx {
     char err_origin[256];
     int trace_len;
     char trace[MXQ_TRACE_MAX][256];
+    int reported_elsewhere; /* another rank prints the same error */
 };
 
 const char *mxq_status_name(mxq_status status)
@@ -146,6 +147,12 @@ void mxq_error_set(mxq_ctx *ctx, mxq_status code, const char *file, int line, co
     va_end(ap);
     snprintf(ctx->err_origin, sizeof(ctx->err_origin), "%s:%d", short_path(file), line);
     ctx->trace_len = 0;
+    ctx->reported_elsewhere = 0;
+}
+
+void mxq_error_mark_reported_elsewhere(mxq_ctx *ctx)
+{
+    ctx->reported_elsewhere = 1;
 }
 
 void mxq_error_trace(mxq_ctx *ctx, const char *file, int line)
@@ -163,6 +170,10 @@ const char *mxq_error_origin(const mxq_ctx *ctx) { return ctx->err_origin; }
 void mxq_error_print(mxq_ctx *ctx, FILE *stream, const char *prefix)
 {
     if (ctx->err_code == MXQ_OK)
+        return;
+    /* One explanation per failure: ranks that only stopped because another
+     * failed, or that hit the same error as rank 0, stay quiet. */
+    if ((ctx->reported_elsewhere || ctx->err_code == MXQ_ERR_REMOTE) && ctx->level < MXQ_LOG_DEBUG)
         return;
     char rank_tag[32] = "";
     if (ctx->nranks > 1)
@@ -182,4 +193,5 @@ void mxq_error_clear(mxq_ctx *ctx)
     ctx->err_message[0] = '\0';
     ctx->err_origin[0] = '\0';
     ctx->trace_len = 0;
+    ctx->reported_elsewhere = 0;
 }

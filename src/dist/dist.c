@@ -29,13 +29,16 @@ void mxq_dist_free(mxq_dist *dist)
 mxq_status mxq_dist_agree(mxq_ctx *ctx, const mxq_dist *dist, mxq_status local)
 {
     mxq_status status = MXQ_OK;
-    int mine = local == MXQ_OK ? INT_MAX : dist->rank;
-    int first_failed = INT_MAX;
-    CALL_MPI(ctx, MPI_Allreduce(&mine, &first_failed, 1, MPI_INT, MPI_MIN, dist->comm));
-    if (local != MXQ_OK)
+    /* [0]: lowest failing rank; [1]: 1 only if every rank failed */
+    int mine[2] = {local == MXQ_OK ? INT_MAX : dist->rank, local == MXQ_OK ? 0 : 1};
+    int agreed[2] = {INT_MAX, 0};
+    CALL_MPI(ctx, MPI_Allreduce(mine, agreed, 2, MPI_INT, MPI_MIN, dist->comm));
+    if (local != MXQ_OK) {
+        if (agreed[1] == 1 && dist->rank != 0)
+            mxq_error_mark_reported_elsewhere(ctx);
         return local;
-    CHECK(ctx, first_failed == INT_MAX, MXQ_ERR_REMOTE, "stopped because rank %d failed (see its message)",
-          first_failed);
+    }
+    CHECK(ctx, agreed[0] == INT_MAX, MXQ_ERR_REMOTE, "stopped because rank %d failed (see its message)", agreed[0]);
 fail:
     return status;
 }

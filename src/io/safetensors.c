@@ -144,7 +144,7 @@ static mxq_status parse_entry(mxq_ctx *ctx, const char *path, const char *name, 
                    json_nonneg_int(json_array_get(offsets, 1), &end) == 0,
           MXQ_ERR_FORMAT, "%s: tensor '%s' data_offsets are not non-negative integers", path, name);
     CHECK(ctx, begin <= end && (uint64_t)end <= data_size, MXQ_ERR_FORMAT,
-          "%s: tensor '%s' data_offsets [%lld, %lld] lie outside the data area of %zu bytes", path, name,
+          "%s: tensor '%s' data_offsets [%lld, %lld] lie outside the data area of %zu bytes (truncated file?)", path, name,
           (long long)begin, (long long)end, data_size);
     size_t dsize = mxq_dtype_size(view->dtype);
     CHECK(ctx, numel <= SIZE_MAX / dsize && (uint64_t)(end - begin) == (uint64_t)numel * dsize, MXQ_ERR_FORMAT,

@@ -19,22 +19,7 @@
 #include "mxq/mxq.h"
 #include "testutil.h"
 
-typedef struct {
-    int exit_code;
-    char out[8192];
-    char err[8192];
-} run_result;
-
-static void slurp(const char *path, char *buf, size_t size)
-{
-    buf[0] = '\0';
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return;
-    size_t n = fread(buf, 1, size - 1, f);
-    buf[n] = '\0';
-    fclose(f);
-}
+typedef tu_run_result run_result;
 
 /* Run the mxq binary with the given arguments (NULL-terminated). */
 static run_result run_mxq(const char *first, ...)
@@ -51,30 +36,11 @@ static run_result run_mxq(const char *first, ...)
         argv[argc++] = a;
     va_end(ap);
     argv[argc] = NULL;
-
-    char out_path[512], err_path[512];
-    snprintf(out_path, sizeof(out_path), "%s/stdout.txt", tu_scratch_dir());
-    snprintf(err_path, sizeof(err_path), "%s/stderr.txt", tu_scratch_dir());
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        int fo = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        int fe = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        dup2(fo, 1);
-        dup2(fe, 2);
-        execv(bin, (char *const *)argv);
-        _exit(127);
-    }
-    int wstatus = 0;
-    waitpid(pid, &wstatus, 0);
     run_result r;
-    r.exit_code = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus);
-    slurp(out_path, r.out, sizeof(r.out));
-    slurp(err_path, r.err, sizeof(r.err));
+    tu_run(argv, &r);
     return r;
 }
 
-/* A path in the scratch directory; the string lives until the process ends. */
 static const char *scratch(const char *name)
 {
     char path[512];

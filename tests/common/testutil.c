@@ -7,7 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -23,9 +25,11 @@ const char *tu_data_dir(void)
 
 const char *tu_data_path(const char *relative)
 {
-    static char path[4096];
+    char path[4096];
     snprintf(path, sizeof(path), "%s/%s", tu_data_dir(), relative);
-    return path;
+    char *copy = strdup(path); /* lives until the test process ends */
+    assert_non_null(copy);
+    return copy;
 }
 
 void *tu_h5_read(hid_t file, const char *name, hid_t mem_type, size_t elem_size, int *rank, size_t dims[4])
@@ -97,4 +101,67 @@ const char *tu_scratch_dir(void)
         mkdir(dir, 0755);
     }
     return dir;
+}
+
+static void slurp(const char *path, char *buf, size_t size)
+{
+    buf[0] = '\0';
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return;
+    size_t n = fread(buf, 1, size - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+}
+
+void tu_run(const char *const *argv, tu_run_result *r)
+{
+    char out_path[512], err_path[512];
+    snprintf(out_path, sizeof(out_path), "%s/run_stdout.txt", tu_scratch_dir());
+    snprintf(err_path, sizeof(err_path), "%s/run_stderr.txt", tu_scratch_dir());
+    fflush(stdout);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int fo = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        int fe = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        int fi = open("/dev/null", O_RDONLY);
+        dup2(fi, 0);
+        dup2(fo, 1);
+        dup2(fe, 2);
+        execvp(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    int wstatus = 0;
+    waitpid(pid, &wstatus, 0);
+    r->exit_code = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus);
+    slurp(out_path, r->out, sizeof(r->out));
+    slurp(err_path, r->err, sizeof(r->err));
+}
+
+char *tu_read_file(const char *path, size_t *size)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        fail_msg("cannot open %s", path);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    assert_non_null(buf);
+    assert_int_equal(fread(buf, 1, (size_t)n, f), (size_t)n);
+    buf[n] = '\0';
+    fclose(f);
+    if (size)
+        *size = (size_t)n;
+    return buf;
+}
+
+void tu_write_file(const char *path, const void *data, size_t size)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f)
+        fail_msg("cannot create %s", path);
+    assert_int_equal(fwrite(data, 1, size, f), size);
+    fclose(f);
 }

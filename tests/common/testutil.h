@@ -9,7 +9,7 @@
 /* Directory holding the bundled test data (data/ of the repository):
  * $MXQ_DATA_DIR, set by meson for every test. */
 const char *tu_data_dir(void);
-/* "<data dir>/<relative>" in a static buffer (one at a time). */
+/* "<data dir>/<relative>", a new string each call (never freed). */
 const char *tu_data_path(const char *relative);
 
 /* Read a whole dataset converted to `mem_type`; returns malloc'd data and the
@@ -29,5 +29,17 @@ double tu_rng_normal(tu_rng *rng);
 
 /* A scratch directory unique to this test process, created on first use. */
 const char *tu_scratch_dir(void);
+
+/* Run a program (argv[0] is looked up in PATH), capturing stdout and stderr. */
+typedef struct {
+    int exit_code; /* 128 + signal if killed */
+    char out[16384];
+    char err[16384];
+} tu_run_result;
+void tu_run(const char *const *argv, tu_run_result *result);
+
+/* Read a whole file into a new NUL-terminated buffer; *size gets its length. */
+char *tu_read_file(const char *path, size_t *size);
+void tu_write_file(const char *path, const void *data, size_t size);
 
 #endif
