@@ -15,21 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench_util.h"
 #include "mxq/mxq.h"
 
 void openblas_set_num_threads(int);
 
-static int compare_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof(double), compare_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static double sgemm_peak(int repeats)
 {
@@ -50,7 +40,7 @@ static double sgemm_peak(int repeats)
     free(a);
     free(b);
     free(c);
-    return 2.0 * n * (double)n * n / median(times, repeats) / 1e9;
+    return 2.0 * n * (double)n * n / bench_median(times, repeats) / 1e9;
 }
 
 int main(int argc, char **argv)
@@ -134,7 +124,7 @@ int main(int argc, char **argv)
             }
             times[r] = mxq_time_now() - t0;
         }
-        double t = median(times, repeats);
+        double t = bench_median(times, repeats);
         double gflops = flops / t / 1e9;
         printf("%7d %14.1f %12.3f %14.1f %9.1f%%\n", threads[ti], peak, t, gflops, 100.0 * gflops / peak);
         fflush(stdout);

@@ -17,19 +17,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench_util.h"
 #include "mxq/mxq.h"
 
-static int compare_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof(double), compare_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static void cpu_model(char *buf, size_t size)
 {
@@ -127,7 +117,7 @@ int main(int argc, char **argv)
         memcpy(copy, x, count * sizeof(float));
         times[i] = mxq_time_now() - t0;
     }
-    double memcpy_s = median(times, repeats);
+    double memcpy_s = bench_median(times, repeats);
     double memcpy_gbs = (double)(count * sizeof(float)) / memcpy_s / 1e9;
     printf("memcpy of %.0f MiB: %.2f ms, %.2f GB/s read (= %.2f G float32/s)\n",
            (double)(count * sizeof(float)) / 1048576.0, memcpy_s * 1e3, memcpy_gbs, memcpy_gbs / 4.0);
@@ -152,7 +142,7 @@ int main(int argc, char **argv)
                     mxq_mx_quantize_rows(ctx, &spec, x, n, n, packed, scales, NULL);
                     times[i] = mxq_time_now() - t0;
                 }
-                double t = median(times, runs);
+                double t = bench_median(times, runs);
                 double geps = (double)count / t / 1e9;
                 printf("%-11s %5d %-9s %10.2f %10.3f %10.2f %11.2fx\n", formats[f], blocks[b],
                        mxq_kernel_name(mxq_kernel_resolve(kernel)), t * 1e3, geps, geps * 4.0,

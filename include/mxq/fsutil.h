@@ -19,6 +19,11 @@ mxq_status mxq_check_writable(mxq_ctx *ctx, const char *path, const char *what);
 /* rename(2) with an error naming both paths. */
 mxq_status mxq_rename(mxq_ctx *ctx, const char *from, const char *to);
 
+/* Write a jansson value as indented JSON (doubles with 17 significant
+ * digits, so they read back exactly) under a temporary name, then rename. */
+struct json_t;
+mxq_status mxq_json_write_atomic(mxq_ctx *ctx, const struct json_t *value, const char *path);
+
 #ifdef __cplusplus
 }
 #endif

@@ -56,7 +56,6 @@ static mxq_status write_json(mxq_ctx *ctx, const char *path, const char *model, 
                              const mxq_eval_options *opt, const mxq_eval_result *r)
 {
     mxq_status status = MXQ_OK;
-    char *temp = NULL;
     json_t *root = json_pack("{s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:s, s:s}", "ppl", r->ppl, "mean_nll",
                              r->mean_nll, "tokens_scored", (json_int_t)r->tokens_scored, "seconds", r->seconds,
                              "tokens_per_s", r->tokens_per_s, "load_seconds", r->load_seconds, "sequences",
@@ -73,15 +72,8 @@ static mxq_status write_json(mxq_ctx *ctx, const char *path, const char *model, 
         json_object_set_new(q, "rounding", json_string(mxq_rounding_name(spec->rounding)));
         json_object_set_new(root, "fake_quant", q);
     }
-    CALL(ctx, mxq_check_writable(ctx, path, "JSON output"));
-    CALL(ctx, mxq_temp_path_for(ctx, path, &temp));
-    CHECK(ctx, json_dump_file(root, temp, JSON_INDENT(2) | JSON_REAL_PRECISION(17)) == 0, MXQ_ERR_IO,
-          "cannot write '%s'", temp);
-    CALL(ctx, mxq_rename(ctx, temp, path));
+    CALL(ctx, mxq_json_write_atomic(ctx, root, path));
 fail:
-    if (status != MXQ_OK && temp)
-        remove(temp);
-    free(temp);
     json_decref(root);
     return status;
 }

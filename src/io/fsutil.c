@@ -1,5 +1,6 @@
 #include <errno.h>
 #include <fcntl.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,5 +54,21 @@ mxq_status mxq_rename(mxq_ctx *ctx, const char *from, const char *to)
     mxq_status status = MXQ_OK;
     CHECK(ctx, rename(from, to) == 0, MXQ_ERR_IO, "cannot rename '%s' to '%s': %s", from, to, strerror(errno));
 fail:
+    return status;
+}
+
+mxq_status mxq_json_write_atomic(mxq_ctx *ctx, const json_t *value, const char *path)
+{
+    mxq_status status = MXQ_OK;
+    char *temp = NULL;
+    CALL(ctx, mxq_check_writable(ctx, path, "output"));
+    CALL(ctx, mxq_temp_path_for(ctx, path, &temp));
+    CHECK(ctx, json_dump_file(value, temp, JSON_INDENT(2) | JSON_REAL_PRECISION(17)) == 0, MXQ_ERR_IO,
+          "cannot write '%s'", temp);
+    CALL(ctx, mxq_rename(ctx, temp, path));
+fail:
+    if (status != MXQ_OK && temp)
+        unlink(temp);
+    free(temp);
     return status;
 }

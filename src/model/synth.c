@@ -145,21 +145,6 @@ static json_t *config_json(const mxq_synth_preset *p, const mxq_model_config *cf
     return c;
 }
 
-static mxq_status write_json_atomic(mxq_ctx *ctx, json_t *value, const char *path)
-{
-    mxq_status status = MXQ_OK;
-    char *temp = NULL;
-    CALL(ctx, mxq_temp_path_for(ctx, path, &temp));
-    CHECK(ctx, json_dump_file(value, temp, JSON_INDENT(2) | JSON_REAL_PRECISION(17)) == 0, MXQ_ERR_IO,
-          "cannot write '%s'", temp);
-    CALL(ctx, mxq_rename(ctx, temp, path));
-fail:
-    if (status != MXQ_OK && temp)
-        unlink(temp);
-    free(temp);
-    return status;
-}
-
 mxq_status mxq_synth_write(mxq_ctx *ctx, const mxq_synth_options *opt, const char *out_dir)
 {
     mxq_status status = MXQ_OK;
@@ -275,14 +260,14 @@ mxq_status mxq_synth_write(mxq_ctx *ctx, const mxq_synth_options *opt, const cha
     }
     if (n_shards > 1) {
         snprintf(path, sizeof(path), "%s/model.safetensors.index.json", out_dir);
-        CALL(ctx, write_json_atomic(ctx, index, path));
+        CALL(ctx, mxq_json_write_atomic(ctx, index, path));
     } else {
         snprintf(path, sizeof(path), "%s/model.safetensors.index.json", out_dir);
         unlink(path); /* a stale index from an earlier sharded run would shadow the single file */
     }
     config = config_json(p, &cfg, opt->dtype);
     snprintf(path, sizeof(path), "%s/config.json", out_dir);
-    CALL(ctx, write_json_atomic(ctx, config, path));
+    CALL(ctx, mxq_json_write_atomic(ctx, config, path));
 fail:
     for (size_t i = 0; buffers && i < n_planned; i++)
         free(buffers[i]);
