@@ -5,6 +5,7 @@
 
 #include "mxq/core.h"
 #include "mxq/fsutil.h"
+#include "mxq/gptq.h"
 #include "mxq/h5io.h"
 #include "mxq/dist.h"
 #include "mxq/eval.h"
