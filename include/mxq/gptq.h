@@ -18,6 +18,7 @@ typedef struct {
     int microblock; /* b2: 1 (column by column) or a multiple of the MX block */
     double damp;    /* lambda = damp * mean(diag(H')) (default 0.01) */
     int act_order;  /* process MX blocks by descending Hessian diagonal mass */
+    int skip_losses; /* do not compute loss_rtn / loss (they cost 2 m n^2 flops each) */
 } mxq_gptq_options;
 
 void mxq_gptq_defaults(mxq_gptq_options *options);
@@ -34,6 +35,7 @@ typedef struct {
     double seconds_quant;   /* the column / micro-block loop outside GEMMs */
     double seconds_gemm;    /* lazy-batch trailing updates (dgemm) */
     double gemm_flops;      /* flops of those updates */
+    double seconds_loss;    /* the two loss evaluations */
 } mxq_gptq_stats;
 
 /* Quantize W [out, in] (row-major, float32) in place to the MX grid of
