@@ -11,6 +11,7 @@
 #include "mxq/eval.h"
 #include "mxq/model.h"
 #include "mxq/mx.h"
+#include "mxq/recipe.h"
 #include "mxq/safetensors.h"
 #include "mxq/synth.h"
 #include "mxq/tokens.h"

@@ -1,0 +1,444 @@
+/* Recipe parsing with libfyaml. Every node is checked against the fixed
+ * schema; errors name the file, the line and the valid choices. */
+#include <errno.h>
+#include <fnmatch.h>
+#include <libfyaml.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "mxq/recipe.h"
+
+const char *mxq_algo_name(mxq_algo_kind kind)
+{
+    switch (kind) {
+    case MXQ_ALGO_SMOOTHQUANT: return "smoothquant";
+    case MXQ_ALGO_AWQ: return "awq";
+    case MXQ_ALGO_GPTQ: return "gptq";
+    }
+    return "?";
+}
+
+typedef struct {
+    mxq_ctx *ctx;
+    const char *file;
+} reader;
+
+/* 1-based line of a node (scalars carry a token; collections report their
+ * parent key's line through the caller). */
+static int node_line(struct fy_node *node)
+{
+    struct fy_token *tok = node ? fy_node_get_scalar_token(node) : NULL;
+    const struct fy_mark *mark = tok ? fy_token_start_mark(tok) : NULL;
+    return mark ? mark->line + 1 : 0;
+}
+
+#define RFAIL(r, line, ...)                                                                     \
+    do {                                                                                        \
+        char msg_[512];                                                                         \
+        snprintf(msg_, sizeof(msg_), __VA_ARGS__);                                              \
+        mxq_error_set((r)->ctx, MXQ_ERR_FORMAT, __FILE__, __LINE__, "%s:%d: %s", (r)->file, (line), msg_); \
+        status = MXQ_ERR_FORMAT;                                                                \
+        goto fail;                                                                              \
+    } while (0)
+
+/* NUL-terminated scalar text owned by the document, or NULL for a
+ * collection. */
+static const char *scalar(struct fy_node *node)
+{
+    return node && fy_node_is_scalar(node) ? fy_node_get_scalar0(node) : NULL;
+}
+
+static mxq_status get_int(reader *r, struct fy_node *value, int key_line, const char *key, long lo, long hi, int *out)
+{
+    mxq_status status = MXQ_OK;
+    const char *s = scalar(value);
+    char *end = NULL;
+    long v = s ? strtol(s, &end, 10) : 0;
+    if (!s || !*s || *end || v < lo || v > hi)
+        RFAIL(r, value ? node_line(value) : key_line, "'%s' must be an integer in %ld..%ld, got '%s'", key, lo, hi,
+              s ? s : "(not a scalar)");
+    *out = (int)v;
+fail:
+    return status;
+}
+
+static mxq_status get_double(reader *r, struct fy_node *value, int key_line, const char *key, double lo, double hi,
+                             double *out)
+{
+    mxq_status status = MXQ_OK;
+    const char *s = scalar(value);
+    char *end = NULL;
+    double v = s ? strtod(s, &end) : 0;
+    if (!s || !*s || *end || !isfinite(v) || v < lo || v > hi)
+        RFAIL(r, value ? node_line(value) : key_line, "'%s' must be a number in [%g, %g], got '%s'", key, lo, hi,
+              s ? s : "(not a scalar)");
+    *out = v;
+fail:
+    return status;
+}
+
+static mxq_status get_bool(reader *r, struct fy_node *value, int key_line, const char *key, int *out)
+{
+    mxq_status status = MXQ_OK;
+    const char *s = scalar(value);
+    if (s && (strcmp(s, "true") == 0 || strcmp(s, "True") == 0 || strcmp(s, "yes") == 0))
+        *out = 1;
+    else if (s && (strcmp(s, "false") == 0 || strcmp(s, "False") == 0 || strcmp(s, "no") == 0))
+        *out = 0;
+    else
+        RFAIL(r, value ? node_line(value) : key_line, "'%s' must be true or false, got '%s'", key,
+              s ? s : "(not a scalar)");
+fail:
+    return status;
+}
+
+/* A mapping whose keys must come from `valid` (space-separated). An empty
+ * or null value is an empty mapping. */
+static mxq_status check_mapping(reader *r, struct fy_node *node, int line, const char *what, const char *valid)
+{
+    mxq_status status = MXQ_OK;
+    if (!node || (fy_node_is_scalar(node) && (!scalar(node) || !*scalar(node) || strcmp(scalar(node), "null") == 0 ||
+                                             strcmp(scalar(node), "~") == 0)))
+        return MXQ_OK;
+    if (!fy_node_is_mapping(node))
+        RFAIL(r, line, "'%s' must be a mapping of {%s}", what, valid);
+    void *it = NULL;
+    struct fy_node_pair *pair;
+    while ((pair = fy_node_mapping_iterate(node, &it)) != NULL) {
+        struct fy_node *key = fy_node_pair_key(pair);
+        const char *k = scalar(key);
+        char padded[300];
+        snprintf(padded, sizeof(padded), " %s ", k ? k : "");
+        char valid_padded[300];
+        snprintf(valid_padded, sizeof(valid_padded), " %s ", valid);
+        if (!k || !strstr(valid_padded, padded))
+            RFAIL(r, node_line(key), "unknown key '%s' in %s (valid: %s)", k ? k : "?", what, valid);
+    }
+fail:
+    return status;
+}
+
+/* Iterate the pairs of a mapping (nothing for a scalar or null). */
+#define FOR_PAIRS(node, pair)                                                                       \
+    for (void *iter_##pair = NULL, *once_##pair = (void *)1; once_##pair; once_##pair = NULL)       \
+        for (struct fy_node_pair *pair;                                                             \
+             (node) && fy_node_is_mapping(node) && (pair = fy_node_mapping_iterate((node), &iter_##pair)) != NULL;)
+
+static mxq_status parse_format_spec(reader *r, struct fy_node *node, int line, const char *what, int *has,
+                                    mxq_mx_spec *spec)
+{
+    mxq_status status = MXQ_OK;
+    *has = 0;
+    spec->format = NULL;
+    spec->block = 32;
+    spec->rounding = MXQ_ROUND_EVEN;
+    spec->kernel = MXQ_KERNEL_AUTO;
+    const char *s = node ? scalar(node) : NULL;
+    if (!node || (s && (strcmp(s, "none") == 0 || !*s || strcmp(s, "null") == 0)))
+        return MXQ_OK; /* not quantized */
+    CALL(r->ctx, check_mapping(r, node, line, what, "format block rounding"));
+    int format_line = line;
+    const char *format_name = NULL;
+    char format_buf[64] = "";
+    FOR_PAIRS(node, pair1)
+    {
+        struct fy_node *key = fy_node_pair_key(pair1), *value = fy_node_pair_value(pair1);
+        const char *k = scalar(key);
+        if (!k)
+            continue;
+        if (strcmp(k, "format") == 0) {
+            const char *v = scalar(value);
+            snprintf(format_buf, sizeof(format_buf), "%s", v ? v : "");
+            format_name = format_buf;
+            format_line = node_line(value);
+        } else if (strcmp(k, "block") == 0) {
+            CALL(r->ctx, get_int(r, value, node_line(key), "block", 1, MXQ_MX_BLOCK_MAX, &spec->block));
+        } else if (strcmp(k, "rounding") == 0) {
+            const char *v = scalar(value);
+            if (!v || mxq_rounding_by_name(v, &spec->rounding) != 0)
+                RFAIL(r, node_line(value), "unknown rounding '%s' in %s (valid: even nearest)", v ? v : "?", what);
+        }
+    }
+    if (!format_name)
+        RFAIL(r, line, "%s needs a 'format' (one of: none %s)", what, mxq_format_names());
+    if (strcmp(format_name, "none") == 0)
+        return MXQ_OK;
+    spec->format = mxq_format_by_name(format_name);
+    if (!spec->format)
+        RFAIL(r, format_line, "unknown format '%s' in %s (valid: none %s)", format_name, what, mxq_format_names());
+    *has = 1;
+fail:
+    return status;
+}
+
+static mxq_status parse_algorithm(reader *r, struct fy_node *item, mxq_recipe *recipe)
+{
+    mxq_status status = MXQ_OK;
+    int line = node_line(item);
+    if (!fy_node_is_mapping(item) || fy_node_mapping_item_count(item) != 1)
+        RFAIL(r, line, "each entry of 'algorithms' must be one of '- smoothquant: {...}', '- awq: {...}', "
+                       "'- gptq: {...}'");
+    struct fy_node_pair *pair = fy_node_mapping_get_by_index(item, 0);
+    struct fy_node *key = fy_node_pair_key(pair), *value = fy_node_pair_value(pair);
+    const char *name = scalar(key);
+    line = node_line(key);
+    if (recipe->n_steps >= MXQ_RECIPE_MAX_STEPS)
+        RFAIL(r, line, "too many algorithms (each of smoothquant, awq, gptq may appear once)");
+    mxq_algo_step *step = &recipe->steps[recipe->n_steps];
+    memset(step, 0, sizeof(*step));
+    if (name && strcmp(name, "smoothquant") == 0) {
+        step->kind = MXQ_ALGO_SMOOTHQUANT;
+        step->smoothquant.alpha = 0.5;
+        CALL(r->ctx, check_mapping(r, value, line, "smoothquant", "alpha"));
+        FOR_PAIRS(value, pair2)
+        {
+            struct fy_node *kn = fy_node_pair_key(pair2), *v = fy_node_pair_value(pair2);
+            const char *k = scalar(kn);
+            if (!k)
+                continue;
+            if (strcmp(k, "alpha") == 0)
+                CALL(r->ctx, get_double(r, v, node_line(kn), "alpha", 0.0, 1.0, &step->smoothquant.alpha));
+        }
+    } else if (name && strcmp(name, "awq") == 0) {
+        step->kind = MXQ_ALGO_AWQ;
+        step->awq = (mxq_awq_options){20, 1, 20, 0.5};
+        CALL(r->ctx, check_mapping(r, value, line, "awq", "grid clip clip_grid max_shrink"));
+        FOR_PAIRS(value, pair3)
+        {
+            struct fy_node *kn = fy_node_pair_key(pair3), *v = fy_node_pair_value(pair3);
+            const char *k = scalar(kn);
+            if (!k)
+                continue;
+            if (strcmp(k, "grid") == 0)
+                CALL(r->ctx, get_int(r, v, node_line(kn), "grid", 1, 1000, &step->awq.grid));
+            else if (strcmp(k, "clip") == 0)
+                CALL(r->ctx, get_bool(r, v, node_line(kn), "clip", &step->awq.clip));
+            else if (strcmp(k, "clip_grid") == 0)
+                CALL(r->ctx, get_int(r, v, node_line(kn), "clip_grid", 1, 1000, &step->awq.clip_grid));
+            else if (strcmp(k, "max_shrink") == 0)
+                CALL(r->ctx, get_double(r, v, node_line(kn), "max_shrink", 0.0, 0.99, &step->awq.max_shrink));
+        }
+    } else if (name && strcmp(name, "gptq") == 0) {
+        step->kind = MXQ_ALGO_GPTQ;
+        mxq_gptq_defaults(&step->gptq);
+        CALL(r->ctx, check_mapping(r, value, line, "gptq", "block microblock damp act_order"));
+        FOR_PAIRS(value, pair4)
+        {
+            struct fy_node *kn = fy_node_pair_key(pair4), *v = fy_node_pair_value(pair4);
+            const char *k = scalar(kn);
+            if (!k)
+                continue;
+            if (strcmp(k, "block") == 0)
+                CALL(r->ctx, get_int(r, v, node_line(kn), "block", 1, 1 << 20, &step->gptq.lazy_block));
+            else if (strcmp(k, "microblock") == 0)
+                CALL(r->ctx, get_int(r, v, node_line(kn), "microblock", 1, 1 << 20, &step->gptq.microblock));
+            else if (strcmp(k, "damp") == 0)
+                CALL(r->ctx, get_double(r, v, node_line(kn), "damp", 0.0, 1e6, &step->gptq.damp));
+            else if (strcmp(k, "act_order") == 0)
+                CALL(r->ctx, get_bool(r, v, node_line(kn), "act_order", &step->gptq.act_order));
+        }
+    } else {
+        RFAIL(r, line, "unknown algorithm '%s' (valid: smoothquant awq gptq)", name ? name : "?");
+    }
+    for (int i = 0; i < recipe->n_steps; i++)
+        if (recipe->steps[i].kind == step->kind)
+            RFAIL(r, line, "algorithm '%s' appears twice", name);
+    recipe->n_steps++;
+fail:
+    return status;
+}
+
+static mxq_status parse_document(reader *r, struct fy_node *root, mxq_recipe *recipe)
+{
+    mxq_status status = MXQ_OK;
+    recipe->calib_samples = 128;
+    recipe->calib_mode = MXQ_CALIB_FP;
+    if (!root || !fy_node_is_mapping(root))
+        RFAIL(r, 1, "a recipe is a mapping with keys weights, activations, algorithms, calibration, exclude");
+    CALL(r->ctx, check_mapping(r, root, 1, "the recipe", "weights activations algorithms calibration exclude"));
+    int weights_seen = 0, weights_line = 1, gptq_line = 0;
+    FOR_PAIRS(root, pair5)
+    {
+        struct fy_node *key = fy_node_pair_key(pair5), *value = fy_node_pair_value(pair5);
+        const char *k = scalar(key);
+        if (!k)
+            continue;
+        int line = node_line(key);
+        if (strcmp(k, "weights") == 0) {
+            weights_seen = 1;
+            weights_line = line;
+            CALL(r->ctx, parse_format_spec(r, value, line, "weights", &recipe->has_weights, &recipe->weights));
+        } else if (strcmp(k, "activations") == 0) {
+            CALL(r->ctx, parse_format_spec(r, value, line, "activations", &recipe->has_acts, &recipe->acts));
+        } else if (strcmp(k, "algorithms") == 0) {
+            const char *s = scalar(value);
+            if (value && fy_node_is_sequence(value)) {
+                void *it = NULL;
+                struct fy_node *item;
+                while ((item = fy_node_sequence_iterate(value, &it)) != NULL) {
+                    CALL(r->ctx, parse_algorithm(r, item, recipe));
+                    if (recipe->steps[recipe->n_steps - 1].kind == MXQ_ALGO_GPTQ)
+                        gptq_line = node_line(fy_node_pair_key(fy_node_mapping_get_by_index(item, 0)));
+                }
+            } else if (!(s && (!*s || strcmp(s, "null") == 0))) {
+                RFAIL(r, line, "'algorithms' must be a list ([] for round-to-nearest)");
+            }
+        } else if (strcmp(k, "calibration") == 0) {
+            CALL(r->ctx, check_mapping(r, value, line, "calibration", "samples mode"));
+            FOR_PAIRS(value, pair6)
+            {
+                struct fy_node *ckey = fy_node_pair_key(pair6), *cval = fy_node_pair_value(pair6);
+                const char *ck = scalar(ckey);
+                if (!ck)
+                    continue;
+                if (strcmp(ck, "samples") == 0) {
+                    CALL(r->ctx, get_int(r, cval, node_line(ckey), "samples", 1, 1 << 24, &recipe->calib_samples));
+                } else if (strcmp(ck, "mode") == 0) {
+                    const char *m = scalar(cval);
+                    if (m && strcmp(m, "fp") == 0)
+                        recipe->calib_mode = MXQ_CALIB_FP;
+                    else if (m && strcmp(m, "sequential") == 0)
+                        recipe->calib_mode = MXQ_CALIB_SEQUENTIAL;
+                    else
+                        RFAIL(r, node_line(cval), "unknown calibration mode '%s' (valid: fp sequential)", m ? m : "?");
+                }
+            }
+        } else if (strcmp(k, "exclude") == 0) {
+            const char *s = scalar(value);
+            if (value && fy_node_is_sequence(value)) {
+                void *it = NULL;
+                struct fy_node *item;
+                while ((item = fy_node_sequence_iterate(value, &it)) != NULL) {
+                    const char *pattern = scalar(item);
+                    if (!pattern || !*pattern)
+                        RFAIL(r, node_line(item) ? node_line(item) : line, "'exclude' entries must be name patterns");
+                    if (recipe->n_exclude >= MXQ_RECIPE_MAX_EXCLUDE)
+                        RFAIL(r, node_line(item), "too many exclude patterns (at most %d)", MXQ_RECIPE_MAX_EXCLUDE);
+                    recipe->exclude[recipe->n_exclude] = strdup(pattern);
+                    CHECK_ALLOC(r->ctx, recipe->exclude[recipe->n_exclude], strlen(pattern) + 1, "a pattern");
+                    recipe->n_exclude++;
+                }
+            } else if (!(s && (!*s || strcmp(s, "null") == 0))) {
+                RFAIL(r, line, "'exclude' must be a list of tensor-name patterns");
+            }
+        }
+    }
+    if (!weights_seen)
+        RFAIL(r, 1, "the recipe needs a 'weights' entry (a format, or none)");
+    if (recipe->n_steps > 0 && !recipe->has_weights)
+        RFAIL(r, weights_line, "algorithms need a weight format, but weights is none");
+    for (int i = 0; i < recipe->n_steps; i++) {
+        if (recipe->steps[i].kind == MXQ_ALGO_GPTQ && i != recipe->n_steps - 1)
+            RFAIL(r, gptq_line, "gptq must be the last algorithm (it runs on the already smoothed weights)");
+        if (recipe->steps[i].kind == MXQ_ALGO_GPTQ) {
+            mxq_status st = mxq_gptq_check(r->ctx, &recipe->steps[i].gptq, &recipe->weights);
+            if (st != MXQ_OK) {
+                char msg[512];
+                snprintf(msg, sizeof(msg), "%s", mxq_error_message(r->ctx));
+                mxq_error_clear(r->ctx);
+                RFAIL(r, gptq_line, "%s", msg);
+            }
+        }
+    }
+    int has_sq = 0, has_awq = 0;
+    for (int i = 0; i < recipe->n_steps; i++) {
+        has_sq |= recipe->steps[i].kind == MXQ_ALGO_SMOOTHQUANT;
+        has_awq |= recipe->steps[i].kind == MXQ_ALGO_AWQ;
+    }
+    if (has_sq && has_awq)
+        RFAIL(r, 1, "smoothquant and awq cannot be combined (both rescale the same channels); pick one");
+fail:
+    return status;
+}
+
+static void capture_diag(struct fy_diag *diag, void *user, const char *buf, size_t len)
+{
+    (void)diag;
+    char *out = user;
+    size_t used = strlen(out);
+    if (used + 1 >= 1024)
+        return;
+    size_t n = len < 1024 - used - 1 ? len : 1024 - used - 1;
+    memcpy(out + used, buf, n);
+    out[used + n] = '\0';
+}
+
+mxq_status mxq_recipe_parse_string(mxq_ctx *ctx, const char *text, const char *name, mxq_recipe *recipe)
+{
+    mxq_status status = MXQ_OK;
+    struct fy_diag *diag = NULL;
+    struct fy_document *doc = NULL;
+    char diag_text[1024] = "";
+    memset(recipe, 0, sizeof(*recipe));
+    struct fy_diag_cfg dcfg;
+    fy_diag_cfg_default(&dcfg);
+    dcfg.fp = NULL;
+    dcfg.output_fn = capture_diag;
+    dcfg.user = diag_text;
+    dcfg.colorize = false;
+    diag = fy_diag_create(&dcfg);
+    CHECK_ALLOC(ctx, diag, 1, "the YAML diagnostics");
+    struct fy_parse_cfg pcfg = {.search_path = NULL, .flags = FYPCF_QUIET, .userdata = NULL, .diag = diag};
+    doc = fy_document_build_from_string(&pcfg, text, FY_NT);
+    if (!doc) {
+        diag_text[strcspn(diag_text, "\n")] = '\0';
+        FAIL(ctx, MXQ_ERR_FORMAT, "%s: not valid YAML: %s", name, diag_text[0] ? diag_text : "parse error");
+    }
+    reader r = {ctx, name};
+    CALL(ctx, parse_document(&r, fy_document_root(doc), recipe));
+fail:
+    if (doc)
+        fy_document_destroy(doc);
+    if (diag)
+        fy_diag_destroy(diag);
+    if (status != MXQ_OK)
+        mxq_recipe_free(recipe);
+    return status;
+}
+
+mxq_status mxq_recipe_load(mxq_ctx *ctx, const char *path, mxq_recipe *recipe)
+{
+    mxq_status status = MXQ_OK;
+    char *text = NULL;
+    memset(recipe, 0, sizeof(*recipe));
+    FILE *f = fopen(path, "rb");
+    CHECK(ctx, f != NULL, MXQ_ERR_IO, "cannot read recipe '%s': %s", path, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    if (size < 0 || size > (1 << 20)) {
+        fclose(f);
+        FAIL(ctx, MXQ_ERR_FORMAT, "recipe '%s' is not a small YAML file", path);
+    }
+    text = malloc((size_t)size + 1);
+    if (!text) {
+        fclose(f);
+        FAIL(ctx, MXQ_ERR_NOMEM, "out of memory reading '%s'", path);
+    }
+    size_t got = fread(text, 1, (size_t)size, f);
+    fclose(f);
+    text[got] = '\0';
+    CALL(ctx, mxq_recipe_parse_string(ctx, text, path, recipe));
+fail:
+    free(text);
+    return status;
+}
+
+void mxq_recipe_free(mxq_recipe *recipe)
+{
+    for (int i = 0; i < recipe->n_exclude; i++)
+        free(recipe->exclude[i]);
+    recipe->n_exclude = 0;
+}
+
+int mxq_recipe_excludes(const mxq_recipe *recipe, const char *tensor_name)
+{
+    for (int i = 0; i < recipe->n_exclude; i++)
+        if (fnmatch(recipe->exclude[i], tensor_name, 0) == 0)
+            return 1;
+    return 0;
+}
