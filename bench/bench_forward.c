@@ -21,27 +21,6 @@
 void openblas_set_num_threads(int);
 
 
-static double sgemm_peak(int repeats)
-{
-    const int n = 4096;
-    float *a = malloc((size_t)n * n * sizeof(float)), *b = malloc((size_t)n * n * sizeof(float)),
-          *c = malloc((size_t)n * n * sizeof(float));
-    for (size_t i = 0; i < (size_t)n * n; i++) {
-        a[i] = (float)((i * 7) % 13) * 0.01f;
-        b[i] = (float)((i * 5) % 11) * 0.01f;
-    }
-    double times[32];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n); /* warm-up */
-    for (int r = 0; r < repeats; r++) {
-        double t0 = mxq_time_now();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
-        times[r] = mxq_time_now() - t0;
-    }
-    free(a);
-    free(b);
-    free(c);
-    return 2.0 * n * (double)n * n / bench_median(times, repeats) / 1e9;
-}
 
 int main(int argc, char **argv)
 {
@@ -111,7 +90,7 @@ int main(int argc, char **argv)
     printf("%7s %14s %12s %14s %10s\n", "threads", "sgemm GFLOP/s", "forward s", "layer GFLOP/s", "of peak");
     for (int ti = 0; ti < n_threads; ti++) {
         openblas_set_num_threads(threads[ti]);
-        double peak = sgemm_peak(repeats);
+        double peak = bench_gemm_peak(0, repeats);
         double times[32];
         memcpy(x, x0, T * d * sizeof(float));
         mxq_model_run_layers(ctx, model, 0, 1, x, batch, seq, NULL, ws); /* warm-up */

@@ -21,35 +21,6 @@
 
 void openblas_set_num_threads(int);
 
-static double gemm_peak(int dbl, int repeats)
-{
-    const int n = 4096;
-    size_t es = dbl ? sizeof(double) : sizeof(float);
-    void *a = malloc((size_t)n * n * es), *b = malloc((size_t)n * n * es), *c = malloc((size_t)n * n * es);
-    for (size_t i = 0; i < (size_t)n * n; i++) {
-        if (dbl) {
-            ((double *)a)[i] = (double)((i * 7) % 13) * 0.01;
-            ((double *)b)[i] = (double)((i * 5) % 11) * 0.01;
-        } else {
-            ((float *)a)[i] = (float)((i * 7) % 13) * 0.01f;
-            ((float *)b)[i] = (float)((i * 5) % 11) * 0.01f;
-        }
-    }
-    double times[32];
-    for (int r = -1; r < repeats; r++) {
-        double t0 = mxq_time_now();
-        if (dbl)
-            cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0, a, n, b, n, 0.0, c, n);
-        else
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
-        if (r >= 0)
-            times[r] = mxq_time_now() - t0;
-    }
-    free(a);
-    free(b);
-    free(c);
-    return 2.0 * n * (double)n * n / bench_median(times, repeats) / 1e9;
-}
 
 int main(int argc, char **argv)
 {
@@ -90,7 +61,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench_gptq: bad format/block/microblock: %s\n", mxq_error_message(ctx));
         return 2;
     }
-    double dpeak = gemm_peak(1, repeats), speak = gemm_peak(0, repeats);
+    double dpeak = bench_gemm_peak(1, repeats), speak = bench_gemm_peak(0, repeats);
     const char *coretype = getenv("OPENBLAS_CORETYPE");
     printf("# bench_gptq: %s block %d, gptq block 128 microblock %d, %d thread%s, medians of %d runs\n", format, block,
            micro, threads, threads == 1 ? "" : "s", repeats);
