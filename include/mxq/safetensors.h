@@ -65,8 +65,6 @@ typedef struct mxq_checkpoint mxq_checkpoint;
 mxq_status mxq_checkpoint_open(mxq_ctx *ctx, const char *dir, mxq_checkpoint **out);
 void mxq_checkpoint_close(mxq_checkpoint *ckpt);
 const char *mxq_checkpoint_dir(const mxq_checkpoint *ckpt);
-/* 1 if the checkpoint has a tensor of that name (opens its shard). */
-int mxq_checkpoint_has(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *name);
 /* Fails with a message naming the tensor and the directory if it is absent. */
 mxq_status mxq_checkpoint_get(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *name, const mxq_tensor_view **out);
 

@@ -143,7 +143,6 @@ static mxq_status parse_format_spec(reader *r, struct fy_node *node, int line, c
     CALL(r->ctx, check_mapping(r, node, line, what, "format block rounding"));
     int format_line = line;
     const char *format_name = NULL;
-    char format_buf[64] = "";
     FOR_PAIRS(node, pair1)
     {
         struct fy_node *key = fy_node_pair_key(pair1), *value = fy_node_pair_value(pair1);
@@ -151,9 +150,7 @@ static mxq_status parse_format_spec(reader *r, struct fy_node *node, int line, c
         if (!k)
             continue;
         if (strcmp(k, "format") == 0) {
-            const char *v = scalar(value);
-            snprintf(format_buf, sizeof(format_buf), "%s", v ? v : "");
-            format_name = format_buf;
+            format_name = scalar(value) ? scalar(value) : "";
             format_line = node_line(value);
         } else if (strcmp(k, "block") == 0) {
             CALL(r->ctx, get_int(r, value, node_line(key), "block", 1, MXQ_MX_BLOCK_MAX, &spec->block));

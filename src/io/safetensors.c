@@ -415,14 +415,6 @@ fail:
     return status;
 }
 
-int mxq_checkpoint_has(mxq_ctx *ctx, mxq_checkpoint *c, const char *name)
-{
-    long s = shard_for(c, name);
-    if (s < 0 || open_shard(ctx, c, (size_t)s) != MXQ_OK)
-        return 0;
-    return mxq_st_file_find(c->shards[s], name) != NULL;
-}
-
 mxq_status mxq_checkpoint_get(mxq_ctx *ctx, mxq_checkpoint *c, const char *name, const mxq_tensor_view **out)
 {
     mxq_status status = MXQ_OK;

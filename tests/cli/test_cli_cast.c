@@ -27,17 +27,12 @@ static run_result run_mxq(const char *first, ...)
     const char *bin = getenv("MXQ_BIN");
     if (!bin)
         fail_msg("MXQ_BIN is not set");
-    const char *argv[64];
-    int argc = 0;
-    argv[argc++] = bin;
+    const char *prefix[2] = {bin, first};
+    run_result r;
     va_list ap;
     va_start(ap, first);
-    for (const char *a = first; a && argc < 63; a = va_arg(ap, const char *))
-        argv[argc++] = a;
+    tu_run_prefixed(prefix, first ? 2 : 1, ap, &r);
     va_end(ap);
-    argv[argc] = NULL;
-    run_result r;
-    tu_run(argv, &r);
     return r;
 }
 

@@ -27,19 +27,12 @@ static tu_run_result run_eval(int ranks, const char *first, ...)
     assert_non_null(bin);
     char n[16];
     snprintf(n, sizeof(n), "%d", ranks);
-    const char *argv[64];
-    int argc = 0;
-    const char *prefix[] = {"timeout", HANG_LIMIT, "mpirun", "-n", n, "--oversubscribe", bin, "eval"};
-    for (size_t i = 0; i < sizeof(prefix) / sizeof(prefix[0]); i++)
-        argv[argc++] = prefix[i];
+    const char *prefix[] = {"timeout", HANG_LIMIT, "mpirun", "-n", n, "--oversubscribe", bin, "eval", first};
+    tu_run_result r;
     va_list ap;
     va_start(ap, first);
-    for (const char *a = first; a && argc < 63; a = va_arg(ap, const char *))
-        argv[argc++] = a;
+    tu_run_prefixed(prefix, sizeof(prefix) / sizeof(prefix[0]) - (first ? 0 : 1), ap, &r);
     va_end(ap);
-    argv[argc] = NULL;
-    tu_run_result r;
-    tu_run(argv, &r);
     if (r.exit_code == 124)
         fail_msg("mxq eval on %d ranks did not finish within %s s (hang); stderr: %s", ranks, HANG_LIMIT, r.err);
     return r;

@@ -165,3 +165,15 @@ void tu_write_file(const char *path, const void *data, size_t size)
     assert_int_equal(fwrite(data, 1, size, f), size);
     fclose(f);
 }
+
+void tu_run_prefixed(const char *const *prefix, size_t n_prefix, va_list rest, tu_run_result *result)
+{
+    const char *argv[64];
+    size_t argc = 0;
+    for (; argc < n_prefix && argc < 63; argc++)
+        argv[argc] = prefix[argc];
+    for (const char *a = va_arg(rest, const char *); a && argc < 63; a = va_arg(rest, const char *))
+        argv[argc++] = a;
+    argv[argc] = NULL;
+    tu_run(argv, result);
+}

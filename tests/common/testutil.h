@@ -3,6 +3,7 @@
 #define MXQ_TESTUTIL_H
 
 #include <hdf5.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -37,6 +38,9 @@ typedef struct {
     char err[16384];
 } tu_run_result;
 void tu_run(const char *const *argv, tu_run_result *result);
+/* tu_run of `prefix` (n_prefix words) followed by the NULL-terminated
+ * arguments in `rest`. */
+void tu_run_prefixed(const char *const *prefix, size_t n_prefix, va_list rest, tu_run_result *result);
 
 /* Read a whole file into a new NUL-terminated buffer; *size gets its length. */
 char *tu_read_file(const char *path, size_t *size);
