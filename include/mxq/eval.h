@@ -16,6 +16,11 @@ typedef struct {
     int batch;            /* sequences per micro-batch (default 8) */
     int limit;            /* evaluate the first `limit` sequences; 0 = all */
     mxq_fake_quant quant; /* optional fake quantization */
+    /* Optional: quantize in memory with this recipe, calibrated on
+     * calib_path, before evaluating (what mxq quantize would write). */
+    const struct mxq_recipe_s *recipe; /* mxq/recipe.h */
+    const char *recipe_path;
+    const char *calib_path;
 } mxq_eval_options;
 
 typedef struct {
@@ -28,6 +33,8 @@ typedef struct {
     double load_seconds; /* config, weights and tokens */
     double tokens_per_s; /* tokens pushed through the model per second */
     int ranks;
+    int acts_quantized; /* activations were MX-quantized (flag, recipe or checkpoint) */
+    mxq_mx_spec acts;
 } mxq_eval_result;
 
 /* Collective over `comm`. Every rank returns the same result. */

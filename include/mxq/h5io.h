@@ -25,11 +25,14 @@ mxq_status mxq_h5_open_read(mxq_ctx *ctx, const char *path, hid_t *file_out);
  * data [rows, cols]. */
 mxq_status mxq_h5_read_f32_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages,
                               const char *dataset, float **data, size_t *rows, size_t *cols);
+mxq_status mxq_h5_read_f64_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages,
+                              const char *dataset, double **data, size_t *rows, size_t *cols);
 
 /* Write a new dataset of `rank` dimensions from a native-typed buffer. */
 mxq_status mxq_h5_write(mxq_ctx *ctx, hid_t file, const char *name, hid_t mem_type, int rank,
                         const hsize_t *dims, const void *data);
 mxq_status mxq_h5_attr_string(mxq_ctx *ctx, hid_t object, const char *name, const char *value);
+mxq_status mxq_h5_attr_double(mxq_ctx *ctx, hid_t object, const char *name, double value);
 mxq_status mxq_h5_attr_int(mxq_ctx *ctx, hid_t object, const char *name, long long value);
 
 /* Output files are written under a temporary name beside the final one and

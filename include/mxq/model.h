@@ -39,6 +39,12 @@ typedef struct {
     int o_bias;         /* o_proj has a bias (llama attention_bias) */
     int sliding_window; /* 0 = full causal attention */
     int bos_token;
+    /* mxq's own checkpoints (quantization_config.quant_method = "mxq"):
+     * quantized linears are stored as weight_packed + weight_scale. */
+    int mx_weights;
+    mxq_mx_spec mx_weight_spec;
+    int mx_acts; /* activations MX-quantized at every linear input */
+    mxq_mx_spec mx_act_spec;
 } mxq_model_config;
 
 /* Parse <dir>/config.json. Unsupported architectures and values are errors
@@ -110,6 +116,28 @@ typedef struct {
 
 mxq_status mxq_model_fake_quantize_weights(mxq_ctx *ctx, mxq_model *model, const mxq_mx_spec *spec);
 
+/* The four distinct inputs of a layer's linears: q/k/v share the normed
+ * attention input, gate/up the normed MLP input. */
+typedef enum {
+    MXQ_INPUT_ATTN = 0, /* q_proj, k_proj, v_proj */
+    MXQ_INPUT_O,        /* o_proj: attention output */
+    MXQ_INPUT_MLP,      /* gate_proj, up_proj */
+    MXQ_INPUT_DOWN,     /* down_proj: silu(gate) * up */
+    MXQ_INPUT_COUNT
+} mxq_input_id;
+
+mxq_input_id mxq_linear_input(mxq_linear_id id);
+const char *mxq_input_name(mxq_input_id id); /* "attn_in", "o_in", "mlp_in", "down_in" */
+int mxq_input_features(const mxq_model_config *cfg, mxq_input_id id);
+
+/* Called with each linear input x [tokens, features] as the forward pass
+ * produces it (before any activation quantization), once per shared input. */
+typedef struct {
+    mxq_status (*fn)(mxq_ctx *ctx, void *user, int layer, mxq_input_id input, const float *x, size_t tokens,
+                     int features);
+    void *user;
+} mxq_observer;
+
 /* Scratch space for a forward pass over up to max_seqs sequences of seq_len. */
 typedef struct mxq_workspace mxq_workspace;
 mxq_status mxq_workspace_create(mxq_ctx *ctx, const mxq_model_config *cfg, int max_seqs, int seq_len,
@@ -123,6 +151,10 @@ mxq_status mxq_model_embed(mxq_ctx *ctx, const mxq_model *model, const int32_t *
  * on x [n_seqs * seq_len, d]. Every sequence starts at position 0. */
 mxq_status mxq_model_run_layers(mxq_ctx *ctx, const mxq_model *model, int from, int to, float *x, int n_seqs,
                                 int seq_len, const mxq_fake_quant *fq, mxq_workspace *ws);
+/* The same, showing every linear input to `observer` (may be NULL). */
+mxq_status mxq_model_run_layers_observed(mxq_ctx *ctx, const mxq_model *model, int from, int to, float *x,
+                                         int n_seqs, int seq_len, const mxq_fake_quant *fq,
+                                         const mxq_observer *observer, mxq_workspace *ws);
 /* logits [n_seqs * seq_len, vocab] = lm_head(final_norm(x)); x is not changed. */
 mxq_status mxq_model_logits(mxq_ctx *ctx, const mxq_model *model, const float *x, int n_seqs, int seq_len,
                             float *logits, mxq_workspace *ws);

@@ -48,7 +48,7 @@ typedef enum { MXQ_CALIB_FP = 0, MXQ_CALIB_SEQUENTIAL } mxq_calib_mode;
 #define MXQ_RECIPE_MAX_STEPS 3
 #define MXQ_RECIPE_MAX_EXCLUDE 64
 
-typedef struct {
+typedef struct mxq_recipe_s {
     int has_weights;
     mxq_mx_spec weights;
     int has_acts;

@@ -67,6 +67,12 @@ void mxq_checkpoint_close(mxq_checkpoint *ckpt);
 const char *mxq_checkpoint_dir(const mxq_checkpoint *ckpt);
 /* Fails with a message naming the tensor and the directory if it is absent. */
 mxq_status mxq_checkpoint_get(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *name, const mxq_tensor_view **out);
+/* Like mxq_checkpoint_get, but an absent tensor gives *out = NULL and MXQ_OK;
+ * only unreadable files are errors. */
+mxq_status mxq_checkpoint_lookup(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *name, const mxq_tensor_view **out);
+/* Every tensor name in the checkpoint (pointers valid while it is open; the
+ * array is the caller's to free). */
+mxq_status mxq_checkpoint_names(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char ***names, size_t *count);
 
 /* Convert a floating-point tensor (F32, F16, BF16) to float32, checking that
  * its shape is exactly `shape[rank]`. `out` holds numel floats. */

@@ -10,6 +10,8 @@ enum { MXQ_EXIT_OK = 0, MXQ_EXIT_FAILURE = 1, MXQ_EXIT_USAGE = 2 };
 int mxq_cmd_cast(mxq_ctx *ctx, int argc, char **argv);
 int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv);
 int mxq_cmd_synth(mxq_ctx *ctx, int argc, char **argv);
+int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv);
+int mxq_cmd_quantize_linear(mxq_ctx *ctx, int argc, char **argv);
 
 /* Print "mxq <verb>: error: <message>" (one line) and return MXQ_EXIT_USAGE. */
 int mxq_cli_usage_error(const char *verb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

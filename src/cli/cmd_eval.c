@@ -10,6 +10,7 @@
 #include "cli.h"
 #include "mxq/eval.h"
 #include "mxq/fsutil.h"
+#include "mxq/recipe.h"
 
 static void print_eval_help(FILE *out)
 {
@@ -39,6 +40,14 @@ static void print_eval_help(FILE *out)
             "      --block B          MX block size (default 32)\n"
             "      --rounding MODE    even (default) or nearest\n"
             "  formats: %s\n"
+            "\n"
+            "Quantized models:\n"
+            "  an mxq checkpoint (written by mxq quantize) is loaded as such: MX weights are\n"
+            "  unpacked, and activations are quantized as its quantization_config says.\n"
+            "      --recipe R.yaml    quantize in memory with this recipe (SmoothQuant, AWQ, GPTQ,\n"
+            "                         calibrated on --calib), then evaluate: what mxq quantize\n"
+            "                         would write, without writing it\n"
+            "      --calib FILE.h5    calibration tokens for --recipe\n"
             "\n"
             "  -v, --verbose          debug log (per-rank layer ownership), error traces\n"
             "  -q, --quiet            errors only\n"
@@ -80,17 +89,18 @@ fail:
 
 int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
 {
-    enum { OPT_WEIGHTS = 1000, OPT_ACTS, OPT_BLOCK, OPT_ROUNDING };
+    enum { OPT_WEIGHTS = 1000, OPT_ACTS, OPT_BLOCK, OPT_ROUNDING, OPT_RECIPE, OPT_CALIB };
     static const struct option options[] = {
         {"model", required_argument, NULL, 'm'},      {"tokens", required_argument, NULL, 't'},
         {"limit", required_argument, NULL, 'n'},      {"batch", required_argument, NULL, 'b'},
         {"json", required_argument, NULL, 'j'},       {"weights", required_argument, NULL, OPT_WEIGHTS},
         {"acts", required_argument, NULL, OPT_ACTS},  {"block", required_argument, NULL, OPT_BLOCK},
         {"rounding", required_argument, NULL, OPT_ROUNDING}, {"verbose", no_argument, NULL, 'v'},
+        {"recipe", required_argument, NULL, OPT_RECIPE}, {"calib", required_argument, NULL, OPT_CALIB},
         {"quiet", no_argument, NULL, 'q'},            {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    const char *model = NULL, *tokens = NULL, *json_path = NULL;
+    const char *model = NULL, *tokens = NULL, *json_path = NULL, *recipe_path = NULL, *calib = NULL;
     mxq_eval_options opt = {.batch = 8, .limit = 0};
     long value, block = 32;
     mxq_rounding rounding = MXQ_ROUND_EVEN;
@@ -130,6 +140,8 @@ int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
             if (mxq_rounding_by_name(optarg, &rounding) != 0)
                 return mxq_cli_usage_error("eval", "unknown rounding '%s' (valid: even nearest)", optarg);
             break;
+        case OPT_RECIPE: recipe_path = optarg; break;
+        case OPT_CALIB: calib = optarg; break;
         case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;
         case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); break;
         case 'h': print_eval_help(stdout); return MXQ_EXIT_OK;
@@ -143,6 +155,12 @@ int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
         return mxq_cli_usage_error("eval", "--tokens FILE.h5 is required");
     if (optind < argc)
         return mxq_cli_usage_error("eval", "unexpected argument '%s'", argv[optind]);
+    if (recipe_path && !calib)
+        return mxq_cli_usage_error("eval", "--recipe needs --calib FILE.h5 (calibration tokens)");
+    if (calib && !recipe_path)
+        return mxq_cli_usage_error("eval", "--calib is only used with --recipe");
+    if (recipe_path && (wfmt || afmt))
+        return mxq_cli_usage_error("eval", "--recipe sets the formats; do not combine it with --weights/--acts");
     if (wfmt) {
         opt.quant.enabled_weights = 1;
         opt.quant.weights = (mxq_mx_spec){wfmt, (int)block, rounding, MXQ_KERNEL_AUTO};
@@ -153,7 +171,22 @@ int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
     }
 
     mxq_eval_result r;
-    mxq_status st = mxq_eval_perplexity(ctx, MPI_COMM_WORLD, model, tokens, &opt, &r);
+    mxq_recipe recipe;
+    mxq_status st = MXQ_OK;
+    if (recipe_path) {
+        st = mxq_recipe_load(ctx, recipe_path, &recipe);
+        if (st != MXQ_OK) {
+            mxq_error_print(ctx, stderr, "mxq eval");
+            return MXQ_EXIT_FAILURE;
+        }
+        opt.recipe = &recipe;
+        opt.recipe_path = recipe_path;
+        opt.calib_path = calib;
+        mxq_ctx_set_all_ranks_info(ctx, 1);
+    }
+    st = mxq_eval_perplexity(ctx, MPI_COMM_WORLD, model, tokens, &opt, &r);
+    if (recipe_path)
+        mxq_recipe_free(&recipe);
     int rank = 0;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     if (st == MXQ_OK && rank == 0) {

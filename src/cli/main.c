@@ -25,6 +25,9 @@ static void print_main_help(FILE *out)
             "          (writes dequantized values, E8M0 scales and packed element bytes)\n"
             "  eval    perplexity of a model on a token file, pipelined over MPI ranks;\n"
             "          optionally with MX fake quantization of weights and activations\n"
+            "  quantize  SmoothQuant / AWQ / GPTQ in MX formats over MPI ranks, as a YAML recipe\n"
+            "          says; writes a sharded MX checkpoint that mxq eval loads\n"
+            "  quantize-linear  one weight (+ inputs or Hessian) from HDF5 through a recipe\n"
             "  synth   write a random-weight model with the shapes of a real one\n"
             "          (llama-2-7b, llama-2-70b, llama-3.1-8b, qwen2-7b, mistral-7b)\n"
             "  help    show this text, or `mxq help <command>`\n"
@@ -73,6 +76,8 @@ static const verb_entry verbs[] = {
     {"cast", mxq_cmd_cast, 0},
     {"eval", mxq_cmd_eval, 1},
     {"synth", mxq_cmd_synth, 0},
+    {"quantize", mxq_cmd_quantize, 1},
+    {"quantize-linear", mxq_cmd_quantize_linear, 0},
 };
 
 static int wants_help(int argc, char **argv)
@@ -91,7 +96,8 @@ static int run_verb(const char *verb, int argc, char **argv)
         if (strcmp(verbs[i].name, verb) == 0)
             entry = &verbs[i];
     if (!entry)
-        return mxq_cli_usage_error(NULL, "unknown command '%s' (commands: cast, eval, synth, help; see mxq --help)",
+        return mxq_cli_usage_error(NULL, "unknown command '%s' (commands: cast, eval, quantize, quantize-linear, synth, help; see "
+                                   "mxq --help)",
                                    verb);
 
     mxq_ctx *ctx = NULL;

@@ -27,12 +27,12 @@ fail:
     return status;
 }
 
-mxq_status mxq_h5_read_f32_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages,
-                              const char *dataset, float **data, size_t *rows, size_t *cols)
+static mxq_status read_float_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages, const char *dataset,
+                                size_t width, void **data, size_t *rows, size_t *cols)
 {
     mxq_status status = MXQ_OK;
     hid_t dset = H5I_INVALID_HID, space = H5I_INVALID_HID, type = H5I_INVALID_HID;
-    float *buf = NULL;
+    void *buf = NULL;
     *data = NULL;
 
     htri_t exists = H5Lexists(file, dataset, H5P_DEFAULT);
@@ -53,8 +53,8 @@ mxq_status mxq_h5_read_f32_2d(mxq_ctx *ctx, hid_t file, const char *path_for_mes
 
     type = H5Dget_type(dset);
     CALL_H5(ctx, type, "cannot read the type of '%s' in '%s'", dataset, path_for_messages);
-    CHECK(ctx, H5Tget_class(type) == H5T_FLOAT && H5Tget_size(type) == 4, MXQ_ERR_FORMAT,
-          "dataset '%s' in '%s' must be float32, but it is %s of %zu bytes", dataset, path_for_messages,
+    CHECK(ctx, H5Tget_class(type) == H5T_FLOAT && H5Tget_size(type) == width, MXQ_ERR_FORMAT,
+          "dataset '%s' in '%s' must be float%zu, but it is %s of %zu bytes", dataset, path_for_messages, width * 8,
           H5Tget_class(type) == H5T_FLOAT     ? "float"
           : H5Tget_class(type) == H5T_INTEGER ? "integer"
                                               : "a non-numeric type",
@@ -70,9 +70,9 @@ mxq_status mxq_h5_read_f32_2d(mxq_ctx *ctx, hid_t file, const char *path_for_mes
     CHECK(ctx, dims[0] > 0 && dims[1] > 0, MXQ_ERR_FORMAT, "dataset '%s' in '%s' is empty (%llu x %llu)", dataset,
           path_for_messages, (unsigned long long)dims[0], (unsigned long long)dims[1]);
     size_t count = (size_t)dims[0] * (size_t)dims[1];
-    buf = malloc(count * sizeof(float));
-    CHECK_ALLOC(ctx, buf, count * sizeof(float), "an input dataset");
-    CALL_H5(ctx, H5Dread(dset, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf),
+    buf = malloc(count * width);
+    CHECK_ALLOC(ctx, buf, count * width, "an input dataset");
+    CALL_H5(ctx, H5Dread(dset, width == 4 ? H5T_NATIVE_FLOAT : H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf),
             "cannot read dataset '%s' in '%s'", dataset, path_for_messages);
     *data = buf;
     *rows = (size_t)dims[0];
@@ -87,6 +87,18 @@ fail:
     if (dset >= 0)
         H5Dclose(dset);
     return status;
+}
+
+mxq_status mxq_h5_read_f32_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages, const char *dataset,
+                              float **data, size_t *rows, size_t *cols)
+{
+    return read_float_2d(ctx, file, path_for_messages, dataset, 4, (void **)data, rows, cols);
+}
+
+mxq_status mxq_h5_read_f64_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages, const char *dataset,
+                              double **data, size_t *rows, size_t *cols)
+{
+    return read_float_2d(ctx, file, path_for_messages, dataset, 8, (void **)data, rows, cols);
 }
 
 mxq_status mxq_h5_write(mxq_ctx *ctx, hid_t file, const char *name, hid_t mem_type, int rank,
@@ -126,6 +138,23 @@ fail:
         H5Sclose(space);
     if (type >= 0)
         H5Tclose(type);
+    return status;
+}
+
+mxq_status mxq_h5_attr_double(mxq_ctx *ctx, hid_t object, const char *name, double value)
+{
+    mxq_status status = MXQ_OK;
+    hid_t space = H5I_INVALID_HID, attr = H5I_INVALID_HID;
+    space = H5Screate(H5S_SCALAR);
+    CALL_H5(ctx, space, "cannot create the dataspace of attribute '%s'", name);
+    attr = H5Acreate2(object, name, H5T_IEEE_F64LE, space, H5P_DEFAULT, H5P_DEFAULT);
+    CALL_H5(ctx, attr, "cannot create attribute '%s'", name);
+    CALL_H5(ctx, H5Awrite(attr, H5T_NATIVE_DOUBLE, &value), "cannot write attribute '%s'", name);
+fail:
+    if (attr >= 0)
+        H5Aclose(attr);
+    if (space >= 0)
+        H5Sclose(space);
     return status;
 }
 

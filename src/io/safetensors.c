@@ -430,6 +430,49 @@ fail:
     return status;
 }
 
+mxq_status mxq_checkpoint_lookup(mxq_ctx *ctx, mxq_checkpoint *c, const char *name, const mxq_tensor_view **out)
+{
+    mxq_status status = MXQ_OK;
+    *out = NULL;
+    long s = shard_for(c, name);
+    if (s < 0)
+        return MXQ_OK;
+    CALL(ctx, open_shard(ctx, c, (size_t)s));
+    *out = mxq_st_file_find(c->shards[s], name);
+    CHECK(ctx, *out != NULL || !c->weight_map, MXQ_ERR_FORMAT,
+          "tensor '%s' is listed in the index of '%s' but missing from '%s'", name, c->dir, c->shard_paths[s]);
+fail:
+    return status;
+}
+
+mxq_status mxq_checkpoint_names(mxq_ctx *ctx, mxq_checkpoint *c, const char ***names, size_t *count)
+{
+    mxq_status status = MXQ_OK;
+    const char **list = NULL;
+    size_t n = 0;
+    if (c->weight_map) {
+        list = calloc(json_object_size(c->weight_map) + 1, sizeof(char *));
+        CHECK_ALLOC(ctx, list, json_object_size(c->weight_map) * sizeof(char *), "the tensor name list");
+        const char *key;
+        json_t *value;
+        json_object_foreach(c->weight_map, key, value)
+            list[n++] = key;
+    } else {
+        CALL(ctx, open_shard(ctx, c, 0));
+        size_t total = mxq_st_file_count(c->shards[0]);
+        list = calloc(total + 1, sizeof(char *));
+        CHECK_ALLOC(ctx, list, total * sizeof(char *), "the tensor name list");
+        for (size_t i = 0; i < total; i++)
+            list[n++] = mxq_st_file_tensor(c->shards[0], i)->name;
+    }
+    *names = list;
+    *count = n;
+    return MXQ_OK;
+fail:
+    free(list);
+    return status;
+}
+
 static void format_shape(char *buf, size_t size, int rank, const int64_t *shape)
 {
     size_t used = (size_t)snprintf(buf, size, "[");

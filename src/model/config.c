@@ -104,6 +104,51 @@ fail:
     return status;
 }
 
+/* {format, block, rounding} of a quantization_config entry. */
+static mxq_status parse_mx_spec(config_reader *r, json_t *obj, const char *what, mxq_mx_spec *spec)
+{
+    mxq_status status = MXQ_OK;
+    mxq_ctx *ctx = r->ctx;
+    CHECK(ctx, json_is_object(obj), MXQ_ERR_FORMAT, "%s: quantization_config.%s must be an object", r->path, what);
+    const char *fmt = json_string_value(json_object_get(obj, "format"));
+    CHECK(ctx, fmt != NULL, MXQ_ERR_FORMAT, "%s: quantization_config.%s.format is missing", r->path, what);
+    spec->format = mxq_format_by_name(fmt);
+    CHECK(ctx, spec->format != NULL, MXQ_ERR_FORMAT, "%s: quantization_config.%s.format '%s' is unknown (valid: %s)",
+          r->path, what, fmt, mxq_format_names());
+    CALL(ctx, get_int(r, obj, "block", -1, 1, &spec->block));
+    const char *rounding = json_string_value(json_object_get(obj, "rounding"));
+    spec->rounding = MXQ_ROUND_EVEN;
+    CHECK(ctx, !rounding || mxq_rounding_by_name(rounding, &spec->rounding) == 0, MXQ_ERR_FORMAT,
+          "%s: quantization_config.%s.rounding '%s' is unknown (valid: even, nearest)", r->path, what, rounding);
+    spec->kernel = MXQ_KERNEL_AUTO;
+    CALL(ctx, mxq_mx_spec_check(ctx, spec));
+fail:
+    return status;
+}
+
+static mxq_status parse_quantization_config(config_reader *r, json_t *q, mxq_model_config *cfg)
+{
+    mxq_status status = MXQ_OK;
+    mxq_ctx *ctx = r->ctx;
+    CHECK(ctx, json_is_object(q), MXQ_ERR_FORMAT, "%s: quantization_config must be an object", r->path);
+    const char *method = json_string_value(json_object_get(q, "quant_method"));
+    CHECK(ctx, method && strcmp(method, "mxq") == 0, MXQ_ERR_FORMAT,
+          "%s: quantization_config.quant_method '%s' is not supported (mxq reads its own checkpoints, quant_method "
+          "\"mxq\", and unquantized ones)",
+          r->path, method ? method : "(missing)");
+    json_t *w = json_object_get(q, "weights"), *a = json_object_get(q, "activations");
+    if (w && !json_is_null(w)) {
+        CALL(ctx, parse_mx_spec(r, w, "weights", &cfg->mx_weight_spec));
+        cfg->mx_weights = 1;
+    }
+    if (a && !json_is_null(a)) {
+        CALL(ctx, parse_mx_spec(r, a, "activations", &cfg->mx_act_spec));
+        cfg->mx_acts = 1;
+    }
+fail:
+    return status;
+}
+
 mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
 {
     mxq_status status = MXQ_OK;
@@ -192,6 +237,9 @@ mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
     json_t *params = json_object_get(r.root, "rope_parameters");
     if (params && !json_is_null(params))
         CALL(ctx, parse_rope_object(&r, params, "rope_parameters", cfg));
+    json_t *quant = json_object_get(r.root, "quantization_config");
+    if (quant && !json_is_null(quant))
+        CALL(ctx, parse_quantization_config(&r, quant, cfg));
 fail:
     json_decref(r.root);
     return status;
@@ -233,5 +281,31 @@ void mxq_linear_shape(const mxq_model_config *cfg, mxq_linear_id id, int *out_fe
     case MXQ_LIN_UP: *out_features = cfg->intermediate; *in_features = d; break;
     case MXQ_LIN_DOWN: *out_features = d; *in_features = cfg->intermediate; break;
     default: *out_features = *in_features = 0; break;
+    }
+}
+
+mxq_input_id mxq_linear_input(mxq_linear_id id)
+{
+    switch (id) {
+    case MXQ_LIN_O: return MXQ_INPUT_O;
+    case MXQ_LIN_GATE:
+    case MXQ_LIN_UP: return MXQ_INPUT_MLP;
+    case MXQ_LIN_DOWN: return MXQ_INPUT_DOWN;
+    default: return MXQ_INPUT_ATTN;
+    }
+}
+
+const char *mxq_input_name(mxq_input_id id)
+{
+    static const char *const names[MXQ_INPUT_COUNT] = {"attn_in", "o_in", "mlp_in", "down_in"};
+    return (unsigned)id < MXQ_INPUT_COUNT ? names[id] : "?";
+}
+
+int mxq_input_features(const mxq_model_config *cfg, mxq_input_id id)
+{
+    switch (id) {
+    case MXQ_INPUT_O: return cfg->n_heads * cfg->head_dim;
+    case MXQ_INPUT_DOWN: return cfg->intermediate;
+    default: return cfg->hidden;
     }
 }

@@ -216,6 +216,19 @@ fail:
 mxq_status mxq_model_run_layers(mxq_ctx *ctx, const mxq_model *m, int from, int to, float *x, int n_seqs, int seq_len,
                                 const mxq_fake_quant *fq, mxq_workspace *ws)
 {
+    return mxq_model_run_layers_observed(ctx, m, from, to, x, n_seqs, seq_len, fq, NULL, ws);
+}
+
+#define OBSERVE(input, buf, width)                                                                    \
+    do {                                                                                             \
+        if (observer)                                                                                \
+            CALL(ctx, observer->fn(ctx, observer->user, l, (input), (buf), T, (width)));              \
+    } while (0)
+
+mxq_status mxq_model_run_layers_observed(mxq_ctx *ctx, const mxq_model *m, int from, int to, float *x, int n_seqs,
+                                         int seq_len, const mxq_fake_quant *fq, const mxq_observer *observer,
+                                         mxq_workspace *ws)
+{
     mxq_status status = MXQ_OK;
     const mxq_model_config *cfg = &m->cfg;
     CHECK(ctx, from >= m->first_layer && to <= m->last_layer && from <= to, MXQ_ERR_INTERNAL,
@@ -232,6 +245,7 @@ mxq_status mxq_model_run_layers(mxq_ctx *ctx, const mxq_model *m, int from, int 
         const mxq_layer *L = &m->layers[l - m->first_layer];
         /* attention block */
         rms_norm(x, L->attn_norm, ws->h, T, d, cfg->rms_eps);
+        OBSERVE(MXQ_INPUT_ATTN, ws->h, d);
         CALL(ctx, quantize_acts(ctx, fq, ws->h, T, d));
         linear(ws->h, L->weight[MXQ_LIN_Q], L->bias[MXQ_LIN_Q], ws->q, T, qw, d);
         linear(ws->h, L->weight[MXQ_LIN_K], L->bias[MXQ_LIN_K], ws->k, T, kvw, d);
@@ -239,12 +253,14 @@ mxq_status mxq_model_run_layers(mxq_ctx *ctx, const mxq_model *m, int from, int 
         apply_rope(ws->q, ws, n_seqs, seq_len, cfg->n_heads, cfg->head_dim);
         apply_rope(ws->k, ws, n_seqs, seq_len, cfg->n_kv_heads, cfg->head_dim);
         attention(cfg, ws, n_seqs, seq_len);
+        OBSERVE(MXQ_INPUT_O, ws->attn, qw);
         CALL(ctx, quantize_acts(ctx, fq, ws->attn, T, qw));
         linear(ws->attn, L->weight[MXQ_LIN_O], L->bias[MXQ_LIN_O], ws->proj, T, d, qw);
         for (size_t i = 0; i < T * (size_t)d; i++)
             x[i] += ws->proj[i];
         /* MLP block: down(silu(gate(h)) * up(h)) */
         rms_norm(x, L->ffn_norm, ws->h, T, d, cfg->rms_eps);
+        OBSERVE(MXQ_INPUT_MLP, ws->h, d);
         CALL(ctx, quantize_acts(ctx, fq, ws->h, T, d));
         linear(ws->h, L->weight[MXQ_LIN_GATE], NULL, ws->gate, T, ffn, d);
         linear(ws->h, L->weight[MXQ_LIN_UP], NULL, ws->up, T, ffn, d);
@@ -252,6 +268,7 @@ mxq_status mxq_model_run_layers(mxq_ctx *ctx, const mxq_model *m, int from, int 
             float g = ws->gate[i];
             ws->gate[i] = g / (1.0f + expf(-g)) * ws->up[i];
         }
+        OBSERVE(MXQ_INPUT_DOWN, ws->gate, ffn);
         CALL(ctx, quantize_acts(ctx, fq, ws->gate, T, ffn));
         linear(ws->gate, L->weight[MXQ_LIN_DOWN], NULL, ws->proj, T, d, ffn);
         for (size_t i = 0; i < T * (size_t)d; i++)

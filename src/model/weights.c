@@ -34,6 +34,36 @@ fail:
     return status;
 }
 
+/* An MX linear of an mxq checkpoint: <base>.weight_packed U8 [out, packed
+ * row bytes] and <base>.weight_scale U8 [out, blocks], dequantized to float. */
+static mxq_status load_mx_linear(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_tensor_view *packed, const char *base,
+                                 const mxq_mx_spec *spec, int out_f, int in_f, float **out)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_tensor_view *scales;
+    char name[300];
+    float *buf = NULL;
+    snprintf(name, sizeof(name), "%s.weight_scale", base);
+    CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &scales));
+    int64_t row_bytes = (int64_t)mxq_mx_packed_row_bytes(spec->format, (size_t)in_f);
+    int64_t blocks = (int64_t)mxq_mx_blocks_per_row((size_t)in_f, spec->block);
+    CHECK(ctx, packed->dtype == MXQ_DT_U8 && packed->rank == 2 && packed->shape[0] == out_f &&
+                   packed->shape[1] == row_bytes,
+          MXQ_ERR_FORMAT, "%s: tensor '%s' must be U8 [%d, %lld] (%s elements of %d inputs)", packed->file,
+          packed->name, out_f, (long long)row_bytes, spec->format->name, in_f);
+    CHECK(ctx, scales->dtype == MXQ_DT_U8 && scales->rank == 2 && scales->shape[0] == out_f && scales->shape[1] == blocks,
+          MXQ_ERR_FORMAT, "%s: tensor '%s' must be U8 [%d, %lld] (E8M0 scales of blocks of %d)", scales->file,
+          scales->name, out_f, (long long)blocks, spec->block);
+    buf = alloc_floats((size_t)out_f * in_f);
+    CHECK_ALLOC(ctx, buf, (size_t)out_f * in_f * sizeof(float), base);
+    CALL(ctx, mxq_mx_dequantize_rows(ctx, spec, packed->data, scales->data, (size_t)out_f, (size_t)in_f, buf));
+    *out = buf;
+    return MXQ_OK;
+fail:
+    free(buf);
+    return status;
+}
+
 /* HF's rotary frequencies, llama3-scaled when configured: computed as
  * transformers does (float32 inv_freq), kept in double for the table. */
 static void rope_frequencies(const mxq_model_config *cfg, double *inv_freq)
@@ -97,8 +127,20 @@ mxq_status mxq_model_load(mxq_ctx *ctx, const char *dir, const mxq_model_config 
         for (int li = 0; li < MXQ_LIN_COUNT; li++) {
             int out_f, in_f;
             mxq_linear_shape(cfg, (mxq_linear_id)li, &out_f, &in_f);
-            snprintf(name, sizeof(name), "model.layers.%d.%s.weight", l, mxq_linear_name((mxq_linear_id)li));
-            CALL(ctx, load_tensor(ctx, ckpt, name, 2, out_f, in_f, &layer->weight[li]));
+            const mxq_tensor_view *packed = NULL;
+            if (cfg->mx_weights) {
+                snprintf(name, sizeof(name), "model.layers.%d.%s.weight_packed", l, mxq_linear_name((mxq_linear_id)li));
+                CALL(ctx, mxq_checkpoint_lookup(ctx, ckpt, name, &packed));
+            }
+            snprintf(name, sizeof(name), "model.layers.%d.%s", l, mxq_linear_name((mxq_linear_id)li));
+            if (packed) {
+                CALL(ctx, load_mx_linear(ctx, ckpt, packed, name, &cfg->mx_weight_spec, out_f, in_f,
+                                         &layer->weight[li]));
+            } else {
+                /* not quantized (excluded by the recipe) or an ordinary checkpoint */
+                strncat(name, ".weight", sizeof(name) - strlen(name) - 1);
+                CALL(ctx, load_tensor(ctx, ckpt, name, 2, out_f, in_f, &layer->weight[li]));
+            }
             int has_bias = (li <= MXQ_LIN_V && cfg->qkv_bias) || (li == MXQ_LIN_O && cfg->o_bias);
             if (has_bias) {
                 snprintf(name, sizeof(name), "model.layers.%d.%s.bias", l, mxq_linear_name((mxq_linear_id)li));

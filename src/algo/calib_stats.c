@@ -1,0 +1,109 @@
+/* Calibration statistics of linear inputs: H = sum x x^T, max|x|, sum|x|. */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "mxq/quantize.h"
+
+mxq_status mxq_input_stats_init(mxq_ctx *ctx, int features, mxq_input_stats *s)
+{
+    mxq_status status = MXQ_OK;
+    size_t f = (size_t)features;
+    memset(s, 0, sizeof(*s));
+    s->features = features;
+    s->hessian = calloc(f * f, sizeof(double));
+    s->abs_max = calloc(f, sizeof(double));
+    s->abs_sum = calloc(f, sizeof(double));
+    CHECK_ALLOC(ctx, s->hessian && s->abs_max && s->abs_sum, (f * f + 2 * f) * sizeof(double),
+                "calibration statistics (the Hessian of a linear input)");
+    return MXQ_OK;
+fail:
+    mxq_input_stats_free(s);
+    return status;
+}
+
+void mxq_input_stats_free(mxq_input_stats *s)
+{
+    free(s->hessian);
+    free(s->abs_max);
+    free(s->abs_sum);
+    memset(s, 0, sizeof(*s));
+}
+
+mxq_status mxq_input_stats_add(mxq_ctx *ctx, mxq_input_stats *s, const float *x, size_t tokens)
+{
+    mxq_status status = MXQ_OK;
+    const size_t f = (size_t)s->features;
+    /* Converted a chunk at a time so the double copy stays small. */
+    const size_t chunk = tokens < 1024 ? tokens : 1024;
+    double *xd = malloc(chunk * f * sizeof(double) + 1);
+    CHECK_ALLOC(ctx, xd, chunk * f * sizeof(double), "the Hessian accumulation buffer");
+    for (size_t t0 = 0; t0 < tokens; t0 += chunk) {
+        size_t n = tokens - t0 < chunk ? tokens - t0 : chunk;
+        for (size_t t = 0; t < n; t++) {
+            const float *row = x + (t0 + t) * f;
+            double *drow = xd + t * f;
+            for (size_t j = 0; j < f; j++) {
+                double v = row[j], a = fabs(v);
+                drow[j] = v;
+                s->abs_sum[j] += a;
+                if (a > s->abs_max[j] || isnan(a))
+                    s->abs_max[j] = a;
+            }
+        }
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)f, (int)n, 1.0, xd, (int)f, 1.0, s->hessian, (int)f);
+    }
+    s->n_tokens += (double)tokens;
+fail:
+    free(xd);
+    return status;
+}
+
+void mxq_input_stats_finish(mxq_input_stats *s)
+{
+    const size_t f = (size_t)s->features;
+    for (size_t i = 0; i < f; i++)
+        for (size_t j = i + 1; j < f; j++)
+            s->hessian[j * f + i] = s->hessian[i * f + j];
+}
+
+void mxq_input_stats_rescale(mxq_input_stats *s, const double *scales)
+{
+    const size_t f = (size_t)s->features;
+    for (size_t i = 0; i < f; i++) {
+        for (size_t j = 0; j < f; j++)
+            s->hessian[i * f + j] /= scales[i] * scales[j];
+        s->abs_max[i] /= scales[i];
+        s->abs_sum[i] /= scales[i];
+    }
+}
+
+mxq_status mxq_layer_stats_init(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_layer_stats *stats)
+{
+    mxq_status status = MXQ_OK;
+    memset(stats, 0, sizeof(*stats));
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
+        CALL(ctx, mxq_input_stats_init(ctx, mxq_input_features(cfg, (mxq_input_id)i), &stats->input[i]));
+    return MXQ_OK;
+fail:
+    mxq_layer_stats_free(stats);
+    return status;
+}
+
+void mxq_layer_stats_free(mxq_layer_stats *stats)
+{
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
+        mxq_input_stats_free(&stats->input[i]);
+}
+
+size_t mxq_layer_stats_bytes(const mxq_model_config *cfg)
+{
+    size_t total = 0;
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
+        size_t f = (size_t)mxq_input_features(cfg, (mxq_input_id)i);
+        total += (f * f + 2 * f) * sizeof(double);
+    }
+    return total;
+}

@@ -1,0 +1,28 @@
+/* Internal: the rank-to-rank micro-batch pipeline shared by evaluation and
+ * calibration. */
+#ifndef MXQ_PIPELINE_H
+#define MXQ_PIPELINE_H
+
+#include "mxq/dist.h"
+
+enum { MXQ_TAG_DATA = 1, MXQ_TAG_ABORT = 2 };
+
+typedef mxq_status (*mxq_stage_fn)(mxq_ctx *ctx, void *user, int mb, int first_seq, int n_seqs, float *buf);
+
+typedef struct {
+    const mxq_dist *dist;
+    int n_seqs, seq_len, hidden;
+    int batch;   /* sequences per micro-batch */
+    int n_micro;
+    const char *label; /* for progress lines: "eval", "calibration" */
+    mxq_stage_fn stage;
+    void *user;
+    float *buf[2]; /* [batch * seq_len * hidden] each, allocated by the caller */
+} mxq_pipeline;
+
+int mxq_pipeline_micro_seqs(const mxq_pipeline *p, int mb);
+/* Collective over p->dist (every rank must call it once buffers exist on all
+ * ranks). The caller agrees on the returned status. */
+mxq_status mxq_pipeline_run(mxq_ctx *ctx, mxq_pipeline *p);
+
+#endif
