@@ -10,6 +10,7 @@
 #include "mxq/dist.h"
 #include "mxq/eval.h"
 #include "mxq/model.h"
+#include "mxq/quantize.h"
 #include "mxq/mx.h"
 #include "mxq/recipe.h"
 #include "mxq/safetensors.h"

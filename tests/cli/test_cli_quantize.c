@@ -1,0 +1,375 @@
+/* `mxq quantize` end to end on the bundled model: the checkpoint is the same
+ * bytes for 1, 2 and 3 ranks; reloading it gives exactly the perplexity of
+ * the same recipe applied in memory; the Table-1 orderings hold (W8A8 RTN
+ * within 1% of FP; GPTQ and AWQ+GPTQ below RTN at W4A8 and W3A8); GPTQ's
+ * loss is below round-to-nearest's on every linear; and bad input fails
+ * clearly, without hanging and without leaving a checkpoint that looks
+ * complete. */
+#include <jansson.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "mxq/mxq.h"
+#include "testutil.h"
+
+#define HANG_LIMIT "300"
+/* eval sequences for the perplexity comparisons: enough to order the
+ * methods (they differ by 5-400%), few enough to keep the suite fast */
+#define EVAL_LIMIT "256"
+
+static tu_run_result run_mpi(int ranks, const char *verb, const char *first, ...)
+{
+    const char *bin = getenv("MXQ_BIN");
+    assert_non_null(bin);
+    char n[16];
+    snprintf(n, sizeof(n), "%d", ranks);
+    const char *prefix[] = {"timeout", HANG_LIMIT, "mpirun", "-n", n, "--oversubscribe", bin, verb, first};
+    tu_run_result r;
+    va_list ap;
+    va_start(ap, first);
+    tu_run_prefixed(prefix, sizeof(prefix) / sizeof(prefix[0]), ap, &r);
+    va_end(ap);
+    if (r.exit_code == 124)
+        fail_msg("mxq %s on %d ranks did not finish within %s s (hang); stderr: %s", verb, ranks, HANG_LIMIT, r.err);
+    return r;
+}
+
+static const char *recipe(const char *name)
+{
+    char rel[256];
+    snprintf(rel, sizeof(rel), "../configs/recipes/block32/%s.yaml", name);
+    return tu_data_path(rel);
+}
+
+static const char *scratch(const char *name)
+{
+    char *p = malloc(512);
+    snprintf(p, 512, "%s/%s", tu_scratch_dir(), name);
+    return p;
+}
+
+static int exists(const char *dir, const char *name)
+{
+    char p[1024];
+    snprintf(p, sizeof(p), "%s/%s", dir, name);
+    return access(p, F_OK) == 0;
+}
+
+static void quantize_ok(int ranks, const char *recipe_name, const char *out)
+{
+    tu_run_result r = run_mpi(ranks, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", recipe(recipe_name), "--out", out,
+                              "--force", "--quiet", NULL);
+    if (r.exit_code != 0)
+        fail_msg("mxq quantize %s on %d ranks failed: %s", recipe_name, ranks, r.err);
+    assert_true(exists(out, "model.safetensors.index.json"));
+    assert_true(exists(out, "config.json"));
+    assert_true(exists(out, "mxq_report.json"));
+}
+
+/* perplexity line of mxq eval: returns mean_nll, and the text in `line` */
+static double eval_nll(const char *model, const char *recipe_name, char *line, size_t line_size)
+{
+    tu_run_result r = recipe_name
+                          ? run_mpi(2, "eval", "--model", model, "--tokens", tu_data_path("stories260K/eval.h5"),
+                                    "--limit", EVAL_LIMIT, "--recipe", recipe(recipe_name), "--calib",
+                                    tu_data_path("stories260K/calib.h5"), "--quiet", NULL)
+                          : run_mpi(2, "eval", "--model", model, "--tokens", tu_data_path("stories260K/eval.h5"),
+                                    "--limit", EVAL_LIMIT, "--quiet", NULL);
+    if (r.exit_code != 0)
+        fail_msg("mxq eval of %s (%s) failed: %s", model, recipe_name ? recipe_name : "as stored", r.err);
+    const char *p = strstr(r.out, "mean_nll ");
+    assert_non_null(p);
+    if (line) {
+        /* perplexity and mean_nll, without the timing that follows */
+        const char *end = strstr(p, "tokens_scored");
+        snprintf(line, line_size, "%.*s", (int)(end ? end - r.out : (long)strlen(r.out)), r.out);
+    }
+    return strtod(p + 9, NULL);
+}
+
+/* Every tensor of checkpoint a equals (name, dtype, shape, bytes) one of b. */
+static void assert_same_tensors(const char *a, const char *b)
+{
+    mxq_ctx *ctx;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    mxq_checkpoint *ca, *cb;
+    assert_int_equal(mxq_checkpoint_open(ctx, a, &ca), MXQ_OK);
+    assert_int_equal(mxq_checkpoint_open(ctx, b, &cb), MXQ_OK);
+    const char **na, **nb;
+    size_t count_a, count_b;
+    assert_int_equal(mxq_checkpoint_names(ctx, ca, &na, &count_a), MXQ_OK);
+    assert_int_equal(mxq_checkpoint_names(ctx, cb, &nb, &count_b), MXQ_OK);
+    assert_int_equal(count_a, count_b);
+    size_t packed = 0;
+    for (size_t i = 0; i < count_a; i++) {
+        const mxq_tensor_view *ta, *tb;
+        assert_int_equal(mxq_checkpoint_get(ctx, ca, na[i], &ta), MXQ_OK);
+        if (mxq_checkpoint_get(ctx, cb, na[i], &tb) != MXQ_OK)
+            fail_msg("tensor %s of %s is missing from %s", na[i], a, b);
+        assert_int_equal(ta->dtype, tb->dtype);
+        assert_int_equal(ta->rank, tb->rank);
+        for (int d = 0; d < ta->rank; d++)
+            assert_int_equal(ta->shape[d], tb->shape[d]);
+        assert_int_equal(ta->nbytes, tb->nbytes);
+        if (memcmp(ta->data, tb->data, ta->nbytes) != 0)
+            fail_msg("tensor %s differs between %s and %s", na[i], a, b);
+        packed += strstr(na[i], "weight_packed") != NULL;
+    }
+    assert_int_equal(packed, 5 * 7); /* every linear of the 5 layers is quantized */
+    free(na);
+    free(nb);
+    mxq_checkpoint_close(ca);
+    mxq_checkpoint_close(cb);
+    mxq_ctx_destroy(ctx);
+}
+
+static void test_same_bytes_any_rank_count(void **state)
+{
+    (void)state;
+    const char *out[3] = {scratch("q-n1"), scratch("q-n2"), scratch("q-n3")};
+    for (int n = 1; n <= 3; n++)
+        quantize_ok(n, "w4a8-mxint-awq-gptq", out[n - 1]);
+    assert_true(exists(out[2], "model-00003-of-00003.safetensors"));
+    assert_same_tensors(out[0], out[1]);
+    assert_same_tensors(out[0], out[2]);
+    print_message("# AWQ+GPTQ W4A8: every tensor identical for 1, 2 and 3 ranks\n");
+}
+
+static void test_reload_equals_fake_quant(void **state)
+{
+    (void)state;
+    const char *names[] = {"w4a8-mxint-awq-gptq", "w4a8-mxint-sq-gptq", "w3a8-mxint-awq", "w4a8-mxfp4-gptq"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        const char *out = scratch(names[i]);
+        quantize_ok(2, names[i], out);
+        char stored[256], memory[256];
+        double a = eval_nll(out, NULL, stored, sizeof(stored));
+        double b = eval_nll(tu_data_path("stories260K"), names[i], memory, sizeof(memory));
+        print_message("# %s: reloaded \"%s\" vs in memory \"%s\"\n", names[i], stored, memory);
+        assert_true(a == b);
+        assert_string_equal(stored, memory);
+    }
+}
+
+static void test_table1_orderings(void **state)
+{
+    (void)state;
+    const char *model = tu_data_path("stories260K");
+    double fp = exp(eval_nll(model, NULL, NULL, 0));
+    double w8 = exp(eval_nll(model, "w8a8-mxint-rtn", NULL, 0));
+    print_message("# FP %.4f, W8A8 MXINT RTN %.4f (%+.3f%%)\n", fp, w8, 100 * (w8 - fp) / fp);
+    assert_true(fabs(w8 - fp) <= 0.01 * fp);
+    const char *bits[] = {"w4a8", "w3a8"};
+    for (int b = 0; b < 2; b++) {
+        char name[64];
+        snprintf(name, sizeof(name), "%s-mxint-rtn", bits[b]);
+        double rtn = exp(eval_nll(model, name, NULL, 0));
+        snprintf(name, sizeof(name), "%s-mxint-gptq", bits[b]);
+        double gptq = exp(eval_nll(model, name, NULL, 0));
+        snprintf(name, sizeof(name), "%s-mxint-awq-gptq", bits[b]);
+        double awq_gptq = exp(eval_nll(model, name, NULL, 0));
+        print_message("# %s MXINT: RTN %.4f  GPTQ %.4f  AWQ+GPTQ %.4f\n", bits[b], rtn, gptq, awq_gptq);
+        assert_true(gptq < rtn);
+        assert_true(awq_gptq < rtn);
+    }
+}
+
+/* The report of a GPTQ run: loss < loss_rtn for every linear of every layer. */
+static void test_gptq_loss_below_rtn_every_linear(void **state)
+{
+    (void)state;
+    const char *names[] = {"w4a8-mxint-gptq", "w3a8-mxint-gptq", "w4a8-mxfp4-gptq"};
+    for (size_t i = 0; i < 3; i++) {
+        const char *out = scratch(names[i]);
+        quantize_ok(1, names[i], out);
+        char path[1024];
+        snprintf(path, sizeof(path), "%s/mxq_report.json", out);
+        json_error_t err;
+        json_t *report = json_load_file(path, 0, &err);
+        assert_non_null(report);
+        json_t *layers = json_object_get(report, "layers");
+        assert_int_equal(json_array_size(layers), 5);
+        size_t checked = 0;
+        double worst = 0;
+        for (size_t l = 0; l < 5; l++) {
+            json_t *lins = json_object_get(json_array_get(layers, l), "linears");
+            const char *key;
+            json_t *v;
+            json_object_foreach(lins, key, v)
+            {
+                double rtn = json_real_value(json_object_get(v, "loss_rtn"));
+                double loss = json_real_value(json_object_get(v, "loss"));
+                if (!(loss < rtn))
+                    fail_msg("%s layer %zu %s: GPTQ loss %g is not below RTN %g", names[i], l, key, loss, rtn);
+                worst = loss / rtn > worst ? loss / rtn : worst;
+                checked++;
+            }
+        }
+        assert_int_equal(checked, 35);
+        print_message("# %s: GPTQ below RTN on all 35 linears (worst ratio %.3f)\n", names[i], worst);
+        json_decref(report);
+    }
+}
+
+static void test_sequential_mode(void **state)
+{
+    (void)state;
+    /* a sequential variant of a shipped recipe */
+    char *text = tu_read_file(recipe("w3a8-mxint-gptq"), NULL);
+    char *p = strstr(text, "mode: fp");
+    assert_non_null(p);
+    char seq[4096];
+    snprintf(seq, sizeof(seq), "%.*smode: sequential%s", (int)(p - text), text, p + strlen("mode: fp"));
+    const char *path = scratch("seq.yaml");
+    tu_write_file(path, seq, strlen(seq));
+    free(text);
+    const char *out[2] = {scratch("seq-n1"), scratch("seq-n3")};
+    for (int i = 0; i < 2; i++) {
+        tu_run_result r = run_mpi(i ? 3 : 1, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                                  tu_data_path("stories260K/calib.h5"), "--recipe", path, "--out", out[i], "--force",
+                                  "--quiet", NULL);
+        if (r.exit_code != 0)
+            fail_msg("sequential quantize failed: %s", r.err);
+    }
+    assert_same_tensors(out[0], out[1]);
+    double seq_nll = eval_nll(out[0], NULL, NULL, 0);
+    double rtn_nll = eval_nll(tu_data_path("stories260K"), "w3a8-mxint-rtn", NULL, 0);
+    print_message("# W3A8 GPTQ sequential: ppl %.4f (RTN %.4f); same bytes on 1 and 3 ranks\n", exp(seq_nll),
+                  exp(rtn_nll));
+    assert_true(seq_nll < rtn_nll);
+}
+
+static void test_dry_run(void **state)
+{
+    (void)state;
+    const char *out = scratch("dry");
+    tu_run_result r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-awq-gptq"), "--out",
+                              out, "--dry-run", NULL);
+    if (r.exit_code != 0)
+        fail_msg("dry run failed: %s", r.err);
+    print_message("# %s", r.out);
+    assert_non_null(strstr(r.out, "[0, "));
+    assert_non_null(strstr(r.out, "total MB"));
+    assert_false(access(out, F_OK) == 0);
+}
+
+/* A failed run: non-zero exit, one clear message, no index in the output. */
+static void expect_failure(const char *what, const char *recipe_path, const char *calib, const char *out,
+                           const char *expect, int force)
+{
+    tu_run_result r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib", calib, "--recipe",
+                              recipe_path, "--out", out, force ? "--force" : "--quiet", NULL);
+    print_message("# %s: exit %d: %s", what, r.exit_code, r.err);
+    assert_int_not_equal(r.exit_code, 0);
+    if (!strstr(r.err, expect))
+        fail_msg("%s: expected '%s' in: %s", what, expect, r.err);
+    assert_false(exists(out, "model.safetensors.index.json"));
+    assert_false(exists(out, "model-00001-of-00002.safetensors"));
+}
+
+static const char *write_recipe(const char *name, const char *text)
+{
+    const char *path = scratch(name);
+    tu_write_file(path, text, strlen(text));
+    return path;
+}
+
+static void test_errors_bad_recipes(void **state)
+{
+    (void)state;
+    const char *calib = tu_data_path("stories260K/calib.h5");
+    expect_failure("unknown key",
+                   write_recipe("bad-key.yaml", "weights: {format: mxint4, block: 32}\nalgorithms:\n"
+                                                "  - gptq: {block: 128, dampening: 0.01}\n"),
+                   calib, scratch("bad-key-out"), ":3:", 0);
+    expect_failure("unknown format", write_recipe("bad-format.yaml", "weights: {format: mxint5, block: 32}\n"), calib,
+                   scratch("bad-format-out"), "mxint5", 0);
+    expect_failure("unknown algorithm",
+                   write_recipe("bad-algo.yaml", "weights: {format: mxint4, block: 32}\nalgorithms:\n  - spqr: {}\n"),
+                   calib, scratch("bad-algo-out"), "spqr", 0);
+    assert_false(access(scratch("bad-key-out"), F_OK) == 0);
+}
+
+static void test_error_output_not_empty(void **state)
+{
+    (void)state;
+    const char *out = scratch("not-empty");
+    mkdir(out, 0777);
+    char keep[1024];
+    snprintf(keep, sizeof(keep), "%s/notes.txt", out);
+    tu_write_file(keep, "mine\n", 5);
+    expect_failure("non-empty output", recipe("w4a8-mxint-rtn"), tu_data_path("stories260K/calib.h5"), out,
+                   "--force", 0);
+    size_t size;
+    char *kept = tu_read_file(keep, &size);
+    assert_string_equal(kept, "mine\n");
+    free(kept);
+    /* --force replaces mxq's files and leaves the user's alone */
+    quantize_ok(2, "w4a8-mxint-rtn", out);
+    assert_true(access(keep, F_OK) == 0);
+}
+
+static const char *write_tokens(const char *name, int n, int len)
+{
+    const char *path = scratch(name);
+    int32_t *ids = malloc((size_t)n * len * sizeof(int32_t));
+    for (int i = 0; i < n * len; i++)
+        ids[i] = 1 + i % 400;
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    hsize_t dims[2] = {(hsize_t)n, (hsize_t)len};
+    hid_t space = H5Screate_simple(2, dims, NULL);
+    hid_t d = H5Dcreate2(f, "/tokens", H5T_STD_I32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Dwrite(d, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, ids);
+    H5Dclose(d);
+    H5Sclose(space);
+    H5Fclose(f);
+    free(ids);
+    return path;
+}
+
+static void test_error_calibration_data(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    mxq_model_config cfg;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    assert_int_equal(mxq_config_load(ctx, tu_data_path("stories260K"), &cfg), MXQ_OK);
+    mxq_ctx_destroy(ctx);
+    const char *long_tokens = write_tokens("long.h5", 4, cfg.max_positions + 1);
+    char samples[64];
+    snprintf(samples, sizeof(samples), "samples: 4");
+    const char *small = write_recipe("four.yaml", "weights: {format: mxint4, block: 32}\ncalibration: {samples: 4}\n");
+    expect_failure("calibration longer than the context", small, long_tokens, scratch("long-out"),
+                   "max_position_embeddings", 0);
+    expect_failure("fewer calibration samples than asked",
+                   write_recipe("many.yaml", "weights: {format: mxint4, block: 32}\ncalibration: {samples: 1000}\n"),
+                   tu_data_path("stories260K/calib.h5"), scratch("many-out"), "samples = 1000", 0);
+}
+
+int main(void)
+{
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_same_bytes_any_rank_count),
+        cmocka_unit_test(test_reload_equals_fake_quant),
+        cmocka_unit_test(test_table1_orderings),
+        cmocka_unit_test(test_gptq_loss_below_rtn_every_linear),
+        cmocka_unit_test(test_sequential_mode),
+        cmocka_unit_test(test_dry_run),
+        cmocka_unit_test(test_errors_bad_recipes),
+        cmocka_unit_test(test_error_output_not_empty),
+        cmocka_unit_test(test_error_calibration_data),
+    };
+    return cmocka_run_group_tests_name("cli_quantize", tests, NULL, NULL);
+}
