@@ -11,7 +11,9 @@
 
 #include "mxq/core.h"
 #include "mxq/model.h"
+#include "mxq/dist.h"
 #include "mxq/recipe.h"
+#include "mxq/tokens.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -132,6 +134,12 @@ typedef struct {
     int force;       /* overwrite a non-empty output directory */
     int dry_run;     /* print the plan only */
 } mxq_quantize_options;
+
+/* Read the first calibration.samples sequences of calib_path and check them
+ * against the recipe and the model (enough sequences, not longer than the
+ * context). Collective over dist; errors are agreed. */
+mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const mxq_dist *dist, const char *calib_path, const mxq_recipe *recipe,
+                                  const char *recipe_path, const mxq_model_config *cfg, mxq_tokens *tokens);
 
 /* Calibrate and quantize the layers of `model` (this rank's part) in memory.
  * Collective over `comm`. results[i] for local layer i. */

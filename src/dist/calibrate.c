@@ -249,6 +249,34 @@ fail:
     return status;
 }
 
+mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const mxq_dist *dist, const char *calib_path,
+                                  const mxq_recipe *recipe, const char *recipe_path, const mxq_model_config *cfg,
+                                  mxq_tokens *tokens)
+{
+    mxq_status status = MXQ_OK;
+    CHECK(ctx, calib_path != NULL, MXQ_ERR_ARG, "a calibration token file is needed to apply a recipe");
+    CALL(ctx, mxq_dist_agree(ctx, dist, mxq_tokens_read(ctx, dist, calib_path, recipe->calib_samples, cfg->vocab, tokens)));
+    mxq_status local = MXQ_OK;
+    if (tokens->total_seqs < recipe->calib_samples) {
+        mxq_error_set(ctx, MXQ_ERR_ARG, __FILE__, __LINE__,
+                      "calibration file '%s' has %d sequences, but the recipe%s%s asks for calibration.samples = %d",
+                      calib_path, tokens->total_seqs, recipe_path ? " " : "", recipe_path ? recipe_path : "",
+                      recipe->calib_samples);
+        local = MXQ_ERR_ARG;
+    } else if (tokens->seq_len > cfg->max_positions) {
+        mxq_error_set(ctx, MXQ_ERR_FORMAT, __FILE__, __LINE__,
+                      "calibration file '%s' has sequences of %d tokens, longer than the model's context of %d "
+                      "(max_position_embeddings)",
+                      calib_path, tokens->seq_len, cfg->max_positions);
+        local = MXQ_ERR_FORMAT;
+    }
+    CALL(ctx, mxq_dist_agree(ctx, dist, local));
+    return MXQ_OK;
+fail:
+    mxq_tokens_free(tokens);
+    return status;
+}
+
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, MPI_Comm comm, mxq_model *model, const char *calib_path,
                                         const mxq_recipe *recipe, const char *recipe_path, int batch,
                                         mxq_layer_result *results)
@@ -257,24 +285,7 @@ mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, MPI_Comm comm, mxq_model *
     mxq_dist dist = {.comm = MPI_COMM_NULL};
     mxq_tokens tokens = {0};
     CALL(ctx, mxq_dist_create(ctx, comm, &dist));
-    CHECK(ctx, calib_path != NULL, MXQ_ERR_ARG, "a calibration token file is needed to apply a recipe");
-    CALL(ctx, mxq_dist_agree(ctx, &dist,
-                             mxq_tokens_read(ctx, &dist, calib_path, recipe->calib_samples, model->cfg.vocab, &tokens)));
-    mxq_status local = MXQ_OK;
-    if (tokens.total_seqs < recipe->calib_samples) {
-        mxq_error_set(ctx, MXQ_ERR_ARG, __FILE__, __LINE__,
-                      "calibration file '%s' has %d sequences, but the recipe%s%s asks for calibration.samples = %d",
-                      calib_path, tokens.total_seqs, recipe_path ? " " : "", recipe_path ? recipe_path : "",
-                      recipe->calib_samples);
-        local = MXQ_ERR_ARG;
-    } else if (tokens.seq_len > model->cfg.max_positions) {
-        mxq_error_set(ctx, MXQ_ERR_FORMAT, __FILE__, __LINE__,
-                      "calibration file '%s' has sequences of %d tokens, longer than the model's context of %d "
-                      "(max_position_embeddings)",
-                      calib_path, tokens.seq_len, model->cfg.max_positions);
-        local = MXQ_ERR_FORMAT;
-    }
-    CALL(ctx, mxq_dist_agree(ctx, &dist, local));
+    CALL(ctx, mxq_calibration_tokens(ctx, &dist, calib_path, recipe, recipe_path, &model->cfg, &tokens));
     if (batch <= 0)
         batch = 8;
     if (batch > tokens.n_seqs)

@@ -405,19 +405,17 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
     CHECK_ALLOC(ctx, first, (size_t)(size + 1) * sizeof(int), "the layer partition");
     CALL(ctx, mxq_dist_agree(ctx, &dist, mxq_partition_layers(ctx, &cfg, size, first)));
 
-    if (options->dry_run) {
+    /* Calibration data is checked before anything is written. */
+    {
         mxq_tokens tokens = {0};
-        local = mxq_tokens_read(ctx, &dist, calib_path, recipe.calib_samples, cfg.vocab, &tokens);
-        CALL(ctx, mxq_dist_agree(ctx, &dist, local));
-        if (rank == 0) {
-            print_plan(ctx, &cfg, &recipe, first, size, batch < tokens.n_seqs ? batch : tokens.n_seqs, tokens.seq_len,
-                       tokens.n_seqs);
-            if (tokens.total_seqs < recipe.calib_samples)
-                printf("warning: '%s' has only %d sequences; the recipe asks for %d (the run would fail)\n",
-                       calib_path, tokens.total_seqs, recipe.calib_samples);
-        }
+        CALL(ctx, mxq_calibration_tokens(ctx, &dist, calib_path, &recipe, recipe_path, &cfg, &tokens));
+        int seqs = tokens.n_seqs, seq_len = tokens.seq_len;
         mxq_tokens_free(&tokens);
-        goto fail; /* status OK: nothing else to do */
+        if (options->dry_run) {
+            if (rank == 0)
+                print_plan(ctx, &cfg, &recipe, first, size, batch < seqs ? batch : seqs, seq_len, seqs);
+            goto fail; /* status OK: nothing else to do */
+        }
     }
 
     /* Only rank 0 touches the directory; everyone learns the outcome. */
@@ -464,7 +462,7 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
 
     /* ---- names and per-layer figures to rank 0 ---- */
     {
-        size_t len = 64;
+        size_t len = strlen(shard_name) + 32;
         for (size_t i = 0; i < shard.n; i++)
             len += strlen(shard.names[i]) + 1;
         names_text = malloc(len);

@@ -1,0 +1,330 @@
+/* Calibration statistics, SmoothQuant, AWQ and the MX packing of GPTQ output,
+ * against independent computations written here: explicit sums over tokens
+ * instead of Hessians, the published formulas, brute-force searches. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "mxq/mxq.h"
+#include "testutil.h"
+
+/* Activations with uneven channel scales and a few outlier channels, as
+ * LLM activations have. */
+static float *make_x(tu_rng *rng, size_t tokens, size_t f)
+{
+    float *x = malloc(tokens * f * sizeof(float));
+    for (size_t t = 0; t < tokens; t++)
+        for (size_t j = 0; j < f; j++)
+            x[t * f + j] = (float)(tu_rng_normal(rng) * (j % 11 == 3 ? 20.0 : 0.5 + (double)(j % 5)));
+    return x;
+}
+
+static float *make_w(tu_rng *rng, size_t out, size_t in)
+{
+    float *w = malloc(out * in * sizeof(float));
+    for (size_t i = 0; i < out * in; i++)
+        w[i] = (float)(0.05 * tu_rng_normal(rng));
+    return w;
+}
+
+static mxq_input_stats stats_of(mxq_ctx *ctx, const float *x, size_t tokens, size_t f)
+{
+    mxq_input_stats s;
+    assert_int_equal(mxq_input_stats_init(ctx, (int)f, &s), MXQ_OK);
+    /* in two uneven pieces, as micro-batches arrive */
+    assert_int_equal(mxq_input_stats_add(ctx, &s, x, tokens / 3), MXQ_OK);
+    assert_int_equal(mxq_input_stats_add(ctx, &s, x + tokens / 3 * f, tokens - tokens / 3), MXQ_OK);
+    mxq_input_stats_finish(&s);
+    return s;
+}
+
+/* sum over tokens of ||(A - B) x_t||^2, by explicit products */
+static double output_error(const float *a, const float *b, size_t out, size_t in, const float *x, size_t tokens)
+{
+    double total = 0;
+    for (size_t t = 0; t < tokens; t++)
+        for (size_t r = 0; r < out; r++) {
+            double y = 0;
+            for (size_t j = 0; j < in; j++)
+                y += ((double)a[r * in + j] - (double)b[r * in + j]) * (double)x[t * in + j];
+            total += y * y;
+        }
+    return total;
+}
+
+static void test_stats_match_explicit_sums(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    tu_rng rng = {42};
+    const size_t tokens = 2600, f = 24; /* crosses the 1024-token conversion chunk */
+    float *x = make_x(&rng, tokens, f);
+    mxq_input_stats s = stats_of(ctx, x, tokens, f);
+    assert_true(s.n_tokens == (double)tokens);
+    double worst = 0;
+    for (size_t i = 0; i < f; i++) {
+        double amax = 0, asum = 0;
+        for (size_t t = 0; t < tokens; t++) {
+            amax = fmax(amax, fabs((double)x[t * f + i]));
+            asum += fabs((double)x[t * f + i]);
+        }
+        assert_true(amax == s.abs_max[i]);
+        assert_true(fabs(asum - s.abs_sum[i]) <= 1e-12 * asum);
+        for (size_t j = 0; j < f; j++) {
+            double h = 0;
+            for (size_t t = 0; t < tokens; t++)
+                h += (double)x[t * f + i] * (double)x[t * f + j];
+            double scale = sqrt(s.hessian[i * f + i] * s.hessian[j * f + j]);
+            worst = fmax(worst, fabs(h - s.hessian[i * f + j]) / scale);
+            assert_true(s.hessian[i * f + j] == s.hessian[j * f + i]);
+        }
+    }
+    print_message("# H = X^T X over %zu tokens: max |diff| / sqrt(H_ii H_jj) = %.2g\n", tokens, worst);
+    assert_true(worst < 1e-13);
+    mxq_input_stats_free(&s);
+    free(x);
+    mxq_ctx_destroy(ctx);
+}
+
+static void test_smoothquant_formula(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    tu_rng rng = {7};
+    const int in = 40, out_a = 16, out_b = 24;
+    float *wa = make_w(&rng, out_a, in), *wb = make_w(&rng, out_b, in);
+    wb[3 * in + 5] = 2.0f; /* the max over both linears comes from b */
+    double xmax[40], s[40];
+    for (int j = 0; j < in; j++)
+        xmax[j] = j == 0 ? 0.0 : 0.1 * (j + 1);
+    mxq_linear_group g = {2, {wa, wb}, {out_a, out_b}, in};
+    assert_int_equal(mxq_smoothquant_scales(ctx, &g, xmax, 0.5, s), MXQ_OK);
+    for (int j = 0; j < in; j++) {
+        double wmax = 0;
+        for (int r = 0; r < out_a; r++)
+            wmax = fmax(wmax, fabs(wa[r * in + j]));
+        for (int r = 0; r < out_b; r++)
+            wmax = fmax(wmax, fabs(wb[r * in + j]));
+        double expect = sqrt(fmax(xmax[j], 1e-5)) / sqrt(fmax(wmax, 1e-5));
+        assert_true(fabs(s[j] - expect) <= 1e-14 * expect);
+    }
+    free(wa);
+    free(wb);
+    mxq_ctx_destroy(ctx);
+}
+
+/* The AWQ grid search picks the alpha a brute force over explicit outputs
+ * picks, with the same loss. */
+static void test_awq_search_matches_brute_force(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    tu_rng rng = {99};
+    const size_t tokens = 400, in = 64, out = 48;
+    float *x = make_x(&rng, tokens, in), *w = make_w(&rng, out, in);
+    mxq_input_stats st = stats_of(ctx, x, tokens, in);
+    mxq_mx_spec spec = {mxq_format_get(MXQ_MXINT4), 32, MXQ_ROUND_EVEN, MXQ_KERNEL_AUTO};
+    double mean[64], s[64], alpha, loss;
+    for (size_t j = 0; j < in; j++)
+        mean[j] = st.abs_sum[j] / st.n_tokens;
+    mxq_linear_group g = {1, {w}, {(int)out}, (int)in};
+    assert_int_equal(mxq_awq_search(ctx, &spec, &g, st.hessian, mean, 20, s, &alpha, &loss), MXQ_OK);
+
+    float *q = malloc(out * in * sizeof(float));
+    double best = INFINITY, best_alpha = -1, rtn = 0;
+    for (int k = 0; k < 20; k++) {
+        double a = k / 20.0, ss[64], smax = 0, smin = INFINITY;
+        for (size_t j = 0; j < in; j++) {
+            ss[j] = fmax(pow(mean[j], a), 1e-4);
+            smax = fmax(smax, ss[j]);
+            smin = fmin(smin, ss[j]);
+        }
+        for (size_t j = 0; j < in; j++)
+            ss[j] /= sqrt(smax * smin);
+        for (size_t r = 0; r < out; r++)
+            for (size_t j = 0; j < in; j++)
+                q[r * in + j] = (float)((double)w[r * in + j] * ss[j]);
+        assert_int_equal(mxq_mx_quantize_rows(ctx, &spec, q, out, in, NULL, NULL, q), MXQ_OK);
+        for (size_t r = 0; r < out; r++)
+            for (size_t j = 0; j < in; j++)
+                q[r * in + j] = (float)((double)q[r * in + j] / ss[j]);
+        double e = output_error(w, q, out, in, x, tokens);
+        if (k == 0)
+            rtn = e;
+        if (e < best) {
+            best = e;
+            best_alpha = a;
+        }
+    }
+    print_message("# AWQ: alpha %.2f (brute force %.2f), loss %.6g (%.6g), RTN %.6g\n", alpha, best_alpha, loss, best,
+                  rtn);
+    assert_true(alpha == best_alpha);
+    assert_true(fabs(loss - best) <= 1e-9 * best);
+    assert_true(loss < rtn); /* the outlier channels make scaling pay */
+    free(q);
+    free(x);
+    free(w);
+    mxq_input_stats_free(&st);
+    mxq_ctx_destroy(ctx);
+}
+
+/* Clipping: every block's max shrinks by at most max_shrink, and the
+ * per-block loss never grows (no clip is a candidate). */
+static void test_awq_clip_properties(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    tu_rng rng = {5};
+    const size_t tokens = 300, in = 80, out = 12; /* 80 = two blocks of 32 and a partial one */
+    float *x = make_x(&rng, tokens, in), *w = make_w(&rng, out, in);
+    for (size_t i = 0; i < out * in; i += 37)
+        w[i] *= 8.0f; /* outliers worth clipping */
+    mxq_input_stats st = stats_of(ctx, x, tokens, in);
+    mxq_mx_spec spec = {mxq_format_get(MXQ_MXINT3), 32, MXQ_ROUND_EVEN, MXQ_KERNEL_AUTO};
+    float *c = malloc(out * in * sizeof(float)), *q0 = malloc(out * in * sizeof(float)),
+          *q1 = malloc(out * in * sizeof(float));
+    memcpy(c, w, out * in * sizeof(float));
+    assert_int_equal(mxq_awq_clip(ctx, &spec, c, (int)out, (int)in, st.hessian, 20, 0.5), MXQ_OK);
+    assert_int_equal(mxq_mx_quantize_rows(ctx, &spec, w, out, in, NULL, NULL, q0), MXQ_OK);
+    assert_int_equal(mxq_mx_quantize_rows(ctx, &spec, c, out, in, NULL, NULL, q1), MXQ_OK);
+    int clipped = 0;
+    for (size_t r = 0; r < out; r++)
+        for (size_t b0 = 0; b0 < in; b0 += 32) {
+            size_t n = in - b0 < 32 ? in - b0 : 32;
+            float m0 = 0, m1 = 0;
+            for (size_t j = 0; j < n; j++) {
+                m0 = fmaxf(m0, fabsf(w[r * in + b0 + j]));
+                m1 = fmaxf(m1, fabsf(c[r * in + b0 + j]));
+            }
+            assert_true(m1 <= m0 && m1 >= 0.5f * m0 * (1 - 1e-6f));
+            clipped += m1 < m0;
+            /* block loss with the explicit inputs of this block only */
+            double e0 = 0, e1 = 0;
+            for (size_t t = 0; t < tokens; t++) {
+                double y0 = 0, y1 = 0;
+                for (size_t j = b0; j < b0 + n; j++) {
+                    y0 += ((double)w[r * in + j] - q0[r * in + j]) * x[t * in + j];
+                    y1 += ((double)w[r * in + j] - q1[r * in + j]) * x[t * in + j];
+                }
+                e0 += y0 * y0;
+                e1 += y1 * y1;
+            }
+            assert_true(e1 <= e0 * (1 + 1e-9));
+        }
+    print_message("# clip: %d of %zu blocks clipped\n", clipped, out * 3);
+    assert_true(clipped > 0);
+    free(c);
+    free(q0);
+    free(q1);
+    free(x);
+    free(w);
+    mxq_input_stats_free(&st);
+    mxq_ctx_destroy(ctx);
+}
+
+/* Packing weights that are on the grid of given scales reproduces exactly
+ * what round-to-nearest packs; an off-grid weight is refused. */
+static void test_pack_with_scales(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    tu_rng rng = {11};
+    const size_t rows = 9, cols = 172;
+    mxq_format_id ids[] = {MXQ_MXINT8, MXQ_MXINT4, MXQ_MXINT3, MXQ_MXINT2, MXQ_MXFP8_E4M3, MXQ_MXFP6_E2M3,
+                           MXQ_MXFP4_E2M1};
+    float *w = make_w(&rng, rows, cols), *deq = malloc(rows * cols * sizeof(float));
+    for (size_t k = 0; k < sizeof(ids) / sizeof(ids[0]); k++) {
+        mxq_mx_spec spec = {mxq_format_get(ids[k]), 32, MXQ_ROUND_EVEN, MXQ_KERNEL_AUTO};
+        size_t rb = mxq_mx_packed_row_bytes(spec.format, cols), nb = mxq_mx_blocks_per_row(cols, 32);
+        uint8_t *p1 = malloc(rows * rb), *p2 = malloc(rows * rb), *sc = malloc(rows * nb);
+        assert_int_equal(mxq_mx_quantize_rows(ctx, &spec, w, rows, cols, p1, sc, deq), MXQ_OK);
+        assert_int_equal(mxq_mx_pack_with_scales(ctx, &spec, deq, rows, cols, sc, p2), MXQ_OK);
+        assert_memory_equal(p1, p2, rows * rb);
+        deq[5] = nextafterf(deq[5], 1.0f);
+        assert_int_not_equal(mxq_mx_pack_with_scales(ctx, &spec, deq, rows, cols, sc, p2), MXQ_OK);
+        mxq_error_clear(ctx);
+        free(p1);
+        free(p2);
+        free(sc);
+    }
+    free(w);
+    free(deq);
+    mxq_ctx_destroy(ctx);
+}
+
+/* quantize-linear's SmoothQuant result is RTN(W diag s) diag(1/s) with s
+ * from the formula; losses are the explicit output errors. */
+static void test_single_linear_smoothquant(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    tu_rng rng = {3};
+    const size_t tokens = 256, in = 96, out = 20;
+    float *x = make_x(&rng, tokens, in), *w = make_w(&rng, out, in);
+    mxq_input_stats st = stats_of(ctx, x, tokens, in);
+    mxq_recipe recipe;
+    assert_int_equal(mxq_recipe_parse_string(ctx,
+                                             "weights: {format: mxint4, block: 32}\n"
+                                             "algorithms:\n  - smoothquant: {alpha: 0.6}\n",
+                                             "test", &recipe),
+                     MXQ_OK);
+    float *q = malloc(out * in * sizeof(float)), *expect = malloc(out * in * sizeof(float));
+    double loss_rtn, loss;
+    assert_int_equal(mxq_quantize_single_linear(ctx, &recipe, w, (int)out, (int)in, &st, q, &loss_rtn, &loss), MXQ_OK);
+    double s[96];
+    for (size_t j = 0; j < in; j++) {
+        double wmax = 0, xmax = 0;
+        for (size_t r = 0; r < out; r++)
+            wmax = fmax(wmax, fabs(w[r * in + j]));
+        for (size_t t = 0; t < tokens; t++)
+            xmax = fmax(xmax, fabs(x[t * in + j]));
+        s[j] = pow(fmax(xmax, 1e-5), 0.6) / pow(fmax(wmax, 1e-5), 0.4);
+    }
+    for (size_t r = 0; r < out; r++)
+        for (size_t j = 0; j < in; j++)
+            expect[r * in + j] = (float)((double)w[r * in + j] * s[j]);
+    assert_int_equal(mxq_mx_quantize_rows(ctx, &recipe.weights, expect, out, in, NULL, NULL, expect), MXQ_OK);
+    for (size_t r = 0; r < out; r++)
+        for (size_t j = 0; j < in; j++)
+            expect[r * in + j] = (float)((double)expect[r * in + j] / s[j]);
+    assert_memory_equal(q, expect, out * in * sizeof(float));
+    double e = output_error(w, q, out, in, x, tokens);
+    assert_true(fabs(e - loss) <= 1e-9 * e);
+    assert_int_equal(mxq_mx_quantize_rows(ctx, &recipe.weights, w, out, in, NULL, NULL, expect), MXQ_OK);
+    double e_rtn = output_error(w, expect, out, in, x, tokens);
+    print_message("# SmoothQuant single linear: loss %.6g (explicit %.6g), RTN %.6g (explicit %.6g)\n", loss, e,
+                  loss_rtn, e_rtn);
+    assert_true(fabs(e_rtn - loss_rtn) <= 1e-9 * e_rtn);
+    mxq_recipe_free(&recipe);
+    free(q);
+    free(expect);
+    free(x);
+    free(w);
+    mxq_input_stats_free(&st);
+    mxq_ctx_destroy(ctx);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_stats_match_explicit_sums),
+        cmocka_unit_test(test_smoothquant_formula),
+        cmocka_unit_test(test_awq_search_matches_brute_force),
+        cmocka_unit_test(test_awq_clip_properties),
+        cmocka_unit_test(test_pack_with_scales),
+        cmocka_unit_test(test_single_linear_smoothquant),
+    };
+    return cmocka_run_group_tests_name("quant_algos", tests, NULL, NULL);
+}
