@@ -357,6 +357,116 @@ static void test_error_calibration_data(void **state)
                    tu_data_path("stories260K/calib.h5"), scratch("many-out"), "samples = 1000", 0);
 }
 
+static void write_linear_h5(const char *path, const float *w, size_t out, size_t in, const float *x, size_t tokens,
+                            const double *h)
+{
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    hsize_t dw[2] = {out, in}, dx[2] = {tokens, in}, dh[2] = {in, in};
+    hid_t s = H5Screate_simple(2, dw, NULL);
+    hid_t d = H5Dcreate2(f, "/W", H5T_IEEE_F32LE, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, w);
+    H5Dclose(d);
+    H5Sclose(s);
+    if (x) {
+        s = H5Screate_simple(2, dx, NULL);
+        d = H5Dcreate2(f, "/X", H5T_IEEE_F32LE, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+        H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, x);
+        H5Dclose(d);
+        H5Sclose(s);
+    }
+    if (h) {
+        s = H5Screate_simple(2, dh, NULL);
+        d = H5Dcreate2(f, "/H", H5T_IEEE_F64LE, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+        H5Dwrite(d, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, h);
+        H5Dclose(d);
+        H5Sclose(s);
+    }
+    H5Fclose(f);
+}
+
+static double read_attr(hid_t f, const char *name)
+{
+    double v = NAN;
+    hid_t a = H5Aopen(f, name, H5P_DEFAULT);
+    assert_true(a >= 0);
+    H5Aread(a, H5T_NATIVE_DOUBLE, &v);
+    H5Aclose(a);
+    return v;
+}
+
+static tu_run_result run_linear(const char *recipe_path, const char *in, const char *out)
+{
+    const char *bin = getenv("MXQ_BIN");
+    const char *argv[] = {bin, "quantize-linear", "--recipe", recipe_path, in, out, NULL};
+    tu_run_result r;
+    tu_run(argv, &r);
+    return r;
+}
+
+/* quantize-linear: losses equal the explicit output errors ||dW X||^2 over
+ * the tokens; GPTQ beats RTN with /X or with /H; SmoothQuant/AWQ need /X. */
+static void test_quantize_linear(void **state)
+{
+    (void)state;
+    tu_rng rng = {17};
+    const size_t out = 32, in = 96, tokens = 512;
+    float *w = malloc(out * in * sizeof(float)), *x = malloc(tokens * in * sizeof(float));
+    double *h = calloc(in * in, sizeof(double));
+    for (size_t i = 0; i < out * in; i++)
+        w[i] = (float)(0.05 * tu_rng_normal(&rng));
+    for (size_t t = 0; t < tokens; t++) {
+        double common = tu_rng_normal(&rng);
+        for (size_t j = 0; j < in; j++)
+            x[t * in + j] = (float)((0.7 * common + tu_rng_normal(&rng)) * (j % 7 == 2 ? 10.0 : 1.0));
+    }
+    for (size_t t = 0; t < tokens; t++)
+        for (size_t i = 0; i < in; i++)
+            for (size_t j = 0; j < in; j++)
+                h[i * in + j] += (double)x[t * in + i] * x[t * in + j];
+    const char *with_x = scratch("linear-x.h5"), *with_h = scratch("linear-h.h5");
+    write_linear_h5(with_x, w, out, in, x, tokens, NULL);
+    write_linear_h5(with_h, w, out, in, NULL, 0, h);
+    const char *gptq = write_recipe("lin-gptq.yaml", "weights: {format: mxint4, block: 32}\nalgorithms:\n"
+                                                     "  - gptq: {block: 128, microblock: 1}\n");
+    double loss[2];
+    for (int k = 0; k < 2; k++) {
+        const char *res = scratch(k ? "lin-out-h.h5" : "lin-out-x.h5");
+        tu_run_result r = run_linear(gptq, k ? with_h : with_x, res);
+        if (r.exit_code != 0)
+            fail_msg("quantize-linear failed: %s", r.err);
+        hid_t f = H5Fopen(res, H5F_ACC_RDONLY, H5P_DEFAULT);
+        int rank;
+        size_t dims[4];
+        float *q = tu_h5_read(f, "/Q", H5T_NATIVE_FLOAT, sizeof(float), &rank, dims);
+        double loss_rtn = read_attr(f, "loss_rtn");
+        loss[k] = read_attr(f, "loss");
+        H5Fclose(f);
+        assert_int_equal(dims[0], out);
+        assert_int_equal(dims[1], in);
+        double e = 0;
+        for (size_t t = 0; t < tokens; t++)
+            for (size_t i = 0; i < out; i++) {
+                double y = 0;
+                for (size_t j = 0; j < in; j++)
+                    y += ((double)w[i * in + j] - q[i * in + j]) * x[t * in + j];
+                e += y * y;
+            }
+        print_message("# quantize-linear GPTQ from /%s: loss %.6g (explicit %.6g), RTN %.6g\n", k ? "H" : "X",
+                      loss[k], e, loss_rtn);
+        assert_true(fabs(e - loss[k]) <= 1e-6 * e);
+        assert_true(loss[k] < loss_rtn);
+        free(q);
+    }
+    assert_true(fabs(loss[0] - loss[1]) <= 1e-6 * loss[0]);
+    tu_run_result r = run_linear(recipe("w4a8-mxint-awq"), with_h, scratch("lin-awq.h5"));
+    assert_int_not_equal(r.exit_code, 0);
+    assert_non_null(strstr(r.err, "/X"));
+    assert_false(access(scratch("lin-awq.h5"), F_OK) == 0);
+    free(w);
+    free(x);
+    free(h);
+}
+
 int main(void)
 {
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
@@ -370,6 +480,7 @@ int main(void)
         cmocka_unit_test(test_errors_bad_recipes),
         cmocka_unit_test(test_error_output_not_empty),
         cmocka_unit_test(test_error_calibration_data),
+        cmocka_unit_test(test_quantize_linear),
     };
     return cmocka_run_group_tests_name("cli_quantize", tests, NULL, NULL);
 }
