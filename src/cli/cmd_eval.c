@@ -70,15 +70,21 @@ static mxq_status write_json(mxq_ctx *ctx, const char *path, const char *model, 
                              "tokens_per_s", r->tokens_per_s, "load_seconds", r->load_seconds, "sequences",
                              r->sequences, "seq_len", r->seq_len, "ranks", r->ranks, "model", model, "tokens", tokens);
     CHECK_ALLOC(ctx, root, 1, "the JSON report");
-    if (opt->quant.enabled_weights || opt->quant.enabled_acts) {
+    if (opt->quant.enabled_weights || r->acts_quantized || opt->recipe) {
         json_t *q = json_object();
         if (opt->quant.enabled_weights)
             json_object_set_new(q, "weights", json_string(opt->quant.weights.format->name));
-        if (opt->quant.enabled_acts)
-            json_object_set_new(q, "activations", json_string(opt->quant.acts.format->name));
-        const mxq_mx_spec *spec = opt->quant.enabled_weights ? &opt->quant.weights : &opt->quant.acts;
-        json_object_set_new(q, "block", json_integer(spec->block));
-        json_object_set_new(q, "rounding", json_string(mxq_rounding_name(spec->rounding)));
+        if (r->acts_quantized)
+            json_object_set_new(q, "activations", json_string(r->acts.format->name));
+        const mxq_mx_spec *spec = opt->quant.enabled_weights ? &opt->quant.weights : &r->acts;
+        if (opt->quant.enabled_weights || r->acts_quantized) {
+            json_object_set_new(q, "block", json_integer(spec->block));
+            json_object_set_new(q, "rounding", json_string(mxq_rounding_name(spec->rounding)));
+        }
+        if (opt->recipe) {
+            json_object_set_new(q, "recipe", json_string(opt->recipe_path));
+            json_object_set_new(q, "calibration", json_string(opt->calib_path));
+        }
         json_object_set_new(root, "fake_quant", q);
     }
     CALL(ctx, mxq_json_write_atomic(ctx, root, path));
