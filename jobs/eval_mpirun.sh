@@ -1,21 +1,10 @@
 #!/bin/bash
-# The same job without a scheduler: mpirun on this node.
+# mxq eval without a scheduler: mpirun on this node (see jobs/mxq_mpirun.sh).
 #
 #   jobs/eval_mpirun.sh RANKS MODEL_DIR TOKENS.h5 [more mxq eval options]
-#
-# Threads per rank: OPENBLAS_NUM_THREADS (default: cores / ranks).
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: jobs/eval_mpirun.sh RANKS MODEL_DIR TOKENS.h5 [mxq eval options]" >&2
   exit 2
 fi
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-MXQ=${MXQ:-$ROOT/build/mxq}
-RANKS=$1
-CORES=$(nproc)
-export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-$(( CORES / RANKS > 0 ? CORES / RANKS : 1 ))}
-export OMPI_MCA_btl_vader_single_copy_mechanism=none
-if [ "$(id -u)" -eq 0 ]; then
-  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-fi
-mpirun -n "$RANKS" --oversubscribe "$MXQ" eval --model "$2" --tokens "$3" "${@:4}"
+exec "$(dirname "${BASH_SOURCE[0]}")/mxq_mpirun.sh" "$1" eval --model "$2" --tokens "$3" "${@:4}"

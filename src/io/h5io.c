@@ -141,15 +141,17 @@ fail:
     return status;
 }
 
-mxq_status mxq_h5_attr_double(mxq_ctx *ctx, hid_t object, const char *name, double value)
+/* A scalar attribute stored as file_type from one value of mem_type. */
+static mxq_status attr_scalar(mxq_ctx *ctx, hid_t object, const char *name, hid_t file_type, hid_t mem_type,
+                              const void *value)
 {
     mxq_status status = MXQ_OK;
     hid_t space = H5I_INVALID_HID, attr = H5I_INVALID_HID;
     space = H5Screate(H5S_SCALAR);
     CALL_H5(ctx, space, "cannot create the dataspace of attribute '%s'", name);
-    attr = H5Acreate2(object, name, H5T_IEEE_F64LE, space, H5P_DEFAULT, H5P_DEFAULT);
+    attr = H5Acreate2(object, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT);
     CALL_H5(ctx, attr, "cannot create attribute '%s'", name);
-    CALL_H5(ctx, H5Awrite(attr, H5T_NATIVE_DOUBLE, &value), "cannot write attribute '%s'", name);
+    CALL_H5(ctx, H5Awrite(attr, mem_type, value), "cannot write attribute '%s'", name);
 fail:
     if (attr >= 0)
         H5Aclose(attr);
@@ -158,21 +160,14 @@ fail:
     return status;
 }
 
+mxq_status mxq_h5_attr_double(mxq_ctx *ctx, hid_t object, const char *name, double value)
+{
+    return attr_scalar(ctx, object, name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &value);
+}
+
 mxq_status mxq_h5_attr_int(mxq_ctx *ctx, hid_t object, const char *name, long long value)
 {
-    mxq_status status = MXQ_OK;
-    hid_t space = H5I_INVALID_HID, attr = H5I_INVALID_HID;
-    space = H5Screate(H5S_SCALAR);
-    CALL_H5(ctx, space, "cannot create the dataspace of attribute '%s'", name);
-    attr = H5Acreate2(object, name, H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT);
-    CALL_H5(ctx, attr, "cannot create attribute '%s'", name);
-    CALL_H5(ctx, H5Awrite(attr, H5T_NATIVE_LLONG, &value), "cannot write attribute '%s'", name);
-fail:
-    if (attr >= 0)
-        H5Aclose(attr);
-    if (space >= 0)
-        H5Sclose(space);
-    return status;
+    return attr_scalar(ctx, object, name, H5T_STD_I64LE, H5T_NATIVE_LLONG, &value);
 }
 
 mxq_status mxq_h5_output_begin(mxq_ctx *ctx, const char *final_path, mxq_h5_output *out)

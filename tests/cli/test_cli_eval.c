@@ -340,11 +340,7 @@ static const char *token_file(const char *name, hid_t type, int rank, const hsiz
     static char path[512];
     snprintf(path, sizeof(path), "%s/%s", tu_scratch_dir(), name);
     hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    hid_t s = H5Screate_simple(rank, dims, NULL);
-    hid_t d = H5Dcreate2(f, "/tokens", type, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    H5Dwrite(d, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data);
-    H5Dclose(d);
-    H5Sclose(s);
+    tu_h5_write(f, "/tokens", type, type, rank, dims, data);
     H5Fclose(f);
     return path;
 }

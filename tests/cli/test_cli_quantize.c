@@ -328,11 +328,7 @@ static const char *write_tokens(const char *name, int n, int len)
         ids[i] = 1 + i % 400;
     hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     hsize_t dims[2] = {(hsize_t)n, (hsize_t)len};
-    hid_t space = H5Screate_simple(2, dims, NULL);
-    hid_t d = H5Dcreate2(f, "/tokens", H5T_STD_I32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    H5Dwrite(d, H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, ids);
-    H5Dclose(d);
-    H5Sclose(space);
+    tu_h5_write(f, "/tokens", H5T_STD_I32LE, H5T_NATIVE_INT32, 2, dims, ids);
     H5Fclose(f);
     free(ids);
     return path;
@@ -362,25 +358,11 @@ static void write_linear_h5(const char *path, const float *w, size_t out, size_t
 {
     hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     hsize_t dw[2] = {out, in}, dx[2] = {tokens, in}, dh[2] = {in, in};
-    hid_t s = H5Screate_simple(2, dw, NULL);
-    hid_t d = H5Dcreate2(f, "/W", H5T_IEEE_F32LE, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, w);
-    H5Dclose(d);
-    H5Sclose(s);
-    if (x) {
-        s = H5Screate_simple(2, dx, NULL);
-        d = H5Dcreate2(f, "/X", H5T_IEEE_F32LE, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, x);
-        H5Dclose(d);
-        H5Sclose(s);
-    }
-    if (h) {
-        s = H5Screate_simple(2, dh, NULL);
-        d = H5Dcreate2(f, "/H", H5T_IEEE_F64LE, s, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        H5Dwrite(d, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, h);
-        H5Dclose(d);
-        H5Sclose(s);
-    }
+    tu_h5_write(f, "/W", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, 2, dw, w);
+    if (x)
+        tu_h5_write(f, "/X", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, 2, dx, x);
+    if (h)
+        tu_h5_write(f, "/H", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, 2, dh, h);
     H5Fclose(f);
 }
 

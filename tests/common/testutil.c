@@ -177,3 +177,15 @@ void tu_run_prefixed(const char *const *prefix, size_t n_prefix, va_list rest, t
     argv[argc] = NULL;
     tu_run(argv, result);
 }
+
+void tu_h5_write(hid_t file, const char *name, hid_t file_type, hid_t mem_type, int rank, const hsize_t *dims,
+                 const void *data)
+{
+    hid_t space = H5Screate_simple(rank, dims, NULL);
+    assert_true(space >= 0);
+    hid_t d = H5Dcreate2(file, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(d >= 0);
+    assert_true(H5Dwrite(d, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0);
+    H5Dclose(d);
+    H5Sclose(space);
+}

@@ -20,6 +20,11 @@ void *tu_h5_read(hid_t file, const char *name, hid_t mem_type, size_t elem_size,
 /* Bitwise float equality where both-NaN counts as equal and +0 == -0. */
 int tu_same_float(float a, float b);
 
+/* Write dataset `name` (stored as file_type, given as mem_type) into an open
+ * file. Fails the current test on any error. */
+void tu_h5_write(hid_t file, const char *name, hid_t file_type, hid_t mem_type, int rank, const hsize_t *dims,
+                 const void *data);
+
 /* Deterministic xorshift generator for reproducible random tests. */
 typedef struct {
     uint64_t s;
