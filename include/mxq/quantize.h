@@ -133,6 +133,7 @@ typedef struct {
     int batch;       /* calibration sequences per micro-batch (default 8) */
     int force;       /* overwrite a non-empty output directory */
     int dry_run;     /* print the plan only */
+    int stats_layers; /* fp mode: at most this many layers' statistics per rank at once (0 = all) */
 } mxq_quantize_options;
 
 /* Read the first calibration.samples sequences of calib_path and check them
@@ -142,10 +143,12 @@ mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const mxq_dist *dist, const char
                                   const char *recipe_path, const mxq_model_config *cfg, mxq_tokens *tokens);
 
 /* Calibrate and quantize the layers of `model` (this rank's part) in memory.
- * Collective over `comm`. results[i] for local layer i. */
+ * Collective over `comm`. results[i] for local layer i. stats_layers > 0
+ * bounds the layers whose statistics a rank holds at once in fp mode (more
+ * calibration passes, same result); 0 = all of them in one pass. */
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, MPI_Comm comm, mxq_model *model, const char *calib_path,
                                         const mxq_recipe *recipe, const char *recipe_path, int batch,
-                                        mxq_layer_result *results);
+                                        int stats_layers, mxq_layer_result *results);
 
 /* mxq quantize: read model_dir, calibrate on calib_path, apply the recipe,
  * write the MX checkpoint to out_dir. Collective over comm. */

@@ -40,6 +40,10 @@ static void print_quantize_help(FILE *out)
             "  -b, --batch N          calibration sequences per micro-batch (default 8)\n"
             "      --dry-run          print who owns which layers and the predicted memory per rank\n"
             "      --force            replace mxq's files in a non-empty output directory\n"
+            "      --stats-layers N   fp mode: hold the calibration statistics (double Hessians,\n"
+            "                         see --dry-run) of at most N layers per rank at a time; the\n"
+            "                         calibration set then runs through the model once per group\n"
+            "                         of N layers. Same checkpoint bytes. Default: all at once\n"
             "  -v, --verbose          debug log, error traces\n"
             "  -q, --quiet            errors only\n"
             "  -h, --help             this text\n"
@@ -57,12 +61,13 @@ static void print_quantize_help(FILE *out)
 
 int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
 {
-    enum { OPT_DRY_RUN = 1000, OPT_FORCE };
+    enum { OPT_DRY_RUN = 1000, OPT_FORCE, OPT_STATS_LAYERS };
     static const struct option options[] = {
         {"model", required_argument, NULL, 'm'}, {"calib", required_argument, NULL, 'c'},
         {"recipe", required_argument, NULL, 'r'}, {"out", required_argument, NULL, 'o'},
         {"batch", required_argument, NULL, 'b'}, {"dry-run", no_argument, NULL, OPT_DRY_RUN},
         {"force", no_argument, NULL, OPT_FORCE}, {"verbose", no_argument, NULL, 'v'},
+        {"stats-layers", required_argument, NULL, OPT_STATS_LAYERS},
         {"quiet", no_argument, NULL, 'q'},       {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -85,6 +90,11 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
             break;
         case OPT_DRY_RUN: opt.dry_run = 1; break;
         case OPT_FORCE: opt.force = 1; break;
+        case OPT_STATS_LAYERS:
+            if (mxq_cli_parse_int(optarg, 1, 1 << 20, &value) != 0)
+                return mxq_cli_usage_error("quantize", "--stats-layers must be a positive integer, got '%s'", optarg);
+            opt.stats_layers = (int)value;
+            break;
         case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;
         case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); break;
         case 'h': print_quantize_help(stdout); return MXQ_EXIT_OK;

@@ -24,14 +24,17 @@ typedef struct {
     const mxq_model *model;
     const mxq_tokens *tokens;
     mxq_workspace *ws;
-    mxq_layer_stats *stats; /* [local layers] (fp) or one layer (sequential) */
+    mxq_layer_stats *stats; /* the layers being calibrated */
     int stats_first;        /* absolute index of stats[0] */
+    int stats_count;
 } calib_state;
 
 static mxq_status observe(mxq_ctx *ctx, void *user, int layer, mxq_input_id input, const float *x, size_t tokens,
                           int features)
 {
     calib_state *c = user;
+    if (layer < c->stats_first || layer >= c->stats_first + c->stats_count)
+        return MXQ_OK;
     return mxq_input_stats_add(ctx, &c->stats[layer - c->stats_first].input[input], x, tokens);
 }
 
@@ -74,36 +77,136 @@ static void log_layer(mxq_ctx *ctx, const mxq_model *m, const mxq_layer_result *
             r->seconds_calib, r->seconds, (double)r->peak_rss / 1048576.0);
 }
 
+/* Quantize layer `layer` in place, or `target` (a copy of it) when given. */
 static mxq_status finish_and_quantize(mxq_ctx *ctx, const mxq_recipe *recipe, mxq_model *model, int layer,
-                                      mxq_layer_stats *stats, mxq_layer_result *res)
+                                      mxq_layer_stats *stats, mxq_layer_result *res, mxq_layer *target)
 {
     mxq_status status = MXQ_OK;
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
         mxq_input_stats_finish(&stats->input[i]);
-    CALL(ctx, mxq_quantize_layer(ctx, recipe, &model->cfg, layer, &model->layers[layer - model->first_layer], stats,
-                                 res));
+    CALL(ctx, mxq_quantize_layer(ctx, recipe, &model->cfg, layer,
+                                 target ? target : &model->layers[layer - model->first_layer], stats, res));
     log_layer(ctx, model, res);
 fail:
     return status;
 }
 
-/* fp mode: one pipelined pass, then every rank quantizes its layers. */
+/* A layer's tensors as they were before quantization, kept while a copy is
+ * quantized (windowed fp mode: later passes must still see FP layers). */
+static void layer_free(mxq_layer *L)
+{
+    free(L->attn_norm);
+    free(L->ffn_norm);
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        free(L->weight[li]);
+        free(L->bias[li]);
+    }
+    memset(L, 0, sizeof(*L));
+}
+
+static float *copy_floats(const float *src, size_t n)
+{
+    if (!src)
+        return NULL;
+    float *dst = malloc(n * sizeof(float));
+    if (dst)
+        memcpy(dst, src, n * sizeof(float));
+    return dst;
+}
+
+static mxq_status layer_copy(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_layer *src, mxq_layer *dst)
+{
+    mxq_status status = MXQ_OK;
+    memset(dst, 0, sizeof(*dst));
+    dst->attn_norm = copy_floats(src->attn_norm, (size_t)cfg->hidden);
+    dst->ffn_norm = copy_floats(src->ffn_norm, (size_t)cfg->hidden);
+    int ok = dst->attn_norm && dst->ffn_norm;
+    for (int li = 0; li < MXQ_LIN_COUNT && ok; li++) {
+        int out, in;
+        mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
+        dst->weight[li] = copy_floats(src->weight[li], (size_t)out * in);
+        dst->bias[li] = copy_floats(src->bias[li], (size_t)out);
+        ok = dst->weight[li] && (dst->bias[li] || !src->bias[li]);
+    }
+    CHECK(ctx, ok, MXQ_ERR_NOMEM, "out of memory copying a layer for windowed calibration");
+    return MXQ_OK;
+fail:
+    layer_free(dst);
+    return status;
+}
+
+/* Keep of a quantized copy only what is not in its result: weights of
+ * quantized linears are rebuilt from packed + scales at the end. */
+static void layer_shrink(mxq_layer *q, const mxq_layer_result *res)
+{
+    for (int li = 0; li < MXQ_LIN_COUNT; li++)
+        if (res->linear[li].quantized) {
+            free(q->weight[li]);
+            q->weight[li] = NULL;
+        }
+}
+
+/* Put a quantized layer in place of the FP one. */
+static mxq_status layer_install(mxq_ctx *ctx, const mxq_recipe *recipe, const mxq_model_config *cfg, mxq_layer *L,
+                                mxq_layer *q, const mxq_layer_result *res)
+{
+    mxq_status status = MXQ_OK;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++)
+        if (res->linear[li].quantized) {
+            int out, in;
+            mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
+            CALL(ctx, mxq_mx_dequantize_rows(ctx, &recipe->weights, res->linear[li].packed, res->linear[li].scales,
+                                             (size_t)out, (size_t)in, L->weight[li]));
+        } else {
+            float *t = L->weight[li];
+            L->weight[li] = q->weight[li];
+            q->weight[li] = t;
+        }
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        float *t = L->bias[li];
+        L->bias[li] = q->bias[li];
+        q->bias[li] = t;
+    }
+    float *t = L->attn_norm;
+    L->attn_norm = q->attn_norm;
+    q->attn_norm = t;
+    t = L->ffn_norm;
+    L->ffn_norm = q->ffn_norm;
+    q->ffn_norm = t;
+fail:
+    layer_free(q);
+    return status;
+}
+
+/* fp mode: pipelined passes of the FP model over the calibration set. With
+ * stats_layers = 0 (or >= the layers a rank owns) one pass collects the
+ * statistics of every layer and the layers are quantized in place. With a
+ * window of W layers, pass k collects those of each rank's k-th window and
+ * quantizes copies, so a rank never holds more than W layers' Hessians and
+ * later passes still run the FP model; the statistics, hence the bytes
+ * written, are the same as with one pass. */
 static mxq_status calibrate_fp(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
-                               const mxq_recipe *recipe, int batch, mxq_layer_result *results)
+                               const mxq_recipe *recipe, int batch, int stats_layers, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     const int n_local = model->last_layer - model->first_layer;
-    calib_state c = {model, tokens, NULL, NULL, model->first_layer};
+    calib_state c = {model, tokens, NULL, NULL, model->first_layer, 0};
     mxq_pipeline p = {0};
+    mxq_layer *held = NULL; /* [n_local] quantized copies (windowed mode) */
     mxq_status local = MXQ_OK;
+    int window = 0;
 
-    c.stats = calloc((size_t)n_local, sizeof(mxq_layer_stats));
-    if (!c.stats) {
+    int max_local = n_local;
+    CALL_MPI(ctx, MPI_Allreduce(&n_local, &max_local, 1, MPI_INT, MPI_MAX, dist->comm));
+    window = stats_layers > 0 && stats_layers < max_local ? stats_layers : max_local;
+    const int passes = (max_local + window - 1) / window;
+
+    c.stats = calloc((size_t)window, sizeof(mxq_layer_stats));
+    held = calloc((size_t)n_local + 1, sizeof(mxq_layer));
+    if (!c.stats || !held) {
         mxq_error_set(ctx, MXQ_ERR_NOMEM, __FILE__, __LINE__, "out of memory for the layer statistics table");
         local = MXQ_ERR_NOMEM;
     }
-    for (int i = 0; i < n_local && local == MXQ_OK; i++)
-        local = mxq_layer_stats_init(ctx, &model->cfg, &c.stats[i]);
     size_t buf_floats = (size_t)batch * tokens->seq_len * model->cfg.hidden;
     if (local == MXQ_OK)
         local = mxq_workspace_create(ctx, &model->cfg, batch, tokens->seq_len, &c.ws);
@@ -117,6 +220,9 @@ static mxq_status calibrate_fp(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
         }
     }
     CALL(ctx, mxq_dist_agree(ctx, dist, local));
+    if (passes > 1 && dist->rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO, "calibration: %d passes, statistics of at most %d layer%s per rank at a time",
+                passes, window, window == 1 ? "" : "s");
 
     p.dist = dist;
     p.n_seqs = tokens->n_seqs;
@@ -127,23 +233,48 @@ static mxq_status calibrate_fp(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
     p.label = "calibration";
     p.stage = calib_stage;
     p.user = &c;
-    double t0 = mxq_time_now();
-    CALL(ctx, mxq_dist_agree(ctx, dist, mxq_pipeline_run(ctx, &p)));
-    double calib_seconds = mxq_time_now() - t0;
-    free(p.buf[0]);
-    free(p.buf[1]);
-    p.buf[0] = p.buf[1] = NULL;
+    for (int pass = 0; pass < passes; pass++) {
+        int lo = pass * window, hi = lo + window < n_local ? lo + window : n_local;
+        c.stats_first = model->first_layer + lo;
+        c.stats_count = hi > lo ? hi - lo : 0;
+        local = MXQ_OK;
+        for (int i = 0; i < c.stats_count && local == MXQ_OK; i++)
+            local = mxq_layer_stats_init(ctx, &model->cfg, &c.stats[i]);
+        CALL(ctx, mxq_dist_agree(ctx, dist, local));
+        double t0 = mxq_time_now();
+        CALL(ctx, mxq_dist_agree(ctx, dist, mxq_pipeline_run(ctx, &p)));
+        double calib_seconds = mxq_time_now() - t0;
 
-    local = MXQ_OK;
-    for (int i = 0; i < n_local && local == MXQ_OK; i++) {
-        results[i].seconds_calib = calib_seconds / n_local;
-        local = finish_and_quantize(ctx, recipe, model, model->first_layer + i, &c.stats[i], &results[i]);
-        mxq_layer_stats_free(&c.stats[i]);
+        local = MXQ_OK;
+        for (int i = lo; i < hi && local == MXQ_OK; i++) {
+            mxq_layer_result *res = &results[i];
+            res->seconds_calib = calib_seconds / (hi - lo);
+            if (passes == 1) {
+                local = finish_and_quantize(ctx, recipe, model, model->first_layer + i, &c.stats[i - lo], res, NULL);
+            } else {
+                local = layer_copy(ctx, &model->cfg, &model->layers[i], &held[i]);
+                if (local == MXQ_OK)
+                    local = finish_and_quantize(ctx, recipe, model, model->first_layer + i, &c.stats[i - lo], res,
+                                                &held[i]);
+                if (local == MXQ_OK)
+                    layer_shrink(&held[i], res);
+            }
+            mxq_layer_stats_free(&c.stats[i - lo]);
+        }
+        for (int i = 0; i < c.stats_count; i++)
+            mxq_layer_stats_free(&c.stats[i]);
+        CALL(ctx, mxq_dist_agree(ctx, dist, local));
     }
+    local = MXQ_OK;
+    for (int i = 0; passes > 1 && i < n_local && local == MXQ_OK; i++)
+        local = layer_install(ctx, recipe, &model->cfg, &model->layers[i], &held[i], &results[i]);
     CALL(ctx, mxq_dist_agree(ctx, dist, local));
 fail:
-    for (int i = 0; c.stats && i < n_local; i++)
+    for (int i = 0; c.stats && i < window; i++)
         mxq_layer_stats_free(&c.stats[i]);
+    for (int i = 0; held && i < n_local; i++)
+        layer_free(&held[i]);
+    free(held);
     free(c.stats);
     free(p.buf[0]);
     free(p.buf[1]);
@@ -161,7 +292,7 @@ static mxq_status sequential_local(mxq_ctx *ctx, const mxq_dist *dist, mxq_model
     const int n_micro = (n_seqs + batch - 1) / batch;
     const size_t mb_floats = (size_t)batch * S * d;
     mxq_layer_stats stats = {0};
-    calib_state c = {model, tokens, ws, &stats, 0};
+    calib_state c = {model, tokens, ws, &stats, 0, 1};
     mxq_observer obs = {observe, &c};
     mxq_fake_quant fq = {0};
     fq.enabled_acts = recipe->has_acts;
@@ -194,7 +325,7 @@ static mxq_status sequential_local(mxq_ctx *ctx, const mxq_dist *dist, mxq_model
             CALL(ctx, mxq_model_run_layers_observed(ctx, model, l, l + 1, tmp, n, S, NULL, &obs, ws));
         }
         double t1 = mxq_time_now();
-        CALL(ctx, finish_and_quantize(ctx, recipe, model, l, &stats, res));
+        CALL(ctx, finish_and_quantize(ctx, recipe, model, l, &stats, res, NULL));
         mxq_layer_stats_free(&stats);
         double t2 = mxq_time_now();
         for (int mb = 0; mb < n_micro; mb++) {
@@ -279,7 +410,7 @@ fail:
 
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, MPI_Comm comm, mxq_model *model, const char *calib_path,
                                         const mxq_recipe *recipe, const char *recipe_path, int batch,
-                                        mxq_layer_result *results)
+                                        int stats_layers, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     mxq_dist dist = {.comm = MPI_COMM_NULL};
@@ -295,7 +426,7 @@ mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, MPI_Comm comm, mxq_model *
                 tokens.n_seqs, tokens.seq_len, calib_path, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential",
                 batch);
     if (recipe->calib_mode == MXQ_CALIB_FP)
-        CALL(ctx, calibrate_fp(ctx, &dist, model, &tokens, recipe, batch, results));
+        CALL(ctx, calibrate_fp(ctx, &dist, model, &tokens, recipe, batch, stats_layers, results));
     else
         CALL(ctx, calibrate_sequential(ctx, &dist, model, &tokens, recipe, batch, results));
 fail:

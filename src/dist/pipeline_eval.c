@@ -96,7 +96,7 @@ mxq_status mxq_eval_perplexity(mxq_ctx *ctx, MPI_Comm comm, const char *model_di
         }
         CALL(ctx, mxq_dist_agree(ctx, &dist, local));
         CALL(ctx, mxq_quantize_model_in_memory(ctx, dist.comm, model, options->calib_path, options->recipe,
-                                               options->recipe_path, options->batch, qresults));
+                                               options->recipe_path, options->batch, 0, qresults));
     }
     CALL(ctx, mxq_dist_agree(ctx, &dist, mxq_tokens_read(ctx, &dist, tokens_path, options->limit, cfg.vocab, &tokens)));
     local = MXQ_OK;

@@ -325,7 +325,7 @@ fail:
 }
 
 static void print_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first,
-                       int size, int batch, int seq_len, int samples)
+                       int size, int batch, int seq_len, int samples, int stats_layers)
 {
     const double MB = 1048576.0;
     size_t layer_bytes = mxq_config_layer_params(cfg) * sizeof(float);
@@ -355,7 +355,8 @@ static void print_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_reci
                    (r == size - 1 ? (cfg->tie_embeddings && size > 1 ? emb_bytes : 0) +
                                         (cfg->tie_embeddings ? 0 : emb_bytes) + d * sizeof(float)
                                   : 0);
-        size_t s = recipe->calib_mode == MXQ_CALIB_FP ? (size_t)n * stats_bytes : stats_bytes + store_bytes;
+        int held = stats_layers > 0 && stats_layers < n ? stats_layers : n;
+        size_t s = recipe->calib_mode == MXQ_CALIB_FP ? (size_t)held * stats_bytes : stats_bytes + store_bytes;
         char layers[32], also[32] = "";
         snprintf(layers, sizeof(layers), "[%d, %d)", first[r], first[r + 1]);
         snprintf(also, sizeof(also), "%s%s", r == 0 ? "embedding " : "", r == size - 1 ? "norm+head" : "");
@@ -363,8 +364,10 @@ static void print_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_reci
                (ws_bytes + quant_bytes) / MB, (w + s + ws_bytes + quant_bytes) / MB);
     }
     printf("stats: Hessians (double) of the 4 linear inputs of a layer = %.1f MB per layer%s\n", stats_bytes / MB,
-           recipe->calib_mode == MXQ_CALIB_FP ? ", held for every owned layer until it is quantized"
-                                              : "; sequential mode also holds the calibration activations");
+           recipe->calib_mode == MXQ_CALIB_FP
+               ? (stats_layers > 0 ? ", held for --stats-layers layers at a time (one calibration pass per group)"
+                                   : ", held for every owned layer until it is quantized (bound it with --stats-layers)")
+               : "; sequential mode also holds the calibration activations");
     fflush(stdout);
     (void)ctx;
 }
@@ -413,7 +416,8 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
         mxq_tokens_free(&tokens);
         if (options->dry_run) {
             if (rank == 0)
-                print_plan(ctx, &cfg, &recipe, first, size, batch < seqs ? batch : seqs, seq_len, seqs);
+                print_plan(ctx, &cfg, &recipe, first, size, batch < seqs ? batch : seqs, seq_len, seqs,
+                           options->stats_layers);
             goto fail; /* status OK: nothing else to do */
         }
     }
@@ -440,7 +444,8 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
     }
     CALL(ctx, mxq_dist_agree(ctx, &dist, local));
     double t_quant = mxq_time_now();
-    CALL(ctx, mxq_quantize_model_in_memory(ctx, dist.comm, model, calib_path, &recipe, recipe_path, batch, results));
+    CALL(ctx, mxq_quantize_model_in_memory(ctx, dist.comm, model, calib_path, &recipe, recipe_path, batch,
+                                           options->stats_layers, results));
     double quant_seconds = mxq_time_now() - t_quant;
 
     /* ---- this rank's shard, under a temporary name ---- */

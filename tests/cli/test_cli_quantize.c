@@ -142,7 +142,16 @@ static void test_same_bytes_any_rank_count(void **state)
     assert_true(exists(out[2], "model-00003-of-00003.safetensors"));
     assert_same_tensors(out[0], out[1]);
     assert_same_tensors(out[0], out[2]);
-    print_message("# AWQ+GPTQ W4A8: every tensor identical for 1, 2 and 3 ranks\n");
+    /* statistics of 2 layers at a time: 3 calibration passes on one rank */
+    const char *windowed = scratch("q-n1-window2");
+    tu_run_result r = run_mpi(1, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-awq-gptq"), "--out",
+                              windowed, "--stats-layers", "2", NULL);
+    if (r.exit_code != 0)
+        fail_msg("quantize --stats-layers 2 failed: %s", r.err);
+    assert_non_null(strstr(r.err, "3 passes"));
+    assert_same_tensors(out[0], windowed);
+    print_message("# AWQ+GPTQ W4A8: every tensor identical for 1, 2 and 3 ranks and with --stats-layers 2\n");
 }
 
 static void test_reload_equals_fake_quant(void **state)
