@@ -142,13 +142,14 @@ typedef struct {
 mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const mxq_dist *dist, const char *calib_path, const mxq_recipe *recipe,
                                   const char *recipe_path, const mxq_model_config *cfg, mxq_tokens *tokens);
 
-/* Calibrate and quantize the layers of `model` (this rank's part) in memory.
+/* Calibrate on `calib` (from mxq_calibration_tokens; calib_name for
+ * messages) and quantize the layers of `model` (this rank's part) in memory.
  * Collective over `comm`. results[i] for local layer i. stats_layers > 0
  * bounds the layers whose statistics a rank holds at once in fp mode (more
  * calibration passes, same result); 0 = all of them in one pass. */
-mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, MPI_Comm comm, mxq_model *model, const char *calib_path,
-                                        const mxq_recipe *recipe, const char *recipe_path, int batch,
-                                        int stats_layers, mxq_layer_result *results);
+mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, MPI_Comm comm, mxq_model *model, const mxq_tokens *calib,
+                                        const char *calib_name, const mxq_recipe *recipe, int batch, int stats_layers,
+                                        mxq_layer_result *results);
 
 /* mxq quantize: read model_dir, calibrate on calib_path, apply the recipe,
  * write the MX checkpoint to out_dir. Collective over comm. */

@@ -122,6 +122,8 @@ static mxq_status run_scale_step(mxq_ctx *ctx, const mxq_algo_step *step, const 
                 goto fail;
             }
             res->awq_alpha[input] = alpha;
+            mxq_log(ctx, MXQ_LOG_DEBUG, "layer %d: awq on %s: alpha %.2f, loss %.4e", layer,
+                    mxq_input_name((mxq_input_id)input), alpha, loss);
         }
         fold_scales(cfg, L, (mxq_input_id)input, s, stats, res);
     }
@@ -170,6 +172,8 @@ static mxq_status quantize_linear(mxq_ctx *ctx, const mxq_recipe *recipe, const 
     CALL(ctx, mxq_quant_loss(ctx, ref, w, (size_t)out, (size_t)inf, in->hessian, &r->loss));
     r->seconds = mxq_time_now() - t0;
     r->quantized = 1;
+    mxq_log(ctx, MXQ_LOG_DEBUG, "%s: %s loss %.4e (rtn %.4e), %.2f s", what, gptq ? "gptq" : "rtn", r->loss,
+            r->loss_rtn, r->seconds);
     r->weight_modified = 0;
 fail:
     free(ref);

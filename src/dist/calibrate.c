@@ -408,29 +408,26 @@ fail:
     return status;
 }
 
-mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, MPI_Comm comm, mxq_model *model, const char *calib_path,
-                                        const mxq_recipe *recipe, const char *recipe_path, int batch,
-                                        int stats_layers, mxq_layer_result *results)
+mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, MPI_Comm comm, mxq_model *model, const mxq_tokens *calib,
+                                        const char *calib_name, const mxq_recipe *recipe, int batch, int stats_layers,
+                                        mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     mxq_dist dist = {.comm = MPI_COMM_NULL};
-    mxq_tokens tokens = {0};
     CALL(ctx, mxq_dist_create(ctx, comm, &dist));
-    CALL(ctx, mxq_calibration_tokens(ctx, &dist, calib_path, recipe, recipe_path, &model->cfg, &tokens));
     if (batch <= 0)
         batch = 8;
-    if (batch > tokens.n_seqs)
-        batch = tokens.n_seqs;
+    if (batch > calib->n_seqs)
+        batch = calib->n_seqs;
     if (dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "calibration: %d sequences of %d tokens from %s, %s mode, micro-batch %d",
-                tokens.n_seqs, tokens.seq_len, calib_path, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential",
+                calib->n_seqs, calib->seq_len, calib_name, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential",
                 batch);
     if (recipe->calib_mode == MXQ_CALIB_FP)
-        CALL(ctx, calibrate_fp(ctx, &dist, model, &tokens, recipe, batch, stats_layers, results));
+        CALL(ctx, calibrate_fp(ctx, &dist, model, calib, recipe, batch, stats_layers, results));
     else
-        CALL(ctx, calibrate_sequential(ctx, &dist, model, &tokens, recipe, batch, results));
+        CALL(ctx, calibrate_sequential(ctx, &dist, model, calib, recipe, batch, results));
 fail:
-    mxq_tokens_free(&tokens);
     mxq_dist_free(&dist);
     return status;
 }

@@ -48,7 +48,7 @@ mxq_status mxq_eval_perplexity(mxq_ctx *ctx, MPI_Comm comm, const char *model_di
     mxq_pipeline p = {0};
     eval_stage e = {0};
     mxq_model_config cfg;
-    mxq_tokens tokens = {0};
+    mxq_tokens tokens = {0}, calib = {0};
     mxq_model *model = NULL;
     mxq_layer_result *qresults = NULL;
     mxq_fake_quant quant = options->quant;
@@ -95,8 +95,11 @@ mxq_status mxq_eval_perplexity(mxq_ctx *ctx, MPI_Comm comm, const char *model_di
             local = MXQ_ERR_NOMEM;
         }
         CALL(ctx, mxq_dist_agree(ctx, &dist, local));
-        CALL(ctx, mxq_quantize_model_in_memory(ctx, dist.comm, model, options->calib_path, options->recipe,
-                                               options->recipe_path, options->batch, 0, qresults));
+        CALL(ctx, mxq_calibration_tokens(ctx, &dist, options->calib_path, options->recipe, options->recipe_path,
+                                         &cfg, &calib));
+        CALL(ctx, mxq_quantize_model_in_memory(ctx, dist.comm, model, &calib, options->calib_path, options->recipe,
+                                               options->batch, 0, qresults));
+        mxq_tokens_free(&calib);
     }
     CALL(ctx, mxq_dist_agree(ctx, &dist, mxq_tokens_read(ctx, &dist, tokens_path, options->limit, cfg.vocab, &tokens)));
     local = MXQ_OK;
@@ -177,6 +180,7 @@ fail:
     free(e.nll);
     mxq_workspace_free(e.ws);
     mxq_tokens_free(&tokens);
+    mxq_tokens_free(&calib);
     mxq_model_free(model);
     free(first);
     mxq_dist_free(&dist);

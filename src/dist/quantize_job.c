@@ -382,6 +382,7 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
     mxq_model_config cfg;
     mxq_model *model = NULL;
     mxq_checkpoint *ckpt = NULL;
+    mxq_tokens calib = {0};
     mxq_layer_result *results = NULL;
     shard_list shard = {0};
     int *first = NULL;
@@ -409,17 +410,12 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
     CALL(ctx, mxq_dist_agree(ctx, &dist, mxq_partition_layers(ctx, &cfg, size, first)));
 
     /* Calibration data is checked before anything is written. */
-    {
-        mxq_tokens tokens = {0};
-        CALL(ctx, mxq_calibration_tokens(ctx, &dist, calib_path, &recipe, recipe_path, &cfg, &tokens));
-        int seqs = tokens.n_seqs, seq_len = tokens.seq_len;
-        mxq_tokens_free(&tokens);
-        if (options->dry_run) {
-            if (rank == 0)
-                print_plan(ctx, &cfg, &recipe, first, size, batch < seqs ? batch : seqs, seq_len, seqs,
-                           options->stats_layers);
-            goto fail; /* status OK: nothing else to do */
-        }
+    CALL(ctx, mxq_calibration_tokens(ctx, &dist, calib_path, &recipe, recipe_path, &cfg, &calib));
+    if (options->dry_run) {
+        if (rank == 0)
+            print_plan(ctx, &cfg, &recipe, first, size, batch < calib.n_seqs ? batch : calib.n_seqs, calib.seq_len,
+                       calib.n_seqs, options->stats_layers);
+        goto fail; /* status OK: nothing else to do */
     }
 
     /* Only rank 0 touches the directory; everyone learns the outcome. */
@@ -444,7 +440,7 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
     }
     CALL(ctx, mxq_dist_agree(ctx, &dist, local));
     double t_quant = mxq_time_now();
-    CALL(ctx, mxq_quantize_model_in_memory(ctx, dist.comm, model, calib_path, &recipe, recipe_path, batch,
+    CALL(ctx, mxq_quantize_model_in_memory(ctx, dist.comm, model, &calib, calib_path, &recipe, batch,
                                            options->stats_layers, results));
     double quant_seconds = mxq_time_now() - t_quant;
 
@@ -642,6 +638,7 @@ fail:
     free(temp_shard);
     shard_list_free(&shard);
     mxq_checkpoint_close(ckpt);
+    mxq_tokens_free(&calib);
     for (int i = 0; results && model && i < model->last_layer - model->first_layer; i++)
         mxq_layer_result_free(&results[i]);
     free(results);
