@@ -420,8 +420,19 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
 
     /* Only rank 0 touches the directory; everyone learns the outcome. */
     local = MXQ_OK;
-    if (rank == 0)
-        local = prepare_out_dir(ctx, out_dir, options->force);
+    if (rank == 0) {
+        char *in_real = realpath(model_dir, NULL), *out_real = realpath(out_dir, NULL);
+        if (in_real && out_real && strcmp(in_real, out_real) == 0) {
+            mxq_error_set(ctx, MXQ_ERR_ARG, __FILE__, __LINE__,
+                          "--out '%s' is the input model directory; write the quantized checkpoint elsewhere",
+                          out_dir);
+            local = MXQ_ERR_ARG;
+        }
+        free(in_real);
+        free(out_real);
+        if (local == MXQ_OK)
+            local = prepare_out_dir(ctx, out_dir, options->force);
+    }
     CALL(ctx, mxq_dist_agree(ctx, &dist, local));
 
     mxq_model_part part = {first[rank], first[rank + 1], rank == 0, rank == size - 1};

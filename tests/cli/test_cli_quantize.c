@@ -324,6 +324,21 @@ static void test_error_output_not_empty(void **state)
     char *kept = tu_read_file(keep, &size);
     assert_string_equal(kept, "mine\n");
     free(kept);
+    /* never into the input model, even with --force (on a copy of it) */
+    const char *copy = scratch("model-copy");
+    const char *cp[] = {"cp", "-r", tu_data_path("stories260K"), copy, NULL};
+    tu_run_result r;
+    tu_run(cp, &r);
+    assert_int_equal(r.exit_code, 0);
+    r = run_mpi(2, "quantize", "--model", copy, "--calib", tu_data_path("stories260K/calib.h5"), "--recipe",
+                recipe("w4a8-mxint-rtn"), "--out", copy, "--force", "--quiet", NULL);
+    assert_int_not_equal(r.exit_code, 0);
+    assert_non_null(strstr(r.err, "input model directory"));
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/model.safetensors", copy);
+    assert_true(access(path, F_OK) == 0);
+    snprintf(path, sizeof(path), "%s/config.json", copy);
+    assert_true(access(path, F_OK) == 0);
     /* --force replaces mxq's files and leaves the user's alone */
     quantize_ok(2, "w4a8-mxint-rtn", out);
     assert_true(access(keep, F_OK) == 0);
