@@ -282,6 +282,12 @@ fail:
     return status;
 }
 
+/* sequences in micro-batch mb (the last one may be short) */
+static int micro_batch_seqs(int n_seqs, int batch, int mb)
+{
+    return n_seqs - mb * batch < batch ? n_seqs - mb * batch : batch;
+}
+
 /* sequential mode (see the top of the file). */
 static mxq_status sequential_local(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
                                    const mxq_recipe *recipe, int batch, mxq_layer_result *results, float *store,
@@ -300,7 +306,7 @@ static mxq_status sequential_local(mxq_ctx *ctx, const mxq_dist *dist, mxq_model
         fq.acts = recipe->acts;
 
     for (int mb = 0; mb < n_micro; mb++) {
-        int n = n_seqs - mb * batch < batch ? n_seqs - mb * batch : batch;
+        int n = micro_batch_seqs(n_seqs, batch, mb);
         float *x = store + (size_t)mb * mb_floats;
         if (model->has_embedding) {
             CALL(ctx, mxq_model_embed(ctx, model, tokens->ids + (size_t)mb * batch * S, n, S, x));
@@ -320,7 +326,7 @@ static mxq_status sequential_local(mxq_ctx *ctx, const mxq_dist *dist, mxq_model
         CALL(ctx, mxq_layer_stats_init(ctx, &model->cfg, &stats));
         c.stats_first = l;
         for (int mb = 0; mb < n_micro; mb++) {
-            int n = n_seqs - mb * batch < batch ? n_seqs - mb * batch : batch;
+            int n = micro_batch_seqs(n_seqs, batch, mb);
             memcpy(tmp, store + (size_t)mb * mb_floats, (size_t)n * S * d * sizeof(float));
             CALL(ctx, mxq_model_run_layers_observed(ctx, model, l, l + 1, tmp, n, S, NULL, &obs, ws));
         }
@@ -329,14 +335,14 @@ static mxq_status sequential_local(mxq_ctx *ctx, const mxq_dist *dist, mxq_model
         mxq_layer_stats_free(&stats);
         double t2 = mxq_time_now();
         for (int mb = 0; mb < n_micro; mb++) {
-            int n = n_seqs - mb * batch < batch ? n_seqs - mb * batch : batch;
+            int n = micro_batch_seqs(n_seqs, batch, mb);
             CALL(ctx, mxq_model_run_layers(ctx, model, l, l + 1, store + (size_t)mb * mb_floats, n, S, &fq, ws));
         }
         res->seconds_calib = (t1 - t0) + (mxq_time_now() - t2);
     }
     if (dist->rank + 1 < dist->size)
         for (int mb = 0; mb < n_micro; mb++) {
-            int n = n_seqs - mb * batch < batch ? n_seqs - mb * batch : batch;
+            int n = micro_batch_seqs(n_seqs, batch, mb);
             CALL_MPI(ctx, MPI_Send(store + (size_t)mb * mb_floats, (int)((size_t)n * S * d), MPI_FLOAT,
                                    dist->rank + 1, MXQ_TAG_DATA, dist->comm));
         }
