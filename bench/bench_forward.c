@@ -52,7 +52,6 @@ int main(int argc, char **argv)
 
     mxq_ctx *ctx;
     mxq_ctx_create(&ctx);
-    mxq_h5_silence_errors();
     mxq_model_config cfg;
     mxq_model *model = NULL;
     mxq_workspace *ws = NULL;

@@ -49,6 +49,7 @@ mxq_log_level mxq_ctx_log_level(const mxq_ctx *ctx);
 /* Rank information only changes how messages are prefixed and which ranks
  * print INFO lines (rank 0 only, unless all_ranks_info). */
 void mxq_ctx_set_rank(mxq_ctx *ctx, int rank, int nranks);
+int mxq_ctx_rank(const mxq_ctx *ctx);
 void mxq_ctx_set_all_ranks_info(mxq_ctx *ctx, int enabled);
 /* Where log lines go; default stderr. */
 void mxq_ctx_set_log_stream(mxq_ctx *ctx, FILE *stream);
@@ -56,11 +57,16 @@ void mxq_ctx_set_log_stream(mxq_ctx *ctx, FILE *stream);
 void mxq_log(mxq_ctx *ctx, mxq_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-/* Error record. The first error raised wins; call sites it passes through on
- * the way up are appended as a trace (shown at DEBUG level). */
+/* Error record. The first error raised wins: it is the cause. Callers on the
+ * way up may put their context in front of it (mxq_error_context), so that
+ * the message reads "layer 3 mlp.down_proj: GPTQ: Cholesky ... failed"; the
+ * call sites it passes through are kept as a trace (shown at DEBUG level). */
 void mxq_error_set(mxq_ctx *ctx, mxq_status code, const char *file, int line,
                    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 void mxq_error_trace(mxq_ctx *ctx, const char *file, int line);
+/* Put "<context>: " in front of the current error's message (no-op when
+ * there is no error). */
+void mxq_error_context(mxq_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 mxq_status mxq_error_code(const mxq_ctx *ctx);
 /* The message alone, e.g. "unknown format 'mxint5' (valid: ...)". */
 const char *mxq_error_message(const mxq_ctx *ctx);
@@ -73,6 +79,14 @@ void mxq_error_clear(mxq_ctx *ctx);
  * quiet here (below DEBUG level). Errors of code MXQ_ERR_REMOTE are always
  * treated so. */
 void mxq_error_mark_reported_elsewhere(mxq_ctx *ctx);
+
+/* Fault injection, for testing that every rank stops cleanly whatever rank
+ * fails wherever. `spec` is "RANK:STEP" (RANK may be "*"): the first time
+ * that rank reaches the named step, it fails there as if the step had
+ * failed. "list" prints every step reached instead ("mxq fault-point: rank R
+ * step S" on the log stream). The command-line tool takes it from the
+ * environment variable MXQ_FAULT; NULL or "" turns it off. */
+void mxq_ctx_set_fault(mxq_ctx *ctx, const char *spec);
 
 /* Wall-clock seconds since an arbitrary fixed point (monotonic). */
 double mxq_time_now(void);

@@ -47,6 +47,16 @@ typedef struct {
     mxq_mx_spec mx_act_spec;
 } mxq_model_config;
 
+/* Bounds on config.json sizes: far above any real model (Llama-3.1-405B:
+ * width 53248, 126 layers, 128 heads), low enough that no size derived from
+ * them overflows and that a corrupt value fails at once. */
+#define MXQ_MAX_WIDTH (1 << 20)     /* hidden_size, intermediate_size */
+#define MXQ_MAX_LAYERS 1024
+#define MXQ_MAX_HEADS 4096
+#define MXQ_MAX_HEAD_DIM 4096
+#define MXQ_MAX_VOCAB (1 << 24)
+#define MXQ_MAX_POSITIONS (1 << 24)
+
 /* Parse <dir>/config.json. Unsupported architectures and values are errors
  * naming the key. Reads both top-level rope_theta/rope_scaling and the
  * rope_parameters object of recent transformers versions. */
@@ -101,6 +111,12 @@ typedef struct {
     int embedding, head;
 } mxq_model_part;
 
+/* The checkpoint in `dir` against cfg, from the headers alone and before
+ * anything proportional to the config is allocated: every tensor cfg
+ * implies exists with the shape cfg implies, and no tensor belongs to a
+ * decoder layer cfg does not have. Errors name the tensor and file. */
+mxq_status mxq_model_check_checkpoint(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg);
+
 mxq_status mxq_model_load(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, const mxq_model_part *part,
                           mxq_model **out);
 void mxq_model_free(mxq_model *model);
@@ -143,6 +159,8 @@ typedef struct mxq_workspace mxq_workspace;
 mxq_status mxq_workspace_create(mxq_ctx *ctx, const mxq_model_config *cfg, int max_seqs, int seq_len,
                                 mxq_workspace **out);
 void mxq_workspace_free(mxq_workspace *ws);
+/* Bytes a workspace takes (for memory plans; double: plans of any size). */
+double mxq_workspace_bytes(const mxq_model_config *cfg, int max_seqs, int seq_len);
 
 /* x [n_seqs * seq_len, d] <- embedding rows of tokens [n_seqs, seq_len] */
 mxq_status mxq_model_embed(mxq_ctx *ctx, const mxq_model *model, const int32_t *tokens, int n_seqs, int seq_len,

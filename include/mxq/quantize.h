@@ -1,19 +1,16 @@
 /* Post-training quantization of decoder layers: calibration statistics,
- * SmoothQuant, AWQ (scale and clip search), GPTQ-MX, round-to-nearest, and
- * the whole-model job that runs them over MPI ranks and writes an MX
- * checkpoint. */
+ * SmoothQuant, AWQ (scale and clip search), GPTQ-MX and round-to-nearest on
+ * one layer or one linear. The jobs that run them over MPI ranks are in
+ * mxq/jobs.h. */
 #ifndef MXQ_QUANTIZE_H
 #define MXQ_QUANTIZE_H
 
-#include <mpi.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "mxq/core.h"
 #include "mxq/model.h"
-#include "mxq/dist.h"
 #include "mxq/recipe.h"
-#include "mxq/tokens.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -82,11 +79,6 @@ void mxq_unscale_rows(float *weight, float *bias, int out, int in, const double 
 /* Statistics of the input X diag(1/s): H_ij /= s_i s_j, |x|_j /= s_j. */
 void mxq_input_stats_rescale(mxq_input_stats *stats, const double *scales);
 
-/* Element codes and packing of weights that already lie on the MX grid of
- * the given E8M0 scales (GPTQ's output); fails if an element is off-grid. */
-mxq_status mxq_mx_pack_with_scales(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *weight, size_t rows,
-                                   size_t cols, const uint8_t *scales, uint8_t *packed);
-
 /* ---- one decoder layer --------------------------------------------------- */
 
 typedef struct {
@@ -119,42 +111,16 @@ mxq_status mxq_quantize_layer(mxq_ctx *ctx, const mxq_recipe *recipe, const mxq_
                               mxq_layer *L, mxq_layer_stats *stats, mxq_layer_result *result);
 void mxq_layer_result_free(mxq_layer_result *result);
 
-/* One linear on its own (mxq quantize-linear): the recipe's weight
- * algorithms with no op to fold into, so the result is the effective weight
- * Q(W diag s) diag(1/s), [out, in], written to q. stats->abs_max and
- * abs_sum may be NULL when only the Hessian is known (SmoothQuant and AWQ
- * then fail with a message). Losses are tr(dW H dW^T) against W. */
-mxq_status mxq_quantize_single_linear(mxq_ctx *ctx, const mxq_recipe *recipe, const float *weight, int out, int in,
-                                      const mxq_input_stats *stats, float *q, double *loss_rtn, double *loss);
-
-/* ---- the whole job --------------------------------------------------------- */
-
-typedef struct {
-    int batch;       /* calibration sequences per micro-batch (default 8) */
-    int force;       /* overwrite a non-empty output directory */
-    int dry_run;     /* print the plan only */
-    int stats_layers; /* fp mode: at most this many layers' statistics per rank at once (0 = all) */
-} mxq_quantize_options;
-
-/* Read the first calibration.samples sequences of calib_path and check them
- * against the recipe and the model (enough sequences, not longer than the
- * context). Collective over dist; errors are agreed. */
-mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const mxq_dist *dist, const char *calib_path, const mxq_recipe *recipe,
-                                  const char *recipe_path, const mxq_model_config *cfg, mxq_tokens *tokens);
-
-/* Calibrate on `calib` (from mxq_calibration_tokens; calib_name for
- * messages) and quantize the layers of `model` (this rank's part) in memory.
- * Collective over `comm`. results[i] for local layer i. stats_layers > 0
- * bounds the layers whose statistics a rank holds at once in fp mode (more
- * calibration passes, same result); 0 = all of them in one pass. */
-mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, MPI_Comm comm, mxq_model *model, const mxq_tokens *calib,
-                                        const char *calib_name, const mxq_recipe *recipe, int batch, int stats_layers,
-                                        mxq_layer_result *results);
-
-/* mxq quantize: read model_dir, calibrate on calib_path, apply the recipe,
- * write the MX checkpoint to out_dir. Collective over comm. */
-mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, const char *calib_path,
-                        const char *recipe_path, const char *out_dir, const mxq_quantize_options *options);
+/* One linear on its own (mxq quantize-linear), through the same per-linear
+ * code as mxq_quantize_layer: the recipe's steps that apply to a linear of
+ * that role (an mxq_linear_id, or -1 for a linear of no particular role, to
+ * which every step applies), with no op to fold into, so the result is the
+ * effective weight Q(W diag s) diag(1/s), [out, in], written to q.
+ * stats->abs_max and abs_sum may be NULL when only the Hessian is known
+ * (SmoothQuant and AWQ then fail with a message). Losses are tr(dW H dW^T)
+ * against W. */
+mxq_status mxq_quantize_single_linear(mxq_ctx *ctx, const mxq_recipe *recipe, int role, const float *weight, int out,
+                                      int in, const mxq_input_stats *stats, float *q, double *loss_rtn, double *loss);
 
 #ifdef __cplusplus
 }

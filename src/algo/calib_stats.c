@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "check.h"
+#include "core/check.h"
 #include "mxq/quantize.h"
 
 mxq_status mxq_input_stats_init(mxq_ctx *ctx, int features, mxq_input_stats *s)

@@ -9,7 +9,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "check.h"
+#include "core/check.h"
+#include "io/fsutil.h"
 #include "mxq/recipe.h"
 
 const char *mxq_algo_name(mxq_algo_kind kind)
@@ -133,41 +134,25 @@ static mxq_status parse_format_spec(reader *r, struct fy_node *node, int line, c
 {
     mxq_status status = MXQ_OK;
     *has = 0;
-    spec->format = NULL;
-    spec->block = 32;
-    spec->rounding = MXQ_ROUND_EVEN;
-    spec->kernel = MXQ_KERNEL_AUTO;
+    mxq_mx_spec_default(spec);
     const char *s = node ? scalar(node) : NULL;
     if (!node || (s && (strcmp(s, "none") == 0 || !*s || strcmp(s, "null") == 0)))
         return MXQ_OK; /* not quantized */
-    CALL(r->ctx, check_mapping(r, node, line, what, "format block rounding"));
-    int format_line = line;
-    const char *format_name = NULL;
+    if (!fy_node_is_mapping(node))
+        RFAIL(r, line, "'%s' must be none or a mapping of {format block rounding}", what);
+    int seen_format = 0;
     FOR_PAIRS(node, pair1)
     {
         struct fy_node *key = fy_node_pair_key(pair1), *value = fy_node_pair_value(pair1);
         const char *k = scalar(key);
-        if (!k)
-            continue;
-        if (strcmp(k, "format") == 0) {
-            format_name = scalar(value) ? scalar(value) : "";
-            format_line = node_line(value);
-        } else if (strcmp(k, "block") == 0) {
-            CALL(r->ctx, get_int(r, value, node_line(key), "block", 1, MXQ_MX_BLOCK_MAX, &spec->block));
-        } else if (strcmp(k, "rounding") == 0) {
-            const char *v = scalar(value);
-            if (!v || mxq_rounding_by_name(v, &spec->rounding) != 0)
-                RFAIL(r, node_line(value), "unknown rounding '%s' in %s (valid: even nearest)", v ? v : "?", what);
-        }
+        char where[300];
+        snprintf(where, sizeof(where), "%s:%d", r->file, node_line(value) ? node_line(value) : node_line(key));
+        CALL(r->ctx, mxq_mx_spec_set_field(r->ctx, spec, k, scalar(value), where, what));
+        seen_format |= k && strcmp(k, "format") == 0;
     }
-    if (!format_name)
+    if (!seen_format)
         RFAIL(r, line, "%s needs a 'format' (one of: none %s)", what, mxq_format_names());
-    if (strcmp(format_name, "none") == 0)
-        return MXQ_OK;
-    spec->format = mxq_format_by_name(format_name);
-    if (!spec->format)
-        RFAIL(r, format_line, "unknown format '%s' in %s (valid: none %s)", format_name, what, mxq_format_names());
-    *has = 1;
+    *has = spec->format != NULL;
 fail:
     return status;
 }
@@ -249,6 +234,107 @@ fail:
     return status;
 }
 
+static int is_null_scalar(struct fy_node *value)
+{
+    const char *s = scalar(value);
+    return !value || (s && (!*s || strcmp(s, "null") == 0 || strcmp(s, "~") == 0));
+}
+
+static mxq_status parse_algorithm_list(reader *r, struct fy_node *value, int line, mxq_recipe *recipe, int *gptq_line)
+{
+    mxq_status status = MXQ_OK;
+    if (is_null_scalar(value))
+        return MXQ_OK;
+    if (!fy_node_is_sequence(value))
+        RFAIL(r, line, "'algorithms' must be a list ([] for round-to-nearest)");
+    void *it = NULL;
+    struct fy_node *item;
+    while ((item = fy_node_sequence_iterate(value, &it)) != NULL) {
+        CALL(r->ctx, parse_algorithm(r, item, recipe));
+        if (recipe->steps[recipe->n_steps - 1].kind == MXQ_ALGO_GPTQ)
+            *gptq_line = node_line(fy_node_pair_key(fy_node_mapping_get_by_index(item, 0)));
+    }
+fail:
+    return status;
+}
+
+static mxq_status parse_calibration(reader *r, struct fy_node *value, int line, mxq_recipe *recipe)
+{
+    mxq_status status = MXQ_OK;
+    CALL(r->ctx, check_mapping(r, value, line, "calibration", "samples mode"));
+    FOR_PAIRS(value, pair6)
+    {
+        struct fy_node *ckey = fy_node_pair_key(pair6), *cval = fy_node_pair_value(pair6);
+        const char *ck = scalar(ckey);
+        if (ck && strcmp(ck, "samples") == 0) {
+            CALL(r->ctx, get_int(r, cval, node_line(ckey), "samples", 1, 1 << 24, &recipe->calib_samples));
+        } else if (ck && strcmp(ck, "mode") == 0) {
+            const char *m = scalar(cval);
+            if (m && strcmp(m, "fp") == 0)
+                recipe->calib_mode = MXQ_CALIB_FP;
+            else if (m && strcmp(m, "sequential") == 0)
+                recipe->calib_mode = MXQ_CALIB_SEQUENTIAL;
+            else
+                RFAIL(r, node_line(cval), "unknown calibration mode '%s' (valid: fp sequential)", m ? m : "?");
+        }
+    }
+fail:
+    return status;
+}
+
+static mxq_status parse_exclude(reader *r, struct fy_node *value, int line, mxq_recipe *recipe)
+{
+    mxq_status status = MXQ_OK;
+    if (is_null_scalar(value))
+        return MXQ_OK;
+    if (!fy_node_is_sequence(value))
+        RFAIL(r, line, "'exclude' must be a list of tensor-name patterns");
+    void *it = NULL;
+    struct fy_node *item;
+    while ((item = fy_node_sequence_iterate(value, &it)) != NULL) {
+        const char *pattern = scalar(item);
+        if (!pattern || !*pattern)
+            RFAIL(r, node_line(item) ? node_line(item) : line, "'exclude' entries must be name patterns");
+        if (recipe->n_exclude >= MXQ_RECIPE_MAX_EXCLUDE)
+            RFAIL(r, node_line(item), "too many exclude patterns (at most %d)", MXQ_RECIPE_MAX_EXCLUDE);
+        recipe->exclude[recipe->n_exclude] = strdup(pattern);
+        CHECK_ALLOC(r->ctx, recipe->exclude[recipe->n_exclude], strlen(pattern) + 1, "a pattern");
+        recipe->n_exclude++;
+    }
+fail:
+    return status;
+}
+
+/* What no single entry can tell: weights present, algorithm order, GPTQ's
+ * block sizes against the weight format, no SmoothQuant with AWQ. */
+static mxq_status check_recipe(reader *r, const mxq_recipe *recipe, int weights_seen, int weights_line, int gptq_line)
+{
+    mxq_status status = MXQ_OK;
+    int has_sq = 0, has_awq = 0;
+    if (!weights_seen)
+        RFAIL(r, 1, "the recipe needs a 'weights' entry (a format, or none)");
+    if (recipe->n_steps > 0 && !recipe->has_weights)
+        RFAIL(r, weights_line, "algorithms need a weight format, but weights is none");
+    for (int i = 0; i < recipe->n_steps; i++) {
+        has_sq |= recipe->steps[i].kind == MXQ_ALGO_SMOOTHQUANT;
+        has_awq |= recipe->steps[i].kind == MXQ_ALGO_AWQ;
+        if (recipe->steps[i].kind != MXQ_ALGO_GPTQ)
+            continue;
+        if (i != recipe->n_steps - 1)
+            RFAIL(r, gptq_line, "gptq must be the last algorithm (it runs on the already smoothed weights)");
+        if (mxq_gptq_check(r->ctx, &recipe->steps[i].gptq, &recipe->weights) != MXQ_OK) {
+            char msg[512];
+            snprintf(msg, sizeof(msg), "%s", mxq_error_message(r->ctx));
+            mxq_error_clear(r->ctx);
+            RFAIL(r, gptq_line, "%s", msg);
+        }
+    }
+    if (has_sq && has_awq)
+        RFAIL(r, 1, "smoothquant and awq cannot be combined (both rescale the same channels); pick one");
+fail:
+    return status;
+}
+
 static mxq_status parse_document(reader *r, struct fy_node *root, mxq_recipe *recipe)
 {
     mxq_status status = MXQ_OK;
@@ -262,112 +348,74 @@ static mxq_status parse_document(reader *r, struct fy_node *root, mxq_recipe *re
     {
         struct fy_node *key = fy_node_pair_key(pair5), *value = fy_node_pair_value(pair5);
         const char *k = scalar(key);
-        if (!k)
-            continue;
         int line = node_line(key);
-        if (strcmp(k, "weights") == 0) {
+        if (k && strcmp(k, "weights") == 0) {
             weights_seen = 1;
             weights_line = line;
             CALL(r->ctx, parse_format_spec(r, value, line, "weights", &recipe->has_weights, &recipe->weights));
-        } else if (strcmp(k, "activations") == 0) {
+        } else if (k && strcmp(k, "activations") == 0) {
             CALL(r->ctx, parse_format_spec(r, value, line, "activations", &recipe->has_acts, &recipe->acts));
-        } else if (strcmp(k, "algorithms") == 0) {
-            const char *s = scalar(value);
-            if (value && fy_node_is_sequence(value)) {
-                void *it = NULL;
-                struct fy_node *item;
-                while ((item = fy_node_sequence_iterate(value, &it)) != NULL) {
-                    CALL(r->ctx, parse_algorithm(r, item, recipe));
-                    if (recipe->steps[recipe->n_steps - 1].kind == MXQ_ALGO_GPTQ)
-                        gptq_line = node_line(fy_node_pair_key(fy_node_mapping_get_by_index(item, 0)));
-                }
-            } else if (!(s && (!*s || strcmp(s, "null") == 0))) {
-                RFAIL(r, line, "'algorithms' must be a list ([] for round-to-nearest)");
-            }
-        } else if (strcmp(k, "calibration") == 0) {
-            CALL(r->ctx, check_mapping(r, value, line, "calibration", "samples mode"));
-            FOR_PAIRS(value, pair6)
-            {
-                struct fy_node *ckey = fy_node_pair_key(pair6), *cval = fy_node_pair_value(pair6);
-                const char *ck = scalar(ckey);
-                if (!ck)
-                    continue;
-                if (strcmp(ck, "samples") == 0) {
-                    CALL(r->ctx, get_int(r, cval, node_line(ckey), "samples", 1, 1 << 24, &recipe->calib_samples));
-                } else if (strcmp(ck, "mode") == 0) {
-                    const char *m = scalar(cval);
-                    if (m && strcmp(m, "fp") == 0)
-                        recipe->calib_mode = MXQ_CALIB_FP;
-                    else if (m && strcmp(m, "sequential") == 0)
-                        recipe->calib_mode = MXQ_CALIB_SEQUENTIAL;
-                    else
-                        RFAIL(r, node_line(cval), "unknown calibration mode '%s' (valid: fp sequential)", m ? m : "?");
-                }
-            }
-        } else if (strcmp(k, "exclude") == 0) {
-            const char *s = scalar(value);
-            if (value && fy_node_is_sequence(value)) {
-                void *it = NULL;
-                struct fy_node *item;
-                while ((item = fy_node_sequence_iterate(value, &it)) != NULL) {
-                    const char *pattern = scalar(item);
-                    if (!pattern || !*pattern)
-                        RFAIL(r, node_line(item) ? node_line(item) : line, "'exclude' entries must be name patterns");
-                    if (recipe->n_exclude >= MXQ_RECIPE_MAX_EXCLUDE)
-                        RFAIL(r, node_line(item), "too many exclude patterns (at most %d)", MXQ_RECIPE_MAX_EXCLUDE);
-                    recipe->exclude[recipe->n_exclude] = strdup(pattern);
-                    CHECK_ALLOC(r->ctx, recipe->exclude[recipe->n_exclude], strlen(pattern) + 1, "a pattern");
-                    recipe->n_exclude++;
-                }
-            } else if (!(s && (!*s || strcmp(s, "null") == 0))) {
-                RFAIL(r, line, "'exclude' must be a list of tensor-name patterns");
-            }
+        } else if (k && strcmp(k, "algorithms") == 0) {
+            CALL(r->ctx, parse_algorithm_list(r, value, line, recipe, &gptq_line));
+        } else if (k && strcmp(k, "calibration") == 0) {
+            CALL(r->ctx, parse_calibration(r, value, line, recipe));
+        } else if (k && strcmp(k, "exclude") == 0) {
+            CALL(r->ctx, parse_exclude(r, value, line, recipe));
         }
     }
-    if (!weights_seen)
-        RFAIL(r, 1, "the recipe needs a 'weights' entry (a format, or none)");
-    if (recipe->n_steps > 0 && !recipe->has_weights)
-        RFAIL(r, weights_line, "algorithms need a weight format, but weights is none");
-    for (int i = 0; i < recipe->n_steps; i++) {
-        if (recipe->steps[i].kind == MXQ_ALGO_GPTQ && i != recipe->n_steps - 1)
-            RFAIL(r, gptq_line, "gptq must be the last algorithm (it runs on the already smoothed weights)");
-        if (recipe->steps[i].kind == MXQ_ALGO_GPTQ) {
-            mxq_status st = mxq_gptq_check(r->ctx, &recipe->steps[i].gptq, &recipe->weights);
-            if (st != MXQ_OK) {
-                char msg[512];
-                snprintf(msg, sizeof(msg), "%s", mxq_error_message(r->ctx));
-                mxq_error_clear(r->ctx);
-                RFAIL(r, gptq_line, "%s", msg);
-            }
-        }
-    }
-    int has_sq = 0, has_awq = 0;
-    for (int i = 0; i < recipe->n_steps; i++) {
-        has_sq |= recipe->steps[i].kind == MXQ_ALGO_SMOOTHQUANT;
-        has_awq |= recipe->steps[i].kind == MXQ_ALGO_AWQ;
-    }
-    if (has_sq && has_awq)
-        RFAIL(r, 1, "smoothquant and awq cannot be combined (both rescale the same channels); pick one");
+    CALL(r->ctx, check_recipe(r, recipe, weights_seen, weights_line, gptq_line));
 fail:
     return status;
 }
 
+/* libfyaml reports "<memory-@0x...>:3:5: error: ..." for text parsed from
+ * memory; keep "3:5: error: ..." and the first line only. */
 static void capture_diag(struct fy_diag *diag, void *user, const char *buf, size_t len)
 {
     (void)diag;
     char *out = user;
-    size_t used = strlen(out);
-    if (used + 1 >= 1024)
-        return;
-    size_t n = len < 1024 - used - 1 ? len : 1024 - used - 1;
-    memcpy(out + used, buf, n);
-    out[used + n] = '\0';
+    if (out[0])
+        return; /* the first diagnostic is the cause */
+    size_t n = len < 1023 ? len : 1023;
+    memcpy(out, buf, n);
+    out[n] = '\0';
+    out[strcspn(out, "\n")] = '\0';
+    char *at = strstr(out, ">:");
+    if (out[0] == '<' && at)
+        memmove(out, at + 2, strlen(at + 2) + 1);
+    char *err = strstr(out, " error: ");
+    if (err && strlen(out) + 16 < 1024) {
+        memmove(err + 17, err + 8, strlen(err + 8) + 1);
+        memcpy(err, " not valid YAML: ", 17);
+    }
+}
+
+/* The first YAML document of `text`, and whether a second one follows
+ * (which the recipe schema does not allow). */
+static mxq_status load_single_document(mxq_ctx *ctx, struct fy_parser *parser, const char *name,
+                                       const char *diag_text, struct fy_document **doc)
+{
+    mxq_status status = MXQ_OK;
+    *doc = fy_parse_load_document(parser);
+    if (!*doc && diag_text[0])
+        FAIL(ctx, MXQ_ERR_FORMAT, "%s:%s", name, diag_text);
+    CHECK(ctx, *doc != NULL && fy_document_root(*doc) != NULL, MXQ_ERR_FORMAT,
+          "%s: the recipe is empty; it needs at least 'weights: {format: ..., block: ...}' (see configs/recipes/)", name);
+    struct fy_document *second = fy_parse_load_document(parser);
+    if (second) {
+        fy_parse_document_destroy(parser, second);
+        FAIL(ctx, MXQ_ERR_FORMAT, "%s: holds more than one YAML document ('---'); a recipe is one document", name);
+    }
+    CHECK(ctx, diag_text[0] == '\0', MXQ_ERR_FORMAT, "%s:%s", name, diag_text);
+fail:
+    return status;
 }
 
 mxq_status mxq_recipe_parse_string(mxq_ctx *ctx, const char *text, const char *name, mxq_recipe *recipe)
 {
     mxq_status status = MXQ_OK;
     struct fy_diag *diag = NULL;
+    struct fy_parser *parser = NULL;
     struct fy_document *doc = NULL;
     char diag_text[1024] = "";
     memset(recipe, 0, sizeof(*recipe));
@@ -380,16 +428,17 @@ mxq_status mxq_recipe_parse_string(mxq_ctx *ctx, const char *text, const char *n
     diag = fy_diag_create(&dcfg);
     CHECK_ALLOC(ctx, diag, 1, "the YAML diagnostics");
     struct fy_parse_cfg pcfg = {.search_path = NULL, .flags = FYPCF_QUIET, .userdata = NULL, .diag = diag};
-    doc = fy_document_build_from_string(&pcfg, text, FY_NT);
-    if (!doc) {
-        diag_text[strcspn(diag_text, "\n")] = '\0';
-        FAIL(ctx, MXQ_ERR_FORMAT, "%s: not valid YAML: %s", name, diag_text[0] ? diag_text : "parse error");
-    }
+    parser = fy_parser_create(&pcfg);
+    CHECK_ALLOC(ctx, parser, 1, "the YAML parser");
+    CHECK(ctx, fy_parser_set_string(parser, text, FY_NT) == 0, MXQ_ERR_NOMEM, "cannot start parsing '%s'", name);
+    CALL(ctx, load_single_document(ctx, parser, name, diag_text, &doc));
     reader r = {ctx, name};
     CALL(ctx, parse_document(&r, fy_document_root(doc), recipe));
 fail:
     if (doc)
-        fy_document_destroy(doc);
+        fy_parse_document_destroy(parser, doc);
+    if (parser)
+        fy_parser_destroy(parser);
     if (diag)
         fy_diag_destroy(diag);
     if (status != MXQ_OK)
@@ -402,23 +451,7 @@ mxq_status mxq_recipe_load(mxq_ctx *ctx, const char *path, mxq_recipe *recipe)
     mxq_status status = MXQ_OK;
     char *text = NULL;
     memset(recipe, 0, sizeof(*recipe));
-    FILE *f = fopen(path, "rb");
-    CHECK(ctx, f != NULL, MXQ_ERR_IO, "cannot read recipe '%s': %s", path, strerror(errno));
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    if (size < 0 || size > (1 << 20)) {
-        fclose(f);
-        FAIL(ctx, MXQ_ERR_FORMAT, "recipe '%s' is not a small YAML file", path);
-    }
-    text = malloc((size_t)size + 1);
-    if (!text) {
-        fclose(f);
-        FAIL(ctx, MXQ_ERR_NOMEM, "out of memory reading '%s'", path);
-    }
-    size_t got = fread(text, 1, (size_t)size, f);
-    fclose(f);
-    text[got] = '\0';
+    CALL(ctx, mxq_input_read_all(ctx, path, "recipe", 1 << 20, &text, NULL));
     CALL(ctx, mxq_recipe_parse_string(ctx, text, path, recipe));
 fail:
     free(text);

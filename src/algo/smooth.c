@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "check.h"
+#include "core/check.h"
 #include "mxq/gptq.h"
 #include "mxq/quantize.h"
 
@@ -159,37 +159,5 @@ mxq_status mxq_awq_clip(mxq_ctx *ctx, const mxq_mx_spec *spec, float *w, int out
         }
     }
 fail:
-    return status;
-}
-
-mxq_status mxq_mx_pack_with_scales(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *w, size_t rows, size_t cols,
-                                   const uint8_t *scales, uint8_t *packed)
-{
-    mxq_status status = MXQ_OK;
-    const mxq_format *f = spec->format;
-    const size_t blocks = mxq_mx_blocks_per_row(cols, spec->block), row_bytes = mxq_mx_packed_row_bytes(f, cols);
-    uint8_t *codes = malloc(cols + 1);
-    CHECK_ALLOC(ctx, codes, cols, "element codes");
-    for (size_t r = 0; r < rows; r++) {
-        const float *row = w + r * cols;
-        for (size_t b = 0; b < blocks; b++) {
-            int se = scales[r * blocks + b] == 0xFF ? MXQ_SE_NAN : (int)scales[r * blocks + b] - 127;
-            size_t c1 = (b + 1) * (size_t)spec->block < cols ? (b + 1) * (size_t)spec->block : cols;
-            for (size_t c = b * (size_t)spec->block; c < c1; c++) {
-                if (se == MXQ_SE_NAN) {
-                    codes[c] = 0;
-                    continue;
-                }
-                codes[c] = mxq_mx_encode(f, spec->rounding, row[c], se);
-                float back = mxq_mx_decode(f, codes[c], se);
-                CHECK(ctx, back == row[c] || (back == 0.0f && row[c] == 0.0f), MXQ_ERR_INTERNAL,
-                      "weight %g at [%zu, %zu] is not on the %s grid of scale 2^%d (decodes to %g)", (double)row[c], r,
-                      c, f->name, se, (double)back);
-            }
-        }
-        mxq_mx_pack_row(f, codes, cols, packed + r * row_bytes);
-    }
-fail:
-    free(codes);
     return status;
 }

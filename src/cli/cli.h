@@ -13,8 +13,13 @@ int mxq_cmd_synth(mxq_ctx *ctx, int argc, char **argv);
 int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv);
 int mxq_cmd_quantize_linear(mxq_ctx *ctx, int argc, char **argv);
 
-/* Print "mxq <verb>: error: <message>" (one line) and return MXQ_EXIT_USAGE. */
-int mxq_cli_usage_error(const char *verb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Print "mxq <verb>: error: <message>" (one line, from rank 0 only: every
+ * rank of an mpirun job parses the same command line) and return
+ * MXQ_EXIT_USAGE. */
+int mxq_cli_usage_error(mxq_ctx *ctx, const char *verb, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Report a failed job: its one-line error (mxq_error_print decides which
+ * rank speaks) and MXQ_EXIT_FAILURE. */
+int mxq_cli_job_failed(mxq_ctx *ctx, const char *verb);
 /* Parse a whole decimal integer in [lo, hi]; -1 if it is not one. */
 int mxq_cli_parse_int(const char *text, long lo, long hi, long *out);
 

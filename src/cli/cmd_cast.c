@@ -1,13 +1,11 @@
 /* mxq cast: MX-quantize one 2-D float32 HDF5 dataset. */
 #include <getopt.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "check.h"
 #include "cli.h"
-#include "mxq/h5io.h"
+#include "mxq/jobs.h"
 #include "mxq/mx.h"
 
 static void print_cast_help(FILE *out)
@@ -29,7 +27,8 @@ static void print_cast_help(FILE *out)
             "  -q, --quiet           print errors only\n"
             "  -h, --help            this text\n"
             "\n"
-            "OUT.h5 receives (written under a temporary name, renamed when complete):\n"
+            "OUT.h5 receives (written under a temporary name, renamed when complete; OUT.h5 must\n"
+            "not be the input, and if it exists it must be a regular file, which is replaced):\n"
             "  /output      float32 [rows, cols]            the dequantized values\n"
             "  /scale_e8m0  uint8   [rows, ceil(cols/B)]     shared exponent + 127 (255 = NaN block)\n"
             "  /packed      uint8   [rows, bytes_per_row]    element codes, packed per row:\n"
@@ -63,84 +62,6 @@ static void split_input(char *arg, const char **file, const char **dataset)
     }
 }
 
-/* Signal-to-quantization-noise ratio in dB over the finite inputs. */
-static double sqnr_db(const float *x, const float *q, size_t n)
-{
-    double signal = 0.0, noise = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(x[i]) || !isfinite(q[i]))
-            continue;
-        signal += (double)x[i] * x[i];
-        noise += ((double)x[i] - q[i]) * ((double)x[i] - q[i]);
-    }
-    if (noise == 0.0)
-        return INFINITY;
-    return 10.0 * log10(signal / noise);
-}
-
-static mxq_status run_cast(mxq_ctx *ctx, const mxq_mx_spec *spec, const char *in_file, const char *in_dataset,
-                           const char *out_path)
-{
-    mxq_status status = MXQ_OK;
-    hid_t in = H5I_INVALID_HID;
-    float *input = NULL, *dequant = NULL;
-    uint8_t *packed = NULL, *scales = NULL;
-    mxq_h5_output out = {.file = H5I_INVALID_HID};
-    size_t rows = 0, cols = 0;
-
-    CALL(ctx, mxq_h5_open_read(ctx, in_file, &in));
-    CALL(ctx, mxq_h5_read_f32_2d(ctx, in, in_file, in_dataset, &input, &rows, &cols));
-    H5Fclose(in);
-    in = H5I_INVALID_HID;
-
-    /* Fail on an unwritable output before doing the work. */
-    CALL(ctx, mxq_h5_output_begin(ctx, out_path, &out));
-
-    const size_t nblocks = mxq_mx_blocks_per_row(cols, spec->block);
-    const size_t row_bytes = mxq_mx_packed_row_bytes(spec->format, cols);
-    dequant = malloc(rows * cols * sizeof(float));
-    CHECK_ALLOC(ctx, dequant, rows * cols * sizeof(float), "the dequantized output");
-    scales = malloc(rows * nblocks);
-    CHECK_ALLOC(ctx, scales, rows * nblocks, "the E8M0 scales");
-    packed = malloc(rows * row_bytes);
-    CHECK_ALLOC(ctx, packed, rows * row_bytes, "the packed elements");
-
-    double t0 = mxq_time_now();
-    CALL(ctx, mxq_mx_quantize_rows(ctx, spec, input, rows, cols, packed, scales, dequant));
-    double seconds = mxq_time_now() - t0;
-
-    hsize_t dims_out[2] = {rows, cols};
-    hsize_t dims_scale[2] = {rows, nblocks};
-    hsize_t dims_packed[2] = {rows, row_bytes};
-    CALL(ctx, mxq_h5_write(ctx, out.file, "/output", H5T_NATIVE_FLOAT, 2, dims_out, dequant));
-    CALL(ctx, mxq_h5_write(ctx, out.file, "/scale_e8m0", H5T_NATIVE_UINT8, 2, dims_scale, scales));
-    CALL(ctx, mxq_h5_write(ctx, out.file, "/packed", H5T_NATIVE_UINT8, 2, dims_packed, packed));
-    CALL(ctx, mxq_h5_attr_string(ctx, out.file, "format", spec->format->name));
-    CALL(ctx, mxq_h5_attr_int(ctx, out.file, "block", spec->block));
-    CALL(ctx, mxq_h5_attr_string(ctx, out.file, "rounding", mxq_rounding_name(spec->rounding)));
-    CALL(ctx, mxq_h5_attr_string(ctx, out.file, "source", in_dataset));
-    CALL(ctx, mxq_h5_output_commit(ctx, &out));
-
-    size_t nan_blocks = 0;
-    for (size_t i = 0; i < rows * nblocks; i++)
-        nan_blocks += scales[i] == MXQ_E8M0_NAN;
-    mxq_log(ctx, MXQ_LOG_INFO,
-            "cast %s:%s [%zu x %zu] -> %s block %d rounding %s (%s kernel): %.3f ms, SQNR %.2f dB, "
-            "%zu NaN block%s, wrote %s",
-            in_file, in_dataset, rows, cols, spec->format->name, spec->block, mxq_rounding_name(spec->rounding),
-            mxq_kernel_name(mxq_kernel_resolve(spec->kernel)), seconds * 1e3, sqnr_db(input, dequant, rows * cols),
-            nan_blocks, nan_blocks == 1 ? "" : "s", out_path);
-fail:
-    if (in >= 0)
-        H5Fclose(in);
-    mxq_h5_output_abort(&out);
-    free(input);
-    free(dequant);
-    free(scales);
-    free(packed);
-    return status;
-}
-
 int mxq_cmd_cast(mxq_ctx *ctx, int argc, char **argv)
 {
     static const struct option options[] = {
@@ -159,12 +80,12 @@ int mxq_cmd_cast(mxq_ctx *ctx, int argc, char **argv)
         case 'f':
             spec.format = mxq_format_by_name(optarg);
             if (!spec.format)
-                return mxq_cli_usage_error("cast", "unknown format '%s' (valid: %s)", optarg, mxq_format_names());
+                return mxq_cli_usage_error(ctx, "cast", "unknown format '%s' (valid: %s)", optarg, mxq_format_names());
             break;
         case 'b': block_text = optarg; break;
         case 'r':
             if (mxq_rounding_by_name(optarg, &spec.rounding) != 0)
-                return mxq_cli_usage_error("cast", "unknown rounding '%s' (valid: even nearest)", optarg);
+                return mxq_cli_usage_error(ctx, "cast", "unknown rounding '%s' (valid: even nearest)", optarg);
             break;
         case 'k':
             if (strcmp(optarg, "auto") == 0)
@@ -174,37 +95,35 @@ int mxq_cmd_cast(mxq_ctx *ctx, int argc, char **argv)
             else if (strcmp(optarg, "avx512") == 0)
                 spec.kernel = MXQ_KERNEL_AVX512;
             else
-                return mxq_cli_usage_error("cast", "unknown kernel '%s' (valid: auto reference avx512)", optarg);
+                return mxq_cli_usage_error(ctx, "cast", "unknown kernel '%s' (valid: auto reference avx512)", optarg);
             break;
         case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;
         case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); break;
         case 'h': print_cast_help(stdout); return MXQ_EXIT_OK;
-        case ':': return mxq_cli_usage_error("cast", "option '%s' needs a value", argv[optind - 1]);
-        default: return mxq_cli_usage_error("cast", "unknown option '%s' (see mxq cast --help)", argv[optind - 1]);
+        case ':': return mxq_cli_usage_error(ctx, "cast", "option '%s' needs a value", argv[optind - 1]);
+        default: return mxq_cli_usage_error(ctx, "cast", "unknown option '%s' (see mxq cast --help)", argv[optind - 1]);
         }
     }
     if (!spec.format)
-        return mxq_cli_usage_error("cast", "--format is required (valid: %s)", mxq_format_names());
+        return mxq_cli_usage_error(ctx, "cast", "--format is required (valid: %s)", mxq_format_names());
     if (!block_text)
-        return mxq_cli_usage_error("cast", "--block is required (1..%d)", MXQ_MX_BLOCK_MAX);
+        return mxq_cli_usage_error(ctx, "cast", "--block is required (1..%d)", MXQ_MX_BLOCK_MAX);
     long block;
     if (mxq_cli_parse_int(block_text, 1, MXQ_MX_BLOCK_MAX, &block) != 0)
-        return mxq_cli_usage_error("cast", "block size must be an integer in 1..%d, got '%s'", MXQ_MX_BLOCK_MAX,
+        return mxq_cli_usage_error(ctx, "cast", "block size must be an integer in 1..%d, got '%s'", MXQ_MX_BLOCK_MAX,
                                    block_text);
     spec.block = (int)block;
     if (!mxq_kernel_available(spec.kernel))
-        return mxq_cli_usage_error("cast", "kernel '%s' is not supported by this CPU", mxq_kernel_name(spec.kernel));
+        return mxq_cli_usage_error(ctx, "cast", "kernel '%s' is not supported by this CPU", mxq_kernel_name(spec.kernel));
     if (argc - optind != 2)
-        return mxq_cli_usage_error("cast", "expected IN.h5[:/dataset] OUT.h5, got %d positional argument%s",
+        return mxq_cli_usage_error(ctx, "cast", "expected IN.h5[:/dataset] OUT.h5, got %d positional argument%s",
                                    argc - optind, argc - optind == 1 ? "" : "s");
 
     const char *in_file, *in_dataset;
     split_input(argv[optind], &in_file, &in_dataset);
     const char *out_path = argv[optind + 1];
 
-    if (run_cast(ctx, &spec, in_file, in_dataset, out_path) != MXQ_OK) {
-        mxq_error_print(ctx, stderr, "mxq cast");
-        return MXQ_EXIT_FAILURE;
-    }
+    if (mxq_cast_file(ctx, &spec, in_file, in_dataset, out_path) != MXQ_OK)
+        return mxq_cli_job_failed(ctx, "cast");
     return MXQ_EXIT_OK;
 }

@@ -1,16 +1,12 @@
 /* mxq eval: perplexity of a model on a token file, over MPI ranks. */
 #include <getopt.h>
-#include <jansson.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "check.h"
 #include "cli.h"
-#include "mxq/eval.h"
-#include "mxq/fsutil.h"
-#include "mxq/recipe.h"
+#include "mxq/jobs.h"
 
 static void print_eval_help(FILE *out)
 {
@@ -32,13 +28,14 @@ static void print_eval_help(FILE *out)
             "  -n, --limit N          evaluate only the first N sequences\n"
             "  -b, --batch N          sequences per micro-batch (default 8)\n"
             "  -j, --json OUT.json    also write ppl, mean_nll, tokens_scored, seconds, tokens_per_s\n"
+            "                         (checked before any work; never an input, a device or a directory)\n"
             "\n"
             "Fake quantization (weights rounded to nearest once; each linear's input quantized at\n"
             "run time), to measure what a format costs:\n"
             "      --weights FMT      MX format of linear weights\n"
             "      --acts FMT         MX format of linear inputs\n"
-            "      --block B          MX block size (default 32)\n"
-            "      --rounding MODE    even (default) or nearest\n"
+            "      --block B          MX block size (default 32; with --weights or --acts)\n"
+            "      --rounding MODE    even (default) or nearest (with --weights or --acts)\n"
             "  formats: %s\n"
             "\n"
             "Quantized models:\n"
@@ -61,38 +58,6 @@ static void print_eval_help(FILE *out)
             mxq_format_names());
 }
 
-static mxq_status write_json(mxq_ctx *ctx, const char *path, const char *model, const char *tokens,
-                             const mxq_eval_options *opt, const mxq_eval_result *r)
-{
-    mxq_status status = MXQ_OK;
-    json_t *root = json_pack("{s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:s, s:s}", "ppl", r->ppl, "mean_nll",
-                             r->mean_nll, "tokens_scored", (json_int_t)r->tokens_scored, "seconds", r->seconds,
-                             "tokens_per_s", r->tokens_per_s, "load_seconds", r->load_seconds, "sequences",
-                             r->sequences, "seq_len", r->seq_len, "ranks", r->ranks, "model", model, "tokens", tokens);
-    CHECK_ALLOC(ctx, root, 1, "the JSON report");
-    if (opt->quant.enabled_weights || r->acts_quantized || opt->recipe) {
-        json_t *q = json_object();
-        if (opt->quant.enabled_weights)
-            json_object_set_new(q, "weights", json_string(opt->quant.weights.format->name));
-        if (r->acts_quantized)
-            json_object_set_new(q, "activations", json_string(r->acts.format->name));
-        const mxq_mx_spec *spec = opt->quant.enabled_weights ? &opt->quant.weights : &r->acts;
-        if (opt->quant.enabled_weights || r->acts_quantized) {
-            json_object_set_new(q, "block", json_integer(spec->block));
-            json_object_set_new(q, "rounding", json_string(mxq_rounding_name(spec->rounding)));
-        }
-        if (opt->recipe) {
-            json_object_set_new(q, "recipe", json_string(opt->recipe_path));
-            json_object_set_new(q, "calibration", json_string(opt->calib_path));
-        }
-        json_object_set_new(root, "fake_quant", q);
-    }
-    CALL(ctx, mxq_json_write_atomic(ctx, root, path));
-fail:
-    json_decref(root);
-    return status;
-}
-
 int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
 {
     enum { OPT_WEIGHTS = 1000, OPT_ACTS, OPT_BLOCK, OPT_ROUNDING, OPT_RECIPE, OPT_CALIB };
@@ -111,7 +76,7 @@ int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
     long value, block = 32;
     mxq_rounding rounding = MXQ_ROUND_EVEN;
     const mxq_format *wfmt = NULL, *afmt = NULL;
-    int opt_char;
+    int opt_char, block_given = 0, rounding_given = 0;
     optind = 1;
     opterr = 0;
     while ((opt_char = getopt_long(argc, argv, ":m:t:n:b:j:vqh", options, NULL)) != -1) {
@@ -121,52 +86,56 @@ int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
         case 'j': json_path = optarg; break;
         case 'n':
             if (mxq_cli_parse_int(optarg, 1, 1L << 30, &value) != 0)
-                return mxq_cli_usage_error("eval", "--limit must be a positive integer, got '%s'", optarg);
+                return mxq_cli_usage_error(ctx, "eval", "--limit must be a positive integer, got '%s'", optarg);
             opt.limit = (int)value;
             break;
         case 'b':
             if (mxq_cli_parse_int(optarg, 1, 1 << 16, &value) != 0)
-                return mxq_cli_usage_error("eval", "--batch must be an integer in 1..65536, got '%s'", optarg);
+                return mxq_cli_usage_error(ctx, "eval", "--batch must be an integer in 1..65536, got '%s'", optarg);
             opt.batch = (int)value;
             break;
         case OPT_WEIGHTS:
         case OPT_ACTS: {
             const mxq_format *f = mxq_format_by_name(optarg);
             if (!f)
-                return mxq_cli_usage_error("eval", "unknown format '%s' (valid: %s)", optarg, mxq_format_names());
+                return mxq_cli_usage_error(ctx, "eval", "unknown format '%s' (valid: %s)", optarg, mxq_format_names());
             *(opt_char == OPT_WEIGHTS ? &wfmt : &afmt) = f;
             break;
         }
         case OPT_BLOCK:
+            block_given = 1;
             if (mxq_cli_parse_int(optarg, 1, MXQ_MX_BLOCK_MAX, &block) != 0)
-                return mxq_cli_usage_error("eval", "block size must be an integer in 1..%d, got '%s'",
+                return mxq_cli_usage_error(ctx, "eval", "block size must be an integer in 1..%d, got '%s'",
                                            MXQ_MX_BLOCK_MAX, optarg);
             break;
         case OPT_ROUNDING:
+            rounding_given = 1;
             if (mxq_rounding_by_name(optarg, &rounding) != 0)
-                return mxq_cli_usage_error("eval", "unknown rounding '%s' (valid: even nearest)", optarg);
+                return mxq_cli_usage_error(ctx, "eval", "unknown rounding '%s' (valid: even nearest)", optarg);
             break;
         case OPT_RECIPE: recipe_path = optarg; break;
         case OPT_CALIB: calib = optarg; break;
         case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;
         case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); break;
         case 'h': print_eval_help(stdout); return MXQ_EXIT_OK;
-        case ':': return mxq_cli_usage_error("eval", "option '%s' needs a value", argv[optind - 1]);
-        default: return mxq_cli_usage_error("eval", "unknown option '%s' (see mxq eval --help)", argv[optind - 1]);
+        case ':': return mxq_cli_usage_error(ctx, "eval", "option '%s' needs a value", argv[optind - 1]);
+        default: return mxq_cli_usage_error(ctx, "eval", "unknown option '%s' (see mxq eval --help)", argv[optind - 1]);
         }
     }
     if (!model)
-        return mxq_cli_usage_error("eval", "--model DIR is required");
+        return mxq_cli_usage_error(ctx, "eval", "--model DIR is required");
     if (!tokens)
-        return mxq_cli_usage_error("eval", "--tokens FILE.h5 is required");
+        return mxq_cli_usage_error(ctx, "eval", "--tokens FILE.h5 is required");
     if (optind < argc)
-        return mxq_cli_usage_error("eval", "unexpected argument '%s'", argv[optind]);
+        return mxq_cli_usage_error(ctx, "eval", "unexpected argument '%s'", argv[optind]);
     if (recipe_path && !calib)
-        return mxq_cli_usage_error("eval", "--recipe needs --calib FILE.h5 (calibration tokens)");
+        return mxq_cli_usage_error(ctx, "eval", "--recipe needs --calib FILE.h5 (calibration tokens)");
     if (calib && !recipe_path)
-        return mxq_cli_usage_error("eval", "--calib is only used with --recipe");
+        return mxq_cli_usage_error(ctx, "eval", "--calib is only used with --recipe");
     if (recipe_path && (wfmt || afmt))
-        return mxq_cli_usage_error("eval", "--recipe sets the formats; do not combine it with --weights/--acts");
+        return mxq_cli_usage_error(ctx, "eval", "--recipe sets the formats; do not combine it with --weights/--acts");
+    if ((block_given || rounding_given) && !wfmt && !afmt)
+        return mxq_cli_usage_error(ctx, "eval", "--block and --rounding apply to --weights/--acts; give one of those too");
     if (wfmt) {
         opt.quant.enabled_weights = 1;
         opt.quant.weights = (mxq_mx_spec){wfmt, (int)block, rounding, MXQ_KERNEL_AUTO};
@@ -176,35 +145,18 @@ int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
         opt.quant.acts = (mxq_mx_spec){afmt, (int)block, rounding, MXQ_KERNEL_AUTO};
     }
 
-    mxq_eval_result r;
-    mxq_recipe recipe;
-    mxq_status st = MXQ_OK;
-    if (recipe_path) {
-        st = mxq_recipe_load(ctx, recipe_path, &recipe);
-        if (st != MXQ_OK) {
-            mxq_error_print(ctx, stderr, "mxq eval");
-            return MXQ_EXIT_FAILURE;
-        }
-        opt.recipe = &recipe;
-        opt.recipe_path = recipe_path;
-        opt.calib_path = calib;
-        mxq_ctx_set_all_ranks_info(ctx, 1);
-    }
-    st = mxq_eval_perplexity(ctx, MPI_COMM_WORLD, model, tokens, &opt, &r);
+    opt.recipe_path = recipe_path;
+    opt.calib_path = calib;
+    opt.json_path = json_path;
     if (recipe_path)
-        mxq_recipe_free(&recipe);
-    int rank = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    if (st == MXQ_OK && rank == 0) {
+        mxq_ctx_set_all_ranks_info(ctx, 1); /* per-layer lines come from the rank that owns the layer */
+    mxq_eval_result r;
+    if (mxq_eval_perplexity(ctx, MPI_COMM_WORLD, model, tokens, &opt, &r) != MXQ_OK)
+        return mxq_cli_job_failed(ctx, "eval");
+    if (mxq_ctx_rank(ctx) == 0) {
         printf("perplexity %.6f  mean_nll %.9f  tokens_scored %zu  sequences %d  ranks %d  %.2f s  %.0f tokens/s\n",
                r.ppl, r.mean_nll, r.tokens_scored, r.sequences, r.ranks, r.seconds, r.tokens_per_s);
         fflush(stdout);
-        if (json_path)
-            st = write_json(ctx, json_path, model, tokens, &opt, &r);
-    }
-    if (st != MXQ_OK) {
-        mxq_error_print(ctx, stderr, "mxq eval");
-        return MXQ_EXIT_FAILURE;
     }
     return MXQ_EXIT_OK;
 }

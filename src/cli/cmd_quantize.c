@@ -5,7 +5,7 @@
 #include <stdlib.h>
 
 #include "cli.h"
-#include "mxq/quantize.h"
+#include "mxq/jobs.h"
 
 static void print_quantize_help(FILE *out)
 {
@@ -39,7 +39,9 @@ static void print_quantize_help(FILE *out)
             "  -o, --out DIR          output directory (created; must be empty unless --force)\n"
             "  -b, --batch N          calibration sequences per micro-batch (default 8)\n"
             "      --dry-run          print who owns which layers and the predicted memory per rank\n"
-            "      --force            replace mxq's files in a non-empty output directory\n"
+            "      --force            replace what an earlier mxq run wrote in DIR (listed in its\n"
+            "                         .mxq-output.json), temporaries of a killed run included;\n"
+            "                         never a file mxq did not write, nor the input model\n"
             "      --stats-layers N   fp mode: hold the calibration statistics (double Hessians,\n"
             "                         see --dry-run) of at most N layers per rank at a time; the\n"
             "                         calibration set then runs through the model once per group\n"
@@ -51,12 +53,16 @@ static void print_quantize_help(FILE *out)
             "Output: one progress line per layer (from the rank that owns it) with the loss of\n"
             "round-to-nearest and of the recipe, tr(dW H dW^T) summed over the layer's linears,\n"
             "the AWQ/SmoothQuant alpha per input, times and peak memory; then a summary table.\n"
-            "Nothing looks complete before it is: shards are written as *.incomplete and the index\n"
-            "is renamed into place last.\n"
+            "Nothing looks complete before it is: shards are written under temporary names and\n"
+            "the index is renamed into place last. Everything that can be checked is checked\n"
+            "before the work starts: recipe, config against the checkpoint, calibration tokens,\n"
+            "the output directory (writable, not the input) on every rank. Non-finite weights are\n"
+            "refused, naming the tensor. Under mpirun every rank stops when one fails; the cause\n"
+            "is printed once, with where it happened (e.g. layer 3 mlp.down_proj: GPTQ: ...).\n"
             "\n"
             "Example:\n"
             "  mpirun -n 2 mxq quantize --model data/stories260K --calib data/stories260K/calib.h5 \\\n"
-            "      --recipe configs/recipes/paper-block32/w4a8-mxint-awq-gptq.yaml --out out/stories-w4a8\n");
+            "      --recipe configs/recipes/block32/w4a8-mxint-awq-gptq.yaml --out out/stories-w4a8\n");
 }
 
 int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
@@ -85,40 +91,37 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
         case 'o': out = optarg; break;
         case 'b':
             if (mxq_cli_parse_int(optarg, 1, 1 << 16, &value) != 0)
-                return mxq_cli_usage_error("quantize", "--batch must be an integer in 1..65536, got '%s'", optarg);
+                return mxq_cli_usage_error(ctx, "quantize", "--batch must be an integer in 1..65536, got '%s'", optarg);
             opt.batch = (int)value;
             break;
         case OPT_DRY_RUN: opt.dry_run = 1; break;
         case OPT_FORCE: opt.force = 1; break;
         case OPT_STATS_LAYERS:
             if (mxq_cli_parse_int(optarg, 1, 1 << 20, &value) != 0)
-                return mxq_cli_usage_error("quantize", "--stats-layers must be a positive integer, got '%s'", optarg);
+                return mxq_cli_usage_error(ctx, "quantize", "--stats-layers must be a positive integer, got '%s'", optarg);
             opt.stats_layers = (int)value;
             break;
         case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;
         case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); break;
         case 'h': print_quantize_help(stdout); return MXQ_EXIT_OK;
-        case ':': return mxq_cli_usage_error("quantize", "option '%s' needs a value", argv[optind - 1]);
+        case ':': return mxq_cli_usage_error(ctx, "quantize", "option '%s' needs a value", argv[optind - 1]);
         default:
-            return mxq_cli_usage_error("quantize", "unknown option '%s' (see mxq quantize --help)", argv[optind - 1]);
+            return mxq_cli_usage_error(ctx, "quantize", "unknown option '%s' (see mxq quantize --help)", argv[optind - 1]);
         }
     }
     if (!model)
-        return mxq_cli_usage_error("quantize", "--model DIR is required");
+        return mxq_cli_usage_error(ctx, "quantize", "--model DIR is required");
     if (!calib)
-        return mxq_cli_usage_error("quantize", "--calib FILE.h5 is required");
+        return mxq_cli_usage_error(ctx, "quantize", "--calib FILE.h5 is required");
     if (!recipe)
-        return mxq_cli_usage_error("quantize", "--recipe R.yaml is required");
+        return mxq_cli_usage_error(ctx, "quantize", "--recipe R.yaml is required");
     if (!out && !opt.dry_run)
-        return mxq_cli_usage_error("quantize", "--out DIR is required");
+        return mxq_cli_usage_error(ctx, "quantize", "--out DIR is required");
     if (optind < argc)
-        return mxq_cli_usage_error("quantize", "unexpected argument '%s'", argv[optind]);
+        return mxq_cli_usage_error(ctx, "quantize", "unexpected argument '%s'", argv[optind]);
     /* per-layer progress lines come from the rank that owns the layer */
     mxq_ctx_set_all_ranks_info(ctx, 1);
-    mxq_status st = mxq_quantize(ctx, MPI_COMM_WORLD, model, calib, recipe, out, &opt);
-    if (st != MXQ_OK) {
-        mxq_error_print(ctx, stderr, "mxq quantize");
-        return MXQ_EXIT_FAILURE;
-    }
+    if (mxq_quantize(ctx, MPI_COMM_WORLD, model, calib, recipe, out, &opt) != MXQ_OK)
+        return mxq_cli_job_failed(ctx, "quantize");
     return MXQ_EXIT_OK;
 }

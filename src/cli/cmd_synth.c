@@ -78,13 +78,13 @@ int mxq_cmd_synth(mxq_ctx *ctx, int argc, char **argv)
         case 'p':
             opt.preset = mxq_synth_preset_by_name(optarg);
             if (!opt.preset)
-                return mxq_cli_usage_error("synth", "unknown preset '%s' (valid: %s)", optarg,
+                return mxq_cli_usage_error(ctx, "synth", "unknown preset '%s' (valid: %s)", optarg,
                                            mxq_synth_preset_names());
             break;
         case 'o': out = optarg; break;
         case 'l':
             if (mxq_cli_parse_int(optarg, 1, 1000, &value) != 0)
-                return mxq_cli_usage_error("synth", "--layers must be a positive integer, got '%s'", optarg);
+                return mxq_cli_usage_error(ctx, "synth", "--layers must be a positive integer, got '%s'", optarg);
             opt.layers = (int)value;
             break;
         case 'd':
@@ -93,34 +93,34 @@ int mxq_cmd_synth(mxq_ctx *ctx, int argc, char **argv)
             else if (strcmp(optarg, "f32") == 0)
                 opt.dtype = MXQ_DT_F32;
             else
-                return mxq_cli_usage_error("synth", "unknown dtype '%s' (valid: bf16 f32)", optarg);
+                return mxq_cli_usage_error(ctx, "synth", "unknown dtype '%s' (valid: bf16 f32)", optarg);
             break;
         case 's':
             if (parse_bytes(optarg, &opt.shard_size) != 0)
-                return mxq_cli_usage_error("synth", "--shard-size must be a byte count like 2000000000 or 2G, got '%s'",
+                return mxq_cli_usage_error(ctx, "synth", "--shard-size must be a byte count like 2000000000 or 2G, got '%s'",
                                            optarg);
             break;
         case OPT_SEED:
             if (mxq_cli_parse_int(optarg, 0, 1L << 62, &value) != 0)
-                return mxq_cli_usage_error("synth", "--seed must be a non-negative integer, got '%s'", optarg);
+                return mxq_cli_usage_error(ctx, "synth", "--seed must be a non-negative integer, got '%s'", optarg);
             opt.seed = (uint64_t)value;
             break;
         case 'f': opt.force = 1; break;
         case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); break;
         case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;
         case 'h': print_synth_help(stdout); return MXQ_EXIT_OK;
-        case ':': return mxq_cli_usage_error("synth", "option '%s' needs a value", argv[optind - 1]);
-        default: return mxq_cli_usage_error("synth", "unknown option '%s' (see mxq synth --help)", argv[optind - 1]);
+        case ':': return mxq_cli_usage_error(ctx, "synth", "option '%s' needs a value", argv[optind - 1]);
+        default: return mxq_cli_usage_error(ctx, "synth", "unknown option '%s' (see mxq synth --help)", argv[optind - 1]);
         }
     }
     if (!opt.preset)
-        return mxq_cli_usage_error("synth", "--preset is required (valid: %s)", mxq_synth_preset_names());
+        return mxq_cli_usage_error(ctx, "synth", "--preset is required (valid: %s)", mxq_synth_preset_names());
     if (!out)
-        return mxq_cli_usage_error("synth", "--out DIR is required");
+        return mxq_cli_usage_error(ctx, "synth", "--out DIR is required");
     if (optind < argc)
-        return mxq_cli_usage_error("synth", "unexpected argument '%s'", argv[optind]);
+        return mxq_cli_usage_error(ctx, "synth", "unexpected argument '%s'", argv[optind]);
     if (opt.layers > opt.preset->layers)
-        return mxq_cli_usage_error("synth", "--layers %d exceeds the %d layers of %s", opt.layers,
+        return mxq_cli_usage_error(ctx, "synth", "--layers %d exceeds the %d layers of %s", opt.layers,
                                    opt.preset->layers, opt.preset->name);
     if (mxq_synth_write(ctx, &opt, out) != MXQ_OK) {
         mxq_error_print(ctx, stderr, "mxq synth");

@@ -33,6 +33,21 @@
         }                                                                         \
     } while (0)
 
+/* CALL, and on failure put `<context>: ` in front of the error's message, so
+ * that what failed deep down says where it happened:
+ *   CALL_IN(ctx, mxq_gptq_quantize(...), "layer %d %s", layer, name);
+ * gives "layer 3 mlp.down_proj: GPTQ: Cholesky ... failed". */
+#define CALL_IN(ctx, expr, ...)                                                   \
+    do {                                                                          \
+        mxq_status call_status_ = (expr);                                         \
+        if (call_status_ != MXQ_OK) {                                             \
+            mxq_error_trace((ctx), __FILE__, __LINE__);                           \
+            mxq_error_context((ctx), __VA_ARGS__);                                \
+            status = call_status_;                                                \
+            goto fail;                                                            \
+        }                                                                         \
+    } while (0)
+
 /* Allocation that fails with a message naming what was being allocated. */
 #define CHECK_ALLOC(ctx, ptr, bytes, what)                                        \
     CHECK(ctx, (ptr), MXQ_ERR_NOMEM, "out of memory allocating %zu bytes for %s", \
@@ -74,10 +89,16 @@ void mxq_mpi_error_set(mxq_ctx *ctx, int mpi_rc, const char *file, int line,
         long long lapack_info_ = (long long)(info_expr);                          \
         if (lapack_info_ != 0) {                                                  \
             mxq_error_set((ctx), MXQ_ERR_LAPACK, __FILE__, __LINE__,              \
-                          "%s failed (info=%lld)", (what), lapack_info_);         \
+                          "%s failed (LAPACK info=%lld)", (what), lapack_info_);  \
             status = MXQ_ERR_LAPACK;                                              \
             goto fail;                                                            \
         }                                                                         \
     } while (0)
+
+/* Test-only fault injection (mxq_ctx_set_fault): fails with "injected
+ * fault on rank R at step 'S'" when this rank is told to fail at `step`. Every
+ * agreement point is such a step; so are the places inside pipelines where a
+ * rank can fail while the others wait for it. */
+mxq_status mxq_fault_point(mxq_ctx *ctx, const char *step);
 
 #endif

@@ -5,7 +5,7 @@
 #include <sys/resource.h>
 #include <time.h>
 
-#include "check.h"
+#include "core/check.h"
 #include "mxq/core.h"
 
 #define MXQ_TRACE_MAX 16
@@ -24,6 +24,13 @@ struct mxq_ctx {
     int trace_len;
     char trace[MXQ_TRACE_MAX][256];
     int reported_elsewhere; /* another rank prints the same error */
+
+    /* Test-only fault injection (see mxq_ctx_set_fault): "list", or the
+     * rank (-1 = every rank) and step at which to fail once. */
+    int fault_list;
+    int fault_rank;
+    char fault_step[128];
+    int fault_fired;
 };
 
 const char *mxq_status_name(mxq_status status)
@@ -68,6 +75,7 @@ mxq_status mxq_ctx_create(mxq_ctx **out)
     ctx->nranks = 1;
     ctx->log_stream = stderr;
     ctx->t0 = mxq_time_now();
+    ctx->fault_rank = -2; /* no fault configured */
     return MXQ_OK;
 }
 
@@ -80,6 +88,8 @@ void mxq_ctx_set_log_level(mxq_ctx *ctx, mxq_log_level level) { ctx->level = lev
 mxq_log_level mxq_ctx_log_level(const mxq_ctx *ctx) { return ctx->level; }
 void mxq_ctx_set_all_ranks_info(mxq_ctx *ctx, int enabled) { ctx->all_ranks_info = enabled; }
 void mxq_ctx_set_log_stream(mxq_ctx *ctx, FILE *stream) { ctx->log_stream = stream; }
+
+int mxq_ctx_rank(const mxq_ctx *ctx) { return ctx->rank; }
 
 void mxq_ctx_set_rank(mxq_ctx *ctx, int rank, int nranks)
 {
@@ -150,6 +160,28 @@ void mxq_error_set(mxq_ctx *ctx, mxq_status code, const char *file, int line, co
     ctx->reported_elsewhere = 0;
 }
 
+void mxq_error_context(mxq_ctx *ctx, const char *fmt, ...)
+{
+    if (ctx->err_code == MXQ_OK)
+        return;
+    /* The cause stays at the end; each caller's context goes in front:
+     * "layer 3 mlp.down_proj: GPTQ: Cholesky ... failed". */
+    char prefix[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(prefix, sizeof(prefix), fmt, ap);
+    va_end(ap);
+    size_t plen = strlen(prefix), mlen = strlen(ctx->err_message), cap = sizeof(ctx->err_message) - 1;
+    if (plen + 2 >= cap)
+        return;
+    if (plen + 2 + mlen > cap)
+        mlen = cap - plen - 2; /* keep the context; the cause's tail goes */
+    memmove(ctx->err_message + plen + 2, ctx->err_message, mlen);
+    memcpy(ctx->err_message, prefix, plen);
+    memcpy(ctx->err_message + plen, ": ", 2);
+    ctx->err_message[plen + 2 + mlen] = '\0';
+}
+
 void mxq_error_mark_reported_elsewhere(mxq_ctx *ctx)
 {
     ctx->reported_elsewhere = 1;
@@ -194,4 +226,39 @@ void mxq_error_clear(mxq_ctx *ctx)
     ctx->err_origin[0] = '\0';
     ctx->trace_len = 0;
     ctx->reported_elsewhere = 0;
+}
+
+void mxq_ctx_set_fault(mxq_ctx *ctx, const char *spec)
+{
+    ctx->fault_list = 0;
+    ctx->fault_rank = -2;
+    ctx->fault_fired = 0;
+    if (!spec || !*spec)
+        return;
+    if (strcmp(spec, "list") == 0) {
+        ctx->fault_list = 1;
+        return;
+    }
+    const char *colon = strchr(spec, ':');
+    if (!colon)
+        return;
+    ctx->fault_rank = spec[0] == '*' ? -1 : atoi(spec);
+    snprintf(ctx->fault_step, sizeof(ctx->fault_step), "%s", colon + 1);
+}
+
+mxq_status mxq_fault_point(mxq_ctx *ctx, const char *step)
+{
+    if (ctx->fault_list) {
+        fprintf(ctx->log_stream, "mxq fault-point: rank %d step %s\n", ctx->rank, step);
+        fflush(ctx->log_stream);
+        return MXQ_OK;
+    }
+    if (ctx->fault_rank == -2 || ctx->fault_fired || strcmp(step, ctx->fault_step) != 0)
+        return MXQ_OK;
+    if (ctx->fault_rank != -1 && ctx->fault_rank != ctx->rank)
+        return MXQ_OK;
+    ctx->fault_fired = 1;
+    mxq_error_set(ctx, MXQ_ERR_INTERNAL, __FILE__, __LINE__, "injected fault on rank %d at step '%s'", ctx->rank,
+                  step);
+    return MXQ_ERR_INTERNAL;
 }

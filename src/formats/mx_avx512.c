@@ -20,7 +20,7 @@
 #include <immintrin.h>
 #include <string.h>
 
-#include "mx_kernels.h"
+#include "formats/mx_kernels.h"
 
 static inline uint32_t pow2_bits(int k)
 {

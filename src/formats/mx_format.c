@@ -2,10 +2,12 @@
  * other piece of mxq (kernels, packing, CLI, recipes, checkpoint metadata)
  * reads these rows. tests/unit/test_mx_format.c re-derives the dependent
  * columns (emin, max, max_code) from ebits/mbits and checks them. */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
-#include "check.h"
-#include "mx_kernels.h"
+#include "core/check.h"
+#include "formats/mx_kernels.h"
 #include "mxq/mx.h"
 
 /*  id               name          bits stor int eb mb emax emin  max          max_code */
@@ -103,4 +105,66 @@ mxq_status mxq_mx_spec_check(mxq_ctx *ctx, const mxq_mx_spec *spec)
           "MX kernel '%s' is not supported by this CPU", mxq_kernel_name(spec->kernel));
 fail:
     return status;
+}
+
+/* ---- the text form of a spec: one serializer for recipes (YAML), checkpoint
+ * configs (JSON in) and quantization_config (JSON out) ------------------- */
+
+static const struct {
+    const char *key;
+    int is_int;
+} spec_fields[MXQ_MX_SPEC_FIELDS] = {{"format", 0}, {"block", 1}, {"rounding", 0}};
+
+const char *mxq_mx_spec_field_key(int i) { return i >= 0 && i < MXQ_MX_SPEC_FIELDS ? spec_fields[i].key : NULL; }
+int mxq_mx_spec_field_is_int(int i) { return i >= 0 && i < MXQ_MX_SPEC_FIELDS && spec_fields[i].is_int; }
+
+void mxq_mx_spec_default(mxq_mx_spec *spec)
+{
+    spec->format = NULL;
+    spec->block = 32;
+    spec->rounding = MXQ_ROUND_EVEN;
+    spec->kernel = MXQ_KERNEL_AUTO;
+}
+
+static mxq_status set_block(mxq_ctx *ctx, mxq_mx_spec *spec, const char *text, const char *where)
+{
+    mxq_status status = MXQ_OK;
+    char *end = NULL;
+    long v = text ? strtol(text, &end, 10) : 0;
+    CHECK(ctx, text && *text && !*end && v >= 1 && v <= MXQ_MX_BLOCK_MAX, MXQ_ERR_FORMAT,
+          "%s: 'block' must be an integer in 1..%d, got '%s'", where, MXQ_MX_BLOCK_MAX, text ? text : "(not a scalar)");
+    spec->block = (int)v;
+fail:
+    return status;
+}
+
+mxq_status mxq_mx_spec_set_field(mxq_ctx *ctx, mxq_mx_spec *spec, const char *key, const char *text, const char *where,
+                                 const char *what)
+{
+    mxq_status status = MXQ_OK;
+    if (key && strcmp(key, "format") == 0) {
+        spec->format = text ? mxq_format_by_name(text) : NULL;
+        CHECK(ctx, spec->format || (text && strcmp(text, "none") == 0), MXQ_ERR_FORMAT,
+              "%s: unknown format '%s' in %s (valid: none %s)", where, text ? text : "?", what, mxq_format_names());
+    } else if (key && strcmp(key, "block") == 0) {
+        CALL(ctx, set_block(ctx, spec, text, where));
+    } else if (key && strcmp(key, "rounding") == 0) {
+        CHECK(ctx, text && mxq_rounding_by_name(text, &spec->rounding) == 0, MXQ_ERR_FORMAT,
+              "%s: unknown rounding '%s' in %s (valid: even nearest)", where, text ? text : "?", what);
+    } else {
+        FAIL(ctx, MXQ_ERR_FORMAT, "%s: unknown key '%s' in %s (valid: format block rounding)", where, key ? key : "?",
+             what);
+    }
+fail:
+    return status;
+}
+
+void mxq_mx_spec_field_text(const mxq_mx_spec *spec, int i, char *buf, size_t size)
+{
+    switch (i) {
+    case 0: snprintf(buf, size, "%s", spec->format ? spec->format->name : "none"); break;
+    case 1: snprintf(buf, size, "%d", spec->block); break;
+    case 2: snprintf(buf, size, "%s", mxq_rounding_name(spec->rounding)); break;
+    default: snprintf(buf, size, "?"); break;
+    }
 }

@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "mx_kernels.h"
+#include "formats/mx_kernels.h"
 #include "mxq/mx.h"
 
 /* floor(log2(a)) for finite a > 0, exactly (frexp never rounds). */

@@ -1,3 +1,5 @@
+#define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
@@ -7,8 +9,197 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "check.h"
-#include "mxq/fsutil.h"
+#include "core/check.h"
+#include "io/fsutil.h"
+
+const char *mxq_file_kind(mode_t mode)
+{
+    if (S_ISREG(mode))
+        return "a regular file";
+    if (S_ISDIR(mode))
+        return "a directory";
+    if (S_ISFIFO(mode))
+        return "a FIFO";
+    if (S_ISCHR(mode))
+        return "a character device";
+    if (S_ISBLK(mode))
+        return "a block device";
+    if (S_ISSOCK(mode))
+        return "a socket";
+    if (S_ISLNK(mode))
+        return "a symbolic link";
+    return "not a regular file";
+}
+
+/* ---- inputs ---------------------------------------------------------------- */
+
+mxq_status mxq_input_open(mxq_ctx *ctx, const char *path, const char *what, int *fd_out)
+{
+    mxq_status status = MXQ_OK;
+    struct stat st;
+    *fd_out = -1;
+    /* O_NONBLOCK: opening a FIFO for reading must not wait for a writer. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+    CHECK(ctx, fd >= 0, MXQ_ERR_IO, "cannot open %s '%s': %s", what, path, strerror(errno));
+    CHECK(ctx, fstat(fd, &st) == 0, MXQ_ERR_IO, "cannot stat %s '%s': %s", what, path, strerror(errno));
+    CHECK(ctx, S_ISREG(st.st_mode), MXQ_ERR_IO, "%s '%s' is %s, not a regular file", what, path,
+          mxq_file_kind(st.st_mode));
+    int flags = fcntl(fd, F_GETFL);
+    CHECK(ctx, flags >= 0 && fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) == 0, MXQ_ERR_IO, "cannot use %s '%s': %s", what,
+          path, strerror(errno));
+    *fd_out = fd;
+    return MXQ_OK;
+fail:
+    if (fd >= 0)
+        close(fd);
+    return status;
+}
+
+mxq_status mxq_input_check(mxq_ctx *ctx, const char *path, const char *what)
+{
+    mxq_status status = MXQ_OK;
+    int fd = -1;
+    CALL(ctx, mxq_input_open(ctx, path, what, &fd));
+    close(fd);
+fail:
+    return status;
+}
+
+mxq_status mxq_input_read_all(mxq_ctx *ctx, const char *path, const char *what, size_t max_bytes, char **text,
+                              size_t *len)
+{
+    mxq_status status = MXQ_OK;
+    int fd = -1;
+    char *buf = NULL;
+    struct stat st;
+    *text = NULL;
+    CALL(ctx, mxq_input_open(ctx, path, what, &fd));
+    CHECK(ctx, fstat(fd, &st) == 0, MXQ_ERR_IO, "cannot stat %s '%s': %s", what, path, strerror(errno));
+    CHECK(ctx, (size_t)st.st_size <= max_bytes, MXQ_ERR_FORMAT, "%s '%s' is %lld bytes; at most %zu are expected",
+          what, path, (long long)st.st_size, max_bytes);
+    size_t size = (size_t)st.st_size, got = 0;
+    buf = malloc(size + 1);
+    CHECK_ALLOC(ctx, buf, size + 1, what);
+    while (got < size) {
+        ssize_t n = read(fd, buf + got, size - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        CHECK(ctx, n >= 0, MXQ_ERR_IO, "cannot read %s '%s': %s", what, path, strerror(errno));
+        CHECK(ctx, n > 0, MXQ_ERR_IO, "cannot read %s '%s': it shrank while being read", what, path);
+        got += (size_t)n;
+    }
+    buf[size] = '\0';
+    *text = buf;
+    buf = NULL;
+    if (len)
+        *len = size;
+fail:
+    if (fd >= 0)
+        close(fd);
+    free(buf);
+    return status;
+}
+
+mxq_status mxq_json_read(mxq_ctx *ctx, const char *path, const char *what, json_t **out)
+{
+    mxq_status status = MXQ_OK;
+    char *text = NULL;
+    size_t len = 0;
+    json_error_t jerr;
+    *out = NULL;
+    CALL(ctx, mxq_input_read_all(ctx, path, what, (size_t)64 << 20, &text, &len));
+    *out = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
+    CHECK(ctx, *out != NULL, MXQ_ERR_FORMAT, "%s: not valid JSON: %s (line %d)", path, jerr.text, jerr.line);
+fail:
+    free(text);
+    return status;
+}
+
+mxq_status mxq_input_set_add(mxq_ctx *ctx, mxq_input_set *set, const char *path, const char *what)
+{
+    mxq_status status = MXQ_OK;
+    struct stat st;
+    if (!path || stat(path, &st) != 0)
+        return MXQ_OK;
+    if (set->n == set->cap) {
+        size_t cap = set->cap ? 2 * set->cap : 16;
+        mxq_file_id *ids = realloc(set->ids, cap * sizeof(*ids));
+        CHECK_ALLOC(ctx, ids, cap * sizeof(*ids), "the list of input files");
+        set->ids = ids;
+        set->cap = cap;
+    }
+    mxq_file_id *id = &set->ids[set->n];
+    id->path = strdup(path);
+    CHECK_ALLOC(ctx, id->path, strlen(path) + 1, "an input file name");
+    id->dev = st.st_dev;
+    id->ino = st.st_ino;
+    id->what = what;
+    set->n++;
+fail:
+    return status;
+}
+
+mxq_status mxq_input_set_add_model(mxq_ctx *ctx, mxq_input_set *set, const char *model_dir)
+{
+    mxq_status status = MXQ_OK;
+    char path[4352];
+    DIR *d = opendir(model_dir);
+    if (!d)
+        return MXQ_OK; /* reading the model will report it */
+    /* Every file of the model directory, not only those the job reads:
+     * tokenizers and licences are not to be overwritten either. */
+    for (struct dirent *e = readdir(d); e; e = readdir(d)) {
+        if (e->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof(path), "%s/%s", model_dir, e->d_name);
+        CALL(ctx, mxq_input_set_add(ctx, set, path, "a file of the input model"));
+    }
+fail:
+    closedir(d);
+    return status;
+}
+
+void mxq_input_set_free(mxq_input_set *set)
+{
+    for (size_t i = 0; i < set->n; i++)
+        free(set->ids[i].path);
+    free(set->ids);
+    memset(set, 0, sizeof(*set));
+}
+
+const mxq_file_id *mxq_input_set_find(const mxq_input_set *set, const char *path)
+{
+    struct stat st;
+    if (!set || stat(path, &st) != 0)
+        return NULL;
+    for (size_t i = 0; i < set->n; i++)
+        if (set->ids[i].dev == st.st_dev && set->ids[i].ino == st.st_ino)
+            return &set->ids[i];
+    return NULL;
+}
+
+/* ---- outputs --------------------------------------------------------------- */
+
+mxq_status mxq_output_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    struct stat st;
+    if (lstat(path, &st) != 0) {
+        CHECK(ctx, errno == ENOENT, MXQ_ERR_IO, "cannot use output '%s': %s", path, strerror(errno));
+        return MXQ_OK;
+    }
+    /* rename() would replace a link, not what it points to: say so rather
+     * than surprise. Devices, FIFOs and directories are never replaced. */
+    CHECK(ctx, !S_ISLNK(st.st_mode), MXQ_ERR_IO,
+          "output '%s' is a symbolic link; mxq replaces only regular files (give the link's target instead)", path);
+    CHECK(ctx, S_ISREG(st.st_mode), MXQ_ERR_IO, "output '%s' is %s; mxq writes only regular files", path,
+          mxq_file_kind(st.st_mode));
+    const mxq_file_id *same = mxq_input_set_find(inputs, path);
+    CHECK(ctx, same == NULL, MXQ_ERR_ARG, "output '%s' is %s ('%s'); write the output elsewhere", path,
+          same ? same->what : "", same ? same->path : "");
+fail:
+    return status;
+}
 
 mxq_status mxq_temp_path_for(mxq_ctx *ctx, const char *final_path, char **temp_path)
 {
@@ -17,7 +208,8 @@ mxq_status mxq_temp_path_for(mxq_ctx *ctx, const char *final_path, char **temp_p
     const char *slash = strrchr(final_path, '/');
     size_t dir_len = slash ? (size_t)(slash - final_path) + 1 : 0;
     const char *base = final_path + dir_len;
-    CHECK(ctx, base[0] != '\0', MXQ_ERR_ARG, "output path '%s' names a directory, not a file", final_path);
+    CHECK(ctx, base[0] != '\0' && strcmp(base, ".") != 0 && strcmp(base, "..") != 0, MXQ_ERR_ARG,
+          "output path '%s' names a directory, not a file", final_path);
     size_t len = strlen(final_path) + 64;
     out = malloc(len);
     CHECK_ALLOC(ctx, out, len, "a temporary file name");
@@ -29,46 +221,110 @@ fail:
     return status;
 }
 
-mxq_status mxq_check_writable(mxq_ctx *ctx, const char *path, const char *what)
+int mxq_is_temp_name_of(const char *name, const char *final_name)
+{
+    size_t len = strlen(final_name);
+    if (name[0] != '.' || strncmp(name + 1, final_name, len) != 0 || strncmp(name + 1 + len, ".tmp-", 5) != 0)
+        return 0;
+    const char *pid = name + 1 + len + 5;
+    if (!*pid)
+        return 0;
+    for (; *pid; pid++)
+        if (*pid < '0' || *pid > '9')
+            return 0;
+    return 1;
+}
+
+mxq_status mxq_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_input_set *inputs, mxq_output *out)
 {
     mxq_status status = MXQ_OK;
-    struct stat st;
-    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
-        FAIL(ctx, MXQ_ERR_IO, "cannot write %s '%s': it is a directory", what, path);
-    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0644);
-    if (fd < 0 && errno == EEXIST) {
-        /* An existing file is fine if we may write it; do not clobber it here. */
-        CHECK(ctx, access(path, W_OK) == 0, MXQ_ERR_IO, "cannot write %s '%s': %s", what, path,
-              strerror(errno));
-        return MXQ_OK;
+    out->fd = -1;
+    out->temp_path = NULL;
+    out->final_path = strdup(final_path);
+    CHECK_ALLOC(ctx, out->final_path, strlen(final_path) + 1, "an output path");
+    CALL(ctx, mxq_output_check(ctx, final_path, inputs));
+    CALL(ctx, mxq_temp_path_for(ctx, final_path, &out->temp_path));
+    /* A stale temporary of this very process id can only be ours. */
+    unlink(out->temp_path);
+    out->fd = open(out->temp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    CHECK(ctx, out->fd >= 0, MXQ_ERR_IO, "cannot write '%s': %s", final_path, strerror(errno));
+    return MXQ_OK;
+fail:
+    mxq_output_abort(out);
+    return status;
+}
+
+mxq_status mxq_output_write(mxq_ctx *ctx, mxq_output *out, const void *data, size_t len)
+{
+    mxq_status status = MXQ_OK;
+    const char *p = data;
+    while (len > 0) {
+        ssize_t n = write(out->fd, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        CHECK(ctx, n > 0, MXQ_ERR_IO, "cannot write '%s': %s", out->final_path, n < 0 ? strerror(errno) : "no progress");
+        p += n;
+        len -= (size_t)n;
     }
-    CHECK(ctx, fd >= 0, MXQ_ERR_IO, "cannot write %s '%s': %s", what, path, strerror(errno));
-    close(fd);
-    unlink(path);
 fail:
     return status;
 }
 
-mxq_status mxq_rename(mxq_ctx *ctx, const char *from, const char *to)
+mxq_status mxq_output_close_fd(mxq_ctx *ctx, mxq_output *out)
 {
     mxq_status status = MXQ_OK;
-    CHECK(ctx, rename(from, to) == 0, MXQ_ERR_IO, "cannot rename '%s' to '%s': %s", from, to, strerror(errno));
+    if (out->fd >= 0) {
+        int rc = close(out->fd);
+        out->fd = -1;
+        CHECK(ctx, rc == 0, MXQ_ERR_IO, "cannot write '%s': %s", out->final_path, strerror(errno));
+    }
 fail:
     return status;
 }
 
-mxq_status mxq_json_write_atomic(mxq_ctx *ctx, const json_t *value, const char *path)
+mxq_status mxq_output_commit(mxq_ctx *ctx, mxq_output *out)
 {
     mxq_status status = MXQ_OK;
-    char *temp = NULL;
-    CALL(ctx, mxq_check_writable(ctx, path, "output"));
-    CALL(ctx, mxq_temp_path_for(ctx, path, &temp));
-    CHECK(ctx, json_dump_file(value, temp, JSON_INDENT(2) | JSON_REAL_PRECISION(17)) == 0, MXQ_ERR_IO,
-          "cannot write '%s'", temp);
-    CALL(ctx, mxq_rename(ctx, temp, path));
+    if (out->fd < 0) {
+        /* written by another library through the name: reopen to flush */
+        out->fd = open(out->temp_path, O_RDONLY | O_CLOEXEC);
+        CHECK(ctx, out->fd >= 0, MXQ_ERR_IO, "cannot finish '%s': %s", out->final_path, strerror(errno));
+    }
+    CHECK(ctx, fsync(out->fd) == 0, MXQ_ERR_IO, "cannot write '%s': %s", out->final_path, strerror(errno));
+    CALL(ctx, mxq_output_close_fd(ctx, out));
+    /* Between begin and now something may have appeared at the target. */
+    CALL(ctx, mxq_output_check(ctx, out->final_path, NULL));
+    CHECK(ctx, rename(out->temp_path, out->final_path) == 0, MXQ_ERR_IO, "cannot rename '%s' to '%s': %s",
+          out->temp_path, out->final_path, strerror(errno));
+    free(out->temp_path);
+    out->temp_path = NULL;
 fail:
-    if (status != MXQ_OK && temp)
-        unlink(temp);
-    free(temp);
+    return status;
+}
+
+void mxq_output_abort(mxq_output *out)
+{
+    if (out->fd >= 0)
+        close(out->fd);
+    out->fd = -1;
+    if (out->temp_path)
+        unlink(out->temp_path);
+    free(out->temp_path);
+    free(out->final_path);
+    out->temp_path = out->final_path = NULL;
+}
+
+mxq_status mxq_json_write_atomic(mxq_ctx *ctx, const json_t *value, const char *path, const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    mxq_output out = {NULL, NULL, -1};
+    char *text = json_dumps(value, JSON_INDENT(2) | JSON_REAL_PRECISION(17));
+    CHECK_ALLOC(ctx, text, 1, "a JSON document");
+    CALL(ctx, mxq_output_begin(ctx, path, inputs, &out));
+    CALL(ctx, mxq_output_write(ctx, &out, text, strlen(text)));
+    CALL(ctx, mxq_output_commit(ctx, &out));
+fail:
+    mxq_output_abort(&out);
+    free(text);
     return status;
 }

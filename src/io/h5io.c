@@ -3,25 +3,25 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "check.h"
-#include "mxq/fsutil.h"
-#include "mxq/h5io.h"
+#include "core/check.h"
+#include "io/h5io.h"
 
 void mxq_h5_silence_errors(void)
 {
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
 }
 
-mxq_status mxq_h5_open_read(mxq_ctx *ctx, const char *path, hid_t *file_out)
+mxq_status mxq_h5_open_read(mxq_ctx *ctx, const char *path, const char *what, hid_t *file_out)
 {
     mxq_status status = MXQ_OK;
     *file_out = H5I_INVALID_HID;
-    CHECK(ctx, access(path, F_OK) == 0, MXQ_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
-    CHECK(ctx, access(path, R_OK) == 0, MXQ_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+    mxq_h5_silence_errors();
+    CALL(ctx, mxq_input_check(ctx, path, what));
     htri_t is_hdf5 = H5Fis_hdf5(path);
-    CHECK(ctx, is_hdf5 > 0, MXQ_ERR_FORMAT, "'%s' is not an HDF5 file", path);
+    H5Eclear2(H5E_DEFAULT);
+    CHECK(ctx, is_hdf5 > 0, MXQ_ERR_FORMAT, "%s '%s' is not an HDF5 file", what, path);
     hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    CALL_H5(ctx, file, "cannot open HDF5 file '%s'", path);
+    CALL_H5(ctx, file, "cannot open %s '%s'", what, path);
     *file_out = file;
 fail:
     return status;
@@ -66,7 +66,8 @@ static mxq_status read_float_2d(mxq_ctx *ctx, hid_t file, const char *path_for_m
     CHECK(ctx, ndims == 2, MXQ_ERR_FORMAT, "dataset '%s' in '%s' must be 2-D [rows, cols], but it has %d dimension%s",
           dataset, path_for_messages, ndims, ndims == 1 ? "" : "s");
     hsize_t dims[2];
-    H5Sget_simple_extent_dims(space, dims, NULL);
+    CALL_H5(ctx, H5Sget_simple_extent_dims(space, dims, NULL), "cannot read the shape of '%s' in '%s'", dataset,
+            path_for_messages);
     CHECK(ctx, dims[0] > 0 && dims[1] > 0, MXQ_ERR_FORMAT, "dataset '%s' in '%s' is empty (%llu x %llu)", dataset,
           path_for_messages, (unsigned long long)dims[0], (unsigned long long)dims[1]);
     size_t count = (size_t)dims[0] * (size_t)dims[1];
@@ -170,19 +171,17 @@ mxq_status mxq_h5_attr_int(mxq_ctx *ctx, hid_t object, const char *name, long lo
     return attr_scalar(ctx, object, name, H5T_STD_I64LE, H5T_NATIVE_LLONG, &value);
 }
 
-mxq_status mxq_h5_output_begin(mxq_ctx *ctx, const char *final_path, mxq_h5_output *out)
+mxq_status mxq_h5_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_input_set *inputs,
+                               mxq_h5_output *out)
 {
     mxq_status status = MXQ_OK;
     out->file = H5I_INVALID_HID;
-    out->final_path = NULL;
-    out->temp_path = NULL;
-    CALL(ctx, mxq_check_writable(ctx, final_path, "output"));
-    CALL(ctx, mxq_temp_path_for(ctx, final_path, &out->temp_path));
-    CALL(ctx, mxq_check_writable(ctx, out->temp_path, "temporary output"));
-    out->final_path = strdup(final_path);
-    CHECK_ALLOC(ctx, out->final_path, strlen(final_path) + 1, "the output path");
-    out->file = H5Fcreate(out->temp_path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    CALL_H5(ctx, out->file, "cannot create '%s'", out->temp_path);
+    mxq_h5_silence_errors();
+    CALL(ctx, mxq_output_begin(ctx, final_path, inputs, &out->out));
+    /* HDF5 opens the temporary by name; the empty file is truncated. */
+    CALL(ctx, mxq_output_close_fd(ctx, &out->out));
+    out->file = H5Fcreate(out->out.temp_path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    CALL_H5(ctx, out->file, "cannot create '%s'", final_path);
     return MXQ_OK;
 fail:
     mxq_h5_output_abort(out);
@@ -194,12 +193,8 @@ mxq_status mxq_h5_output_commit(mxq_ctx *ctx, mxq_h5_output *out)
     mxq_status status = MXQ_OK;
     herr_t closed = H5Fclose(out->file);
     out->file = H5I_INVALID_HID;
-    CALL_H5(ctx, closed, "cannot finish writing '%s'", out->temp_path);
-    CALL(ctx, mxq_rename(ctx, out->temp_path, out->final_path));
-    free(out->temp_path);
-    free(out->final_path);
-    out->temp_path = out->final_path = NULL;
-    return MXQ_OK;
+    CALL_H5(ctx, closed, "cannot write '%s'", out->out.final_path);
+    CALL(ctx, mxq_output_commit(ctx, &out->out));
 fail:
     mxq_h5_output_abort(out);
     return status;
@@ -210,9 +205,5 @@ void mxq_h5_output_abort(mxq_h5_output *out)
     if (out->file >= 0)
         H5Fclose(out->file);
     out->file = H5I_INVALID_HID;
-    if (out->temp_path)
-        unlink(out->temp_path);
-    free(out->temp_path);
-    free(out->final_path);
-    out->temp_path = out->final_path = NULL;
+    mxq_output_abort(&out->out);
 }

@@ -10,8 +10,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "check.h"
-#include "mxq/fsutil.h"
+#include "core/check.h"
+#include "io/ckpt_writer.h"
+#include "io/fsutil.h"
 #include "mxq/safetensors.h"
 
 static const struct {
@@ -171,11 +172,9 @@ mxq_status mxq_st_file_open(mxq_ctx *ctx, const char *path, mxq_st_file **out)
     f->path = strdup(path);
     CHECK_ALLOC(ctx, f->path, strlen(path) + 1, "a file name");
 
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    CHECK(ctx, fd >= 0, MXQ_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    CALL(ctx, mxq_input_open(ctx, path, "safetensors file", &fd));
     struct stat st;
     CHECK(ctx, fstat(fd, &st) == 0, MXQ_ERR_IO, "cannot stat '%s': %s", path, strerror(errno));
-    CHECK(ctx, S_ISREG(st.st_mode), MXQ_ERR_IO, "'%s' is not a regular file", path);
     size_t size = (size_t)st.st_size;
     CHECK(ctx, size >= 8, MXQ_ERR_FORMAT, "%s: truncated safetensors file (%zu bytes, shorter than the 8-byte header length)",
           path, size);
@@ -315,9 +314,7 @@ mxq_status mxq_checkpoint_open(mxq_ctx *ctx, const char *dir, mxq_checkpoint **o
     CHECK_ALLOC(ctx, c->dir && index_path && single_path, strlen(dir) + 64, "checkpoint paths");
 
     if (access(index_path, F_OK) == 0) {
-        json_error_t jerr;
-        index = json_load_file(index_path, JSON_REJECT_DUPLICATES, &jerr);
-        CHECK(ctx, index != NULL, MXQ_ERR_FORMAT, "%s: not valid JSON: %s (line %d)", index_path, jerr.text, jerr.line);
+        CALL(ctx, mxq_json_read(ctx, index_path, "checkpoint index", &index));
         json_t *map = json_object_get(index, "weight_map");
         CHECK(ctx, json_is_object(map), MXQ_ERR_FORMAT, "%s: missing the 'weight_map' object", index_path);
         /* Distinct shard names, in order of first appearance. */
@@ -482,6 +479,18 @@ static void format_shape(char *buf, size_t size, int rank, const int64_t *shape)
         snprintf(buf + used, size - used, "]");
 }
 
+/* "[r, c]" of flat index i in a tensor of the given shape. */
+static void format_index(char *buf, size_t size, int rank, const int64_t *shape, size_t i)
+{
+    int64_t coord[MXQ_ST_MAX_RANK] = {0};
+    for (int d = rank - 1; d >= 0; d--) {
+        int64_t n = shape[d] > 0 ? shape[d] : 1;
+        coord[d] = (int64_t)(i % (size_t)n);
+        i /= (size_t)n;
+    }
+    format_shape(buf, size, rank, coord);
+}
+
 mxq_status mxq_tensor_to_f32(mxq_ctx *ctx, const mxq_tensor_view *t, int rank, const int64_t *shape, float *out)
 {
     mxq_status status = MXQ_OK;
@@ -513,76 +522,90 @@ mxq_status mxq_tensor_to_f32(mxq_ctx *ctx, const mxq_tensor_view *t, int rank, c
         FAIL(ctx, MXQ_ERR_FORMAT, "%s: tensor '%s' has dtype %s; expected a floating-point weight (F32, F16 or BF16)",
              t->file, t->name, mxq_dtype_name(t->dtype));
     }
+    /* A NaN or Inf weight makes every result built on it meaningless, and
+     * quietly: refuse it where it enters, naming where it is. */
+    for (size_t i = 0; i < t->numel; i++)
+        if (!isfinite(out[i])) {
+            char where[128];
+            format_index(where, sizeof(where), t->rank, t->shape, i);
+            FAIL(ctx, MXQ_ERR_FORMAT, "%s: tensor '%s' has a non-finite value (%g) at %s", t->file, t->name,
+                 (double)out[i], where);
+        }
 fail:
     return status;
 }
 
 /* ---- writing --------------------------------------------------------------- */
 
-mxq_status mxq_st_write_file(mxq_ctx *ctx, const char *path, const mxq_tensor_write *tensors, size_t count)
+static size_t write_numel(const mxq_tensor_write *t)
+{
+    size_t numel = 1;
+    for (int d = 0; d < t->rank; d++)
+        numel *= (size_t)t->shape[d];
+    return numel;
+}
+
+/* The JSON header text of a shard, padded with spaces so that the data area
+ * starts 8-byte aligned, as the reference implementation does. */
+static mxq_status shard_header(mxq_ctx *ctx, const mxq_tensor_write *tensors, size_t count, char **text,
+                               size_t *padded)
 {
     mxq_status status = MXQ_OK;
-    json_t *header = NULL;
-    char *text = NULL, *temp = NULL;
-    FILE *fp = NULL;
-
-    header = json_object();
+    json_t *header = json_object();
     CHECK_ALLOC(ctx, header, 1, "a safetensors header");
     uint64_t offset = 0;
     for (size_t i = 0; i < count; i++) {
         const mxq_tensor_write *t = &tensors[i];
-        size_t numel = 1;
         json_t *shape = json_array();
-        for (int d = 0; d < t->rank; d++) {
-            numel *= (size_t)t->shape[d];
-            json_array_append_new(shape, json_integer(t->shape[d]));
-        }
-        uint64_t nbytes = (uint64_t)numel * mxq_dtype_size(t->dtype);
+        CHECK_ALLOC(ctx, shape, 1, "a safetensors header");
+        for (int d = 0; d < t->rank; d++)
+            CHECK(ctx, json_array_append_new(shape, json_integer(t->shape[d])) == 0, MXQ_ERR_NOMEM,
+                  "cannot build the safetensors header entry of '%s'", t->name);
+        uint64_t nbytes = (uint64_t)write_numel(t) * mxq_dtype_size(t->dtype);
         json_t *entry = json_pack("{s:s, s:o, s:[I, I]}", "dtype", mxq_dtype_name(t->dtype), "shape", shape,
                                   "data_offsets", (json_int_t)offset, (json_int_t)(offset + nbytes));
         CHECK(ctx, entry && json_object_set_new(header, t->name, entry) == 0, MXQ_ERR_NOMEM,
               "cannot build the safetensors header entry of '%s'", t->name);
         offset += nbytes;
     }
-    json_object_set_new(header, "__metadata__", json_pack("{s:s}", "format", "pt"));
-    text = json_dumps(header, JSON_COMPACT);
-    CHECK_ALLOC(ctx, text, 1, "the safetensors header text");
-    size_t text_len = strlen(text);
-    /* Pad with spaces so the data area starts 8-byte aligned, as the
-     * reference implementation does. */
-    size_t padded = (text_len + 7) / 8 * 8;
+    CHECK(ctx, json_object_set_new(header, "__metadata__", json_pack("{s:s}", "format", "pt")) == 0, MXQ_ERR_NOMEM,
+          "cannot build a safetensors header");
+    *text = json_dumps(header, JSON_COMPACT);
+    CHECK_ALLOC(ctx, *text, 1, "the safetensors header text");
+    *padded = (strlen(*text) + 7) / 8 * 8;
+fail:
+    json_decref(header);
+    return status;
+}
 
-    CALL(ctx, mxq_temp_path_for(ctx, path, &temp));
-    fp = fopen(temp, "wb");
-    CHECK(ctx, fp != NULL, MXQ_ERR_IO, "cannot create '%s': %s", temp, strerror(errno));
+mxq_status mxq_st_write(mxq_ctx *ctx, mxq_output *out, const mxq_tensor_write *tensors, size_t count)
+{
+    mxq_status status = MXQ_OK;
+    char *text = NULL;
+    size_t padded = 0;
+    CALL(ctx, shard_header(ctx, tensors, count, &text, &padded));
     unsigned char len_bytes[8];
     for (int i = 0; i < 8; i++)
         len_bytes[i] = (unsigned char)((uint64_t)padded >> (8 * i));
-    int ok = fwrite(len_bytes, 1, 8, fp) == 8 && fwrite(text, 1, text_len, fp) == text_len;
-    for (size_t i = text_len; ok && i < padded; i++)
-        ok = fputc(' ', fp) != EOF;
-    for (size_t i = 0; ok && i < count; i++) {
-        size_t numel = 1;
-        for (int d = 0; d < tensors[i].rank; d++)
-            numel *= (size_t)tensors[i].shape[d];
-        size_t nbytes = numel * mxq_dtype_size(tensors[i].dtype);
-        ok = fwrite(tensors[i].data, 1, nbytes, fp) == nbytes;
-    }
-    CHECK(ctx, ok, MXQ_ERR_IO, "cannot write '%s': %s", temp, strerror(errno));
-    int closed = fclose(fp);
-    fp = NULL;
-    CHECK(ctx, closed == 0, MXQ_ERR_IO, "cannot finish writing '%s': %s", temp, strerror(errno));
-    CALL(ctx, mxq_rename(ctx, temp, path));
-    free(temp);
-    temp = NULL;
+    CALL(ctx, mxq_output_write(ctx, out, len_bytes, 8));
+    size_t text_len = strlen(text);
+    CALL(ctx, mxq_output_write(ctx, out, text, text_len));
+    CALL(ctx, mxq_output_write(ctx, out, "        ", padded - text_len));
+    for (size_t i = 0; i < count; i++)
+        CALL(ctx, mxq_output_write(ctx, out, tensors[i].data, write_numel(&tensors[i]) * mxq_dtype_size(tensors[i].dtype)));
 fail:
-    if (fp)
-        fclose(fp);
-    if (temp) {
-        unlink(temp);
-        free(temp);
-    }
     free(text);
-    json_decref(header);
+    return status;
+}
+
+mxq_status mxq_st_write_file(mxq_ctx *ctx, const char *path, const mxq_tensor_write *tensors, size_t count)
+{
+    mxq_status status = MXQ_OK;
+    mxq_output out = {NULL, NULL, -1};
+    CALL(ctx, mxq_output_begin(ctx, path, NULL, &out));
+    CALL(ctx, mxq_st_write(ctx, &out, tensors, count));
+    CALL(ctx, mxq_output_commit(ctx, &out));
+fail:
+    mxq_output_abort(&out);
     return status;
 }

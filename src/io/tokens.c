@@ -1,64 +1,73 @@
-#include <errno.h>
 #include <hdf5.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
-#include "check.h"
-#include "mxq/tokens.h"
+#include "core/check.h"
+#include "io/h5io.h"
+#include "io/tokens.h"
 
-/* Checks that need no collective call: run first on every rank, then agreed,
- * so that no rank enters the collective open alone. */
-static mxq_status precheck(mxq_ctx *ctx, const char *path)
+static const char *int_kind(hid_t type)
 {
-    mxq_status status = MXQ_OK;
-    CHECK(ctx, access(path, R_OK) == 0, MXQ_ERR_IO, "cannot read token file '%s': %s", path, strerror(errno));
-    CHECK(ctx, H5Fis_hdf5(path) > 0, MXQ_ERR_FORMAT, "token file '%s' is not an HDF5 file", path);
-fail:
-    return status;
+    switch (H5Tget_class(type)) {
+    case H5T_INTEGER: return H5Tget_sign(type) == H5T_SGN_2 ? "a signed integer" : "an unsigned integer";
+    case H5T_FLOAT: return "a float";
+    default: return "a non-numeric type";
+    }
 }
 
-mxq_status mxq_tokens_read(mxq_ctx *ctx, const mxq_dist *dist, const char *path, int limit, int vocab, mxq_tokens *out)
+/* The shape of /tokens, checked: int32, 2-D, at least one sequence of 2. */
+static mxq_status check_tokens_dataset(mxq_ctx *ctx, const char *path, hid_t dset, hsize_t dims[2])
 {
     mxq_status status = MXQ_OK;
-    hid_t fapl = H5I_INVALID_HID, file = H5I_INVALID_HID, dset = H5I_INVALID_HID;
-    hid_t type = H5I_INVALID_HID, space = H5I_INVALID_HID, memspace = H5I_INVALID_HID;
-    memset(out, 0, sizeof(*out));
-
-    CALL(ctx, mxq_dist_agree(ctx, dist, precheck(ctx, path)));
-    fapl = H5Pcreate(H5P_FILE_ACCESS);
-    CALL_H5(ctx, fapl, "cannot create a file access list for '%s'", path);
-    CALL_H5(ctx, H5Pset_fapl_mpio(fapl, dist->comm, MPI_INFO_NULL), "cannot set MPI-IO access for '%s'", path);
-    file = H5Fopen(path, H5F_ACC_RDONLY, fapl);
-    CALL_H5(ctx, file, "cannot open token file '%s'", path);
-
-    mxq_status local = MXQ_OK;
-    if (H5Lexists(file, "/tokens", H5P_DEFAULT) <= 0) {
-        H5Eclear2(H5E_DEFAULT);
-        mxq_error_set(ctx, MXQ_ERR_FORMAT, __FILE__, __LINE__, "token file '%s' has no dataset '/tokens'", path);
-        local = MXQ_ERR_FORMAT;
-    }
-    CALL(ctx, mxq_dist_agree(ctx, dist, local));
-    dset = H5Dopen2(file, "/tokens", H5P_DEFAULT);
-    CALL_H5(ctx, dset, "cannot open '/tokens' in '%s'", path);
-    type = H5Dget_type(dset);
-    space = H5Dget_space(dset);
+    hid_t type = H5Dget_type(dset), space = H5Dget_space(dset);
     CALL_H5(ctx, type, "cannot read the type of '/tokens' in '%s'", path);
     CALL_H5(ctx, space, "cannot read the shape of '/tokens' in '%s'", path);
     CHECK(ctx, H5Tget_class(type) == H5T_INTEGER && H5Tget_size(type) == 4 && H5Tget_sign(type) == H5T_SGN_2,
-          MXQ_ERR_FORMAT, "'/tokens' in '%s' must be int32, but it is %s of %zu bytes", path,
-          H5Tget_class(type) == H5T_INTEGER ? (H5Tget_sign(type) == H5T_SGN_2 ? "a signed integer" : "an unsigned integer")
-          : H5Tget_class(type) == H5T_FLOAT ? "a float"
-                                            : "a non-numeric type",
+          MXQ_ERR_FORMAT, "'/tokens' in '%s' must be int32, but it is %s of %zu bytes", path, int_kind(type),
           H5Tget_size(type));
     int ndims = H5Sget_simple_extent_ndims(space);
     CHECK(ctx, ndims == 2, MXQ_ERR_FORMAT, "'/tokens' in '%s' must be 2-D [n_sequences, seq_len], but it has %d dimension%s",
           path, ndims, ndims == 1 ? "" : "s");
-    hsize_t dims[2];
-    H5Sget_simple_extent_dims(space, dims, NULL);
+    CALL_H5(ctx, H5Sget_simple_extent_dims(space, dims, NULL), "cannot read the shape of '/tokens' in '%s'", path);
     CHECK(ctx, dims[0] > 0 && dims[1] >= 2 && dims[0] < (1u << 30) && dims[1] < (1u << 24), MXQ_ERR_FORMAT,
           "'/tokens' in '%s' has shape [%llu, %llu]; expected at least one sequence of at least 2 tokens", path,
           (unsigned long long)dims[0], (unsigned long long)dims[1]);
+fail:
+    if (space >= 0)
+        H5Sclose(space);
+    if (type >= 0)
+        H5Tclose(type);
+    return status;
+}
+
+static mxq_status check_ids(mxq_ctx *ctx, const char *path, const mxq_tokens *t, int vocab)
+{
+    mxq_status status = MXQ_OK;
+    const size_t count = (size_t)t->n_seqs * (size_t)t->seq_len;
+    for (size_t i = 0; i < count; i++) {
+        int32_t id = t->ids[i];
+        CHECK(ctx, id >= 0 && id < vocab, MXQ_ERR_FORMAT,
+              "token file '%s': id %d at sequence %zu, position %zu is outside the model's vocabulary [0, %d)", path,
+              id, i / (size_t)t->seq_len, i % (size_t)t->seq_len, vocab);
+    }
+fail:
+    return status;
+}
+
+mxq_status mxq_tokens_read(mxq_ctx *ctx, const char *path, int limit, int vocab, mxq_tokens *out)
+{
+    mxq_status status = MXQ_OK;
+    hid_t file = H5I_INVALID_HID, dset = H5I_INVALID_HID, space = H5I_INVALID_HID, memspace = H5I_INVALID_HID;
+    hsize_t dims[2];
+    memset(out, 0, sizeof(*out));
+
+    CALL(ctx, mxq_h5_open_read(ctx, path, "token file", &file));
+    htri_t exists = H5Lexists(file, "/tokens", H5P_DEFAULT);
+    H5Eclear2(H5E_DEFAULT);
+    CHECK(ctx, exists > 0, MXQ_ERR_FORMAT, "token file '%s' has no dataset '/tokens'", path);
+    dset = H5Dopen2(file, "/tokens", H5P_DEFAULT);
+    CALL_H5(ctx, dset, "cannot open '/tokens' in '%s'", path);
+    CALL(ctx, check_tokens_dataset(ctx, path, dset, dims));
 
     out->total_seqs = (int)dims[0];
     out->n_seqs = (limit > 0 && limit < (int)dims[0]) ? limit : (int)dims[0];
@@ -67,31 +76,24 @@ mxq_status mxq_tokens_read(mxq_ctx *ctx, const mxq_dist *dist, const char *path,
     out->ids = malloc(count * sizeof(int32_t));
     CHECK_ALLOC(ctx, out->ids, count * sizeof(int32_t), "the token ids");
     hsize_t start[2] = {0, 0}, block[2] = {(hsize_t)out->n_seqs, dims[1]};
+    space = H5Dget_space(dset);
+    CALL_H5(ctx, space, "cannot read the shape of '/tokens' in '%s'", path);
     CALL_H5(ctx, H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, block, NULL), "cannot select tokens in '%s'",
             path);
     memspace = H5Screate_simple(2, block, NULL);
     CALL_H5(ctx, memspace, "cannot create a memory space for tokens");
     CALL_H5(ctx, H5Dread(dset, H5T_NATIVE_INT32, memspace, space, H5P_DEFAULT, out->ids),
             "cannot read '/tokens' from '%s'", path);
-    for (size_t i = 0; i < count; i++) {
-        int32_t id = out->ids[i];
-        CHECK(ctx, id >= 0 && id < vocab, MXQ_ERR_FORMAT,
-              "token file '%s': id %d at sequence %zu, position %zu is outside the model's vocabulary [0, %d)", path,
-              id, i / (size_t)out->seq_len, i % (size_t)out->seq_len, vocab);
-    }
+    CALL(ctx, check_ids(ctx, path, out, vocab));
 fail:
     if (memspace >= 0)
         H5Sclose(memspace);
     if (space >= 0)
         H5Sclose(space);
-    if (type >= 0)
-        H5Tclose(type);
     if (dset >= 0)
         H5Dclose(dset);
     if (file >= 0)
         H5Fclose(file);
-    if (fapl >= 0)
-        H5Pclose(fapl);
     if (status != MXQ_OK)
         mxq_tokens_free(out);
     return status;

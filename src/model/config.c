@@ -6,7 +6,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "check.h"
+#include "core/check.h"
+#include "io/fsutil.h"
 #include "mxq/model.h"
 
 const char *mxq_arch_name(mxq_arch arch)
@@ -25,9 +26,11 @@ typedef struct {
     json_t *root;
 } config_reader;
 
-/* Positive integer at `key`; required unless `fallback` >= 0. JSON null
- * counts as absent (transformers writes "head_dim": null). */
-static mxq_status get_int(config_reader *r, json_t *obj, const char *key, long fallback, long min, int *out)
+/* Integer in [min, max] at `key`; required unless `fallback` >= 0. JSON null
+ * counts as absent (transformers writes "head_dim": null). The bounds keep
+ * every size the job derives from the config far from overflow, and stop a
+ * corrupt value before anything is allocated for it. */
+static mxq_status get_int(config_reader *r, json_t *obj, const char *key, long fallback, long min, long max, int *out)
 {
     mxq_status status = MXQ_OK;
     mxq_ctx *ctx = r->ctx;
@@ -39,8 +42,8 @@ static mxq_status get_int(config_reader *r, json_t *obj, const char *key, long f
     }
     CHECK(ctx, json_is_integer(v), MXQ_ERR_FORMAT, "%s: key '%s' must be an integer", r->path, key);
     json_int_t value = json_integer_value(v);
-    CHECK(ctx, value >= min && value <= 1 << 30, MXQ_ERR_FORMAT, "%s: key '%s' = %lld is out of range (expected >= %ld)",
-          r->path, key, (long long)value, min);
+    CHECK(ctx, value >= min && value <= max, MXQ_ERR_FORMAT, "%s: key '%s' = %lld is out of range (expected %ld..%ld)",
+          r->path, key, (long long)value, min, max);
     *out = (int)value;
 fail:
     return status;
@@ -97,30 +100,36 @@ static mxq_status parse_rope_object(config_reader *r, json_t *obj, const char *w
     CALL(ctx, get_number(r, obj, "factor", 0, 1, &cfg->rope_factor));
     CALL(ctx, get_number(r, obj, "low_freq_factor", 0, 1, &cfg->rope_low_freq_factor));
     CALL(ctx, get_number(r, obj, "high_freq_factor", 0, 1, &cfg->rope_high_freq_factor));
-    CALL(ctx, get_int(r, obj, "original_max_position_embeddings", -1, 1, &cfg->rope_original_max_positions));
+    CALL(ctx, get_int(r, obj, "original_max_position_embeddings", -1, 1, MXQ_MAX_POSITIONS,
+                      &cfg->rope_original_max_positions));
     CHECK(ctx, cfg->rope_high_freq_factor > cfg->rope_low_freq_factor, MXQ_ERR_FORMAT,
           "%s: %s.high_freq_factor must exceed low_freq_factor", r->path, what);
 fail:
     return status;
 }
 
-/* {format, block, rounding} of a quantization_config entry. */
+/* {format, block, rounding} of a quantization_config entry, through the one
+ * MX spec serializer (mxq_mx_spec_set_field). */
 static mxq_status parse_mx_spec(config_reader *r, json_t *obj, const char *what, mxq_mx_spec *spec)
 {
     mxq_status status = MXQ_OK;
     mxq_ctx *ctx = r->ctx;
-    CHECK(ctx, json_is_object(obj), MXQ_ERR_FORMAT, "%s: quantization_config.%s must be an object", r->path, what);
-    const char *fmt = json_string_value(json_object_get(obj, "format"));
-    CHECK(ctx, fmt != NULL, MXQ_ERR_FORMAT, "%s: quantization_config.%s.format is missing", r->path, what);
-    spec->format = mxq_format_by_name(fmt);
-    CHECK(ctx, spec->format != NULL, MXQ_ERR_FORMAT, "%s: quantization_config.%s.format '%s' is unknown (valid: %s)",
-          r->path, what, fmt, mxq_format_names());
-    CALL(ctx, get_int(r, obj, "block", -1, 1, &spec->block));
-    const char *rounding = json_string_value(json_object_get(obj, "rounding"));
-    spec->rounding = MXQ_ROUND_EVEN;
-    CHECK(ctx, !rounding || mxq_rounding_by_name(rounding, &spec->rounding) == 0, MXQ_ERR_FORMAT,
-          "%s: quantization_config.%s.rounding '%s' is unknown (valid: even, nearest)", r->path, what, rounding);
-    spec->kernel = MXQ_KERNEL_AUTO;
+    char where[128], text[64];
+    snprintf(where, sizeof(where), "quantization_config.%s", what);
+    CHECK(ctx, json_is_object(obj), MXQ_ERR_FORMAT, "%s: %s must be an object", r->path, where);
+    mxq_mx_spec_default(spec);
+    const char *key;
+    json_t *value;
+    json_object_foreach(obj, key, value)
+    {
+        if (json_is_integer(value))
+            snprintf(text, sizeof(text), "%lld", (long long)json_integer_value(value));
+        CHECK(ctx, json_is_string(value) || json_is_integer(value), MXQ_ERR_FORMAT,
+              "%s: %s.%s must be a string or an integer", r->path, where, key);
+        CALL(ctx, mxq_mx_spec_set_field(ctx, spec, key, json_is_string(value) ? json_string_value(value) : text,
+                                        r->path, where));
+    }
+    CHECK(ctx, spec->format != NULL, MXQ_ERR_FORMAT, "%s: %s.format is missing", r->path, where);
     CALL(ctx, mxq_mx_spec_check(ctx, spec));
 fail:
     return status;
@@ -157,10 +166,7 @@ mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
     config_reader r = {ctx, path, NULL};
     memset(cfg, 0, sizeof(*cfg));
 
-    CHECK(ctx, access(path, R_OK) == 0, MXQ_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
-    json_error_t jerr;
-    r.root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
-    CHECK(ctx, r.root != NULL, MXQ_ERR_FORMAT, "%s: not valid JSON: %s (line %d)", path, jerr.text, jerr.line);
+    CALL(ctx, mxq_json_read(ctx, path, "model config", &r.root));
     CHECK(ctx, json_is_object(r.root), MXQ_ERR_FORMAT, "%s: not a JSON object", path);
 
     /* Architecture: model_type, else the architectures list. */
@@ -185,16 +191,17 @@ mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
     else
         FAIL(ctx, MXQ_ERR_FORMAT, "%s: unsupported architecture '%s' (supported: llama, mistral, qwen2)", path, type);
 
-    CALL(ctx, get_int(&r, r.root, "hidden_size", -1, 1, &cfg->hidden));
-    CALL(ctx, get_int(&r, r.root, "intermediate_size", -1, 1, &cfg->intermediate));
-    CALL(ctx, get_int(&r, r.root, "num_hidden_layers", -1, 1, &cfg->n_layers));
-    CALL(ctx, get_int(&r, r.root, "num_attention_heads", -1, 1, &cfg->n_heads));
-    CALL(ctx, get_int(&r, r.root, "vocab_size", -1, 1, &cfg->vocab));
-    CALL(ctx, get_int(&r, r.root, "num_key_value_heads", cfg->n_heads, 1, &cfg->n_kv_heads));
-    CALL(ctx, get_int(&r, r.root, "head_dim", cfg->hidden / cfg->n_heads, 2, &cfg->head_dim));
+    CALL(ctx, get_int(&r, r.root, "hidden_size", -1, 1, MXQ_MAX_WIDTH, &cfg->hidden));
+    CALL(ctx, get_int(&r, r.root, "intermediate_size", -1, 1, MXQ_MAX_WIDTH, &cfg->intermediate));
+    CALL(ctx, get_int(&r, r.root, "num_hidden_layers", -1, 1, MXQ_MAX_LAYERS, &cfg->n_layers));
+    CALL(ctx, get_int(&r, r.root, "num_attention_heads", -1, 1, MXQ_MAX_HEADS, &cfg->n_heads));
+    CALL(ctx, get_int(&r, r.root, "vocab_size", -1, 1, MXQ_MAX_VOCAB, &cfg->vocab));
+    CALL(ctx, get_int(&r, r.root, "num_key_value_heads", cfg->n_heads, 1, MXQ_MAX_HEADS, &cfg->n_kv_heads));
+    CALL(ctx, get_int(&r, r.root, "head_dim", cfg->hidden / cfg->n_heads, 2, MXQ_MAX_HEAD_DIM, &cfg->head_dim));
     long default_positions = cfg->arch == MXQ_ARCH_LLAMA ? 2048 : 32768;
-    CALL(ctx, get_int(&r, r.root, "max_position_embeddings", default_positions, 1, &cfg->max_positions));
-    CALL(ctx, get_int(&r, r.root, "bos_token_id", 1, 0, &cfg->bos_token));
+    CALL(ctx, get_int(&r, r.root, "max_position_embeddings", default_positions, 1, MXQ_MAX_POSITIONS,
+                      &cfg->max_positions));
+    CALL(ctx, get_int(&r, r.root, "bos_token_id", 1, 0, MXQ_MAX_VOCAB, &cfg->bos_token));
     CALL(ctx, get_number(&r, r.root, "rms_norm_eps", 1e-6, 0, &cfg->rms_eps));
     CALL(ctx, get_number(&r, r.root, "rope_theta", 10000.0, 0, &cfg->rope_theta));
     CALL(ctx, get_bool(&r, "tie_word_embeddings", 0, &cfg->tie_embeddings));
@@ -229,7 +236,7 @@ mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
     if (cfg->arch == MXQ_ARCH_QWEN2)
         CALL(ctx, get_bool(&r, "use_sliding_window", 0, &use_window));
     if (use_window && window && !json_is_null(window))
-        CALL(ctx, get_int(&r, r.root, "sliding_window", -1, 1, &cfg->sliding_window));
+        CALL(ctx, get_int(&r, r.root, "sliding_window", -1, 1, MXQ_MAX_POSITIONS, &cfg->sliding_window));
 
     json_t *scaling = json_object_get(r.root, "rope_scaling");
     if (scaling && !json_is_null(scaling))

@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "check.h"
+#include "core/check.h"
 #include "mxq/model.h"
 
 struct mxq_workspace {
@@ -33,6 +33,13 @@ static float *alloc_floats(size_t n)
 {
     size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
     return aligned_alloc(64, bytes ? bytes : 64);
+}
+
+double mxq_workspace_bytes(const mxq_model_config *cfg, int max_seqs, int seq_len)
+{
+    double T = (double)max_seqs * seq_len, S = seq_len, d = cfg->hidden, ffn = cfg->intermediate;
+    double qd = (double)cfg->n_heads * cfg->head_dim, kvd = (double)cfg->n_kv_heads * cfg->head_dim;
+    return sizeof(float) * (T * (2 * d + 2 * qd + 2 * kvd + 2 * ffn) + S * S + S * cfg->head_dim + S * cfg->vocab);
 }
 
 mxq_status mxq_workspace_create(mxq_ctx *ctx, const mxq_model_config *cfg, int max_seqs, int seq_len,
@@ -62,7 +69,7 @@ mxq_status mxq_workspace_create(mxq_ctx *ctx, const mxq_model_config *cfg, int m
     CHECK_ALLOC(ctx,
                 ws->h && ws->q && ws->k && ws->v && ws->attn && ws->proj && ws->gate && ws->up && ws->scores &&
                     ws->cos_table && ws->sin_table && ws->logits,
-                T * (2 * d + 2 * qd + 2 * kvd + 2 * ffn) * sizeof(float), "the forward workspace");
+                (size_t)mxq_workspace_bytes(cfg, max_seqs, seq_len), "the forward workspace");
     *out = ws;
     return MXQ_OK;
 fail:

@@ -11,8 +11,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "check.h"
-#include "mxq/fsutil.h"
+#include "core/check.h"
+#include "io/ckpt_writer.h"
 #include "mxq/model.h"
 #include "mxq/synth.h"
 
@@ -145,138 +145,172 @@ static json_t *config_json(const mxq_synth_preset *p, const mxq_model_config *cf
     return c;
 }
 
+static void config_from_preset(const mxq_synth_options *opt, mxq_model_config *cfg)
+{
+    const mxq_synth_preset *p = opt->preset;
+    memset(cfg, 0, sizeof(*cfg));
+    cfg->arch = p->arch;
+    cfg->hidden = p->hidden;
+    cfg->intermediate = p->intermediate;
+    cfg->n_layers = opt->layers > 0 ? opt->layers : p->layers;
+    cfg->n_heads = p->heads;
+    cfg->n_kv_heads = p->kv_heads;
+    cfg->head_dim = p->hidden / p->heads;
+    cfg->vocab = p->vocab;
+    cfg->max_positions = p->max_positions;
+    cfg->rms_eps = p->rms_eps;
+    cfg->rope_theta = p->rope_theta;
+    cfg->tie_embeddings = p->tie;
+    cfg->qkv_bias = p->arch == MXQ_ARCH_QWEN2;
+}
+
+/* What synth will write: the tensors, which shard each goes to, and the
+ * files (shards, index when sharded, config.json last). */
+typedef struct {
+    planned_tensor *tensors;
+    int *shard_of;
+    size_t n;
+    int n_shards;
+    size_t total_bytes;
+    char (*files)[64]; /* n_shards shard names, then the index and config.json */
+    size_t n_files;
+} synth_plan;
+
+static void synth_plan_free(synth_plan *plan)
+{
+    free(plan->tensors);
+    free(plan->shard_of);
+    free(plan->files);
+    memset(plan, 0, sizeof(*plan));
+}
+
+/* Tensors go to shards in order; a new shard starts when the next tensor
+ * would push the current one past shard_size. */
+static mxq_status make_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_synth_options *opt, synth_plan *plan)
+{
+    mxq_status status = MXQ_OK;
+    size_t max_tensors = 4 + (size_t)cfg->n_layers * 16, esize = mxq_dtype_size(opt->dtype), in_shard = 0;
+    plan->tensors = calloc(max_tensors, sizeof(*plan->tensors));
+    plan->shard_of = calloc(max_tensors, sizeof(int));
+    CHECK_ALLOC(ctx, plan->tensors && plan->shard_of, max_tensors * sizeof(*plan->tensors), "the tensor plan");
+    plan->n = plan_tensors(cfg, plan->tensors);
+    plan->n_shards = 1;
+    for (size_t i = 0; i < plan->n; i++) {
+        size_t bytes = tensor_numel(&plan->tensors[i]) * esize;
+        if (opt->shard_size > 0 && in_shard > 0 && in_shard + bytes > opt->shard_size) {
+            plan->n_shards++;
+            in_shard = 0;
+        }
+        plan->shard_of[i] = plan->n_shards - 1;
+        in_shard += bytes;
+        plan->total_bytes += bytes;
+    }
+    plan->files = calloc((size_t)plan->n_shards + 2, sizeof(*plan->files));
+    CHECK_ALLOC(ctx, plan->files, ((size_t)plan->n_shards + 2) * sizeof(*plan->files), "the file plan");
+    for (int sh = 0; sh < plan->n_shards; sh++)
+        if (plan->n_shards == 1)
+            snprintf(plan->files[sh], sizeof(plan->files[0]), "model.safetensors");
+        else
+            snprintf(plan->files[sh], sizeof(plan->files[0]), "model-%05d-of-%05d.safetensors", sh + 1, plan->n_shards);
+    plan->n_files = (size_t)plan->n_shards;
+    if (plan->n_shards > 1)
+        snprintf(plan->files[plan->n_files++], sizeof(plan->files[0]), "model.safetensors.index.json");
+    snprintf(plan->files[plan->n_files++], sizeof(plan->files[0]), "config.json");
+fail:
+    return status;
+}
+
+/* Fill tensor i in the output dtype (a new buffer: free() it). */
+static mxq_status fill_in_dtype(mxq_ctx *ctx, const planned_tensor *t, const mxq_synth_options *opt, void **out)
+{
+    mxq_status status = MXQ_OK;
+    size_t numel = tensor_numel(t);
+    float *values = malloc(numel * sizeof(float));
+    uint16_t *half = NULL;
+    CHECK_ALLOC(ctx, values, numel * sizeof(float), t->name);
+    fill_tensor(t, opt->seed, values, numel);
+    if (opt->dtype == MXQ_DT_F32) {
+        *out = values;
+        return MXQ_OK;
+    }
+    half = malloc(numel * sizeof(uint16_t));
+    CHECK_ALLOC(ctx, half, numel * sizeof(uint16_t), t->name);
+    for (size_t i = 0; i < numel; i++)
+        half[i] = mxq_f32_to_bf16(values[i]);
+    *out = half;
+fail:
+    free(values);
+    return status;
+}
+
+/* Shard sh: fill its tensors (peak memory is one shard), write, commit. */
+static mxq_status write_shard(mxq_ctx *ctx, const synth_plan *plan, const mxq_synth_options *opt, const char *out_dir,
+                              int sh, json_t *weight_map)
+{
+    mxq_status status = MXQ_OK;
+    mxq_output out = {NULL, NULL, -1};
+    char path[4352];
+    size_t begin = 0, count = 0;
+    while (begin < plan->n && plan->shard_of[begin] != sh)
+        begin++;
+    while (begin + count < plan->n && plan->shard_of[begin + count] == sh)
+        count++;
+    mxq_tensor_write *writes = calloc(count ? count : 1, sizeof(*writes));
+    void **buffers = calloc(count ? count : 1, sizeof(void *));
+    CHECK_ALLOC(ctx, writes && buffers, count * sizeof(*writes), "the shard table");
+    for (size_t i = 0; i < count; i++) {
+        const planned_tensor *t = &plan->tensors[begin + i];
+        CALL(ctx, fill_in_dtype(ctx, t, opt, &buffers[i]));
+        writes[i] = (mxq_tensor_write){t->name, opt->dtype, t->rank, {t->shape[0], t->shape[1]}, buffers[i]};
+        CHECK(ctx, json_object_set_new(weight_map, t->name, json_string(plan->files[sh])) == 0, MXQ_ERR_NOMEM,
+              "out of memory building the checkpoint index");
+    }
+    snprintf(path, sizeof(path), "%s/%s", out_dir, plan->files[sh]);
+    CALL(ctx, mxq_output_begin(ctx, path, NULL, &out));
+    CALL(ctx, mxq_st_write(ctx, &out, writes, count));
+    CALL(ctx, mxq_output_commit(ctx, &out));
+    mxq_log(ctx, MXQ_LOG_INFO, "synth: wrote %s (%zu tensors)", plan->files[sh], count);
+fail:
+    mxq_output_abort(&out);
+    for (size_t i = 0; buffers && i < count; i++)
+        free(buffers[i]);
+    free(buffers);
+    free(writes);
+    return status;
+}
+
 mxq_status mxq_synth_write(mxq_ctx *ctx, const mxq_synth_options *opt, const char *out_dir)
 {
     mxq_status status = MXQ_OK;
-    planned_tensor *plan = NULL;
-    int *shard_of = NULL;
-    mxq_tensor_write *writes = NULL;
-    void **buffers = NULL;
-    float *scratch = NULL;
-    json_t *index = NULL, *config = NULL;
-    char path[4096];
-    size_t n_planned = 0;
-    const mxq_synth_preset *p = opt->preset;
-
-    mxq_model_config cfg = {0};
-    cfg.arch = p->arch;
-    cfg.hidden = p->hidden;
-    cfg.intermediate = p->intermediate;
-    cfg.n_layers = opt->layers > 0 ? opt->layers : p->layers;
-    cfg.n_heads = p->heads;
-    cfg.n_kv_heads = p->kv_heads;
-    cfg.head_dim = p->hidden / p->heads;
-    cfg.vocab = p->vocab;
-    cfg.max_positions = p->max_positions;
-    cfg.rms_eps = p->rms_eps;
-    cfg.rope_theta = p->rope_theta;
-    cfg.tie_embeddings = p->tie;
-    cfg.qkv_bias = p->arch == MXQ_ARCH_QWEN2;
-
-    struct stat st;
-    if (stat(out_dir, &st) == 0) {
-        CHECK(ctx, S_ISDIR(st.st_mode), MXQ_ERR_IO, "output '%s' exists and is not a directory", out_dir);
-        snprintf(path, sizeof(path), "%s/config.json", out_dir);
-        CHECK(ctx, opt->force || access(path, F_OK) != 0, MXQ_ERR_IO,
-              "output directory '%s' already holds a model (config.json); use --force to overwrite it", out_dir);
-    } else {
-        CHECK(ctx, mkdir(out_dir, 0755) == 0, MXQ_ERR_IO, "cannot create output directory '%s': %s", out_dir,
-              strerror(errno));
-    }
-    /* config.json goes last: until then the directory is visibly incomplete. */
+    synth_plan plan = {0};
+    json_t *weight_map = json_object(), *config = NULL;
+    const char **names = NULL;
+    char path[4352];
+    mxq_model_config cfg;
+    config_from_preset(opt, &cfg);
+    CHECK_ALLOC(ctx, weight_map, 1, "the checkpoint index");
+    CALL(ctx, make_plan(ctx, &cfg, opt, &plan));
+    names = malloc(plan.n_files * sizeof(char *));
+    CHECK_ALLOC(ctx, names, plan.n_files * sizeof(char *), "the file plan");
+    for (size_t i = 0; i < plan.n_files; i++)
+        names[i] = plan.files[i];
+    CALL(ctx, mxq_ckpt_dir_prepare(ctx, out_dir, opt->force, names, plan.n_files, NULL));
+    mxq_log(ctx, MXQ_LOG_INFO, "synth: %s with %d layers, %zu tensors, %.2f GB in %s, %d shard%s -> %s",
+            opt->preset->name, cfg.n_layers, plan.n, (double)plan.total_bytes / 1e9, mxq_dtype_name(opt->dtype),
+            plan.n_shards, plan.n_shards == 1 ? "" : "s", out_dir);
+    for (int sh = 0; sh < plan.n_shards; sh++)
+        CALL(ctx, write_shard(ctx, &plan, opt, out_dir, sh, weight_map));
+    if (plan.n_shards > 1)
+        CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, weight_map, plan.total_bytes, NULL, NULL));
+    /* config.json last: until then the directory is visibly incomplete. */
+    config = config_json(opt->preset, &cfg, opt->dtype);
+    CHECK_ALLOC(ctx, config, 1, "config.json");
     snprintf(path, sizeof(path), "%s/config.json", out_dir);
-    unlink(path);
-
-    size_t max_tensors = 4 + (size_t)cfg.n_layers * 16;
-    plan = calloc(max_tensors, sizeof(*plan));
-    shard_of = calloc(max_tensors, sizeof(int));
-    CHECK_ALLOC(ctx, plan && shard_of, max_tensors * sizeof(*plan), "the tensor plan");
-    size_t n = plan_tensors(&cfg, plan);
-    n_planned = n;
-    size_t esize = mxq_dtype_size(opt->dtype);
-
-    /* Assign tensors to shards in order, starting a new shard when the next
-     * tensor would push the current one past shard_size. */
-    int n_shards = 1;
-    size_t in_shard = 0, total_bytes = 0;
-    for (size_t i = 0; i < n; i++) {
-        size_t bytes = tensor_numel(&plan[i]) * esize;
-        if (opt->shard_size > 0 && in_shard > 0 && in_shard + bytes > opt->shard_size) {
-            n_shards++;
-            in_shard = 0;
-        }
-        shard_of[i] = n_shards - 1;
-        in_shard += bytes;
-        total_bytes += bytes;
-    }
-    mxq_log(ctx, MXQ_LOG_INFO, "synth: %s with %d layers, %zu tensors, %.2f GB in %s, %d shard%s -> %s", p->name,
-            cfg.n_layers, n, (double)total_bytes / 1e9, mxq_dtype_name(opt->dtype), n_shards, n_shards == 1 ? "" : "s",
-            out_dir);
-
-    writes = calloc(n, sizeof(*writes));
-    buffers = calloc(n, sizeof(void *));
-    CHECK_ALLOC(ctx, writes && buffers, n * sizeof(*writes), "the shard table");
-    index = json_object();
-    json_t *weight_map = json_object();
-    json_object_set_new(index, "metadata", json_pack("{s:I}", "total_size", (json_int_t)total_bytes));
-    json_object_set_new(index, "weight_map", weight_map);
-
-    size_t next = 0;
-    for (int s = 0; s < n_shards; s++) {
-        char shard_name[64];
-        if (n_shards == 1)
-            snprintf(shard_name, sizeof(shard_name), "model.safetensors");
-        else
-            snprintf(shard_name, sizeof(shard_name), "model-%05d-of-%05d.safetensors", s + 1, n_shards);
-        size_t begin = next, count = 0;
-        for (; next < n && shard_of[next] == s; next++, count++) {
-            planned_tensor *t = &plan[next];
-            size_t numel = tensor_numel(t);
-            buffers[next] = malloc(numel * esize);
-            CHECK_ALLOC(ctx, buffers[next], numel * esize, t->name);
-            if (opt->dtype == MXQ_DT_F32) {
-                fill_tensor(t, opt->seed, buffers[next], numel);
-            } else {
-                free(scratch);
-                scratch = malloc(numel * sizeof(float));
-                CHECK_ALLOC(ctx, scratch, numel * sizeof(float), t->name);
-                fill_tensor(t, opt->seed, scratch, numel);
-                uint16_t *dst = buffers[next];
-                for (size_t i = 0; i < numel; i++)
-                    dst[i] = mxq_f32_to_bf16(scratch[i]);
-                free(scratch);
-                scratch = NULL;
-            }
-            writes[next] = (mxq_tensor_write){t->name, opt->dtype, t->rank, {t->shape[0], t->shape[1]}, buffers[next]};
-            json_object_set_new(weight_map, t->name, json_string(shard_name));
-        }
-        snprintf(path, sizeof(path), "%s/%s", out_dir, shard_name);
-        CALL(ctx, mxq_st_write_file(ctx, path, writes + begin, count));
-        for (size_t i = begin; i < begin + count; i++) {
-            free(buffers[i]);
-            buffers[i] = NULL;
-        }
-        mxq_log(ctx, MXQ_LOG_INFO, "synth: wrote %s (%zu tensors)", shard_name, count);
-    }
-    if (n_shards > 1) {
-        snprintf(path, sizeof(path), "%s/model.safetensors.index.json", out_dir);
-        CALL(ctx, mxq_json_write_atomic(ctx, index, path));
-    } else {
-        snprintf(path, sizeof(path), "%s/model.safetensors.index.json", out_dir);
-        unlink(path); /* a stale index from an earlier sharded run would shadow the single file */
-    }
-    config = config_json(p, &cfg, opt->dtype);
-    snprintf(path, sizeof(path), "%s/config.json", out_dir);
-    CALL(ctx, mxq_json_write_atomic(ctx, config, path));
+    CALL(ctx, mxq_json_write_atomic(ctx, config, path, NULL));
 fail:
-    for (size_t i = 0; buffers && i < n_planned; i++)
-        free(buffers[i]);
-    free(scratch);
-    free(buffers);
-    free(writes);
-    free(plan);
-    free(shard_of);
-    json_decref(index);
+    free(names);
+    synth_plan_free(&plan);
+    json_decref(weight_map);
     json_decref(config);
     return status;
 }

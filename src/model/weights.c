@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "check.h"
+#include "core/check.h"
 #include "mxq/model.h"
 
 static float *alloc_floats(size_t n)
@@ -61,6 +61,108 @@ static mxq_status load_mx_linear(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_t
     return MXQ_OK;
 fail:
     free(buf);
+    return status;
+}
+
+/* ---- the checkpoint against the config ------------------------------------ */
+
+static void shape_text(char *buf, size_t size, int rank, const int64_t *shape)
+{
+    size_t used = (size_t)snprintf(buf, size, "[");
+    for (int i = 0; i < rank && used < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (used < size)
+        snprintf(buf + used, size - used, "]");
+}
+
+/* Tensor `name` exists with shape [d0] or [d0, d1] (d1 = 0 for 1-D). */
+static mxq_status expect_shape(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *name, int64_t d0, int64_t d1)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_tensor_view *t;
+    const int rank = d1 > 0 ? 2 : 1;
+    const int64_t want[2] = {d0, d1};
+    CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &t));
+    if (t->rank != rank || t->shape[0] != d0 || (rank == 2 && t->shape[1] != d1)) {
+        char have[128], expected[128];
+        shape_text(have, sizeof(have), t->rank, t->shape);
+        shape_text(expected, sizeof(expected), rank, want);
+        FAIL(ctx, MXQ_ERR_FORMAT, "%s: tensor '%s' has shape %s, expected %s from config.json", t->file, name, have,
+             expected);
+    }
+fail:
+    return status;
+}
+
+/* A linear's weight, or in an mxq checkpoint its packed elements + scales. */
+static mxq_status expect_linear(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_model_config *cfg, int layer,
+                                mxq_linear_id li)
+{
+    mxq_status status = MXQ_OK;
+    char name[256];
+    int out_f, in_f;
+    const mxq_tensor_view *packed = NULL;
+    mxq_linear_shape(cfg, li, &out_f, &in_f);
+    snprintf(name, sizeof(name), "model.layers.%d.%s.weight_packed", layer, mxq_linear_name(li));
+    if (cfg->mx_weights)
+        CALL(ctx, mxq_checkpoint_lookup(ctx, ckpt, name, &packed));
+    if (packed) {
+        const mxq_mx_spec *spec = &cfg->mx_weight_spec;
+        CALL(ctx, expect_shape(ctx, ckpt, name, out_f, (int64_t)mxq_mx_packed_row_bytes(spec->format, (size_t)in_f)));
+        snprintf(name, sizeof(name), "model.layers.%d.%s.weight_scale", layer, mxq_linear_name(li));
+        CALL(ctx, expect_shape(ctx, ckpt, name, out_f, (int64_t)mxq_mx_blocks_per_row((size_t)in_f, spec->block)));
+    } else {
+        snprintf(name, sizeof(name), "model.layers.%d.%s.weight", layer, mxq_linear_name(li));
+        CALL(ctx, expect_shape(ctx, ckpt, name, out_f, in_f));
+    }
+    if ((li <= MXQ_LIN_V && cfg->qkv_bias) || (li == MXQ_LIN_O && cfg->o_bias)) {
+        snprintf(name, sizeof(name), "model.layers.%d.%s.bias", layer, mxq_linear_name(li));
+        CALL(ctx, expect_shape(ctx, ckpt, name, out_f, 0));
+    }
+fail:
+    return status;
+}
+
+/* No tensor of a decoder layer beyond the config's last one. */
+static mxq_status expect_no_extra_layers(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_model_config *cfg)
+{
+    mxq_status status = MXQ_OK;
+    const char **names = NULL;
+    size_t count = 0;
+    CALL(ctx, mxq_checkpoint_names(ctx, ckpt, &names, &count));
+    for (size_t i = 0; i < count; i++) {
+        int layer;
+        CHECK(ctx, sscanf(names[i], "model.layers.%d.", &layer) != 1 || layer < cfg->n_layers, MXQ_ERR_FORMAT,
+              "the checkpoint in '%s' holds tensor '%s', but config.json says num_hidden_layers = %d",
+              mxq_checkpoint_dir(ckpt), names[i], cfg->n_layers);
+    }
+fail:
+    free(names);
+    return status;
+}
+
+mxq_status mxq_model_check_checkpoint(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg)
+{
+    mxq_status status = MXQ_OK;
+    mxq_checkpoint *ckpt = NULL;
+    char name[256];
+    const int d = cfg->hidden;
+    CALL(ctx, mxq_checkpoint_open(ctx, dir, &ckpt));
+    CALL(ctx, expect_no_extra_layers(ctx, ckpt, cfg));
+    CALL(ctx, expect_shape(ctx, ckpt, "model.embed_tokens.weight", cfg->vocab, d));
+    for (int l = 0; l < cfg->n_layers; l++) {
+        snprintf(name, sizeof(name), "model.layers.%d.input_layernorm.weight", l);
+        CALL(ctx, expect_shape(ctx, ckpt, name, d, 0));
+        snprintf(name, sizeof(name), "model.layers.%d.post_attention_layernorm.weight", l);
+        CALL(ctx, expect_shape(ctx, ckpt, name, d, 0));
+        for (int li = 0; li < MXQ_LIN_COUNT; li++)
+            CALL(ctx, expect_linear(ctx, ckpt, cfg, l, (mxq_linear_id)li));
+    }
+    CALL(ctx, expect_shape(ctx, ckpt, "model.norm.weight", d, 0));
+    if (!cfg->tie_embeddings)
+        CALL(ctx, expect_shape(ctx, ckpt, "lm_head.weight", cfg->vocab, d));
+fail:
+    mxq_checkpoint_close(ckpt);
     return status;
 }
 

@@ -13,6 +13,7 @@
 #include <cmocka.h>
 
 #include "mxq/mxq.h"
+#include "parallel/parallel.h"
 #include "testutil.h"
 
 static const char *config_dir(const char *name, const char *json)

@@ -282,7 +282,7 @@ static void test_single_linear_smoothquant(void **state)
                      MXQ_OK);
     float *q = malloc(out * in * sizeof(float)), *expect = malloc(out * in * sizeof(float));
     double loss_rtn, loss;
-    assert_int_equal(mxq_quantize_single_linear(ctx, &recipe, w, (int)out, (int)in, &st, q, &loss_rtn, &loss), MXQ_OK);
+    assert_int_equal(mxq_quantize_single_linear(ctx, &recipe, -1, w, (int)out, (int)in, &st, q, &loss_rtn, &loss), MXQ_OK);
     double s[96];
     for (size_t j = 0; j < in; j++) {
         double wmax = 0, xmax = 0;

@@ -1,47 +1,7 @@
-#include <limits.h>
+/* Which rank owns which decoder layers. */
 #include <stdlib.h>
 
-#include "check.h"
-#include "mxq/dist.h"
-
-mxq_status mxq_dist_create(mxq_ctx *ctx, MPI_Comm parent, mxq_dist *out)
-{
-    mxq_status status = MXQ_OK;
-    out->comm = MPI_COMM_NULL;
-    CALL_MPI(ctx, MPI_Comm_dup(parent, &out->comm));
-    CALL_MPI(ctx, MPI_Comm_rank(out->comm, &out->rank));
-    CALL_MPI(ctx, MPI_Comm_size(out->comm, &out->size));
-    /* Errors come back as return codes instead of aborting the job, so that
-     * they can be reported with context. */
-    CALL_MPI(ctx, MPI_Comm_set_errhandler(out->comm, MPI_ERRORS_RETURN));
-    mxq_ctx_set_rank(ctx, out->rank, out->size);
-fail:
-    return status;
-}
-
-void mxq_dist_free(mxq_dist *dist)
-{
-    if (dist->comm != MPI_COMM_NULL)
-        MPI_Comm_free(&dist->comm);
-    dist->comm = MPI_COMM_NULL;
-}
-
-mxq_status mxq_dist_agree(mxq_ctx *ctx, const mxq_dist *dist, mxq_status local)
-{
-    mxq_status status = MXQ_OK;
-    /* [0]: lowest failing rank; [1]: 1 only if every rank failed */
-    int mine[2] = {local == MXQ_OK ? INT_MAX : dist->rank, local == MXQ_OK ? 0 : 1};
-    int agreed[2] = {INT_MAX, 0};
-    CALL_MPI(ctx, MPI_Allreduce(mine, agreed, 2, MPI_INT, MPI_MIN, dist->comm));
-    if (local != MXQ_OK) {
-        if (agreed[1] == 1 && dist->rank != 0)
-            mxq_error_mark_reported_elsewhere(ctx);
-        return local;
-    }
-    CHECK(ctx, agreed[0] == INT_MAX, MXQ_ERR_REMOTE, "stopped because rank %d failed (see its message)", agreed[0]);
-fail:
-    return status;
-}
+#include "parallel/parallel.h"
 
 mxq_status mxq_partition_layers(mxq_ctx *ctx, const mxq_model_config *cfg, int nranks, int *first)
 {

@@ -1,0 +1,94 @@
+/* The jobs of the mxq tool, as library calls: evaluation and quantization of
+ * a whole model over MPI ranks, and the single-process research verbs cast
+ * and quantize-linear. Each checks its inputs and outputs before any work,
+ * writes outputs under temporary names renamed into place when complete,
+ * and never replaces an input, a device or a file it did not write. */
+#ifndef MXQ_JOBS_H
+#define MXQ_JOBS_H
+
+#include <mpi.h>
+#include <stddef.h>
+
+#include "mxq/core.h"
+#include "mxq/model.h"
+#include "mxq/mx.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- mxq eval ------------------------------------------------------------ */
+
+typedef struct {
+    int batch;            /* sequences per micro-batch (default 8) */
+    int limit;            /* evaluate the first `limit` sequences; 0 = all */
+    mxq_fake_quant quant; /* optional fake quantization */
+    /* Optional: quantize in memory with this recipe, calibrated on
+     * calib_path, before evaluating (what mxq quantize would write). */
+    const char *recipe_path;
+    const char *calib_path;
+    /* Optional: a JSON report (ppl, mean_nll, ...), written by rank 0 and
+     * checked before any work. */
+    const char *json_path;
+} mxq_eval_options;
+
+typedef struct {
+    double mean_nll;
+    double ppl;
+    size_t tokens_scored;
+    int sequences;
+    int seq_len;
+    double seconds;      /* pipeline wall time (after loading) */
+    double load_seconds; /* config, weights and tokens */
+    double tokens_per_s; /* tokens pushed through the model per second */
+    int ranks;
+    int acts_quantized; /* activations were MX-quantized (flag, recipe or checkpoint) */
+    mxq_mx_spec acts;
+} mxq_eval_result;
+
+/* Perplexity of the model in model_dir on tokens_path: exp of the mean NLL of
+ * token t+1 given 0..t over every position of every sequence. Collective
+ * over `comm`; every rank returns the same result. A non-finite NLL is an
+ * error naming the first sequence that produced one. */
+mxq_status mxq_eval_perplexity(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, const char *tokens_path,
+                               const mxq_eval_options *options, mxq_eval_result *result);
+
+/* ---- mxq quantize -------------------------------------------------------- */
+
+typedef struct {
+    int batch;        /* calibration sequences per micro-batch (default 8) */
+    int force;        /* replace an earlier mxq run's files in out_dir */
+    int dry_run;      /* print the plan only; writes nothing */
+    int stats_layers; /* fp mode: at most this many layers' statistics per rank at once (0 = all) */
+} mxq_quantize_options;
+
+/* Read model_dir, calibrate on calib_path, apply the recipe, write the MX
+ * checkpoint to out_dir. Collective over comm. */
+mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, const char *calib_path,
+                        const char *recipe_path, const char *out_dir, const mxq_quantize_options *options);
+
+/* ---- mxq cast -------------------------------------------------------------- */
+
+/* MX-quantize the 2-D float32 dataset `in_dataset` of in_path row by row and
+ * write out_path: /output (dequantized float32), /scale_e8m0 (uint8),
+ * /packed (uint8) and the attributes format, block, rounding, source. */
+mxq_status mxq_cast_file(mxq_ctx *ctx, const mxq_mx_spec *spec, const char *in_path, const char *in_dataset,
+                         const char *out_path);
+
+/* ---- mxq quantize-linear ------------------------------------------------- */
+
+/* One linear through a recipe's weight algorithms, by the code a decoder
+ * layer uses for a linear of that role (an mxq_linear_id, or -1 for none:
+ * every step applies): in_path holds /W float32 [out, in] and /X float32
+ * [tokens, in] (its calibration inputs) or /H float64 [in, in] (their Gram
+ * matrix); out_path receives /Q float32 [out, in] and the attributes
+ * loss_rtn, loss, format, block, rounding, algorithms. Non-finite inputs are
+ * refused, naming the dataset and index. */
+mxq_status mxq_quantize_linear_file(mxq_ctx *ctx, const char *recipe_path, int role, const char *in_path,
+                                    const char *out_path);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,229 @@
+/* Output directories of checkpoints: the record of what mxq wrote, --force,
+ * and the index. */
+#include <dirent.h>
+#include <errno.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/check.h"
+#include "io/ckpt_writer.h"
+
+typedef struct {
+    char **names;
+    size_t n;
+} name_list;
+
+static void name_list_free(name_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->names[i]);
+    free(l->names);
+    memset(l, 0, sizeof(*l));
+}
+
+static int is_plain_name(const char *name)
+{
+    return name[0] && !strchr(name, '/') && strcmp(name, ".") != 0 && strcmp(name, "..") != 0;
+}
+
+/* The record of an earlier run; an absent record is an empty one. */
+static mxq_status read_record(mxq_ctx *ctx, const char *dir, name_list *out)
+{
+    mxq_status status = MXQ_OK;
+    char path[4352];
+    json_t *root = NULL;
+    memset(out, 0, sizeof(*out));
+    snprintf(path, sizeof(path), "%s/%s", dir, MXQ_RECORD_NAME);
+    if (access(path, F_OK) != 0)
+        return MXQ_OK;
+    CALL(ctx, mxq_json_read(ctx, path, "record of mxq's files", &root));
+    json_t *files = json_object_get(root, "files");
+    CHECK(ctx, json_is_array(files), MXQ_ERR_FORMAT, "%s: no 'files' list (remove it if mxq did not write it)", path);
+    out->names = calloc(json_array_size(files) + 1, sizeof(char *));
+    CHECK_ALLOC(ctx, out->names, json_array_size(files) * sizeof(char *), "the record of mxq's files");
+    for (size_t i = 0; i < json_array_size(files); i++) {
+        const char *name = json_string_value(json_array_get(files, i));
+        CHECK(ctx, name && is_plain_name(name), MXQ_ERR_FORMAT, "%s: entry %zu is not a file name in that directory",
+              path, i);
+        out->names[out->n] = strdup(name);
+        CHECK_ALLOC(ctx, out->names[out->n], strlen(name) + 1, "a file name");
+        out->n++;
+    }
+fail:
+    json_decref(root);
+    if (status != MXQ_OK)
+        name_list_free(out);
+    return status;
+}
+
+static int in_list(const char *const *names, size_t n, const char *name)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(names[i], name) == 0)
+            return 1;
+    return 0;
+}
+
+/* A directory entry mxq may remove: a recorded file, the record, or a
+ * temporary of a recorded or planned file (left by a killed run). */
+static int removable(const char *name, const name_list *rec, const char *const *planned, size_t n_planned)
+{
+    if (strcmp(name, MXQ_RECORD_NAME) == 0 || in_list((const char *const *)rec->names, rec->n, name))
+        return 1;
+    for (size_t i = 0; i < rec->n; i++)
+        if (mxq_is_temp_name_of(name, rec->names[i]))
+            return 1;
+    for (size_t i = 0; i < n_planned; i++)
+        if (mxq_is_temp_name_of(name, planned[i]))
+            return 1;
+    return mxq_is_temp_name_of(name, MXQ_RECORD_NAME);
+}
+
+/* No planned file may replace one mxq did not write, or an input. */
+static mxq_status check_planned(mxq_ctx *ctx, const char *dir, const name_list *rec, const char *const *planned,
+                                size_t n_planned, const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    char path[4352];
+    for (size_t i = 0; i < n_planned; i++) {
+        snprintf(path, sizeof(path), "%s/%s", dir, planned[i]);
+        CALL(ctx, mxq_output_check(ctx, path, inputs));
+        CHECK(ctx, access(path, F_OK) != 0 || in_list((const char *const *)rec->names, rec->n, planned[i]),
+              MXQ_ERR_IO,
+              "'%s' was not written by mxq (it is not in %s/%s); mxq will not replace it: move it away or choose "
+              "another output directory",
+              path, dir, MXQ_RECORD_NAME);
+    }
+fail:
+    return status;
+}
+
+/* Remove one entry, if it is a regular file that is not an input. */
+static mxq_status remove_ours(mxq_ctx *ctx, const char *dir, const char *name, const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    char path[4352];
+    struct stat st;
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    if (lstat(path, &st) != 0 || !S_ISREG(st.st_mode) || mxq_input_set_find(inputs, path))
+        return MXQ_OK;
+    CHECK(ctx, unlink(path) == 0 || errno == ENOENT, MXQ_ERR_IO, "cannot remove '%s': %s", path, strerror(errno));
+fail:
+    return status;
+}
+
+/* With --force: the index first, so that a half-cleaned directory never
+ * looks like a checkpoint, then everything else that is ours. */
+static mxq_status remove_earlier_run(mxq_ctx *ctx, const char *dir, const name_list *rec, const char *const *planned,
+                                     size_t n_planned, const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    DIR *d = NULL;
+    if (in_list((const char *const *)rec->names, rec->n, "model.safetensors.index.json"))
+        CALL(ctx, remove_ours(ctx, dir, "model.safetensors.index.json", inputs));
+    d = opendir(dir);
+    CHECK(ctx, d != NULL, MXQ_ERR_IO, "cannot read output directory '%s': %s", dir, strerror(errno));
+    for (struct dirent *e = readdir(d); e; e = readdir(d))
+        if (strcmp(e->d_name, MXQ_RECORD_NAME) != 0 && removable(e->d_name, rec, planned, n_planned))
+            CALL(ctx, remove_ours(ctx, dir, e->d_name, inputs));
+fail:
+    if (d)
+        closedir(d);
+    return status;
+}
+
+/* The first entry of `dir` other than . and .., or "" if it is empty. */
+static mxq_status first_entry(mxq_ctx *ctx, const char *dir, char *name, size_t size, int *more)
+{
+    mxq_status status = MXQ_OK;
+    DIR *d = opendir(dir);
+    name[0] = '\0';
+    *more = 0;
+    CHECK(ctx, d != NULL, MXQ_ERR_IO, "cannot read output directory '%s': %s", dir, strerror(errno));
+    for (struct dirent *e = readdir(d); e; e = readdir(d)) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        if (name[0]) {
+            *more = 1;
+            break;
+        }
+        snprintf(name, size, "%s", e->d_name);
+    }
+    closedir(d);
+fail:
+    return status;
+}
+
+static mxq_status write_record(mxq_ctx *ctx, const char *dir, const char *const *planned, size_t n_planned,
+                               const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    char path[4352];
+    json_t *files = json_array(), *root = NULL;
+    CHECK_ALLOC(ctx, files, 1, "the record of mxq's files");
+    for (size_t i = 0; i < n_planned; i++)
+        CHECK(ctx, json_array_append_new(files, json_string(planned[i])) == 0, MXQ_ERR_NOMEM,
+              "out of memory building the record of mxq's files");
+    root = json_pack("{s:s, s:O}", "written_by", "mxq " MXQ_VERSION, "files", files);
+    CHECK_ALLOC(ctx, root, 1, "the record of mxq's files");
+    snprintf(path, sizeof(path), "%s/%s", dir, MXQ_RECORD_NAME);
+    CALL(ctx, mxq_json_write_atomic(ctx, root, path, inputs));
+fail:
+    json_decref(files);
+    json_decref(root);
+    return status;
+}
+
+mxq_status mxq_ckpt_dir_prepare(mxq_ctx *ctx, const char *dir, int force, const char *const *planned,
+                                size_t n_planned, const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    name_list rec = {NULL, 0};
+    struct stat st;
+    char first[256];
+    int more = 0;
+    if (stat(dir, &st) != 0) {
+        CHECK(ctx, errno == ENOENT, MXQ_ERR_IO, "cannot use output directory '%s': %s", dir, strerror(errno));
+        CHECK(ctx, mkdir(dir, 0777) == 0, MXQ_ERR_IO, "cannot create output directory '%s': %s", dir,
+              strerror(errno));
+    } else {
+        CHECK(ctx, S_ISDIR(st.st_mode), MXQ_ERR_IO, "output path '%s' exists and is %s, not a directory", dir,
+              mxq_file_kind(st.st_mode));
+        CALL(ctx, first_entry(ctx, dir, first, sizeof(first), &more));
+        CHECK(ctx, !first[0] || force, MXQ_ERR_IO,
+              "output directory '%s' is not empty (it holds '%s'%s); choose another, or pass --force to replace what "
+              "an earlier mxq run wrote there",
+              dir, first, more ? " and more" : "");
+        CALL(ctx, read_record(ctx, dir, &rec));
+        CALL(ctx, check_planned(ctx, dir, &rec, planned, n_planned, inputs));
+        CALL(ctx, remove_earlier_run(ctx, dir, &rec, planned, n_planned, inputs));
+    }
+    CALL(ctx, write_record(ctx, dir, planned, n_planned, inputs));
+fail:
+    name_list_free(&rec);
+    return status;
+}
+
+mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, json_t *map, uint64_t total_size, const char *format,
+                                const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    char path[4352];
+    json_t *index = NULL, *meta = json_pack("{s:I}", "total_size", (json_int_t)total_size);
+    CHECK_ALLOC(ctx, meta, 1, "the checkpoint index");
+    if (format)
+        CHECK(ctx, json_object_set_new(meta, "format", json_string(format)) == 0, MXQ_ERR_NOMEM,
+              "out of memory building the checkpoint index");
+    index = json_pack("{s:O, s:O}", "metadata", meta, "weight_map", map);
+    CHECK_ALLOC(ctx, index, 1, "the checkpoint index");
+    snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
+    CALL(ctx, mxq_json_write_atomic(ctx, index, path, inputs));
+fail:
+    json_decref(meta);
+    json_decref(index);
+    return status;
+}

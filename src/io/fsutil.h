@@ -1,0 +1,91 @@
+/* Safe file handling. Internal.
+ *
+ * Inputs are opened only once they are known to be regular files, so a FIFO
+ * or a device given as an input fails at once instead of blocking forever.
+ * Outputs are written under a temporary name beside the final one and renamed
+ * into place only when complete; before any work, each output is checked: it
+ * is absent or a regular file (never a device, FIFO, directory or symbolic
+ * link), it is not one of the job's inputs (compared by device and inode, so
+ * hard links, symbolic links and ".." are seen through), and its directory
+ * is writable (the temporary file is created at once). */
+#ifndef MXQ_FSUTIL_H
+#define MXQ_FSUTIL_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+#include "mxq/core.h"
+
+/* ---- inputs ------------------------------------------------------------- */
+
+/* Open `path` read-only, failing unless it is a regular file. `what` names
+ * it in messages ("token file", "recipe"). */
+mxq_status mxq_input_open(mxq_ctx *ctx, const char *path, const char *what, int *fd);
+/* The same check, closing the file again (for files a library opens itself). */
+mxq_status mxq_input_check(mxq_ctx *ctx, const char *path, const char *what);
+/* Read a whole regular file of at most max_bytes into a NUL-terminated
+ * buffer (free() it). */
+mxq_status mxq_input_read_all(mxq_ctx *ctx, const char *path, const char *what, size_t max_bytes, char **text,
+                              size_t *len);
+
+/* The files a job reads, by identity, so that no output can replace one. */
+typedef struct {
+    dev_t dev;
+    ino_t ino;
+    char *path;
+    const char *what;
+} mxq_file_id;
+
+typedef struct {
+    mxq_file_id *ids;
+    size_t n, cap;
+} mxq_input_set;
+
+/* Add `path` (followed through symbolic links) if it exists; a missing file
+ * is not an error here: reading it will say so. */
+mxq_status mxq_input_set_add(mxq_ctx *ctx, mxq_input_set *set, const char *path, const char *what);
+/* Add a model directory's config.json, index and every safetensors file. */
+mxq_status mxq_input_set_add_model(mxq_ctx *ctx, mxq_input_set *set, const char *model_dir);
+void mxq_input_set_free(mxq_input_set *set);
+/* The input `path` is, or NULL. */
+const mxq_file_id *mxq_input_set_find(const mxq_input_set *set, const char *path);
+
+/* ---- outputs ------------------------------------------------------------ */
+
+/* `path` may be written: it is absent or a regular file, and not an input. */
+mxq_status mxq_output_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs);
+
+typedef struct {
+    char *final_path;
+    char *temp_path; /* <dir>/.<name>.tmp-<pid> */
+    int fd;          /* open for writing until commit or abort; -1 after */
+} mxq_output;
+
+/* Check `final_path` and create its temporary file. */
+mxq_status mxq_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_input_set *inputs, mxq_output *out);
+/* Write all of `data`; errors name the final path and the system's reason. */
+mxq_status mxq_output_write(mxq_ctx *ctx, mxq_output *out, const void *data, size_t len);
+/* Close the descriptor (for a writer that reopens the temporary by name). */
+mxq_status mxq_output_close_fd(mxq_ctx *ctx, mxq_output *out);
+/* Flush to disk, check the target once more, rename into place. */
+mxq_status mxq_output_commit(mxq_ctx *ctx, mxq_output *out);
+/* Remove the temporary (safe to call after commit, or twice). */
+void mxq_output_abort(mxq_output *out);
+
+/* `<dir>/.<base>.tmp-<pid>` for final path `<dir>/<base>`; free() the result. */
+mxq_status mxq_temp_path_for(mxq_ctx *ctx, const char *final_path, char **temp_path);
+/* 1 if `name` is the temporary name mxq gives `final_name` in some process. */
+int mxq_is_temp_name_of(const char *name, const char *final_name);
+
+/* Write a jansson value as indented JSON (doubles with 17 significant
+ * digits, so they read back exactly) through mxq_output. */
+struct json_t;
+mxq_status mxq_json_write_atomic(mxq_ctx *ctx, const struct json_t *value, const char *path,
+                                 const mxq_input_set *inputs);
+/* Parse a JSON file read through mxq_input_read_all (size-bounded). */
+mxq_status mxq_json_read(mxq_ctx *ctx, const char *path, const char *what, struct json_t **out);
+
+/* "a FIFO", "a directory", ... for a stat mode. */
+const char *mxq_file_kind(mode_t mode);
+
+#endif

@@ -1,0 +1,23 @@
+/* Token files: HDF5 dataset /tokens, int32 [n_sequences, seq_len]. Internal. */
+#ifndef MXQ_TOKENS_H
+#define MXQ_TOKENS_H
+
+#include <stdint.h>
+
+#include "mxq/core.h"
+
+typedef struct {
+    int32_t *ids; /* [n_seqs, seq_len] */
+    int n_seqs;
+    int seq_len;
+    int total_seqs; /* sequences in the file, before any limit */
+} mxq_tokens;
+
+/* Read the first `limit` sequences (0 = all) and check every id against
+ * [0, vocab). Local to this rank (no collective call: every rank reads the
+ * same small file). Errors name the file and, for a bad id, the sequence
+ * and position. */
+mxq_status mxq_tokens_read(mxq_ctx *ctx, const char *path, int limit, int vocab, mxq_tokens *out);
+void mxq_tokens_free(mxq_tokens *tokens);
+
+#endif

@@ -1,0 +1,469 @@
+/* Calibration and quantization of this rank's layers, in memory.
+ *
+ * fp mode: the FP model runs over the calibration set as a pipeline (the
+ * same one evaluation uses); each rank accumulates the statistics of its own
+ * layers' linear inputs as micro-batches pass, then all ranks quantize their
+ * layers at the same time.
+ *
+ * sequential mode: each layer is calibrated on the outputs of the already
+ * quantized layers before it (weights and activations quantized as at run
+ * time). A rank takes the whole calibration set from its upstream, then per
+ * layer: statistics -> quantize -> forward the quantized layer; then sends
+ * the whole set downstream. The ranks work one after the other; that is the
+ * price of the mode, and it holds n_samples * seq_len * hidden floats. */
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "jobs/jobs_internal.h"
+#include "parallel/pipeline.h"
+
+typedef struct {
+    const mxq_model *model;
+    const mxq_tokens *tokens;
+    mxq_workspace *ws;
+    mxq_layer_stats *stats; /* the layers being calibrated */
+    int stats_first;        /* absolute index of stats[0] */
+    int stats_count;
+} calib_state;
+
+static mxq_status observe(mxq_ctx *ctx, void *user, int layer, mxq_input_id input, const float *x, size_t tokens,
+                          int features)
+{
+    calib_state *c = user;
+    if (layer < c->stats_first || layer >= c->stats_first + c->stats_count)
+        return MXQ_OK;
+    return mxq_input_stats_add(ctx, &c->stats[layer - c->stats_first].input[input], x, tokens);
+}
+
+static mxq_status calib_stage(mxq_ctx *ctx, void *user, int mb, int first_seq, int n, float *buf)
+{
+    mxq_status status = MXQ_OK;
+    calib_state *c = user;
+    const mxq_model *m = c->model;
+    const int S = c->tokens->seq_len;
+    mxq_observer obs = {observe, c};
+    if (m->has_embedding)
+        CALL(ctx, mxq_model_embed(ctx, m, c->tokens->ids + (size_t)first_seq * S, n, S, buf));
+    CALL(ctx, mxq_model_run_layers_observed(ctx, m, m->first_layer, m->last_layer, buf, n, S, NULL, &obs, c->ws));
+fail:
+    return status;
+}
+
+static void log_layer(mxq_ctx *ctx, const mxq_model *m, const mxq_layer_result *r)
+{
+    double rtn = 0, loss = 0;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++)
+        if (r->linear[li].quantized) {
+            rtn += r->linear[li].loss_rtn;
+            loss += r->linear[li].loss;
+        }
+    char alphas[128] = "";
+    size_t used = 0;
+    for (int i = 0; i < MXQ_INPUT_COUNT && used < sizeof(alphas); i++) {
+        if (r->awq_alpha[i] >= 0)
+            used += (size_t)snprintf(alphas + used, sizeof(alphas) - used, " awq[%s]=%.2f", mxq_input_name(i),
+                                     r->awq_alpha[i]);
+        else if (r->smooth_alpha[i] >= 0)
+            used += (size_t)snprintf(alphas + used, sizeof(alphas) - used, " sq[%s]=%.2f", mxq_input_name(i),
+                                     r->smooth_alpha[i]);
+    }
+    mxq_log(ctx, MXQ_LOG_INFO, "layer %d (%d/%d): loss rtn %.4e -> %.4e (%+.1f%%)%s  calib %.2f s  quant %.2f s  rss %.0f MB",
+            r->layer, r->layer + 1, m->cfg.n_layers, rtn, loss, rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0, alphas,
+            r->seconds_calib, r->seconds, (double)r->peak_rss / 1048576.0);
+}
+
+/* Quantize layer `layer` in place, or `target` (a copy of it) when given. */
+static mxq_status finish_and_quantize(mxq_ctx *ctx, const mxq_recipe *recipe, mxq_model *model, int layer,
+                                      mxq_layer_stats *stats, mxq_layer_result *res, mxq_layer *target)
+{
+    mxq_status status = MXQ_OK;
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
+        mxq_input_stats_finish(&stats->input[i]);
+    CALL(ctx, mxq_quantize_layer(ctx, recipe, &model->cfg, layer,
+                                 target ? target : &model->layers[layer - model->first_layer], stats, res));
+    log_layer(ctx, model, res);
+fail:
+    return status;
+}
+
+/* ---- quantized copies of layers (windowed fp mode) ------------------------ */
+
+/* A layer's tensors as they were before quantization, kept while a copy is
+ * quantized (windowed fp mode: later passes must still see FP layers). */
+static void layer_free(mxq_layer *L)
+{
+    free(L->attn_norm);
+    free(L->ffn_norm);
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        free(L->weight[li]);
+        free(L->bias[li]);
+    }
+    memset(L, 0, sizeof(*L));
+}
+
+static float *copy_floats(const float *src, size_t n)
+{
+    if (!src)
+        return NULL;
+    float *dst = malloc(n * sizeof(float));
+    if (dst)
+        memcpy(dst, src, n * sizeof(float));
+    return dst;
+}
+
+static mxq_status layer_copy(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_layer *src, mxq_layer *dst)
+{
+    mxq_status status = MXQ_OK;
+    memset(dst, 0, sizeof(*dst));
+    dst->attn_norm = copy_floats(src->attn_norm, (size_t)cfg->hidden);
+    dst->ffn_norm = copy_floats(src->ffn_norm, (size_t)cfg->hidden);
+    int ok = dst->attn_norm && dst->ffn_norm;
+    for (int li = 0; li < MXQ_LIN_COUNT && ok; li++) {
+        int out, in;
+        mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
+        dst->weight[li] = copy_floats(src->weight[li], (size_t)out * in);
+        dst->bias[li] = copy_floats(src->bias[li], (size_t)out);
+        ok = dst->weight[li] && (dst->bias[li] || !src->bias[li]);
+    }
+    CHECK(ctx, ok, MXQ_ERR_NOMEM, "out of memory copying a layer for windowed calibration");
+    return MXQ_OK;
+fail:
+    layer_free(dst);
+    return status;
+}
+
+/* Keep of a quantized copy only what is not in its result: weights of
+ * quantized linears are rebuilt from packed + scales at the end. */
+static void layer_shrink(mxq_layer *q, const mxq_layer_result *res)
+{
+    for (int li = 0; li < MXQ_LIN_COUNT; li++)
+        if (res->linear[li].quantized) {
+            free(q->weight[li]);
+            q->weight[li] = NULL;
+        }
+}
+
+static void swap_floats(float **a, float **b)
+{
+    float *t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Put a quantized layer in place of the FP one. */
+static mxq_status layer_install(mxq_ctx *ctx, const mxq_recipe *recipe, const mxq_model_config *cfg, mxq_layer *L,
+                                mxq_layer *q, const mxq_layer_result *res)
+{
+    mxq_status status = MXQ_OK;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        int out, in;
+        mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
+        if (res->linear[li].quantized)
+            CALL(ctx, mxq_mx_dequantize_rows(ctx, &recipe->weights, res->linear[li].packed, res->linear[li].scales,
+                                             (size_t)out, (size_t)in, L->weight[li]));
+        else
+            swap_floats(&L->weight[li], &q->weight[li]);
+        swap_floats(&L->bias[li], &q->bias[li]);
+    }
+    swap_floats(&L->attn_norm, &q->attn_norm);
+    swap_floats(&L->ffn_norm, &q->ffn_norm);
+fail:
+    layer_free(q);
+    return status;
+}
+
+/* ---- fp mode ------------------------------------------------------------------ */
+
+/* One rank's fp-mode calibration: pipelined passes of the FP model over the
+ * calibration set. With a window of W layers, pass k collects the
+ * statistics of each rank's k-th window of W layers and quantizes copies,
+ * so a rank never holds more than W layers' Hessians and later passes still
+ * run the FP model; the statistics, hence the bytes written, are those of
+ * one pass. */
+typedef struct {
+    calib_state c;
+    mxq_pipeline p;
+    mxq_layer *held; /* [n_local] quantized copies (windowed mode) */
+    int n_local, window, passes;
+} fp_run;
+
+static void fp_run_free(fp_run *run)
+{
+    for (int i = 0; run->c.stats && i < run->window; i++)
+        mxq_layer_stats_free(&run->c.stats[i]);
+    for (int i = 0; run->held && i < run->n_local; i++)
+        layer_free(&run->held[i]);
+    free(run->held);
+    free(run->c.stats);
+    free(run->p.buf[0]);
+    free(run->p.buf[1]);
+    mxq_workspace_free(run->c.ws);
+}
+
+/* This rank's buffers (agreed by the caller). */
+static mxq_status fp_setup(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens, int batch,
+                           fp_run *run)
+{
+    mxq_status status = MXQ_OK;
+    size_t buf_floats = (size_t)batch * tokens->seq_len * model->cfg.hidden;
+    run->c.stats = calloc((size_t)run->window, sizeof(mxq_layer_stats));
+    run->held = calloc((size_t)run->n_local + 1, sizeof(mxq_layer));
+    CHECK_ALLOC(ctx, run->c.stats && run->held, (size_t)run->window * sizeof(mxq_layer_stats),
+                "the layer statistics table");
+    CALL(ctx, mxq_workspace_create(ctx, &model->cfg, batch, tokens->seq_len, &run->c.ws));
+    run->p.buf[0] = malloc(buf_floats * sizeof(float));
+    run->p.buf[1] = malloc(buf_floats * sizeof(float));
+    CHECK_ALLOC(ctx, run->p.buf[0] && run->p.buf[1], 2 * buf_floats * sizeof(float), "the pipeline buffers");
+    run->p = (mxq_pipeline){dist,  tokens->n_seqs, tokens->seq_len, model->cfg.hidden, batch,
+                            (tokens->n_seqs + batch - 1) / batch, "calibration", "calibrate.pipeline.midway",
+                            calib_stage, &run->c, {run->p.buf[0], run->p.buf[1]}};
+fail:
+    return status;
+}
+
+static mxq_status init_window_stats(mxq_ctx *ctx, const mxq_model_config *cfg, calib_state *c)
+{
+    mxq_status status = MXQ_OK;
+    for (int i = 0; i < c->stats_count; i++)
+        CALL(ctx, mxq_layer_stats_init(ctx, cfg, &c->stats[i]));
+fail:
+    return status;
+}
+
+/* Quantize local layers [lo, hi) from the statistics just collected. */
+static mxq_status fp_quantize_window(mxq_ctx *ctx, const mxq_recipe *recipe, mxq_model *model, fp_run *run, int lo,
+                                     int hi, double calib_seconds, mxq_layer_result *results)
+{
+    mxq_status status = MXQ_OK;
+    for (int i = lo; i < hi; i++) {
+        mxq_layer_result *res = &results[i];
+        mxq_layer_stats *stats = &run->c.stats[i - lo];
+        res->seconds_calib = calib_seconds / (hi - lo);
+        if (run->passes == 1) {
+            CALL(ctx, finish_and_quantize(ctx, recipe, model, model->first_layer + i, stats, res, NULL));
+        } else {
+            CALL(ctx, layer_copy(ctx, &model->cfg, &model->layers[i], &run->held[i]));
+            CALL(ctx, finish_and_quantize(ctx, recipe, model, model->first_layer + i, stats, res, &run->held[i]));
+            layer_shrink(&run->held[i], res);
+        }
+        mxq_layer_stats_free(stats);
+    }
+fail:
+    return status;
+}
+
+static mxq_status fp_install_all(mxq_ctx *ctx, const mxq_recipe *recipe, mxq_model *model, fp_run *run,
+                                 const mxq_layer_result *results)
+{
+    mxq_status status = MXQ_OK;
+    for (int i = 0; run->passes > 1 && i < run->n_local; i++)
+        CALL(ctx, layer_install(ctx, recipe, &model->cfg, &model->layers[i], &run->held[i], &results[i]));
+fail:
+    return status;
+}
+
+static mxq_status calibrate_fp(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
+                               const mxq_recipe *recipe, int batch, int stats_layers, mxq_layer_result *results)
+{
+    mxq_status status = MXQ_OK;
+    fp_run run = {.n_local = model->last_layer - model->first_layer};
+    run.c = (calib_state){model, tokens, NULL, NULL, model->first_layer, 0};
+    int max_local = run.n_local;
+    CALL_MPI(ctx, MPI_Allreduce(&run.n_local, &max_local, 1, MPI_INT, MPI_MAX, dist->comm));
+    run.window = stats_layers > 0 && stats_layers < max_local ? stats_layers : max_local;
+    run.passes = (max_local + run.window - 1) / run.window;
+    AGREE(ctx, dist, "calibrate.setup", fp_setup(ctx, dist, model, tokens, batch, &run));
+    if (run.passes > 1 && dist->rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO, "calibration: %d passes, statistics of at most %d layer%s per rank at a time",
+                run.passes, run.window, run.window == 1 ? "" : "s");
+    for (int pass = 0; pass < run.passes; pass++) {
+        int lo = pass * run.window, hi = lo + run.window < run.n_local ? lo + run.window : run.n_local;
+        run.c.stats_first = model->first_layer + lo;
+        run.c.stats_count = hi > lo ? hi - lo : 0;
+        AGREE(ctx, dist, "calibrate.stats", init_window_stats(ctx, &model->cfg, &run.c));
+        double t0 = mxq_time_now();
+        AGREE(ctx, dist, "calibrate.pipeline", mxq_pipeline_run(ctx, &run.p));
+        AGREE(ctx, dist, "calibrate.quantize",
+              fp_quantize_window(ctx, recipe, model, &run, lo, hi, mxq_time_now() - t0, results));
+    }
+    AGREE(ctx, dist, "calibrate.install", fp_install_all(ctx, recipe, model, &run, results));
+fail:
+    fp_run_free(&run);
+    return status;
+}
+
+/* ---- sequential mode -------------------------------------------------------- */
+
+typedef struct {
+    const mxq_dist *dist;
+    mxq_model *model;
+    const mxq_tokens *tokens;
+    const mxq_recipe *recipe;
+    int batch, n_micro;
+    size_t mb_floats;  /* floats of one full micro-batch */
+    float *store, *tmp; /* [n_micro * mb_floats], [mb_floats] */
+    mxq_workspace *ws;
+    int upstream_aborted;
+} seq_run;
+
+static int seq_count(const seq_run *s, int mb)
+{
+    return mxq_micro_batch_seqs(s->tokens->n_seqs, s->batch, mb) * s->tokens->seq_len * s->model->cfg.hidden;
+}
+
+/* After a failed receive: take what upstream still sends (up to its ABORT),
+ * so that it is not left blocked in MPI_Send. */
+static void drain_upstream(seq_run *s, int from)
+{
+    for (int mb = from; mb < s->n_micro; mb++) {
+        MPI_Status st;
+        if (MPI_Recv(s->tmp, seq_count(s, mb), MPI_FLOAT, s->dist->rank - 1, MPI_ANY_TAG, s->dist->comm, &st) !=
+                MPI_SUCCESS ||
+            st.MPI_TAG == MXQ_TAG_ABORT)
+            break;
+    }
+}
+
+/* The calibration activations: embedded here (rank 0) or from upstream. */
+static mxq_status seq_take_input(mxq_ctx *ctx, seq_run *s)
+{
+    mxq_status status = MXQ_OK;
+    const int S = s->tokens->seq_len;
+    int received = 0; /* messages taken from upstream */
+    for (int mb = 0; mb < s->n_micro; mb++) {
+        int n = mxq_micro_batch_seqs(s->tokens->n_seqs, s->batch, mb);
+        float *x = s->store + (size_t)mb * s->mb_floats;
+        if (s->model->has_embedding) {
+            CALL(ctx, mxq_model_embed(ctx, s->model, s->tokens->ids + (size_t)mb * s->batch * S, n, S, x));
+            continue;
+        }
+        if (mb == s->n_micro / 2)
+            CALL(ctx, mxq_fault_point(ctx, "sequential.receive.midway"));
+        MPI_Status st;
+        int rc = MPI_Recv(x, seq_count(s, mb), MPI_FLOAT, s->dist->rank - 1, MPI_ANY_TAG, s->dist->comm, &st);
+        received++; /* consumed, even if it failed (a truncated message is) */
+        CALL_MPI(ctx, rc);
+        s->upstream_aborted = st.MPI_TAG == MXQ_TAG_ABORT;
+        CHECK(ctx, !s->upstream_aborted, MXQ_ERR_REMOTE, "stopped because an upstream rank failed");
+    }
+    return MXQ_OK;
+fail:
+    if (!s->upstream_aborted && !s->model->has_embedding)
+        drain_upstream(s, received);
+    return status;
+}
+
+/* Per layer: statistics on the current activations, quantize, then run the
+ * quantized layer (activations quantized as at run time) on them. */
+static mxq_status seq_layers(mxq_ctx *ctx, seq_run *s, mxq_layer_result *results)
+{
+    mxq_status status = MXQ_OK;
+    mxq_model *model = s->model;
+    const int S = s->tokens->seq_len, n_seqs = s->tokens->n_seqs;
+    mxq_layer_stats stats = {0};
+    calib_state c = {model, s->tokens, s->ws, &stats, 0, 1};
+    mxq_observer obs = {observe, &c};
+    mxq_fake_quant fq = {0};
+    fq.enabled_acts = s->recipe->has_acts;
+    if (s->recipe->has_acts)
+        fq.acts = s->recipe->acts;
+    for (int l = model->first_layer; l < model->last_layer; l++) {
+        mxq_layer_result *res = &results[l - model->first_layer];
+        double t0 = mxq_time_now();
+        CALL(ctx, mxq_fault_point(ctx, "sequential.layer"));
+        CALL(ctx, mxq_layer_stats_init(ctx, &model->cfg, &stats));
+        c.stats_first = l;
+        for (int mb = 0; mb < s->n_micro; mb++) {
+            int n = mxq_micro_batch_seqs(n_seqs, s->batch, mb);
+            memcpy(s->tmp, s->store + (size_t)mb * s->mb_floats, (size_t)seq_count(s, mb) * sizeof(float));
+            CALL(ctx, mxq_model_run_layers_observed(ctx, model, l, l + 1, s->tmp, n, S, NULL, &obs, s->ws));
+        }
+        double t1 = mxq_time_now();
+        CALL(ctx, finish_and_quantize(ctx, s->recipe, model, l, &stats, res, NULL));
+        mxq_layer_stats_free(&stats);
+        double t2 = mxq_time_now();
+        for (int mb = 0; mb < s->n_micro; mb++)
+            CALL(ctx, mxq_model_run_layers(ctx, model, l, l + 1, s->store + (size_t)mb * s->mb_floats,
+                                           mxq_micro_batch_seqs(n_seqs, s->batch, mb), S, &fq, s->ws));
+        res->seconds_calib = (t1 - t0) + (mxq_time_now() - t2);
+    }
+fail:
+    mxq_layer_stats_free(&stats);
+    return status;
+}
+
+static mxq_status seq_send_output(mxq_ctx *ctx, seq_run *s)
+{
+    mxq_status status = MXQ_OK;
+    for (int mb = 0; s->dist->rank + 1 < s->dist->size && mb < s->n_micro; mb++) {
+        if (mb == s->n_micro / 2)
+            CALL(ctx, mxq_fault_point(ctx, "sequential.send.midway"));
+        CALL_MPI(ctx, MPI_Send(s->store + (size_t)mb * s->mb_floats, seq_count(s, mb), MPI_FLOAT, s->dist->rank + 1,
+                               MXQ_TAG_DATA, s->dist->comm));
+    }
+fail:
+    return status;
+}
+
+static mxq_status seq_setup(mxq_ctx *ctx, seq_run *s)
+{
+    mxq_status status = MXQ_OK;
+    const int S = s->tokens->seq_len, d = s->model->cfg.hidden;
+    CHECK(ctx, (long long)s->batch * S * d < INT_MAX, MXQ_ERR_ARG,
+          "a micro-batch of %d sequences x %d tokens x %d features exceeds one MPI message; use a smaller --batch",
+          s->batch, S, d);
+    s->store = malloc((size_t)s->n_micro * s->mb_floats * sizeof(float));
+    s->tmp = malloc(s->mb_floats * sizeof(float));
+    CHECK(ctx, s->store && s->tmp, MXQ_ERR_NOMEM,
+          "out of memory holding the calibration activations (%zu bytes; sequential mode keeps samples x seq_len x "
+          "hidden floats per rank)",
+          (size_t)s->n_micro * s->mb_floats * sizeof(float));
+    CALL(ctx, mxq_workspace_create(ctx, &s->model->cfg, s->batch, S, &s->ws));
+fail:
+    return status;
+}
+
+static mxq_status calibrate_sequential(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
+                                       const mxq_recipe *recipe, int batch, mxq_layer_result *results)
+{
+    mxq_status status = MXQ_OK;
+    seq_run s = {dist, model, tokens, recipe, batch, (tokens->n_seqs + batch - 1) / batch,
+                 (size_t)batch * tokens->seq_len * model->cfg.hidden, NULL, NULL, NULL, 0};
+    AGREE(ctx, dist, "sequential.setup", seq_setup(ctx, &s));
+    mxq_status local = seq_take_input(ctx, &s);
+    if (local == MXQ_OK)
+        local = seq_layers(ctx, &s, results);
+    if (local == MXQ_OK)
+        local = seq_send_output(ctx, &s);
+    /* Tell downstream (blocked in its receives) that nothing more is coming. */
+    if (local != MXQ_OK && dist->rank + 1 < dist->size)
+        MPI_Send(NULL, 0, MPI_FLOAT, dist->rank + 1, MXQ_TAG_ABORT, dist->comm);
+    AGREE(ctx, dist, "sequential.done", local);
+fail:
+    free(s.store);
+    free(s.tmp);
+    mxq_workspace_free(s.ws);
+    return status;
+}
+
+mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
+                                        const char *calib_name, const mxq_recipe *recipe, int batch, int stats_layers,
+                                        mxq_layer_result *results)
+{
+    mxq_status status = MXQ_OK;
+    if (batch <= 0)
+        batch = 8;
+    if (batch > calib->n_seqs)
+        batch = calib->n_seqs;
+    if (dist->rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO, "calibration: %d sequences of %d tokens from %s, %s mode, micro-batch %d",
+                calib->n_seqs, calib->seq_len, calib_name, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential",
+                batch);
+    if (recipe->calib_mode == MXQ_CALIB_FP)
+        CALL(ctx, calibrate_fp(ctx, dist, model, calib, recipe, batch, stats_layers, results));
+    else
+        CALL(ctx, calibrate_sequential(ctx, dist, model, calib, recipe, batch, results));
+fail:
+    return status;
+}

@@ -1,0 +1,39 @@
+/* Pieces shared by the jobs (src/jobs/). Internal. */
+#ifndef MXQ_JOBS_INTERNAL_H
+#define MXQ_JOBS_INTERNAL_H
+
+#include "io/fsutil.h"
+#include "io/tokens.h"
+#include "mxq/jobs.h"
+#include "mxq/quantize.h"
+#include "parallel/parallel.h"
+
+/* Read the recipe on every rank and agree. */
+mxq_status mxq_job_recipe(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const char *path, mxq_recipe *recipe);
+
+/* config.json of model_dir, checked against the checkpoint's headers (unless
+ * `weights_optional` and the directory holds no weights, as for a dry run
+ * from a config alone), on every rank, agreed. */
+mxq_status mxq_job_config(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const char *model_dir,
+                          int weights_optional, mxq_model_config *cfg);
+
+/* The layer partition, agreed: first[size + 1] (free() it). */
+mxq_status mxq_job_partition(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const mxq_model_config *cfg,
+                             int **first);
+
+/* Read the first calibration.samples sequences of calib_path and check them
+ * against the recipe and the model (enough sequences, not longer than the
+ * context). Every rank reads; errors are agreed. */
+mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const mxq_dist *dist, const char *calib_path, const mxq_recipe *recipe,
+                                  const char *recipe_path, const mxq_model_config *cfg, mxq_tokens *tokens);
+
+/* Calibrate on `calib` (calib_name for messages) and quantize the layers of
+ * `model` (this rank's part) in memory. Collective over dist. results[i]
+ * for local layer i. stats_layers > 0 bounds the layers whose statistics a
+ * rank holds at once in fp mode (more calibration passes, same result); 0 =
+ * all of them in one pass. */
+mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
+                                        const char *calib_name, const mxq_recipe *recipe, int batch, int stats_layers,
+                                        mxq_layer_result *results);
+
+#endif

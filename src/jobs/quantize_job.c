@@ -1,0 +1,366 @@
+/* mxq quantize: the whole job. Check everything, then load this rank's
+ * layers, calibrate and quantize them (calibrate.c), write this rank's
+ * shard, and on rank 0 the index, config.json (with quantization_config) and
+ * the JSON report.
+ *
+ * Nothing looks complete before it is: the output directory's record of
+ * mxq's files is written first; shards are written under temporary names,
+ * renamed only when every rank has written its own, and
+ * model.safetensors.index.json, without which the directory is no
+ * checkpoint, is renamed into place last. */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "io/ckpt_writer.h"
+#include "jobs/jobs_internal.h"
+#include "jobs/quantize_report.h"
+
+#define REPORT_NAME "mxq_report.json"
+
+/* The list of tensors this rank writes, pointing into the model, the
+ * results and the input checkpoint. */
+typedef struct {
+    mxq_tensor_write *t;
+    char **names;
+    size_t n, cap;
+    size_t bytes;
+} shard_list;
+
+/* Everything one quantize job holds. */
+typedef struct {
+    mxq_dist dist;
+    const char *model_dir, *calib_path, *recipe_path, *out_dir;
+    const mxq_quantize_options *opt;
+    int batch;
+    mxq_input_set inputs;
+    mxq_recipe recipe;
+    int have_recipe;
+    mxq_model_config cfg;
+    int *first;
+    mxq_tokens calib;
+    mxq_model *model;
+    mxq_layer_result *results;
+    int n_local;
+    mxq_checkpoint *ckpt;
+    char shard_name[64];
+    mxq_output shard_out;
+    shard_list shard;
+    double t_start, quant_seconds;
+    mxq_quantize_report report; /* rank 0 */
+} quantize_job;
+
+static int owner_of_tensor(const char *name, const int *first, int size)
+{
+    int layer;
+    if (sscanf(name, "model.layers.%d.", &layer) == 1) {
+        for (int r = 0; r < size; r++)
+            if (layer >= first[r] && layer < first[r + 1])
+                return r;
+        return -1;
+    }
+    if (strncmp(name, "model.embed_tokens.", 19) == 0)
+        return 0;
+    return size - 1; /* final norm, lm_head and anything else */
+}
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
+
+static mxq_status shard_add(mxq_ctx *ctx, shard_list *s, const char *name, mxq_dtype dtype, int rank,
+                            const int64_t *shape, const void *data)
+{
+    mxq_status status = MXQ_OK;
+    if (s->n == s->cap) {
+        size_t cap = s->cap ? 2 * s->cap : 64;
+        mxq_tensor_write *t = realloc(s->t, cap * sizeof(*t));
+        CHECK_ALLOC(ctx, t, cap * sizeof(*t), "the shard's tensor list");
+        s->t = t;
+        char **names = realloc(s->names, cap * sizeof(char *));
+        CHECK_ALLOC(ctx, names, cap * sizeof(char *), "the shard's tensor list");
+        s->names = names;
+        s->cap = cap;
+    }
+    s->names[s->n] = strdup(name);
+    CHECK_ALLOC(ctx, s->names[s->n], strlen(name) + 1, "a tensor name");
+    mxq_tensor_write *t = &s->t[s->n];
+    memset(t, 0, sizeof(*t));
+    t->name = s->names[s->n];
+    t->dtype = dtype;
+    t->rank = rank;
+    size_t numel = 1;
+    for (int i = 0; i < rank; i++) {
+        t->shape[i] = shape[i];
+        numel *= (size_t)shape[i];
+    }
+    t->data = data;
+    s->bytes += numel * mxq_dtype_size(dtype);
+    s->n++;
+fail:
+    return status;
+}
+
+static void shard_list_free(shard_list *s)
+{
+    for (size_t i = 0; i < s->n; i++)
+        free(s->names[i]);
+    free(s->names);
+    free(s->t);
+    memset(s, 0, sizeof(*s));
+}
+
+/* Which model tensor (as float32) replaces an input tensor that an
+ * algorithm changed; NULL if it is copied unchanged. */
+static const float *modified_tensor(const mxq_model *m, const mxq_layer_result *results, int layer, const char *rest)
+{
+    const mxq_layer *L = &m->layers[layer - m->first_layer];
+    const mxq_layer_result *r = &results[layer - m->first_layer];
+    if (strcmp(rest, "input_layernorm.weight") == 0)
+        return r->attn_norm_modified ? L->attn_norm : NULL;
+    if (strcmp(rest, "post_attention_layernorm.weight") == 0)
+        return r->ffn_norm_modified ? L->ffn_norm : NULL;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        size_t len = strlen(mxq_linear_name((mxq_linear_id)li));
+        if (strncmp(rest, mxq_linear_name((mxq_linear_id)li), len) != 0)
+            continue;
+        if (strcmp(rest + len, ".weight") == 0 && r->linear[li].weight_modified)
+            return L->weight[li];
+        if (strcmp(rest + len, ".bias") == 0 && r->linear[li].bias_modified)
+            return L->bias[li];
+    }
+    return NULL;
+}
+
+/* A quantized linear's weight goes out as weight_packed + weight_scale.
+ * Returns 1 in *handled if `rest` ("self_attn.q_proj.weight") is one. */
+static mxq_status add_quantized_linear(mxq_ctx *ctx, const quantize_job *job, int layer, const char *rest,
+                                       shard_list *s, int *handled)
+{
+    mxq_status status = MXQ_OK;
+    char buf[300];
+    *handled = 0;
+    for (int li = 0; li < MXQ_LIN_COUNT && !*handled; li++) {
+        const mxq_linear_result *lr = &job->results[layer - job->model->first_layer].linear[li];
+        snprintf(buf, sizeof(buf), "%s.weight", mxq_linear_name((mxq_linear_id)li));
+        if (strcmp(rest, buf) != 0 || !lr->quantized)
+            continue;
+        int out, in;
+        mxq_linear_shape(&job->cfg, (mxq_linear_id)li, &out, &in);
+        const mxq_mx_spec *spec = &job->recipe.weights;
+        int64_t pshape[2] = {out, (int64_t)mxq_mx_packed_row_bytes(spec->format, (size_t)in)};
+        int64_t sshape[2] = {out, (int64_t)mxq_mx_blocks_per_row((size_t)in, spec->block)};
+        snprintf(buf, sizeof(buf), "model.layers.%d.%s.weight_packed", layer, mxq_linear_name((mxq_linear_id)li));
+        CALL(ctx, shard_add(ctx, s, buf, MXQ_DT_U8, 2, pshape, lr->packed));
+        snprintf(buf, sizeof(buf), "model.layers.%d.%s.weight_scale", layer, mxq_linear_name((mxq_linear_id)li));
+        CALL(ctx, shard_add(ctx, s, buf, MXQ_DT_U8, 2, sshape, lr->scales));
+        *handled = 1;
+    }
+fail:
+    return status;
+}
+
+/* One input tensor of this rank's part, as it goes into the shard. */
+static mxq_status add_tensor(mxq_ctx *ctx, const quantize_job *job, const mxq_tensor_view *v, shard_list *s)
+{
+    mxq_status status = MXQ_OK;
+    int layer, consumed = 0, handled = 0;
+    if (sscanf(v->name, "model.layers.%d.%n", &layer, &consumed) == 1 && consumed > 0) {
+        const char *rest = v->name + consumed;
+        CALL(ctx, add_quantized_linear(ctx, job, layer, rest, s, &handled));
+        if (handled)
+            return MXQ_OK;
+        const float *changed = modified_tensor(job->model, job->results, layer, rest);
+        /* Folded scales: written in F32 so that the checkpoint holds exactly
+         * the values the quantized model was evaluated with. */
+        if (changed)
+            return shard_add(ctx, s, v->name, MXQ_DT_F32, v->rank, v->shape, changed);
+    }
+    CALL(ctx, shard_add(ctx, s, v->name, v->dtype, v->rank, v->shape, v->data));
+fail:
+    return status;
+}
+
+/* This rank's shard, written under its temporary name. */
+static mxq_status write_shard(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    const char **names = NULL;
+    size_t count = 0;
+    CALL(ctx, mxq_checkpoint_open(ctx, job->model_dir, &job->ckpt));
+    CALL(ctx, mxq_checkpoint_names(ctx, job->ckpt, &names, &count));
+    qsort(names, count, sizeof(char *), cmp_str);
+    for (size_t i = 0; i < count; i++) {
+        if (owner_of_tensor(names[i], job->first, job->dist.size) != job->dist.rank)
+            continue;
+        const mxq_tensor_view *v;
+        CALL(ctx, mxq_checkpoint_get(ctx, job->ckpt, names[i], &v));
+        CALL(ctx, add_tensor(ctx, job, v, &job->shard));
+    }
+    CALL(ctx, mxq_st_write(ctx, &job->shard_out, job->shard.t, job->shard.n));
+fail:
+    free(names);
+    return status;
+}
+
+/* ---- the job's phases ------------------------------------------------------- */
+
+static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, mxq_job_recipe(ctx, &job->dist, "quantize.recipe", job->recipe_path, &job->recipe));
+    job->have_recipe = 1;
+    CALL(ctx, mxq_job_config(ctx, &job->dist, "quantize.config", job->model_dir, job->opt->dry_run, &job->cfg));
+    CHECK_AGREED(ctx, &job->dist, "quantize.unquantized", !job->cfg.mx_weights, MXQ_ERR_ARG,
+                 "'%s' is already an mxq quantized checkpoint", job->model_dir);
+    CALL(ctx, mxq_job_partition(ctx, &job->dist, "quantize.partition", &job->cfg, &job->first));
+    /* Calibration data is checked before anything is written. */
+    CALL(ctx, mxq_calibration_tokens(ctx, &job->dist, job->calib_path, &job->recipe, job->recipe_path, &job->cfg,
+                                     &job->calib));
+fail:
+    return status;
+}
+
+/* The files the job writes, recorded in the output directory first. */
+static mxq_status prepare_out_dir(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    const int size = job->dist.size;
+    char(*files)[64] = calloc((size_t)size + 3, sizeof(*files));
+    const char **names = calloc((size_t)size + 3, sizeof(char *));
+    CHECK_ALLOC(ctx, files && names, ((size_t)size + 3) * 64, "the list of output files");
+    for (int r = 0; r < size; r++)
+        snprintf(files[r], sizeof(files[0]), "model-%05d-of-%05d.safetensors", r + 1, size);
+    snprintf(files[size], sizeof(files[0]), "%s", REPORT_NAME);
+    snprintf(files[size + 1], sizeof(files[0]), "config.json");
+    snprintf(files[size + 2], sizeof(files[0]), "model.safetensors.index.json");
+    for (int i = 0; i < size + 3; i++)
+        names[i] = files[i];
+    CALL(ctx, mxq_ckpt_dir_prepare(ctx, job->out_dir, job->opt->force, names, (size_t)size + 3, &job->inputs));
+fail:
+    free(files);
+    free(names);
+    return status;
+}
+
+static int same_directory(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* Before any heavy work: the output directory (rank 0), then every rank's
+ * shard file, so that a directory nobody can write is found now. */
+static mxq_status open_outputs(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    const int rank = job->dist.rank;
+    char path[4352];
+    mxq_status local = mxq_input_set_add_model(ctx, &job->inputs, job->model_dir);
+    if (local == MXQ_OK)
+        local = mxq_input_set_add(ctx, &job->inputs, job->calib_path, "the calibration file");
+    if (local == MXQ_OK)
+        local = mxq_input_set_add(ctx, &job->inputs, job->recipe_path, "the recipe");
+    AGREE(ctx, &job->dist, "quantize.inputs", local);
+    CHECK_AGREED(ctx, &job->dist, "quantize.outdir.input", !same_directory(job->model_dir, job->out_dir), MXQ_ERR_ARG,
+                 "--out '%s' is the input model directory; write the quantized checkpoint elsewhere", job->out_dir);
+    AGREE(ctx, &job->dist, "quantize.outdir", rank == 0 ? prepare_out_dir(ctx, job) : MXQ_OK);
+    snprintf(job->shard_name, sizeof(job->shard_name), "model-%05d-of-%05d.safetensors", rank + 1, job->dist.size);
+    snprintf(path, sizeof(path), "%s/%s", job->out_dir, job->shard_name);
+    AGREE(ctx, &job->dist, "quantize.shard.open", mxq_output_begin(ctx, path, &job->inputs, &job->shard_out));
+fail:
+    return status;
+}
+
+static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    const int rank = job->dist.rank, size = job->dist.size;
+    mxq_model_part part = {job->first[rank], job->first[rank + 1], rank == 0, rank == size - 1};
+    double t_load = mxq_time_now();
+    AGREE(ctx, &job->dist, "quantize.load", mxq_model_load(ctx, job->model_dir, &job->cfg, &part, &job->model));
+    if (rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO, "quantize: %s (%s, %d layers, d=%d) on %d rank%s with %s; loaded in %.2f s",
+                job->model_dir, mxq_arch_name(job->cfg.arch), job->cfg.n_layers, job->cfg.hidden, size,
+                size == 1 ? "" : "s", job->recipe_path, mxq_time_now() - t_load);
+    job->n_local = part.last_layer - part.first_layer;
+    job->results = calloc((size_t)job->n_local + 1, sizeof(*job->results));
+    CHECK_AGREED(ctx, &job->dist, "quantize.results", job->results != NULL, MXQ_ERR_NOMEM,
+                 "out of memory for the layer results");
+    double t_quant = mxq_time_now();
+    CALL(ctx, mxq_quantize_model_in_memory(ctx, &job->dist, job->model, &job->calib, job->calib_path, &job->recipe,
+                                           job->batch, job->opt->stats_layers, job->results));
+    job->quant_seconds = mxq_time_now() - t_quant;
+fail:
+    return status;
+}
+
+/* Shards first (every rank), then the report and config.json, the index
+ * last (rank 0). */
+static mxq_status commit(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    AGREE(ctx, &job->dist, "quantize.commit.shards", mxq_output_commit(ctx, &job->shard_out));
+    AGREE(ctx, &job->dist, "quantize.commit.index",
+          job->dist.rank == 0 ? mxq_quantize_report_commit(ctx, &job->report, job->out_dir, &job->inputs) : MXQ_OK);
+    if (job->dist.rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO,
+                "wrote %s: %d shard%s, model.safetensors.index.json, config.json, " REPORT_NAME " (%.1f s total)",
+                job->out_dir, job->dist.size, job->dist.size == 1 ? "" : "s", mxq_time_now() - job->t_start);
+fail:
+    return status;
+}
+
+static void quantize_job_free(quantize_job *job)
+{
+    mxq_quantize_report_free(&job->report);
+    mxq_output_abort(&job->shard_out);
+    shard_list_free(&job->shard);
+    mxq_checkpoint_close(job->ckpt);
+    mxq_tokens_free(&job->calib);
+    for (int i = 0; job->results && i < job->n_local; i++)
+        mxq_layer_result_free(&job->results[i]);
+    free(job->results);
+    mxq_model_free(job->model);
+    free(job->first);
+    if (job->have_recipe)
+        mxq_recipe_free(&job->recipe);
+    mxq_input_set_free(&job->inputs);
+    mxq_dist_free(&job->dist);
+}
+
+mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, const char *calib_path,
+                        const char *recipe_path, const char *out_dir, const mxq_quantize_options *options)
+{
+    mxq_status status = MXQ_OK;
+    quantize_job job = {.dist = {.comm = MPI_COMM_NULL}, .shard_out = {NULL, NULL, -1}};
+    job.model_dir = model_dir;
+    job.calib_path = calib_path;
+    job.recipe_path = recipe_path;
+    job.out_dir = out_dir;
+    job.opt = options;
+    job.batch = options->batch > 0 ? options->batch : 8;
+    job.t_start = mxq_time_now();
+    CALL(ctx, mxq_dist_create(ctx, comm, &job.dist));
+    CALL(ctx, setup(ctx, &job));
+    if (options->dry_run) {
+        if (job.dist.rank == 0)
+            mxq_quantize_print_plan(&job.cfg, &job.recipe, job.first, job.dist.size,
+                                    job.batch < job.calib.n_seqs ? job.batch : job.calib.n_seqs, job.calib.seq_len,
+                                    job.calib.n_seqs, options->stats_layers);
+        goto fail; /* status OK: nothing else to do */
+    }
+    CALL(ctx, open_outputs(ctx, &job));
+    CALL(ctx, load_and_quantize(ctx, &job));
+    AGREE(ctx, &job.dist, "quantize.shard.write", write_shard(ctx, &job));
+    CALL(ctx, mxq_quantize_report_gather(ctx, &job.dist, &job.report, job.results, job.n_local, job.shard.names,
+                                         job.shard.n, job.shard.bytes));
+    AGREE(ctx, &job.dist, "quantize.report",
+          job.dist.rank == 0 ? mxq_quantize_report_build(ctx, &job.report, &job.recipe, &job.cfg, job.first, model_dir,
+                                                         calib_path, recipe_path, job.quant_seconds, job.t_start)
+                             : MXQ_OK);
+    CALL(ctx, commit(ctx, &job));
+fail:
+    quantize_job_free(&job);
+    return status;
+}

@@ -1,0 +1,358 @@
+/* The figures of mxq quantize: gathered on rank 0, printed as a table,
+ * written as mxq_report.json, config.json and the index. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io/ckpt_writer.h"
+#include "jobs/quantize_report.h"
+
+/* What each rank sends ahead of its records and its tensor names. */
+typedef struct {
+    uint64_t shard_bytes;
+    double peak_rss;
+    int n_records;
+} rank_header;
+
+static void record_of(const mxq_layer_result *r, int rank, mxq_layer_record *rec)
+{
+    memset(rec, 0, sizeof(*rec));
+    rec->layer = r->layer;
+    rec->rank = rank;
+    rec->seconds_calib = r->seconds_calib;
+    rec->seconds = r->seconds;
+    rec->peak_rss = (double)r->peak_rss;
+    memcpy(rec->awq_alpha, r->awq_alpha, sizeof(rec->awq_alpha));
+    memcpy(rec->smooth_alpha, r->smooth_alpha, sizeof(rec->smooth_alpha));
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        rec->linear[li].quantized = r->linear[li].quantized;
+        rec->linear[li].dead_channels = r->linear[li].dead_channels;
+        rec->linear[li].loss_rtn = r->linear[li].loss_rtn;
+        rec->linear[li].loss = r->linear[li].loss;
+        rec->linear[li].seconds = r->linear[li].seconds;
+    }
+}
+
+/* [rank_header][records][names, each followed by '\n'] */
+static mxq_status pack_rank(mxq_ctx *ctx, int rank, const mxq_layer_result *results, int n_local, char *const *names,
+                            size_t n_names, size_t shard_bytes, char **out, size_t *len)
+{
+    mxq_status status = MXQ_OK;
+    size_t text = 0;
+    for (size_t i = 0; i < n_names; i++)
+        text += strlen(names[i]) + 1;
+    *len = sizeof(rank_header) + (size_t)n_local * sizeof(mxq_layer_record) + text;
+    char *buf = *out = malloc(*len);
+    CHECK_ALLOC(ctx, buf, *len, "the report of this rank");
+    rank_header h = {shard_bytes, (double)mxq_peak_rss_bytes(), n_local};
+    memcpy(buf, &h, sizeof(h));
+    mxq_layer_record *rec = (mxq_layer_record *)(buf + sizeof(h));
+    for (int i = 0; i < n_local; i++) {
+        mxq_layer_record one;
+        record_of(&results[i], rank, &one);
+        memcpy(&rec[i], &one, sizeof(one));
+    }
+    char *p = buf + sizeof(h) + (size_t)n_local * sizeof(mxq_layer_record);
+    for (size_t i = 0; i < n_names; i++) {
+        size_t n = strlen(names[i]);
+        memcpy(p, names[i], n);
+        p[n] = '\n';
+        p += n + 1;
+    }
+fail:
+    return status;
+}
+
+/* Rank 0: one rank's part of the gathered bytes into the report. */
+static mxq_status unpack_rank(mxq_ctx *ctx, mxq_quantize_report *rep, int r, const char *part, size_t len)
+{
+    mxq_status status = MXQ_OK;
+    rank_header h;
+    char shard[64];
+    CHECK(ctx, len >= sizeof(h), MXQ_ERR_INTERNAL, "the report of rank %d is truncated", r);
+    memcpy(&h, part, sizeof(h));
+    size_t head = sizeof(h) + (size_t)h.n_records * sizeof(mxq_layer_record);
+    CHECK(ctx, h.n_records >= 0 && len >= head, MXQ_ERR_INTERNAL, "the report of rank %d is truncated", r);
+    memcpy(rep->records + rep->n_records, part + sizeof(h), (size_t)h.n_records * sizeof(mxq_layer_record));
+    rep->n_records += h.n_records;
+    rep->peak_rss[r] = h.peak_rss;
+    rep->total_bytes += h.shard_bytes;
+    snprintf(shard, sizeof(shard), "model-%05d-of-%05d.safetensors", r + 1, rep->size);
+    for (const char *p = part + head, *end = part + len; p < end;) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        CHECK(ctx, nl != NULL, MXQ_ERR_INTERNAL, "a tensor name of rank %d is truncated", r);
+        char name[512];
+        snprintf(name, sizeof(name), "%.*s", (int)(nl - p), p);
+        CHECK(ctx, json_object_set_new(rep->weight_map, name, json_string(shard)) == 0, MXQ_ERR_NOMEM,
+              "out of memory building the checkpoint index");
+        p = nl + 1;
+    }
+fail:
+    return status;
+}
+
+static mxq_status unpack_all(mxq_ctx *ctx, mxq_quantize_report *rep, int n_layers, const char *all,
+                             const size_t *lens)
+{
+    mxq_status status = MXQ_OK;
+    rep->records = calloc((size_t)n_layers + 1, sizeof(*rep->records));
+    rep->peak_rss = calloc((size_t)rep->size, sizeof(double));
+    rep->weight_map = json_object();
+    CHECK_ALLOC(ctx, rep->records && rep->peak_rss && rep->weight_map, (size_t)n_layers * sizeof(*rep->records),
+                "the gathered report");
+    size_t offset = 0;
+    for (int r = 0; r < rep->size; r++) {
+        CALL(ctx, unpack_rank(ctx, rep, r, all + offset, lens[r]));
+        offset += lens[r];
+    }
+fail:
+    return status;
+}
+
+mxq_status mxq_quantize_report_gather(mxq_ctx *ctx, const mxq_dist *dist, mxq_quantize_report *report,
+                                      const mxq_layer_result *results, int n_local, char *const *names, size_t n_names,
+                                      size_t shard_bytes)
+{
+    mxq_status status = MXQ_OK;
+    char *mine = NULL, *all = NULL;
+    size_t len = 0, *lens = NULL;
+    int n_layers = 0;
+    AGREE(ctx, dist, "quantize.report.pack",
+          pack_rank(ctx, dist->rank, results, n_local, names, n_names, shard_bytes, &mine, &len));
+    CALL_MPI(ctx, MPI_Reduce(&n_local, &n_layers, 1, MPI_INT, MPI_SUM, 0, dist->comm));
+    CALL(ctx, mxq_gather_bytes(ctx, dist, "quantize.report.gather", mine, len, &all, &lens));
+    report->size = dist->size;
+    AGREE(ctx, dist, "quantize.report.unpack", dist->rank == 0 ? unpack_all(ctx, report, n_layers, all, lens) : MXQ_OK);
+fail:
+    free(mine);
+    free(all);
+    free(lens);
+    return status;
+}
+
+/* ---- config.json -------------------------------------------------------------- */
+
+/* A spec through the one MX spec serializer. */
+static json_t *spec_json(const mxq_mx_spec *spec)
+{
+    json_t *obj = json_object();
+    char text[64];
+    for (int i = 0; obj && i < MXQ_MX_SPEC_FIELDS; i++) {
+        mxq_mx_spec_field_text(spec, i, text, sizeof(text));
+        json_object_set_new(obj, mxq_mx_spec_field_key(i),
+                            mxq_mx_spec_field_is_int(i) ? json_integer(atoi(text)) : json_string(text));
+    }
+    return obj;
+}
+
+static json_t *algorithm_json(const mxq_algo_step *st)
+{
+    json_t *params;
+    if (st->kind == MXQ_ALGO_SMOOTHQUANT)
+        params = json_pack("{s:f}", "alpha", st->smoothquant.alpha);
+    else if (st->kind == MXQ_ALGO_AWQ)
+        params = json_pack("{s:i, s:b, s:i, s:f}", "grid", st->awq.grid, "clip", st->awq.clip, "clip_grid",
+                           st->awq.clip_grid, "max_shrink", st->awq.max_shrink);
+    else
+        params = json_pack("{s:i, s:i, s:f, s:b}", "block", st->gptq.lazy_block, "microblock", st->gptq.microblock,
+                           "damp", st->gptq.damp, "act_order", st->gptq.act_order);
+    return json_pack("{s:o}", mxq_algo_name(st->kind), params);
+}
+
+static json_t *quantization_config(const mxq_recipe *recipe, const char *calib_path)
+{
+    json_t *q = json_object(), *algos = json_array(), *ex = json_array();
+    json_object_set_new(q, "quant_method", json_string("mxq"));
+    json_object_set_new(q, "format_version", json_integer(1));
+    json_object_set_new(q, "weights", recipe->has_weights ? spec_json(&recipe->weights) : json_null());
+    json_object_set_new(q, "activations", recipe->has_acts ? spec_json(&recipe->acts) : json_null());
+    for (int i = 0; i < recipe->n_steps; i++)
+        json_array_append_new(algos, algorithm_json(&recipe->steps[i]));
+    json_object_set_new(q, "algorithms", algos);
+    json_object_set_new(q, "calibration",
+                        json_pack("{s:i, s:s, s:s}", "samples", recipe->calib_samples, "mode",
+                                  recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential", "file", calib_path));
+    for (int i = 0; i < recipe->n_exclude; i++)
+        json_array_append_new(ex, json_string(recipe->exclude[i]));
+    json_object_set_new(q, "exclude", ex);
+    json_object_set_new(q, "storage",
+                        json_string("per quantized linear: <name>.weight_packed U8 [out, packed row bytes] with the "
+                                    "elements packed along the row as mxq cast packs them, and <name>.weight_scale U8 "
+                                    "E8M0 [out, ceil(in/block)]; other tensors as in the input checkpoint, except "
+                                    "norms and biases changed by folded scales, which are F32"));
+    return q;
+}
+
+/* ---- mxq_report.json and the summary table ---------------------------------- */
+
+static json_t *layer_json(const mxq_layer_record *rec, double *tot_rtn, double *tot_loss)
+{
+    json_t *jl = json_pack("{s:i, s:i, s:f, s:f, s:f}", "layer", rec->layer, "rank", rec->rank, "seconds_calib",
+                           rec->seconds_calib, "seconds", rec->seconds, "peak_rss_mb", rec->peak_rss / 1048576.0);
+    json_t *awq = json_object(), *sq = json_object(), *lins = json_object();
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
+        if (rec->awq_alpha[i] >= 0)
+            json_object_set_new(awq, mxq_input_name((mxq_input_id)i), json_real(rec->awq_alpha[i]));
+        if (rec->smooth_alpha[i] >= 0)
+            json_object_set_new(sq, mxq_input_name((mxq_input_id)i), json_real(rec->smooth_alpha[i]));
+    }
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        if (!rec->linear[li].quantized)
+            continue;
+        *tot_rtn += rec->linear[li].loss_rtn;
+        *tot_loss += rec->linear[li].loss;
+        json_object_set_new(lins, mxq_linear_name((mxq_linear_id)li),
+                            json_pack("{s:f, s:f, s:i, s:f}", "loss_rtn", rec->linear[li].loss_rtn, "loss",
+                                      rec->linear[li].loss, "dead_channels", rec->linear[li].dead_channels, "seconds",
+                                      rec->linear[li].seconds));
+    }
+    json_object_set_new(jl, "awq_alpha", awq);
+    json_object_set_new(jl, "smoothquant_alpha", sq);
+    json_object_set_new(jl, "linears", lins);
+    return jl;
+}
+
+static json_t *report_json(const mxq_quantize_report *rep, const char *model_dir, const char *calib_path,
+                           const char *recipe_path, double quant_seconds, double t_start)
+{
+    json_t *report = json_object(), *layers = json_array(), *rss = json_array();
+    double tot_rtn = 0, tot_loss = 0;
+    json_object_set_new(report, "model", json_string(model_dir));
+    json_object_set_new(report, "calibration", json_string(calib_path));
+    json_object_set_new(report, "recipe", json_string(recipe_path));
+    json_object_set_new(report, "ranks", json_integer(rep->size));
+    for (int l = 0; l < rep->n_records; l++)
+        json_array_append_new(layers, layer_json(&rep->records[l], &tot_rtn, &tot_loss));
+    json_object_set_new(report, "layers", layers);
+    for (int r = 0; r < rep->size; r++)
+        json_array_append_new(rss, json_real(rep->peak_rss[r] / 1048576.0));
+    json_object_set_new(report, "peak_rss_mb_per_rank", rss);
+    json_object_set_new(report, "totals",
+                        json_pack("{s:f, s:f, s:f, s:f}", "loss_rtn", tot_rtn, "loss", tot_loss, "seconds_quantize",
+                                  quant_seconds, "seconds_total", mxq_time_now() - t_start));
+    return report;
+}
+
+static void print_summary(const mxq_quantize_report *rep, double quant_seconds)
+{
+    double tot_rtn = 0, tot_loss = 0, peak = 0;
+    printf("%-6s %-5s %12s %12s %8s %8s %9s  %s\n", "layer", "rank", "loss rtn", "loss", "change", "seconds", "rss MB",
+           "alpha");
+    for (int l = 0; l < rep->n_records; l++) {
+        const mxq_layer_record *rec = &rep->records[l];
+        double rtn = 0, loss = 0;
+        for (int li = 0; li < MXQ_LIN_COUNT; li++)
+            if (rec->linear[li].quantized) {
+                rtn += rec->linear[li].loss_rtn;
+                loss += rec->linear[li].loss;
+            }
+        tot_rtn += rtn;
+        tot_loss += loss;
+        char alpha[96] = "-";
+        size_t used = 0;
+        for (int i = 0; i < MXQ_INPUT_COUNT && used < sizeof(alpha); i++)
+            if (rec->awq_alpha[i] >= 0 || rec->smooth_alpha[i] >= 0)
+                used += (size_t)snprintf(alpha + used, sizeof(alpha) - used, "%s%s=%.2f", used ? " " : "",
+                                         mxq_input_name((mxq_input_id)i),
+                                         rec->awq_alpha[i] >= 0 ? rec->awq_alpha[i] : rec->smooth_alpha[i]);
+        printf("%-6d %-5d %12.4e %12.4e %+7.1f%% %8.2f %9.0f  %s\n", rec->layer, rec->rank, rtn, loss,
+               rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0, rec->seconds_calib + rec->seconds, rec->peak_rss / 1048576.0,
+               alpha);
+    }
+    for (int r = 0; r < rep->size; r++)
+        peak = rep->peak_rss[r] > peak ? rep->peak_rss[r] : peak;
+    printf("total  %-5s %12.4e %12.4e %+7.1f%%  quantize %.2f s, peak rss %.0f MB/rank\n", "", tot_rtn, tot_loss,
+           tot_rtn > 0 ? 100.0 * (tot_loss - tot_rtn) / tot_rtn : 0.0, quant_seconds, peak / 1048576.0);
+    fflush(stdout);
+}
+
+mxq_status mxq_quantize_report_build(mxq_ctx *ctx, mxq_quantize_report *rep, const mxq_recipe *recipe,
+                                     const mxq_model_config *cfg, const int *first, const char *model_dir,
+                                     const char *calib_path, const char *recipe_path, double quant_seconds,
+                                     double t_start)
+{
+    mxq_status status = MXQ_OK;
+    char path[4352];
+    (void)first;
+    CHECK(ctx, rep->n_records == cfg->n_layers, MXQ_ERR_INTERNAL, "%d layer reports gathered for %d layers",
+          rep->n_records, cfg->n_layers);
+    snprintf(path, sizeof(path), "%s/config.json", model_dir);
+    CALL(ctx, mxq_json_read(ctx, path, "model config", &rep->config));
+    CHECK(ctx, json_object_set_new(rep->config, "quantization_config", quantization_config(recipe, calib_path)) == 0,
+          MXQ_ERR_NOMEM, "out of memory building config.json");
+    rep->report = report_json(rep, model_dir, calib_path, recipe_path, quant_seconds, t_start);
+    CHECK_ALLOC(ctx, rep->report, 1, "the report");
+    print_summary(rep, quant_seconds);
+fail:
+    return status;
+}
+
+mxq_status mxq_quantize_report_commit(mxq_ctx *ctx, const mxq_quantize_report *rep, const char *out_dir,
+                                      const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    char path[4352];
+    snprintf(path, sizeof(path), "%s/mxq_report.json", out_dir);
+    CALL(ctx, mxq_json_write_atomic(ctx, rep->report, path, inputs));
+    snprintf(path, sizeof(path), "%s/config.json", out_dir);
+    CALL(ctx, mxq_json_write_atomic(ctx, rep->config, path, inputs));
+    CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, rep->weight_map, rep->total_bytes, "mxq", inputs));
+fail:
+    return status;
+}
+
+void mxq_quantize_report_free(mxq_quantize_report *rep)
+{
+    free(rep->records);
+    free(rep->peak_rss);
+    json_decref(rep->weight_map);
+    json_decref(rep->config);
+    json_decref(rep->report);
+    memset(rep, 0, sizeof(*rep));
+}
+
+/* ---- --dry-run --------------------------------------------------------------- */
+
+void mxq_quantize_print_plan(const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size,
+                             int batch, int seq_len, int samples, int stats_layers)
+{
+    /* in double: a plan must print for any model, not wrap around */
+    const double MB = 1048576.0, layer = (double)mxq_config_layer_params(cfg) * sizeof(float);
+    const double emb = (double)mxq_config_embedding_params(cfg) * sizeof(float), stats = (double)mxq_layer_stats_bytes(cfg);
+    const double d = cfg->hidden;
+    double work = mxq_workspace_bytes(cfg, batch, seq_len) + 2.0 * batch * seq_len * d * sizeof(float);
+    /* the largest linear during quantization: a reference copy, the loss's
+     * two double matrices, GPTQ's double Hessian work arrays */
+    double quant = 0;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        int out, in;
+        mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
+        double b = (double)out * in * (sizeof(float) + 2 * sizeof(double)) + 3.0 * in * in * sizeof(double);
+        quant = b > quant ? b : quant;
+    }
+    const double store = (double)samples * seq_len * d * sizeof(float);
+    printf("plan: %d layers over %d rank%s; calibration %d x %d tokens, %s mode, micro-batch %d\n", cfg->n_layers, size,
+           size == 1 ? "" : "s", samples, seq_len, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential", batch);
+    printf("%-6s %-12s %-16s %12s %12s %12s %12s\n", "rank", "layers", "also", "weights MB", "stats MB", "work MB",
+           "total MB");
+    for (int r = 0; r < size; r++) {
+        int n = first[r + 1] - first[r];
+        double w = n * layer + (r == 0 ? emb : 0) +
+                   (r == size - 1 ? (cfg->tie_embeddings && size > 1 ? emb : 0) + (cfg->tie_embeddings ? 0 : emb) +
+                                        d * sizeof(float)
+                                  : 0);
+        int held = stats_layers > 0 && stats_layers < n ? stats_layers : n;
+        double s = recipe->calib_mode == MXQ_CALIB_FP ? held * stats : stats + store;
+        char layers[32], also[32] = "";
+        snprintf(layers, sizeof(layers), "[%d, %d)", first[r], first[r + 1]);
+        snprintf(also, sizeof(also), "%s%s", r == 0 ? "embedding " : "", r == size - 1 ? "norm+head" : "");
+        printf("%-6d %-12s %-16s %12.1f %12.1f %12.1f %12.1f\n", r, layers, also, w / MB, s / MB, (work + quant) / MB,
+               (w + s + work + quant) / MB);
+    }
+    printf("stats: Hessians (double) of the 4 linear inputs of a layer = %.1f MB per layer%s\n", stats / MB,
+           recipe->calib_mode == MXQ_CALIB_FP
+               ? (stats_layers > 0 ? ", held for --stats-layers layers at a time (one calibration pass per group)"
+                                   : ", held for every owned layer until it is quantized (bound it with --stats-layers)")
+               : "; sequential mode also holds the calibration activations");
+    fflush(stdout);
+}

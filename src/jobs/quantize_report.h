@@ -1,0 +1,59 @@
+/* What mxq quantize reports: per-layer figures gathered on rank 0, the
+ * summary table, mxq_report.json, config.json with its quantization_config,
+ * the index, and the --dry-run plan. Internal. */
+#ifndef MXQ_QUANTIZE_REPORT_H
+#define MXQ_QUANTIZE_REPORT_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "io/fsutil.h"
+#include "mxq/quantize.h"
+#include "parallel/parallel.h"
+
+/* One layer's figures, as they travel to rank 0 (plain data). */
+typedef struct {
+    int layer, rank;
+    double seconds_calib, seconds, peak_rss;
+    double awq_alpha[MXQ_INPUT_COUNT];    /* -1: none */
+    double smooth_alpha[MXQ_INPUT_COUNT]; /* -1: none */
+    struct {
+        int quantized, dead_channels;
+        double loss_rtn, loss, seconds;
+    } linear[MXQ_LIN_COUNT];
+} mxq_layer_record;
+
+typedef struct {
+    int size;                  /* ranks */
+    mxq_layer_record *records; /* [n_records], in layer order */
+    int n_records;
+    double *peak_rss;          /* [size] bytes */
+    json_t *weight_map;        /* tensor -> shard */
+    uint64_t total_bytes;      /* tensor data of all shards */
+    json_t *config, *report;
+} mxq_quantize_report;
+
+/* Collective: every rank's layer figures, tensor names and shard size to
+ * rank 0 (into `report`; other ranks leave it empty). */
+mxq_status mxq_quantize_report_gather(mxq_ctx *ctx, const mxq_dist *dist, mxq_quantize_report *report,
+                                      const mxq_layer_result *results, int n_local, char *const *names, size_t n_names,
+                                      size_t shard_bytes);
+
+/* Rank 0: config.json (the input's + quantization_config) and the report,
+ * and the summary table on stdout. */
+mxq_status mxq_quantize_report_build(mxq_ctx *ctx, mxq_quantize_report *report, const mxq_recipe *recipe,
+                                     const mxq_model_config *cfg, const int *first, const char *model_dir,
+                                     const char *calib_path, const char *recipe_path, double quant_seconds,
+                                     double t_start);
+
+/* Rank 0, after the shards are in place: report, config.json, index last. */
+mxq_status mxq_quantize_report_commit(mxq_ctx *ctx, const mxq_quantize_report *report, const char *out_dir,
+                                      const mxq_input_set *inputs);
+
+void mxq_quantize_report_free(mxq_quantize_report *report);
+
+/* --dry-run: who owns which layers and the predicted memory per rank. */
+void mxq_quantize_print_plan(const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size,
+                             int batch, int seq_len, int samples, int stats_layers);
+
+#endif

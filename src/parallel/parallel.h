@@ -1,0 +1,61 @@
+/* The parallel layer: the library's own communicator, agreement on failure
+ * ("check locally, fail everywhere"), the assignment of decoder layers to
+ * ranks, and the rank-to-rank pipeline (pipeline.h). Internal. */
+#ifndef MXQ_PARALLEL_H
+#define MXQ_PARALLEL_H
+
+#include <mpi.h>
+
+#include "core/check.h"
+#include "mxq/core.h"
+#include "mxq/model.h"
+
+/* The library never talks on the caller's communicator: it duplicates it. */
+typedef struct {
+    MPI_Comm comm;
+    int rank;
+    int size;
+} mxq_dist;
+
+mxq_status mxq_dist_create(mxq_ctx *ctx, MPI_Comm parent, mxq_dist *out);
+void mxq_dist_free(mxq_dist *dist);
+
+/* The one agreement mechanism, in the spirit of PETSc's PetscCheck with a
+ * communicator. Collective: every rank passes its local status and goes on
+ * only if every rank succeeded. A rank that failed gets its own status
+ * back; the others get MXQ_ERR_REMOTE ("stopped because rank R failed at
+ * step S"), so no rank goes on to a collective that a failed rank will never
+ * join. When every rank failed, only rank 0 prints (the others' messages
+ * are marked as reported elsewhere). `step` names the point in the job
+ * ("quantize.load", ...): it is what fault injection (mxq_ctx_set_fault)
+ * matches, and a rank told to fail there fails here. */
+mxq_status mxq_agree(mxq_ctx *ctx, const mxq_dist *dist, const char *step, mxq_status local);
+
+/* Run `expr` on this rank, then agree on its status. */
+#define AGREE(ctx, dist, step, expr) CALL(ctx, mxq_agree((ctx), (dist), (step), (expr)))
+
+/* Check `cond` on this rank; if it fails anywhere, fail everywhere. */
+#define CHECK_AGREED(ctx, dist, step, cond, code, ...)                           \
+    do {                                                                         \
+        mxq_status agreed_local_ = MXQ_OK;                                       \
+        if (!(cond)) {                                                           \
+            mxq_error_set((ctx), (code), __FILE__, __LINE__, __VA_ARGS__);       \
+            agreed_local_ = (code);                                              \
+        }                                                                        \
+        CALL(ctx, mxq_agree((ctx), (dist), (step), agreed_local_));              \
+    } while (0)
+
+/* Contiguous layer ranges balanced by parameter count: rank r owns layers
+ * [first[r], first[r+1]); rank 0 also holds the embedding and the last rank
+ * the final norm and lm_head, whose parameters count towards their load.
+ * Every rank gets at least one layer; more ranks than layers is an error. */
+mxq_status mxq_partition_layers(mxq_ctx *ctx, const mxq_model_config *cfg, int nranks, int *first);
+
+/* Gather `len` bytes from every rank onto rank 0, in rank order. On rank 0
+ * *all (malloc'd, NUL-terminated) and lens[size] are the caller's to free.
+ * Collective and safe: the receive buffers are agreed before any data
+ * moves. */
+mxq_status mxq_gather_bytes(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const void *data, size_t len,
+                            char **all, size_t **lens);
+
+#endif
