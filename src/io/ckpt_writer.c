@@ -179,17 +179,19 @@ fail:
 }
 
 mxq_status mxq_ckpt_dir_prepare(mxq_ctx *ctx, const char *dir, int force, const char *const *planned,
-                                size_t n_planned, const mxq_input_set *inputs)
+                                size_t n_planned, const mxq_input_set *inputs, int *created)
 {
     mxq_status status = MXQ_OK;
     name_list rec = {NULL, 0};
     struct stat st;
     char first[256];
     int more = 0;
+    *created = 0;
     if (stat(dir, &st) != 0) {
         CHECK(ctx, errno == ENOENT, MXQ_ERR_IO, "cannot use output directory '%s': %s", dir, strerror(errno));
         CHECK(ctx, mkdir(dir, 0777) == 0, MXQ_ERR_IO, "cannot create output directory '%s': %s", dir,
               strerror(errno));
+        *created = 1;
     } else {
         CHECK(ctx, S_ISDIR(st.st_mode), MXQ_ERR_IO, "output path '%s' exists and is %s, not a directory", dir,
               mxq_file_kind(st.st_mode));
@@ -206,6 +208,32 @@ mxq_status mxq_ckpt_dir_prepare(mxq_ctx *ctx, const char *dir, int force, const 
 fail:
     name_list_free(&rec);
     return status;
+}
+
+void mxq_ckpt_dir_abandon(const char *dir, const char *const *planned, size_t n_planned, int created)
+{
+    char path[4352];
+    DIR *d = NULL;
+    for (size_t i = 0; i < n_planned; i++) {
+        snprintf(path, sizeof(path), "%s/%s", dir, planned[i]);
+        if (access(path, F_OK) == 0)
+            return; /* something was completed: the record must stay */
+    }
+    d = opendir(dir);
+    if (!d)
+        return;
+    for (struct dirent *e = readdir(d); e; e = readdir(d)) {
+        int ours = strcmp(e->d_name, MXQ_RECORD_NAME) == 0 || mxq_is_temp_name_of(e->d_name, MXQ_RECORD_NAME);
+        for (size_t i = 0; i < n_planned && !ours; i++)
+            ours = mxq_is_temp_name_of(e->d_name, planned[i]);
+        if (ours) {
+            snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+            unlink(path);
+        }
+    }
+    closedir(d);
+    if (created)
+        rmdir(dir); /* fails, harmlessly, unless empty */
 }
 
 mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, json_t *map, uint64_t total_size, const char *format,

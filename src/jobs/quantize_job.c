@@ -46,6 +46,9 @@ typedef struct {
     int n_local;
     mxq_checkpoint *ckpt;
     char shard_name[64];
+    char (*planned)[64]; /* rank 0: the files of the output directory */
+    size_t n_planned;
+    int created_out_dir; /* rank 0: this run made the directory */
     mxq_output shard_out;
     shard_list shard;
     double t_start, quant_seconds;
@@ -226,21 +229,35 @@ static mxq_status prepare_out_dir(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
     const int size = job->dist.size;
-    char(*files)[64] = calloc((size_t)size + 3, sizeof(*files));
     const char **names = calloc((size_t)size + 3, sizeof(char *));
-    CHECK_ALLOC(ctx, files && names, ((size_t)size + 3) * 64, "the list of output files");
+    job->planned = calloc((size_t)size + 3, sizeof(*job->planned));
+    CHECK_ALLOC(ctx, job->planned && names, ((size_t)size + 3) * 64, "the list of output files");
     for (int r = 0; r < size; r++)
-        snprintf(files[r], sizeof(files[0]), "model-%05d-of-%05d.safetensors", r + 1, size);
-    snprintf(files[size], sizeof(files[0]), "%s", REPORT_NAME);
-    snprintf(files[size + 1], sizeof(files[0]), "config.json");
-    snprintf(files[size + 2], sizeof(files[0]), "model.safetensors.index.json");
-    for (int i = 0; i < size + 3; i++)
-        names[i] = files[i];
-    CALL(ctx, mxq_ckpt_dir_prepare(ctx, job->out_dir, job->opt->force, names, (size_t)size + 3, &job->inputs));
+        snprintf(job->planned[r], sizeof(job->planned[0]), "model-%05d-of-%05d.safetensors", r + 1, size);
+    snprintf(job->planned[size], sizeof(job->planned[0]), "%s", REPORT_NAME);
+    snprintf(job->planned[size + 1], sizeof(job->planned[0]), "config.json");
+    snprintf(job->planned[size + 2], sizeof(job->planned[0]), "model.safetensors.index.json");
+    job->n_planned = (size_t)size + 3;
+    for (size_t i = 0; i < job->n_planned; i++)
+        names[i] = job->planned[i];
+    CALL(ctx, mxq_ckpt_dir_prepare(ctx, job->out_dir, job->opt->force, names, job->n_planned, &job->inputs,
+                                   &job->created_out_dir));
 fail:
-    free(files);
     free(names);
     return status;
+}
+
+/* A failed run leaves no trace of itself unless something was completed. */
+static void abandon_out_dir(quantize_job *job)
+{
+    const char **names = calloc(job->n_planned + 1, sizeof(char *));
+    mxq_output_abort(&job->shard_out);
+    if (!names)
+        return;
+    for (size_t i = 0; i < job->n_planned; i++)
+        names[i] = job->planned[i];
+    mxq_ckpt_dir_abandon(job->out_dir, names, job->n_planned, job->created_out_dir);
+    free(names);
 }
 
 static int same_directory(const char *a, const char *b)
@@ -315,6 +332,7 @@ static void quantize_job_free(quantize_job *job)
 {
     mxq_quantize_report_free(&job->report);
     mxq_output_abort(&job->shard_out);
+    free(job->planned);
     shard_list_free(&job->shard);
     mxq_checkpoint_close(job->ckpt);
     mxq_tokens_free(&job->calib);
@@ -361,6 +379,8 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
                              : MXQ_OK);
     CALL(ctx, commit(ctx, &job));
 fail:
+    if (status != MXQ_OK && job.planned)
+        abandon_out_dir(&job);
     quantize_job_free(&job);
     return status;
 }

@@ -294,7 +294,8 @@ mxq_status mxq_synth_write(mxq_ctx *ctx, const mxq_synth_options *opt, const cha
     CHECK_ALLOC(ctx, names, plan.n_files * sizeof(char *), "the file plan");
     for (size_t i = 0; i < plan.n_files; i++)
         names[i] = plan.files[i];
-    CALL(ctx, mxq_ckpt_dir_prepare(ctx, out_dir, opt->force, names, plan.n_files, NULL));
+    int created = 0;
+    CALL(ctx, mxq_ckpt_dir_prepare(ctx, out_dir, opt->force, names, plan.n_files, NULL, &created));
     mxq_log(ctx, MXQ_LOG_INFO, "synth: %s with %d layers, %zu tensors, %.2f GB in %s, %d shard%s -> %s",
             opt->preset->name, cfg.n_layers, plan.n, (double)plan.total_bytes / 1e9, mxq_dtype_name(opt->dtype),
             plan.n_shards, plan.n_shards == 1 ? "" : "s", out_dir);
