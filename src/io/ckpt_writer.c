@@ -237,7 +237,7 @@ void mxq_ckpt_dir_abandon(const char *dir, const char *const *planned, size_t n_
 }
 
 mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, json_t *map, uint64_t total_size, const char *format,
-                                const mxq_input_set *inputs)
+                                const mxq_input_set *inputs, mxq_output *pending)
 {
     mxq_status status = MXQ_OK;
     char path[4352];
@@ -249,7 +249,10 @@ mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, json_t *map, uint
     index = json_pack("{s:O, s:O}", "metadata", meta, "weight_map", map);
     CHECK_ALLOC(ctx, index, 1, "the checkpoint index");
     snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
-    CALL(ctx, mxq_json_write_atomic(ctx, index, path, inputs));
+    if (pending)
+        CALL(ctx, mxq_json_write_temp(ctx, index, path, inputs, pending));
+    else
+        CALL(ctx, mxq_json_write_atomic(ctx, index, path, inputs));
 fail:
     json_decref(meta);
     json_decref(index);

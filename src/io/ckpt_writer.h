@@ -34,9 +34,11 @@ void mxq_ckpt_dir_abandon(const char *dir, const char *const *planned, size_t n_
 mxq_status mxq_st_write(mxq_ctx *ctx, mxq_output *out, const mxq_tensor_write *tensors, size_t count);
 
 /* model.safetensors.index.json: {"metadata": {"total_size": N[, "format":
- * format]}, "weight_map": map}; `map` is a JSON object tensor -> shard. */
+ * format]}, "weight_map": map}; `map` is a JSON object tensor -> shard.
+ * With `pending`, it is left under its temporary name for the caller to
+ * commit: the index is what makes a directory a checkpoint. */
 struct json_t;
 mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, struct json_t *map, uint64_t total_size,
-                                const char *format, const mxq_input_set *inputs);
+                                const char *format, const mxq_input_set *inputs, mxq_output *pending);
 
 #endif

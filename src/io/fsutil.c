@@ -314,17 +314,26 @@ void mxq_output_abort(mxq_output *out)
     out->temp_path = out->final_path = NULL;
 }
 
+mxq_status mxq_json_write_temp(mxq_ctx *ctx, const json_t *value, const char *path, const mxq_input_set *inputs,
+                               mxq_output *out)
+{
+    mxq_status status = MXQ_OK;
+    char *text = json_dumps(value, JSON_INDENT(2) | JSON_REAL_PRECISION(17));
+    CHECK_ALLOC(ctx, text, 1, "a JSON document");
+    CALL(ctx, mxq_output_begin(ctx, path, inputs, out));
+    CALL(ctx, mxq_output_write(ctx, out, text, strlen(text)));
+fail:
+    free(text);
+    return status;
+}
+
 mxq_status mxq_json_write_atomic(mxq_ctx *ctx, const json_t *value, const char *path, const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;
     mxq_output out = {NULL, NULL, -1};
-    char *text = json_dumps(value, JSON_INDENT(2) | JSON_REAL_PRECISION(17));
-    CHECK_ALLOC(ctx, text, 1, "a JSON document");
-    CALL(ctx, mxq_output_begin(ctx, path, inputs, &out));
-    CALL(ctx, mxq_output_write(ctx, &out, text, strlen(text)));
+    CALL(ctx, mxq_json_write_temp(ctx, value, path, inputs, &out));
     CALL(ctx, mxq_output_commit(ctx, &out));
 fail:
     mxq_output_abort(&out);
-    free(text);
     return status;
 }

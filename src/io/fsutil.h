@@ -82,6 +82,9 @@ int mxq_is_temp_name_of(const char *name, const char *final_name);
 struct json_t;
 mxq_status mxq_json_write_atomic(mxq_ctx *ctx, const struct json_t *value, const char *path,
                                  const mxq_input_set *inputs);
+/* The same up to the commit: the caller commits `out` (or aborts it). */
+mxq_status mxq_json_write_temp(mxq_ctx *ctx, const struct json_t *value, const char *path, const mxq_input_set *inputs,
+                               mxq_output *out);
 /* Parse a JSON file read through mxq_input_read_all (size-bounded). */
 mxq_status mxq_json_read(mxq_ctx *ctx, const char *path, const char *what, struct json_t **out);
 

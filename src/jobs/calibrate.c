@@ -222,20 +222,40 @@ fail:
     return status;
 }
 
-static mxq_status init_window_stats(mxq_ctx *ctx, const mxq_model_config *cfg, calib_state *c)
+/* Pass `pass` covers local layers [lo, hi) of each rank. */
+static void pass_window(const fp_run *run, int pass, int *lo, int *hi)
+{
+    *lo = pass * run->window;
+    *hi = *lo + run->window < run->n_local ? *lo + run->window : run->n_local;
+    if (*hi < *lo)
+        *hi = *lo;
+}
+
+/* Statistics of the layers pass `pass` calibrates (none past the last). */
+static mxq_status start_pass(mxq_ctx *ctx, mxq_model *model, fp_run *run, int pass)
 {
     mxq_status status = MXQ_OK;
-    for (int i = 0; i < c->stats_count; i++)
-        CALL(ctx, mxq_layer_stats_init(ctx, cfg, &c->stats[i]));
+    int lo, hi;
+    if (pass >= run->passes)
+        return MXQ_OK;
+    pass_window(run, pass, &lo, &hi);
+    run->c.stats_first = model->first_layer + lo;
+    run->c.stats_count = hi - lo;
+    for (int i = 0; i < run->c.stats_count; i++)
+        CALL(ctx, mxq_layer_stats_init(ctx, &model->cfg, &run->c.stats[i]));
 fail:
     return status;
 }
 
-/* Quantize local layers [lo, hi) from the statistics just collected. */
-static mxq_status fp_quantize_window(mxq_ctx *ctx, const mxq_recipe *recipe, mxq_model *model, fp_run *run, int lo,
-                                     int hi, double calib_seconds, mxq_layer_result *results)
+/* After pass `pass`: quantize its layers from the statistics just
+ * collected, then prepare the next pass, or after the last one put the
+ * quantized copies in place (windowed mode). Local to this rank. */
+static mxq_status finish_pass(mxq_ctx *ctx, const mxq_recipe *recipe, mxq_model *model, fp_run *run, int pass,
+                              double calib_seconds, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
+    int lo, hi;
+    pass_window(run, pass, &lo, &hi);
     for (int i = lo; i < hi; i++) {
         mxq_layer_result *res = &results[i];
         mxq_layer_stats *stats = &run->c.stats[i - lo];
@@ -249,15 +269,8 @@ static mxq_status fp_quantize_window(mxq_ctx *ctx, const mxq_recipe *recipe, mxq
         }
         mxq_layer_stats_free(stats);
     }
-fail:
-    return status;
-}
-
-static mxq_status fp_install_all(mxq_ctx *ctx, const mxq_recipe *recipe, mxq_model *model, fp_run *run,
-                                 const mxq_layer_result *results)
-{
-    mxq_status status = MXQ_OK;
-    for (int i = 0; run->passes > 1 && i < run->n_local; i++)
+    CALL(ctx, start_pass(ctx, model, run, pass + 1));
+    for (int i = 0; pass + 1 == run->passes && run->passes > 1 && i < run->n_local; i++)
         CALL(ctx, layer_install(ctx, recipe, &model->cfg, &model->layers[i], &run->held[i], &results[i]));
 fail:
     return status;
@@ -273,21 +286,19 @@ static mxq_status calibrate_fp(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
     CALL_MPI(ctx, MPI_Allreduce(&run.n_local, &max_local, 1, MPI_INT, MPI_MAX, dist->comm));
     run.window = stats_layers > 0 && stats_layers < max_local ? stats_layers : max_local;
     run.passes = (max_local + run.window - 1) / run.window;
-    AGREE(ctx, dist, "calibrate.setup", fp_setup(ctx, dist, model, tokens, batch, &run));
+    mxq_status local = fp_setup(ctx, dist, model, tokens, batch, &run);
+    if (local == MXQ_OK)
+        local = start_pass(ctx, model, &run, 0);
+    AGREE(ctx, dist, "calibrate.setup", local);
     if (run.passes > 1 && dist->rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "calibration: %d passes, statistics of at most %d layer%s per rank at a time",
                 run.passes, run.window, run.window == 1 ? "" : "s");
     for (int pass = 0; pass < run.passes; pass++) {
-        int lo = pass * run.window, hi = lo + run.window < run.n_local ? lo + run.window : run.n_local;
-        run.c.stats_first = model->first_layer + lo;
-        run.c.stats_count = hi > lo ? hi - lo : 0;
-        AGREE(ctx, dist, "calibrate.stats", init_window_stats(ctx, &model->cfg, &run.c));
         double t0 = mxq_time_now();
         AGREE(ctx, dist, "calibrate.pipeline", mxq_pipeline_run(ctx, &run.p));
         AGREE(ctx, dist, "calibrate.quantize",
-              fp_quantize_window(ctx, recipe, model, &run, lo, hi, mxq_time_now() - t0, results));
+              finish_pass(ctx, recipe, model, &run, pass, mxq_time_now() - t0, results));
     }
-    AGREE(ctx, dist, "calibrate.install", fp_install_all(ctx, recipe, model, &run, results));
 fail:
     fp_run_free(&run);
     return status;

@@ -50,7 +50,8 @@ typedef struct {
     mxq_fake_quant quant;
     int *first;
     mxq_model *model;
-    mxq_tokens tokens;
+    mxq_tokens tokens, calib;
+    mxq_layer_result *results; /* --recipe: one per local layer */
     mxq_pipeline p;
     eval_stage e;
     double t_load;
@@ -63,6 +64,10 @@ static void eval_job_free(eval_job *j)
     free(j->e.nll);
     mxq_workspace_free(j->e.ws);
     mxq_tokens_free(&j->tokens);
+    mxq_tokens_free(&j->calib);
+    for (int i = 0; j->results && j->model && i < j->model->last_layer - j->model->first_layer; i++)
+        mxq_layer_result_free(&j->results[i]);
+    free(j->results);
     mxq_model_free(j->model);
     free(j->first);
     if (j->have_recipe)
@@ -102,25 +107,12 @@ static void choose_acts(eval_job *j)
     }
 }
 
-/* --recipe: calibrate and quantize this rank's layers in memory. */
+/* --recipe: calibrate and quantize this rank's layers in memory
+ * (collective). */
 static mxq_status quantize_in_memory(mxq_ctx *ctx, eval_job *j)
 {
-    mxq_status status = MXQ_OK;
-    mxq_tokens calib = {0};
-    const int n_local = j->model->last_layer - j->model->first_layer;
-    mxq_layer_result *results = calloc((size_t)n_local + 1, sizeof(*results));
-    CHECK_AGREED(ctx, &j->dist, "eval.recipe.results", results != NULL, MXQ_ERR_NOMEM,
-                 "out of memory for the layer results");
-    CALL(ctx, mxq_calibration_tokens(ctx, &j->dist, j->options->calib_path, &j->recipe, j->options->recipe_path,
-                                     &j->cfg, &calib));
-    CALL(ctx, mxq_quantize_model_in_memory(ctx, &j->dist, j->model, &calib, j->options->calib_path, &j->recipe,
-                                           j->options->batch, 0, results));
-fail:
-    for (int i = 0; results && i < n_local; i++)
-        mxq_layer_result_free(&results[i]);
-    free(results);
-    mxq_tokens_free(&calib);
-    return status;
+    return mxq_quantize_model_in_memory(ctx, &j->dist, j->model, &j->calib, j->options->calib_path, &j->recipe,
+                                        j->options->batch, 0, j->results);
 }
 
 static mxq_status load_model(mxq_ctx *ctx, eval_job *j)
@@ -129,23 +121,26 @@ static mxq_status load_model(mxq_ctx *ctx, eval_job *j)
     const mxq_eval_options *o = j->options;
     const int rank = j->dist.rank, size = j->dist.size;
     if (o->recipe_path) {
-        CALL(ctx, mxq_job_recipe(ctx, &j->dist, "eval.recipe", o->recipe_path, &j->recipe));
+        CALL(ctx, mxq_recipe_load(ctx, o->recipe_path, &j->recipe));
         j->have_recipe = 1;
     }
-    CALL(ctx, mxq_job_config(ctx, &j->dist, "eval.config", j->model_dir, 0, &j->cfg));
-    CHECK_AGREED(ctx, &j->dist, "eval.quantized", !j->cfg.mx_weights || !(o->quant.enabled_weights || o->recipe_path),
-                 MXQ_ERR_ARG, "'%s' is already quantized (%s weights); --weights and --recipe apply to unquantized models",
-                 j->model_dir, j->cfg.mx_weights ? j->cfg.mx_weight_spec.format->name : "");
+    CALL(ctx, mxq_job_config(ctx, j->model_dir, 0, &j->cfg));
+    CHECK(ctx, !j->cfg.mx_weights || !(o->quant.enabled_weights || o->recipe_path), MXQ_ERR_ARG,
+          "'%s' is already quantized (%s weights); --weights and --recipe apply to unquantized models", j->model_dir,
+          j->cfg.mx_weights ? j->cfg.mx_weight_spec.format->name : "");
     choose_acts(j);
-    CALL(ctx, mxq_job_partition(ctx, &j->dist, "eval.partition", &j->cfg, &j->first));
+    CALL(ctx, mxq_job_partition(ctx, size, &j->cfg, &j->first));
     mxq_model_part part = {j->first[rank], j->first[rank + 1], rank == 0, rank == size - 1};
     mxq_log(ctx, MXQ_LOG_DEBUG, "rank %d owns layers [%d, %d)%s%s", rank, part.first_layer, part.last_layer,
             part.embedding ? " + embedding" : "", part.head ? " + norm/lm_head" : "");
-    AGREE(ctx, &j->dist, "eval.load", mxq_model_load(ctx, j->model_dir, &j->cfg, &part, &j->model));
+    CALL(ctx, mxq_model_load(ctx, j->model_dir, &j->cfg, &part, &j->model));
     if (j->quant.enabled_weights)
-        AGREE(ctx, &j->dist, "eval.fake_quant", mxq_model_fake_quantize_weights(ctx, j->model, &j->quant.weights));
-    if (j->have_recipe)
-        CALL(ctx, quantize_in_memory(ctx, j));
+        CALL(ctx, mxq_model_fake_quantize_weights(ctx, j->model, &j->quant.weights));
+    if (j->have_recipe) {
+        CALL(ctx, mxq_calibration_tokens(ctx, o->calib_path, &j->recipe, o->recipe_path, &j->cfg, &j->calib));
+        j->results = calloc((size_t)(part.last_layer - part.first_layer) + 1, sizeof(*j->results));
+        CHECK_ALLOC(ctx, j->results, sizeof(*j->results), "the layer results");
+    }
 fail:
     return status;
 }
@@ -154,11 +149,10 @@ static mxq_status read_tokens(mxq_ctx *ctx, eval_job *j)
 {
     mxq_status status = MXQ_OK;
     const mxq_eval_options *o = j->options;
-    AGREE(ctx, &j->dist, "eval.tokens", mxq_tokens_read(ctx, j->tokens_path, o->limit, j->cfg.vocab, &j->tokens));
-    CHECK_AGREED(ctx, &j->dist, "eval.tokens.length", j->tokens.seq_len <= j->cfg.max_positions, MXQ_ERR_FORMAT,
-                 "token file '%s' has sequences of %d tokens, longer than the model's context of %d "
-                 "(max_position_embeddings)",
-                 j->tokens_path, j->tokens.seq_len, j->cfg.max_positions);
+    CALL(ctx, mxq_tokens_read(ctx, j->tokens_path, o->limit, j->cfg.vocab, &j->tokens));
+    CHECK(ctx, j->tokens.seq_len <= j->cfg.max_positions, MXQ_ERR_FORMAT,
+          "token file '%s' has sequences of %d tokens, longer than the model's context of %d (max_position_embeddings)",
+          j->tokens_path, j->tokens.seq_len, j->cfg.max_positions);
     if (o->limit > j->tokens.total_seqs)
         mxq_log(ctx, MXQ_LOG_WARN, "--limit %d exceeds the %d sequences in '%s'; evaluating all of them", o->limit,
                 j->tokens.total_seqs, j->tokens_path);
@@ -182,6 +176,19 @@ static mxq_status pipeline_setup(mxq_ctx *ctx, eval_job *j)
     j->p.buf[1] = malloc(buf_floats * sizeof(float));
     j->e.nll = calloc((size_t)j->tokens.n_seqs, sizeof(double));
     CHECK_ALLOC(ctx, j->p.buf[0] && j->p.buf[1] && j->e.nll, 2 * buf_floats * sizeof(float), "the pipeline buffers");
+fail:
+    return status;
+}
+
+/* Everything before the first collective, local to this rank: outputs,
+ * recipe, config against checkpoint, weights, tokens, buffers. */
+static mxq_status setup(mxq_ctx *ctx, eval_job *j)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, open_outputs(ctx, j));
+    CALL(ctx, load_model(ctx, j));
+    CALL(ctx, read_tokens(ctx, j));
+    CALL(ctx, pipeline_setup(ctx, j));
 fail:
     return status;
 }
@@ -256,7 +263,6 @@ static mxq_status write_json(mxq_ctx *ctx, eval_job *j, const mxq_eval_result *r
     text = json_dumps(root, JSON_INDENT(2) | JSON_REAL_PRECISION(17));
     CHECK_ALLOC(ctx, text, 1, "the JSON report");
     CALL(ctx, mxq_output_write(ctx, &j->json_out, text, strlen(text)));
-    CALL(ctx, mxq_output_commit(ctx, &j->json_out));
 fail:
     free(text);
     json_decref(root);
@@ -274,10 +280,9 @@ mxq_status mxq_eval_perplexity(mxq_ctx *ctx, MPI_Comm comm, const char *model_di
     memset(result, 0, sizeof(*result));
     CALL(ctx, mxq_dist_create(ctx, comm, &j.dist));
     double t_load = mxq_time_now();
-    AGREE(ctx, &j.dist, "eval.outputs", open_outputs(ctx, &j));
-    CALL(ctx, load_model(ctx, &j));
-    CALL(ctx, read_tokens(ctx, &j));
-    AGREE(ctx, &j.dist, "eval.setup", pipeline_setup(ctx, &j));
+    AGREE(ctx, &j.dist, "eval.setup", setup(ctx, &j));
+    if (j.have_recipe)
+        CALL(ctx, quantize_in_memory(ctx, &j));
     result->load_seconds = mxq_time_now() - t_load;
     mxq_log(ctx, MXQ_LOG_INFO, "eval: %s (%s, %d layers, d=%d) on %d rank%s; %d sequences of %d tokens, micro-batch %d",
             model_dir, mxq_arch_name(j.cfg.arch), j.cfg.n_layers, j.cfg.hidden, j.dist.size,
@@ -285,8 +290,11 @@ mxq_status mxq_eval_perplexity(mxq_ctx *ctx, MPI_Comm comm, const char *model_di
     double t0 = mxq_time_now();
     AGREE(ctx, &j.dist, "eval.pipeline", mxq_pipeline_run(ctx, &j.p));
     CALL(ctx, gather_result(ctx, &j, mxq_time_now() - t0, result));
-    if (options->json_path)
+    if (options->json_path) {
         AGREE(ctx, &j.dist, "eval.json", j.dist.rank == 0 ? write_json(ctx, &j, result) : MXQ_OK);
+        /* the commit point: nothing is left that could fail elsewhere */
+        AGREE(ctx, &j.dist, NULL, j.dist.rank == 0 ? mxq_output_commit(ctx, &j.json_out) : MXQ_OK);
+    }
 fail:
     eval_job_free(&j);
     return status;

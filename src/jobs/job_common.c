@@ -1,21 +1,10 @@
-/* Set-up steps every MPI job starts with, each agreed across ranks. */
+/* Set-up steps the MPI jobs share. Each is local to a rank: a job chains
+ * them and agrees once, before its first collective. */
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "jobs/jobs_internal.h"
-
-mxq_status mxq_job_recipe(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const char *path, mxq_recipe *recipe)
-{
-    mxq_status status = MXQ_OK;
-    mxq_status local = mxq_recipe_load(ctx, path, recipe);
-    AGREE(ctx, dist, step, local);
-    return MXQ_OK;
-fail:
-    if (local == MXQ_OK)
-        mxq_recipe_free(recipe);
-    return status;
-}
 
 /* Whether model_dir holds any weights (a dry run may plan from config.json
  * alone). */
@@ -29,7 +18,7 @@ static int has_weights(const char *model_dir)
     return access(path, F_OK) == 0;
 }
 
-static mxq_status load_and_check(mxq_ctx *ctx, const char *model_dir, int weights_optional, mxq_model_config *cfg)
+mxq_status mxq_job_config(mxq_ctx *ctx, const char *model_dir, int weights_optional, mxq_model_config *cfg)
 {
     mxq_status status = MXQ_OK;
     CALL(ctx, mxq_config_load(ctx, model_dir, cfg));
@@ -42,51 +31,30 @@ fail:
     return status;
 }
 
-mxq_status mxq_job_config(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const char *model_dir,
-                          int weights_optional, mxq_model_config *cfg)
+mxq_status mxq_job_partition(mxq_ctx *ctx, int size, const mxq_model_config *cfg, int **first)
 {
     mxq_status status = MXQ_OK;
-    AGREE(ctx, dist, step, load_and_check(ctx, model_dir, weights_optional, cfg));
+    *first = malloc((size_t)(size + 1) * sizeof(int));
+    CHECK_ALLOC(ctx, *first, (size_t)(size + 1) * sizeof(int), "the layer partition");
+    CALL(ctx, mxq_partition_layers(ctx, cfg, size, *first));
 fail:
     return status;
 }
 
-mxq_status mxq_job_partition(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const mxq_model_config *cfg,
-                             int **first)
-{
-    mxq_status status = MXQ_OK;
-    mxq_status local = MXQ_OK;
-    *first = malloc((size_t)(dist->size + 1) * sizeof(int));
-    if (!*first) {
-        mxq_error_set(ctx, MXQ_ERR_NOMEM, __FILE__, __LINE__, "out of memory for the layer partition");
-        local = MXQ_ERR_NOMEM;
-    } else {
-        local = mxq_partition_layers(ctx, cfg, dist->size, *first);
-    }
-    AGREE(ctx, dist, step, local);
-    return MXQ_OK;
-fail:
-    free(*first);
-    *first = NULL;
-    return status;
-}
-
-mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const mxq_dist *dist, const char *calib_path, const mxq_recipe *recipe,
+mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const char *calib_path, const mxq_recipe *recipe,
                                   const char *recipe_path, const mxq_model_config *cfg, mxq_tokens *tokens)
 {
     mxq_status status = MXQ_OK;
     memset(tokens, 0, sizeof(*tokens));
-    CHECK_AGREED(ctx, dist, "calibration.path", calib_path != NULL, MXQ_ERR_ARG,
-                 "a calibration token file is needed to apply a recipe");
-    AGREE(ctx, dist, "calibration.tokens", mxq_tokens_read(ctx, calib_path, recipe->calib_samples, cfg->vocab, tokens));
-    CHECK_AGREED(ctx, dist, "calibration.samples", tokens->total_seqs >= recipe->calib_samples, MXQ_ERR_ARG,
-                 "calibration file '%s' has %d sequences, but the recipe%s%s asks for calibration.samples = %d",
-                 calib_path, tokens->total_seqs, recipe_path ? " " : "", recipe_path ? recipe_path : "",
-                 recipe->calib_samples);
-    CHECK_AGREED(ctx, dist, "calibration.length", tokens->seq_len <= cfg->max_positions, MXQ_ERR_FORMAT,
-                 "calibration file '%s' has sequences of %d tokens, longer than the model's context of %d "
-                 "(max_position_embeddings)",
-                 calib_path, tokens->seq_len, cfg->max_positions);
+    CHECK(ctx, calib_path != NULL, MXQ_ERR_ARG, "a calibration token file is needed to apply a recipe");
+    CALL(ctx, mxq_tokens_read(ctx, calib_path, recipe->calib_samples, cfg->vocab, tokens));
+    CHECK(ctx, tokens->total_seqs >= recipe->calib_samples, MXQ_ERR_ARG,
+          "calibration file '%s' has %d sequences, but the recipe%s%s asks for calibration.samples = %d", calib_path,
+          tokens->total_seqs, recipe_path ? " " : "", recipe_path ? recipe_path : "", recipe->calib_samples);
+    CHECK(ctx, tokens->seq_len <= cfg->max_positions, MXQ_ERR_FORMAT,
+          "calibration file '%s' has sequences of %d tokens, longer than the model's context of %d "
+          "(max_position_embeddings)",
+          calib_path, tokens->seq_len, cfg->max_positions);
     return MXQ_OK;
 fail:
     mxq_tokens_free(tokens);

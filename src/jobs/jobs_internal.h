@@ -8,23 +8,20 @@
 #include "mxq/quantize.h"
 #include "parallel/parallel.h"
 
-/* Read the recipe on every rank and agree. */
-mxq_status mxq_job_recipe(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const char *path, mxq_recipe *recipe);
+/* Set-up steps local to a rank (the job agrees on them before its first
+ * collective). */
 
 /* config.json of model_dir, checked against the checkpoint's headers (unless
  * `weights_optional` and the directory holds no weights, as for a dry run
- * from a config alone), on every rank, agreed. */
-mxq_status mxq_job_config(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const char *model_dir,
-                          int weights_optional, mxq_model_config *cfg);
+ * from a config alone). */
+mxq_status mxq_job_config(mxq_ctx *ctx, const char *model_dir, int weights_optional, mxq_model_config *cfg);
 
-/* The layer partition, agreed: first[size + 1] (free() it). */
-mxq_status mxq_job_partition(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const mxq_model_config *cfg,
-                             int **first);
+/* The layer partition over `size` ranks: first[size + 1] (free() it). */
+mxq_status mxq_job_partition(mxq_ctx *ctx, int size, const mxq_model_config *cfg, int **first);
 
-/* Read the first calibration.samples sequences of calib_path and check them
- * against the recipe and the model (enough sequences, not longer than the
- * context). Every rank reads; errors are agreed. */
-mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const mxq_dist *dist, const char *calib_path, const mxq_recipe *recipe,
+/* The first calibration.samples sequences of calib_path, checked against the
+ * recipe and the model (enough sequences, not longer than the context). */
+mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const char *calib_path, const mxq_recipe *recipe,
                                   const char *recipe_path, const mxq_model_config *cfg, mxq_tokens *tokens);
 
 /* Calibrate on `calib` (calib_name for messages) and quantize the layers of

@@ -52,6 +52,8 @@ typedef struct {
     mxq_output shard_out;
     shard_list shard;
     double t_start, quant_seconds;
+    char *packed_report; /* this rank's figures and tensor names, for rank 0 */
+    size_t packed_len;
     mxq_quantize_report report; /* rank 0 */
 } quantize_job;
 
@@ -201,6 +203,8 @@ static mxq_status write_shard(mxq_ctx *ctx, quantize_job *job)
         CALL(ctx, add_tensor(ctx, job, v, &job->shard));
     }
     CALL(ctx, mxq_st_write(ctx, &job->shard_out, job->shard.t, job->shard.n));
+    CALL(ctx, mxq_quantize_report_pack(ctx, job->dist.rank, job->results, job->n_local, job->shard.names, job->shard.n,
+                                       job->shard.bytes, &job->packed_report, &job->packed_len));
 fail:
     free(names);
     return status;
@@ -208,18 +212,31 @@ fail:
 
 /* ---- the job's phases ------------------------------------------------------- */
 
+static int same_directory(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* Everything that can be checked before anything is written, local to this
+ * rank: recipe, config against checkpoint, partition, calibration tokens,
+ * the job's inputs, the output directory not being the input. */
 static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
-    CALL(ctx, mxq_job_recipe(ctx, &job->dist, "quantize.recipe", job->recipe_path, &job->recipe));
+    CALL(ctx, mxq_recipe_load(ctx, job->recipe_path, &job->recipe));
     job->have_recipe = 1;
-    CALL(ctx, mxq_job_config(ctx, &job->dist, "quantize.config", job->model_dir, job->opt->dry_run, &job->cfg));
-    CHECK_AGREED(ctx, &job->dist, "quantize.unquantized", !job->cfg.mx_weights, MXQ_ERR_ARG,
-                 "'%s' is already an mxq quantized checkpoint", job->model_dir);
-    CALL(ctx, mxq_job_partition(ctx, &job->dist, "quantize.partition", &job->cfg, &job->first));
-    /* Calibration data is checked before anything is written. */
-    CALL(ctx, mxq_calibration_tokens(ctx, &job->dist, job->calib_path, &job->recipe, job->recipe_path, &job->cfg,
-                                     &job->calib));
+    CALL(ctx, mxq_job_config(ctx, job->model_dir, job->opt->dry_run, &job->cfg));
+    CHECK(ctx, !job->cfg.mx_weights, MXQ_ERR_ARG, "'%s' is already an mxq quantized checkpoint", job->model_dir);
+    CALL(ctx, mxq_job_partition(ctx, job->dist.size, &job->cfg, &job->first));
+    CALL(ctx, mxq_calibration_tokens(ctx, job->calib_path, &job->recipe, job->recipe_path, &job->cfg, &job->calib));
+    if (job->opt->dry_run)
+        return MXQ_OK;
+    CALL(ctx, mxq_input_set_add_model(ctx, &job->inputs, job->model_dir));
+    CALL(ctx, mxq_input_set_add(ctx, &job->inputs, job->calib_path, "the calibration file"));
+    CALL(ctx, mxq_input_set_add(ctx, &job->inputs, job->recipe_path, "the recipe"));
+    CHECK(ctx, !same_directory(job->model_dir, job->out_dir), MXQ_ERR_ARG,
+          "--out '%s' is the input model directory; write the quantized checkpoint elsewhere", job->out_dir);
 fail:
     return status;
 }
@@ -260,31 +277,26 @@ static void abandon_out_dir(quantize_job *job)
     free(names);
 }
 
-static int same_directory(const char *a, const char *b)
-{
-    struct stat sa, sb;
-    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
-}
-
-/* Before any heavy work: the output directory (rank 0), then every rank's
- * shard file, so that a directory nobody can write is found now. */
-static mxq_status open_outputs(mxq_ctx *ctx, quantize_job *job)
+/* This rank's shard file (proving the directory writable on every rank
+ * before the work), its layers, and room for their results. */
+static mxq_status open_and_load(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
-    const int rank = job->dist.rank;
+    const int rank = job->dist.rank, size = job->dist.size;
     char path[4352];
-    mxq_status local = mxq_input_set_add_model(ctx, &job->inputs, job->model_dir);
-    if (local == MXQ_OK)
-        local = mxq_input_set_add(ctx, &job->inputs, job->calib_path, "the calibration file");
-    if (local == MXQ_OK)
-        local = mxq_input_set_add(ctx, &job->inputs, job->recipe_path, "the recipe");
-    AGREE(ctx, &job->dist, "quantize.inputs", local);
-    CHECK_AGREED(ctx, &job->dist, "quantize.outdir.input", !same_directory(job->model_dir, job->out_dir), MXQ_ERR_ARG,
-                 "--out '%s' is the input model directory; write the quantized checkpoint elsewhere", job->out_dir);
-    AGREE(ctx, &job->dist, "quantize.outdir", rank == 0 ? prepare_out_dir(ctx, job) : MXQ_OK);
-    snprintf(job->shard_name, sizeof(job->shard_name), "model-%05d-of-%05d.safetensors", rank + 1, job->dist.size);
+    mxq_model_part part = {job->first[rank], job->first[rank + 1], rank == 0, rank == size - 1};
+    snprintf(job->shard_name, sizeof(job->shard_name), "model-%05d-of-%05d.safetensors", rank + 1, size);
     snprintf(path, sizeof(path), "%s/%s", job->out_dir, job->shard_name);
-    AGREE(ctx, &job->dist, "quantize.shard.open", mxq_output_begin(ctx, path, &job->inputs, &job->shard_out));
+    CALL(ctx, mxq_output_begin(ctx, path, &job->inputs, &job->shard_out));
+    double t_load = mxq_time_now();
+    CALL(ctx, mxq_model_load(ctx, job->model_dir, &job->cfg, &part, &job->model));
+    if (rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO, "quantize: %s (%s, %d layers, d=%d) on %d rank%s with %s; loaded in %.2f s",
+                job->model_dir, mxq_arch_name(job->cfg.arch), job->cfg.n_layers, job->cfg.hidden, size,
+                size == 1 ? "" : "s", job->recipe_path, mxq_time_now() - t_load);
+    job->n_local = part.last_layer - part.first_layer;
+    job->results = calloc((size_t)job->n_local + 1, sizeof(*job->results));
+    CHECK_ALLOC(ctx, job->results, sizeof(*job->results), "the layer results");
 fail:
     return status;
 }
@@ -292,18 +304,8 @@ fail:
 static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
-    const int rank = job->dist.rank, size = job->dist.size;
-    mxq_model_part part = {job->first[rank], job->first[rank + 1], rank == 0, rank == size - 1};
-    double t_load = mxq_time_now();
-    AGREE(ctx, &job->dist, "quantize.load", mxq_model_load(ctx, job->model_dir, &job->cfg, &part, &job->model));
-    if (rank == 0)
-        mxq_log(ctx, MXQ_LOG_INFO, "quantize: %s (%s, %d layers, d=%d) on %d rank%s with %s; loaded in %.2f s",
-                job->model_dir, mxq_arch_name(job->cfg.arch), job->cfg.n_layers, job->cfg.hidden, size,
-                size == 1 ? "" : "s", job->recipe_path, mxq_time_now() - t_load);
-    job->n_local = part.last_layer - part.first_layer;
-    job->results = calloc((size_t)job->n_local + 1, sizeof(*job->results));
-    CHECK_AGREED(ctx, &job->dist, "quantize.results", job->results != NULL, MXQ_ERR_NOMEM,
-                 "out of memory for the layer results");
+    AGREE(ctx, &job->dist, "quantize.outdir", job->dist.rank == 0 ? prepare_out_dir(ctx, job) : MXQ_OK);
+    AGREE(ctx, &job->dist, "quantize.load", open_and_load(ctx, job));
     double t_quant = mxq_time_now();
     CALL(ctx, mxq_quantize_model_in_memory(ctx, &job->dist, job->model, &job->calib, job->calib_path, &job->recipe,
                                            job->batch, job->opt->stats_layers, job->results));
@@ -318,8 +320,11 @@ static mxq_status commit(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
     AGREE(ctx, &job->dist, "quantize.commit.shards", mxq_output_commit(ctx, &job->shard_out));
-    AGREE(ctx, &job->dist, "quantize.commit.index",
-          job->dist.rank == 0 ? mxq_quantize_report_commit(ctx, &job->report, job->out_dir, &job->inputs) : MXQ_OK);
+    AGREE(ctx, &job->dist, "quantize.commit.report",
+          job->dist.rank == 0 ? mxq_quantize_report_write(ctx, &job->report, job->out_dir, &job->inputs) : MXQ_OK);
+    /* The commit point: once the index is in place nothing is left to fail,
+     * so the last agreement is on its rename alone (no fault injection). */
+    AGREE(ctx, &job->dist, NULL, job->dist.rank == 0 ? mxq_output_commit(ctx, &job->report.index) : MXQ_OK);
     if (job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO,
                 "wrote %s: %d shard%s, model.safetensors.index.json, config.json, " REPORT_NAME " (%.1f s total)",
@@ -331,6 +336,7 @@ fail:
 static void quantize_job_free(quantize_job *job)
 {
     mxq_quantize_report_free(&job->report);
+    free(job->packed_report);
     mxq_output_abort(&job->shard_out);
     free(job->planned);
     shard_list_free(&job->shard);
@@ -352,6 +358,7 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
 {
     mxq_status status = MXQ_OK;
     quantize_job job = {.dist = {.comm = MPI_COMM_NULL}, .shard_out = {NULL, NULL, -1}};
+    job.report.index.fd = -1;
     job.model_dir = model_dir;
     job.calib_path = calib_path;
     job.recipe_path = recipe_path;
@@ -360,7 +367,7 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
     job.batch = options->batch > 0 ? options->batch : 8;
     job.t_start = mxq_time_now();
     CALL(ctx, mxq_dist_create(ctx, comm, &job.dist));
-    CALL(ctx, setup(ctx, &job));
+    AGREE(ctx, &job.dist, "quantize.setup", setup(ctx, &job));
     if (options->dry_run) {
         if (job.dist.rank == 0)
             mxq_quantize_print_plan(&job.cfg, &job.recipe, job.first, job.dist.size,
@@ -368,14 +375,12 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
                                     job.calib.n_seqs, options->stats_layers);
         goto fail; /* status OK: nothing else to do */
     }
-    CALL(ctx, open_outputs(ctx, &job));
     CALL(ctx, load_and_quantize(ctx, &job));
     AGREE(ctx, &job.dist, "quantize.shard.write", write_shard(ctx, &job));
-    CALL(ctx, mxq_quantize_report_gather(ctx, &job.dist, &job.report, job.results, job.n_local, job.shard.names,
-                                         job.shard.n, job.shard.bytes));
+    CALL(ctx, mxq_quantize_report_gather(ctx, &job.dist, &job.report, job.packed_report, job.packed_len));
     AGREE(ctx, &job.dist, "quantize.report",
-          job.dist.rank == 0 ? mxq_quantize_report_build(ctx, &job.report, &job.recipe, &job.cfg, job.first, model_dir,
-                                                         calib_path, recipe_path, job.quant_seconds, job.t_start)
+          job.dist.rank == 0 ? mxq_quantize_report_build(ctx, &job.report, &job.recipe, &job.cfg, model_dir, calib_path,
+                                                         recipe_path, job.quant_seconds, job.t_start)
                              : MXQ_OK);
     CALL(ctx, commit(ctx, &job));
 fail:

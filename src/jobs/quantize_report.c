@@ -34,8 +34,8 @@ static void record_of(const mxq_layer_result *r, int rank, mxq_layer_record *rec
 }
 
 /* [rank_header][records][names, each followed by '\n'] */
-static mxq_status pack_rank(mxq_ctx *ctx, int rank, const mxq_layer_result *results, int n_local, char *const *names,
-                            size_t n_names, size_t shard_bytes, char **out, size_t *len)
+mxq_status mxq_quantize_report_pack(mxq_ctx *ctx, int rank, const mxq_layer_result *results, int n_local,
+                                    char *const *names, size_t n_names, size_t shard_bytes, char **out, size_t *len)
 {
     mxq_status status = MXQ_OK;
     size_t text = 0;
@@ -91,9 +91,10 @@ fail:
     return status;
 }
 
-static mxq_status unpack_all(mxq_ctx *ctx, mxq_quantize_report *rep, int n_layers, const char *all,
-                             const size_t *lens)
+static mxq_status unpack_all(mxq_ctx *ctx, mxq_quantize_report *rep, int n_layers)
 {
+    const char *all = rep->gathered;
+    const size_t *lens = rep->lens;
     mxq_status status = MXQ_OK;
     rep->records = calloc((size_t)n_layers + 1, sizeof(*rep->records));
     rep->peak_rss = calloc((size_t)rep->size, sizeof(double));
@@ -110,23 +111,12 @@ fail:
 }
 
 mxq_status mxq_quantize_report_gather(mxq_ctx *ctx, const mxq_dist *dist, mxq_quantize_report *report,
-                                      const mxq_layer_result *results, int n_local, char *const *names, size_t n_names,
-                                      size_t shard_bytes)
+                                      const char *packed, size_t len)
 {
     mxq_status status = MXQ_OK;
-    char *mine = NULL, *all = NULL;
-    size_t len = 0, *lens = NULL;
-    int n_layers = 0;
-    AGREE(ctx, dist, "quantize.report.pack",
-          pack_rank(ctx, dist->rank, results, n_local, names, n_names, shard_bytes, &mine, &len));
-    CALL_MPI(ctx, MPI_Reduce(&n_local, &n_layers, 1, MPI_INT, MPI_SUM, 0, dist->comm));
-    CALL(ctx, mxq_gather_bytes(ctx, dist, "quantize.report.gather", mine, len, &all, &lens));
     report->size = dist->size;
-    AGREE(ctx, dist, "quantize.report.unpack", dist->rank == 0 ? unpack_all(ctx, report, n_layers, all, lens) : MXQ_OK);
+    CALL(ctx, mxq_gather_bytes(ctx, dist, "quantize.gather", packed, len, &report->gathered, &report->lens));
 fail:
-    free(mine);
-    free(all);
-    free(lens);
     return status;
 }
 
@@ -267,13 +257,12 @@ static void print_summary(const mxq_quantize_report *rep, double quant_seconds)
 }
 
 mxq_status mxq_quantize_report_build(mxq_ctx *ctx, mxq_quantize_report *rep, const mxq_recipe *recipe,
-                                     const mxq_model_config *cfg, const int *first, const char *model_dir,
-                                     const char *calib_path, const char *recipe_path, double quant_seconds,
-                                     double t_start)
+                                     const mxq_model_config *cfg, const char *model_dir, const char *calib_path,
+                                     const char *recipe_path, double quant_seconds, double t_start)
 {
     mxq_status status = MXQ_OK;
     char path[4352];
-    (void)first;
+    CALL(ctx, unpack_all(ctx, rep, cfg->n_layers));
     CHECK(ctx, rep->n_records == cfg->n_layers, MXQ_ERR_INTERNAL, "%d layer reports gathered for %d layers",
           rep->n_records, cfg->n_layers);
     snprintf(path, sizeof(path), "%s/config.json", model_dir);
@@ -287,8 +276,8 @@ fail:
     return status;
 }
 
-mxq_status mxq_quantize_report_commit(mxq_ctx *ctx, const mxq_quantize_report *rep, const char *out_dir,
-                                      const mxq_input_set *inputs)
+mxq_status mxq_quantize_report_write(mxq_ctx *ctx, mxq_quantize_report *rep, const char *out_dir,
+                                     const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;
     char path[4352];
@@ -296,13 +285,16 @@ mxq_status mxq_quantize_report_commit(mxq_ctx *ctx, const mxq_quantize_report *r
     CALL(ctx, mxq_json_write_atomic(ctx, rep->report, path, inputs));
     snprintf(path, sizeof(path), "%s/config.json", out_dir);
     CALL(ctx, mxq_json_write_atomic(ctx, rep->config, path, inputs));
-    CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, rep->weight_map, rep->total_bytes, "mxq", inputs));
+    CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, rep->weight_map, rep->total_bytes, "mxq", inputs, &rep->index));
 fail:
     return status;
 }
 
 void mxq_quantize_report_free(mxq_quantize_report *rep)
 {
+    mxq_output_abort(&rep->index);
+    free(rep->gathered);
+    free(rep->lens);
     free(rep->records);
     free(rep->peak_rss);
     json_decref(rep->weight_map);

@@ -25,30 +25,36 @@ typedef struct {
 
 typedef struct {
     int size;                  /* ranks */
+    char *gathered;            /* every rank's packed part, in rank order */
+    size_t *lens;              /* [size] bytes of each part */
     mxq_layer_record *records; /* [n_records], in layer order */
     int n_records;
     double *peak_rss;          /* [size] bytes */
     json_t *weight_map;        /* tensor -> shard */
     uint64_t total_bytes;      /* tensor data of all shards */
     json_t *config, *report;
+    mxq_output index;          /* written, not yet renamed into place */
 } mxq_quantize_report;
 
-/* Collective: every rank's layer figures, tensor names and shard size to
- * rank 0 (into `report`; other ranks leave it empty). */
+/* This rank's layer figures, tensor names and shard size as plain bytes
+ * (free() *out). Local. */
+mxq_status mxq_quantize_report_pack(mxq_ctx *ctx, int rank, const mxq_layer_result *results, int n_local,
+                                    char *const *names, size_t n_names, size_t shard_bytes, char **out, size_t *len);
+
+/* Collective: every rank's packed part to rank 0 (into `report`). */
 mxq_status mxq_quantize_report_gather(mxq_ctx *ctx, const mxq_dist *dist, mxq_quantize_report *report,
-                                      const mxq_layer_result *results, int n_local, char *const *names, size_t n_names,
-                                      size_t shard_bytes);
+                                      const char *packed, size_t len);
 
-/* Rank 0: config.json (the input's + quantization_config) and the report,
- * and the summary table on stdout. */
+/* Rank 0, local: the gathered parts unpacked, config.json (the input's +
+ * quantization_config), the report, and the summary table on stdout. */
 mxq_status mxq_quantize_report_build(mxq_ctx *ctx, mxq_quantize_report *report, const mxq_recipe *recipe,
-                                     const mxq_model_config *cfg, const int *first, const char *model_dir,
-                                     const char *calib_path, const char *recipe_path, double quant_seconds,
-                                     double t_start);
+                                     const mxq_model_config *cfg, const char *model_dir, const char *calib_path,
+                                     const char *recipe_path, double quant_seconds, double t_start);
 
-/* Rank 0, after the shards are in place: report, config.json, index last. */
-mxq_status mxq_quantize_report_commit(mxq_ctx *ctx, const mxq_quantize_report *report, const char *out_dir,
-                                      const mxq_input_set *inputs);
+/* Rank 0, after the shards are in place: report and config.json, and the
+ * index under its temporary name (report->index; the caller commits it). */
+mxq_status mxq_quantize_report_write(mxq_ctx *ctx, mxq_quantize_report *report, const char *out_dir,
+                                     const mxq_input_set *inputs);
 
 void mxq_quantize_report_free(mxq_quantize_report *report);
 

@@ -302,7 +302,7 @@ mxq_status mxq_synth_write(mxq_ctx *ctx, const mxq_synth_options *opt, const cha
     for (int sh = 0; sh < plan.n_shards; sh++)
         CALL(ctx, write_shard(ctx, &plan, opt, out_dir, sh, weight_map));
     if (plan.n_shards > 1)
-        CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, weight_map, plan.total_bytes, NULL, NULL));
+        CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, weight_map, plan.total_bytes, NULL, NULL, NULL));
     /* config.json last: until then the directory is visibly incomplete. */
     config = config_json(opt->preset, &cfg, opt->dtype);
     CHECK_ALLOC(ctx, config, 1, "config.json");

@@ -1,5 +1,6 @@
 /* The library's communicator and the agreement mechanism. */
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,7 +31,7 @@ void mxq_dist_free(mxq_dist *dist)
 mxq_status mxq_agree(mxq_ctx *ctx, const mxq_dist *dist, const char *step, mxq_status local)
 {
     mxq_status status = MXQ_OK;
-    if (local == MXQ_OK)
+    if (local == MXQ_OK && step)
         local = mxq_fault_point(ctx, step);
     /* [0]: lowest failing rank; [1]: 1 only if every rank failed */
     int mine[2] = {local == MXQ_OK ? INT_MAX : dist->rank, local == MXQ_OK ? 0 : 1};
@@ -42,7 +43,7 @@ mxq_status mxq_agree(mxq_ctx *ctx, const mxq_dist *dist, const char *step, mxq_s
         return local;
     }
     CHECK(ctx, agreed[0] == INT_MAX, MXQ_ERR_REMOTE, "stopped because rank %d failed at step '%s' (see its message)",
-          agreed[0], step);
+          agreed[0], step ? step : "commit");
 fail:
     return status;
 }
@@ -64,30 +65,37 @@ fail:
     return status;
 }
 
+/* Rank 0's count array (the first of the gather's two agreed steps). */
+static mxq_status gather_counts_alloc(mxq_ctx *ctx, const mxq_dist *dist, size_t len, int **counts, int **displs,
+                                      size_t **lens)
+{
+    mxq_status status = MXQ_OK;
+    CHECK(ctx, len < INT_MAX, MXQ_ERR_ARG, "%zu bytes to gather from one rank: more than one MPI message holds", len);
+    if (dist->rank != 0)
+        return MXQ_OK;
+    *counts = calloc((size_t)dist->size, sizeof(int));
+    *displs = calloc((size_t)dist->size, sizeof(int));
+    *lens = calloc((size_t)dist->size, sizeof(size_t));
+    CHECK(ctx, *counts && *displs && *lens, MXQ_ERR_NOMEM, "out of memory for the gather counts of %d ranks",
+          dist->size);
+fail:
+    return status;
+}
+
 mxq_status mxq_gather_bytes(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const void *data, size_t len,
                             char **all, size_t **lens)
 {
     mxq_status status = MXQ_OK;
     int *counts = NULL, *displs = NULL;
+    char counts_step[128], data_step[128];
+    snprintf(counts_step, sizeof(counts_step), "%s.counts", step);
+    snprintf(data_step, sizeof(data_step), "%s.data", step);
     *all = NULL;
     *lens = NULL;
-    CHECK_AGREED(ctx, dist, step, len < INT_MAX, MXQ_ERR_ARG,
-                 "%zu bytes to gather from one rank: more than one MPI message holds", len);
+    AGREE(ctx, dist, counts_step, gather_counts_alloc(ctx, dist, len, &counts, &displs, lens));
     int count = (int)len;
-    mxq_status local = MXQ_OK;
-    if (dist->rank == 0) {
-        counts = calloc((size_t)dist->size, sizeof(int));
-        displs = calloc((size_t)dist->size, sizeof(int));
-        *lens = calloc((size_t)dist->size, sizeof(size_t));
-        local = counts && displs && *lens ? MXQ_OK : MXQ_ERR_NOMEM;
-        if (local != MXQ_OK)
-            mxq_error_set(ctx, local, __FILE__, __LINE__, "out of memory for the gather counts of %d ranks",
-                          dist->size);
-    }
-    AGREE(ctx, dist, step, local);
     CALL_MPI(ctx, MPI_Gather(&count, 1, MPI_INT, counts, 1, MPI_INT, 0, dist->comm));
-    local = dist->rank == 0 ? gather_layout(ctx, dist, counts, all, displs) : MXQ_OK;
-    AGREE(ctx, dist, step, local);
+    AGREE(ctx, dist, data_step, dist->rank == 0 ? gather_layout(ctx, dist, counts, all, displs) : MXQ_OK);
     CALL_MPI(ctx, MPI_Gatherv(data, count, MPI_BYTE, *all, counts, displs, MPI_BYTE, 0, dist->comm));
     for (int r = 0; dist->rank == 0 && r < dist->size; r++)
         (*lens)[r] = (size_t)counts[r];

@@ -114,11 +114,12 @@ static void slurp(const char *path, char *buf, size_t size)
     fclose(f);
 }
 
-void tu_run(const char *const *argv, tu_run_result *r)
+/* Start argv with stdout/stderr to files tagged `slot`. */
+static pid_t spawn(const char *const *argv, int slot)
 {
     char out_path[512], err_path[512];
-    snprintf(out_path, sizeof(out_path), "%s/run_stdout.txt", tu_scratch_dir());
-    snprintf(err_path, sizeof(err_path), "%s/run_stderr.txt", tu_scratch_dir());
+    snprintf(out_path, sizeof(out_path), "%s/run_stdout_%d.txt", tu_scratch_dir(), slot);
+    snprintf(err_path, sizeof(err_path), "%s/run_stderr_%d.txt", tu_scratch_dir(), slot);
     fflush(stdout);
     pid_t pid = fork();
     assert_true(pid >= 0);
@@ -132,11 +133,37 @@ void tu_run(const char *const *argv, tu_run_result *r)
         execvp(argv[0], (char *const *)argv);
         _exit(127);
     }
+    return pid;
+}
+
+static void collect(pid_t pid, int slot, tu_run_result *r)
+{
+    char out_path[512], err_path[512];
     int wstatus = 0;
     waitpid(pid, &wstatus, 0);
     r->exit_code = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus);
+    snprintf(out_path, sizeof(out_path), "%s/run_stdout_%d.txt", tu_scratch_dir(), slot);
+    snprintf(err_path, sizeof(err_path), "%s/run_stderr_%d.txt", tu_scratch_dir(), slot);
     slurp(out_path, r->out, sizeof(r->out));
     slurp(err_path, r->err, sizeof(r->err));
+}
+
+void tu_run(const char *const *argv, tu_run_result *r)
+{
+    collect(spawn(argv, 0), 0, r);
+}
+
+void tu_run_all(const char *const *const *argvs, size_t n, int parallel, tu_run_result *results)
+{
+    pid_t pids[16];
+    assert_true(parallel >= 1 && parallel <= 16);
+    for (size_t first = 0; first < n; first += (size_t)parallel) {
+        size_t count = n - first < (size_t)parallel ? n - first : (size_t)parallel;
+        for (size_t i = 0; i < count; i++)
+            pids[i] = spawn(argvs[first + i], (int)i + 1);
+        for (size_t i = 0; i < count; i++)
+            collect(pids[i], (int)i + 1, &results[first + i]);
+    }
 }
 
 char *tu_read_file(const char *path, size_t *size)

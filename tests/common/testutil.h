@@ -43,6 +43,9 @@ typedef struct {
     char err[16384];
 } tu_run_result;
 void tu_run(const char *const *argv, tu_run_result *result);
+/* Run the n NULL-terminated argv lists, at most `parallel` (<= 16) at a
+ * time; results[i] belongs to argvs[i]. */
+void tu_run_all(const char *const *const *argvs, size_t n, int parallel, tu_run_result *results);
 /* tu_run of `prefix` (n_prefix words) followed by the NULL-terminated
  * arguments in `rest`. */
 void tu_run_prefixed(const char *const *prefix, size_t n_prefix, va_list rest, tu_run_result *result);

@@ -1,0 +1,218 @@
+/* Whatever rank fails wherever, every rank stops. A first run of each job
+ * lists every step it passes (MXQ_FAULT=list: every agreement point and
+ * every place inside a pipeline where one rank can fail while the others
+ * wait); then, for each step, the job runs again with one rank told to fail
+ * there (MXQ_FAULT=RANK:STEP), on 2 and on 3 ranks. Each such run must end
+ * within 10 s with every rank's exit status non-zero, print exactly one
+ * error line, naming the rank and the step, and leave no index (quantize)
+ * or JSON report (eval) behind. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "testutil.h"
+
+#define MAX_STEPS 64
+#define MAX_ARGS 40
+
+typedef struct {
+    char name[96];
+    int reached_by[4]; /* ranks that reach it */
+    int n_ranks;
+} step_info;
+
+typedef enum { JOB_EVAL, JOB_QUANTIZE_FP, JOB_QUANTIZE_SEQ } job_kind;
+
+static const char *scratch(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static const char *scratch(const char *fmt, ...)
+{
+    char name[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof(name), fmt, ap);
+    va_end(ap);
+    char *p = malloc(512);
+    snprintf(p, 512, "%s/%s", tu_scratch_dir(), name);
+    return p;
+}
+
+/* Small but complete jobs: several micro-batches, so a failure midway
+ * through a pipeline leaves messages in flight. */
+static const char *recipe(int sequential)
+{
+    const char *path = scratch("faults-%s.yaml", sequential ? "seq" : "fp");
+    char text[512];
+    snprintf(text, sizeof(text),
+             "weights: {format: mxint4, block: 32}\nactivations: {format: mxint8, block: 32}\n"
+             "algorithms:\n  - gptq: {block: 64, microblock: 32}\ncalibration: {samples: 6, mode: %s}\n",
+             sequential ? "sequential" : "fp");
+    tu_write_file(path, text, strlen(text));
+    return path;
+}
+
+/* argv of: timeout 10 mpirun -n R -x MXQ_FAULT=fault sh -c 'mxq "$@"; echo rank-exit' sh <job>.
+ * Every rank reports its own exit status, and mpirun lets each rank end on
+ * its own instead of killing the others at the first failure. */
+static void job_argv(const char **argv, job_kind kind, int ranks, const char *fault, const char *out)
+{
+    char *n = malloc(16), *fault_env = malloc(160); /* live as long as the test */
+    snprintf(n, 16, "%d", ranks);
+    snprintf(fault_env, 160, "MXQ_FAULT=%s", fault);
+    const char *model = tu_data_path("stories260K");
+    size_t k = 0;
+    const char *head[] = {"timeout", "10", "mpirun", "-n", n, "--oversubscribe", "--mca",
+                          "orte_abort_on_non_zero_status", "0", "-x", fault_env, "sh", "-c",
+                          "\"$0\" \"$@\"; echo \"rank-exit $OMPI_COMM_WORLD_RANK $?\" >&2", getenv("MXQ_BIN")};
+    for (size_t i = 0; i < sizeof(head) / sizeof(head[0]); i++)
+        argv[k++] = head[i];
+    if (kind == JOB_EVAL) {
+        const char *rest[] = {"eval", "--model", model, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit", "6",
+                              "--batch", "2", "--weights", "mxint8", "--acts", "mxint8", "--json", out, "-q"};
+        for (size_t i = 0; i < sizeof(rest) / sizeof(rest[0]); i++)
+            argv[k++] = rest[i];
+    } else {
+        const char *rest[] = {"quantize", "--model", model, "--calib", tu_data_path("stories260K/calib.h5"),
+                              "--recipe", recipe(kind == JOB_QUANTIZE_SEQ), "--batch", "2", "--out", out, "-q"};
+        for (size_t i = 0; i < sizeof(rest) / sizeof(rest[0]); i++)
+            argv[k++] = rest[i];
+    }
+    argv[k] = NULL;
+}
+
+static void add_step(step_info *steps, int *n, const char *name, int rank)
+{
+    int i = 0;
+    while (i < *n && strcmp(steps[i].name, name) != 0)
+        i++;
+    if (i == *n) {
+        assert_true(*n < MAX_STEPS);
+        memset(&steps[i], 0, sizeof(steps[i]));
+        snprintf(steps[i].name, sizeof(steps[i].name), "%s", name);
+        (*n)++;
+    }
+    for (int r = 0; r < steps[i].n_ranks; r++)
+        if (steps[i].reached_by[r] == rank)
+            return;
+    steps[i].reached_by[steps[i].n_ranks++] = rank;
+}
+
+/* The steps of a successful run, in the order first reached. */
+static int list_steps(job_kind kind, int ranks, step_info *steps)
+{
+    const char *argv[MAX_ARGS];
+    const char *out = scratch("faults-list-%d-%d%s", kind, ranks, kind == JOB_EVAL ? ".json" : "");
+    job_argv(argv, kind, ranks, "list", out);
+    tu_run_result r;
+    tu_run(argv, &r);
+    if (r.exit_code != 0 || strstr(r.err, "error:"))
+        fail_msg("the listing run failed: %s", r.err);
+    int n = 0;
+    for (const char *p = strstr(r.err, "mxq fault-point: "); p; p = strstr(p + 1, "mxq fault-point: ")) {
+        int rank;
+        char name[96];
+        if (sscanf(p, "mxq fault-point: rank %d step %95s", &rank, name) == 2)
+            add_step(steps, &n, name, rank);
+    }
+    return n;
+}
+
+static int count(const char *text, const char *what)
+{
+    int n = 0;
+    for (const char *p = strstr(text, what); p; p = strstr(p + 1, what))
+        n++;
+    return n;
+}
+
+static void check_fault_run(const tu_run_result *r, int ranks, int victim, const char *step, const char *out,
+                            job_kind kind)
+{
+    char expect[256], tag[32], exit_line[32], leftover[600];
+    if (r->exit_code == 124)
+        fail_msg("rank %d failing at '%s' on %d ranks: not every rank stopped within 10 s: %s", victim, step, ranks,
+                 r->err);
+    for (int rank = 0; rank < ranks; rank++) {
+        snprintf(exit_line, sizeof(exit_line), "rank-exit %d ", rank);
+        const char *p = strstr(r->err, exit_line);
+        if (!p || atoi(p + strlen(exit_line)) == 0)
+            fail_msg("rank %d failing at '%s' on %d ranks: rank %d %s: %s", victim, step, ranks, rank,
+                     p ? "exited with status 0" : "did not exit by itself", r->err);
+    }
+    snprintf(expect, sizeof(expect), "injected fault on rank %d at step '%.95s'", victim, step);
+    snprintf(tag, sizeof(tag), "[rank %d] ", victim);
+    if (count(r->err, "error:") != 1 || !strstr(r->err, expect) || !strstr(r->err, tag))
+        fail_msg("rank %d failing at '%s' on %d ranks: expected one error line naming the rank and step: %s", victim,
+                 step, ranks, r->err);
+    snprintf(leftover, sizeof(leftover), kind == JOB_EVAL ? "%s" : "%s/model.safetensors.index.json", out);
+    if (access(leftover, F_OK) == 0)
+        fail_msg("rank %d failing at '%s' on %d ranks: %s was written", victim, step, ranks, leftover);
+}
+
+/* Every step of the job on `ranks` ranks, two runs at a time. */
+static void walk(job_kind kind, int ranks, const char *label)
+{
+    step_info steps[MAX_STEPS];
+    int n = list_steps(kind, ranks, steps);
+    assert_true(n >= 4);
+    const char *argv_store[MAX_STEPS][MAX_ARGS];
+    const char *const *argvs[MAX_STEPS];
+    const char *outs[MAX_STEPS];
+    char faults[MAX_STEPS][128];
+    int victims[MAX_STEPS];
+    tu_run_result *results = calloc((size_t)n, sizeof(*results));
+    for (int i = 0; i < n; i++) {
+        /* rotate the failing rank over the steps, among those that reach it */
+        victims[i] = steps[i].reached_by[i % steps[i].n_ranks];
+        snprintf(faults[i], sizeof(faults[i]), "%d:%.95s", victims[i], steps[i].name);
+        outs[i] = scratch("faults-%d-%d-%d%s", kind, ranks, i, kind == JOB_EVAL ? ".json" : "");
+        job_argv(argv_store[i], kind, ranks, faults[i], outs[i]);
+        argvs[i] = argv_store[i];
+    }
+    tu_run_all(argvs, (size_t)n, 2, results);
+    char names[2048] = "";
+    for (int i = 0; i < n; i++) {
+        check_fault_run(&results[i], ranks, victims[i], steps[i].name, outs[i], kind);
+        size_t used = strlen(names);
+        snprintf(names + used, sizeof(names) - used, "%s%.95s@%d", i ? " " : "", steps[i].name, victims[i]);
+    }
+    print_message("# %s on %d ranks: %d steps, each failed on one rank; every rank stopped, one message: %s\n", label,
+                  ranks, n, names);
+    free(results);
+}
+
+static void test_eval_every_step(void **state)
+{
+    (void)state;
+    walk(JOB_EVAL, 2, "eval");
+    walk(JOB_EVAL, 3, "eval");
+}
+
+static void test_quantize_fp_every_step(void **state)
+{
+    (void)state;
+    walk(JOB_QUANTIZE_FP, 2, "quantize (fp)");
+    walk(JOB_QUANTIZE_FP, 3, "quantize (fp)");
+}
+
+static void test_quantize_sequential_every_step(void **state)
+{
+    (void)state;
+    walk(JOB_QUANTIZE_SEQ, 2, "quantize (sequential)");
+    walk(JOB_QUANTIZE_SEQ, 3, "quantize (sequential)");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_eval_every_step),
+        cmocka_unit_test(test_quantize_fp_every_step),
+        cmocka_unit_test(test_quantize_sequential_every_step),
+    };
+    return cmocka_run_group_tests_name("cli_faults", tests, NULL, NULL);
+}
