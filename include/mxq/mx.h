@@ -7,7 +7,7 @@
  * clamped below at -127, stored as the byte se + 127 (0xFF = NaN block, which
  * any NaN or Inf inside the block produces). Each element v / 2^se is rounded
  * to the element grid (ties to even, or ties away from zero) and saturated to
- * +-max. See DESIGN.md section 2.
+ * +-max. See docs/design.md, section 2.
  */
 #ifndef MXQ_MX_H
 #define MXQ_MX_H

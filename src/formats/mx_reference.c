@@ -1,6 +1,6 @@
 /* The scalar reference kernel: the specification of MX quantization in mxq.
  *
- * It is written for clarity, straight from DESIGN.md section 2, in double
+ * It is written for clarity, straight from docs/design.md section 2, in double
  * precision where every step is exact (float -> double, scaling by powers of
  * two, rounding an exactly-known value to an integer). The fast kernels are
  * tested to produce the same bytes.

@@ -98,7 +98,7 @@ static void spd_inverse(const double *a, double *inv, size_t n)
     free(l);
 }
 
-/* Column-by-column GPTQ (microblock 1) exactly as DESIGN section 1 states it. */
+/* Column-by-column GPTQ (microblock 1) exactly as docs/design.md section 1 states it. */
 static void reference_gptq(const mxq_mx_spec *spec, double damp, float *weight, size_t m, size_t n, const double *h,
                            double n_tokens, uint8_t *scales)
 {

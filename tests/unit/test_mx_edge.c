@@ -1,4 +1,4 @@
-/* Edge rows of the MX rule (DESIGN.md section 2), with expectations worked
+/* Edge rows of the MX rule (docs/design.md section 2), with expectations worked
  * out by hand from the rule, not from mxq. Each case runs through every
  * available kernel. */
 #include <float.h>

@@ -14,7 +14,7 @@
 #include "mxq/mxq.h"
 #include "testutil.h"
 
-/* name, bits, ebits, mbits, max as written in DESIGN.md section 2 */
+/* name, bits, ebits, mbits, max as written in docs/design.md section 2 */
 static const struct {
     const char *name;
     int bits, ebits, mbits, emax;
@@ -115,7 +115,7 @@ static void test_pack_unpack_identity(void **state)
     }
 }
 
-/* The storage layout of DESIGN.md section 2, bit by bit, for one group. */
+/* The storage layout of docs/design.md section 2, bit by bit, for one group. */
 static void test_pack_layout(void **state)
 {
     (void)state;

@@ -1,0 +1,911 @@
+/* mxq against a careless or hostile user: outputs that would destroy an
+ * input, a device or someone else's files; inputs that would block forever
+ * or blow up memory; non-finite values; outputs that can only be found
+ * unwritable after the work; and the messages all of these give. Every
+ * case runs the mxq binary (MXQ_BIN), so the same cases can be pointed at
+ * an older build. Each refusal must come within 30 s, with a non-zero exit
+ * and exactly one error line naming the file, tensor or key, and must leave
+ * the inputs and every unrelated file as they were. */
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "testutil.h"
+
+/* ---- running mxq ------------------------------------------------------------- */
+
+/* timeout 30 [mpirun -n ranks] mxq <args...>; ranks 0 = no mpirun. */
+static tu_run_result run_mxq(int ranks, const char *first, ...)
+{
+    const char *bin = getenv("MXQ_BIN");
+    assert_non_null(bin);
+    char n[16];
+    snprintf(n, sizeof(n), "%d", ranks);
+    const char *mpi[] = {"timeout", "30", "mpirun", "-n", n, "--oversubscribe", bin, first};
+    const char *plain[] = {"timeout", "30", bin, first};
+    tu_run_result r;
+    va_list ap;
+    va_start(ap, first);
+    if (ranks > 0)
+        tu_run_prefixed(mpi, sizeof(mpi) / sizeof(mpi[0]), ap, &r);
+    else
+        tu_run_prefixed(plain, sizeof(plain) / sizeof(plain[0]), ap, &r);
+    va_end(ap);
+    return r;
+}
+
+static int count(const char *text, const char *what)
+{
+    int n = 0;
+    for (const char *p = strstr(text, what); p; p = strstr(p + 1, what))
+        n++;
+    return n;
+}
+
+/* Refused: non-zero exit within the time limit, one error line holding
+ * every fragment (NULL = none). */
+static void expect_refused(const char *what, const tu_run_result *r, const char *frag1, const char *frag2)
+{
+    const char *line = strstr(r->err, "error:");
+    print_message("# %s: exit %d: %.*s\n", what, r->exit_code, line ? (int)strcspn(line, "\n") : 0, line ? line : "");
+    if (r->exit_code == 124)
+        fail_msg("%s: no answer within 30 s", what);
+    if (r->exit_code == 0)
+        fail_msg("%s: accepted (exit 0); stdout: %.400s", what, r->out);
+    if (count(r->err, "error:") != 1)
+        fail_msg("%s: expected exactly one error line, got: %s", what, r->err);
+    if (frag1 && !strstr(r->err, frag1))
+        fail_msg("%s: the message lacks '%s': %s", what, frag1, r->err);
+    if (frag2 && !strstr(r->err, frag2))
+        fail_msg("%s: the message lacks '%s': %s", what, frag2, r->err);
+}
+
+/* ---- files --------------------------------------------------------------------- */
+
+static const char *scratch(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static const char *scratch(const char *fmt, ...)
+{
+    char name[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof(name), fmt, ap);
+    va_end(ap);
+    char *p = malloc(1024);
+    snprintf(p, 1024, "%s/%s", tu_scratch_dir(), name);
+    return p;
+}
+
+/* What a file is: type, device and content hash; "absent" if missing. */
+static void fingerprint(const char *path, char *out, size_t size)
+{
+    struct stat st;
+    if (lstat(path, &st) != 0) {
+        snprintf(out, size, "absent");
+        return;
+    }
+    uint64_t h = 1469598103934665603ull;
+    if (S_ISREG(st.st_mode)) {
+        size_t n;
+        char *data = tu_read_file(path, &n);
+        for (size_t i = 0; i < n; i++)
+            h = (h ^ (unsigned char)data[i]) * 1099511628211ull;
+        free(data);
+    }
+    snprintf(out, size, "mode %o rdev %lu size %lld hash %016llx", (unsigned)st.st_mode, (unsigned long)st.st_rdev,
+             (long long)st.st_size, (unsigned long long)h);
+}
+
+typedef struct {
+    const char *paths[16];
+    char prints[16][128];
+    int n;
+} snapshot;
+
+static void snap(snapshot *s, const char *const *paths)
+{
+    s->n = 0;
+    for (; paths[s->n]; s->n++) {
+        s->paths[s->n] = paths[s->n];
+        fingerprint(paths[s->n], s->prints[s->n], sizeof(s->prints[0]));
+    }
+}
+
+static void expect_untouched(const char *what, const snapshot *s)
+{
+    for (int i = 0; i < s->n; i++) {
+        char now[128];
+        fingerprint(s->paths[i], now, sizeof(now));
+        if (strcmp(now, s->prints[i]) != 0)
+            fail_msg("%s: '%s' was changed (%s -> %s)", what, s->paths[i], s->prints[i], now);
+    }
+}
+
+static void copy_file(const char *from, const char *to)
+{
+    size_t n;
+    char *data = tu_read_file(from, &n);
+    tu_write_file(to, data, n);
+    free(data);
+}
+
+/* A scratch copy of the bundled model; `config_edit` replaces the value of
+ * one config.json key (NULL: unchanged). */
+static const char *model_copy(const char *name, const char *key, json_t *value)
+{
+    const char *dir = scratch("%s", name);
+    char from[1024], to[1024];
+    mkdir(dir, 0755);
+    snprintf(to, sizeof(to), "%s/model.safetensors", dir);
+    copy_file(tu_data_path("stories260K/model.safetensors"), to);
+    json_t *cfg = json_load_file(tu_data_path("stories260K/config.json"), 0, NULL);
+    assert_non_null(cfg);
+    if (key)
+        json_object_set_new(cfg, key, value);
+    snprintf(to, sizeof(to), "%s/config.json", dir);
+    assert_int_equal(json_dump_file(cfg, to, JSON_INDENT(2)), 0);
+    json_decref(cfg);
+    (void)from;
+    return dir;
+}
+
+/* Set element `index` of float32 tensor `tensor` in dir's model.safetensors. */
+static void poke_weight(const char *dir, const char *tensor, size_t index, float value)
+{
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    size_t n;
+    char *data = tu_read_file(path, &n);
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | (unsigned char)data[i];
+    json_t *header = json_loadb(data + 8, hlen, 0, NULL);
+    assert_non_null(header);
+    json_t *offsets = json_object_get(json_object_get(header, tensor), "data_offsets");
+    assert_non_null(offsets);
+    size_t at = 8 + hlen + (size_t)json_integer_value(json_array_get(offsets, 0)) + index * sizeof(float);
+    memcpy(data + at, &value, sizeof(float));
+    tu_write_file(path, data, n);
+    json_decref(header);
+    free(data);
+}
+
+static const char *write_text(const char *name, const char *text)
+{
+    const char *path = scratch("%s", name);
+    tu_write_file(path, text, strlen(text));
+    return path;
+}
+
+static const char *recipe(const char *name)
+{
+    char rel[256];
+    snprintf(rel, sizeof(rel), "../configs/recipes/block32/%s.yaml", name);
+    return tu_data_path(rel);
+}
+
+static const char *h5_matrix(const char *name, const char *dataset, hid_t type, size_t rows, size_t cols,
+                             const void *data)
+{
+    const char *path = scratch("%s", name);
+    hid_t f = access(path, F_OK) == 0 ? H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT)
+                                      : H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    hsize_t dims[2] = {rows, cols};
+    tu_h5_write(f, dataset, type, type, 2, dims, data);
+    H5Fclose(f);
+    return path;
+}
+
+/* A 2-D float32 /input for cast, and a /W + /X for quantize-linear. */
+static const char *cast_input(const char *name)
+{
+    unlink(scratch("%s", name));
+    float x[8 * 64];
+    tu_rng rng = {5};
+    for (size_t i = 0; i < 8 * 64; i++)
+        x[i] = (float)tu_rng_normal(&rng);
+    return h5_matrix(name, "/input", H5T_NATIVE_FLOAT, 8, 64, x);
+}
+
+static const char *linear_input(const char *name, int nan_in_h)
+{
+    unlink(scratch("%s", name));
+    float w[16 * 64];
+    double h[64 * 64];
+    tu_rng rng = {9};
+    for (size_t i = 0; i < 16 * 64; i++)
+        w[i] = (float)(0.05 * tu_rng_normal(&rng));
+    for (size_t i = 0; i < 64; i++)
+        for (size_t j = 0; j < 64; j++)
+            h[i * 64 + j] = i == j ? 2.0 : 0.1;
+    if (nan_in_h)
+        h[5 * 64 + 7] = NAN;
+    h5_matrix(name, "/W", H5T_NATIVE_FLOAT, 16, 64, w);
+    return h5_matrix(name, "/H", H5T_NATIVE_DOUBLE, 64, 64, h);
+}
+
+/* ---- data loss -------------------------------------------------------------------- */
+
+static void test_cast_onto_its_input(void **state)
+{
+    (void)state;
+    const char *in = cast_input("self.h5");
+    const char *keep[] = {in, NULL};
+    snapshot s;
+    snap(&s, keep);
+    tu_run_result r = run_mxq(0, "cast", "--format", "mxint4", "--block", "32", in, in, NULL);
+    expect_refused("cast X.h5 X.h5", &r, "self.h5", "input");
+    expect_untouched("cast X.h5 X.h5", &s);
+}
+
+static void test_quantize_linear_onto_its_input(void **state)
+{
+    (void)state;
+    const char *in = linear_input("lin-self.h5", 0);
+    const char *keep[] = {in, NULL};
+    snapshot s;
+    snap(&s, keep);
+    tu_run_result r = run_mxq(0, "quantize-linear", "--recipe", recipe("w4a8-mxint-gptq"), in, in, NULL);
+    expect_refused("quantize-linear X.h5 X.h5", &r, "lin-self.h5", "input");
+    expect_untouched("quantize-linear X.h5 X.h5", &s);
+}
+
+static void test_eval_json_onto_the_token_file(void **state)
+{
+    (void)state;
+    const char *tokens = scratch("tokens-copy.h5");
+    copy_file(tu_data_path("stories260K/eval.h5"), tokens);
+    const char *keep[] = {tokens, NULL};
+    snapshot s;
+    snap(&s, keep);
+    tu_run_result r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens", tokens, "--limit", "2",
+                              "--json", tokens, NULL);
+    expect_refused("eval --json <token file>", &r, "tokens-copy.h5", "token file");
+    expect_untouched("eval --json <token file>", &s);
+}
+
+static void test_eval_json_onto_the_model_config(void **state)
+{
+    (void)state;
+    const char *model = model_copy("json-model", NULL, NULL);
+    char cfg[1024];
+    snprintf(cfg, sizeof(cfg), "%s/config.json", model);
+    const char *keep[] = {cfg, NULL};
+    snapshot s;
+    snap(&s, keep);
+    tu_run_result r = run_mxq(2, "eval", "--model", model, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit",
+                              "2", "--json", cfg, NULL);
+    expect_refused("eval --json <config.json>", &r, "config.json", "input model");
+    expect_untouched("eval --json <config.json>", &s);
+}
+
+/* Devices are never replaced (as root, rename(2) would happily do it). As
+ * root the test uses its own node of the same device, so that a build with
+ * this bug cannot take the machine's /dev/null with it. */
+static void cast_onto_device(const char *system_device, unsigned minor)
+{
+    const char *device = system_device;
+    const char *own = scratch("dev-%u", minor);
+    unlink(own);
+    if (geteuid() == 0 && mknod(own, S_IFCHR | 0666, makedev(1, minor)) == 0)
+        device = own;
+    const char *in = cast_input("dev-in.h5");
+    const char *keep[] = {device, NULL};
+    snapshot s;
+    snap(&s, keep);
+    tu_run_result r = run_mxq(0, "cast", "--format", "mxint4", "--block", "32", in, device, NULL);
+    expect_refused(system_device, &r, device, "character device");
+    expect_untouched(device, &s);
+}
+
+static void test_cast_onto_dev_null(void **state)
+{
+    (void)state;
+    cast_onto_device("/dev/null", 3);
+}
+
+static void test_cast_onto_dev_full(void **state)
+{
+    (void)state;
+    cast_onto_device("/dev/full", 7);
+}
+
+/* The output names the input through a hard link, a symbolic link, "..". */
+static void cast_onto_alias(int kind)
+{
+    const char *in = cast_input("alias-in.h5");
+    const char *out = scratch("alias-%d.h5", kind), *sub = scratch("alias-sub");
+    char dotdot[1024];
+    unlink(out);
+    mkdir(sub, 0755);
+    if (kind == 0)
+        assert_int_equal(link(in, out), 0);
+    if (kind == 1)
+        assert_int_equal(symlink(in, out), 0);
+    snprintf(dotdot, sizeof(dotdot), "%s/../alias-in.h5", sub);
+    if (kind == 2)
+        out = dotdot;
+    const char *keep[] = {in, NULL};
+    snapshot s;
+    snap(&s, keep);
+    tu_run_result r = run_mxq(0, "cast", "--format", "mxint4", "--block", "32", in, out, NULL);
+    expect_refused(out, &r, out, kind == 1 ? "symbolic link" : "input");
+    expect_untouched(out, &s);
+}
+
+static void test_cast_onto_a_hard_link_of_the_input(void **state)
+{
+    (void)state;
+    cast_onto_alias(0);
+}
+
+static void test_cast_onto_a_symlink_to_the_input(void **state)
+{
+    (void)state;
+    cast_onto_alias(1);
+}
+
+static void test_cast_onto_the_input_through_dotdot(void **state)
+{
+    (void)state;
+    cast_onto_alias(2);
+}
+
+static void test_force_keeps_another_model(void **state)
+{
+    (void)state;
+    const char *other = model_copy("another-model", NULL, NULL);
+    char cfg[1024], weights[1024];
+    snprintf(cfg, sizeof(cfg), "%s/config.json", other);
+    snprintf(weights, sizeof(weights), "%s/model.safetensors", other);
+    const char *keep[] = {cfg, weights, NULL};
+    snapshot s;
+    snap(&s, keep);
+    tu_run_result r = run_mxq(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-rtn"), "--out", other,
+                              "--force", "-q", NULL);
+    expect_refused("quantize --force into another model's directory", &r, "config.json", "not written by mxq");
+    expect_untouched("quantize --force into another model's directory", &s);
+}
+
+/* A killed run's hidden temporary shard goes with --force; a user's file stays. */
+static void test_force_removes_a_killed_runs_temporaries(void **state)
+{
+    (void)state;
+    const char *out = scratch("force-out");
+    const char *args_model = tu_data_path("stories260K"), *calib = tu_data_path("stories260K/calib.h5");
+    tu_run_result r = run_mxq(2, "quantize", "--model", args_model, "--calib", calib, "--recipe",
+                              recipe("w4a8-mxint-rtn"), "--out", out, "-q", NULL);
+    assert_int_equal(r.exit_code, 0);
+    char stale[1024], notes[1024];
+    snprintf(stale, sizeof(stale), "%s/.model-00001-of-00002.safetensors.tmp-4242", out);
+    snprintf(notes, sizeof(notes), "%s/notes.txt", out);
+    tu_write_file(stale, "half a shard", 12);
+    tu_write_file(notes, "mine\n", 5);
+    const char *keep[] = {notes, NULL};
+    snapshot s;
+    snap(&s, keep);
+    r = run_mxq(2, "quantize", "--model", args_model, "--calib", calib, "--recipe", recipe("w4a8-mxint-rtn"), "--out",
+                out, "--force", "-q", NULL);
+    if (r.exit_code != 0)
+        fail_msg("quantize --force failed: %s", r.err);
+    if (access(stale, F_OK) == 0)
+        fail_msg("the killed run's temporary %s survived --force", stale);
+    expect_untouched("quantize --force", &s);
+    print_message("# --force removed the stale temporary shard and kept notes.txt\n");
+}
+
+/* ---- hangs ------------------------------------------------------------------------ */
+
+static const char *fifo(const char *path)
+{
+    unlink(path);
+    assert_int_equal(mkfifo(path, 0644), 0);
+    return path;
+}
+
+static void test_fifo_as_model_weights(void **state)
+{
+    (void)state;
+    const char *dir = scratch("fifo-weights");
+    char path[1024];
+    mkdir(dir, 0755);
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    copy_file(tu_data_path("stories260K/config.json"), path);
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    fifo(path);
+    tu_run_result r = run_mxq(2, "eval", "--model", dir, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit",
+                              "2", NULL);
+    expect_refused("FIFO as model.safetensors", &r, "model.safetensors", "FIFO");
+}
+
+static void test_fifo_as_config(void **state)
+{
+    (void)state;
+    const char *dir = scratch("fifo-config");
+    char path[1024];
+    mkdir(dir, 0755);
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    copy_file(tu_data_path("stories260K/model.safetensors"), path);
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    fifo(path);
+    tu_run_result r = run_mxq(2, "eval", "--model", dir, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit",
+                              "2", NULL);
+    expect_refused("FIFO as config.json", &r, "config.json", "FIFO");
+}
+
+static void test_fifo_as_token_file(void **state)
+{
+    (void)state;
+    tu_run_result r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens",
+                              fifo(scratch("fifo-tokens.h5")), "--limit", "2", NULL);
+    expect_refused("FIFO as the token file", &r, "fifo-tokens.h5", "FIFO");
+}
+
+static void test_fifo_as_recipe(void **state)
+{
+    (void)state;
+    tu_run_result r = run_mxq(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", fifo(scratch("fifo-recipe.yaml")),
+                              "--out", scratch("fifo-out"), NULL);
+    expect_refused("FIFO as the recipe", &r, "fifo-recipe.yaml", "FIFO");
+}
+
+static void test_huge_layer_count(void **state)
+{
+    (void)state;
+    const char *model = model_copy("huge-layers", "num_hidden_layers", json_integer(1073741824));
+    tu_run_result r = run_mxq(2, "eval", "--model", model, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit",
+                              "2", NULL);
+    expect_refused("num_hidden_layers 1073741824", &r, "config.json", "num_hidden_layers");
+}
+
+/* ---- non-finite values ----------------------------------------------------------- */
+
+static void expect_quantize_refused(const char *what, const char *model, const char *recipe_name, const char *frag1,
+                                    const char *frag2)
+{
+    const char *out = scratch("nonfinite-%s", recipe_name);
+    tu_run_result r = run_mxq(2, "quantize", "--model", model, "--calib", tu_data_path("stories260K/calib.h5"),
+                              "--recipe", recipe(recipe_name), "--out", out, "-q", NULL);
+    expect_refused(what, &r, frag1, frag2);
+    char index[1024];
+    snprintf(index, sizeof(index), "%s/model.safetensors.index.json", out);
+    if (access(index, F_OK) == 0)
+        fail_msg("%s: a checkpoint was written", what);
+}
+
+static const char *nan_model(void)
+{
+    const char *model = model_copy("nan-weight", NULL, NULL);
+    poke_weight(model, "model.layers.2.mlp.up_proj.weight", 100, NAN);
+    return model;
+}
+
+static const char *inf_model(void)
+{
+    const char *model = model_copy("inf-weight", NULL, NULL);
+    poke_weight(model, "model.layers.1.self_attn.q_proj.weight", 7, INFINITY);
+    return model;
+}
+
+static void test_nan_weight_rtn(void **state)
+{
+    (void)state;
+    expect_quantize_refused("NaN weight, RTN", nan_model(), "w4a8-mxint-rtn", "model.layers.2.mlp.up_proj.weight",
+                            "[1, 36]");
+}
+
+static void test_inf_weight_smoothquant(void **state)
+{
+    (void)state;
+    expect_quantize_refused("Inf weight, SmoothQuant", inf_model(), "w4a8-mxint-sq",
+                            "model.layers.1.self_attn.q_proj.weight", "inf");
+}
+
+static void test_nan_weight_awq_names_the_tensor(void **state)
+{
+    (void)state;
+    expect_quantize_refused("NaN weight, AWQ+GPTQ", nan_model(), "w4a8-mxint-awq-gptq",
+                            "model.layers.2.mlp.up_proj.weight", "non-finite");
+}
+
+static void test_inf_weight_gptq_names_the_tensor(void **state)
+{
+    (void)state;
+    expect_quantize_refused("Inf weight, GPTQ", inf_model(), "w4a8-mxint-gptq", "model.layers.1.self_attn.q_proj.weight",
+                            "non-finite");
+}
+
+static const char *nan_embedding_model(void)
+{
+    const char *model = model_copy("nan-embedding", NULL, NULL);
+    poke_weight(model, "model.embed_tokens.weight", 5, NAN);
+    return model;
+}
+
+static void test_nan_embedding_quantize(void **state)
+{
+    (void)state;
+    expect_quantize_refused("NaN embedding, AWQ+GPTQ", nan_embedding_model(), "w4a8-mxint-awq-gptq",
+                            "model.embed_tokens.weight", "non-finite");
+}
+
+static void test_nan_embedding_eval(void **state)
+{
+    (void)state;
+    tu_run_result r = run_mxq(2, "eval", "--model", nan_embedding_model(), "--tokens",
+                              tu_data_path("stories260K/eval.h5"), "--limit", "2", NULL);
+    expect_refused("NaN embedding, eval", &r, "model.embed_tokens.weight", "non-finite");
+}
+
+/* Finite weights whose activations overflow: the NLL is not a number. */
+static void test_eval_nonfinite_result(void **state)
+{
+    (void)state;
+    const char *model = model_copy("overflow", NULL, NULL);
+    for (size_t i = 0; i < 64; i++)
+        poke_weight(model, "model.embed_tokens.weight", 64 + i, 3e38f); /* token 1 (BOS) */
+    tu_run_result r = run_mxq(2, "eval", "--model", model, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit",
+                              "4", NULL);
+    expect_refused("eval with overflowing activations", &r, "sequence 0", "non-finite");
+    if (strstr(r.out, "perplexity"))
+        fail_msg("a perplexity was printed: %s", r.out);
+}
+
+static void test_quantize_linear_nan_hessian(void **state)
+{
+    (void)state;
+    const char *in = linear_input("lin-nan-h.h5", 1);
+    tu_run_result r = run_mxq(0, "quantize-linear", "--recipe", recipe("w4a8-mxint-gptq"), in, scratch("lin-nan-out.h5"),
+                              NULL);
+    expect_refused("quantize-linear with a NaN in /H", &r, "/H", "[5, 7]");
+    assert_false(access(scratch("lin-nan-out.h5"), F_OK) == 0);
+}
+
+/* ---- failures found only after the work --------------------------------------------- */
+
+/* A directory this process cannot write into: read-only for a user; for
+ * root, immutable (chattr +i) or a read-only tmpfs. Returns how. */
+static const char *unwritable_dir(const char *dir, char *undo, size_t size)
+{
+    mkdir(dir, 0755);
+    char cmd[1200];
+    if (geteuid() != 0) {
+        chmod(dir, 0555);
+        snprintf(undo, size, "chmod 755 '%s'", dir);
+        return "read-only";
+    }
+    snprintf(cmd, sizeof(cmd), "chattr +i '%s' 2>/dev/null", dir);
+    if (system(cmd) == 0) {
+        snprintf(undo, size, "chattr -i '%s'", dir);
+        return "immutable";
+    }
+    snprintf(cmd, sizeof(cmd), "mount -t tmpfs -o ro,size=64k tmpfs '%s' 2>/dev/null", dir);
+    if (system(cmd) == 0) {
+        snprintf(undo, size, "umount '%s'", dir);
+        return "read-only tmpfs";
+    }
+    fail_msg("cannot make an unwritable directory here (root, but neither chattr +i nor a tmpfs mount works)");
+    return NULL;
+}
+
+/* Run `mxq <args>` (ranks 2) against an unwritable directory `dir`. */
+static tu_run_result run_unwritable(const char *dir, int quantize, const char *json)
+{
+    char undo[1200];
+    const char *how = unwritable_dir(dir, undo, sizeof(undo));
+    tu_run_result r = quantize ? run_mxq(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                                         tu_data_path("stories260K/calib.h5"), "--recipe",
+                                         recipe("w4a8-mxint-awq-gptq"), "--out", dir, NULL)
+                               : run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens",
+                                         tu_data_path("stories260K/eval.h5"), "--json", json, NULL);
+    assert_int_equal(system(undo), 0);
+    print_message("# (the directory was made %s)\n", how);
+    return r;
+}
+
+static void test_unwritable_out_dir_found_first(void **state)
+{
+    (void)state;
+    const char *dir = scratch("unwritable-out");
+    tu_run_result r = run_unwritable(dir, 1, NULL);
+    expect_refused("quantize --out <unwritable directory>", &r, "unwritable-out", NULL);
+    if (strstr(r.err, "calibration:") || strstr(r.err, "layer 0"))
+        fail_msg("the directory was found unwritable only after calibrating: %s", r.err);
+}
+
+static void test_unwritable_json_found_first(void **state)
+{
+    (void)state;
+    const char *dir = scratch("unwritable-json");
+    char json[1200];
+    snprintf(json, sizeof(json), "%s/eval.json", dir);
+    tu_run_result r = run_unwritable(dir, 0, json);
+    expect_refused("eval --json <file in an unwritable directory>", &r, "eval.json", NULL);
+    if (strstr(r.err, "sequences through rank 0"))
+        fail_msg("--json was found unwritable only after evaluating: %s", r.err);
+}
+
+/* ---- messages ----------------------------------------------------------------------- */
+
+/* Runs `mxq <argv>` with its output on a full file system: a small tmpfs
+ * when mounting works (root), else a file-size limit (EFBIG). */
+static tu_run_result run_out_of_space(const char *dir, const char *mxq_args)
+{
+    char cmd[4096];
+    mkdir(dir, 0755);
+    snprintf(cmd, sizeof(cmd), "mount -t tmpfs -o size=64k tmpfs '%s' 2>/dev/null", dir);
+    int mounted = geteuid() == 0 && system(cmd) == 0;
+    snprintf(cmd, sizeof(cmd), "%s%s %s", mounted ? "" : "trap '' XFSZ; ulimit -f 64; ", getenv("MXQ_BIN"), mxq_args);
+    const char *argv[] = {"timeout", "30", "sh", "-c", cmd, NULL};
+    tu_run_result r;
+    tu_run(argv, &r);
+    if (mounted) {
+        snprintf(cmd, sizeof(cmd), "umount '%s'", dir);
+        assert_int_equal(system(cmd), 0);
+    }
+    return r;
+}
+
+static void expect_disk_full(const char *what, const tu_run_result *r, const char *output)
+{
+    expect_refused(what, r, output, NULL);
+    if (!strstr(r->err, "No space left on device") && !strstr(r->err, "File too large"))
+        fail_msg("%s: the message lacks the system's reason: %s", what, r->err);
+    if (strstr(r->err, ".tmp-") || strstr(r->err, "time =") || strstr(r->err, "errno ="))
+        fail_msg("%s: the message names a temporary file or dumps HDF5's stack: %s", what, r->err);
+}
+
+static void test_disk_full_cast(void **state)
+{
+    (void)state;
+    float *x = calloc(512 * 512, sizeof(float));
+    for (size_t i = 0; i < 512 * 512; i++)
+        x[i] = (float)(i % 97) - 48.0f;
+    const char *in = h5_matrix("big-in.h5", "/input", H5T_NATIVE_FLOAT, 512, 512, x);
+    free(x);
+    const char *dir = scratch("full-cast");
+    char args[2048];
+    snprintf(args, sizeof(args), "cast --format mxint4 --block 32 '%s' '%s/out.h5'", in, dir);
+    tu_run_result r = run_out_of_space(dir, args);
+    expect_disk_full("cast onto a full disk", &r, "out.h5");
+}
+
+static void test_disk_full_quantize(void **state)
+{
+    (void)state;
+    const char *dir = scratch("full-quantize");
+    char args[2048];
+    snprintf(args, sizeof(args), "quantize --model '%s' --calib '%s' --recipe '%s' --out '%s/q' -q",
+             tu_data_path("stories260K"), tu_data_path("stories260K/calib.h5"), recipe("w8a8-mxint-rtn"), dir);
+    tu_run_result r = run_out_of_space(dir, args);
+    expect_disk_full("quantize onto a full disk", &r, "model-00001-of-00001.safetensors");
+}
+
+static tu_run_result linear_with_recipe(const char *name, const char *text)
+{
+    return run_mxq(0, "quantize-linear", "--recipe", write_text(name, text), linear_input("lin-recipe.h5", 0),
+                   scratch("lin-recipe-out.h5"), NULL);
+}
+
+static void test_empty_recipe(void **state)
+{
+    (void)state;
+    tu_run_result r = linear_with_recipe("empty.yaml", "");
+    expect_refused("an empty recipe", &r, "empty.yaml", "empty");
+    if (strstr(r.err, "fy_"))
+        fail_msg("libfyaml's internals in the message: %s", r.err);
+}
+
+static void test_yaml_error_location(void **state)
+{
+    (void)state;
+    tu_run_result r = linear_with_recipe("broken.yaml", "weights: {format: mxint4\n");
+    expect_refused("a YAML syntax error", &r, "broken.yaml:2:", "not valid YAML");
+    if (strstr(r.err, "<memory"))
+        fail_msg("the location is not the file: %s", r.err);
+}
+
+static void test_second_yaml_document(void **state)
+{
+    (void)state;
+    tu_run_result r = linear_with_recipe("two-docs.yaml", "weights: {format: mxint4}\n---\nweights: {format: mxint8}\n");
+    expect_refused("a second YAML document", &r, "two-docs.yaml", "more than one YAML document");
+}
+
+static tu_run_result eval_with_config(const char *name, const char *key, long long value)
+{
+    return run_mxq(2, "eval", "--model", model_copy(name, key, json_integer(value)), "--tokens",
+                   tu_data_path("stories260K/eval.h5"), "--limit", "2", NULL);
+}
+
+static void test_too_large_value_gives_the_range(void **state)
+{
+    (void)state;
+    tu_run_result r = eval_with_config("big-value", "num_attention_heads", 99999);
+    expect_refused("a value that is too large", &r, "num_attention_heads", "..");
+    if (strstr(r.err, "expected >="))
+        fail_msg("the message gives only a lower bound: %s", r.err);
+}
+
+static void test_huge_intermediate_size(void **state)
+{
+    (void)state;
+    tu_run_result r = eval_with_config("huge-ffn", "intermediate_size", 1073741824);
+    expect_refused("intermediate_size 1073741824", &r, "intermediate_size", NULL);
+    if (strstr(r.err, "out of memory"))
+        fail_msg("an allocation was tried: %s", r.err);
+}
+
+static void test_intermediate_size_mismatch(void **state)
+{
+    (void)state;
+    tu_run_result r = eval_with_config("ffn-mismatch", "intermediate_size", 1000);
+    expect_refused("intermediate_size 1000 against a 172-wide checkpoint", &r, "mlp.gate_proj.weight", "[1000, 64]");
+}
+
+static void test_config_with_fewer_layers(void **state)
+{
+    (void)state;
+    tu_run_result r = eval_with_config("fewer-layers", "num_hidden_layers", 3);
+    expect_refused("a config with fewer layers than the checkpoint", &r, "model.layers.3", "num_hidden_layers = 3");
+}
+
+/* Sizes at the edge of what a config may say: every total is a positive
+ * number; beyond it the config is refused, naming the key. */
+static void test_dry_run_totals(void **state)
+{
+    (void)state;
+    const char *dir = scratch("plan-only");
+    char path[1024];
+    mkdir(dir, 0755);
+    json_t *cfg = json_load_file(tu_data_path("stories260K/config.json"), 0, NULL);
+    json_object_set_new(cfg, "hidden_size", json_integer(1 << 20));
+    json_object_set_new(cfg, "intermediate_size", json_integer(1 << 20));
+    json_object_set_new(cfg, "num_attention_heads", json_integer(4096));
+    json_object_set_new(cfg, "num_key_value_heads", json_integer(4096));
+    json_object_set_new(cfg, "vocab_size", json_integer(1 << 24));
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    json_dump_file(cfg, path, 0);
+    tu_run_result r = run_mxq(2, "quantize", "--model", dir, "--calib", tu_data_path("stories260K/calib.h5"),
+                              "--recipe", recipe("w4a8-mxint-gptq"), "--dry-run", NULL);
+    if (r.exit_code != 0)
+        fail_msg("dry run of a huge config failed: %s", r.err);
+    const char *row = strstr(r.out, "\n0 ");
+    assert_non_null(row);
+    /* rank 0's row ends with weights, stats, work and total MB */
+    char line[512];
+    snprintf(line, sizeof(line), "%.*s", (int)strcspn(row + 1, "\n"), row + 1);
+    double cols[4];
+    char *end = line + strlen(line);
+    for (int i = 3; i >= 0; i--) {
+        while (end > line && end[-1] == ' ')
+            end--;
+        *end = '\0';
+        char *start = strrchr(line, ' ');
+        assert_non_null(start);
+        cols[i] = strtod(start + 1, NULL);
+        end = start;
+    }
+    /* weights of rank 0: its layers (7 linears of 2^40 weights) and the embedding, in MB */
+    for (int i = 0; i < 4; i++)
+        if (!(cols[i] > 0) || !isfinite(cols[i]))
+            fail_msg("a total is not a positive number: %s", row);
+    assert_true(cols[0] > 7.0 * 1099511627776.0 * 4 / 1048576.0);
+    assert_true(fabs(cols[3] - (cols[0] + cols[1] + cols[2])) <= 1e-6 * cols[3] + 0.2);
+    json_object_set_new(cfg, "hidden_size", json_integer(1073741824));
+    json_dump_file(cfg, path, 0);
+    json_decref(cfg);
+    r = run_mxq(2, "quantize", "--model", dir, "--calib", tu_data_path("stories260K/calib.h5"), "--recipe",
+                recipe("w4a8-mxint-gptq"), "--dry-run", NULL);
+    expect_refused("dry run with hidden_size 2^30", &r, "hidden_size", NULL);
+}
+
+static void test_command_line_error_printed_once(void **state)
+{
+    (void)state;
+    tu_run_result r = run_mxq(3, "eval", "--bogus", NULL);
+    expect_refused("an unknown option under mpirun -n 3", &r, "--bogus", NULL);
+}
+
+static void test_eval_block_without_formats(void **state)
+{
+    (void)state;
+    tu_run_result r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens",
+                              tu_data_path("stories260K/eval.h5"), "--block", "64", NULL);
+    expect_refused("eval --block without --weights", &r, "--block", "--weights");
+}
+
+/* The example in `mxq quantize --help` runs as printed. */
+static void test_help_example_exists(void **state)
+{
+    (void)state;
+    tu_run_result r = run_mxq(0, "quantize", "--help", NULL);
+    assert_int_equal(r.exit_code, 0);
+    const char *at = strstr(r.out, "--recipe configs/");
+    assert_non_null(at);
+    char rel[512];
+    assert_int_equal(sscanf(at + strlen("--recipe "), "%511s", rel), 1);
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/../%s", tu_data_dir(), rel);
+    if (access(path, R_OK) != 0)
+        fail_msg("the help's example recipe %s does not exist", rel);
+}
+
+/* A clone of the repository is self-contained: no file points outside it. */
+static void test_repository_points_nowhere_outside(void **state)
+{
+    (void)state;
+    char cmd[2048];
+    snprintf(cmd, sizeof(cmd),
+             "cd '%s/..' && grep -rIl --exclude-dir=build --exclude-dir=.git --exclude-dir=out -e '\\.\\./shared' "
+             "-e 'shared/DESIGN' . | grep -v test_cli_hostile.c",
+             tu_data_dir());
+    const char *argv[] = {"sh", "-c", cmd, NULL};
+    tu_run_result r;
+    tu_run(argv, &r);
+    if (r.out[0])
+        fail_msg("these files point outside the repository: %s", r.out);
+    snprintf(cmd, sizeof(cmd), "%s/../docs/design.md", tu_data_dir());
+    assert_true(access(cmd, R_OK) == 0);
+}
+
+int main(void)
+{
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_cast_onto_its_input),
+        cmocka_unit_test(test_quantize_linear_onto_its_input),
+        cmocka_unit_test(test_eval_json_onto_the_token_file),
+        cmocka_unit_test(test_eval_json_onto_the_model_config),
+        cmocka_unit_test(test_cast_onto_dev_null),
+        cmocka_unit_test(test_cast_onto_dev_full),
+        cmocka_unit_test(test_cast_onto_a_hard_link_of_the_input),
+        cmocka_unit_test(test_cast_onto_a_symlink_to_the_input),
+        cmocka_unit_test(test_cast_onto_the_input_through_dotdot),
+        cmocka_unit_test(test_force_keeps_another_model),
+        cmocka_unit_test(test_force_removes_a_killed_runs_temporaries),
+        cmocka_unit_test(test_fifo_as_model_weights),
+        cmocka_unit_test(test_fifo_as_config),
+        cmocka_unit_test(test_fifo_as_token_file),
+        cmocka_unit_test(test_fifo_as_recipe),
+        cmocka_unit_test(test_huge_layer_count),
+        cmocka_unit_test(test_nan_weight_rtn),
+        cmocka_unit_test(test_inf_weight_smoothquant),
+        cmocka_unit_test(test_nan_weight_awq_names_the_tensor),
+        cmocka_unit_test(test_inf_weight_gptq_names_the_tensor),
+        cmocka_unit_test(test_nan_embedding_quantize),
+        cmocka_unit_test(test_nan_embedding_eval),
+        cmocka_unit_test(test_eval_nonfinite_result),
+        cmocka_unit_test(test_quantize_linear_nan_hessian),
+        cmocka_unit_test(test_unwritable_out_dir_found_first),
+        cmocka_unit_test(test_unwritable_json_found_first),
+        cmocka_unit_test(test_disk_full_cast),
+        cmocka_unit_test(test_disk_full_quantize),
+        cmocka_unit_test(test_empty_recipe),
+        cmocka_unit_test(test_yaml_error_location),
+        cmocka_unit_test(test_second_yaml_document),
+        cmocka_unit_test(test_too_large_value_gives_the_range),
+        cmocka_unit_test(test_huge_intermediate_size),
+        cmocka_unit_test(test_intermediate_size_mismatch),
+        cmocka_unit_test(test_config_with_fewer_layers),
+        cmocka_unit_test(test_dry_run_totals),
+        cmocka_unit_test(test_command_line_error_printed_once),
+        cmocka_unit_test(test_eval_block_without_formats),
+        cmocka_unit_test(test_help_example_exists),
+        cmocka_unit_test(test_repository_points_nowhere_outside),
+    };
+    return cmocka_run_group_tests_name("cli_hostile", tests, NULL, NULL);
+}
