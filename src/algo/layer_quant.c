@@ -198,7 +198,7 @@ static void fold_scales(const mxq_model_config *cfg, mxq_layer *L, mxq_input_id 
 }
 
 static mxq_status run_scale_step(mxq_ctx *ctx, const mxq_algo_step *step, const mxq_mx_spec *spec,
-                                 const mxq_model_config *cfg, mxq_layer *L, mxq_layer_stats *stats,
+                                 const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
                                  const int *quantized, mxq_layer_result *res)
 {
     mxq_status status = MXQ_OK;
@@ -214,7 +214,7 @@ static mxq_status run_scale_step(mxq_ctx *ctx, const mxq_algo_step *step, const 
         free(s);
         s = malloc((size_t)g.in * sizeof(double));
         CHECK_ALLOC(ctx, s, (size_t)g.in * sizeof(double), "scales");
-        CALL_IN(ctx, compute_scales(ctx, step, spec, &g, &stats->input[input], s, &alpha), "%s",
+        CALL_IN(ctx, compute_scales(ctx, step, spec, &g, &stats->input[input], s, &alpha), "layer %d %s", layer,
                 mxq_input_name((mxq_input_id)input));
         *(step->kind == MXQ_ALGO_SMOOTHQUANT ? &res->smooth_alpha[input] : &res->awq_alpha[input]) = alpha;
         fold_scales(cfg, L, (mxq_input_id)input, s, stats, res);
@@ -271,22 +271,24 @@ static mxq_status quantize_layer_steps(mxq_ctx *ctx, const mxq_recipe *recipe, c
     int quantized[MXQ_LIN_COUNT];
     excluded_linears(recipe, layer, quantized);
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
-        CALL_IN(ctx, check_stats_finite(ctx, &stats->input[i]), "%s", mxq_input_name((mxq_input_id)i));
+        CALL_IN(ctx, check_stats_finite(ctx, &stats->input[i]), "layer %d %s", layer, mxq_input_name((mxq_input_id)i));
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
         int out, in;
         mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
         if (quantized[li])
-            CALL(ctx, rtn_loss(ctx, &recipe->weights, L->weight[li], out, in,
-                               stats->input[mxq_linear_input((mxq_linear_id)li)].hessian, &res->linear[li].loss_rtn));
+            CALL_IN(ctx,
+                    rtn_loss(ctx, &recipe->weights, L->weight[li], out, in,
+                             stats->input[mxq_linear_input((mxq_linear_id)li)].hessian, &res->linear[li].loss_rtn),
+                    "layer %d %s", layer, mxq_linear_name((mxq_linear_id)li));
     }
     for (int k = 0; k < recipe->n_steps; k++)
         if (recipe->steps[k].kind != MXQ_ALGO_GPTQ)
-            CALL(ctx, run_scale_step(ctx, &recipe->steps[k], &recipe->weights, cfg, L, stats, quantized, res));
+            CALL(ctx, run_scale_step(ctx, &recipe->steps[k], &recipe->weights, cfg, layer, L, stats, quantized, res));
     for (int li = 0; li < MXQ_LIN_COUNT; li++)
         if (quantized[li])
             CALL_IN(ctx, quantize_layer_linear(ctx, recipe, (mxq_linear_id)li, cfg, L,
                                                &stats->input[mxq_linear_input((mxq_linear_id)li)], &res->linear[li]),
-                    "%s", mxq_linear_name((mxq_linear_id)li));
+                    "layer %d %s", layer, mxq_linear_name((mxq_linear_id)li));
 fail:
     return status;
 }
@@ -300,7 +302,7 @@ mxq_status mxq_quantize_layer(mxq_ctx *ctx, const mxq_recipe *recipe, const mxq_
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
         res->awq_alpha[i] = res->smooth_alpha[i] = -1;
     if (recipe->has_weights)
-        CALL_IN(ctx, quantize_layer_steps(ctx, recipe, cfg, layer, L, stats, res), "layer %d", layer);
+        CALL(ctx, quantize_layer_steps(ctx, recipe, cfg, layer, L, stats, res));
     res->seconds = mxq_time_now() - t0;
     res->peak_rss = mxq_peak_rss_bytes();
 fail:

@@ -316,6 +316,132 @@ static void test_single_linear_smoothquant(void **state)
     mxq_ctx_destroy(ctx);
 }
 
+/* ---- a whole decoder layer ---------------------------------------------------- */
+
+/* A small layer (d 64, FFN 96, 4 heads without GQA) with random weights and
+ * the statistics of random inputs; stats2 is an identical copy. */
+typedef struct {
+    mxq_model_config cfg;
+    mxq_layer L;
+    mxq_layer_stats stats, stats2;
+} tiny_layer;
+
+static void tiny_layer_make(mxq_ctx *ctx, tiny_layer *t, uint64_t seed)
+{
+    tu_rng rng = {seed};
+    memset(t, 0, sizeof(*t));
+    t->cfg = (mxq_model_config){.arch = MXQ_ARCH_LLAMA, .hidden = 64, .intermediate = 96, .n_layers = 4,
+                                .n_heads = 4, .n_kv_heads = 4, .head_dim = 16, .vocab = 100};
+    t->L.attn_norm = malloc(64 * sizeof(float));
+    t->L.ffn_norm = malloc(64 * sizeof(float));
+    for (int j = 0; j < 64; j++)
+        t->L.attn_norm[j] = t->L.ffn_norm[j] = 1.0f;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        int out, in;
+        mxq_linear_shape(&t->cfg, (mxq_linear_id)li, &out, &in);
+        t->L.weight[li] = make_w(&rng, (size_t)out, (size_t)in);
+    }
+    assert_int_equal(mxq_layer_stats_init(ctx, &t->cfg, &t->stats), MXQ_OK);
+    assert_int_equal(mxq_layer_stats_init(ctx, &t->cfg, &t->stats2), MXQ_OK);
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
+        size_t f = (size_t)mxq_input_features(&t->cfg, (mxq_input_id)i);
+        float *x = make_x(&rng, 300, f);
+        assert_int_equal(mxq_input_stats_add(ctx, &t->stats.input[i], x, 300), MXQ_OK);
+        assert_int_equal(mxq_input_stats_add(ctx, &t->stats2.input[i], x, 300), MXQ_OK);
+        mxq_input_stats_finish(&t->stats.input[i]);
+        mxq_input_stats_finish(&t->stats2.input[i]);
+        free(x);
+    }
+}
+
+static void tiny_layer_free(tiny_layer *t)
+{
+    free(t->L.attn_norm);
+    free(t->L.ffn_norm);
+    for (int li = 0; li < MXQ_LIN_COUNT; li++)
+        free(t->L.weight[li]);
+    mxq_layer_stats_free(&t->stats);
+    mxq_layer_stats_free(&t->stats2);
+}
+
+/* A failure deep in GPTQ says where it happened: layer, linear, step. */
+static void test_layer_error_names_layer_and_linear(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    tiny_layer t;
+    tiny_layer_make(ctx, &t, 11);
+    /* not positive definite, and no damping to hide it */
+    mxq_input_stats *down = &t.stats.input[MXQ_INPUT_DOWN];
+    down->hessian[40 * 96 + 40] = -1.0;
+    mxq_recipe recipe;
+    assert_int_equal(mxq_recipe_parse_string(ctx, "weights: {format: mxint4, block: 32}\nalgorithms:\n"
+                                                  "  - gptq: {damp: 0}\n",
+                                             "test", &recipe),
+                     MXQ_OK);
+    mxq_layer_result res;
+    memset(&res, 0, sizeof(res));
+    assert_int_equal(mxq_quantize_layer(ctx, &recipe, &t.cfg, 3, &t.L, &t.stats, &res), MXQ_ERR_LAPACK);
+    print_message("# %s\n", mxq_error_message(ctx));
+    assert_non_null(strstr(mxq_error_message(ctx), "layer 3 mlp.down_proj: GPTQ: Cholesky factorization of the damped "
+                                                   "Hessian failed (LAPACK info="));
+    mxq_layer_result_free(&res);
+    tiny_layer_free(&t);
+    mxq_ctx_destroy(ctx);
+}
+
+/* quantize-linear runs the same per-linear code as a layer: for a linear
+ * alone in its group (o_proj, down_proj), AWQ+GPTQ of it alone, given the
+ * same statistics, gives the same losses as inside the layer. */
+static void test_single_linear_is_the_layer_path(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    tiny_layer t;
+    tiny_layer_make(ctx, &t, 12);
+    mxq_recipe recipe;
+    assert_int_equal(mxq_recipe_parse_string(ctx, "weights: {format: mxint4, block: 32}\nalgorithms:\n"
+                                                  "  - awq: {grid: 10}\n  - gptq: {block: 64, microblock: 32}\n",
+                                             "test", &recipe),
+                     MXQ_OK);
+    const mxq_linear_id ids[2] = {MXQ_LIN_O, MXQ_LIN_DOWN};
+    float *original[2];
+    for (int k = 0; k < 2; k++) {
+        int out, in;
+        mxq_linear_shape(&t.cfg, ids[k], &out, &in);
+        original[k] = malloc((size_t)out * in * sizeof(float));
+        memcpy(original[k], t.L.weight[ids[k]], (size_t)out * in * sizeof(float));
+    }
+    mxq_layer_result res;
+    memset(&res, 0, sizeof(res));
+    assert_int_equal(mxq_quantize_layer(ctx, &recipe, &t.cfg, 0, &t.L, &t.stats, &res), MXQ_OK);
+    for (int k = 0; k < 2; k++) {
+        int out, in;
+        mxq_linear_shape(&t.cfg, ids[k], &out, &in);
+        float *q = malloc((size_t)out * in * sizeof(float));
+        double loss_rtn, loss;
+        assert_int_equal(mxq_quantize_single_linear(ctx, &recipe, ids[k], original[k], out, in,
+                                                    &t.stats2.input[mxq_linear_input(ids[k])], q, &loss_rtn, &loss),
+                         MXQ_OK);
+        const mxq_linear_result *lr = &res.linear[ids[k]];
+        print_message("# %s: alone loss %.9g rtn %.9g, in the layer %.9g rtn %.9g\n", mxq_linear_name(ids[k]), loss,
+                      loss_rtn, lr->loss, lr->loss_rtn);
+        assert_true(loss_rtn == lr->loss_rtn);
+        /* the same quantized weight; alone it is divided back by the AWQ
+         * scales and rounded to float32 (~1e-7 per element) before the loss */
+        assert_true(fabs(loss - lr->loss) <= 1e-6 * lr->loss);
+        assert_true(loss < loss_rtn);
+        free(q);
+        free(original[k]);
+    }
+    mxq_layer_result_free(&res);
+    mxq_recipe_free(&recipe);
+    tiny_layer_free(&t);
+    mxq_ctx_destroy(ctx);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -325,6 +451,8 @@ int main(void)
         cmocka_unit_test(test_awq_clip_properties),
         cmocka_unit_test(test_pack_with_scales),
         cmocka_unit_test(test_single_linear_smoothquant),
+        cmocka_unit_test(test_layer_error_names_layer_and_linear),
+        cmocka_unit_test(test_single_linear_is_the_layer_path),
     };
     return cmocka_run_group_tests_name("quant_algos", tests, NULL, NULL);
 }
