@@ -58,9 +58,94 @@ static void print_eval_help(FILE *out)
             mxq_format_names());
 }
 
+/* The command line as read, before it is checked as a whole. */
+typedef struct {
+    const char *model, *tokens;
+    const mxq_format *wfmt, *afmt;
+    long block;
+    mxq_rounding rounding;
+    int block_given, rounding_given;
+    mxq_eval_options opt;
+} eval_args;
+
+enum { OPT_WEIGHTS = 1000, OPT_ACTS, OPT_BLOCK, OPT_ROUNDING, OPT_RECIPE, OPT_CALIB };
+
+/* One option; returns -1 to go on, else the exit code. */
+static int take_option(mxq_ctx *ctx, int c, char **argv, eval_args *a)
+{
+    long value;
+    switch (c) {
+    case 'm': a->model = optarg; return -1;
+    case 't': a->tokens = optarg; return -1;
+    case 'j': a->opt.json_path = optarg; return -1;
+    case 'n':
+        if (mxq_cli_parse_int(optarg, 1, 1L << 30, &value) != 0)
+            return mxq_cli_usage_error(ctx, "eval", "--limit must be a positive integer, got '%s'", optarg);
+        a->opt.limit = (int)value;
+        return -1;
+    case 'b':
+        if (mxq_cli_parse_int(optarg, 1, 1 << 16, &value) != 0)
+            return mxq_cli_usage_error(ctx, "eval", "--batch must be an integer in 1..65536, got '%s'", optarg);
+        a->opt.batch = (int)value;
+        return -1;
+    case OPT_WEIGHTS:
+    case OPT_ACTS:
+        *(c == OPT_WEIGHTS ? &a->wfmt : &a->afmt) = mxq_format_by_name(optarg);
+        if (!mxq_format_by_name(optarg))
+            return mxq_cli_usage_error(ctx, "eval", "unknown format '%s' (valid: %s)", optarg, mxq_format_names());
+        return -1;
+    case OPT_BLOCK:
+        a->block_given = 1;
+        if (mxq_cli_parse_int(optarg, 1, MXQ_MX_BLOCK_MAX, &a->block) != 0)
+            return mxq_cli_usage_error(ctx, "eval", "block size must be an integer in 1..%d, got '%s'",
+                                       MXQ_MX_BLOCK_MAX, optarg);
+        return -1;
+    case OPT_ROUNDING:
+        a->rounding_given = 1;
+        if (mxq_rounding_by_name(optarg, &a->rounding) != 0)
+            return mxq_cli_usage_error(ctx, "eval", "unknown rounding '%s' (valid: even nearest)", optarg);
+        return -1;
+    case OPT_RECIPE: a->opt.recipe_path = optarg; return -1;
+    case OPT_CALIB: a->opt.calib_path = optarg; return -1;
+    case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); return -1;
+    case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); return -1;
+    case 'h': print_eval_help(stdout); return MXQ_EXIT_OK;
+    case ':': return mxq_cli_usage_error(ctx, "eval", "option '%s' needs a value", argv[optind - 1]);
+    default: return mxq_cli_usage_error(ctx, "eval", "unknown option '%s' (see mxq eval --help)", argv[optind - 1]);
+    }
+}
+
+/* The options that only make sense together; -1 if they are consistent. */
+static int check_args(mxq_ctx *ctx, int argc, char **argv, eval_args *a)
+{
+    const char *recipe = a->opt.recipe_path, *calib = a->opt.calib_path;
+    if (!a->model)
+        return mxq_cli_usage_error(ctx, "eval", "--model DIR is required");
+    if (!a->tokens)
+        return mxq_cli_usage_error(ctx, "eval", "--tokens FILE.h5 is required");
+    if (optind < argc)
+        return mxq_cli_usage_error(ctx, "eval", "unexpected argument '%s'", argv[optind]);
+    if (recipe && !calib)
+        return mxq_cli_usage_error(ctx, "eval", "--recipe needs --calib FILE.h5 (calibration tokens)");
+    if (calib && !recipe)
+        return mxq_cli_usage_error(ctx, "eval", "--calib is only used with --recipe");
+    if (recipe && (a->wfmt || a->afmt))
+        return mxq_cli_usage_error(ctx, "eval", "--recipe sets the formats; do not combine it with --weights/--acts");
+    if ((a->block_given || a->rounding_given) && !a->wfmt && !a->afmt)
+        return mxq_cli_usage_error(ctx, "eval", "--block and --rounding apply to --weights/--acts; give one of those too");
+    if (a->wfmt) {
+        a->opt.quant.enabled_weights = 1;
+        a->opt.quant.weights = (mxq_mx_spec){a->wfmt, (int)a->block, a->rounding, MXQ_KERNEL_AUTO};
+    }
+    if (a->afmt) {
+        a->opt.quant.enabled_acts = 1;
+        a->opt.quant.acts = (mxq_mx_spec){a->afmt, (int)a->block, a->rounding, MXQ_KERNEL_AUTO};
+    }
+    return -1;
+}
+
 int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
 {
-    enum { OPT_WEIGHTS = 1000, OPT_ACTS, OPT_BLOCK, OPT_ROUNDING, OPT_RECIPE, OPT_CALIB };
     static const struct option options[] = {
         {"model", required_argument, NULL, 'm'},      {"tokens", required_argument, NULL, 't'},
         {"limit", required_argument, NULL, 'n'},      {"batch", required_argument, NULL, 'b'},
@@ -71,87 +156,19 @@ int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
         {"quiet", no_argument, NULL, 'q'},            {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    const char *model = NULL, *tokens = NULL, *json_path = NULL, *recipe_path = NULL, *calib = NULL;
-    mxq_eval_options opt = {.batch = 8, .limit = 0};
-    long value, block = 32;
-    mxq_rounding rounding = MXQ_ROUND_EVEN;
-    const mxq_format *wfmt = NULL, *afmt = NULL;
-    int opt_char, block_given = 0, rounding_given = 0;
+    eval_args a = {.block = 32, .rounding = MXQ_ROUND_EVEN, .opt = {.batch = 8}};
+    int c, rc;
     optind = 1;
     opterr = 0;
-    while ((opt_char = getopt_long(argc, argv, ":m:t:n:b:j:vqh", options, NULL)) != -1) {
-        switch (opt_char) {
-        case 'm': model = optarg; break;
-        case 't': tokens = optarg; break;
-        case 'j': json_path = optarg; break;
-        case 'n':
-            if (mxq_cli_parse_int(optarg, 1, 1L << 30, &value) != 0)
-                return mxq_cli_usage_error(ctx, "eval", "--limit must be a positive integer, got '%s'", optarg);
-            opt.limit = (int)value;
-            break;
-        case 'b':
-            if (mxq_cli_parse_int(optarg, 1, 1 << 16, &value) != 0)
-                return mxq_cli_usage_error(ctx, "eval", "--batch must be an integer in 1..65536, got '%s'", optarg);
-            opt.batch = (int)value;
-            break;
-        case OPT_WEIGHTS:
-        case OPT_ACTS: {
-            const mxq_format *f = mxq_format_by_name(optarg);
-            if (!f)
-                return mxq_cli_usage_error(ctx, "eval", "unknown format '%s' (valid: %s)", optarg, mxq_format_names());
-            *(opt_char == OPT_WEIGHTS ? &wfmt : &afmt) = f;
-            break;
-        }
-        case OPT_BLOCK:
-            block_given = 1;
-            if (mxq_cli_parse_int(optarg, 1, MXQ_MX_BLOCK_MAX, &block) != 0)
-                return mxq_cli_usage_error(ctx, "eval", "block size must be an integer in 1..%d, got '%s'",
-                                           MXQ_MX_BLOCK_MAX, optarg);
-            break;
-        case OPT_ROUNDING:
-            rounding_given = 1;
-            if (mxq_rounding_by_name(optarg, &rounding) != 0)
-                return mxq_cli_usage_error(ctx, "eval", "unknown rounding '%s' (valid: even nearest)", optarg);
-            break;
-        case OPT_RECIPE: recipe_path = optarg; break;
-        case OPT_CALIB: calib = optarg; break;
-        case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;
-        case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); break;
-        case 'h': print_eval_help(stdout); return MXQ_EXIT_OK;
-        case ':': return mxq_cli_usage_error(ctx, "eval", "option '%s' needs a value", argv[optind - 1]);
-        default: return mxq_cli_usage_error(ctx, "eval", "unknown option '%s' (see mxq eval --help)", argv[optind - 1]);
-        }
-    }
-    if (!model)
-        return mxq_cli_usage_error(ctx, "eval", "--model DIR is required");
-    if (!tokens)
-        return mxq_cli_usage_error(ctx, "eval", "--tokens FILE.h5 is required");
-    if (optind < argc)
-        return mxq_cli_usage_error(ctx, "eval", "unexpected argument '%s'", argv[optind]);
-    if (recipe_path && !calib)
-        return mxq_cli_usage_error(ctx, "eval", "--recipe needs --calib FILE.h5 (calibration tokens)");
-    if (calib && !recipe_path)
-        return mxq_cli_usage_error(ctx, "eval", "--calib is only used with --recipe");
-    if (recipe_path && (wfmt || afmt))
-        return mxq_cli_usage_error(ctx, "eval", "--recipe sets the formats; do not combine it with --weights/--acts");
-    if ((block_given || rounding_given) && !wfmt && !afmt)
-        return mxq_cli_usage_error(ctx, "eval", "--block and --rounding apply to --weights/--acts; give one of those too");
-    if (wfmt) {
-        opt.quant.enabled_weights = 1;
-        opt.quant.weights = (mxq_mx_spec){wfmt, (int)block, rounding, MXQ_KERNEL_AUTO};
-    }
-    if (afmt) {
-        opt.quant.enabled_acts = 1;
-        opt.quant.acts = (mxq_mx_spec){afmt, (int)block, rounding, MXQ_KERNEL_AUTO};
-    }
-
-    opt.recipe_path = recipe_path;
-    opt.calib_path = calib;
-    opt.json_path = json_path;
-    if (recipe_path)
+    while ((c = getopt_long(argc, argv, ":m:t:n:b:j:vqh", options, NULL)) != -1)
+        if ((rc = take_option(ctx, c, argv, &a)) >= 0)
+            return rc;
+    if ((rc = check_args(ctx, argc, argv, &a)) >= 0)
+        return rc;
+    if (a.opt.recipe_path)
         mxq_ctx_set_all_ranks_info(ctx, 1); /* per-layer lines come from the rank that owns the layer */
     mxq_eval_result r;
-    if (mxq_eval_perplexity(ctx, MPI_COMM_WORLD, model, tokens, &opt, &r) != MXQ_OK)
+    if (mxq_eval_perplexity(ctx, MPI_COMM_WORLD, a.model, a.tokens, &a.opt, &r) != MXQ_OK)
         return mxq_cli_job_failed(ctx, "eval");
     if (mxq_ctx_rank(ctx) == 0) {
         printf("perplexity %.6f  mean_nll %.9f  tokens_scored %zu  sequences %d  ranks %d  %.2f s  %.0f tokens/s\n",

@@ -158,22 +158,14 @@ fail:
     return status;
 }
 
-mxq_status mxq_st_file_open(mxq_ctx *ctx, const char *path, mxq_st_file **out)
+/* Map the file and check its 8-byte header length against its size. */
+static mxq_status map_file(mxq_ctx *ctx, mxq_st_file *f, uint64_t *header_len)
 {
     mxq_status status = MXQ_OK;
-    mxq_st_file *f = NULL;
-    json_t *root = NULL;
-    mxq_tensor_view **order = NULL;
     int fd = -1;
-    *out = NULL;
-
-    f = calloc(1, sizeof(*f));
-    CHECK_ALLOC(ctx, f, sizeof(*f), "a safetensors file handle");
-    f->path = strdup(path);
-    CHECK_ALLOC(ctx, f->path, strlen(path) + 1, "a file name");
-
-    CALL(ctx, mxq_input_open(ctx, path, "safetensors file", &fd));
     struct stat st;
+    const char *path = f->path;
+    CALL(ctx, mxq_input_open(ctx, path, "safetensors file", &fd));
     CHECK(ctx, fstat(fd, &st) == 0, MXQ_ERR_IO, "cannot stat '%s': %s", path, strerror(errno));
     size_t size = (size_t)st.st_size;
     CHECK(ctx, size >= 8, MXQ_ERR_FORMAT, "%s: truncated safetensors file (%zu bytes, shorter than the 8-byte header length)",
@@ -181,39 +173,36 @@ mxq_status mxq_st_file_open(mxq_ctx *ctx, const char *path, mxq_st_file **out)
     f->map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     CHECK(ctx, f->map != MAP_FAILED, MXQ_ERR_IO, "cannot map '%s': %s", path, strerror(errno));
     f->map_size = size;
-    close(fd);
-    fd = -1;
-
     const unsigned char *bytes = f->map;
-    uint64_t header_len = 0;
+    *header_len = 0;
     for (int i = 7; i >= 0; i--)
-        header_len = header_len << 8 | bytes[i];
-    CHECK(ctx, header_len <= MXQ_ST_HEADER_MAX, MXQ_ERR_FORMAT,
+        *header_len = *header_len << 8 | bytes[i];
+    CHECK(ctx, *header_len <= MXQ_ST_HEADER_MAX, MXQ_ERR_FORMAT,
           "%s: safetensors header length %llu exceeds the %llu-byte limit (corrupt or not a safetensors file)", path,
-          (unsigned long long)header_len, (unsigned long long)MXQ_ST_HEADER_MAX);
-    CHECK(ctx, header_len + 8 <= size, MXQ_ERR_FORMAT,
+          (unsigned long long)*header_len, (unsigned long long)MXQ_ST_HEADER_MAX);
+    CHECK(ctx, *header_len + 8 <= size, MXQ_ERR_FORMAT,
           "%s: truncated safetensors file: header claims %llu bytes but the file has %zu", path,
-          (unsigned long long)header_len, size);
+          (unsigned long long)*header_len, size);
+fail:
+    if (fd >= 0)
+        close(fd);
+    return status;
+}
 
-    json_error_t jerr;
-    root = json_loadb((const char *)bytes + 8, (size_t)header_len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
-    CHECK(ctx, root != NULL, MXQ_ERR_FORMAT, "%s: safetensors header is not valid JSON: %s (at byte %d of the header)",
-          path, jerr.text, jerr.position);
-    CHECK(ctx, json_is_object(root), MXQ_ERR_FORMAT, "%s: safetensors header is not a JSON object", path);
-
-    const char *data = (const char *)bytes + 8 + header_len;
-    size_t data_size = size - 8 - (size_t)header_len;
+/* Every header entry into the tensor table. */
+static mxq_status parse_header(mxq_ctx *ctx, mxq_st_file *f, json_t *root, const char *data, size_t data_size)
+{
+    mxq_status status = MXQ_OK;
     size_t n = json_object_size(root) - (json_object_get(root, "__metadata__") ? 1 : 0);
     f->tensors = calloc(n ? n : 1, sizeof(*f->tensors));
     f->names = calloc(n ? n : 1, sizeof(*f->names));
     CHECK_ALLOC(ctx, f->tensors && f->names, n * sizeof(*f->tensors), "the tensor table");
-
     const char *key;
     json_t *value;
     json_object_foreach(root, key, value)
     {
         if (strcmp(key, "__metadata__") == 0) {
-            CHECK(ctx, json_is_object(value), MXQ_ERR_FORMAT, "%s: __metadata__ is not a JSON object", path);
+            CHECK(ctx, json_is_object(value), MXQ_ERR_FORMAT, "%s: __metadata__ is not a JSON object", f->path);
             continue;
         }
         mxq_tensor_view *view = &f->tensors[f->count];
@@ -223,9 +212,15 @@ mxq_status mxq_st_file_open(mxq_ctx *ctx, const char *path, mxq_st_file **out)
         f->count++;
         CALL(ctx, parse_entry(ctx, f->path, key, value, data, data_size, view));
     }
+fail:
+    return status;
+}
 
-    /* No two tensors may share bytes: sort by start, compare neighbours. */
-    order = malloc((f->count ? f->count : 1) * sizeof(*order));
+/* No two tensors may share bytes: sort by start, compare neighbours. */
+static mxq_status check_overlaps(mxq_ctx *ctx, const mxq_st_file *f)
+{
+    mxq_status status = MXQ_OK;
+    mxq_tensor_view **order = malloc((f->count ? f->count : 1) * sizeof(*order));
     CHECK_ALLOC(ctx, order, f->count * sizeof(*order), "the overlap check");
     size_t nonempty = 0;
     for (size_t i = 0; i < f->count; i++)
@@ -235,18 +230,38 @@ mxq_status mxq_st_file_open(mxq_ctx *ctx, const char *path, mxq_st_file **out)
     for (size_t i = 1; i < nonempty; i++) {
         const char *prev_end = (const char *)order[i - 1]->data + order[i - 1]->nbytes;
         CHECK(ctx, prev_end <= (const char *)order[i]->data, MXQ_ERR_FORMAT,
-              "%s: tensors '%s' and '%s' overlap in the data area", path, order[i - 1]->name, order[i]->name);
+              "%s: tensors '%s' and '%s' overlap in the data area", f->path, order[i - 1]->name, order[i]->name);
     }
-
-    json_decref(root);
+fail:
     free(order);
+    return status;
+}
+
+mxq_status mxq_st_file_open(mxq_ctx *ctx, const char *path, mxq_st_file **out)
+{
+    mxq_status status = MXQ_OK;
+    mxq_st_file *f = NULL;
+    json_t *root = NULL;
+    uint64_t header_len = 0;
+    json_error_t jerr;
+    *out = NULL;
+    f = calloc(1, sizeof(*f));
+    CHECK_ALLOC(ctx, f, sizeof(*f), "a safetensors file handle");
+    f->path = strdup(path);
+    CHECK_ALLOC(ctx, f->path, strlen(path) + 1, "a file name");
+    CALL(ctx, map_file(ctx, f, &header_len));
+    const char *bytes = f->map;
+    root = json_loadb(bytes + 8, (size_t)header_len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+    CHECK(ctx, root != NULL, MXQ_ERR_FORMAT, "%s: safetensors header is not valid JSON: %s (at byte %d of the header)",
+          path, jerr.text, jerr.position);
+    CHECK(ctx, json_is_object(root), MXQ_ERR_FORMAT, "%s: safetensors header is not a JSON object", path);
+    CALL(ctx, parse_header(ctx, f, root, bytes + 8 + header_len, f->map_size - 8 - (size_t)header_len));
+    CALL(ctx, check_overlaps(ctx, f));
+    json_decref(root);
     *out = f;
     return MXQ_OK;
 fail:
-    if (fd >= 0)
-        close(fd);
     json_decref(root);
-    free(order);
     mxq_st_file_close(f);
     return status;
 }

@@ -158,24 +158,17 @@ fail:
     return status;
 }
 
-mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
+/* Architecture: model_type, else the architectures list. */
+static mxq_status parse_arch(config_reader *r, mxq_model_config *cfg)
 {
     mxq_status status = MXQ_OK;
-    char path[4096];
-    snprintf(path, sizeof(path), "%s/config.json", dir);
-    config_reader r = {ctx, path, NULL};
-    memset(cfg, 0, sizeof(*cfg));
-
-    CALL(ctx, mxq_json_read(ctx, path, "model config", &r.root));
-    CHECK(ctx, json_is_object(r.root), MXQ_ERR_FORMAT, "%s: not a JSON object", path);
-
-    /* Architecture: model_type, else the architectures list. */
-    json_t *model_type = json_object_get(r.root, "model_type");
+    mxq_ctx *ctx = r->ctx;
+    json_t *model_type = json_object_get(r->root, "model_type");
     const char *type = json_is_string(model_type) ? json_string_value(model_type) : NULL;
     if (!type) {
-        json_t *archs = json_object_get(r.root, "architectures");
+        json_t *archs = json_object_get(r->root, "architectures");
         const char *a = json_is_array(archs) ? json_string_value(json_array_get(archs, 0)) : NULL;
-        CHECK(ctx, a != NULL, MXQ_ERR_FORMAT, "%s: missing required key 'model_type'", path);
+        CHECK(ctx, a != NULL, MXQ_ERR_FORMAT, "%s: missing required key 'model_type'", r->path);
         type = strcmp(a, "LlamaForCausalLM") == 0     ? "llama"
                : strcmp(a, "MistralForCausalLM") == 0 ? "mistral"
                : strcmp(a, "Qwen2ForCausalLM") == 0   ? "qwen2"
@@ -189,55 +182,83 @@ mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
     else if (strcmp(type, "qwen2") == 0)
         cfg->arch = MXQ_ARCH_QWEN2;
     else
-        FAIL(ctx, MXQ_ERR_FORMAT, "%s: unsupported architecture '%s' (supported: llama, mistral, qwen2)", path, type);
+        FAIL(ctx, MXQ_ERR_FORMAT, "%s: unsupported architecture '%s' (supported: llama, mistral, qwen2)", r->path, type);
+fail:
+    return status;
+}
 
-    CALL(ctx, get_int(&r, r.root, "hidden_size", -1, 1, MXQ_MAX_WIDTH, &cfg->hidden));
-    CALL(ctx, get_int(&r, r.root, "intermediate_size", -1, 1, MXQ_MAX_WIDTH, &cfg->intermediate));
-    CALL(ctx, get_int(&r, r.root, "num_hidden_layers", -1, 1, MXQ_MAX_LAYERS, &cfg->n_layers));
-    CALL(ctx, get_int(&r, r.root, "num_attention_heads", -1, 1, MXQ_MAX_HEADS, &cfg->n_heads));
-    CALL(ctx, get_int(&r, r.root, "vocab_size", -1, 1, MXQ_MAX_VOCAB, &cfg->vocab));
-    CALL(ctx, get_int(&r, r.root, "num_key_value_heads", cfg->n_heads, 1, MXQ_MAX_HEADS, &cfg->n_kv_heads));
-    CALL(ctx, get_int(&r, r.root, "head_dim", cfg->hidden / cfg->n_heads, 2, MXQ_MAX_HEAD_DIM, &cfg->head_dim));
+/* The sizes, each within its bound, and how they must relate. */
+static mxq_status parse_sizes(config_reader *r, mxq_model_config *cfg)
+{
+    mxq_status status = MXQ_OK;
+    mxq_ctx *ctx = r->ctx;
+    CALL(ctx, get_int(r, r->root, "hidden_size", -1, 1, MXQ_MAX_WIDTH, &cfg->hidden));
+    CALL(ctx, get_int(r, r->root, "intermediate_size", -1, 1, MXQ_MAX_WIDTH, &cfg->intermediate));
+    CALL(ctx, get_int(r, r->root, "num_hidden_layers", -1, 1, MXQ_MAX_LAYERS, &cfg->n_layers));
+    CALL(ctx, get_int(r, r->root, "num_attention_heads", -1, 1, MXQ_MAX_HEADS, &cfg->n_heads));
+    CALL(ctx, get_int(r, r->root, "vocab_size", -1, 1, MXQ_MAX_VOCAB, &cfg->vocab));
+    CALL(ctx, get_int(r, r->root, "num_key_value_heads", cfg->n_heads, 1, MXQ_MAX_HEADS, &cfg->n_kv_heads));
+    CALL(ctx, get_int(r, r->root, "head_dim", cfg->hidden / cfg->n_heads, 2, MXQ_MAX_HEAD_DIM, &cfg->head_dim));
     long default_positions = cfg->arch == MXQ_ARCH_LLAMA ? 2048 : 32768;
-    CALL(ctx, get_int(&r, r.root, "max_position_embeddings", default_positions, 1, MXQ_MAX_POSITIONS,
+    CALL(ctx, get_int(r, r->root, "max_position_embeddings", default_positions, 1, MXQ_MAX_POSITIONS,
                       &cfg->max_positions));
-    CALL(ctx, get_int(&r, r.root, "bos_token_id", 1, 0, MXQ_MAX_VOCAB, &cfg->bos_token));
-    CALL(ctx, get_number(&r, r.root, "rms_norm_eps", 1e-6, 0, &cfg->rms_eps));
-    CALL(ctx, get_number(&r, r.root, "rope_theta", 10000.0, 0, &cfg->rope_theta));
-    CALL(ctx, get_bool(&r, "tie_word_embeddings", 0, &cfg->tie_embeddings));
-
+    CALL(ctx, get_int(r, r->root, "bos_token_id", 1, 0, MXQ_MAX_VOCAB, &cfg->bos_token));
+    CALL(ctx, get_number(r, r->root, "rms_norm_eps", 1e-6, 0, &cfg->rms_eps));
+    CALL(ctx, get_number(r, r->root, "rope_theta", 10000.0, 0, &cfg->rope_theta));
+    CALL(ctx, get_bool(r, "tie_word_embeddings", 0, &cfg->tie_embeddings));
     CHECK(ctx, cfg->n_heads % cfg->n_kv_heads == 0, MXQ_ERR_FORMAT,
-          "%s: num_attention_heads (%d) must be a multiple of num_key_value_heads (%d)", path, cfg->n_heads,
+          "%s: num_attention_heads (%d) must be a multiple of num_key_value_heads (%d)", r->path, cfg->n_heads,
           cfg->n_kv_heads);
-    CHECK(ctx, cfg->head_dim % 2 == 0, MXQ_ERR_FORMAT, "%s: head_dim (%d) must be even for rotary embeddings", path,
+    CHECK(ctx, cfg->head_dim % 2 == 0, MXQ_ERR_FORMAT, "%s: head_dim (%d) must be even for rotary embeddings", r->path,
           cfg->head_dim);
+fail:
+    return status;
+}
 
-    json_t *act = json_object_get(r.root, "hidden_act");
+/* Activation, biases, sliding window: what differs between the families. */
+static mxq_status parse_variants(config_reader *r, mxq_model_config *cfg)
+{
+    mxq_status status = MXQ_OK;
+    mxq_ctx *ctx = r->ctx;
+    json_t *act = json_object_get(r->root, "hidden_act");
     if (act && !json_is_null(act))
         CHECK(ctx, json_is_string(act) && strcmp(json_string_value(act), "silu") == 0, MXQ_ERR_FORMAT,
-              "%s: hidden_act '%s' is not supported (supported: silu)", path,
+              "%s: hidden_act '%s' is not supported (supported: silu)", r->path,
               json_is_string(act) ? json_string_value(act) : "(not a string)");
     int mlp_bias = 0;
-    CALL(ctx, get_bool(&r, "mlp_bias", 0, &mlp_bias));
-    CHECK(ctx, !mlp_bias, MXQ_ERR_FORMAT, "%s: mlp_bias = true is not supported", path);
-
+    CALL(ctx, get_bool(r, "mlp_bias", 0, &mlp_bias));
+    CHECK(ctx, !mlp_bias, MXQ_ERR_FORMAT, "%s: mlp_bias = true is not supported", r->path);
     if (cfg->arch == MXQ_ARCH_QWEN2) {
         cfg->qkv_bias = 1;
     } else if (cfg->arch == MXQ_ARCH_LLAMA) {
         int attention_bias = 0;
-        CALL(ctx, get_bool(&r, "attention_bias", 0, &attention_bias));
+        CALL(ctx, get_bool(r, "attention_bias", 0, &attention_bias));
         cfg->qkv_bias = cfg->o_bias = attention_bias;
     }
-
     /* Sliding-window attention: mistral always when set, qwen2 only when
      * use_sliding_window is true. */
-    json_t *window = json_object_get(r.root, "sliding_window");
+    json_t *window = json_object_get(r->root, "sliding_window");
     int use_window = cfg->arch == MXQ_ARCH_MISTRAL;
     if (cfg->arch == MXQ_ARCH_QWEN2)
-        CALL(ctx, get_bool(&r, "use_sliding_window", 0, &use_window));
+        CALL(ctx, get_bool(r, "use_sliding_window", 0, &use_window));
     if (use_window && window && !json_is_null(window))
-        CALL(ctx, get_int(&r, r.root, "sliding_window", -1, 1, MXQ_MAX_POSITIONS, &cfg->sliding_window));
+        CALL(ctx, get_int(r, r->root, "sliding_window", -1, 1, MXQ_MAX_POSITIONS, &cfg->sliding_window));
+fail:
+    return status;
+}
 
+mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
+{
+    mxq_status status = MXQ_OK;
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    config_reader r = {ctx, path, NULL};
+    memset(cfg, 0, sizeof(*cfg));
+    CALL(ctx, mxq_json_read(ctx, path, "model config", &r.root));
+    CHECK(ctx, json_is_object(r.root), MXQ_ERR_FORMAT, "%s: not a JSON object", path);
+    CALL(ctx, parse_arch(&r, cfg));
+    CALL(ctx, parse_sizes(&r, cfg));
+    CALL(ctx, parse_variants(&r, cfg));
     json_t *scaling = json_object_get(r.root, "rope_scaling");
     if (scaling && !json_is_null(scaling))
         CALL(ctx, parse_rope_object(&r, scaling, "rope_scaling", cfg));
