@@ -186,11 +186,13 @@ static void attention(const mxq_model_config *cfg, mxq_workspace *ws, int n_seqs
                 float mx = -INFINITY;
                 for (int j = lo; j <= i; j++)
                     mx = row[j] > mx ? row[j] : mx;
-                float sum = 0.0f;
-                for (int j = lo; j <= i; j++) {
+                /* exponentials first, then their sum in the same order: the
+                 * same bits as one loop, without a float live across calls */
+                for (int j = lo; j <= i; j++)
                     row[j] = expf(row[j] - mx);
+                float sum = 0.0f;
+                for (int j = lo; j <= i; j++)
                     sum += row[j];
-                }
                 float inv = 1.0f / sum;
                 for (int j = 0; j < lo; j++)
                     row[j] = 0.0f;

@@ -2,7 +2,8 @@
  * lists every step it passes (MXQ_FAULT=list: every agreement point and
  * every place inside a pipeline where one rank can fail while the others
  * wait); then, for each step, the job runs again with one rank told to fail
- * there (MXQ_FAULT=RANK:STEP), on 2 and on 3 ranks. Each such run must end
+ * there (MXQ_FAULT=RANK:STEP): on 2 ranks every rank in turn, on 3 ranks one
+ * rank per step, rotating over the steps. Each such run must end
  * within 10 s with every rank's exit status non-zero, print exactly one
  * error line, naming the rank and the step, and leave no index (quantize)
  * or JSON report (eval) behind. */
@@ -154,57 +155,63 @@ static void check_fault_run(const tu_run_result *r, int ranks, int victim, const
         fail_msg("rank %d failing at '%s' on %d ranks: %s was written", victim, step, ranks, leftover);
 }
 
-/* Every step of the job on `ranks` ranks, two runs at a time. */
-static void walk(job_kind kind, int ranks, const char *label)
+/* Every step of the job on `ranks` ranks, a few runs at a time. With
+ * `every_rank`, each rank that reaches a step fails there in turn;
+ * otherwise one rank per step, rotating. */
+static void walk(job_kind kind, int ranks, int every_rank, const char *label)
 {
     step_info steps[MAX_STEPS];
-    int n = list_steps(kind, ranks, steps);
-    assert_true(n >= 4);
-    const char *argv_store[MAX_STEPS][MAX_ARGS];
-    const char *const *argvs[MAX_STEPS];
-    const char *outs[MAX_STEPS];
-    char faults[MAX_STEPS][128];
-    int victims[MAX_STEPS];
+    int n_steps = list_steps(kind, ranks, steps), n = 0;
+    assert_true(n_steps >= 4);
+    const char *(*argv_store)[MAX_ARGS] = calloc(MAX_STEPS * 4, sizeof(*argv_store));
+    const char **argvs[MAX_STEPS * 4], *outs[MAX_STEPS * 4];
+    char faults[MAX_STEPS * 4][128];
+    int victims[MAX_STEPS * 4], step_of[MAX_STEPS * 4];
+    for (int i = 0; i < n_steps; i++)
+        for (int k = 0; k < steps[i].n_ranks; k++) {
+            if (!every_rank && k != i % steps[i].n_ranks)
+                continue;
+            victims[n] = steps[i].reached_by[k];
+            step_of[n] = i;
+            snprintf(faults[n], sizeof(faults[n]), "%d:%.95s", victims[n], steps[i].name);
+            outs[n] = scratch("faults-%d-%d-%d%s", kind, ranks, n, kind == JOB_EVAL ? ".json" : "");
+            job_argv(argv_store[n], kind, ranks, faults[n], outs[n]);
+            argvs[n] = argv_store[n];
+            n++;
+        }
     tu_run_result *results = calloc((size_t)n, sizeof(*results));
+    tu_run_all((const char *const *const *)argvs, (size_t)n, 3, results);
+    char names[4096] = "";
     for (int i = 0; i < n; i++) {
-        /* rotate the failing rank over the steps, among those that reach it */
-        victims[i] = steps[i].reached_by[i % steps[i].n_ranks];
-        snprintf(faults[i], sizeof(faults[i]), "%d:%.95s", victims[i], steps[i].name);
-        outs[i] = scratch("faults-%d-%d-%d%s", kind, ranks, i, kind == JOB_EVAL ? ".json" : "");
-        job_argv(argv_store[i], kind, ranks, faults[i], outs[i]);
-        argvs[i] = argv_store[i];
-    }
-    tu_run_all(argvs, (size_t)n, 2, results);
-    char names[2048] = "";
-    for (int i = 0; i < n; i++) {
-        check_fault_run(&results[i], ranks, victims[i], steps[i].name, outs[i], kind);
+        check_fault_run(&results[i], ranks, victims[i], steps[step_of[i]].name, outs[i], kind);
         size_t used = strlen(names);
-        snprintf(names + used, sizeof(names) - used, "%s%.95s@%d", i ? " " : "", steps[i].name, victims[i]);
+        snprintf(names + used, sizeof(names) - used, "%s%.95s@%d", i ? " " : "", steps[step_of[i]].name, victims[i]);
     }
-    print_message("# %s on %d ranks: %d steps, each failed on one rank; every rank stopped, one message: %s\n", label,
-                  ranks, n, names);
+    print_message("# %s on %d ranks: %d steps, %d runs (%s); every rank stopped, one message: %s\n", label, ranks,
+                  n_steps, n, every_rank ? "every rank at every step" : "one rank per step, rotating", names);
     free(results);
+    free(argv_store);
 }
 
 static void test_eval_every_step(void **state)
 {
     (void)state;
-    walk(JOB_EVAL, 2, "eval");
-    walk(JOB_EVAL, 3, "eval");
+    walk(JOB_EVAL, 2, 1, "eval");
+    walk(JOB_EVAL, 3, 0, "eval");
 }
 
 static void test_quantize_fp_every_step(void **state)
 {
     (void)state;
-    walk(JOB_QUANTIZE_FP, 2, "quantize (fp)");
-    walk(JOB_QUANTIZE_FP, 3, "quantize (fp)");
+    walk(JOB_QUANTIZE_FP, 2, 1, "quantize (fp)");
+    walk(JOB_QUANTIZE_FP, 3, 0, "quantize (fp)");
 }
 
 static void test_quantize_sequential_every_step(void **state)
 {
     (void)state;
-    walk(JOB_QUANTIZE_SEQ, 2, "quantize (sequential)");
-    walk(JOB_QUANTIZE_SEQ, 3, "quantize (sequential)");
+    walk(JOB_QUANTIZE_SEQ, 2, 1, "quantize (sequential)");
+    walk(JOB_QUANTIZE_SEQ, 3, 0, "quantize (sequential)");
 }
 
 int main(void)

@@ -24,7 +24,9 @@
 #define HANG_LIMIT "300"
 /* eval sequences for the perplexity comparisons: enough to order the
  * methods (they differ by 5-400%), few enough to keep the suite fast */
-#define EVAL_LIMIT "256"
+#define EVAL_LIMIT "64"
+/* for the bit-identity of a reloaded checkpoint and the same recipe in memory */
+#define IDENTITY_LIMIT "16"
 
 static tu_run_result run_mpi(int ranks, const char *verb, const char *first, ...)
 {
@@ -76,15 +78,40 @@ static void quantize_ok(int ranks, const char *recipe_name, const char *out)
     assert_true(exists(out, "mxq_report.json"));
 }
 
+/* The checkpoint of a recipe on `ranks` ranks, quantized once per test run
+ * and shared by the tests that read it. */
+static const char *checkpoint(const char *recipe_name, int ranks)
+{
+    static struct {
+        char recipe[64];
+        int ranks;
+        const char *dir;
+    } made[32];
+    static int n_made;
+    for (int i = 0; i < n_made; i++)
+        if (made[i].ranks == ranks && strcmp(made[i].recipe, recipe_name) == 0)
+            return made[i].dir;
+    char name[128];
+    snprintf(name, sizeof(name), "ckpt-%s-n%d", recipe_name, ranks);
+    const char *dir = scratch(name);
+    quantize_ok(ranks, recipe_name, dir);
+    assert_true(n_made < 32);
+    snprintf(made[n_made].recipe, sizeof(made[0].recipe), "%s", recipe_name);
+    made[n_made].ranks = ranks;
+    made[n_made].dir = dir;
+    n_made++;
+    return dir;
+}
+
 /* perplexity line of mxq eval: returns mean_nll, and the text in `line` */
-static double eval_nll(const char *model, const char *recipe_name, char *line, size_t line_size)
+static double eval_nll(const char *model, const char *recipe_name, const char *limit, char *line, size_t line_size)
 {
     tu_run_result r = recipe_name
                           ? run_mpi(2, "eval", "--model", model, "--tokens", tu_data_path("stories260K/eval.h5"),
-                                    "--limit", EVAL_LIMIT, "--recipe", recipe(recipe_name), "--calib",
+                                    "--limit", limit, "--recipe", recipe(recipe_name), "--calib",
                                     tu_data_path("stories260K/calib.h5"), "--quiet", NULL)
                           : run_mpi(2, "eval", "--model", model, "--tokens", tu_data_path("stories260K/eval.h5"),
-                                    "--limit", EVAL_LIMIT, "--quiet", NULL);
+                                    "--limit", limit, "--quiet", NULL);
     if (r.exit_code != 0)
         fail_msg("mxq eval of %s (%s) failed: %s", model, recipe_name ? recipe_name : "as stored", r.err);
     const char *p = strstr(r.out, "mean_nll ");
@@ -136,9 +163,9 @@ static void assert_same_tensors(const char *a, const char *b)
 static void test_same_bytes_any_rank_count(void **state)
 {
     (void)state;
-    const char *out[3] = {scratch("q-n1"), scratch("q-n2"), scratch("q-n3")};
+    const char *out[3];
     for (int n = 1; n <= 3; n++)
-        quantize_ok(n, "w4a8-mxint-awq-gptq", out[n - 1]);
+        out[n - 1] = checkpoint("w4a8-mxint-awq-gptq", n);
     assert_true(exists(out[2], "model-00003-of-00003.safetensors"));
     assert_same_tensors(out[0], out[1]);
     assert_same_tensors(out[0], out[2]);
@@ -159,34 +186,40 @@ static void test_reload_equals_fake_quant(void **state)
     (void)state;
     const char *names[] = {"w4a8-mxint-awq-gptq", "w4a8-mxint-sq-gptq", "w3a8-mxint-awq", "w4a8-mxfp4-gptq"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        const char *out = scratch(names[i]);
-        quantize_ok(2, names[i], out);
+        const char *out = checkpoint(names[i], 2);
         char stored[256], memory[256];
-        double a = eval_nll(out, NULL, stored, sizeof(stored));
-        double b = eval_nll(tu_data_path("stories260K"), names[i], memory, sizeof(memory));
+        double a = eval_nll(out, NULL, IDENTITY_LIMIT, stored, sizeof(stored));
+        double b = eval_nll(tu_data_path("stories260K"), names[i], IDENTITY_LIMIT, memory, sizeof(memory));
         print_message("# %s: reloaded \"%s\" vs in memory \"%s\"\n", names[i], stored, memory);
         assert_true(a == b);
         assert_string_equal(stored, memory);
     }
 }
 
+/* The orderings of Table 1, from the stored checkpoints (which evaluate as
+ * the same recipe in memory does: test_reload_equals_fake_quant). */
+static double ppl_of(const char *recipe_name)
+{
+    const char *model = recipe_name ? checkpoint(recipe_name, 2) : tu_data_path("stories260K");
+    return exp(eval_nll(model, NULL, EVAL_LIMIT, NULL, 0));
+}
+
 static void test_table1_orderings(void **state)
 {
     (void)state;
-    const char *model = tu_data_path("stories260K");
-    double fp = exp(eval_nll(model, NULL, NULL, 0));
-    double w8 = exp(eval_nll(model, "w8a8-mxint-rtn", NULL, 0));
+    double fp = ppl_of(NULL);
+    double w8 = ppl_of("w8a8-mxint-rtn");
     print_message("# FP %.4f, W8A8 MXINT RTN %.4f (%+.3f%%)\n", fp, w8, 100 * (w8 - fp) / fp);
     assert_true(fabs(w8 - fp) <= 0.01 * fp);
     const char *bits[] = {"w4a8", "w3a8"};
     for (int b = 0; b < 2; b++) {
         char name[64];
         snprintf(name, sizeof(name), "%s-mxint-rtn", bits[b]);
-        double rtn = exp(eval_nll(model, name, NULL, 0));
+        double rtn = ppl_of(name);
         snprintf(name, sizeof(name), "%s-mxint-gptq", bits[b]);
-        double gptq = exp(eval_nll(model, name, NULL, 0));
+        double gptq = ppl_of(name);
         snprintf(name, sizeof(name), "%s-mxint-awq-gptq", bits[b]);
-        double awq_gptq = exp(eval_nll(model, name, NULL, 0));
+        double awq_gptq = ppl_of(name);
         print_message("# %s MXINT: RTN %.4f  GPTQ %.4f  AWQ+GPTQ %.4f\n", bits[b], rtn, gptq, awq_gptq);
         assert_true(gptq < rtn);
         assert_true(awq_gptq < rtn);
@@ -199,8 +232,7 @@ static void test_gptq_loss_below_rtn_every_linear(void **state)
     (void)state;
     const char *names[] = {"w4a8-mxint-gptq", "w3a8-mxint-gptq", "w4a8-mxfp4-gptq"};
     for (size_t i = 0; i < 3; i++) {
-        const char *out = scratch(names[i]);
-        quantize_ok(1, names[i], out);
+        const char *out = checkpoint(names[i], 2);
         char path[1024];
         snprintf(path, sizeof(path), "%s/mxq_report.json", out);
         json_error_t err;
@@ -251,8 +283,8 @@ static void test_sequential_mode(void **state)
             fail_msg("sequential quantize failed: %s", r.err);
     }
     assert_same_tensors(out[0], out[1]);
-    double seq_nll = eval_nll(out[0], NULL, NULL, 0);
-    double rtn_nll = eval_nll(tu_data_path("stories260K"), "w3a8-mxint-rtn", NULL, 0);
+    double seq_nll = eval_nll(out[0], NULL, EVAL_LIMIT, NULL, 0);
+    double rtn_nll = eval_nll(checkpoint("w3a8-mxint-rtn", 2), NULL, EVAL_LIMIT, NULL, 0);
     print_message("# W3A8 GPTQ sequential: ppl %.4f (RTN %.4f); same bytes on 1 and 3 ranks\n", exp(seq_nll),
                   exp(rtn_nll));
     assert_true(seq_nll < rtn_nll);
