@@ -53,6 +53,10 @@ int mxq_ctx_rank(const mxq_ctx *ctx);
 void mxq_ctx_set_all_ranks_info(mxq_ctx *ctx, int enabled);
 /* Where log lines go; default stderr. */
 void mxq_ctx_set_log_stream(mxq_ctx *ctx, FILE *stream);
+/* Where results meant for the user go (summary tables, plans); default
+ * stdout. The library prints nothing anywhere else. */
+void mxq_ctx_set_output_stream(mxq_ctx *ctx, FILE *stream);
+void mxq_print(mxq_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 void mxq_log(mxq_ctx *ctx, mxq_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -16,6 +16,7 @@ struct mxq_ctx {
     int nranks;
     int all_ranks_info;
     FILE *log_stream;
+    FILE *out_stream; /* results meant for the user: tables, plans */
     double t0;
 
     mxq_status err_code;
@@ -74,6 +75,7 @@ mxq_status mxq_ctx_create(mxq_ctx **out)
     ctx->level = MXQ_LOG_INFO;
     ctx->nranks = 1;
     ctx->log_stream = stderr;
+    ctx->out_stream = stdout;
     ctx->t0 = mxq_time_now();
     ctx->fault_rank = -2; /* no fault configured */
     return MXQ_OK;
@@ -88,6 +90,16 @@ void mxq_ctx_set_log_level(mxq_ctx *ctx, mxq_log_level level) { ctx->level = lev
 mxq_log_level mxq_ctx_log_level(const mxq_ctx *ctx) { return ctx->level; }
 void mxq_ctx_set_all_ranks_info(mxq_ctx *ctx, int enabled) { ctx->all_ranks_info = enabled; }
 void mxq_ctx_set_log_stream(mxq_ctx *ctx, FILE *stream) { ctx->log_stream = stream; }
+void mxq_ctx_set_output_stream(mxq_ctx *ctx, FILE *stream) { ctx->out_stream = stream; }
+
+void mxq_print(mxq_ctx *ctx, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(ctx->out_stream, fmt, ap);
+    va_end(ap);
+    fflush(ctx->out_stream);
+}
 
 int mxq_ctx_rank(const mxq_ctx *ctx) { return ctx->rank; }
 

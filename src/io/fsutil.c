@@ -115,6 +115,18 @@ fail:
     return status;
 }
 
+void mxq_json_put(json_t *object, const char *key, json_t *value, int *ok)
+{
+    if (!object || !value || json_object_set_new(object, key, value) != 0)
+        *ok = 0;
+}
+
+void mxq_json_push(json_t *array, json_t *value, int *ok)
+{
+    if (!array || !value || json_array_append_new(array, value) != 0)
+        *ok = 0;
+}
+
 mxq_status mxq_input_set_add(mxq_ctx *ctx, mxq_input_set *set, const char *path, const char *what)
 {
     mxq_status status = MXQ_OK;

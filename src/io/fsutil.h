@@ -88,6 +88,12 @@ mxq_status mxq_json_write_temp(mxq_ctx *ctx, const struct json_t *value, const c
 /* Parse a JSON file read through mxq_input_read_all (size-bounded). */
 mxq_status mxq_json_read(mxq_ctx *ctx, const char *path, const char *what, struct json_t **out);
 
+/* json_object_set_new and json_array_append_new that remember a failure
+ * (out of memory shows as a NULL object or value) in *ok, so that a
+ * document built in many steps is checked once, at the end. */
+void mxq_json_put(struct json_t *object, const char *key, struct json_t *value, int *ok);
+void mxq_json_push(struct json_t *array, struct json_t *value, int *ok);
+
 /* "a FIFO", "a directory", ... for a stat mode. */
 const char *mxq_file_kind(mode_t mode);
 

@@ -485,7 +485,7 @@ fail:
     return status;
 }
 
-static void format_shape(char *buf, size_t size, int rank, const int64_t *shape)
+void mxq_shape_text(char *buf, size_t size, int rank, const int64_t *shape)
 {
     size_t used = (size_t)snprintf(buf, size, "[");
     for (int i = 0; i < rank && used < size; i++)
@@ -503,7 +503,7 @@ static void format_index(char *buf, size_t size, int rank, const int64_t *shape,
         coord[d] = (int64_t)(i % (size_t)n);
         i /= (size_t)n;
     }
-    format_shape(buf, size, rank, coord);
+    mxq_shape_text(buf, size, rank, coord);
 }
 
 mxq_status mxq_tensor_to_f32(mxq_ctx *ctx, const mxq_tensor_view *t, int rank, const int64_t *shape, float *out)
@@ -514,8 +514,8 @@ mxq_status mxq_tensor_to_f32(mxq_ctx *ctx, const mxq_tensor_view *t, int rank, c
         same = t->shape[i] == shape[i];
     if (!same) {
         char want[128], have[128];
-        format_shape(want, sizeof(want), rank, shape);
-        format_shape(have, sizeof(have), t->rank, t->shape);
+        mxq_shape_text(want, sizeof(want), rank, shape);
+        mxq_shape_text(have, sizeof(have), t->rank, t->shape);
         FAIL(ctx, MXQ_ERR_FORMAT, "%s: tensor '%s' has shape %s, expected %s from config.json", t->file, t->name, have,
              want);
     }

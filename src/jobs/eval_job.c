@@ -226,7 +226,7 @@ fail:
     return status;
 }
 
-static json_t *result_json(const eval_job *j, const mxq_eval_result *r)
+static json_t *result_json(const eval_job *j, const mxq_eval_result *r, int *ok)
 {
     const mxq_eval_options *o = j->options;
     json_t *root = json_pack("{s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:s, s:s}", "ppl", r->ppl, "mean_nll",
@@ -234,23 +234,24 @@ static json_t *result_json(const eval_job *j, const mxq_eval_result *r)
                              "tokens_per_s", r->tokens_per_s, "load_seconds", r->load_seconds, "sequences",
                              r->sequences, "seq_len", r->seq_len, "ranks", r->ranks, "model", j->model_dir, "tokens",
                              j->tokens_path);
+    *ok = root != NULL;
     if (!root || !(o->quant.enabled_weights || r->acts_quantized || o->recipe_path))
         return root;
     json_t *q = json_object();
     if (o->quant.enabled_weights)
-        json_object_set_new(q, "weights", json_string(o->quant.weights.format->name));
+        mxq_json_put(q, "weights", json_string(o->quant.weights.format->name), ok);
     if (r->acts_quantized)
-        json_object_set_new(q, "activations", json_string(r->acts.format->name));
+        mxq_json_put(q, "activations", json_string(r->acts.format->name), ok);
     const mxq_mx_spec *spec = o->quant.enabled_weights ? &o->quant.weights : &r->acts;
     if (o->quant.enabled_weights || r->acts_quantized) {
-        json_object_set_new(q, "block", json_integer(spec->block));
-        json_object_set_new(q, "rounding", json_string(mxq_rounding_name(spec->rounding)));
+        mxq_json_put(q, "block", json_integer(spec->block), ok);
+        mxq_json_put(q, "rounding", json_string(mxq_rounding_name(spec->rounding)), ok);
     }
     if (o->recipe_path) {
-        json_object_set_new(q, "recipe", json_string(o->recipe_path));
-        json_object_set_new(q, "calibration", json_string(o->calib_path));
+        mxq_json_put(q, "recipe", json_string(o->recipe_path), ok);
+        mxq_json_put(q, "calibration", json_string(o->calib_path), ok);
     }
-    json_object_set_new(root, "fake_quant", q);
+    mxq_json_put(root, "fake_quant", q, ok);
     return root;
 }
 
@@ -258,8 +259,9 @@ static mxq_status write_json(mxq_ctx *ctx, eval_job *j, const mxq_eval_result *r
 {
     mxq_status status = MXQ_OK;
     char *text = NULL;
-    json_t *root = result_json(j, r);
-    CHECK_ALLOC(ctx, root, 1, "the JSON report");
+    int ok = 1;
+    json_t *root = result_json(j, r, &ok);
+    CHECK(ctx, ok, MXQ_ERR_NOMEM, "out of memory building the JSON report");
     text = json_dumps(root, JSON_INDENT(2) | JSON_REAL_PRECISION(17));
     CHECK_ALLOC(ctx, text, 1, "the JSON report");
     CALL(ctx, mxq_output_write(ctx, &j->json_out, text, strlen(text)));

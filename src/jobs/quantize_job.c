@@ -370,17 +370,19 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
     AGREE(ctx, &job.dist, "quantize.setup", setup(ctx, &job));
     if (options->dry_run) {
         if (job.dist.rank == 0)
-            mxq_quantize_print_plan(&job.cfg, &job.recipe, job.first, job.dist.size,
+            mxq_quantize_print_plan(ctx, &job.cfg, &job.recipe, job.first, job.dist.size,
                                     job.batch < job.calib.n_seqs ? job.batch : job.calib.n_seqs, job.calib.seq_len,
                                     job.calib.n_seqs, options->stats_layers);
         goto fail; /* status OK: nothing else to do */
     }
     CALL(ctx, load_and_quantize(ctx, &job));
+    double t_write = mxq_time_now();
     AGREE(ctx, &job.dist, "quantize.shard.write", write_shard(ctx, &job));
     CALL(ctx, mxq_quantize_report_gather(ctx, &job.dist, &job.report, job.packed_report, job.packed_len));
+    const double seconds[3] = {job.quant_seconds, mxq_time_now() - t_write, mxq_time_now() - job.t_start};
     AGREE(ctx, &job.dist, "quantize.report",
           job.dist.rank == 0 ? mxq_quantize_report_build(ctx, &job.report, &job.recipe, &job.cfg, model_dir, calib_path,
-                                                         recipe_path, job.quant_seconds, job.t_start)
+                                                         recipe_path, seconds)
                              : MXQ_OK);
     CALL(ctx, commit(ctx, &job));
 fail:

@@ -123,19 +123,19 @@ fail:
 /* ---- config.json -------------------------------------------------------------- */
 
 /* A spec through the one MX spec serializer. */
-static json_t *spec_json(const mxq_mx_spec *spec)
+static json_t *spec_json(const mxq_mx_spec *spec, int *ok)
 {
     json_t *obj = json_object();
     char text[64];
     for (int i = 0; obj && i < MXQ_MX_SPEC_FIELDS; i++) {
         mxq_mx_spec_field_text(spec, i, text, sizeof(text));
-        json_object_set_new(obj, mxq_mx_spec_field_key(i),
-                            mxq_mx_spec_field_is_int(i) ? json_integer(atoi(text)) : json_string(text));
+        mxq_json_put(obj, mxq_mx_spec_field_key(i),
+                            mxq_mx_spec_field_is_int(i) ? json_integer(atoi(text)) : json_string(text), ok);
     }
     return obj;
 }
 
-static json_t *algorithm_json(const mxq_algo_step *st)
+static json_t *algorithm_json(const mxq_algo_step *st, int *ok)
 {
     json_t *params;
     if (st->kind == MXQ_ALGO_SMOOTHQUANT)
@@ -146,87 +146,89 @@ static json_t *algorithm_json(const mxq_algo_step *st)
     else
         params = json_pack("{s:i, s:i, s:f, s:b}", "block", st->gptq.lazy_block, "microblock", st->gptq.microblock,
                            "damp", st->gptq.damp, "act_order", st->gptq.act_order);
-    return json_pack("{s:o}", mxq_algo_name(st->kind), params);
+    json_t *step = json_object();
+    mxq_json_put(step, mxq_algo_name(st->kind), params, ok);
+    return step;
 }
 
-static json_t *quantization_config(const mxq_recipe *recipe, const char *calib_path)
+static json_t *quantization_config(const mxq_recipe *recipe, const char *calib_path, int *ok)
 {
     json_t *q = json_object(), *algos = json_array(), *ex = json_array();
-    json_object_set_new(q, "quant_method", json_string("mxq"));
-    json_object_set_new(q, "format_version", json_integer(1));
-    json_object_set_new(q, "weights", recipe->has_weights ? spec_json(&recipe->weights) : json_null());
-    json_object_set_new(q, "activations", recipe->has_acts ? spec_json(&recipe->acts) : json_null());
+    mxq_json_put(q, "quant_method", json_string("mxq"), ok);
+    mxq_json_put(q, "format_version", json_integer(1), ok);
+    mxq_json_put(q, "weights", recipe->has_weights ? spec_json(&recipe->weights, ok) : json_null(), ok);
+    mxq_json_put(q, "activations", recipe->has_acts ? spec_json(&recipe->acts, ok) : json_null(), ok);
     for (int i = 0; i < recipe->n_steps; i++)
-        json_array_append_new(algos, algorithm_json(&recipe->steps[i]));
-    json_object_set_new(q, "algorithms", algos);
-    json_object_set_new(q, "calibration",
+        mxq_json_push(algos, algorithm_json(&recipe->steps[i], ok), ok);
+    mxq_json_put(q, "algorithms", algos, ok);
+    mxq_json_put(q, "calibration",
                         json_pack("{s:i, s:s, s:s}", "samples", recipe->calib_samples, "mode",
-                                  recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential", "file", calib_path));
+                                  recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential", "file", calib_path), ok);
     for (int i = 0; i < recipe->n_exclude; i++)
-        json_array_append_new(ex, json_string(recipe->exclude[i]));
-    json_object_set_new(q, "exclude", ex);
-    json_object_set_new(q, "storage",
+        mxq_json_push(ex, json_string(recipe->exclude[i]), ok);
+    mxq_json_put(q, "exclude", ex, ok);
+    mxq_json_put(q, "storage",
                         json_string("per quantized linear: <name>.weight_packed U8 [out, packed row bytes] with the "
                                     "elements packed along the row as mxq cast packs them, and <name>.weight_scale U8 "
                                     "E8M0 [out, ceil(in/block)]; other tensors as in the input checkpoint, except "
-                                    "norms and biases changed by folded scales, which are F32"));
+                                    "norms and biases changed by folded scales, which are F32"), ok);
     return q;
 }
 
 /* ---- mxq_report.json and the summary table ---------------------------------- */
 
-static json_t *layer_json(const mxq_layer_record *rec, double *tot_rtn, double *tot_loss)
+static json_t *layer_json(const mxq_layer_record *rec, double *tot_rtn, double *tot_loss, int *ok)
 {
     json_t *jl = json_pack("{s:i, s:i, s:f, s:f, s:f}", "layer", rec->layer, "rank", rec->rank, "seconds_calib",
                            rec->seconds_calib, "seconds", rec->seconds, "peak_rss_mb", rec->peak_rss / 1048576.0);
     json_t *awq = json_object(), *sq = json_object(), *lins = json_object();
     for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
         if (rec->awq_alpha[i] >= 0)
-            json_object_set_new(awq, mxq_input_name((mxq_input_id)i), json_real(rec->awq_alpha[i]));
+            mxq_json_put(awq, mxq_input_name((mxq_input_id)i), json_real(rec->awq_alpha[i]), ok);
         if (rec->smooth_alpha[i] >= 0)
-            json_object_set_new(sq, mxq_input_name((mxq_input_id)i), json_real(rec->smooth_alpha[i]));
+            mxq_json_put(sq, mxq_input_name((mxq_input_id)i), json_real(rec->smooth_alpha[i]), ok);
     }
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
         if (!rec->linear[li].quantized)
             continue;
         *tot_rtn += rec->linear[li].loss_rtn;
         *tot_loss += rec->linear[li].loss;
-        json_object_set_new(lins, mxq_linear_name((mxq_linear_id)li),
+        mxq_json_put(lins, mxq_linear_name((mxq_linear_id)li),
                             json_pack("{s:f, s:f, s:i, s:f}", "loss_rtn", rec->linear[li].loss_rtn, "loss",
                                       rec->linear[li].loss, "dead_channels", rec->linear[li].dead_channels, "seconds",
-                                      rec->linear[li].seconds));
+                                      rec->linear[li].seconds), ok);
     }
-    json_object_set_new(jl, "awq_alpha", awq);
-    json_object_set_new(jl, "smoothquant_alpha", sq);
-    json_object_set_new(jl, "linears", lins);
+    mxq_json_put(jl, "awq_alpha", awq, ok);
+    mxq_json_put(jl, "smoothquant_alpha", sq, ok);
+    mxq_json_put(jl, "linears", lins, ok);
     return jl;
 }
 
 static json_t *report_json(const mxq_quantize_report *rep, const char *model_dir, const char *calib_path,
-                           const char *recipe_path, double quant_seconds, double t_start)
+                           const char *recipe_path, const double *seconds, int *ok)
 {
     json_t *report = json_object(), *layers = json_array(), *rss = json_array();
     double tot_rtn = 0, tot_loss = 0;
-    json_object_set_new(report, "model", json_string(model_dir));
-    json_object_set_new(report, "calibration", json_string(calib_path));
-    json_object_set_new(report, "recipe", json_string(recipe_path));
-    json_object_set_new(report, "ranks", json_integer(rep->size));
+    mxq_json_put(report, "model", json_string(model_dir), ok);
+    mxq_json_put(report, "calibration", json_string(calib_path), ok);
+    mxq_json_put(report, "recipe", json_string(recipe_path), ok);
+    mxq_json_put(report, "ranks", json_integer(rep->size), ok);
     for (int l = 0; l < rep->n_records; l++)
-        json_array_append_new(layers, layer_json(&rep->records[l], &tot_rtn, &tot_loss));
-    json_object_set_new(report, "layers", layers);
+        mxq_json_push(layers, layer_json(&rep->records[l], &tot_rtn, &tot_loss, ok), ok);
+    mxq_json_put(report, "layers", layers, ok);
     for (int r = 0; r < rep->size; r++)
-        json_array_append_new(rss, json_real(rep->peak_rss[r] / 1048576.0));
-    json_object_set_new(report, "peak_rss_mb_per_rank", rss);
-    json_object_set_new(report, "totals",
-                        json_pack("{s:f, s:f, s:f, s:f}", "loss_rtn", tot_rtn, "loss", tot_loss, "seconds_quantize",
-                                  quant_seconds, "seconds_total", mxq_time_now() - t_start));
+        mxq_json_push(rss, json_real(rep->peak_rss[r] / 1048576.0), ok);
+    mxq_json_put(report, "peak_rss_mb_per_rank", rss, ok);
+    mxq_json_put(report, "totals",
+                        json_pack("{s:f, s:f, s:f, s:f, s:f}", "loss_rtn", tot_rtn, "loss", tot_loss, "seconds_quantize",
+                                  seconds[0], "seconds_write", seconds[1], "seconds_total", seconds[2]), ok);
     return report;
 }
 
-static void print_summary(const mxq_quantize_report *rep, double quant_seconds)
+static void print_summary(mxq_ctx *ctx, const mxq_quantize_report *rep, double quant_seconds)
 {
     double tot_rtn = 0, tot_loss = 0, peak = 0;
-    printf("%-6s %-5s %12s %12s %8s %8s %9s  %s\n", "layer", "rank", "loss rtn", "loss", "change", "seconds", "rss MB",
+    mxq_print(ctx, "%-6s %-5s %12s %12s %8s %8s %9s  %s\n", "layer", "rank", "loss rtn", "loss", "change", "seconds", "rss MB",
            "alpha");
     for (int l = 0; l < rep->n_records; l++) {
         const mxq_layer_record *rec = &rep->records[l];
@@ -245,20 +247,19 @@ static void print_summary(const mxq_quantize_report *rep, double quant_seconds)
                 used += (size_t)snprintf(alpha + used, sizeof(alpha) - used, "%s%s=%.2f", used ? " " : "",
                                          mxq_input_name((mxq_input_id)i),
                                          rec->awq_alpha[i] >= 0 ? rec->awq_alpha[i] : rec->smooth_alpha[i]);
-        printf("%-6d %-5d %12.4e %12.4e %+7.1f%% %8.2f %9.0f  %s\n", rec->layer, rec->rank, rtn, loss,
+        mxq_print(ctx, "%-6d %-5d %12.4e %12.4e %+7.1f%% %8.2f %9.0f  %s\n", rec->layer, rec->rank, rtn, loss,
                rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0, rec->seconds_calib + rec->seconds, rec->peak_rss / 1048576.0,
                alpha);
     }
     for (int r = 0; r < rep->size; r++)
         peak = rep->peak_rss[r] > peak ? rep->peak_rss[r] : peak;
-    printf("total  %-5s %12.4e %12.4e %+7.1f%%  quantize %.2f s, peak rss %.0f MB/rank\n", "", tot_rtn, tot_loss,
+    mxq_print(ctx, "total  %-5s %12.4e %12.4e %+7.1f%%  quantize %.2f s, peak rss %.0f MB/rank\n", "", tot_rtn, tot_loss,
            tot_rtn > 0 ? 100.0 * (tot_loss - tot_rtn) / tot_rtn : 0.0, quant_seconds, peak / 1048576.0);
-    fflush(stdout);
 }
 
 mxq_status mxq_quantize_report_build(mxq_ctx *ctx, mxq_quantize_report *rep, const mxq_recipe *recipe,
                                      const mxq_model_config *cfg, const char *model_dir, const char *calib_path,
-                                     const char *recipe_path, double quant_seconds, double t_start)
+                                     const char *recipe_path, const double *seconds)
 {
     mxq_status status = MXQ_OK;
     char path[4352];
@@ -267,11 +268,11 @@ mxq_status mxq_quantize_report_build(mxq_ctx *ctx, mxq_quantize_report *rep, con
           rep->n_records, cfg->n_layers);
     snprintf(path, sizeof(path), "%s/config.json", model_dir);
     CALL(ctx, mxq_json_read(ctx, path, "model config", &rep->config));
-    CHECK(ctx, json_object_set_new(rep->config, "quantization_config", quantization_config(recipe, calib_path)) == 0,
-          MXQ_ERR_NOMEM, "out of memory building config.json");
-    rep->report = report_json(rep, model_dir, calib_path, recipe_path, quant_seconds, t_start);
-    CHECK_ALLOC(ctx, rep->report, 1, "the report");
-    print_summary(rep, quant_seconds);
+    int ok = 1;
+    mxq_json_put(rep->config, "quantization_config", quantization_config(recipe, calib_path, &ok), &ok);
+    rep->report = report_json(rep, model_dir, calib_path, recipe_path, seconds, &ok);
+    CHECK(ctx, ok, MXQ_ERR_NOMEM, "out of memory building config.json and the report");
+    print_summary(ctx, rep, seconds[0]);
 fail:
     return status;
 }
@@ -305,7 +306,7 @@ void mxq_quantize_report_free(mxq_quantize_report *rep)
 
 /* ---- --dry-run --------------------------------------------------------------- */
 
-void mxq_quantize_print_plan(const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size,
+void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size,
                              int batch, int seq_len, int samples, int stats_layers)
 {
     /* in double: a plan must print for any model, not wrap around */
@@ -323,9 +324,9 @@ void mxq_quantize_print_plan(const mxq_model_config *cfg, const mxq_recipe *reci
         quant = b > quant ? b : quant;
     }
     const double store = (double)samples * seq_len * d * sizeof(float);
-    printf("plan: %d layers over %d rank%s; calibration %d x %d tokens, %s mode, micro-batch %d\n", cfg->n_layers, size,
+    mxq_print(ctx, "plan: %d layers over %d rank%s; calibration %d x %d tokens, %s mode, micro-batch %d\n", cfg->n_layers, size,
            size == 1 ? "" : "s", samples, seq_len, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential", batch);
-    printf("%-6s %-12s %-16s %12s %12s %12s %12s\n", "rank", "layers", "also", "weights MB", "stats MB", "work MB",
+    mxq_print(ctx, "%-6s %-12s %-16s %12s %12s %12s %12s\n", "rank", "layers", "also", "weights MB", "stats MB", "work MB",
            "total MB");
     for (int r = 0; r < size; r++) {
         int n = first[r + 1] - first[r];
@@ -338,13 +339,12 @@ void mxq_quantize_print_plan(const mxq_model_config *cfg, const mxq_recipe *reci
         char layers[32], also[32] = "";
         snprintf(layers, sizeof(layers), "[%d, %d)", first[r], first[r + 1]);
         snprintf(also, sizeof(also), "%s%s", r == 0 ? "embedding " : "", r == size - 1 ? "norm+head" : "");
-        printf("%-6d %-12s %-16s %12.1f %12.1f %12.1f %12.1f\n", r, layers, also, w / MB, s / MB, (work + quant) / MB,
+        mxq_print(ctx, "%-6d %-12s %-16s %12.1f %12.1f %12.1f %12.1f\n", r, layers, also, w / MB, s / MB, (work + quant) / MB,
                (w + s + work + quant) / MB);
     }
-    printf("stats: Hessians (double) of the 4 linear inputs of a layer = %.1f MB per layer%s\n", stats / MB,
+    mxq_print(ctx, "stats: Hessians (double) of the 4 linear inputs of a layer = %.1f MB per layer%s\n", stats / MB,
            recipe->calib_mode == MXQ_CALIB_FP
                ? (stats_layers > 0 ? ", held for --stats-layers layers at a time (one calibration pass per group)"
                                    : ", held for every owned layer until it is quantized (bound it with --stats-layers)")
                : "; sequential mode also holds the calibration activations");
-    fflush(stdout);
 }

@@ -46,10 +46,11 @@ mxq_status mxq_quantize_report_gather(mxq_ctx *ctx, const mxq_dist *dist, mxq_qu
                                       const char *packed, size_t len);
 
 /* Rank 0, local: the gathered parts unpacked, config.json (the input's +
- * quantization_config), the report, and the summary table on stdout. */
+ * quantization_config), the report, and the summary table (mxq_print).
+ * seconds: quantize, write, total. */
 mxq_status mxq_quantize_report_build(mxq_ctx *ctx, mxq_quantize_report *report, const mxq_recipe *recipe,
                                      const mxq_model_config *cfg, const char *model_dir, const char *calib_path,
-                                     const char *recipe_path, double quant_seconds, double t_start);
+                                     const char *recipe_path, const double *seconds);
 
 /* Rank 0, after the shards are in place: report and config.json, and the
  * index under its temporary name (report->index; the caller commits it). */
@@ -59,7 +60,7 @@ mxq_status mxq_quantize_report_write(mxq_ctx *ctx, mxq_quantize_report *report, 
 void mxq_quantize_report_free(mxq_quantize_report *report);
 
 /* --dry-run: who owns which layers and the predicted memory per rank. */
-void mxq_quantize_print_plan(const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size,
+void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size,
                              int batch, int seq_len, int samples, int stats_layers);
 
 #endif

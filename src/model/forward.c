@@ -29,8 +29,9 @@ struct mxq_workspace {
     int rope_ready;
 };
 
-static float *alloc_floats(size_t n)
+float *mxq_alloc_floats(size_t n)
 {
+    /* 64-byte alignment suits AVX-512 loads and OpenBLAS packing. */
     size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
     return aligned_alloc(64, bytes ? bytes : 64);
 }
@@ -54,18 +55,18 @@ mxq_status mxq_workspace_create(mxq_ctx *ctx, const mxq_model_config *cfg, int m
     size_t d = (size_t)cfg->hidden, qd = (size_t)cfg->n_heads * cfg->head_dim,
            kvd = (size_t)cfg->n_kv_heads * cfg->head_dim, ffn = (size_t)cfg->intermediate;
     size_t S = (size_t)seq_len, half = (size_t)cfg->head_dim / 2;
-    ws->h = alloc_floats(T * d);
-    ws->q = alloc_floats(T * qd);
-    ws->k = alloc_floats(T * kvd);
-    ws->v = alloc_floats(T * kvd);
-    ws->attn = alloc_floats(T * qd);
-    ws->proj = alloc_floats(T * d);
-    ws->gate = alloc_floats(T * ffn);
-    ws->up = alloc_floats(T * ffn);
-    ws->scores = alloc_floats(S * S);
-    ws->cos_table = alloc_floats(S * half);
-    ws->sin_table = alloc_floats(S * half);
-    ws->logits = alloc_floats(S * (size_t)cfg->vocab);
+    ws->h = mxq_alloc_floats(T * d);
+    ws->q = mxq_alloc_floats(T * qd);
+    ws->k = mxq_alloc_floats(T * kvd);
+    ws->v = mxq_alloc_floats(T * kvd);
+    ws->attn = mxq_alloc_floats(T * qd);
+    ws->proj = mxq_alloc_floats(T * d);
+    ws->gate = mxq_alloc_floats(T * ffn);
+    ws->up = mxq_alloc_floats(T * ffn);
+    ws->scores = mxq_alloc_floats(S * S);
+    ws->cos_table = mxq_alloc_floats(S * half);
+    ws->sin_table = mxq_alloc_floats(S * half);
+    ws->logits = mxq_alloc_floats(S * (size_t)cfg->vocab);
     CHECK_ALLOC(ctx,
                 ws->h && ws->q && ws->k && ws->v && ws->attn && ws->proj && ws->gate && ws->up && ws->scores &&
                     ws->cos_table && ws->sin_table && ws->logits,

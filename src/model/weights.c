@@ -7,12 +7,6 @@
 #include "core/check.h"
 #include "mxq/model.h"
 
-static float *alloc_floats(size_t n)
-{
-    /* 64-byte alignment suits AVX-512 loads and OpenBLAS packing. */
-    size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
-    return aligned_alloc(64, bytes ? bytes : 64);
-}
 
 /* Read tensor `name` of the given shape as float32 into a new buffer. */
 static mxq_status load_tensor(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *name, int rank, int64_t d0, int64_t d1,
@@ -24,7 +18,7 @@ static mxq_status load_tensor(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *na
     CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &t));
     int64_t shape[2] = {d0, d1};
     size_t n = (size_t)d0 * (size_t)(rank == 2 ? d1 : 1);
-    buf = alloc_floats(n);
+    buf = mxq_alloc_floats(n);
     CHECK_ALLOC(ctx, buf, n * sizeof(float), name);
     CALL(ctx, mxq_tensor_to_f32(ctx, t, rank, shape, buf));
     *out = buf;
@@ -54,7 +48,7 @@ static mxq_status load_mx_linear(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_t
     CHECK(ctx, scales->dtype == MXQ_DT_U8 && scales->rank == 2 && scales->shape[0] == out_f && scales->shape[1] == blocks,
           MXQ_ERR_FORMAT, "%s: tensor '%s' must be U8 [%d, %lld] (E8M0 scales of blocks of %d)", scales->file,
           scales->name, out_f, (long long)blocks, spec->block);
-    buf = alloc_floats((size_t)out_f * in_f);
+    buf = mxq_alloc_floats((size_t)out_f * in_f);
     CHECK_ALLOC(ctx, buf, (size_t)out_f * in_f * sizeof(float), base);
     CALL(ctx, mxq_mx_dequantize_rows(ctx, spec, packed->data, scales->data, (size_t)out_f, (size_t)in_f, buf));
     *out = buf;
@@ -66,15 +60,6 @@ fail:
 
 /* ---- the checkpoint against the config ------------------------------------ */
 
-static void shape_text(char *buf, size_t size, int rank, const int64_t *shape)
-{
-    size_t used = (size_t)snprintf(buf, size, "[");
-    for (int i = 0; i < rank && used < size; i++)
-        used += (size_t)snprintf(buf + used, size - used, "%s%lld", i ? ", " : "", (long long)shape[i]);
-    if (used < size)
-        snprintf(buf + used, size - used, "]");
-}
-
 /* Tensor `name` exists with shape [d0] or [d0, d1] (d1 = 0 for 1-D). */
 static mxq_status expect_shape(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *name, int64_t d0, int64_t d1)
 {
@@ -85,8 +70,8 @@ static mxq_status expect_shape(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *n
     CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &t));
     if (t->rank != rank || t->shape[0] != d0 || (rank == 2 && t->shape[1] != d1)) {
         char have[128], expected[128];
-        shape_text(have, sizeof(have), t->rank, t->shape);
-        shape_text(expected, sizeof(expected), rank, want);
+        mxq_shape_text(have, sizeof(have), t->rank, t->shape);
+        mxq_shape_text(expected, sizeof(expected), rank, want);
         FAIL(ctx, MXQ_ERR_FORMAT, "%s: tensor '%s' has shape %s, expected %s from config.json", t->file, name, have,
              expected);
     }

@@ -36,14 +36,6 @@ static run_result run_mxq(const char *first, ...)
     return r;
 }
 
-static const char *scratch(const char *name)
-{
-    char path[512];
-    snprintf(path, sizeof(path), "%s/%s", tu_scratch_dir(), name);
-    char *copy = strdup(path);
-    assert_non_null(copy);
-    return copy;
-}
 
 static int file_exists(const char *path)
 {
@@ -94,7 +86,7 @@ static void test_cast_reproduces_vectors(void **state)
                 snprintf(input, sizeof(input), "%s:%s/input", tu_data_path("mx/mx_vectors.h5"), group);
                 snprintf(format, sizeof(format), "mx%s", elems[f]);
                 snprintf(block, sizeof(block), "%d", blocks[b]);
-                const char *out = scratch("vec.h5");
+                const char *out = tu_scratch_path("vec.h5");
                 run_result res = run_mxq("cast", "--format", format, "--block", block, "--rounding", roundings[r],
                                          "--quiet", input, out, NULL);
                 if (res.exit_code != 0)
@@ -151,7 +143,7 @@ static void test_cast_attributes_and_log(void **state)
     (void)state;
     char input[1024];
     snprintf(input, sizeof(input), "%s:/int4/even/bs32/input", tu_data_path("mx/mx_vectors.h5"));
-    const char *out = scratch("attrs.h5");
+    const char *out = tu_scratch_path("attrs.h5");
     run_result r = run_mxq("cast", "-f", "mxint4", "-b", "32", input, out, NULL);
     assert_int_equal(r.exit_code, 0);
     assert_non_null(strstr(r.err, "SQNR")); /* progress/summary line on the log stream */
@@ -203,7 +195,7 @@ static const char *good_input(void)
 static void test_error_unknown_format(void **state)
 {
     (void)state;
-    const char *out = scratch("e1.h5");
+    const char *out = tu_scratch_path("e1.h5");
     run_result r = run_mxq("cast", "--format", "mxint5", "--block", "32", good_input(), out, NULL);
     assert_one_line_error(&r, "unknown format 'mxint5'");
     assert_non_null(strstr(r.err, "mxint8 mxint4 mxint3 mxint2 mxfp8_e4m3")); /* lists the valid ones */
@@ -213,7 +205,7 @@ static void test_error_unknown_format(void **state)
 static void test_error_bad_block(void **state)
 {
     (void)state;
-    const char *out = scratch("e2.h5");
+    const char *out = tu_scratch_path("e2.h5");
     const char *bad[] = {"0", "4097", "-3", "abc", "32x", ""};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         run_result r = run_mxq("cast", "--format", "mxint8", "--block", bad[i], good_input(), out, NULL);
@@ -229,7 +221,7 @@ static void test_error_bad_block(void **state)
 static void test_error_missing_file(void **state)
 {
     (void)state;
-    const char *out = scratch("e3.h5");
+    const char *out = tu_scratch_path("e3.h5");
     run_result r = run_mxq("cast", "--format", "mxint8", "--block", "32", "/nonexistent/in.h5", out, NULL);
     assert_one_line_error(&r, "/nonexistent/in.h5");
     assert_non_null(strstr(r.err, "No such file"));
@@ -239,11 +231,11 @@ static void test_error_missing_file(void **state)
 static void test_error_not_hdf5(void **state)
 {
     (void)state;
-    const char *in = scratch("not_hdf5.h5");
+    const char *in = tu_scratch_path("not_hdf5.h5");
     FILE *f = fopen(in, "w");
     fputs("hello\n", f);
     fclose(f);
-    const char *out = scratch("e4.h5");
+    const char *out = tu_scratch_path("e4.h5");
     run_result r = run_mxq("cast", "--format", "mxint8", "--block", "32", in, out, NULL);
     assert_one_line_error(&r, "is not an HDF5 file");
     assert_false(file_exists(out));
@@ -254,7 +246,7 @@ static void test_error_missing_dataset(void **state)
     (void)state;
     char input[1024];
     snprintf(input, sizeof(input), "%s:/int8/even/bs32/nope", tu_data_path("mx/mx_vectors.h5"));
-    const char *out = scratch("e5.h5");
+    const char *out = tu_scratch_path("e5.h5");
     run_result r = run_mxq("cast", "--format", "mxint8", "--block", "32", input, out, NULL);
     assert_one_line_error(&r, "no dataset '/int8/even/bs32/nope'");
     assert_false(file_exists(out));
@@ -285,29 +277,29 @@ static void test_error_wrong_rank_or_type(void **state)
     float data[24] = {0};
     double ddata[24] = {0};
     int idata[24] = {0};
-    const char *out = scratch("e6.h5");
+    const char *out = tu_scratch_path("e6.h5");
 
     hsize_t d1[1] = {24};
-    const char *in1 = scratch("rank1.h5");
+    const char *in1 = tu_scratch_path("rank1.h5");
     write_dataset(in1, "/input", H5T_NATIVE_FLOAT, 1, d1, data);
     run_result r = run_mxq("cast", "--format", "mxint8", "--block", "32", in1, out, NULL);
     assert_one_line_error(&r, "must be 2-D");
     assert_false(file_exists(out));
 
     hsize_t d3[3] = {2, 3, 4};
-    const char *in3 = scratch("rank3.h5");
+    const char *in3 = tu_scratch_path("rank3.h5");
     write_dataset(in3, "/input", H5T_NATIVE_FLOAT, 3, d3, data);
     r = run_mxq("cast", "--format", "mxint8", "--block", "32", in3, out, NULL);
     assert_one_line_error(&r, "has 3 dimensions");
 
     hsize_t d2[2] = {4, 6};
-    const char *inf64 = scratch("f64.h5");
+    const char *inf64 = tu_scratch_path("f64.h5");
     write_dataset(inf64, "/input", H5T_NATIVE_DOUBLE, 2, d2, ddata);
     r = run_mxq("cast", "--format", "mxint8", "--block", "32", inf64, out, NULL);
     assert_one_line_error(&r, "must be float32");
     assert_non_null(strstr(r.err, "8 bytes"));
 
-    const char *inint = scratch("i32.h5");
+    const char *inint = tu_scratch_path("i32.h5");
     write_dataset(inint, "/input", H5T_NATIVE_INT, 2, d2, idata);
     r = run_mxq("cast", "--format", "mxint8", "--block", "32", inint, out, NULL);
     assert_one_line_error(&r, "must be float32");
@@ -327,7 +319,7 @@ static void test_error_unwritable_output(void **state)
     assert_one_line_error(&r, "is a directory");
 
     /* a path under a regular file */
-    const char *file = scratch("plainfile");
+    const char *file = tu_scratch_path("plainfile");
     FILE *f = fopen(file, "w");
     fclose(f);
     char under[600];
@@ -346,7 +338,7 @@ static void test_error_arguments(void **state)
     assert_one_line_error(&r, "unknown option '--bogus'");
     r = run_mxq("cast", "--format", NULL);
     assert_one_line_error(&r, "needs a value");
-    r = run_mxq("cast", "--block", "32", good_input(), scratch("x.h5"), NULL);
+    r = run_mxq("cast", "--block", "32", good_input(), tu_scratch_path("x.h5"), NULL);
     assert_one_line_error(&r, "--format is required");
 }
 
@@ -354,7 +346,7 @@ static void test_error_arguments(void **state)
 static void test_failed_cast_keeps_previous_output(void **state)
 {
     (void)state;
-    const char *out = scratch("keep.h5");
+    const char *out = tu_scratch_path("keep.h5");
     run_result r = run_mxq("cast", "-f", "mxint8", "-b", "32", "--quiet", good_input(), out, NULL);
     assert_int_equal(r.exit_code, 0);
     struct stat before;

@@ -30,24 +30,12 @@ typedef struct {
 
 typedef enum { JOB_EVAL, JOB_QUANTIZE_FP, JOB_QUANTIZE_SEQ } job_kind;
 
-static const char *scratch(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static const char *scratch(const char *fmt, ...)
-{
-    char name[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(name, sizeof(name), fmt, ap);
-    va_end(ap);
-    char *p = malloc(512);
-    snprintf(p, 512, "%s/%s", tu_scratch_dir(), name);
-    return p;
-}
 
 /* Small but complete jobs: several micro-batches, so a failure midway
  * through a pipeline leaves messages in flight. */
 static const char *recipe(int sequential)
 {
-    const char *path = scratch("faults-%s.yaml", sequential ? "seq" : "fp");
+    const char *path = tu_scratch_path("faults-%s.yaml", sequential ? "seq" : "fp");
     char text[512];
     snprintf(text, sizeof(text),
              "weights: {format: mxint4, block: 32}\nactivations: {format: mxint8, block: 32}\n"
@@ -107,7 +95,7 @@ static void add_step(step_info *steps, int *n, const char *name, int rank)
 static int list_steps(job_kind kind, int ranks, step_info *steps)
 {
     const char *argv[MAX_ARGS];
-    const char *out = scratch("faults-list-%d-%d%s", kind, ranks, kind == JOB_EVAL ? ".json" : "");
+    const char *out = tu_scratch_path("faults-list-%d-%d%s", kind, ranks, kind == JOB_EVAL ? ".json" : "");
     job_argv(argv, kind, ranks, "list", out);
     tu_run_result r;
     tu_run(argv, &r);
@@ -174,7 +162,7 @@ static void walk(job_kind kind, int ranks, int every_rank, const char *label)
             victims[n] = steps[i].reached_by[k];
             step_of[n] = i;
             snprintf(faults[n], sizeof(faults[n]), "%d:%.95s", victims[n], steps[i].name);
-            outs[n] = scratch("faults-%d-%d-%d%s", kind, ranks, n, kind == JOB_EVAL ? ".json" : "");
+            outs[n] = tu_scratch_path("faults-%d-%d-%d%s", kind, ranks, n, kind == JOB_EVAL ? ".json" : "");
             job_argv(argv_store[n], kind, ranks, faults[n], outs[n]);
             argvs[n] = argv_store[n];
             n++;

@@ -74,18 +74,6 @@ static void expect_refused(const char *what, const tu_run_result *r, const char 
 
 /* ---- files --------------------------------------------------------------------- */
 
-static const char *scratch(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static const char *scratch(const char *fmt, ...)
-{
-    char name[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(name, sizeof(name), fmt, ap);
-    va_end(ap);
-    char *p = malloc(1024);
-    snprintf(p, 1024, "%s/%s", tu_scratch_dir(), name);
-    return p;
-}
 
 /* What a file is: type, device and content hash; "absent" if missing. */
 static void fingerprint(const char *path, char *out, size_t size)
@@ -144,7 +132,7 @@ static void copy_file(const char *from, const char *to)
  * one config.json key (NULL: unchanged). */
 static const char *model_copy(const char *name, const char *key, json_t *value)
 {
-    const char *dir = scratch("%s", name);
+    const char *dir = tu_scratch_path("%s", name);
     char from[1024], to[1024];
     mkdir(dir, 0755);
     snprintf(to, sizeof(to), "%s/model.safetensors", dir);
@@ -183,7 +171,7 @@ static void poke_weight(const char *dir, const char *tensor, size_t index, float
 
 static const char *write_text(const char *name, const char *text)
 {
-    const char *path = scratch("%s", name);
+    const char *path = tu_scratch_path("%s", name);
     tu_write_file(path, text, strlen(text));
     return path;
 }
@@ -198,7 +186,7 @@ static const char *recipe(const char *name)
 static const char *h5_matrix(const char *name, const char *dataset, hid_t type, size_t rows, size_t cols,
                              const void *data)
 {
-    const char *path = scratch("%s", name);
+    const char *path = tu_scratch_path("%s", name);
     hid_t f = access(path, F_OK) == 0 ? H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT)
                                       : H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     hsize_t dims[2] = {rows, cols};
@@ -210,7 +198,7 @@ static const char *h5_matrix(const char *name, const char *dataset, hid_t type, 
 /* A 2-D float32 /input for cast, and a /W + /X for quantize-linear. */
 static const char *cast_input(const char *name)
 {
-    unlink(scratch("%s", name));
+    unlink(tu_scratch_path("%s", name));
     float x[8 * 64];
     tu_rng rng = {5};
     for (size_t i = 0; i < 8 * 64; i++)
@@ -220,7 +208,7 @@ static const char *cast_input(const char *name)
 
 static const char *linear_input(const char *name, int nan_in_h)
 {
-    unlink(scratch("%s", name));
+    unlink(tu_scratch_path("%s", name));
     float w[16 * 64];
     double h[64 * 64];
     tu_rng rng = {9};
@@ -264,7 +252,7 @@ static void test_quantize_linear_onto_its_input(void **state)
 static void test_eval_json_onto_the_token_file(void **state)
 {
     (void)state;
-    const char *tokens = scratch("tokens-copy.h5");
+    const char *tokens = tu_scratch_path("tokens-copy.h5");
     copy_file(tu_data_path("stories260K/eval.h5"), tokens);
     const char *keep[] = {tokens, NULL};
     snapshot s;
@@ -296,7 +284,7 @@ static void test_eval_json_onto_the_model_config(void **state)
 static void cast_onto_device(const char *system_device, unsigned minor)
 {
     const char *device = system_device;
-    const char *own = scratch("dev-%u", minor);
+    const char *own = tu_scratch_path("dev-%u", minor);
     unlink(own);
     if (geteuid() == 0 && mknod(own, S_IFCHR | 0666, makedev(1, minor)) == 0)
         device = own;
@@ -325,7 +313,7 @@ static void test_cast_onto_dev_full(void **state)
 static void cast_onto_alias(int kind)
 {
     const char *in = cast_input("alias-in.h5");
-    const char *out = scratch("alias-%d.h5", kind), *sub = scratch("alias-sub");
+    const char *out = tu_scratch_path("alias-%d.h5", kind), *sub = tu_scratch_path("alias-sub");
     char dotdot[1024];
     unlink(out);
     mkdir(sub, 0755);
@@ -383,7 +371,7 @@ static void test_force_keeps_another_model(void **state)
 static void test_force_removes_a_killed_runs_temporaries(void **state)
 {
     (void)state;
-    const char *out = scratch("force-out");
+    const char *out = tu_scratch_path("force-out");
     const char *args_model = tu_data_path("stories260K"), *calib = tu_data_path("stories260K/calib.h5");
     tu_run_result r = run_mxq(2, "quantize", "--model", args_model, "--calib", calib, "--recipe",
                               recipe("w4a8-mxint-rtn"), "--out", out, "-q", NULL);
@@ -418,7 +406,7 @@ static const char *fifo(const char *path)
 static void test_fifo_as_model_weights(void **state)
 {
     (void)state;
-    const char *dir = scratch("fifo-weights");
+    const char *dir = tu_scratch_path("fifo-weights");
     char path[1024];
     mkdir(dir, 0755);
     snprintf(path, sizeof(path), "%s/config.json", dir);
@@ -433,7 +421,7 @@ static void test_fifo_as_model_weights(void **state)
 static void test_fifo_as_config(void **state)
 {
     (void)state;
-    const char *dir = scratch("fifo-config");
+    const char *dir = tu_scratch_path("fifo-config");
     char path[1024];
     mkdir(dir, 0755);
     snprintf(path, sizeof(path), "%s/model.safetensors", dir);
@@ -449,7 +437,7 @@ static void test_fifo_as_token_file(void **state)
 {
     (void)state;
     tu_run_result r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens",
-                              fifo(scratch("fifo-tokens.h5")), "--limit", "2", NULL);
+                              fifo(tu_scratch_path("fifo-tokens.h5")), "--limit", "2", NULL);
     expect_refused("FIFO as the token file", &r, "fifo-tokens.h5", "FIFO");
 }
 
@@ -457,8 +445,8 @@ static void test_fifo_as_recipe(void **state)
 {
     (void)state;
     tu_run_result r = run_mxq(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
-                              tu_data_path("stories260K/calib.h5"), "--recipe", fifo(scratch("fifo-recipe.yaml")),
-                              "--out", scratch("fifo-out"), NULL);
+                              tu_data_path("stories260K/calib.h5"), "--recipe", fifo(tu_scratch_path("fifo-recipe.yaml")),
+                              "--out", tu_scratch_path("fifo-out"), NULL);
     expect_refused("FIFO as the recipe", &r, "fifo-recipe.yaml", "FIFO");
 }
 
@@ -476,7 +464,7 @@ static void test_huge_layer_count(void **state)
 static void expect_quantize_refused(const char *what, const char *model, const char *recipe_name, const char *frag1,
                                     const char *frag2)
 {
-    const char *out = scratch("nonfinite-%s", recipe_name);
+    const char *out = tu_scratch_path("nonfinite-%s", recipe_name);
     tu_run_result r = run_mxq(2, "quantize", "--model", model, "--calib", tu_data_path("stories260K/calib.h5"),
                               "--recipe", recipe(recipe_name), "--out", out, "-q", NULL);
     expect_refused(what, &r, frag1, frag2);
@@ -568,10 +556,10 @@ static void test_quantize_linear_nan_hessian(void **state)
 {
     (void)state;
     const char *in = linear_input("lin-nan-h.h5", 1);
-    tu_run_result r = run_mxq(0, "quantize-linear", "--recipe", recipe("w4a8-mxint-gptq"), in, scratch("lin-nan-out.h5"),
+    tu_run_result r = run_mxq(0, "quantize-linear", "--recipe", recipe("w4a8-mxint-gptq"), in, tu_scratch_path("lin-nan-out.h5"),
                               NULL);
     expect_refused("quantize-linear with a NaN in /H", &r, "/H", "[5, 7]");
-    assert_false(access(scratch("lin-nan-out.h5"), F_OK) == 0);
+    assert_false(access(tu_scratch_path("lin-nan-out.h5"), F_OK) == 0);
 }
 
 /* ---- failures found only after the work --------------------------------------------- */
@@ -619,7 +607,7 @@ static tu_run_result run_unwritable(const char *dir, int quantize, const char *j
 static void test_unwritable_out_dir_found_first(void **state)
 {
     (void)state;
-    const char *dir = scratch("unwritable-out");
+    const char *dir = tu_scratch_path("unwritable-out");
     tu_run_result r = run_unwritable(dir, 1, NULL);
     expect_refused("quantize --out <unwritable directory>", &r, "unwritable-out", NULL);
     if (strstr(r.err, "calibration:") || strstr(r.err, "layer 0"))
@@ -629,7 +617,7 @@ static void test_unwritable_out_dir_found_first(void **state)
 static void test_unwritable_json_found_first(void **state)
 {
     (void)state;
-    const char *dir = scratch("unwritable-json");
+    const char *dir = tu_scratch_path("unwritable-json");
     char json[1200];
     snprintf(json, sizeof(json), "%s/eval.json", dir);
     tu_run_result r = run_unwritable(dir, 0, json);
@@ -676,7 +664,7 @@ static void test_disk_full_cast(void **state)
         x[i] = (float)(i % 97) - 48.0f;
     const char *in = h5_matrix("big-in.h5", "/input", H5T_NATIVE_FLOAT, 512, 512, x);
     free(x);
-    const char *dir = scratch("full-cast");
+    const char *dir = tu_scratch_path("full-cast");
     char args[2048];
     snprintf(args, sizeof(args), "cast --format mxint4 --block 32 '%s' '%s/out.h5'", in, dir);
     tu_run_result r = run_out_of_space(dir, args);
@@ -686,7 +674,7 @@ static void test_disk_full_cast(void **state)
 static void test_disk_full_quantize(void **state)
 {
     (void)state;
-    const char *dir = scratch("full-quantize");
+    const char *dir = tu_scratch_path("full-quantize");
     char args[2048];
     snprintf(args, sizeof(args), "quantize --model '%s' --calib '%s' --recipe '%s' --out '%s/q' -q",
              tu_data_path("stories260K"), tu_data_path("stories260K/calib.h5"), recipe("w8a8-mxint-rtn"), dir);
@@ -697,7 +685,7 @@ static void test_disk_full_quantize(void **state)
 static tu_run_result linear_with_recipe(const char *name, const char *text)
 {
     return run_mxq(0, "quantize-linear", "--recipe", write_text(name, text), linear_input("lin-recipe.h5", 0),
-                   scratch("lin-recipe-out.h5"), NULL);
+                   tu_scratch_path("lin-recipe-out.h5"), NULL);
 }
 
 static void test_empty_recipe(void **state)
@@ -768,7 +756,7 @@ static void test_config_with_fewer_layers(void **state)
 static void test_dry_run_totals(void **state)
 {
     (void)state;
-    const char *dir = scratch("plan-only");
+    const char *dir = tu_scratch_path("plan-only");
     char path[1024];
     mkdir(dir, 0755);
     json_t *cfg = json_load_file(tu_data_path("stories260K/config.json"), 0, NULL);

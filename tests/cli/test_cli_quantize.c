@@ -52,12 +52,6 @@ static const char *recipe(const char *name)
     return tu_data_path(rel);
 }
 
-static const char *scratch(const char *name)
-{
-    char *p = malloc(512);
-    snprintf(p, 512, "%s/%s", tu_scratch_dir(), name);
-    return p;
-}
 
 static int exists(const char *dir, const char *name)
 {
@@ -93,7 +87,7 @@ static const char *checkpoint(const char *recipe_name, int ranks)
             return made[i].dir;
     char name[128];
     snprintf(name, sizeof(name), "ckpt-%s-n%d", recipe_name, ranks);
-    const char *dir = scratch(name);
+    const char *dir = tu_scratch_path("%s", name);
     quantize_ok(ranks, recipe_name, dir);
     assert_true(n_made < 32);
     snprintf(made[n_made].recipe, sizeof(made[0].recipe), "%s", recipe_name);
@@ -170,7 +164,7 @@ static void test_same_bytes_any_rank_count(void **state)
     assert_same_tensors(out[0], out[1]);
     assert_same_tensors(out[0], out[2]);
     /* statistics of 2 layers at a time: 3 calibration passes on one rank */
-    const char *windowed = scratch("q-n1-window2");
+    const char *windowed = tu_scratch_path("q-n1-window2");
     tu_run_result r = run_mpi(1, "quantize", "--model", tu_data_path("stories260K"), "--calib",
                               tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-awq-gptq"), "--out",
                               windowed, "--stats-layers", "2", NULL);
@@ -271,10 +265,10 @@ static void test_sequential_mode(void **state)
     assert_non_null(p);
     char seq[4096];
     snprintf(seq, sizeof(seq), "%.*smode: sequential%s", (int)(p - text), text, p + strlen("mode: fp"));
-    const char *path = scratch("seq.yaml");
+    const char *path = tu_scratch_path("seq.yaml");
     tu_write_file(path, seq, strlen(seq));
     free(text);
-    const char *out[2] = {scratch("seq-n1"), scratch("seq-n3")};
+    const char *out[2] = {tu_scratch_path("seq-n1"), tu_scratch_path("seq-n3")};
     for (int i = 0; i < 2; i++) {
         tu_run_result r = run_mpi(i ? 3 : 1, "quantize", "--model", tu_data_path("stories260K"), "--calib",
                                   tu_data_path("stories260K/calib.h5"), "--recipe", path, "--out", out[i], "--force",
@@ -293,13 +287,13 @@ static void test_sequential_mode(void **state)
 static void test_dry_run(void **state)
 {
     (void)state;
-    const char *out = scratch("dry");
+    const char *out = tu_scratch_path("dry");
     tu_run_result r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
                               tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-awq-gptq"), "--out",
                               out, "--dry-run", NULL);
     if (r.exit_code != 0)
         fail_msg("dry run failed: %s", r.err);
-    print_message("# %s", r.out);
+    print_message("# %.*s\n", (int)strcspn(r.out, "\n"), r.out);
     assert_non_null(strstr(r.out, "[0, "));
     assert_non_null(strstr(r.out, "total MB"));
     assert_false(access(out, F_OK) == 0);
@@ -321,7 +315,7 @@ static void expect_failure(const char *what, const char *recipe_path, const char
 
 static const char *write_recipe(const char *name, const char *text)
 {
-    const char *path = scratch(name);
+    const char *path = tu_scratch_path("%s", name);
     tu_write_file(path, text, strlen(text));
     return path;
 }
@@ -333,19 +327,19 @@ static void test_errors_bad_recipes(void **state)
     expect_failure("unknown key",
                    write_recipe("bad-key.yaml", "weights: {format: mxint4, block: 32}\nalgorithms:\n"
                                                 "  - gptq: {block: 128, dampening: 0.01}\n"),
-                   calib, scratch("bad-key-out"), ":3:", 0);
+                   calib, tu_scratch_path("bad-key-out"), ":3:", 0);
     expect_failure("unknown format", write_recipe("bad-format.yaml", "weights: {format: mxint5, block: 32}\n"), calib,
-                   scratch("bad-format-out"), "mxint5", 0);
+                   tu_scratch_path("bad-format-out"), "mxint5", 0);
     expect_failure("unknown algorithm",
                    write_recipe("bad-algo.yaml", "weights: {format: mxint4, block: 32}\nalgorithms:\n  - spqr: {}\n"),
-                   calib, scratch("bad-algo-out"), "spqr", 0);
-    assert_false(access(scratch("bad-key-out"), F_OK) == 0);
+                   calib, tu_scratch_path("bad-algo-out"), "spqr", 0);
+    assert_false(access(tu_scratch_path("bad-key-out"), F_OK) == 0);
 }
 
 static void test_error_output_not_empty(void **state)
 {
     (void)state;
-    const char *out = scratch("not-empty");
+    const char *out = tu_scratch_path("not-empty");
     mkdir(out, 0777);
     char keep[1024];
     snprintf(keep, sizeof(keep), "%s/notes.txt", out);
@@ -357,7 +351,7 @@ static void test_error_output_not_empty(void **state)
     assert_string_equal(kept, "mine\n");
     free(kept);
     /* never into the input model, even with --force (on a copy of it) */
-    const char *copy = scratch("model-copy");
+    const char *copy = tu_scratch_path("model-copy");
     const char *cp[] = {"cp", "-r", tu_data_path("stories260K"), copy, NULL};
     tu_run_result r;
     tu_run(cp, &r);
@@ -378,7 +372,7 @@ static void test_error_output_not_empty(void **state)
 
 static const char *write_tokens(const char *name, int n, int len)
 {
-    const char *path = scratch(name);
+    const char *path = tu_scratch_path("%s", name);
     int32_t *ids = malloc((size_t)n * len * sizeof(int32_t));
     for (int i = 0; i < n * len; i++)
         ids[i] = 1 + i % 400;
@@ -402,11 +396,11 @@ static void test_error_calibration_data(void **state)
     char samples[64];
     snprintf(samples, sizeof(samples), "samples: 4");
     const char *small = write_recipe("four.yaml", "weights: {format: mxint4, block: 32}\ncalibration: {samples: 4}\n");
-    expect_failure("calibration longer than the context", small, long_tokens, scratch("long-out"),
+    expect_failure("calibration longer than the context", small, long_tokens, tu_scratch_path("long-out"),
                    "max_position_embeddings", 0);
     expect_failure("fewer calibration samples than asked",
                    write_recipe("many.yaml", "weights: {format: mxint4, block: 32}\ncalibration: {samples: 1000}\n"),
-                   tu_data_path("stories260K/calib.h5"), scratch("many-out"), "samples = 1000", 0);
+                   tu_data_path("stories260K/calib.h5"), tu_scratch_path("many-out"), "samples = 1000", 0);
 }
 
 static void write_linear_h5(const char *path, const float *w, size_t out, size_t in, const float *x, size_t tokens,
@@ -461,14 +455,14 @@ static void test_quantize_linear(void **state)
         for (size_t i = 0; i < in; i++)
             for (size_t j = 0; j < in; j++)
                 h[i * in + j] += (double)x[t * in + i] * x[t * in + j];
-    const char *with_x = scratch("linear-x.h5"), *with_h = scratch("linear-h.h5");
+    const char *with_x = tu_scratch_path("linear-x.h5"), *with_h = tu_scratch_path("linear-h.h5");
     write_linear_h5(with_x, w, out, in, x, tokens, NULL);
     write_linear_h5(with_h, w, out, in, NULL, 0, h);
     const char *gptq = write_recipe("lin-gptq.yaml", "weights: {format: mxint4, block: 32}\nalgorithms:\n"
                                                      "  - gptq: {block: 128, microblock: 1}\n");
     double loss[2];
     for (int k = 0; k < 2; k++) {
-        const char *res = scratch(k ? "lin-out-h.h5" : "lin-out-x.h5");
+        const char *res = tu_scratch_path(k ? "lin-out-h.h5" : "lin-out-x.h5");
         tu_run_result r = run_linear(gptq, k ? with_h : with_x, res);
         if (r.exit_code != 0)
             fail_msg("quantize-linear failed: %s", r.err);
@@ -496,10 +490,10 @@ static void test_quantize_linear(void **state)
         free(q);
     }
     assert_true(fabs(loss[0] - loss[1]) <= 1e-6 * loss[0]);
-    tu_run_result r = run_linear(recipe("w4a8-mxint-awq"), with_h, scratch("lin-awq.h5"));
+    tu_run_result r = run_linear(recipe("w4a8-mxint-awq"), with_h, tu_scratch_path("lin-awq.h5"));
     assert_int_not_equal(r.exit_code, 0);
     assert_non_null(strstr(r.err, "/X"));
-    assert_false(access(scratch("lin-awq.h5"), F_OK) == 0);
+    assert_false(access(tu_scratch_path("lin-awq.h5"), F_OK) == 0);
     free(w);
     free(x);
     free(h);

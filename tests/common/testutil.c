@@ -103,6 +103,19 @@ const char *tu_scratch_dir(void)
     return dir;
 }
 
+const char *tu_scratch_path(const char *fmt, ...)
+{
+    char name[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof(name), fmt, ap);
+    va_end(ap);
+    char *p = malloc(1024);
+    assert_non_null(p);
+    snprintf(p, 1024, "%s/%s", tu_scratch_dir(), name);
+    return p;
+}
+
 static void slurp(const char *path, char *buf, size_t size)
 {
     buf[0] = '\0';

@@ -35,6 +35,8 @@ double tu_rng_normal(tu_rng *rng);
 
 /* A scratch directory unique to this test process, created on first use. */
 const char *tu_scratch_dir(void);
+/* "<scratch dir>/<printf(fmt, ...)>", a new string (never freed). */
+const char *tu_scratch_path(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* Run a program (argv[0] is looked up in PATH), capturing stdout and stderr. */
 typedef struct {
