@@ -30,6 +30,55 @@ static int is_plain_name(const char *name)
     return name[0] && !strchr(name, '/') && strcmp(name, ".") != 0 && strcmp(name, "..") != 0;
 }
 
+static mxq_status add_name(mxq_ctx *ctx, name_list *l, const char *name)
+{
+    mxq_status status = MXQ_OK;
+    for (size_t i = 0; i < l->n; i++)
+        if (strcmp(l->names[i], name) == 0)
+            return MXQ_OK;
+    char **names = realloc(l->names, (l->n + 1) * sizeof(char *));
+    CHECK_ALLOC(ctx, names, (l->n + 1) * sizeof(char *), "the record of mxq's files");
+    l->names = names;
+    l->names[l->n] = strdup(name);
+    CHECK_ALLOC(ctx, l->names[l->n], strlen(name) + 1, "a file name");
+    l->n++;
+fail:
+    return status;
+}
+
+/* A checkpoint mxq wrote before it kept records: its index says
+ * "format": "mxq"; its files are the shards the index names, the index,
+ * config.json and the report. Anything else: no record. */
+static mxq_status read_legacy_record(mxq_ctx *ctx, const char *dir, name_list *out)
+{
+    mxq_status status = MXQ_OK;
+    char path[4352];
+    json_t *index = NULL;
+    snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
+    if (access(path, F_OK) != 0 || mxq_json_read(ctx, path, "checkpoint index", &index) != MXQ_OK) {
+        mxq_error_clear(ctx); /* not ours to judge: without a record nothing is removed */
+        return MXQ_OK;
+    }
+    const char *format = json_string_value(json_object_get(json_object_get(index, "metadata"), "format"));
+    json_t *map = json_object_get(index, "weight_map");
+    if (!format || strcmp(format, "mxq") != 0 || !json_is_object(map))
+        goto fail;
+    const char *key;
+    json_t *value;
+    json_object_foreach(map, key, value)
+    {
+        const char *shard = json_string_value(value);
+        if (shard && is_plain_name(shard))
+            CALL(ctx, add_name(ctx, out, shard));
+    }
+    CALL(ctx, add_name(ctx, out, "model.safetensors.index.json"));
+    CALL(ctx, add_name(ctx, out, "config.json"));
+    CALL(ctx, add_name(ctx, out, "mxq_report.json"));
+fail:
+    json_decref(index);
+    return status;
+}
+
 /* The record of an earlier run; an absent record is an empty one. */
 static mxq_status read_record(mxq_ctx *ctx, const char *dir, name_list *out)
 {
@@ -39,19 +88,15 @@ static mxq_status read_record(mxq_ctx *ctx, const char *dir, name_list *out)
     memset(out, 0, sizeof(*out));
     snprintf(path, sizeof(path), "%s/%s", dir, MXQ_RECORD_NAME);
     if (access(path, F_OK) != 0)
-        return MXQ_OK;
+        return read_legacy_record(ctx, dir, out);
     CALL(ctx, mxq_json_read(ctx, path, "record of mxq's files", &root));
     json_t *files = json_object_get(root, "files");
     CHECK(ctx, json_is_array(files), MXQ_ERR_FORMAT, "%s: no 'files' list (remove it if mxq did not write it)", path);
-    out->names = calloc(json_array_size(files) + 1, sizeof(char *));
-    CHECK_ALLOC(ctx, out->names, json_array_size(files) * sizeof(char *), "the record of mxq's files");
     for (size_t i = 0; i < json_array_size(files); i++) {
         const char *name = json_string_value(json_array_get(files, i));
         CHECK(ctx, name && is_plain_name(name), MXQ_ERR_FORMAT, "%s: entry %zu is not a file name in that directory",
               path, i);
-        out->names[out->n] = strdup(name);
-        CHECK_ALLOC(ctx, out->names[out->n], strlen(name) + 1, "a file name");
-        out->n++;
+        CALL(ctx, add_name(ctx, out, name));
     }
 fail:
     json_decref(root);
