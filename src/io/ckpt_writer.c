@@ -46,22 +46,38 @@ fail:
     return status;
 }
 
-/* A checkpoint mxq wrote before it kept records: its index says
- * "format": "mxq"; its files are the shards the index names, the index,
- * config.json and the report. Anything else: no record. */
+/* A JSON file of dir, or NULL (absent or unreadable: then it is not
+ * evidence of anything). */
+static json_t *read_optional_json(mxq_ctx *ctx, const char *dir, const char *name)
+{
+    char path[4352];
+    json_t *value = NULL;
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    if (access(path, F_OK) == 0 && mxq_json_read(ctx, path, name, &value) != MXQ_OK) {
+        mxq_error_clear(ctx);
+        value = NULL;
+    }
+    return value;
+}
+
+/* A directory mxq wrote before it kept records: a checkpoint whose index
+ * says "format": "mxq" (its shards, the index, config.json, the report), or
+ * a synthetic model whose config.json says "mxq_synthetic" (model.safetensors
+ * or the shards its index names, the index, config.json). Anything else:
+ * no record, and nothing will be removed. */
 static mxq_status read_legacy_record(mxq_ctx *ctx, const char *dir, name_list *out)
 {
     mxq_status status = MXQ_OK;
-    char path[4352];
-    json_t *index = NULL;
-    snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
-    if (access(path, F_OK) != 0 || mxq_json_read(ctx, path, "checkpoint index", &index) != MXQ_OK) {
-        mxq_error_clear(ctx); /* not ours to judge: without a record nothing is removed */
-        return MXQ_OK;
-    }
+    json_t *index = read_optional_json(ctx, dir, "model.safetensors.index.json");
+    json_t *config = read_optional_json(ctx, dir, "config.json");
     const char *format = json_string_value(json_object_get(json_object_get(index, "metadata"), "format"));
     json_t *map = json_object_get(index, "weight_map");
-    if (!format || strcmp(format, "mxq") != 0 || !json_is_object(map))
+    int quantized = format && strcmp(format, "mxq") == 0, synthetic = json_object_get(config, "mxq_synthetic") != NULL;
+    if (!quantized && !synthetic)
+        goto fail;
+    CALL(ctx, add_name(ctx, out, "config.json"));
+    CALL(ctx, add_name(ctx, out, quantized ? "mxq_report.json" : "model.safetensors"));
+    if (!json_is_object(map))
         goto fail;
     const char *key;
     json_t *value;
@@ -72,10 +88,9 @@ static mxq_status read_legacy_record(mxq_ctx *ctx, const char *dir, name_list *o
             CALL(ctx, add_name(ctx, out, shard));
     }
     CALL(ctx, add_name(ctx, out, "model.safetensors.index.json"));
-    CALL(ctx, add_name(ctx, out, "config.json"));
-    CALL(ctx, add_name(ctx, out, "mxq_report.json"));
 fail:
     json_decref(index);
+    json_decref(config);
     return status;
 }
 
