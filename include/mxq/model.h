@@ -154,9 +154,6 @@ typedef struct {
     void *user;
 } mxq_observer;
 
-/* n floats, 64-byte aligned (free() them): weights and activations. */
-float *mxq_alloc_floats(size_t n);
-
 /* Scratch space for a forward pass over up to max_seqs sequences of seq_len. */
 typedef struct mxq_workspace mxq_workspace;
 mxq_status mxq_workspace_create(mxq_ctx *ctx, const mxq_model_config *cfg, int max_seqs, int seq_len,

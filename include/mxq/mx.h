@@ -99,21 +99,6 @@ mxq_kernel mxq_kernel_resolve(mxq_kernel kernel);
 /* Validates format, block range, rounding and kernel availability. */
 mxq_status mxq_mx_spec_check(mxq_ctx *ctx, const mxq_mx_spec *spec);
 
-/* The text form of a spec, one serializer for every place a spec is read
- * or written (recipes, config.json's quantization_config): its fields are
- * format, block (an integer) and rounding, in that order. */
-#define MXQ_MX_SPEC_FIELDS 3
-const char *mxq_mx_spec_field_key(int i);
-int mxq_mx_spec_field_is_int(int i);
-/* format none, block 32, rounding even, kernel auto */
-void mxq_mx_spec_default(mxq_mx_spec *spec);
-/* Set field `key` from its text ("none" leaves the format NULL). Errors read
- * "<where>: unknown key 'x' in <what> (valid: format block rounding)". */
-mxq_status mxq_mx_spec_set_field(mxq_ctx *ctx, mxq_mx_spec *spec, const char *key, const char *text, const char *where,
-                                 const char *what);
-/* Field i as text (the block as a decimal integer). */
-void mxq_mx_spec_field_text(const mxq_mx_spec *spec, int i, char *buf, size_t size);
-
 static inline size_t mxq_mx_blocks_per_row(size_t cols, int block)
 {
     return (cols + (size_t)block - 1) / (size_t)block;

@@ -91,9 +91,6 @@ typedef struct {
 
 mxq_status mxq_st_write_file(mxq_ctx *ctx, const char *path, const mxq_tensor_write *tensors, size_t count);
 
-/* "[4096, 11008]" for messages. */
-void mxq_shape_text(char *buf, size_t size, int rank, const int64_t *shape);
-
 float mxq_bf16_to_f32(uint16_t bits);
 uint16_t mxq_f32_to_bf16(float value); /* round to nearest even; NaN stays NaN */
 float mxq_f16_to_f32(uint16_t bits);

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "core/check.h"
+#include "formats/mx_spec.h"
 #include "io/fsutil.h"
 #include "mxq/recipe.h"
 

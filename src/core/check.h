@@ -53,34 +53,6 @@
     CHECK(ctx, (ptr), MXQ_ERR_NOMEM, "out of memory allocating %zu bytes for %s", \
           (size_t)(bytes), (what))
 
-/* HDF5 calls return a negative value on failure. The HDF5 error stack's
- * innermost description is appended to the message. */
-void mxq_h5_error_set(mxq_ctx *ctx, const char *file, int line, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-#define CALL_H5(ctx, expr, ...)                                                   \
-    do {                                                                          \
-        if ((expr) < 0) {                                                         \
-            mxq_h5_error_set((ctx), __FILE__, __LINE__, __VA_ARGS__);             \
-            status = MXQ_ERR_HDF5;                                                \
-            goto fail;                                                            \
-        }                                                                         \
-    } while (0)
-
-/* MPI calls return MPI_SUCCESS (0) or an error class; the MPI error string
- * is appended. Defined in src/dist (needs mpi.h) but declared here so the
- * macro is available everywhere. */
-void mxq_mpi_error_set(mxq_ctx *ctx, int mpi_rc, const char *file, int line,
-                       const char *what);
-#define CALL_MPI(ctx, expr)                                                       \
-    do {                                                                          \
-        int mpi_rc_ = (expr);                                                     \
-        if (mpi_rc_ != 0) {                                                       \
-            mxq_mpi_error_set((ctx), mpi_rc_, __FILE__, __LINE__, #expr);         \
-            status = MXQ_ERR_MPI;                                                 \
-            goto fail;                                                            \
-        }                                                                         \
-    } while (0)
-
 /* LAPACK(E) routines report through `info`: <0 bad argument, >0 numerical
  * failure (e.g. matrix not positive definite at that minor). `what` names the
  * routine and the operand, e.g. "dpotrf of the Hessian of layers.3.mlp.up_proj". */

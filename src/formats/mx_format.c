@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/check.h"
+#include "formats/mx_spec.h"
 #include "formats/mx_kernels.h"
 #include "mxq/mx.h"
 
@@ -152,8 +153,10 @@ mxq_status mxq_mx_spec_set_field(mxq_ctx *ctx, mxq_mx_spec *spec, const char *ke
         CHECK(ctx, text && mxq_rounding_by_name(text, &spec->rounding) == 0, MXQ_ERR_FORMAT,
               "%s: unknown rounding '%s' in %s (valid: even nearest)", where, text ? text : "?", what);
     } else {
-        FAIL(ctx, MXQ_ERR_FORMAT, "%s: unknown key '%s' in %s (valid: format block rounding)", where, key ? key : "?",
-             what);
+        char valid[64] = "";
+        for (int i = 0; i < MXQ_MX_SPEC_FIELDS; i++)
+            snprintf(valid + strlen(valid), sizeof(valid) - strlen(valid), "%s%s", i ? " " : "", spec_fields[i].key);
+        FAIL(ctx, MXQ_ERR_FORMAT, "%s: unknown key '%s' in %s (valid: %s)", where, key ? key : "?", what, valid);
     }
 fail:
     return status;

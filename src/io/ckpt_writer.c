@@ -273,27 +273,18 @@ fail:
 void mxq_ckpt_dir_abandon(const char *dir, const char *const *planned, size_t n_planned, int created)
 {
     char path[4352];
-    DIR *d = NULL;
     for (size_t i = 0; i < n_planned; i++) {
         snprintf(path, sizeof(path), "%s/%s", dir, planned[i]);
         if (access(path, F_OK) == 0)
             return; /* something was completed: the record must stay */
     }
-    d = opendir(dir);
-    if (!d)
-        return;
-    for (struct dirent *e = readdir(d); e; e = readdir(d)) {
-        int ours = strcmp(e->d_name, MXQ_RECORD_NAME) == 0 || mxq_is_temp_name_of(e->d_name, MXQ_RECORD_NAME);
-        for (size_t i = 0; i < n_planned && !ours; i++)
-            ours = mxq_is_temp_name_of(e->d_name, planned[i]);
-        if (ours) {
-            snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
-            unlink(path);
-        }
-    }
-    closedir(d);
+    /* Each rank removes its own temporary (mxq_output_abort); here only
+     * the record goes, and the directory if this run made it and nothing
+     * else is left in it. */
+    snprintf(path, sizeof(path), "%s/%s", dir, MXQ_RECORD_NAME);
+    unlink(path);
     if (created)
-        rmdir(dir); /* fails, harmlessly, unless empty */
+        rmdir(dir);
 }
 
 mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, json_t *map, uint64_t total_size, const char *format,

@@ -24,9 +24,10 @@
 mxq_status mxq_ckpt_dir_prepare(mxq_ctx *ctx, const char *dir, int force, const char *const *planned,
                                 size_t n_planned, const mxq_input_set *inputs, int *created);
 
-/* After a failed run: if none of `planned` exists (nothing was completed),
- * remove the record and the temporaries of `planned`, and the directory
- * itself if this run created it and it is now empty. Best effort. */
+/* After a failed run that wrote its record: if none of `planned` exists
+ * (nothing was completed), remove the record, and the directory if this
+ * run created it and it is now empty. Best effort; each rank removes its
+ * own temporaries. */
 void mxq_ckpt_dir_abandon(const char *dir, const char *const *planned, size_t n_planned, int created);
 
 /* One shard: header and data of `tensors` into an output begun with

@@ -294,6 +294,22 @@ fail:
     return status;
 }
 
+/* The rename itself survives a crash only once the directory is on disk:
+ * outputs renamed in order (shards, then the index) stay in that order. */
+static void sync_directory_of(const char *path)
+{
+    char dir[4352];
+    const char *slash = strrchr(path, '/');
+    snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
+    if (!dir[0])
+        snprintf(dir, sizeof(dir), "/");
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
+}
+
 mxq_status mxq_output_commit(mxq_ctx *ctx, mxq_output *out)
 {
     mxq_status status = MXQ_OK;
@@ -310,6 +326,7 @@ mxq_status mxq_output_commit(mxq_ctx *ctx, mxq_output *out)
           out->temp_path, out->final_path, strerror(errno));
     free(out->temp_path);
     out->temp_path = NULL;
+    sync_directory_of(out->final_path);
 fail:
     return status;
 }

@@ -1,4 +1,5 @@
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -6,24 +7,86 @@
 #include "core/check.h"
 #include "io/h5io.h"
 
-void mxq_h5_silence_errors(void)
+struct h5_walk_state {
+    char text[512];
+    int sys_errno; /* from a "errno = N" in some frame's description, 0 if none */
+};
+
+static herr_t h5_walk_innermost(unsigned n, const H5E_error2_t *err, void *data)
 {
+    struct h5_walk_state *state = data;
+    /* The stack walk goes from the innermost frame (n = 0) outward; the
+     * innermost description is the most specific ("unable to open file").
+     * A failed system call is described by a multi-line dump holding
+     * "errno = 28"; the user needs strerror(28), not the dump. */
+    const char *at = err->desc ? strstr(err->desc, "errno = ") : NULL;
+    if (at && !state->sys_errno)
+        state->sys_errno = atoi(at + 8);
+    if (n == 0 && err->desc && err->desc[0]) {
+        snprintf(state->text, sizeof(state->text), "%s", err->desc);
+        state->text[strcspn(state->text, "\n:")] = '\0';
+    }
+    return 0;
+}
+
+void mxq_h5_error_set(mxq_ctx *ctx, const char *file, int line, const char *fmt, ...)
+{
+    char what[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof(what), fmt, ap);
+    va_end(ap);
+    struct h5_walk_state state = {{0}, 0};
+    H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, h5_walk_innermost, &state);
+    H5Eclear2(H5E_DEFAULT);
+    if (state.sys_errno > 0)
+        mxq_error_set(ctx, MXQ_ERR_IO, file, line, "%s: %s", what, strerror(state.sys_errno));
+    else if (state.text[0])
+        mxq_error_set(ctx, MXQ_ERR_HDF5, file, line, "%s (HDF5: %s)", what, state.text);
+    else
+        mxq_error_set(ctx, MXQ_ERR_HDF5, file, line, "%s", what);
+}
+
+void mxq_h5_quiet_begin(mxq_h5_quiet *q)
+{
+    if (H5Eget_auto2(H5E_DEFAULT, &q->func, &q->data) < 0) {
+        q->func = NULL;
+        q->data = NULL;
+    }
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+}
+
+void mxq_h5_quiet_end(const mxq_h5_quiet *q)
+{
+    H5Eset_auto2(H5E_DEFAULT, q->func, q->data);
+}
+
+/* The name under which HDF5 should open the file behind descriptor fd:
+ * /proc/self/fd/N is that very file even if its name has been swapped for a
+ * FIFO since it was checked; without /proc, the name itself. */
+static const char *fd_path(int fd, const char *path, char *buf, size_t size)
+{
+    snprintf(buf, size, "/proc/self/fd/%d", fd);
+    return access(buf, F_OK) == 0 ? buf : path;
 }
 
 mxq_status mxq_h5_open_read(mxq_ctx *ctx, const char *path, const char *what, hid_t *file_out)
 {
     mxq_status status = MXQ_OK;
+    int fd = -1;
+    char proc[64];
     *file_out = H5I_INVALID_HID;
-    mxq_h5_silence_errors();
-    CALL(ctx, mxq_input_check(ctx, path, what));
-    htri_t is_hdf5 = H5Fis_hdf5(path);
+    CALL(ctx, mxq_input_open(ctx, path, what, &fd));
+    const char *name = fd_path(fd, path, proc, sizeof(proc));
+    htri_t is_hdf5 = H5Fis_hdf5(name);
     H5Eclear2(H5E_DEFAULT);
     CHECK(ctx, is_hdf5 > 0, MXQ_ERR_FORMAT, "%s '%s' is not an HDF5 file", what, path);
-    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    hid_t file = H5Fopen(name, H5F_ACC_RDONLY, H5P_DEFAULT);
     CALL_H5(ctx, file, "cannot open %s '%s'", what, path);
     *file_out = file;
 fail:
+    if (fd >= 0)
+        close(fd);
     return status;
 }
 
@@ -176,11 +239,12 @@ mxq_status mxq_h5_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_i
 {
     mxq_status status = MXQ_OK;
     out->file = H5I_INVALID_HID;
-    mxq_h5_silence_errors();
     CALL(ctx, mxq_output_begin(ctx, final_path, inputs, &out->out));
-    /* HDF5 opens the temporary by name; the empty file is truncated. */
-    CALL(ctx, mxq_output_close_fd(ctx, &out->out));
-    out->file = H5Fcreate(out->out.temp_path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    /* HDF5 opens files by name: give it the one of the temporary just
+     * created (its descriptor stays open for the commit's fsync). */
+    char proc[64];
+    out->file = H5Fcreate(fd_path(out->out.fd, out->out.temp_path, proc, sizeof(proc)), H5F_ACC_TRUNC, H5P_DEFAULT,
+                          H5P_DEFAULT);
     CALL_H5(ctx, out->file, "cannot create '%s'", final_path);
     return MXQ_OK;
 fail:

@@ -11,9 +11,29 @@
 #include "io/fsutil.h"
 #include "mxq/core.h"
 
+/* HDF5 calls return a negative value on failure. The HDF5 error stack's
+ * innermost description is appended to the message, or, when a system call
+ * failed, the system's reason (errno) alone. */
+void mxq_h5_error_set(mxq_ctx *ctx, const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+#define CALL_H5(ctx, expr, ...)                                                   \
+    do {                                                                          \
+        if ((expr) < 0) {                                                         \
+            mxq_h5_error_set((ctx), __FILE__, __LINE__, __VA_ARGS__);             \
+            status = MXQ_ERR_HDF5;                                                \
+            goto fail;                                                            \
+        }                                                                         \
+    } while (0)
+
 /* HDF5 prints its own error stack to stderr by default; mxq reports errors
- * itself. Every function here turns that off first. */
-void mxq_h5_silence_errors(void);
+ * itself. A job that calls HDF5 turns that printing off for its duration
+ * and restores whatever the host program had set. */
+typedef struct {
+    H5E_auto2_t func;
+    void *data;
+} mxq_h5_quiet;
+void mxq_h5_quiet_begin(mxq_h5_quiet *q);
+void mxq_h5_quiet_end(const mxq_h5_quiet *q);
 
 /* Open an existing HDF5 file read-only; clear errors for a missing file, an
  * unreadable file, a file that is not regular (a FIFO would block) and a

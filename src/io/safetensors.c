@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "core/check.h"
+#include "io/shape_text.h"
 #include "io/ckpt_writer.h"
 #include "io/fsutil.h"
 #include "mxq/safetensors.h"
@@ -572,10 +573,12 @@ static mxq_status shard_header(mxq_ctx *ctx, const mxq_tensor_write *tensors, si
     for (size_t i = 0; i < count; i++) {
         const mxq_tensor_write *t = &tensors[i];
         json_t *shape = json_array();
-        CHECK_ALLOC(ctx, shape, 1, "a safetensors header");
-        for (int d = 0; d < t->rank; d++)
-            CHECK(ctx, json_array_append_new(shape, json_integer(t->shape[d])) == 0, MXQ_ERR_NOMEM,
-                  "cannot build the safetensors header entry of '%s'", t->name);
+        int ok = shape != NULL;
+        for (int d = 0; ok && d < t->rank; d++)
+            ok = json_array_append_new(shape, json_integer(t->shape[d])) == 0;
+        if (!ok)
+            json_decref(shape);
+        CHECK(ctx, ok, MXQ_ERR_NOMEM, "cannot build the safetensors header entry of '%s'", t->name);
         uint64_t nbytes = (uint64_t)write_numel(t) * mxq_dtype_size(t->dtype);
         json_t *entry = json_pack("{s:s, s:o, s:[I, I]}", "dtype", mxq_dtype_name(t->dtype), "shape", shape,
                                   "data_offsets", (json_int_t)offset, (json_int_t)(offset + nbytes));

@@ -57,6 +57,8 @@ fail:
 mxq_status mxq_tokens_read(mxq_ctx *ctx, const char *path, int limit, int vocab, mxq_tokens *out)
 {
     mxq_status status = MXQ_OK;
+    mxq_h5_quiet quiet;
+    mxq_h5_quiet_begin(&quiet);
     hid_t file = H5I_INVALID_HID, dset = H5I_INVALID_HID, space = H5I_INVALID_HID, memspace = H5I_INVALID_HID;
     hsize_t dims[2];
     memset(out, 0, sizeof(*out));
@@ -96,6 +98,7 @@ fail:
         H5Fclose(file);
     if (status != MXQ_OK)
         mxq_tokens_free(out);
+    mxq_h5_quiet_end(&quiet);
     return status;
 }
 

@@ -201,7 +201,10 @@ static void fp_run_free(fp_run *run)
     mxq_workspace_free(run->c.ws);
 }
 
-/* This rank's buffers (agreed by the caller). */
+static mxq_status start_pass(mxq_ctx *ctx, mxq_model *model, fp_run *run, int pass);
+
+/* This rank's buffers and the first pass's statistics (agreed by the
+ * caller). */
 static mxq_status fp_setup(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens, int batch,
                            fp_run *run)
 {
@@ -218,6 +221,7 @@ static mxq_status fp_setup(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model,
     run->p = (mxq_pipeline){dist,  tokens->n_seqs, tokens->seq_len, model->cfg.hidden, batch,
                             (tokens->n_seqs + batch - 1) / batch, "calibration", "calibrate.pipeline.midway",
                             calib_stage, &run->c, {run->p.buf[0], run->p.buf[1]}};
+    CALL(ctx, start_pass(ctx, model, run, 0));
 fail:
     return status;
 }
@@ -283,13 +287,10 @@ static mxq_status calibrate_fp(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
     fp_run run = {.n_local = model->last_layer - model->first_layer};
     run.c = (calib_state){model, tokens, NULL, NULL, model->first_layer, 0};
     int max_local = run.n_local;
-    CALL_MPI(ctx, MPI_Allreduce(&run.n_local, &max_local, 1, MPI_INT, MPI_MAX, dist->comm));
+    CALL_MPI(ctx, dist->comm, MPI_Allreduce(&run.n_local, &max_local, 1, MPI_INT, MPI_MAX, dist->comm));
     run.window = stats_layers > 0 && stats_layers < max_local ? stats_layers : max_local;
     run.passes = (max_local + run.window - 1) / run.window;
-    mxq_status local = fp_setup(ctx, dist, model, tokens, batch, &run);
-    if (local == MXQ_OK)
-        local = start_pass(ctx, model, &run, 0);
-    AGREE(ctx, dist, "calibrate.setup", local);
+    AGREE(ctx, dist, "calibrate.setup", fp_setup(ctx, dist, model, tokens, batch, &run));
     if (run.passes > 1 && dist->rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "calibration: %d passes, statistics of at most %d layer%s per rank at a time",
                 run.passes, run.window, run.window == 1 ? "" : "s");
@@ -354,7 +355,7 @@ static mxq_status seq_take_input(mxq_ctx *ctx, seq_run *s)
         MPI_Status st;
         int rc = MPI_Recv(x, seq_count(s, mb), MPI_FLOAT, s->dist->rank - 1, MPI_ANY_TAG, s->dist->comm, &st);
         received++; /* consumed, even if it failed (a truncated message is) */
-        CALL_MPI(ctx, rc);
+        CALL_MPI(ctx, s->dist->comm, rc);
         s->upstream_aborted = st.MPI_TAG == MXQ_TAG_ABORT;
         CHECK(ctx, !s->upstream_aborted, MXQ_ERR_REMOTE, "stopped because an upstream rank failed");
     }
@@ -410,7 +411,7 @@ static mxq_status seq_send_output(mxq_ctx *ctx, seq_run *s)
     for (int mb = 0; s->dist->rank + 1 < s->dist->size && mb < s->n_micro; mb++) {
         if (mb == s->n_micro / 2)
             CALL(ctx, mxq_fault_point(ctx, "sequential.send.midway"));
-        CALL_MPI(ctx, MPI_Send(s->store + (size_t)mb * s->mb_floats, seq_count(s, mb), MPI_FLOAT, s->dist->rank + 1,
+        CALL_MPI(ctx, s->dist->comm, MPI_Send(s->store + (size_t)mb * s->mb_floats, seq_count(s, mb), MPI_FLOAT, s->dist->rank + 1,
                                MXQ_TAG_DATA, s->dist->comm));
     }
 fail:

@@ -47,6 +47,8 @@ mxq_status mxq_cast_file(mxq_ctx *ctx, const mxq_mx_spec *spec, const char *in_p
                          const char *out_path)
 {
     mxq_status status = MXQ_OK;
+    mxq_h5_quiet quiet;
+    mxq_h5_quiet_begin(&quiet);
     hid_t in = H5I_INVALID_HID;
     cast_data c = {0};
     mxq_h5_output out = {H5I_INVALID_HID, {NULL, NULL, -1}};
@@ -92,5 +94,6 @@ fail:
     free(c.dequant);
     free(c.scales);
     free(c.packed);
+    mxq_h5_quiet_end(&quiet);
     return status;
 }

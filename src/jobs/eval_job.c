@@ -54,7 +54,6 @@ typedef struct {
     mxq_layer_result *results; /* --recipe: one per local layer */
     mxq_pipeline p;
     eval_stage e;
-    double t_load;
 } eval_job;
 
 static void eval_job_free(eval_job *j)
@@ -206,7 +205,7 @@ static mxq_status gather_result(mxq_ctx *ctx, eval_job *j, double seconds, mxq_e
             totals[2] = s;
     }
     totals[1] = (double)j->tokens.n_seqs * (j->tokens.seq_len - 1);
-    CALL_MPI(ctx, MPI_Bcast(totals, 3, MPI_DOUBLE, size - 1, j->dist.comm));
+    CALL_MPI(ctx, j->dist.comm, MPI_Bcast(totals, 3, MPI_DOUBLE, size - 1, j->dist.comm));
     CHECK_AGREED(ctx, &j->dist, "eval.result", totals[2] < 0, MXQ_ERR_FORMAT,
                  "sequence %.0f of '%s' gives a non-finite negative log-likelihood: the model's activations overflow "
                  "float32 (perplexity undefined)",

@@ -35,6 +35,8 @@ static mxq_status read_linear(mxq_ctx *ctx, hid_t in, const char *path, linear_d
     mxq_status status = MXQ_OK;
     size_t rows = 0, cols = 0;
     CALL(ctx, mxq_h5_read_f32_2d(ctx, in, path, "/W", &d->w, &d->out_f, &d->in_f));
+    CHECK(ctx, d->out_f <= MXQ_MAX_WIDTH && d->in_f <= MXQ_MAX_WIDTH, MXQ_ERR_FORMAT,
+          "'%s': /W is [%zu, %zu]; each side may be at most %d", path, d->out_f, d->in_f, MXQ_MAX_WIDTH);
     CALL(ctx, check_finite(ctx, path, "/W", d->w, 0, d->out_f, d->in_f));
     htri_t has_x = H5Lexists(in, "/X", H5P_DEFAULT), has_h = H5Lexists(in, "/H", H5P_DEFAULT);
     H5Eclear2(H5E_DEFAULT);
@@ -81,6 +83,8 @@ mxq_status mxq_quantize_linear_file(mxq_ctx *ctx, const char *recipe_path, int r
                                     const char *out_path)
 {
     mxq_status status = MXQ_OK;
+    mxq_h5_quiet quiet;
+    mxq_h5_quiet_begin(&quiet);
     mxq_recipe recipe;
     int have_recipe = 0;
     hid_t in = H5I_INVALID_HID;
@@ -123,5 +127,6 @@ fail:
     free(d.q);
     if (have_recipe)
         mxq_recipe_free(&recipe);
+    mxq_h5_quiet_end(&quiet);
     return status;
 }

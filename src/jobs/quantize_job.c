@@ -49,6 +49,7 @@ typedef struct {
     char (*planned)[64]; /* rank 0: the files of the output directory */
     size_t n_planned;
     int created_out_dir; /* rank 0: this run made the directory */
+    int record_written;  /* rank 0: this run's record is in the directory */
     mxq_output shard_out;
     shard_list shard;
     double t_start, quant_seconds;
@@ -57,6 +58,8 @@ typedef struct {
     mxq_quantize_report report; /* rank 0 */
 } quantize_job;
 
+/* The rank that writes a tensor (layer indices were checked against the
+ * config when the job started). */
 static int owner_of_tensor(const char *name, const int *first, int size)
 {
     int layer;
@@ -259,6 +262,7 @@ static mxq_status prepare_out_dir(mxq_ctx *ctx, quantize_job *job)
         names[i] = job->planned[i];
     CALL(ctx, mxq_ckpt_dir_prepare(ctx, job->out_dir, job->opt->force, names, job->n_planned, &job->inputs,
                                    &job->created_out_dir));
+    job->record_written = 1;
 fail:
     free(names);
     return status;
@@ -268,7 +272,6 @@ fail:
 static void abandon_out_dir(quantize_job *job)
 {
     const char **names = calloc(job->n_planned + 1, sizeof(char *));
-    mxq_output_abort(&job->shard_out);
     if (!names)
         return;
     for (size_t i = 0; i < job->n_planned; i++)
@@ -333,6 +336,24 @@ fail:
     return status;
 }
 
+/* Everything after the checks: calibrate, quantize, write, commit. */
+static mxq_status write_checkpoint(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, load_and_quantize(ctx, job));
+    double t_write = mxq_time_now();
+    AGREE(ctx, &job->dist, "quantize.shard.write", write_shard(ctx, job));
+    CALL(ctx, mxq_quantize_report_gather(ctx, &job->dist, &job->report, job->packed_report, job->packed_len));
+    const double seconds[3] = {job->quant_seconds, mxq_time_now() - t_write, mxq_time_now() - job->t_start};
+    AGREE(ctx, &job->dist, "quantize.report",
+          job->dist.rank == 0 ? mxq_quantize_report_build(ctx, &job->report, &job->recipe, &job->cfg, job->model_dir,
+                                                          job->calib_path, job->recipe_path, seconds)
+                              : MXQ_OK);
+    CALL(ctx, commit(ctx, job));
+fail:
+    return status;
+}
+
 static void quantize_job_free(quantize_job *job)
 {
     mxq_quantize_report_free(&job->report);
@@ -368,26 +389,22 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
     job.t_start = mxq_time_now();
     CALL(ctx, mxq_dist_create(ctx, comm, &job.dist));
     AGREE(ctx, &job.dist, "quantize.setup", setup(ctx, &job));
-    if (options->dry_run) {
-        if (job.dist.rank == 0)
-            mxq_quantize_print_plan(ctx, &job.cfg, &job.recipe, job.first, job.dist.size,
-                                    job.batch < job.calib.n_seqs ? job.batch : job.calib.n_seqs, job.calib.seq_len,
-                                    job.calib.n_seqs, options->stats_layers);
-        goto fail; /* status OK: nothing else to do */
-    }
-    CALL(ctx, load_and_quantize(ctx, &job));
-    double t_write = mxq_time_now();
-    AGREE(ctx, &job.dist, "quantize.shard.write", write_shard(ctx, &job));
-    CALL(ctx, mxq_quantize_report_gather(ctx, &job.dist, &job.report, job.packed_report, job.packed_len));
-    const double seconds[3] = {job.quant_seconds, mxq_time_now() - t_write, mxq_time_now() - job.t_start};
-    AGREE(ctx, &job.dist, "quantize.report",
-          job.dist.rank == 0 ? mxq_quantize_report_build(ctx, &job.report, &job.recipe, &job.cfg, model_dir, calib_path,
-                                                         recipe_path, seconds)
-                             : MXQ_OK);
-    CALL(ctx, commit(ctx, &job));
+    if (options->dry_run && job.dist.rank == 0)
+        mxq_quantize_print_plan(ctx, &job.cfg, &job.recipe, job.first, job.dist.size,
+                                job.batch < job.calib.n_seqs ? job.batch : job.calib.n_seqs, job.calib.seq_len,
+                                job.calib.n_seqs, options->stats_layers);
+    if (!options->dry_run)
+        CALL(ctx, write_checkpoint(ctx, &job));
 fail:
-    if (status != MXQ_OK && job.planned)
-        abandon_out_dir(&job);
+    /* Every failure after mxq_dist_create is agreed (or aborts the job), so
+     * every rank is here: once each has removed its own temporary, rank 0
+     * may remove the record, and the directory if the run made it. */
+    if (status != MXQ_OK && job.dist.comm != MPI_COMM_NULL) {
+        mxq_output_abort(&job.shard_out);
+        MPI_Barrier(job.dist.comm);
+        if (job.record_written)
+            abandon_out_dir(&job);
+    }
     quantize_job_free(&job);
     return status;
 }

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "formats/mx_spec.h"
 #include "io/ckpt_writer.h"
 #include "jobs/quantize_report.h"
 
@@ -73,6 +74,8 @@ static mxq_status unpack_rank(mxq_ctx *ctx, mxq_quantize_report *rep, int r, con
     memcpy(&h, part, sizeof(h));
     size_t head = sizeof(h) + (size_t)h.n_records * sizeof(mxq_layer_record);
     CHECK(ctx, h.n_records >= 0 && len >= head, MXQ_ERR_INTERNAL, "the report of rank %d is truncated", r);
+    CHECK(ctx, rep->n_records + h.n_records <= rep->capacity, MXQ_ERR_INTERNAL,
+          "rank %d reports %d layers, more than the model has left", r, h.n_records);
     memcpy(rep->records + rep->n_records, part + sizeof(h), (size_t)h.n_records * sizeof(mxq_layer_record));
     rep->n_records += h.n_records;
     rep->peak_rss[r] = h.peak_rss;
@@ -81,9 +84,7 @@ static mxq_status unpack_rank(mxq_ctx *ctx, mxq_quantize_report *rep, int r, con
     for (const char *p = part + head, *end = part + len; p < end;) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
         CHECK(ctx, nl != NULL, MXQ_ERR_INTERNAL, "a tensor name of rank %d is truncated", r);
-        char name[512];
-        snprintf(name, sizeof(name), "%.*s", (int)(nl - p), p);
-        CHECK(ctx, json_object_set_new(rep->weight_map, name, json_string(shard)) == 0, MXQ_ERR_NOMEM,
+        CHECK(ctx, json_object_setn_new(rep->weight_map, p, (size_t)(nl - p), json_string(shard)) == 0, MXQ_ERR_NOMEM,
               "out of memory building the checkpoint index");
         p = nl + 1;
     }
@@ -97,6 +98,7 @@ static mxq_status unpack_all(mxq_ctx *ctx, mxq_quantize_report *rep, int n_layer
     const size_t *lens = rep->lens;
     mxq_status status = MXQ_OK;
     rep->records = calloc((size_t)n_layers + 1, sizeof(*rep->records));
+    rep->capacity = n_layers;
     rep->peak_rss = calloc((size_t)rep->size, sizeof(double));
     rep->weight_map = json_object();
     CHECK_ALLOC(ctx, rep->records && rep->peak_rss && rep->weight_map, (size_t)n_layers * sizeof(*rep->records),

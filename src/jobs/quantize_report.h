@@ -28,7 +28,7 @@ typedef struct {
     char *gathered;            /* every rank's packed part, in rank order */
     size_t *lens;              /* [size] bytes of each part */
     mxq_layer_record *records; /* [n_records], in layer order */
-    int n_records;
+    int n_records, capacity;
     double *peak_rss;          /* [size] bytes */
     json_t *weight_map;        /* tensor -> shard */
     uint64_t total_bytes;      /* tensor data of all shards */

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "core/check.h"
+#include "formats/mx_spec.h"
 #include "io/fsutil.h"
 #include "mxq/model.h"
 

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "core/check.h"
+#include "model/model_internal.h"
 #include "mxq/model.h"
 
 struct mxq_workspace {

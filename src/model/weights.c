@@ -5,6 +5,8 @@
 #include <string.h>
 
 #include "core/check.h"
+#include "model/model_internal.h"
+#include "io/shape_text.h"
 #include "mxq/model.h"
 
 
@@ -117,8 +119,8 @@ static mxq_status expect_no_extra_layers(mxq_ctx *ctx, mxq_checkpoint *ckpt, con
     CALL(ctx, mxq_checkpoint_names(ctx, ckpt, &names, &count));
     for (size_t i = 0; i < count; i++) {
         int layer;
-        CHECK(ctx, sscanf(names[i], "model.layers.%d.", &layer) != 1 || layer < cfg->n_layers, MXQ_ERR_FORMAT,
-              "the checkpoint in '%s' holds tensor '%s', but config.json says num_hidden_layers = %d",
+        CHECK(ctx, sscanf(names[i], "model.layers.%d.", &layer) != 1 || (layer >= 0 && layer < cfg->n_layers),
+              MXQ_ERR_FORMAT, "the checkpoint in '%s' holds tensor '%s', but config.json says num_hidden_layers = %d",
               mxq_checkpoint_dir(ckpt), names[i], cfg->n_layers);
     }
 fail:

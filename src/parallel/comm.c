@@ -6,16 +6,28 @@
 
 #include "parallel/parallel.h"
 
+void mxq_mpi_fatal(mxq_ctx *ctx, MPI_Comm comm, int mpi_rc, const char *file, int line, const char *what)
+{
+    char text[MPI_MAX_ERROR_STRING + 1] = {0};
+    int len = 0;
+    if (MPI_Error_string(mpi_rc, text, &len) != MPI_SUCCESS)
+        snprintf(text, sizeof(text), "MPI error code %d", mpi_rc);
+    mxq_error_clear(ctx);
+    mxq_error_set(ctx, MXQ_ERR_MPI, file, line, "%s failed: %s; aborting the job", what, text);
+    mxq_error_print(ctx, stderr, "mxq");
+    MPI_Abort(comm, 1);
+}
+
 mxq_status mxq_dist_create(mxq_ctx *ctx, MPI_Comm parent, mxq_dist *out)
 {
     mxq_status status = MXQ_OK;
     out->comm = MPI_COMM_NULL;
-    CALL_MPI(ctx, MPI_Comm_dup(parent, &out->comm));
-    CALL_MPI(ctx, MPI_Comm_rank(out->comm, &out->rank));
-    CALL_MPI(ctx, MPI_Comm_size(out->comm, &out->size));
-    /* Errors come back as return codes instead of aborting the job, so that
-     * they can be reported with context. */
-    CALL_MPI(ctx, MPI_Comm_set_errhandler(out->comm, MPI_ERRORS_RETURN));
+    CALL_MPI(ctx, parent, MPI_Comm_dup(parent, &out->comm));
+    CALL_MPI(ctx, parent, MPI_Comm_rank(out->comm, &out->rank));
+    CALL_MPI(ctx, parent, MPI_Comm_size(out->comm, &out->size));
+    /* Errors come back as return codes, so that mxq_mpi_fatal can say which
+     * call failed, where, before it aborts. */
+    CALL_MPI(ctx, parent, MPI_Comm_set_errhandler(out->comm, MPI_ERRORS_RETURN));
     mxq_ctx_set_rank(ctx, out->rank, out->size);
 fail:
     return status;
@@ -28,17 +40,31 @@ void mxq_dist_free(mxq_dist *dist)
     dist->comm = MPI_COMM_NULL;
 }
 
+/* A fingerprint of this rank's error message, in [0, 2^30). */
+static int message_hash(const mxq_ctx *ctx)
+{
+    unsigned h = 2166136261u;
+    for (const char *p = mxq_error_message(ctx); *p; p++)
+        h = (h ^ (unsigned char)*p) * 16777619u;
+    return (int)(h & 0x3fffffffu);
+}
+
 mxq_status mxq_agree(mxq_ctx *ctx, const mxq_dist *dist, const char *step, mxq_status local)
 {
     mxq_status status = MXQ_OK;
     if (local == MXQ_OK && step)
         local = mxq_fault_point(ctx, step);
-    /* [0]: lowest failing rank; [1]: 1 only if every rank failed */
-    int mine[2] = {local == MXQ_OK ? INT_MAX : dist->rank, local == MXQ_OK ? 0 : 1};
-    int agreed[2] = {INT_MAX, 0};
-    CALL_MPI(ctx, MPI_Allreduce(mine, agreed, 2, MPI_INT, MPI_MIN, dist->comm));
-    if (local != MXQ_OK) {
-        if (agreed[1] == 1 && dist->rank != 0)
+    /* Reduced with MIN: [0] the lowest failing rank; [1] 1 only if every
+     * rank failed; [2], INT_MAX - [3]: the smallest and largest fingerprint
+     * of the failing ranks' messages. */
+    const int failed = local != MXQ_OK, h = failed ? message_hash(ctx) : 0;
+    int mine[4] = {failed ? dist->rank : INT_MAX, failed, failed ? h : INT_MAX, failed ? INT_MAX - h : INT_MAX};
+    int agreed[4];
+    CALL_MPI(ctx, dist->comm, MPI_Allreduce(mine, agreed, 4, MPI_INT, MPI_MIN, dist->comm));
+    if (failed) {
+        /* Every rank failed the same way: rank 0 speaks for all. Ranks that
+         * failed differently each print their own message. */
+        if (agreed[1] == 1 && agreed[2] == INT_MAX - agreed[3] && dist->rank != 0)
             mxq_error_mark_reported_elsewhere(ctx);
         return local;
     }
@@ -94,9 +120,9 @@ mxq_status mxq_gather_bytes(mxq_ctx *ctx, const mxq_dist *dist, const char *step
     *lens = NULL;
     AGREE(ctx, dist, counts_step, gather_counts_alloc(ctx, dist, len, &counts, &displs, lens));
     int count = (int)len;
-    CALL_MPI(ctx, MPI_Gather(&count, 1, MPI_INT, counts, 1, MPI_INT, 0, dist->comm));
+    CALL_MPI(ctx, dist->comm, MPI_Gather(&count, 1, MPI_INT, counts, 1, MPI_INT, 0, dist->comm));
     AGREE(ctx, dist, data_step, dist->rank == 0 ? gather_layout(ctx, dist, counts, all, displs) : MXQ_OK);
-    CALL_MPI(ctx, MPI_Gatherv(data, count, MPI_BYTE, *all, counts, displs, MPI_BYTE, 0, dist->comm));
+    CALL_MPI(ctx, dist->comm, MPI_Gatherv(data, count, MPI_BYTE, *all, counts, displs, MPI_BYTE, 0, dist->comm));
     for (int r = 0; dist->rank == 0 && r < dist->size; r++)
         (*lens)[r] = (size_t)counts[r];
 fail:

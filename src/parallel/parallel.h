@@ -10,6 +10,21 @@
 #include "mxq/core.h"
 #include "mxq/model.h"
 
+/* An MPI call. An MPI error is not recoverable: what the other ranks saw of
+ * the failed call is unknown, so no agreement can follow it. The failing
+ * rank says what failed and aborts the job (MPI_Abort on `comm`): the one
+ * way to be sure that no rank waits forever. */
+void mxq_mpi_fatal(mxq_ctx *ctx, MPI_Comm comm, int mpi_rc, const char *file, int line, const char *what);
+#define CALL_MPI(ctx, comm, expr)                                                 \
+    do {                                                                          \
+        int mpi_rc_ = (expr);                                                     \
+        if (mpi_rc_ != MPI_SUCCESS) {                                             \
+            mxq_mpi_fatal((ctx), (comm), mpi_rc_, __FILE__, __LINE__, #expr);     \
+            status = MXQ_ERR_MPI;                                                 \
+            goto fail;                                                            \
+        }                                                                         \
+    } while (0)
+
 /* The library never talks on the caller's communicator: it duplicates it. */
 typedef struct {
     MPI_Comm comm;
@@ -25,8 +40,9 @@ void mxq_dist_free(mxq_dist *dist);
  * only if every rank succeeded. A rank that failed gets its own status
  * back; the others get MXQ_ERR_REMOTE ("stopped because rank R failed at
  * step S"), so no rank goes on to a collective that a failed rank will never
- * join. When every rank failed, only rank 0 prints (the others' messages
- * are marked as reported elsewhere). `step` names the point in the job
+ * join. When every rank failed with the same message, only rank 0 prints it
+ * (the others' are marked as reported elsewhere); different messages are
+ * each printed by their rank. `step` names the point in the job
  * ("quantize.load", ...): it is what fault injection (mxq_ctx_set_fault)
  * matches, and a rank told to fail there fails here. */
 mxq_status mxq_agree(mxq_ctx *ctx, const mxq_dist *dist, const char *step, mxq_status local);

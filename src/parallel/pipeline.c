@@ -40,19 +40,19 @@ static mxq_status receive_micro_batch(mxq_ctx *ctx, pipeline_state *s, int mb)
     const int slot = mb % 2;
     MPI_Comm comm = s->p->dist->comm;
     if (s->prev < 0) {
-        CALL_MPI(ctx, MPI_Wait(&s->send_req[slot], MPI_STATUS_IGNORE));
+        CALL_MPI(ctx, comm, MPI_Wait(&s->send_req[slot], MPI_STATUS_IGNORE));
         return MXQ_OK;
     }
     MPI_Status st;
-    CALL_MPI(ctx, MPI_Wait(&s->recv_req[slot], &st));
+    CALL_MPI(ctx, comm, MPI_Wait(&s->recv_req[slot], &st));
     s->received++;
     if (st.MPI_TAG == MXQ_TAG_ABORT) {
         s->upstream_aborted = 1;
         FAIL(ctx, MXQ_ERR_REMOTE, "stopped because an upstream rank failed");
     }
     if (mb + 1 < s->p->n_micro) {
-        CALL_MPI(ctx, MPI_Wait(&s->send_req[1 - slot], MPI_STATUS_IGNORE));
-        CALL_MPI(ctx, MPI_Irecv(s->p->buf[1 - slot], s->max_count, MPI_FLOAT, s->prev, MPI_ANY_TAG, comm,
+        CALL_MPI(ctx, comm, MPI_Wait(&s->send_req[1 - slot], MPI_STATUS_IGNORE));
+        CALL_MPI(ctx, comm, MPI_Irecv(s->p->buf[1 - slot], s->max_count, MPI_FLOAT, s->prev, MPI_ANY_TAG, comm,
                                 &s->recv_req[1 - slot]));
     }
 fail:
@@ -108,7 +108,7 @@ mxq_status mxq_pipeline_run(mxq_ctx *ctx, mxq_pipeline *p)
           p->batch, S, d);
     s.max_count = p->batch * S * d;
     if (s.prev >= 0)
-        CALL_MPI(ctx, MPI_Irecv(p->buf[0], s.max_count, MPI_FLOAT, s.prev, MPI_ANY_TAG, p->dist->comm, &s.recv_req[0]));
+        CALL_MPI(ctx, p->dist->comm, MPI_Irecv(p->buf[0], s.max_count, MPI_FLOAT, s.prev, MPI_ANY_TAG, p->dist->comm, &s.recv_req[0]));
     for (int mb = 0; mb < p->n_micro; mb++) {
         const int slot = mb % 2, n = mxq_micro_batch_seqs(p->n_seqs, p->batch, mb);
         CALL(ctx, receive_micro_batch(ctx, &s, mb));
@@ -116,11 +116,11 @@ mxq_status mxq_pipeline_run(mxq_ctx *ctx, mxq_pipeline *p)
             CALL(ctx, mxq_fault_point(ctx, p->step));
         CALL(ctx, p->stage(ctx, p->user, mb, mb * p->batch, n, p->buf[slot]));
         if (s.next >= 0)
-            CALL_MPI(ctx, MPI_Isend(p->buf[slot], n * S * d, MPI_FLOAT, s.next, MXQ_TAG_DATA, p->dist->comm,
+            CALL_MPI(ctx, p->dist->comm, MPI_Isend(p->buf[slot], n * S * d, MPI_FLOAT, s.next, MXQ_TAG_DATA, p->dist->comm,
                                     &s.send_req[slot]));
         report_progress(ctx, p, mb * p->batch + n, t0, &last_report);
     }
-    CALL_MPI(ctx, MPI_Waitall(2, s.send_req, MPI_STATUSES_IGNORE));
+    CALL_MPI(ctx, p->dist->comm, MPI_Waitall(2, s.send_req, MPI_STATUSES_IGNORE));
     return MXQ_OK;
 fail:
     stop_pipeline(&s);

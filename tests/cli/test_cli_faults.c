@@ -6,7 +6,8 @@
  * rank per step, rotating over the steps. Each such run must end
  * within 10 s with every rank's exit status non-zero, print exactly one
  * error line, naming the rank and the step, and leave no index (quantize)
- * or JSON report (eval) behind. */
+ * or JSON report (eval), no temporary file and, before the shards are in
+ * place, not even the output directory behind. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -119,6 +120,25 @@ static int count(const char *text, const char *what)
     return n;
 }
 
+/* A failed run leaves no temporary file; a quantize run that failed before
+ * its shards were in place leaves not even the directory it made. */
+static void check_no_leftovers(const char *out, job_kind kind, const char *step)
+{
+    char cmd[1200];
+    const char *slash = strrchr(out, '/');
+    if (kind == JOB_EVAL)
+        snprintf(cmd, sizeof(cmd), "ls -a '%.*s' | grep -F '.%s.tmp-'", (int)(slash - out), out, slash + 1);
+    else
+        snprintf(cmd, sizeof(cmd), "ls -a '%s' 2>/dev/null | grep -F '.tmp-'", out);
+    const char *argv[] = {"sh", "-c", cmd, NULL};
+    tu_run_result r;
+    tu_run(argv, &r);
+    if (r.out[0])
+        fail_msg("failing at '%s' left temporary files behind: %s", step, r.out);
+    if (kind != JOB_EVAL && strncmp(step, "quantize.commit.", 16) != 0 && access(out, F_OK) == 0)
+        fail_msg("failing at '%s' left the output directory %s behind", step, out);
+}
+
 static void check_fault_run(const tu_run_result *r, int ranks, int victim, const char *step, const char *out,
                             job_kind kind)
 {
@@ -141,6 +161,7 @@ static void check_fault_run(const tu_run_result *r, int ranks, int victim, const
     snprintf(leftover, sizeof(leftover), kind == JOB_EVAL ? "%s" : "%s/model.safetensors.index.json", out);
     if (access(leftover, F_OK) == 0)
         fail_msg("rank %d failing at '%s' on %d ranks: %s was written", victim, step, ranks, leftover);
+    check_no_leftovers(out, kind, step);
 }
 
 /* Every step of the job on `ranks` ranks, a few runs at a time. With

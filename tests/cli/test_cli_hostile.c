@@ -394,6 +394,28 @@ static void test_force_removes_a_killed_runs_temporaries(void **state)
     print_message("# --force removed the stale temporary shard and kept notes.txt\n");
 }
 
+/* A refused run touches nothing: not the record and temporaries of another
+ * (perhaps running) job in that directory. */
+static void test_refused_run_leaves_foreign_files(void **state)
+{
+    (void)state;
+    const char *out = tu_scratch_path("foreign-out");
+    char record[1024], temp[1024];
+    mkdir(out, 0755);
+    snprintf(record, sizeof(record), "%s/.mxq-output.json", out);
+    snprintf(temp, sizeof(temp), "%s/.model-00001-of-00002.safetensors.tmp-99999", out);
+    tu_write_file(record, "{\"files\": [\"model-00001-of-00002.safetensors\"]}", 47);
+    tu_write_file(temp, "in progress", 11);
+    const char *keep[] = {record, temp, NULL};
+    snapshot s;
+    snap(&s, keep);
+    tu_run_result r = run_mxq(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-rtn"), "--out", out,
+                              NULL);
+    expect_refused("quantize into a directory another run is using", &r, "foreign-out", "not empty");
+    expect_untouched("quantize into a directory another run is using", &s);
+}
+
 /* ---- hangs ------------------------------------------------------------------------ */
 
 static const char *fifo(const char *path)
@@ -865,6 +887,7 @@ int main(void)
         cmocka_unit_test(test_cast_onto_the_input_through_dotdot),
         cmocka_unit_test(test_force_keeps_another_model),
         cmocka_unit_test(test_force_removes_a_killed_runs_temporaries),
+        cmocka_unit_test(test_refused_run_leaves_foreign_files),
         cmocka_unit_test(test_fifo_as_model_weights),
         cmocka_unit_test(test_fifo_as_config),
         cmocka_unit_test(test_fifo_as_token_file),

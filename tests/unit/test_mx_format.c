@@ -159,9 +159,21 @@ static void test_names(void **state)
     assert_int_not_equal(mxq_kernel_resolve(MXQ_KERNEL_AUTO), MXQ_KERNEL_AUTO);
 }
 
+/* The list of names printed in messages and --help is the table's. */
+static void test_format_names_are_the_table(void **state)
+{
+    (void)state;
+    char joined[512] = "";
+    for (int id = 0; id < MXQ_FORMAT_COUNT; id++)
+        snprintf(joined + strlen(joined), sizeof(joined) - strlen(joined), "%s%s", id ? " " : "",
+                 mxq_format_get((mxq_format_id)id)->name);
+    assert_string_equal(mxq_format_names(), joined);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_format_names_are_the_table),
         cmocka_unit_test(test_table_matches_spec), cmocka_unit_test(test_decode_encode_all_codes),
         cmocka_unit_test(test_pack_unpack_identity), cmocka_unit_test(test_pack_layout),
         cmocka_unit_test(test_names),
