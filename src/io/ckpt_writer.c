@@ -128,12 +128,10 @@ static int in_list(const char *const *names, size_t n, const char *name)
     return 0;
 }
 
-/* A directory entry mxq may remove: a recorded file, the record, or a
- * temporary of a recorded or planned file (left by a killed run). */
-static int removable(const char *name, const name_list *rec, const char *const *planned, size_t n_planned)
+/* A temporary a killed run left: of a recorded or a planned file, or of
+ * the record itself. */
+static int stale_temporary(const char *name, const name_list *rec, const char *const *planned, size_t n_planned)
 {
-    if (strcmp(name, MXQ_RECORD_NAME) == 0 || in_list((const char *const *)rec->names, rec->n, name))
-        return 1;
     for (size_t i = 0; i < rec->n; i++)
         if (mxq_is_temp_name_of(name, rec->names[i]))
             return 1;
@@ -176,19 +174,14 @@ fail:
     return status;
 }
 
-/* With --force: the index first, so that a half-cleaned directory never
- * looks like a checkpoint, then everything else that is ours. */
-static mxq_status remove_earlier_run(mxq_ctx *ctx, const char *dir, const name_list *rec, const char *const *planned,
-                                     size_t n_planned, const mxq_input_set *inputs)
+static mxq_status remove_stale_temporaries(mxq_ctx *ctx, const char *dir, const name_list *rec,
+                                           const char *const *planned, size_t n_planned, const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;
-    DIR *d = NULL;
-    if (in_list((const char *const *)rec->names, rec->n, "model.safetensors.index.json"))
-        CALL(ctx, remove_ours(ctx, dir, "model.safetensors.index.json", inputs));
-    d = opendir(dir);
+    DIR *d = opendir(dir);
     CHECK(ctx, d != NULL, MXQ_ERR_IO, "cannot read output directory '%s': %s", dir, strerror(errno));
     for (struct dirent *e = readdir(d); e; e = readdir(d))
-        if (strcmp(e->d_name, MXQ_RECORD_NAME) != 0 && removable(e->d_name, rec, planned, n_planned))
+        if (stale_temporary(e->d_name, rec, planned, n_planned))
             CALL(ctx, remove_ours(ctx, dir, e->d_name, inputs));
 fail:
     if (d)
@@ -218,15 +211,15 @@ fail:
     return status;
 }
 
-static mxq_status write_record(mxq_ctx *ctx, const char *dir, const char *const *planned, size_t n_planned,
+static mxq_status write_record(mxq_ctx *ctx, const char *dir, char *const *names, size_t n,
                                const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;
     char path[4352];
     json_t *files = json_array(), *root = NULL;
     CHECK_ALLOC(ctx, files, 1, "the record of mxq's files");
-    for (size_t i = 0; i < n_planned; i++)
-        CHECK(ctx, json_array_append_new(files, json_string(planned[i])) == 0, MXQ_ERR_NOMEM,
+    for (size_t i = 0; i < n; i++)
+        CHECK(ctx, json_array_append_new(files, json_string(names[i])) == 0, MXQ_ERR_NOMEM,
               "out of memory building the record of mxq's files");
     root = json_pack("{s:s, s:O}", "written_by", "mxq " MXQ_VERSION, "files", files);
     CHECK_ALLOC(ctx, root, 1, "the record of mxq's files");
@@ -238,53 +231,126 @@ fail:
     return status;
 }
 
-mxq_status mxq_ckpt_dir_prepare(mxq_ctx *ctx, const char *dir, int force, const char *const *planned,
-                                size_t n_planned, const mxq_input_set *inputs, int *created)
+/* An existing directory: empty, or with `force` one whose planned files
+ * were all written by mxq; its record (empty if none) into *rec. */
+static mxq_status check_existing_dir(mxq_ctx *ctx, const char *dir, int force, const char *const *planned,
+                                     size_t n_planned, const mxq_input_set *inputs, name_list *rec)
 {
     mxq_status status = MXQ_OK;
-    name_list rec = {NULL, 0};
-    struct stat st;
-    char first[256];
+    char first[256], path[4352];
     int more = 0;
-    *created = 0;
+    struct stat st;
+    CALL(ctx, first_entry(ctx, dir, first, sizeof(first), &more));
+    CHECK(ctx, !first[0] || force, MXQ_ERR_IO,
+          "output directory '%s' is not empty (it holds '%s'%s); choose another, or pass --force to replace what an "
+          "earlier mxq run wrote there",
+          dir, first, more ? " and more" : "");
+    snprintf(path, sizeof(path), "%s/%s", dir, MXQ_RECORD_NAME);
+    CHECK(ctx, lstat(path, &st) != 0 || S_ISREG(st.st_mode), MXQ_ERR_IO,
+          "'%s' is %s; mxq did not write it, and will not trust or replace it", path, mxq_file_kind(st.st_mode));
+    CALL(ctx, read_record(ctx, dir, rec));
+    CALL(ctx, check_planned(ctx, dir, rec, planned, n_planned, inputs));
+    CALL(ctx, remove_stale_temporaries(ctx, dir, rec, planned, n_planned, inputs));
+fail:
+    return status;
+}
+
+static mxq_status copy_names(mxq_ctx *ctx, const char *const *names, size_t n, name_list *out)
+{
+    mxq_status status = MXQ_OK;
+    for (size_t i = 0; i < n; i++)
+        CALL(ctx, add_name(ctx, out, names[i]));
+fail:
+    return status;
+}
+
+mxq_status mxq_ckpt_dir_prepare(mxq_ctx *ctx, mxq_ckpt_dir *d, const char *dir, int force, const char *const *planned,
+                                size_t n_planned, const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    name_list rec = {NULL, 0}, plan = {NULL, 0};
+    struct stat st;
+    memset(d, 0, sizeof(*d));
+    d->inputs = inputs;
+    d->dir = strdup(dir);
+    CHECK_ALLOC(ctx, d->dir, strlen(dir) + 1, "the output directory's name");
+    CALL(ctx, copy_names(ctx, planned, n_planned, &plan));
     if (stat(dir, &st) != 0) {
         CHECK(ctx, errno == ENOENT, MXQ_ERR_IO, "cannot use output directory '%s': %s", dir, strerror(errno));
         CHECK(ctx, mkdir(dir, 0777) == 0, MXQ_ERR_IO, "cannot create output directory '%s': %s", dir,
               strerror(errno));
-        *created = 1;
+        d->created = 1;
     } else {
         CHECK(ctx, S_ISDIR(st.st_mode), MXQ_ERR_IO, "output path '%s' exists and is %s, not a directory", dir,
               mxq_file_kind(st.st_mode));
-        CALL(ctx, first_entry(ctx, dir, first, sizeof(first), &more));
-        CHECK(ctx, !first[0] || force, MXQ_ERR_IO,
-              "output directory '%s' is not empty (it holds '%s'%s); choose another, or pass --force to replace what "
-              "an earlier mxq run wrote there",
-              dir, first, more ? " and more" : "");
-        CALL(ctx, read_record(ctx, dir, &rec));
-        CALL(ctx, check_planned(ctx, dir, &rec, planned, n_planned, inputs));
-        CALL(ctx, remove_earlier_run(ctx, dir, &rec, planned, n_planned, inputs));
+        CALL(ctx, check_existing_dir(ctx, dir, force, planned, n_planned, inputs, &rec));
     }
-    CALL(ctx, write_record(ctx, dir, planned, n_planned, inputs));
+    /* the earlier run's files stay recorded until the new run is complete */
+    CALL(ctx, copy_names(ctx, planned, n_planned, &rec));
+    CALL(ctx, write_record(ctx, dir, rec.names, rec.n, inputs));
+    d->record_written = 1;
 fail:
-    name_list_free(&rec);
+    d->planned = plan.names;
+    d->n_planned = plan.n;
+    d->recorded = rec.names;
+    d->n_recorded = rec.n;
     return status;
 }
 
-void mxq_ckpt_dir_abandon(const char *dir, const char *const *planned, size_t n_planned, int created)
+mxq_status mxq_ckpt_dir_begin_commit(mxq_ctx *ctx, mxq_ckpt_dir *d)
+{
+    mxq_status status = MXQ_OK;
+    d->committing = 1;
+    if (in_list((const char *const *)d->recorded, d->n_recorded, "model.safetensors.index.json"))
+        CALL(ctx, remove_ours(ctx, d->dir, "model.safetensors.index.json", d->inputs));
+fail:
+    return status;
+}
+
+mxq_status mxq_ckpt_dir_finish(mxq_ctx *ctx, mxq_ckpt_dir *d, const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    for (size_t i = 0; i < d->n_recorded; i++)
+        if (!in_list((const char *const *)d->planned, d->n_planned, d->recorded[i]))
+            CALL(ctx, remove_ours(ctx, d->dir, d->recorded[i], inputs));
+    CALL(ctx, write_record(ctx, d->dir, d->planned, d->n_planned, inputs));
+    d->committing = 0;
+fail:
+    return status;
+}
+
+void mxq_ckpt_dir_abandon(mxq_ckpt_dir *d)
 {
     char path[4352];
-    for (size_t i = 0; i < n_planned; i++) {
-        snprintf(path, sizeof(path), "%s/%s", dir, planned[i]);
-        if (access(path, F_OK) == 0)
-            return; /* something was completed: the record must stay */
+    int left = 0;
+    if (!d->record_written)
+        return;
+    for (size_t i = 0; i < d->n_recorded; i++) {
+        snprintf(path, sizeof(path), "%s/%s", d->dir, d->recorded[i]);
+        if (d->committing) {
+            /* half a commit is no checkpoint: ours, all of it */
+            struct stat st;
+            if (lstat(path, &st) == 0 && S_ISREG(st.st_mode) && !mxq_input_set_find(d->inputs, path))
+                unlink(path);
+        } else {
+            left |= access(path, F_OK) == 0;
+        }
     }
-    /* Each rank removes its own temporary (mxq_output_abort); here only
-     * the record goes, and the directory if this run made it and nothing
-     * else is left in it. */
-    snprintf(path, sizeof(path), "%s/%s", dir, MXQ_RECORD_NAME);
+    if (left)
+        return; /* the earlier run's files stay, and their record */
+    snprintf(path, sizeof(path), "%s/%s", d->dir, MXQ_RECORD_NAME);
     unlink(path);
-    if (created)
-        rmdir(dir);
+    if (d->created)
+        rmdir(d->dir); /* fails, harmlessly, unless empty */
+}
+
+void mxq_ckpt_dir_free(mxq_ckpt_dir *d)
+{
+    name_list rec = {d->recorded, d->n_recorded}, plan = {d->planned, d->n_planned};
+    name_list_free(&rec);
+    name_list_free(&plan);
+    free(d->dir);
+    memset(d, 0, sizeof(*d));
 }
 
 mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, json_t *map, uint64_t total_size, const char *format,

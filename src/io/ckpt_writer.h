@@ -1,11 +1,15 @@
 /* Writing checkpoint directories (mxq quantize, mxq synth). Internal.
  *
  * A directory mxq writes into keeps a record, MXQ_RECORD_NAME, of the files
- * mxq writes there; it is written before any of them. With `force`, an
- * earlier run's files (and its temporaries, also of a run that was killed)
- * are removed, and nothing else: a file the new run would write that is
- * not in the record (another model's config.json, say) stops the run
- * instead of being replaced. */
+ * mxq wrote there; it is written before any of them. With `force`, an
+ * earlier run's files may be replaced, and nothing else: a file the new run
+ * would write that is not in the record (another model's config.json, say)
+ * stops the run instead. The earlier run's checkpoint stays whole until the
+ * new one is committed: its index goes when the new shards are put in
+ * place (mxq_ckpt_dir_begin_commit), its other files once the new index is
+ * (mxq_ckpt_dir_finish). A run that fails before its commit leaves the
+ * directory as it found it; one that fails during its commit removes what
+ * it had put in place. */
 #ifndef MXQ_CKPT_WRITER_H
 #define MXQ_CKPT_WRITER_H
 
@@ -17,18 +21,37 @@
 
 #define MXQ_RECORD_NAME ".mxq-output.json"
 
-/* Make `dir` ready for the files named in `planned` (plain names): create
- * it, or check that it is empty, or with `force` remove what the record
- * says an earlier run wrote. Then record `planned`. No planned file may be
- * one of `inputs`. */
-mxq_status mxq_ckpt_dir_prepare(mxq_ctx *ctx, const char *dir, int force, const char *const *planned,
-                                size_t n_planned, const mxq_input_set *inputs, int *created);
+typedef struct {
+    char *dir;
+    char **planned;  /* the files this run writes (plain names) */
+    size_t n_planned;
+    char **recorded; /* the earlier run's files, then also the planned ones */
+    size_t n_recorded;
+    int created;        /* this run made the directory */
+    int record_written; /* this run's record is in place */
+    int committing;     /* files of this run have replaced the earlier run's */
+    const mxq_input_set *inputs; /* never removed, whatever the record says */
+} mxq_ckpt_dir;
 
-/* After a failed run that wrote its record: if none of `planned` exists
- * (nothing was completed), remove the record, and the directory if this
- * run created it and it is now empty. Best effort; each rank removes its
- * own temporaries. */
-void mxq_ckpt_dir_abandon(const char *dir, const char *const *planned, size_t n_planned, int created);
+/* Make `dir` ready for the files named in `planned`: create it, or check
+ * that it is empty, or with `force` that every planned file it holds was
+ * written by mxq; remove temporaries a killed run left; record the earlier
+ * files and the planned ones. No planned file may be one of `inputs`. */
+mxq_status mxq_ckpt_dir_prepare(mxq_ctx *ctx, mxq_ckpt_dir *d, const char *dir, int force, const char *const *planned,
+                                size_t n_planned, const mxq_input_set *inputs);
+/* Before the first file of the new run is put in place: the earlier
+ * index goes, so that the directory never looks like a mixed checkpoint. */
+mxq_status mxq_ckpt_dir_begin_commit(mxq_ctx *ctx, mxq_ckpt_dir *d);
+/* After the new index is in place: the earlier run's other files go, and
+ * the record lists the new run's files alone. */
+mxq_status mxq_ckpt_dir_finish(mxq_ctx *ctx, mxq_ckpt_dir *d, const mxq_input_set *inputs);
+/* After a failure: during a commit, remove every recorded file (the
+ * directory is no checkpoint any more); before it, keep the earlier run's
+ * files. Then the record if it lists nothing that exists, and the
+ * directory if this run made it and it is empty. Best effort; each rank
+ * removes its own temporaries first. */
+void mxq_ckpt_dir_abandon(mxq_ckpt_dir *d);
+void mxq_ckpt_dir_free(mxq_ckpt_dir *d);
 
 /* One shard: header and data of `tensors` into an output begun with
  * mxq_output_begin (committed by the caller). */

@@ -90,6 +90,67 @@ fail:
     return status;
 }
 
+/* External links are not followed: one could lead to a FIFO, where the
+ * read would wait forever, or to any file at all. */
+static herr_t deny_external_link(const char *parent_file, const char *parent_group, const char *child_file,
+                                 const char *child_object, unsigned *acc_flags, hid_t fapl, void *data)
+{
+    (void)parent_file, (void)parent_group, (void)child_file, (void)child_object, (void)acc_flags, (void)fapl;
+    (void)data;
+    return -1;
+}
+
+/* Data stored outside the file (external storage, a virtual dataset) is
+ * refused for the same reason. */
+static mxq_status check_stored_inside(mxq_ctx *ctx, hid_t dset, const char *path, const char *dataset)
+{
+    mxq_status status = MXQ_OK;
+    hid_t dcpl = H5Dget_create_plist(dset);
+    CALL_H5(ctx, dcpl, "cannot read how '%s' is stored in '%s'", dataset, path);
+    CHECK(ctx, H5Pget_external_count(dcpl) == 0 && H5Pget_layout(dcpl) != H5D_VIRTUAL, MXQ_ERR_FORMAT,
+          "'%s' in '%s' is stored outside the file (external storage or a virtual dataset); mxq reads only data "
+          "inside the file",
+          dataset, path);
+fail:
+    if (dcpl >= 0)
+        H5Pclose(dcpl);
+    return status;
+}
+
+mxq_status mxq_h5_open_dataset(mxq_ctx *ctx, hid_t file, const char *path, const char *dataset, hid_t *out)
+{
+    mxq_status status = MXQ_OK;
+    hid_t dapl = H5Pcreate(H5P_DATASET_ACCESS), dset = H5I_INVALID_HID;
+    *out = H5I_INVALID_HID;
+    CALL_H5(ctx, dapl, "cannot create a dataset access list");
+    CALL_H5(ctx, H5Pset_elink_cb(dapl, deny_external_link, NULL), "cannot create a dataset access list");
+    htri_t exists = H5Lexists(file, dataset, dapl);
+    /* H5Lexists fails (rather than returning 0) when an intermediate group is
+     * missing or is an external link; both mean the same to the user. */
+    H5Eclear2(H5E_DEFAULT);
+    CHECK(ctx, exists > 0, MXQ_ERR_FORMAT, "'%s' has no dataset '%s' (inside the file)", path, dataset);
+    /* Opening as a generic object first tells a group from a dataset
+     * portably across HDF5 1.10 and 1.12+. */
+    hid_t object = H5Oopen(file, dataset, dapl);
+    H5Eclear2(H5E_DEFAULT);
+    CHECK(ctx, object >= 0, MXQ_ERR_FORMAT, "cannot open '%s' in '%s' (an external link is not followed)", dataset,
+          path);
+    H5I_type_t object_type = H5Iget_type(object);
+    H5Oclose(object);
+    CHECK(ctx, object_type == H5I_DATASET, MXQ_ERR_FORMAT, "'%s' in '%s' is not a dataset", dataset, path);
+    dset = H5Dopen2(file, dataset, dapl);
+    CALL_H5(ctx, dset, "cannot open dataset '%s' in '%s'", dataset, path);
+    CALL(ctx, check_stored_inside(ctx, dset, path, dataset));
+    *out = dset;
+    dset = H5I_INVALID_HID;
+fail:
+    if (dset >= 0)
+        H5Dclose(dset);
+    if (dapl >= 0)
+        H5Pclose(dapl);
+    return status;
+}
+
 static mxq_status read_float_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages, const char *dataset,
                                 size_t width, void **data, size_t *rows, size_t *cols)
 {
@@ -98,21 +159,7 @@ static mxq_status read_float_2d(mxq_ctx *ctx, hid_t file, const char *path_for_m
     void *buf = NULL;
     *data = NULL;
 
-    htri_t exists = H5Lexists(file, dataset, H5P_DEFAULT);
-    /* H5Lexists fails (rather than returning 0) when an intermediate group is
-     * missing; both mean the same to the user. */
-    H5Eclear2(H5E_DEFAULT);
-    CHECK(ctx, exists > 0, MXQ_ERR_FORMAT, "'%s' has no dataset '%s'", path_for_messages, dataset);
-    /* Opening as a generic object first tells a group from a dataset
-     * portably across HDF5 1.10 and 1.12+. */
-    hid_t object = H5Oopen(file, dataset, H5P_DEFAULT);
-    CALL_H5(ctx, object, "cannot open '%s' in '%s'", dataset, path_for_messages);
-    H5I_type_t object_type = H5Iget_type(object);
-    H5Oclose(object);
-    CHECK(ctx, object_type == H5I_DATASET, MXQ_ERR_FORMAT, "'%s' in '%s' is not a dataset", dataset,
-          path_for_messages);
-    dset = H5Dopen2(file, dataset, H5P_DEFAULT);
-    CALL_H5(ctx, dset, "cannot open dataset '%s' in '%s'", dataset, path_for_messages);
+    CALL(ctx, mxq_h5_open_dataset(ctx, file, path_for_messages, dataset, &dset));
 
     type = H5Dget_type(dset);
     CALL_H5(ctx, type, "cannot read the type of '%s' in '%s'", dataset, path_for_messages);

@@ -40,6 +40,11 @@ void mxq_h5_quiet_end(const mxq_h5_quiet *q);
  * file that is not HDF5. */
 mxq_status mxq_h5_open_read(mxq_ctx *ctx, const char *path, const char *what, hid_t *file_out);
 
+/* Open dataset `dataset` of `file` (path: the file's name, for messages):
+ * it must exist and be a dataset whose data lies inside the file; external
+ * links are not followed. */
+mxq_status mxq_h5_open_dataset(mxq_ctx *ctx, hid_t file, const char *path, const char *dataset, hid_t *out);
+
 /* Read a whole 2-D float32 dataset into a new buffer (free() it).
  * data [rows, cols]. */
 mxq_status mxq_h5_read_f32_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages,

@@ -64,11 +64,7 @@ mxq_status mxq_tokens_read(mxq_ctx *ctx, const char *path, int limit, int vocab,
     memset(out, 0, sizeof(*out));
 
     CALL(ctx, mxq_h5_open_read(ctx, path, "token file", &file));
-    htri_t exists = H5Lexists(file, "/tokens", H5P_DEFAULT);
-    H5Eclear2(H5E_DEFAULT);
-    CHECK(ctx, exists > 0, MXQ_ERR_FORMAT, "token file '%s' has no dataset '/tokens'", path);
-    dset = H5Dopen2(file, "/tokens", H5P_DEFAULT);
-    CALL_H5(ctx, dset, "cannot open '/tokens' in '%s'", path);
+    CALL_IN(ctx, mxq_h5_open_dataset(ctx, file, path, "/tokens", &dset), "token file");
     CALL(ctx, check_tokens_dataset(ctx, path, dset, dims));
 
     out->total_seqs = (int)dims[0];

@@ -46,10 +46,7 @@ typedef struct {
     int n_local;
     mxq_checkpoint *ckpt;
     char shard_name[64];
-    char (*planned)[64]; /* rank 0: the files of the output directory */
-    size_t n_planned;
-    int created_out_dir; /* rank 0: this run made the directory */
-    int record_written;  /* rank 0: this run's record is in the directory */
+    mxq_ckpt_dir out; /* rank 0: the output directory and its record */
     mxq_output shard_out;
     shard_list shard;
     double t_start, quant_seconds;
@@ -249,35 +246,22 @@ static mxq_status prepare_out_dir(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
     const int size = job->dist.size;
-    const char **names = calloc((size_t)size + 3, sizeof(char *));
-    job->planned = calloc((size_t)size + 3, sizeof(*job->planned));
-    CHECK_ALLOC(ctx, job->planned && names, ((size_t)size + 3) * 64, "the list of output files");
+    const size_t n = (size_t)size + 3;
+    char(*files)[64] = calloc(n, sizeof(*files));
+    const char **names = calloc(n, sizeof(char *));
+    CHECK_ALLOC(ctx, files && names, n * 64, "the list of output files");
     for (int r = 0; r < size; r++)
-        snprintf(job->planned[r], sizeof(job->planned[0]), "model-%05d-of-%05d.safetensors", r + 1, size);
-    snprintf(job->planned[size], sizeof(job->planned[0]), "%s", REPORT_NAME);
-    snprintf(job->planned[size + 1], sizeof(job->planned[0]), "config.json");
-    snprintf(job->planned[size + 2], sizeof(job->planned[0]), "model.safetensors.index.json");
-    job->n_planned = (size_t)size + 3;
-    for (size_t i = 0; i < job->n_planned; i++)
-        names[i] = job->planned[i];
-    CALL(ctx, mxq_ckpt_dir_prepare(ctx, job->out_dir, job->opt->force, names, job->n_planned, &job->inputs,
-                                   &job->created_out_dir));
-    job->record_written = 1;
+        snprintf(files[r], sizeof(files[0]), "model-%05d-of-%05d.safetensors", r + 1, size);
+    snprintf(files[size], sizeof(files[0]), "%s", REPORT_NAME);
+    snprintf(files[size + 1], sizeof(files[0]), "config.json");
+    snprintf(files[size + 2], sizeof(files[0]), "model.safetensors.index.json");
+    for (size_t i = 0; i < n; i++)
+        names[i] = files[i];
+    CALL(ctx, mxq_ckpt_dir_prepare(ctx, &job->out, job->out_dir, job->opt->force, names, n, &job->inputs));
 fail:
+    free(files);
     free(names);
     return status;
-}
-
-/* A failed run leaves no trace of itself unless something was completed. */
-static void abandon_out_dir(quantize_job *job)
-{
-    const char **names = calloc(job->n_planned + 1, sizeof(char *));
-    if (!names)
-        return;
-    for (size_t i = 0; i < job->n_planned; i++)
-        names[i] = job->planned[i];
-    mxq_ckpt_dir_abandon(job->out_dir, names, job->n_planned, job->created_out_dir);
-    free(names);
 }
 
 /* This rank's shard file (proving the directory writable on every rank
@@ -322,13 +306,20 @@ fail:
 static mxq_status commit(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
+    const int rank0 = job->dist.rank == 0;
+    AGREE(ctx, &job->dist, "quantize.commit.begin", rank0 ? mxq_ckpt_dir_begin_commit(ctx, &job->out) : MXQ_OK);
     AGREE(ctx, &job->dist, "quantize.commit.shards", mxq_output_commit(ctx, &job->shard_out));
     AGREE(ctx, &job->dist, "quantize.commit.report",
-          job->dist.rank == 0 ? mxq_quantize_report_write(ctx, &job->report, job->out_dir, &job->inputs) : MXQ_OK);
+          rank0 ? mxq_quantize_report_write(ctx, &job->report, job->out_dir, &job->inputs) : MXQ_OK);
     /* The commit point: once the index is in place nothing is left to fail,
      * so the last agreement is on its rename alone (no fault injection). */
-    AGREE(ctx, &job->dist, NULL, job->dist.rank == 0 ? mxq_output_commit(ctx, &job->report.index) : MXQ_OK);
-    if (job->dist.rank == 0)
+    AGREE(ctx, &job->dist, NULL, rank0 ? mxq_output_commit(ctx, &job->report.index) : MXQ_OK);
+    /* the checkpoint is complete: what is left of an earlier run goes */
+    if (rank0 && mxq_ckpt_dir_finish(ctx, &job->out, &job->inputs) != MXQ_OK) {
+        mxq_log(ctx, MXQ_LOG_WARN, "the checkpoint is complete, but: %s", mxq_error_message(ctx));
+        mxq_error_clear(ctx);
+    }
+    if (rank0)
         mxq_log(ctx, MXQ_LOG_INFO,
                 "wrote %s: %d shard%s, model.safetensors.index.json, config.json, " REPORT_NAME " (%.1f s total)",
                 job->out_dir, job->dist.size, job->dist.size == 1 ? "" : "s", mxq_time_now() - job->t_start);
@@ -359,7 +350,7 @@ static void quantize_job_free(quantize_job *job)
     mxq_quantize_report_free(&job->report);
     free(job->packed_report);
     mxq_output_abort(&job->shard_out);
-    free(job->planned);
+    mxq_ckpt_dir_free(&job->out);
     shard_list_free(&job->shard);
     mxq_checkpoint_close(job->ckpt);
     mxq_tokens_free(&job->calib);
@@ -398,12 +389,12 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
 fail:
     /* Every failure after mxq_dist_create is agreed (or aborts the job), so
      * every rank is here: once each has removed its own temporary, rank 0
-     * may remove the record, and the directory if the run made it. */
+     * tidies the directory (mxq_ckpt_dir_abandon says how). */
     if (status != MXQ_OK && job.dist.comm != MPI_COMM_NULL) {
         mxq_output_abort(&job.shard_out);
+        mxq_output_abort(&job.report.index);
         MPI_Barrier(job.dist.comm);
-        if (job.record_written)
-            abandon_out_dir(&job);
+        mxq_ckpt_dir_abandon(&job.out);
     }
     quantize_job_free(&job);
     return status;

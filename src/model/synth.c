@@ -283,6 +283,7 @@ mxq_status mxq_synth_write(mxq_ctx *ctx, const mxq_synth_options *opt, const cha
 {
     mxq_status status = MXQ_OK;
     synth_plan plan = {0};
+    mxq_ckpt_dir dir = {0};
     json_t *weight_map = json_object(), *config = NULL;
     const char **names = NULL;
     char path[4352];
@@ -294,8 +295,8 @@ mxq_status mxq_synth_write(mxq_ctx *ctx, const mxq_synth_options *opt, const cha
     CHECK_ALLOC(ctx, names, plan.n_files * sizeof(char *), "the file plan");
     for (size_t i = 0; i < plan.n_files; i++)
         names[i] = plan.files[i];
-    int created = 0;
-    CALL(ctx, mxq_ckpt_dir_prepare(ctx, out_dir, opt->force, names, plan.n_files, NULL, &created));
+    CALL(ctx, mxq_ckpt_dir_prepare(ctx, &dir, out_dir, opt->force, names, plan.n_files, NULL));
+    CALL(ctx, mxq_ckpt_dir_begin_commit(ctx, &dir));
     mxq_log(ctx, MXQ_LOG_INFO, "synth: %s with %d layers, %zu tensors, %.2f GB in %s, %d shard%s -> %s",
             opt->preset->name, cfg.n_layers, plan.n, (double)plan.total_bytes / 1e9, mxq_dtype_name(opt->dtype),
             plan.n_shards, plan.n_shards == 1 ? "" : "s", out_dir);
@@ -308,7 +309,11 @@ mxq_status mxq_synth_write(mxq_ctx *ctx, const mxq_synth_options *opt, const cha
     CHECK_ALLOC(ctx, config, 1, "config.json");
     snprintf(path, sizeof(path), "%s/config.json", out_dir);
     CALL(ctx, mxq_json_write_atomic(ctx, config, path, NULL));
+    CALL(ctx, mxq_ckpt_dir_finish(ctx, &dir, NULL));
 fail:
+    if (status != MXQ_OK)
+        mxq_ckpt_dir_abandon(&dir);
+    mxq_ckpt_dir_free(&dir);
     free(names);
     synth_plan_free(&plan);
     json_decref(weight_map);

@@ -394,6 +394,37 @@ static void test_force_removes_a_killed_runs_temporaries(void **state)
     print_message("# --force removed the stale temporary shard and kept notes.txt\n");
 }
 
+/* --force replaces an earlier checkpoint only once the new one is complete:
+ * a run that fails (here on a NaN weight, found while loading) leaves the
+ * earlier checkpoint whole. */
+static void test_failed_force_keeps_the_earlier_checkpoint(void **state)
+{
+    (void)state;
+    const char *out = tu_scratch_path("force-keeps");
+    const char *model = model_copy("force-keeps-nan", NULL, NULL);
+    poke_weight(model, "model.layers.3.mlp.down_proj.weight", 100, NAN);
+    tu_run_result r = run_mxq(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-rtn"), "--out", out,
+                              "-q", NULL);
+    assert_int_equal(r.exit_code, 0);
+    const char *names[] = {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json",
+                           "model.safetensors.index.json", "mxq_report.json", ".mxq-output.json"};
+    const char *keep[7];
+    for (int i = 0; i < 6; i++) {
+        char *p = malloc(1024);
+        snprintf(p, 1024, "%s/%s", out, names[i]);
+        keep[i] = p;
+    }
+    keep[6] = NULL;
+    snapshot s;
+    snap(&s, keep);
+    r = run_mxq(2, "quantize", "--model", model, "--calib", tu_data_path("stories260K/calib.h5"), "--recipe",
+                recipe("w4a8-mxint-rtn"), "--out", out, "--force", "-q", NULL);
+    expect_refused("quantize --force from a model with a NaN weight", &r, "model.layers.3.mlp.down_proj.weight",
+                   "non-finite");
+    expect_untouched("quantize --force from a model with a NaN weight", &s);
+}
+
 /* A refused run touches nothing: not the record and temporaries of another
  * (perhaps running) job in that directory. */
 static void test_refused_run_leaves_foreign_files(void **state)
@@ -470,6 +501,45 @@ static void test_fifo_as_recipe(void **state)
                               tu_data_path("stories260K/calib.h5"), "--recipe", fifo(tu_scratch_path("fifo-recipe.yaml")),
                               "--out", tu_scratch_path("fifo-out"), NULL);
     expect_refused("FIFO as the recipe", &r, "fifo-recipe.yaml", "FIFO");
+}
+
+/* A token file whose /tokens lives elsewhere: its data in a FIFO (external
+ * storage), or the dataset behind an external link to one. */
+static const char *tokens_pointing_at_fifo(const char *name, int as_link)
+{
+    const char *path = tu_scratch_path("%s", name), *pipe = fifo(tu_scratch_path("%s.fifo", name));
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(f >= 0);
+    if (as_link) {
+        assert_true(H5Lcreate_external(pipe, "/tokens", f, "/tokens", H5P_DEFAULT, H5P_DEFAULT) >= 0);
+    } else {
+        hsize_t dims[2] = {4, 16};
+        hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE), space = H5Screate_simple(2, dims, NULL);
+        assert_true(H5Pset_external(dcpl, pipe, 0, 4 * 16 * 4) >= 0);
+        hid_t d = H5Dcreate2(f, "/tokens", H5T_STD_I32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+        assert_true(d >= 0);
+        H5Dclose(d);
+        H5Sclose(space);
+        H5Pclose(dcpl);
+    }
+    H5Fclose(f);
+    return path;
+}
+
+static void test_token_data_stored_in_a_fifo(void **state)
+{
+    (void)state;
+    tu_run_result r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens",
+                              tokens_pointing_at_fifo("ext-tokens.h5", 0), "--limit", "2", NULL);
+    expect_refused("/tokens stored externally in a FIFO", &r, "ext-tokens.h5", "outside the file");
+}
+
+static void test_token_external_link_to_a_fifo(void **state)
+{
+    (void)state;
+    tu_run_result r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens",
+                              tokens_pointing_at_fifo("elink-tokens.h5", 1), "--limit", "2", NULL);
+    expect_refused("/tokens an external link to a FIFO", &r, "elink-tokens.h5", "external link");
 }
 
 static void test_huge_layer_count(void **state)
@@ -888,10 +958,13 @@ int main(void)
         cmocka_unit_test(test_force_keeps_another_model),
         cmocka_unit_test(test_force_removes_a_killed_runs_temporaries),
         cmocka_unit_test(test_refused_run_leaves_foreign_files),
+        cmocka_unit_test(test_failed_force_keeps_the_earlier_checkpoint),
         cmocka_unit_test(test_fifo_as_model_weights),
         cmocka_unit_test(test_fifo_as_config),
         cmocka_unit_test(test_fifo_as_token_file),
         cmocka_unit_test(test_fifo_as_recipe),
+        cmocka_unit_test(test_token_data_stored_in_a_fifo),
+        cmocka_unit_test(test_token_external_link_to_a_fifo),
         cmocka_unit_test(test_huge_layer_count),
         cmocka_unit_test(test_nan_weight_rtn),
         cmocka_unit_test(test_inf_weight_smoothquant),
