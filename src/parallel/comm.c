@@ -54,17 +54,16 @@ mxq_status mxq_agree(mxq_ctx *ctx, const mxq_dist *dist, const char *step, mxq_s
     mxq_status status = MXQ_OK;
     if (local == MXQ_OK && step)
         local = mxq_fault_point(ctx, step);
-    /* Reduced with MIN: [0] the lowest failing rank; [1] 1 only if every
-     * rank failed; [2], INT_MAX - [3]: the smallest and largest fingerprint
-     * of the failing ranks' messages. */
+    /* Reduced with MIN: [0] the lowest failing rank; [1], INT_MAX - [2]: the
+     * smallest and largest fingerprint of the failing ranks' messages. */
     const int failed = local != MXQ_OK, h = failed ? message_hash(ctx) : 0;
-    int mine[4] = {failed ? dist->rank : INT_MAX, failed, failed ? h : INT_MAX, failed ? INT_MAX - h : INT_MAX};
-    int agreed[4];
-    CALL_MPI(ctx, dist->comm, MPI_Allreduce(mine, agreed, 4, MPI_INT, MPI_MIN, dist->comm));
+    int mine[3] = {failed ? dist->rank : INT_MAX, failed ? h : INT_MAX, failed ? INT_MAX - h : INT_MAX};
+    int agreed[3];
+    CALL_MPI(ctx, dist->comm, MPI_Allreduce(mine, agreed, 3, MPI_INT, MPI_MIN, dist->comm));
     if (failed) {
-        /* Every rank failed the same way: rank 0 speaks for all. Ranks that
-         * failed differently each print their own message. */
-        if (agreed[1] == 1 && agreed[2] == INT_MAX - agreed[3] && dist->rank != 0)
+        /* The failing ranks all have the same message: the lowest of them
+         * speaks for all. Different messages are each printed. */
+        if (agreed[1] == INT_MAX - agreed[2] && dist->rank != agreed[0])
             mxq_error_mark_reported_elsewhere(ctx);
         return local;
     }

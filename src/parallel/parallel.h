@@ -40,9 +40,9 @@ void mxq_dist_free(mxq_dist *dist);
  * only if every rank succeeded. A rank that failed gets its own status
  * back; the others get MXQ_ERR_REMOTE ("stopped because rank R failed at
  * step S"), so no rank goes on to a collective that a failed rank will never
- * join. When every rank failed with the same message, only rank 0 prints it
- * (the others' are marked as reported elsewhere); different messages are
- * each printed by their rank. `step` names the point in the job
+ * join. Ranks that failed with the same message leave it to the lowest of
+ * them to print (theirs are marked as reported elsewhere); different
+ * messages are each printed by their rank. `step` names the point in the job
  * ("quantize.load", ...): it is what fault injection (mxq_ctx_set_fault)
  * matches, and a rank told to fail there fails here. */
 mxq_status mxq_agree(mxq_ctx *ctx, const mxq_dist *dist, const char *step, mxq_status local);
