@@ -173,7 +173,6 @@ int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv)
     if (mxq_ctx_rank(ctx) == 0) {
         printf("perplexity %.6f  mean_nll %.9f  tokens_scored %zu  sequences %d  ranks %d  %.2f s  %.0f tokens/s\n",
                r.ppl, r.mean_nll, r.tokens_scored, r.sequences, r.ranks, r.seconds, r.tokens_per_s);
-        fflush(stdout);
     }
     return MXQ_EXIT_OK;
 }

@@ -42,6 +42,39 @@ static void print_main_help(FILE *out)
             MXQ_VERSION, mxq_format_names());
 }
 
+/* The launcher's rank and size, read from its environment before (or
+ * instead of) MPI_Init: help, version and command-line errors of a job
+ * started on N processes are then printed once, and a command that does not
+ * run over MPI can refuse to run N times side by side on the same files.
+ * Open MPI and MPICH/Hydra export their own pair; srun exports SLURM_PROCID
+ * with the step's task count (a batch script has no step tasks: size 1). */
+static void launcher_rank(int *rank, int *size)
+{
+    static const char *const vars[][2] = {
+        {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"},
+        {"PMI_RANK", "PMI_SIZE"},
+        {"SLURM_PROCID", "SLURM_STEP_NUM_TASKS"},
+    };
+    *rank = 0;
+    *size = 1;
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+        long r = 0, n = 0;
+        if (mxq_cli_parse_int(getenv(vars[i][0]), 0, 1L << 30, &r) == 0 &&
+            mxq_cli_parse_int(getenv(vars[i][1]), 1, 1L << 30, &n) == 0 && r < n) {
+            *rank = (int)r;
+            *size = (int)n;
+            return;
+        }
+    }
+}
+
+static int launcher_is_rank0(void)
+{
+    int rank, size;
+    launcher_rank(&rank, &size);
+    return rank == 0;
+}
+
 int mxq_cli_usage_error(mxq_ctx *ctx, const char *verb, const char *fmt, ...)
 {
     char message[1024];
@@ -49,7 +82,7 @@ int mxq_cli_usage_error(mxq_ctx *ctx, const char *verb, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(message, sizeof(message), fmt, ap);
     va_end(ap);
-    if (!ctx || mxq_ctx_rank(ctx) == 0)
+    if (ctx ? mxq_ctx_rank(ctx) == 0 : launcher_is_rank0())
         fprintf(stderr, "mxq%s%s: error: %s\n", verb ? " " : "", verb ? verb : "", message);
     return MXQ_EXIT_USAGE;
 }
@@ -97,17 +130,58 @@ static int wants_help(int argc, char **argv)
     return 0;
 }
 
+static int init_mpi(mxq_ctx *ctx, const char *verb)
+{
+    int provided = 0;
+    if (MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+        fprintf(stderr, "mxq %s: error: MPI_Init failed\n", verb);
+        return -1;
+    }
+    int rank = 0, size = 1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    mxq_ctx_set_rank(ctx, rank, size);
+    return 0;
+}
+
+/* Results go to stdout; a full disk or closed pipe there must not pass for
+ * success. */
+static int check_stdout(const char *verb, int rc)
+{
+    errno = 0;
+    const int flush_failed = fflush(stdout) != 0;
+    if (!flush_failed && !ferror(stdout))
+        return rc;
+    /* An earlier failed write leaves only the error flag; its errno is gone. */
+    fprintf(stderr, "mxq%s%s: error: cannot write to standard output: %s\n", verb ? " " : "", verb ? verb : "",
+            flush_failed && errno ? strerror(errno) : "a write failed, results were lost");
+    return rc == MXQ_EXIT_OK ? MXQ_EXIT_FAILURE : rc;
+}
+
+static const verb_entry *find_verb(const char *verb)
+{
+    for (size_t i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++)
+        if (strcmp(verbs[i].name, verb) == 0)
+            return &verbs[i];
+    return NULL;
+}
+
 /* argv[0] is the verb itself, as getopt expects a program name there. */
 static int run_verb(const char *verb, int argc, char **argv)
 {
-    const verb_entry *entry = NULL;
-    for (size_t i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++)
-        if (strcmp(verbs[i].name, verb) == 0)
-            entry = &verbs[i];
+    const verb_entry *entry = find_verb(verb);
     if (!entry)
         return mxq_cli_usage_error(NULL, NULL, "unknown command '%s' (commands: cast, eval, quantize, quantize-linear, synth, help; see "
                                    "mxq --help)",
                                    verb);
+    int launch_rank, launch_size;
+    launcher_rank(&launch_rank, &launch_size);
+    /* --help needs no MPI: it must work on a login node without a launcher. */
+    const int help = wants_help(argc, argv);
+    if (help && launch_rank != 0)
+        return MXQ_EXIT_OK;
+    if (!entry->needs_mpi && !help && launch_size > 1)
+        return mxq_cli_usage_error(NULL, verb, "runs as one process, but the launcher started %d; run it without mpirun/srun", launch_size);
 
     mxq_ctx *ctx = NULL;
     if (mxq_ctx_create(&ctx) != MXQ_OK) {
@@ -116,48 +190,37 @@ static int run_verb(const char *verb, int argc, char **argv)
     }
     /* test-only: make a chosen rank fail at a chosen step (see mxq_ctx_set_fault) */
     mxq_ctx_set_fault(ctx, getenv("MXQ_FAULT"));
-
-    /* --help needs no MPI: it must work on a login node without a launcher. */
-    int use_mpi = entry->needs_mpi && !wants_help(argc, argv);
-    if (use_mpi) {
-        int provided = 0;
-        if (MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
-            fprintf(stderr, "mxq %s: error: MPI_Init failed\n", verb);
-            mxq_ctx_destroy(ctx);
-            return MXQ_EXIT_FAILURE;
-        }
-        int rank = 0, size = 1;
-        MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-        MPI_Comm_size(MPI_COMM_WORLD, &size);
-        mxq_ctx_set_rank(ctx, rank, size);
+    const int use_mpi = entry->needs_mpi && !help;
+    if (use_mpi && init_mpi(ctx, verb) != 0) {
+        mxq_ctx_destroy(ctx);
+        return MXQ_EXIT_FAILURE;
     }
     int rc = entry->run(ctx, argc, argv);
     if (use_mpi)
         MPI_Finalize();
     mxq_ctx_destroy(ctx);
-    return rc;
+    return check_stdout(verb, rc);
 }
 
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        print_main_help(stderr);
+        if (launcher_is_rank0())
+            print_main_help(stderr);
         return MXQ_EXIT_USAGE;
     }
     const char *verb = argv[1];
-    if (strcmp(verb, "-h") == 0 || strcmp(verb, "--help") == 0) {
-        print_main_help(stdout);
-        return MXQ_EXIT_OK;
-    }
-    if (strcmp(verb, "--version") == 0 || strcmp(verb, "version") == 0) {
-        printf("mxq %s\n", MXQ_VERSION);
-        return MXQ_EXIT_OK;
+    const int main_help = strcmp(verb, "-h") == 0 || strcmp(verb, "--help") == 0 || (strcmp(verb, "help") == 0 && argc < 3);
+    if (main_help || strcmp(verb, "--version") == 0 || strcmp(verb, "version") == 0) {
+        if (!launcher_is_rank0())
+            return MXQ_EXIT_OK;
+        if (main_help)
+            print_main_help(stdout);
+        else
+            printf("mxq %s\n", MXQ_VERSION);
+        return check_stdout(NULL, MXQ_EXIT_OK);
     }
     if (strcmp(verb, "help") == 0) {
-        if (argc < 3) {
-            print_main_help(stdout);
-            return MXQ_EXIT_OK;
-        }
         /* `mxq help cast` is `mxq cast --help` */
         static char help_flag[] = "--help";
         verb = argv[2];

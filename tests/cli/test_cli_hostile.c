@@ -46,6 +46,14 @@ static tu_run_result run_mxq(int ranks, const char *first, ...)
     return r;
 }
 
+static void run_with(const char *const *prefix, size_t n, tu_run_result *r, ...)
+{
+    va_list ap;
+    va_start(ap, r);
+    tu_run_prefixed(prefix, n, ap, r);
+    va_end(ap);
+}
+
 static int count(const char *text, const char *what)
 {
     int n = 0;
@@ -908,6 +916,41 @@ static void test_eval_block_without_formats(void **state)
     expect_refused("eval --block without --weights", &r, "--block", "--weights");
 }
 
+/* A command that runs as one process refuses to run N times side by side on
+ * the same output, once; help and version under a launcher print once. */
+static void test_one_process_command_under_mpirun(void **state)
+{
+    (void)state;
+    const char *out = tu_scratch_path("synth-under-mpirun");
+    tu_run_result r = run_mxq(2, "synth", "--model", "llama-2-7b", "--layers", "1", out, NULL);
+    expect_refused("synth under mpirun -n 2", &r, "one process", NULL);
+    struct stat st;
+    if (lstat(out, &st) == 0)
+        fail_msg("synth under mpirun -n 2 left %s behind", out);
+}
+
+static void test_help_and_version_printed_once(void **state)
+{
+    (void)state;
+    tu_run_result r = run_mxq(3, "--version", NULL);
+    assert_int_equal(r.exit_code, 0);
+    assert_int_equal(count(r.out, "mxq "), 1);
+    r = run_mxq(2, "eval", "--help", NULL);
+    assert_int_equal(r.exit_code, 0);
+    assert_int_equal(count(r.out, "Usage:"), 1);
+}
+
+/* Results on stdout that cannot be written are an error, not a success. */
+static void test_results_onto_a_full_stdout(void **state)
+{
+    (void)state;
+    const char *prefix[] = {"timeout", "30", "sh", "-c", "exec \"$@\" > /dev/full", "sh", getenv("MXQ_BIN"), "eval"};
+    tu_run_result r;
+    run_with(prefix, sizeof(prefix) / sizeof(prefix[0]), &r, "--model", tu_data_path("stories260K"), "--tokens",
+             tu_data_path("stories260K/eval.h5"), "--limit", "2", NULL);
+    expect_refused("eval with stdout on /dev/full", &r, "standard output", "No space left");
+}
+
 /* The example in `mxq quantize --help` runs as printed. */
 static void test_help_example_exists(void **state)
 {
@@ -946,6 +989,9 @@ int main(void)
 {
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_one_process_command_under_mpirun),
+        cmocka_unit_test(test_help_and_version_printed_once),
+        cmocka_unit_test(test_results_onto_a_full_stdout),
         cmocka_unit_test(test_cast_onto_its_input),
         cmocka_unit_test(test_quantize_linear_onto_its_input),
         cmocka_unit_test(test_eval_json_onto_the_token_file),
