@@ -451,8 +451,12 @@ mxq_status mxq_recipe_load(mxq_ctx *ctx, const char *path, mxq_recipe *recipe)
 {
     mxq_status status = MXQ_OK;
     char *text = NULL;
+    size_t size = 0;
     memset(recipe, 0, sizeof(*recipe));
-    CALL(ctx, mxq_input_read_all(ctx, path, "recipe", 1 << 20, &text, NULL));
+    CALL(ctx, mxq_input_read_all(ctx, path, "recipe", 1 << 20, &text, &size));
+    /* A binary or UTF-16 file would otherwise read as an empty or odd recipe. */
+    CHECK(ctx, memchr(text, '\0', size) == NULL, MXQ_ERR_FORMAT,
+          "%s: not a text file (it holds NUL bytes); a recipe is UTF-8 YAML", path);
     CALL(ctx, mxq_recipe_parse_string(ctx, text, path, recipe));
 fail:
     free(text);

@@ -20,7 +20,7 @@ struct mxq_ctx {
     double t0;
 
     mxq_status err_code;
-    char err_message[2048];
+    char err_message[16384]; /* room for two PATH_MAX paths and the reason */
     char err_origin[256];
     int trace_len;
     char trace[MXQ_TRACE_MAX][256];
@@ -178,7 +178,7 @@ void mxq_error_context(mxq_ctx *ctx, const char *fmt, ...)
         return;
     /* The cause stays at the end; each caller's context goes in front:
      * "layer 3 mlp.down_proj: GPTQ: Cholesky ... failed". */
-    char prefix[512];
+    char prefix[4608]; /* may hold a path */
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(prefix, sizeof(prefix), fmt, ap);

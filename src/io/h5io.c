@@ -31,7 +31,7 @@ static herr_t h5_walk_innermost(unsigned n, const H5E_error2_t *err, void *data)
 
 void mxq_h5_error_set(mxq_ctx *ctx, const char *file, int line, const char *fmt, ...)
 {
-    char what[1024];
+    char what[8704]; /* two paths and the operation */
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(what, sizeof(what), fmt, ap);

@@ -797,6 +797,22 @@ static void test_empty_recipe(void **state)
         fail_msg("libfyaml's internals in the message: %s", r.err);
 }
 
+/* A recipe saved as UTF-16 (as some editors do) is not read as empty. */
+static void test_utf16_recipe(void **state)
+{
+    (void)state;
+    const char *utf8 = "weights: {format: mxint4, block: 32}\n";
+    unsigned char utf16[128] = {0xff, 0xfe};
+    size_t n = 2;
+    for (const char *c = utf8; *c; c++, n += 2)
+        utf16[n] = (unsigned char)*c, utf16[n + 1] = 0;
+    const char *path = tu_scratch_path("utf16.yaml");
+    tu_write_file(path, utf16, n);
+    tu_run_result r = run_mxq(0, "quantize-linear", "--recipe", path, linear_input("lin-recipe.h5", 0),
+                              tu_scratch_path("lin-recipe-out.h5"), NULL);
+    expect_refused("a UTF-16 recipe", &r, "utf16.yaml", "not a text file");
+}
+
 static void test_yaml_error_location(void **state)
 {
     (void)state;
@@ -1025,6 +1041,7 @@ int main(void)
         cmocka_unit_test(test_disk_full_cast),
         cmocka_unit_test(test_disk_full_quantize),
         cmocka_unit_test(test_empty_recipe),
+        cmocka_unit_test(test_utf16_recipe),
         cmocka_unit_test(test_yaml_error_location),
         cmocka_unit_test(test_second_yaml_document),
         cmocka_unit_test(test_too_large_value_gives_the_range),
