@@ -15,8 +15,10 @@ static const char *int_kind(hid_t type)
     }
 }
 
-/* The shape of /tokens, checked: int32, 2-D, at least one sequence of 2. */
-static mxq_status check_tokens_dataset(mxq_ctx *ctx, const char *path, hid_t dset, hsize_t dims[2])
+/* The shape of /tokens, checked before anything is allocated: int32, 2-D,
+ * at least one sequence of 2, none longer than the model's context. */
+static mxq_status check_tokens_dataset(mxq_ctx *ctx, const char *path, const char *what, int max_len, hid_t dset,
+                                       hsize_t dims[2])
 {
     mxq_status status = MXQ_OK;
     hid_t type = H5Dget_type(dset), space = H5Dget_space(dset);
@@ -32,6 +34,9 @@ static mxq_status check_tokens_dataset(mxq_ctx *ctx, const char *path, hid_t dse
     CHECK(ctx, dims[0] > 0 && dims[1] >= 2 && dims[0] < (1u << 30) && dims[1] < (1u << 24), MXQ_ERR_FORMAT,
           "'/tokens' in '%s' has shape [%llu, %llu]; expected at least one sequence of at least 2 tokens", path,
           (unsigned long long)dims[0], (unsigned long long)dims[1]);
+    CHECK(ctx, dims[1] <= (hsize_t)max_len, MXQ_ERR_FORMAT,
+          "%s '%s' has sequences of %llu tokens, longer than the model's context of %d (max_position_embeddings)", what,
+          path, (unsigned long long)dims[1], max_len);
 fail:
     if (space >= 0)
         H5Sclose(space);
@@ -54,7 +59,8 @@ fail:
     return status;
 }
 
-mxq_status mxq_tokens_read(mxq_ctx *ctx, const char *path, int limit, int vocab, mxq_tokens *out)
+mxq_status mxq_tokens_read(mxq_ctx *ctx, const char *path, const char *what, int limit, int vocab, int max_len,
+                           mxq_tokens *out)
 {
     mxq_status status = MXQ_OK;
     mxq_h5_quiet quiet;
@@ -63,9 +69,9 @@ mxq_status mxq_tokens_read(mxq_ctx *ctx, const char *path, int limit, int vocab,
     hsize_t dims[2];
     memset(out, 0, sizeof(*out));
 
-    CALL(ctx, mxq_h5_open_read(ctx, path, "token file", &file));
-    CALL_IN(ctx, mxq_h5_open_dataset(ctx, file, path, "/tokens", &dset), "token file");
-    CALL(ctx, check_tokens_dataset(ctx, path, dset, dims));
+    CALL(ctx, mxq_h5_open_read(ctx, path, what, &file));
+    CALL_IN(ctx, mxq_h5_open_dataset(ctx, file, path, "/tokens", &dset), "%s", what);
+    CALL(ctx, check_tokens_dataset(ctx, path, what, max_len, dset, dims));
 
     out->total_seqs = (int)dims[0];
     out->n_seqs = (limit > 0 && limit < (int)dims[0]) ? limit : (int)dims[0];

@@ -14,10 +14,12 @@ typedef struct {
 } mxq_tokens;
 
 /* Read the first `limit` sequences (0 = all) and check every id against
- * [0, vocab). Local to this rank (no collective call: every rank reads the
+ * [0, vocab) and the sequence length against max_len (before allocating).
+ * `what` names the file in messages ("token file", "calibration file"). Local to this rank (no collective call: every rank reads the
  * same small file). Errors name the file and, for a bad id, the sequence
  * and position. */
-mxq_status mxq_tokens_read(mxq_ctx *ctx, const char *path, int limit, int vocab, mxq_tokens *out);
+mxq_status mxq_tokens_read(mxq_ctx *ctx, const char *path, const char *what, int limit, int vocab, int max_len,
+                           mxq_tokens *out);
 void mxq_tokens_free(mxq_tokens *tokens);
 
 #endif

@@ -148,10 +148,8 @@ static mxq_status read_tokens(mxq_ctx *ctx, eval_job *j)
 {
     mxq_status status = MXQ_OK;
     const mxq_eval_options *o = j->options;
-    CALL(ctx, mxq_tokens_read(ctx, j->tokens_path, o->limit, j->cfg.vocab, &j->tokens));
-    CHECK(ctx, j->tokens.seq_len <= j->cfg.max_positions, MXQ_ERR_FORMAT,
-          "token file '%s' has sequences of %d tokens, longer than the model's context of %d (max_position_embeddings)",
-          j->tokens_path, j->tokens.seq_len, j->cfg.max_positions);
+    CALL(ctx, mxq_tokens_read(ctx, j->tokens_path, "token file", o->limit, j->cfg.vocab, j->cfg.max_positions,
+                              &j->tokens));
     if (o->limit > j->tokens.total_seqs)
         mxq_log(ctx, MXQ_LOG_WARN, "--limit %d exceeds the %d sequences in '%s'; evaluating all of them", o->limit,
                 j->tokens.total_seqs, j->tokens_path);

@@ -47,14 +47,11 @@ mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const char *calib_path, const mx
     mxq_status status = MXQ_OK;
     memset(tokens, 0, sizeof(*tokens));
     CHECK(ctx, calib_path != NULL, MXQ_ERR_ARG, "a calibration token file is needed to apply a recipe");
-    CALL(ctx, mxq_tokens_read(ctx, calib_path, recipe->calib_samples, cfg->vocab, tokens));
+    CALL(ctx, mxq_tokens_read(ctx, calib_path, "calibration file", recipe->calib_samples, cfg->vocab, cfg->max_positions,
+                              tokens));
     CHECK(ctx, tokens->total_seqs >= recipe->calib_samples, MXQ_ERR_ARG,
           "calibration file '%s' has %d sequences, but the recipe%s%s asks for calibration.samples = %d", calib_path,
           tokens->total_seqs, recipe_path ? " " : "", recipe_path ? recipe_path : "", recipe->calib_samples);
-    CHECK(ctx, tokens->seq_len <= cfg->max_positions, MXQ_ERR_FORMAT,
-          "calibration file '%s' has sequences of %d tokens, longer than the model's context of %d "
-          "(max_position_embeddings)",
-          calib_path, tokens->seq_len, cfg->max_positions);
     return MXQ_OK;
 fail:
     mxq_tokens_free(tokens);

@@ -550,6 +550,28 @@ static void test_token_external_link_to_a_fifo(void **state)
     expect_refused("/tokens an external link to a FIFO", &r, "elink-tokens.h5", "external link");
 }
 
+/* A token file that declares 2^19 sequences longer than the model's context
+ * (chunks never written, so the file is small): refused from its shape,
+ * before 8 GB per rank are allocated and filled. */
+static void test_token_sequences_longer_than_the_context(void **state)
+{
+    (void)state;
+    const char *path = tu_scratch_path("long-tokens.h5");
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(f >= 0);
+    hsize_t dims[2] = {1u << 19, 4096}, chunk[2] = {1, 4096};
+    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE), space = H5Screate_simple(2, dims, NULL);
+    assert_true(H5Pset_chunk(dcpl, 2, chunk) >= 0);
+    hid_t d = H5Dcreate2(f, "/tokens", H5T_STD_I32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    assert_true(d >= 0);
+    H5Dclose(d);
+    H5Sclose(space);
+    H5Pclose(dcpl);
+    H5Fclose(f);
+    tu_run_result r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens", path, NULL);
+    expect_refused("2^19 sequences of 4096 tokens", &r, "long-tokens.h5", "max_position_embeddings");
+}
+
 static void test_huge_layer_count(void **state)
 {
     (void)state;
@@ -1027,6 +1049,7 @@ int main(void)
         cmocka_unit_test(test_fifo_as_recipe),
         cmocka_unit_test(test_token_data_stored_in_a_fifo),
         cmocka_unit_test(test_token_external_link_to_a_fifo),
+        cmocka_unit_test(test_token_sequences_longer_than_the_context),
         cmocka_unit_test(test_huge_layer_count),
         cmocka_unit_test(test_nan_weight_rtn),
         cmocka_unit_test(test_inf_weight_smoothquant),
