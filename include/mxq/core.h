@@ -89,8 +89,9 @@ void mxq_error_mark_reported_elsewhere(mxq_ctx *ctx);
  * that rank reaches the named step, it fails there as if the step had
  * failed. "list" prints every step reached instead ("mxq fault-point: rank R
  * step S" on the log stream). The command-line tool takes it from the
- * environment variable MXQ_FAULT; NULL or "" turns it off. */
-void mxq_ctx_set_fault(mxq_ctx *ctx, const char *spec);
+ * environment variable MXQ_FAULT; NULL or "" turns it off. Returns 0, or
+ * -1 (and turns it off) if `spec` is none of these. */
+int mxq_ctx_set_fault(mxq_ctx *ctx, const char *spec);
 
 /* Wall-clock seconds since an arbitrary fixed point (monotonic). */
 double mxq_time_now(void);

@@ -189,7 +189,11 @@ static int run_verb(const char *verb, int argc, char **argv)
         return MXQ_EXIT_FAILURE;
     }
     /* test-only: make a chosen rank fail at a chosen step (see mxq_ctx_set_fault) */
-    mxq_ctx_set_fault(ctx, getenv("MXQ_FAULT"));
+    const char *fault = getenv("MXQ_FAULT");
+    if (mxq_ctx_set_fault(ctx, fault) != 0) {
+        mxq_ctx_destroy(ctx);
+        return mxq_cli_usage_error(NULL, verb, "MXQ_FAULT='%s' is not 'list', 'RANK:STEP' or '*:STEP'", fault);
+    }
     const int use_mpi = entry->needs_mpi && !help;
     if (use_mpi && init_mpi(ctx, verb) != 0) {
         mxq_ctx_destroy(ctx);

@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -240,22 +241,26 @@ void mxq_error_clear(mxq_ctx *ctx)
     ctx->reported_elsewhere = 0;
 }
 
-void mxq_ctx_set_fault(mxq_ctx *ctx, const char *spec)
+int mxq_ctx_set_fault(mxq_ctx *ctx, const char *spec)
 {
     ctx->fault_list = 0;
     ctx->fault_rank = -2;
     ctx->fault_fired = 0;
     if (!spec || !*spec)
-        return;
+        return 0;
     if (strcmp(spec, "list") == 0) {
         ctx->fault_list = 1;
-        return;
+        return 0;
     }
     const char *colon = strchr(spec, ':');
-    if (!colon)
-        return;
-    ctx->fault_rank = spec[0] == '*' ? -1 : atoi(spec);
+    char *end = NULL;
+    long rank = spec[0] == '*' ? -1 : strtol(spec, &end, 10);
+    const int rank_ok = spec[0] == '*' ? colon == spec + 1 : end == colon && end != spec && rank >= 0 && rank < INT_MAX;
+    if (!colon || !rank_ok || !colon[1] || strlen(colon + 1) >= sizeof(ctx->fault_step))
+        return -1;
+    ctx->fault_rank = (int)rank;
     snprintf(ctx->fault_step, sizeof(ctx->fault_step), "%s", colon + 1);
+    return 0;
 }
 
 mxq_status mxq_fault_point(mxq_ctx *ctx, const char *step)

@@ -23,7 +23,8 @@ mxq_status mxq_job_config(mxq_ctx *ctx, const char *model_dir, int weights_optio
     mxq_status status = MXQ_OK;
     CALL(ctx, mxq_config_load(ctx, model_dir, cfg));
     if (weights_optional && !has_weights(model_dir)) {
-        mxq_log(ctx, MXQ_LOG_INFO, "'%s' holds no weights: planning from config.json alone", model_dir);
+        if (mxq_ctx_rank(ctx) == 0) /* every rank finds the same */
+            mxq_log(ctx, MXQ_LOG_INFO, "'%s' holds no weights: planning from config.json alone", model_dir);
         return MXQ_OK;
     }
     CALL(ctx, mxq_model_check_checkpoint(ctx, model_dir, cfg));
