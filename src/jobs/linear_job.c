@@ -22,6 +22,22 @@ fail:
     return status;
 }
 
+/* GPTQ factors one triangle of H: an H that is not symmetric would be half
+ * ignored. Entries may differ by rounding (X^T X by GEMM need not be exact). */
+static mxq_status check_symmetric(mxq_ctx *ctx, const char *path, const double *h, size_t n)
+{
+    mxq_status status = MXQ_OK;
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < i; j++) {
+            const double a = h[i * n + j], b = h[j * n + i], scale = sqrt(fabs(h[i * n + i]) * fabs(h[j * n + j]));
+            CHECK(ctx, fabs(a - b) <= 1e-6 * scale + 1e-300, MXQ_ERR_FORMAT,
+                  "'%s': /H is not symmetric: [%zu, %zu] = %g but [%zu, %zu] = %g (a Hessian X^T X is)", path, i, j, a,
+                  j, i, b);
+        }
+fail:
+    return status;
+}
+
 typedef struct {
     float *w, *x, *q;
     double *h;
@@ -42,6 +58,8 @@ static mxq_status read_linear(mxq_ctx *ctx, hid_t in, const char *path, linear_d
     H5Eclear2(H5E_DEFAULT);
     CHECK(ctx, has_x > 0 || has_h > 0, MXQ_ERR_FORMAT, "'%s' has neither /X (calibration inputs) nor /H (Hessian)",
           path);
+    CHECK(ctx, !(has_x > 0 && has_h > 0), MXQ_ERR_FORMAT,
+          "'%s' has both /X and /H; give one (with /X the Hessian is computed from it)", path);
     if (has_x > 0) {
         CALL(ctx, mxq_h5_read_f32_2d(ctx, in, path, "/X", &d->x, &rows, &cols));
         CHECK(ctx, cols == d->in_f, MXQ_ERR_FORMAT, "'%s': /X has %zu columns but /W has %zu inputs", path, cols,
@@ -56,6 +74,7 @@ static mxq_status read_linear(mxq_ctx *ctx, hid_t in, const char *path, linear_d
     CHECK(ctx, rows == d->in_f && cols == d->in_f, MXQ_ERR_FORMAT, "'%s': /H is [%zu, %zu], expected [%zu, %zu] from /W",
           path, rows, cols, d->in_f, d->in_f);
     CALL(ctx, check_finite(ctx, path, "/H", d->h, 1, rows, cols));
+    CALL(ctx, check_symmetric(ctx, path, d->h, rows));
     d->stats.features = (int)d->in_f;
     d->stats.hessian = d->h;
     d->stats.n_tokens = 0;

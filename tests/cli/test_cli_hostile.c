@@ -214,7 +214,9 @@ static const char *cast_input(const char *name)
     return h5_matrix(name, "/input", H5T_NATIVE_FLOAT, 8, 64, x);
 }
 
-static const char *linear_input(const char *name, int nan_in_h)
+enum { LINEAR_GOOD, LINEAR_NAN_IN_H, LINEAR_ASYMMETRIC_H };
+
+static const char *linear_input(const char *name, int defect)
 {
     unlink(tu_scratch_path("%s", name));
     float w[16 * 64];
@@ -225,8 +227,10 @@ static const char *linear_input(const char *name, int nan_in_h)
     for (size_t i = 0; i < 64; i++)
         for (size_t j = 0; j < 64; j++)
             h[i * 64 + j] = i == j ? 2.0 : 0.1;
-    if (nan_in_h)
+    if (defect == LINEAR_NAN_IN_H)
         h[5 * 64 + 7] = NAN;
+    if (defect == LINEAR_ASYMMETRIC_H)
+        h[9 * 64 + 3] = 0.2;
     h5_matrix(name, "/W", H5T_NATIVE_FLOAT, 16, 64, w);
     return h5_matrix(name, "/H", H5T_NATIVE_DOUBLE, 64, 64, h);
 }
@@ -248,7 +252,7 @@ static void test_cast_onto_its_input(void **state)
 static void test_quantize_linear_onto_its_input(void **state)
 {
     (void)state;
-    const char *in = linear_input("lin-self.h5", 0);
+    const char *in = linear_input("lin-self.h5", LINEAR_GOOD);
     const char *keep[] = {in, NULL};
     snapshot s;
     snap(&s, keep);
@@ -677,11 +681,31 @@ static void test_eval_nonfinite_result(void **state)
 static void test_quantize_linear_nan_hessian(void **state)
 {
     (void)state;
-    const char *in = linear_input("lin-nan-h.h5", 1);
+    const char *in = linear_input("lin-nan-h.h5", LINEAR_NAN_IN_H);
     tu_run_result r = run_mxq(0, "quantize-linear", "--recipe", recipe("w4a8-mxint-gptq"), in, tu_scratch_path("lin-nan-out.h5"),
                               NULL);
     expect_refused("quantize-linear with a NaN in /H", &r, "/H", "[5, 7]");
     assert_false(access(tu_scratch_path("lin-nan-out.h5"), F_OK) == 0);
+}
+
+static void test_quantize_linear_asymmetric_hessian(void **state)
+{
+    (void)state;
+    const char *in = linear_input("lin-asym-h.h5", LINEAR_ASYMMETRIC_H);
+    tu_run_result r = run_mxq(0, "quantize-linear", "--recipe", recipe("w4a8-mxint-gptq"), in,
+                              tu_scratch_path("lin-asym-out.h5"), NULL);
+    expect_refused("quantize-linear with an asymmetric /H", &r, "not symmetric", "[9, 3]");
+}
+
+static void test_quantize_linear_both_x_and_h(void **state)
+{
+    (void)state;
+    const char *in = linear_input("lin-x-and-h.h5", LINEAR_GOOD);
+    float x[4 * 64] = {0};
+    h5_matrix("lin-x-and-h.h5", "/X", H5T_NATIVE_FLOAT, 4, 64, x);
+    tu_run_result r = run_mxq(0, "quantize-linear", "--recipe", recipe("w4a8-mxint-gptq"), in,
+                              tu_scratch_path("lin-x-and-h-out.h5"), NULL);
+    expect_refused("quantize-linear with both /X and /H", &r, "lin-x-and-h.h5", "both /X and /H");
 }
 
 /* ---- failures found only after the work --------------------------------------------- */
@@ -806,7 +830,7 @@ static void test_disk_full_quantize(void **state)
 
 static tu_run_result linear_with_recipe(const char *name, const char *text)
 {
-    return run_mxq(0, "quantize-linear", "--recipe", write_text(name, text), linear_input("lin-recipe.h5", 0),
+    return run_mxq(0, "quantize-linear", "--recipe", write_text(name, text), linear_input("lin-recipe.h5", LINEAR_GOOD),
                    tu_scratch_path("lin-recipe-out.h5"), NULL);
 }
 
@@ -830,7 +854,7 @@ static void test_utf16_recipe(void **state)
         utf16[n] = (unsigned char)*c, utf16[n + 1] = 0;
     const char *path = tu_scratch_path("utf16.yaml");
     tu_write_file(path, utf16, n);
-    tu_run_result r = run_mxq(0, "quantize-linear", "--recipe", path, linear_input("lin-recipe.h5", 0),
+    tu_run_result r = run_mxq(0, "quantize-linear", "--recipe", path, linear_input("lin-recipe.h5", LINEAR_GOOD),
                               tu_scratch_path("lin-recipe-out.h5"), NULL);
     expect_refused("a UTF-16 recipe", &r, "utf16.yaml", "not a text file");
 }
@@ -1059,6 +1083,8 @@ int main(void)
         cmocka_unit_test(test_nan_embedding_eval),
         cmocka_unit_test(test_eval_nonfinite_result),
         cmocka_unit_test(test_quantize_linear_nan_hessian),
+        cmocka_unit_test(test_quantize_linear_asymmetric_hessian),
+        cmocka_unit_test(test_quantize_linear_both_x_and_h),
         cmocka_unit_test(test_unwritable_out_dir_found_first),
         cmocka_unit_test(test_unwritable_json_found_first),
         cmocka_unit_test(test_disk_full_cast),
