@@ -24,7 +24,7 @@ static void print_cast_help(FILE *out)
             "  -r, --rounding MODE   even (ties to even, default) or nearest (ties away from zero)\n"
             "      --kernel K        auto (default), reference (scalar specification) or avx512\n"
             "  -v, --verbose         debug log; error traces\n"
-            "  -q, --quiet           print errors only\n"
+            "  -q, --quiet           log errors only\n"
             "  -h, --help            this text\n"
             "\n"
             "OUT.h5 receives (written under a temporary name, renamed when complete; OUT.h5 must\n"

@@ -47,7 +47,7 @@ static void print_quantize_help(FILE *out)
             "                         calibration set then runs through the model once per group\n"
             "                         of N layers. Same checkpoint bytes. Default: all at once\n"
             "  -v, --verbose          debug log, error traces\n"
-            "  -q, --quiet            errors only\n"
+            "  -q, --quiet            log errors only (the summary table still goes to stdout)\n"
             "  -h, --help             this text\n"
             "\n"
             "Output: one progress line per layer (from the rank that owns it) with the loss of\n"

@@ -28,7 +28,7 @@ static void print_synth_help(FILE *out)
             "      --seed S           random seed (default 1); a tensor's values depend only on\n"
             "                         the seed and its name\n"
             "  -f, --force            overwrite a model already in DIR\n"
-            "  -q, --quiet            errors only\n"
+            "  -q, --quiet            log errors only\n"
             "  -h, --help             this text\n"
             "\n"
             "Example: mxq synth --preset llama-2-7b --layers 1 --out /tmp/l2-7b-1layer\n",
