@@ -75,6 +75,18 @@ static int launcher_is_rank0(void)
     return rank == 0;
 }
 
+/* Under a launcher, a rank that exits with an error gets the others killed:
+ * before MPI is up, every rank waits in MPI_Init until rank 0 has printed. */
+static int launcher_exit(int rc)
+{
+    int rank, size, initialized = 0;
+    launcher_rank(&rank, &size);
+    MPI_Initialized(&initialized);
+    if (size > 1 && !initialized && MPI_Init(NULL, NULL) == MPI_SUCCESS)
+        MPI_Finalize();
+    return rc;
+}
+
 int mxq_cli_usage_error(mxq_ctx *ctx, const char *verb, const char *fmt, ...)
 {
     char message[1024];
@@ -84,7 +96,7 @@ int mxq_cli_usage_error(mxq_ctx *ctx, const char *verb, const char *fmt, ...)
     va_end(ap);
     if (ctx ? mxq_ctx_rank(ctx) == 0 : launcher_is_rank0())
         fprintf(stderr, "mxq%s%s: error: %s\n", verb ? " " : "", verb ? verb : "", message);
-    return MXQ_EXIT_USAGE;
+    return ctx ? MXQ_EXIT_USAGE : launcher_exit(MXQ_EXIT_USAGE);
 }
 
 int mxq_cli_job_failed(mxq_ctx *ctx, const char *verb)
@@ -211,7 +223,7 @@ int main(int argc, char **argv)
     if (argc < 2) {
         if (launcher_is_rank0())
             print_main_help(stderr);
-        return MXQ_EXIT_USAGE;
+        return launcher_exit(MXQ_EXIT_USAGE);
     }
     const char *verb = argv[1];
     const int main_help = strcmp(verb, "-h") == 0 || strcmp(verb, "--help") == 0 || (strcmp(verb, "help") == 0 && argc < 3);
