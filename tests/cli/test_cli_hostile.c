@@ -468,34 +468,34 @@ static const char *fifo(const char *path)
     return path;
 }
 
-static void test_fifo_as_model_weights(void **state)
+/* A model directory with one real file and a FIFO in place of the other. */
+static void fifo_in_model_dir(const char *dir_name, const char *real_file, const char *fifo_file)
 {
-    (void)state;
-    const char *dir = tu_scratch_path("fifo-weights");
-    char path[1024];
+    const char *dir = tu_scratch_path("%s", dir_name);
+    char path[1024], source[1024];
     mkdir(dir, 0755);
-    snprintf(path, sizeof(path), "%s/config.json", dir);
-    copy_file(tu_data_path("stories260K/config.json"), path);
-    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    snprintf(path, sizeof(path), "%s/%s", dir, real_file);
+    snprintf(source, sizeof(source), "stories260K/%s", real_file);
+    copy_file(tu_data_path(source), path);
+    snprintf(path, sizeof(path), "%s/%s", dir, fifo_file);
     fifo(path);
     tu_run_result r = run_mxq(2, "eval", "--model", dir, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit",
                               "2", NULL);
-    expect_refused("FIFO as model.safetensors", &r, "model.safetensors", "FIFO");
+    char what[256];
+    snprintf(what, sizeof(what), "FIFO as %s", fifo_file);
+    expect_refused(what, &r, fifo_file, "FIFO");
+}
+
+static void test_fifo_as_model_weights(void **state)
+{
+    (void)state;
+    fifo_in_model_dir("fifo-weights", "config.json", "model.safetensors");
 }
 
 static void test_fifo_as_config(void **state)
 {
     (void)state;
-    const char *dir = tu_scratch_path("fifo-config");
-    char path[1024];
-    mkdir(dir, 0755);
-    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
-    copy_file(tu_data_path("stories260K/model.safetensors"), path);
-    snprintf(path, sizeof(path), "%s/config.json", dir);
-    fifo(path);
-    tu_run_result r = run_mxq(2, "eval", "--model", dir, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit",
-                              "2", NULL);
-    expect_refused("FIFO as config.json", &r, "config.json", "FIFO");
+    fifo_in_model_dir("fifo-config", "model.safetensors", "config.json");
 }
 
 static void test_fifo_as_token_file(void **state)
