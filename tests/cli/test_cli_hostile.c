@@ -177,13 +177,6 @@ static void poke_weight(const char *dir, const char *tensor, size_t index, float
     free(data);
 }
 
-static const char *write_text(const char *name, const char *text)
-{
-    const char *path = tu_scratch_path("%s", name);
-    tu_write_file(path, text, strlen(text));
-    return path;
-}
-
 static const char *recipe(const char *name)
 {
     char rel[256];
@@ -828,10 +821,17 @@ static void test_disk_full_quantize(void **state)
     expect_disk_full("quantize onto a full disk", &r, "model-00001-of-00001.safetensors");
 }
 
+static tu_run_result linear_with_recipe_bytes(const char *name, const void *data, size_t size)
+{
+    const char *path = tu_scratch_path("%s", name);
+    tu_write_file(path, data, size);
+    return run_mxq(0, "quantize-linear", "--recipe", path, linear_input("lin-recipe.h5", LINEAR_GOOD),
+                   tu_scratch_path("lin-recipe-out.h5"), NULL);
+}
+
 static tu_run_result linear_with_recipe(const char *name, const char *text)
 {
-    return run_mxq(0, "quantize-linear", "--recipe", write_text(name, text), linear_input("lin-recipe.h5", LINEAR_GOOD),
-                   tu_scratch_path("lin-recipe-out.h5"), NULL);
+    return linear_with_recipe_bytes(name, text, strlen(text));
 }
 
 static void test_empty_recipe(void **state)
@@ -852,10 +852,7 @@ static void test_utf16_recipe(void **state)
     size_t n = 2;
     for (const char *c = utf8; *c; c++, n += 2)
         utf16[n] = (unsigned char)*c, utf16[n + 1] = 0;
-    const char *path = tu_scratch_path("utf16.yaml");
-    tu_write_file(path, utf16, n);
-    tu_run_result r = run_mxq(0, "quantize-linear", "--recipe", path, linear_input("lin-recipe.h5", LINEAR_GOOD),
-                              tu_scratch_path("lin-recipe-out.h5"), NULL);
+    tu_run_result r = linear_with_recipe_bytes("utf16.yaml", utf16, n);
     expect_refused("a UTF-16 recipe", &r, "utf16.yaml", "not a text file");
 }
 
