@@ -5,7 +5,9 @@
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <fcntl.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -50,9 +52,9 @@ fail:
  * evidence of anything). */
 static json_t *read_optional_json(mxq_ctx *ctx, const char *dir, const char *name)
 {
-    char path[4352];
+    char path[MXQ_PATH_BUF];
     json_t *value = NULL;
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    mxq_path_join(path, dir, name);
     if (access(path, F_OK) == 0 && mxq_json_read(ctx, path, name, &value) != MXQ_OK) {
         mxq_error_clear(ctx);
         value = NULL;
@@ -98,10 +100,10 @@ fail:
 static mxq_status read_record(mxq_ctx *ctx, const char *dir, name_list *out)
 {
     mxq_status status = MXQ_OK;
-    char path[4352];
+    char path[MXQ_PATH_BUF];
     json_t *root = NULL;
     memset(out, 0, sizeof(*out));
-    snprintf(path, sizeof(path), "%s/%s", dir, MXQ_RECORD_NAME);
+    mxq_path_join(path, dir, MXQ_RECORD_NAME);
     if (access(path, F_OK) != 0)
         return read_legacy_record(ctx, dir, out);
     CALL(ctx, mxq_json_read(ctx, path, "record of mxq's files", &root));
@@ -146,9 +148,9 @@ static mxq_status check_planned(mxq_ctx *ctx, const char *dir, const name_list *
                                 size_t n_planned, const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;
-    char path[4352];
+    char path[MXQ_PATH_BUF];
     for (size_t i = 0; i < n_planned; i++) {
-        snprintf(path, sizeof(path), "%s/%s", dir, planned[i]);
+        mxq_path_join(path, dir, planned[i]);
         CALL(ctx, mxq_output_check(ctx, path, inputs));
         CHECK(ctx, access(path, F_OK) != 0 || in_list((const char *const *)rec->names, rec->n, planned[i]),
               MXQ_ERR_IO,
@@ -164,9 +166,9 @@ fail:
 static mxq_status remove_ours(mxq_ctx *ctx, const char *dir, const char *name, const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;
-    char path[4352];
+    char path[MXQ_PATH_BUF];
     struct stat st;
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    mxq_path_join(path, dir, name);
     if (lstat(path, &st) != 0 || !S_ISREG(st.st_mode) || mxq_input_set_find(inputs, path))
         return MXQ_OK;
     CHECK(ctx, unlink(path) == 0 || errno == ENOENT, MXQ_ERR_IO, "cannot remove '%s': %s", path, strerror(errno));
@@ -215,7 +217,7 @@ static mxq_status write_record(mxq_ctx *ctx, const char *dir, char *const *names
                                const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;
-    char path[4352];
+    char path[MXQ_PATH_BUF];
     json_t *files = json_array(), *root = NULL;
     CHECK_ALLOC(ctx, files, 1, "the record of mxq's files");
     for (size_t i = 0; i < n; i++)
@@ -223,7 +225,7 @@ static mxq_status write_record(mxq_ctx *ctx, const char *dir, char *const *names
               "out of memory building the record of mxq's files");
     root = json_pack("{s:s, s:O}", "written_by", "mxq " MXQ_VERSION, "files", files);
     CHECK_ALLOC(ctx, root, 1, "the record of mxq's files");
-    snprintf(path, sizeof(path), "%s/%s", dir, MXQ_RECORD_NAME);
+    mxq_path_join(path, dir, MXQ_RECORD_NAME);
     CALL(ctx, mxq_json_write_atomic(ctx, root, path, inputs));
 fail:
     json_decref(files);
@@ -237,7 +239,7 @@ static mxq_status check_existing_dir(mxq_ctx *ctx, const char *dir, int force, c
                                      size_t n_planned, const mxq_input_set *inputs, name_list *rec)
 {
     mxq_status status = MXQ_OK;
-    char first[256], path[4352];
+    char first[256], path[MXQ_PATH_BUF];
     int more = 0;
     struct stat st;
     CALL(ctx, first_entry(ctx, dir, first, sizeof(first), &more));
@@ -245,7 +247,7 @@ static mxq_status check_existing_dir(mxq_ctx *ctx, const char *dir, int force, c
           "output directory '%s' is not empty (it holds '%s'%s); choose another, or pass --force to replace what an "
           "earlier mxq run wrote there",
           dir, first, more ? " and more" : "");
-    snprintf(path, sizeof(path), "%s/%s", dir, MXQ_RECORD_NAME);
+    mxq_path_join(path, dir, MXQ_RECORD_NAME);
     CHECK(ctx, lstat(path, &st) != 0 || S_ISREG(st.st_mode), MXQ_ERR_IO,
           "'%s' is %s; mxq did not write it, and will not trust or replace it", path, mxq_file_kind(st.st_mode));
     CALL(ctx, read_record(ctx, dir, rec));
@@ -260,6 +262,28 @@ static mxq_status copy_names(mxq_ctx *ctx, const char *const *names, size_t n, n
     mxq_status status = MXQ_OK;
     for (size_t i = 0; i < n; i++)
         CALL(ctx, add_name(ctx, out, names[i]));
+fail:
+    return status;
+}
+
+/* One run at a time per directory: a second run would take the first one's
+ * temporaries for stale ones and remove them. The lock goes with the
+ * process, so a killed run leaves none behind. */
+static mxq_status lock_dir(mxq_ctx *ctx, mxq_ckpt_dir *d)
+{
+    mxq_status status = MXQ_OK;
+    int fd = open(d->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    CHECK(ctx, fd >= 0, MXQ_ERR_IO, "cannot open output directory '%s': %s", d->dir, strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
+        d->lock_fd = fd;
+        d->locked = 1;
+        return MXQ_OK;
+    }
+    const int err = errno;
+    close(fd);
+    CHECK(ctx, err != EWOULDBLOCK, MXQ_ERR_IO,
+          "another mxq run is writing into output directory '%s'; wait for it to end, or choose another", d->dir);
+    mxq_log(ctx, MXQ_LOG_DEBUG, "no lock on '%s' (%s): going on without", d->dir, strerror(err));
 fail:
     return status;
 }
@@ -280,9 +304,11 @@ mxq_status mxq_ckpt_dir_prepare(mxq_ctx *ctx, mxq_ckpt_dir *d, const char *dir, 
         CHECK(ctx, mkdir(dir, 0777) == 0, MXQ_ERR_IO, "cannot create output directory '%s': %s", dir,
               strerror(errno));
         d->created = 1;
+        CALL(ctx, lock_dir(ctx, d));
     } else {
         CHECK(ctx, S_ISDIR(st.st_mode), MXQ_ERR_IO, "output path '%s' exists and is %s, not a directory", dir,
               mxq_file_kind(st.st_mode));
+        CALL(ctx, lock_dir(ctx, d));
         CALL(ctx, check_existing_dir(ctx, dir, force, planned, n_planned, inputs, &rec));
     }
     /* the earlier run's files stay recorded until the new run is complete */
@@ -300,9 +326,14 @@ fail:
 mxq_status mxq_ckpt_dir_begin_commit(mxq_ctx *ctx, mxq_ckpt_dir *d)
 {
     mxq_status status = MXQ_OK;
+    /* The index makes a sharded checkpoint, config.json a single-file one. */
+    static const char *const markers[] = {"model.safetensors.index.json", "config.json"};
+    for (size_t i = 0; i < sizeof(markers) / sizeof(markers[0]); i++)
+        if (in_list((const char *const *)d->recorded, d->n_recorded, markers[i])) {
+            CALL(ctx, remove_ours(ctx, d->dir, markers[i], d->inputs));
+            d->committing = 1; /* the earlier checkpoint is gone from here on */
+        }
     d->committing = 1;
-    if (in_list((const char *const *)d->recorded, d->n_recorded, "model.safetensors.index.json"))
-        CALL(ctx, remove_ours(ctx, d->dir, "model.safetensors.index.json", d->inputs));
 fail:
     return status;
 }
@@ -321,12 +352,15 @@ fail:
 
 void mxq_ckpt_dir_abandon(mxq_ckpt_dir *d)
 {
-    char path[4352];
+    char path[MXQ_PATH_BUF];
     int left = 0;
-    if (!d->record_written)
+    if (!d->record_written) {
+        if (d->created)
+            rmdir(d->dir); /* fails, harmlessly, unless empty */
         return;
+    }
     for (size_t i = 0; i < d->n_recorded; i++) {
-        snprintf(path, sizeof(path), "%s/%s", d->dir, d->recorded[i]);
+        mxq_path_join(path, d->dir, d->recorded[i]);
         if (d->committing) {
             /* half a commit is no checkpoint: ours, all of it */
             struct stat st;
@@ -338,7 +372,7 @@ void mxq_ckpt_dir_abandon(mxq_ckpt_dir *d)
     }
     if (left)
         return; /* the earlier run's files stay, and their record */
-    snprintf(path, sizeof(path), "%s/%s", d->dir, MXQ_RECORD_NAME);
+    mxq_path_join(path, d->dir, MXQ_RECORD_NAME);
     unlink(path);
     if (d->created)
         rmdir(d->dir); /* fails, harmlessly, unless empty */
@@ -350,6 +384,8 @@ void mxq_ckpt_dir_free(mxq_ckpt_dir *d)
     name_list_free(&rec);
     name_list_free(&plan);
     free(d->dir);
+    if (d->locked)
+        close(d->lock_fd); /* releases the lock */
     memset(d, 0, sizeof(*d));
 }
 
@@ -357,7 +393,7 @@ mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, json_t *map, uint
                                 const mxq_input_set *inputs, mxq_output *pending)
 {
     mxq_status status = MXQ_OK;
-    char path[4352];
+    char path[MXQ_PATH_BUF];
     json_t *index = NULL, *meta = json_pack("{s:I}", "total_size", (json_int_t)total_size);
     CHECK_ALLOC(ctx, meta, 1, "the checkpoint index");
     if (format)
@@ -365,7 +401,7 @@ mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, json_t *map, uint
               "out of memory building the checkpoint index");
     index = json_pack("{s:O, s:O}", "metadata", meta, "weight_map", map);
     CHECK_ALLOC(ctx, index, 1, "the checkpoint index");
-    snprintf(path, sizeof(path), "%s/model.safetensors.index.json", dir);
+    mxq_path_join(path, dir, "model.safetensors.index.json");
     if (pending)
         CALL(ctx, mxq_json_write_temp(ctx, index, path, inputs, pending));
     else

@@ -8,8 +8,12 @@
  * new one is committed: its index goes when the new shards are put in
  * place (mxq_ckpt_dir_begin_commit), its other files once the new index is
  * (mxq_ckpt_dir_finish). A run that fails before its commit leaves the
- * directory as it found it; one that fails during its commit removes what
- * it had put in place. */
+ * directory as it found it; one that fails during its commit removes every
+ * recorded file (the earlier run's are half replaced by then: what is left
+ * would be no checkpoint). While a run prepares and writes, it holds an
+ * exclusive lock on the directory (flock), so that a second run into the
+ * same directory is refused instead of removing the first one's files;
+ * where the file system has no locks, it goes on without. */
 #ifndef MXQ_CKPT_WRITER_H
 #define MXQ_CKPT_WRITER_H
 
@@ -30,6 +34,8 @@ typedef struct {
     int created;        /* this run made the directory */
     int record_written; /* this run's record is in place */
     int committing;     /* files of this run have replaced the earlier run's */
+    int locked;         /* lock_fd is open and holds the directory's lock */
+    int lock_fd;
     const mxq_input_set *inputs; /* never removed, whatever the record says */
 } mxq_ckpt_dir;
 
@@ -40,7 +46,8 @@ typedef struct {
 mxq_status mxq_ckpt_dir_prepare(mxq_ctx *ctx, mxq_ckpt_dir *d, const char *dir, int force, const char *const *planned,
                                 size_t n_planned, const mxq_input_set *inputs);
 /* Before the first file of the new run is put in place: the earlier
- * index goes, so that the directory never looks like a mixed checkpoint. */
+ * index and config.json go, so that the directory never looks like a mixed
+ * checkpoint. */
 mxq_status mxq_ckpt_dir_begin_commit(mxq_ctx *ctx, mxq_ckpt_dir *d);
 /* After the new index is in place: the earlier run's other files go, and
  * the record lists the new run's files alone. */
@@ -51,6 +58,7 @@ mxq_status mxq_ckpt_dir_finish(mxq_ctx *ctx, mxq_ckpt_dir *d, const mxq_input_se
  * directory if this run made it and it is empty. Best effort; each rank
  * removes its own temporaries first. */
 void mxq_ckpt_dir_abandon(mxq_ckpt_dir *d);
+/* Frees the names and releases the lock. */
 void mxq_ckpt_dir_free(mxq_ckpt_dir *d);
 
 /* One shard: header and data of `tensors` into an output begun with

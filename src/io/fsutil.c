@@ -33,6 +33,11 @@ const char *mxq_file_kind(mode_t mode)
 
 /* ---- inputs ---------------------------------------------------------------- */
 
+void mxq_path_join(char *buf, const char *dir, const char *name)
+{
+    snprintf(buf, MXQ_PATH_BUF, "%s/%s", dir, name);
+}
+
 mxq_status mxq_input_open(mxq_ctx *ctx, const char *path, const char *what, int *fd_out)
 {
     mxq_status status = MXQ_OK;
@@ -52,16 +57,6 @@ mxq_status mxq_input_open(mxq_ctx *ctx, const char *path, const char *what, int 
 fail:
     if (fd >= 0)
         close(fd);
-    return status;
-}
-
-mxq_status mxq_input_check(mxq_ctx *ctx, const char *path, const char *what)
-{
-    mxq_status status = MXQ_OK;
-    int fd = -1;
-    CALL(ctx, mxq_input_open(ctx, path, what, &fd));
-    close(fd);
-fail:
     return status;
 }
 
@@ -154,7 +149,7 @@ fail:
 mxq_status mxq_input_set_add_model(mxq_ctx *ctx, mxq_input_set *set, const char *model_dir)
 {
     mxq_status status = MXQ_OK;
-    char path[4352];
+    char path[MXQ_PATH_BUF];
     DIR *d = opendir(model_dir);
     if (!d)
         return MXQ_OK; /* reading the model will report it */
@@ -163,7 +158,7 @@ mxq_status mxq_input_set_add_model(mxq_ctx *ctx, mxq_input_set *set, const char 
     for (struct dirent *e = readdir(d); e; e = readdir(d)) {
         if (e->d_name[0] == '.')
             continue;
-        snprintf(path, sizeof(path), "%s/%s", model_dir, e->d_name);
+        mxq_path_join(path, model_dir, e->d_name);
         CALL(ctx, mxq_input_set_add(ctx, set, path, "a file of the input model"));
     }
 fail:
@@ -213,7 +208,10 @@ fail:
     return status;
 }
 
-mxq_status mxq_temp_path_for(mxq_ctx *ctx, const char *final_path, char **temp_path)
+/* `<dir>/.<base>.tmp-<pid>-<attempt>`: hidden, and told apart from the
+ * temporaries of other processes, also on other nodes of a shared file
+ * system (where process ids repeat) through O_EXCL and the attempt count. */
+static mxq_status temp_path_for(mxq_ctx *ctx, const char *final_path, int attempt, char **temp_path)
 {
     mxq_status status = MXQ_OK;
     char *out = NULL;
@@ -225,7 +223,7 @@ mxq_status mxq_temp_path_for(mxq_ctx *ctx, const char *final_path, char **temp_p
     size_t len = strlen(final_path) + 64;
     out = malloc(len);
     CHECK_ALLOC(ctx, out, len, "a temporary file name");
-    snprintf(out, len, "%.*s.%s.tmp-%ld", (int)dir_len, final_path, base, (long)getpid());
+    snprintf(out, len, "%.*s.%s.tmp-%ld-%d", (int)dir_len, final_path, base, (long)getpid(), attempt);
     *temp_path = out;
     return MXQ_OK;
 fail:
@@ -238,11 +236,12 @@ int mxq_is_temp_name_of(const char *name, const char *final_name)
     size_t len = strlen(final_name);
     if (name[0] != '.' || strncmp(name + 1, final_name, len) != 0 || strncmp(name + 1 + len, ".tmp-", 5) != 0)
         return 0;
-    const char *pid = name + 1 + len + 5;
-    if (!*pid)
+    /* <pid>-<attempt>, or <pid> as mxq 0.1 wrote them */
+    const char *tail = name + 1 + len + 5;
+    if (*tail < '0' || *tail > '9')
         return 0;
-    for (; *pid; pid++)
-        if (*pid < '0' || *pid > '9')
+    for (; *tail; tail++)
+        if ((*tail < '0' || *tail > '9') && *tail != '-')
             return 0;
     return 1;
 }
@@ -255,11 +254,18 @@ mxq_status mxq_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_inpu
     out->final_path = strdup(final_path);
     CHECK_ALLOC(ctx, out->final_path, strlen(final_path) + 1, "an output path");
     CALL(ctx, mxq_output_check(ctx, final_path, inputs));
-    CALL(ctx, mxq_temp_path_for(ctx, final_path, &out->temp_path));
-    /* A stale temporary of this very process id can only be ours. */
-    unlink(out->temp_path);
-    out->fd = open(out->temp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    CHECK(ctx, out->fd >= 0, MXQ_ERR_IO, "cannot write '%s': %s", final_path, strerror(errno));
+    int err = EEXIST;
+    for (int attempt = 0; attempt < 1000 && err == EEXIST; attempt++) {
+        char *temp = NULL;
+        CALL(ctx, temp_path_for(ctx, final_path, attempt, &temp));
+        out->fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        err = out->fd >= 0 ? 0 : errno;
+        if (out->fd >= 0)
+            out->temp_path = temp; /* ours: removed on abort */
+        else
+            free(temp); /* someone else's, or none */
+    }
+    CHECK(ctx, out->fd >= 0, MXQ_ERR_IO, "cannot write '%s': %s", final_path, strerror(err));
     return MXQ_OK;
 fail:
     mxq_output_abort(out);
@@ -282,7 +288,7 @@ fail:
     return status;
 }
 
-mxq_status mxq_output_close_fd(mxq_ctx *ctx, mxq_output *out)
+static mxq_status close_fd(mxq_ctx *ctx, mxq_output *out)
 {
     mxq_status status = MXQ_OK;
     if (out->fd >= 0) {
@@ -298,7 +304,7 @@ fail:
  * outputs renamed in order (shards, then the index) stay in that order. */
 static void sync_directory_of(const char *path)
 {
-    char dir[4352];
+    char dir[MXQ_PATH_BUF];
     const char *slash = strrchr(path, '/');
     snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
     if (!dir[0])
@@ -313,13 +319,10 @@ static void sync_directory_of(const char *path)
 mxq_status mxq_output_commit(mxq_ctx *ctx, mxq_output *out)
 {
     mxq_status status = MXQ_OK;
-    if (out->fd < 0) {
-        /* written by another library through the name: reopen to flush */
-        out->fd = open(out->temp_path, O_RDONLY | O_CLOEXEC);
-        CHECK(ctx, out->fd >= 0, MXQ_ERR_IO, "cannot finish '%s': %s", out->final_path, strerror(errno));
-    }
+    CHECK(ctx, out->temp_path && out->fd >= 0, MXQ_ERR_INTERNAL, "'%s' is not open for writing",
+          out->final_path ? out->final_path : "(an output)");
     CHECK(ctx, fsync(out->fd) == 0, MXQ_ERR_IO, "cannot write '%s': %s", out->final_path, strerror(errno));
-    CALL(ctx, mxq_output_close_fd(ctx, out));
+    CALL(ctx, close_fd(ctx, out));
     /* Between begin and now something may have appeared at the target. */
     CALL(ctx, mxq_output_check(ctx, out->final_path, NULL));
     CHECK(ctx, rename(out->temp_path, out->final_path) == 0, MXQ_ERR_IO, "cannot rename '%s' to '%s': %s",
@@ -333,11 +336,14 @@ fail:
 
 void mxq_output_abort(mxq_output *out)
 {
-    if (out->fd >= 0)
-        close(out->fd);
-    out->fd = -1;
-    if (out->temp_path)
+    /* Only an output begun and not committed holds a descriptor and a
+     * temporary: a zeroed or committed one has no temp_path. */
+    if (out->temp_path) {
+        if (out->fd >= 0)
+            close(out->fd);
         unlink(out->temp_path);
+    }
+    out->fd = -1;
     free(out->temp_path);
     free(out->final_path);
     out->temp_path = out->final_path = NULL;

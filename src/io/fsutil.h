@@ -16,13 +16,18 @@
 
 #include "mxq/core.h"
 
+/* Room for a directory of up to PATH_MAX and a file name: a join that does
+ * not fit is longer than any path the kernel takes, so it fails as too long
+ * rather than naming another file. */
+#define MXQ_PATH_BUF 4352
+/* dir + "/" + name into buf, of MXQ_PATH_BUF bytes. */
+void mxq_path_join(char *buf, const char *dir, const char *name);
+
 /* ---- inputs ------------------------------------------------------------- */
 
 /* Open `path` read-only, failing unless it is a regular file. `what` names
  * it in messages ("token file", "recipe"). */
 mxq_status mxq_input_open(mxq_ctx *ctx, const char *path, const char *what, int *fd);
-/* The same check, closing the file again (for files a library opens itself). */
-mxq_status mxq_input_check(mxq_ctx *ctx, const char *path, const char *what);
 /* Read a whole regular file of at most max_bytes into a NUL-terminated
  * buffer (free() it). */
 mxq_status mxq_input_read_all(mxq_ctx *ctx, const char *path, const char *what, size_t max_bytes, char **text,
@@ -57,7 +62,7 @@ mxq_status mxq_output_check(mxq_ctx *ctx, const char *path, const mxq_input_set 
 
 typedef struct {
     char *final_path;
-    char *temp_path; /* <dir>/.<name>.tmp-<pid> */
+    char *temp_path; /* <dir>/.<name>.tmp-<pid>-<n>, or NULL when not begun / committed */
     int fd;          /* open for writing until commit or abort; -1 after */
 } mxq_output;
 
@@ -65,15 +70,11 @@ typedef struct {
 mxq_status mxq_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_input_set *inputs, mxq_output *out);
 /* Write all of `data`; errors name the final path and the system's reason. */
 mxq_status mxq_output_write(mxq_ctx *ctx, mxq_output *out, const void *data, size_t len);
-/* Close the descriptor (for a writer that reopens the temporary by name). */
-mxq_status mxq_output_close_fd(mxq_ctx *ctx, mxq_output *out);
 /* Flush to disk, check the target once more, rename into place. */
 mxq_status mxq_output_commit(mxq_ctx *ctx, mxq_output *out);
 /* Remove the temporary (safe to call after commit, or twice). */
 void mxq_output_abort(mxq_output *out);
 
-/* `<dir>/.<base>.tmp-<pid>` for final path `<dir>/<base>`; free() the result. */
-mxq_status mxq_temp_path_for(mxq_ctx *ctx, const char *final_path, char **temp_path);
 /* 1 if `name` is the temporary name mxq gives `final_name` in some process. */
 int mxq_is_temp_name_of(const char *name, const char *final_name);
 

@@ -10,11 +10,11 @@
  * alone). */
 static int has_weights(const char *model_dir)
 {
-    char path[4352];
-    snprintf(path, sizeof(path), "%s/model.safetensors", model_dir);
+    char path[MXQ_PATH_BUF];
+    mxq_path_join(path, model_dir, "model.safetensors");
     if (access(path, F_OK) == 0)
         return 1;
-    snprintf(path, sizeof(path), "%s/model.safetensors.index.json", model_dir);
+    mxq_path_join(path, model_dir, "model.safetensors.index.json");
     return access(path, F_OK) == 0;
 }
 

@@ -270,10 +270,10 @@ static mxq_status open_and_load(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
     const int rank = job->dist.rank, size = job->dist.size;
-    char path[4352];
+    char path[MXQ_PATH_BUF];
     mxq_model_part part = {job->first[rank], job->first[rank + 1], rank == 0, rank == size - 1};
     snprintf(job->shard_name, sizeof(job->shard_name), "model-%05d-of-%05d.safetensors", rank + 1, size);
-    snprintf(path, sizeof(path), "%s/%s", job->out_dir, job->shard_name);
+    mxq_path_join(path, job->out_dir, job->shard_name);
     CALL(ctx, mxq_output_begin(ctx, path, &job->inputs, &job->shard_out));
     double t_load = mxq_time_now();
     CALL(ctx, mxq_model_load(ctx, job->model_dir, &job->cfg, &part, &job->model));

@@ -264,11 +264,11 @@ mxq_status mxq_quantize_report_build(mxq_ctx *ctx, mxq_quantize_report *rep, con
                                      const char *recipe_path, const double *seconds)
 {
     mxq_status status = MXQ_OK;
-    char path[4352];
+    char path[MXQ_PATH_BUF];
     CALL(ctx, unpack_all(ctx, rep, cfg->n_layers));
     CHECK(ctx, rep->n_records == cfg->n_layers, MXQ_ERR_INTERNAL, "%d layer reports gathered for %d layers",
           rep->n_records, cfg->n_layers);
-    snprintf(path, sizeof(path), "%s/config.json", model_dir);
+    mxq_path_join(path, model_dir, "config.json");
     CALL(ctx, mxq_json_read(ctx, path, "model config", &rep->config));
     int ok = 1;
     mxq_json_put(rep->config, "quantization_config", quantization_config(recipe, calib_path, &ok), &ok);
@@ -283,10 +283,10 @@ mxq_status mxq_quantize_report_write(mxq_ctx *ctx, mxq_quantize_report *rep, con
                                      const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;
-    char path[4352];
-    snprintf(path, sizeof(path), "%s/mxq_report.json", out_dir);
+    char path[MXQ_PATH_BUF];
+    mxq_path_join(path, out_dir, "mxq_report.json");
     CALL(ctx, mxq_json_write_atomic(ctx, rep->report, path, inputs));
-    snprintf(path, sizeof(path), "%s/config.json", out_dir);
+    mxq_path_join(path, out_dir, "config.json");
     CALL(ctx, mxq_json_write_atomic(ctx, rep->config, path, inputs));
     CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, rep->weight_map, rep->total_bytes, "mxq", inputs, &rep->index));
 fail:

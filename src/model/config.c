@@ -251,8 +251,8 @@ fail:
 mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
 {
     mxq_status status = MXQ_OK;
-    char path[4096];
-    snprintf(path, sizeof(path), "%s/config.json", dir);
+    char path[MXQ_PATH_BUF];
+    mxq_path_join(path, dir, "config.json");
     config_reader r = {ctx, path, NULL};
     memset(cfg, 0, sizeof(*cfg));
     CALL(ctx, mxq_json_read(ctx, path, "model config", &r.root));

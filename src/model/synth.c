@@ -243,13 +243,13 @@ fail:
     return status;
 }
 
-/* Shard sh: fill its tensors (peak memory is one shard), write, commit. */
+/* Shard sh: fill its tensors (peak memory is one shard) and write them
+ * under a temporary name into *out, committed with the rest. */
 static mxq_status write_shard(mxq_ctx *ctx, const synth_plan *plan, const mxq_synth_options *opt, const char *out_dir,
-                              int sh, json_t *weight_map)
+                              int sh, json_t *weight_map, mxq_output *out)
 {
     mxq_status status = MXQ_OK;
-    mxq_output out = {NULL, NULL, -1};
-    char path[4352];
+    char path[MXQ_PATH_BUF];
     size_t begin = 0, count = 0;
     while (begin < plan->n && plan->shard_of[begin] != sh)
         begin++;
@@ -265,17 +265,38 @@ static mxq_status write_shard(mxq_ctx *ctx, const synth_plan *plan, const mxq_sy
         CHECK(ctx, json_object_set_new(weight_map, t->name, json_string(plan->files[sh])) == 0, MXQ_ERR_NOMEM,
               "out of memory building the checkpoint index");
     }
-    snprintf(path, sizeof(path), "%s/%s", out_dir, plan->files[sh]);
-    CALL(ctx, mxq_output_begin(ctx, path, NULL, &out));
-    CALL(ctx, mxq_st_write(ctx, &out, writes, count));
-    CALL(ctx, mxq_output_commit(ctx, &out));
+    mxq_path_join(path, out_dir, plan->files[sh]);
+    CALL(ctx, mxq_output_begin(ctx, path, NULL, out));
+    CALL(ctx, mxq_st_write(ctx, out, writes, count));
     mxq_log(ctx, MXQ_LOG_INFO, "synth: wrote %s (%zu tensors)", plan->files[sh], count);
 fail:
-    mxq_output_abort(&out);
     for (size_t i = 0; buffers && i < count; i++)
         free(buffers[i]);
     free(buffers);
     free(writes);
+    return status;
+}
+
+/* Everything under temporary names: the shards, the index if sharded, and
+ * config.json (pending[] in that order, plan->n_files of them). */
+static mxq_status write_pending(mxq_ctx *ctx, const mxq_synth_options *opt, const mxq_model_config *cfg,
+                                const synth_plan *plan, const char *out_dir, mxq_output *pending)
+{
+    mxq_status status = MXQ_OK;
+    json_t *weight_map = json_object(), *config = NULL;
+    char path[MXQ_PATH_BUF];
+    CHECK_ALLOC(ctx, weight_map, 1, "the checkpoint index");
+    for (int sh = 0; sh < plan->n_shards; sh++)
+        CALL(ctx, write_shard(ctx, plan, opt, out_dir, sh, weight_map, &pending[sh]));
+    if (plan->n_shards > 1)
+        CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, weight_map, plan->total_bytes, NULL, NULL, &pending[plan->n_shards]));
+    config = config_json(opt->preset, cfg, opt->dtype);
+    CHECK_ALLOC(ctx, config, 1, "config.json");
+    mxq_path_join(path, out_dir, "config.json");
+    CALL(ctx, mxq_json_write_temp(ctx, config, path, NULL, &pending[plan->n_files - 1]));
+fail:
+    json_decref(weight_map);
+    json_decref(config);
     return status;
 }
 
@@ -284,39 +305,36 @@ mxq_status mxq_synth_write(mxq_ctx *ctx, const mxq_synth_options *opt, const cha
     mxq_status status = MXQ_OK;
     synth_plan plan = {0};
     mxq_ckpt_dir dir = {0};
-    json_t *weight_map = json_object(), *config = NULL;
+    mxq_output *pending = NULL;
     const char **names = NULL;
-    char path[4352];
     mxq_model_config cfg;
     config_from_preset(opt, &cfg);
-    CHECK_ALLOC(ctx, weight_map, 1, "the checkpoint index");
     CALL(ctx, make_plan(ctx, &cfg, opt, &plan));
     names = malloc(plan.n_files * sizeof(char *));
-    CHECK_ALLOC(ctx, names, plan.n_files * sizeof(char *), "the file plan");
+    pending = calloc(plan.n_files, sizeof(*pending)); /* zeroed: nothing to abort yet */
+    CHECK_ALLOC(ctx, names && pending, plan.n_files * sizeof(*pending), "the file plan");
     for (size_t i = 0; i < plan.n_files; i++)
         names[i] = plan.files[i];
     CALL(ctx, mxq_ckpt_dir_prepare(ctx, &dir, out_dir, opt->force, names, plan.n_files, NULL));
-    CALL(ctx, mxq_ckpt_dir_begin_commit(ctx, &dir));
     mxq_log(ctx, MXQ_LOG_INFO, "synth: %s with %d layers, %zu tensors, %.2f GB in %s, %d shard%s -> %s",
             opt->preset->name, cfg.n_layers, plan.n, (double)plan.total_bytes / 1e9, mxq_dtype_name(opt->dtype),
             plan.n_shards, plan.n_shards == 1 ? "" : "s", out_dir);
-    for (int sh = 0; sh < plan.n_shards; sh++)
-        CALL(ctx, write_shard(ctx, &plan, opt, out_dir, sh, weight_map));
-    if (plan.n_shards > 1)
-        CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, weight_map, plan.total_bytes, NULL, NULL, NULL));
-    /* config.json last: until then the directory is visibly incomplete. */
-    config = config_json(opt->preset, &cfg, opt->dtype);
-    CHECK_ALLOC(ctx, config, 1, "config.json");
-    snprintf(path, sizeof(path), "%s/config.json", out_dir);
-    CALL(ctx, mxq_json_write_atomic(ctx, config, path, NULL));
+    CALL(ctx, write_pending(ctx, opt, &cfg, &plan, out_dir, pending));
+    /* The commit: an earlier model's index and config.json go first; the
+     * new config.json comes last, so that until then the directory is
+     * visibly incomplete. */
+    CALL(ctx, mxq_ckpt_dir_begin_commit(ctx, &dir));
+    for (size_t i = 0; i < plan.n_files; i++)
+        CALL(ctx, mxq_output_commit(ctx, &pending[i]));
     CALL(ctx, mxq_ckpt_dir_finish(ctx, &dir, NULL));
 fail:
+    for (size_t i = 0; pending && i < plan.n_files; i++)
+        mxq_output_abort(&pending[i]);
     if (status != MXQ_OK)
         mxq_ckpt_dir_abandon(&dir);
     mxq_ckpt_dir_free(&dir);
+    free(pending);
     free(names);
     synth_plan_free(&plan);
-    json_decref(weight_map);
-    json_decref(config);
     return status;
 }

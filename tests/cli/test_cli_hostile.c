@@ -16,6 +16,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
@@ -353,6 +355,30 @@ static void test_cast_onto_the_input_through_dotdot(void **state)
 {
     (void)state;
     cast_onto_alias(2);
+}
+
+/* A second run into a directory a run is writing into is refused, and its
+ * temporaries are not taken for a killed run's. */
+static void test_second_run_into_a_busy_directory(void **state)
+{
+    (void)state;
+    const char *dir = tu_scratch_path("busy-out");
+    char temp[1024];
+    mkdir(dir, 0755);
+    snprintf(temp, sizeof(temp), "%s/.model-00001-of-00002.safetensors.tmp-4242-0", dir);
+    tu_write_file(temp, "x", 1);
+    const char *keep[] = {temp, NULL};
+    snapshot s;
+    snap(&s, keep);
+    int fd = open(dir, O_RDONLY | O_DIRECTORY);
+    assert_true(fd >= 0);
+    assert_int_equal(flock(fd, LOCK_EX), 0); /* as the running job holds it */
+    tu_run_result r = run_mxq(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-rtn"), "--out", dir,
+                              "--force", "-q", NULL);
+    close(fd);
+    expect_refused("quantize --force into a directory another run is writing", &r, "busy-out", "another mxq run");
+    expect_untouched("the running job's temporary", &s);
 }
 
 static void test_force_keeps_another_model(void **state)
@@ -1060,6 +1086,7 @@ int main(void)
         cmocka_unit_test(test_cast_onto_a_hard_link_of_the_input),
         cmocka_unit_test(test_cast_onto_a_symlink_to_the_input),
         cmocka_unit_test(test_cast_onto_the_input_through_dotdot),
+        cmocka_unit_test(test_second_run_into_a_busy_directory),
         cmocka_unit_test(test_force_keeps_another_model),
         cmocka_unit_test(test_force_removes_a_killed_runs_temporaries),
         cmocka_unit_test(test_refused_run_leaves_foreign_files),
