@@ -152,7 +152,7 @@ fail:
 }
 
 static mxq_status read_float_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages, const char *dataset,
-                                size_t width, void **data, size_t *rows, size_t *cols)
+                                size_t width, const size_t max_shape[2], void **data, size_t *rows, size_t *cols)
 {
     mxq_status status = MXQ_OK;
     hid_t dset = H5I_INVALID_HID, space = H5I_INVALID_HID, type = H5I_INVALID_HID;
@@ -180,9 +180,13 @@ static mxq_status read_float_2d(mxq_ctx *ctx, hid_t file, const char *path_for_m
             path_for_messages);
     CHECK(ctx, dims[0] > 0 && dims[1] > 0, MXQ_ERR_FORMAT, "dataset '%s' in '%s' is empty (%llu x %llu)", dataset,
           path_for_messages, (unsigned long long)dims[0], (unsigned long long)dims[1]);
+    /* from the declared shape, before anything proportional to it exists */
+    CHECK(ctx, dims[0] <= max_shape[0] && dims[1] <= max_shape[1], MXQ_ERR_FORMAT,
+          "dataset '%s' in '%s' is [%llu, %llu]; expected at most [%zu, %zu] here", dataset, path_for_messages,
+          (unsigned long long)dims[0], (unsigned long long)dims[1], max_shape[0], max_shape[1]);
     size_t count = (size_t)dims[0] * (size_t)dims[1];
     buf = malloc(count * width);
-    CHECK_ALLOC(ctx, buf, count * width, "an input dataset");
+    CHECK_ALLOC(ctx, buf, count * width, dataset);
     CALL_H5(ctx, H5Dread(dset, width == 4 ? H5T_NATIVE_FLOAT : H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf),
             "cannot read dataset '%s' in '%s'", dataset, path_for_messages);
     *data = buf;
@@ -201,15 +205,15 @@ fail:
 }
 
 mxq_status mxq_h5_read_f32_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages, const char *dataset,
-                              float **data, size_t *rows, size_t *cols)
+                              const size_t max_shape[2], float **data, size_t *rows, size_t *cols)
 {
-    return read_float_2d(ctx, file, path_for_messages, dataset, 4, (void **)data, rows, cols);
+    return read_float_2d(ctx, file, path_for_messages, dataset, 4, max_shape, (void **)data, rows, cols);
 }
 
 mxq_status mxq_h5_read_f64_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages, const char *dataset,
-                              double **data, size_t *rows, size_t *cols)
+                              const size_t max_shape[2], double **data, size_t *rows, size_t *cols)
 {
-    return read_float_2d(ctx, file, path_for_messages, dataset, 8, (void **)data, rows, cols);
+    return read_float_2d(ctx, file, path_for_messages, dataset, 8, max_shape, (void **)data, rows, cols);
 }
 
 mxq_status mxq_h5_write(mxq_ctx *ctx, hid_t file, const char *name, hid_t mem_type, int rank,

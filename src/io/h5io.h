@@ -46,11 +46,12 @@ mxq_status mxq_h5_open_read(mxq_ctx *ctx, const char *path, const char *what, hi
 mxq_status mxq_h5_open_dataset(mxq_ctx *ctx, hid_t file, const char *path, const char *dataset, hid_t *out);
 
 /* Read a whole 2-D float32 dataset into a new buffer (free() it).
- * data [rows, cols]. */
-mxq_status mxq_h5_read_f32_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages,
-                              const char *dataset, float **data, size_t *rows, size_t *cols);
-mxq_status mxq_h5_read_f64_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages,
-                              const char *dataset, double **data, size_t *rows, size_t *cols);
+ * data [rows, cols]; a declared shape beyond max_shape [rows, cols] is
+ * refused before anything is allocated. */
+mxq_status mxq_h5_read_f32_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages, const char *dataset,
+                              const size_t max_shape[2], float **data, size_t *rows, size_t *cols);
+mxq_status mxq_h5_read_f64_2d(mxq_ctx *ctx, hid_t file, const char *path_for_messages, const char *dataset,
+                              const size_t max_shape[2], double **data, size_t *rows, size_t *cols);
 
 /* Write a new dataset of `rank` dimensions from a native-typed buffer. */
 mxq_status mxq_h5_write(mxq_ctx *ctx, hid_t file, const char *name, hid_t mem_type, int rank,

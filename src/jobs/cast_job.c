@@ -59,7 +59,8 @@ mxq_status mxq_cast_file(mxq_ctx *ctx, const mxq_mx_spec *spec, const char *in_p
     /* Before any work: the output may be written and is not the input. */
     CALL(ctx, mxq_h5_output_begin(ctx, out_path, &inputs, &out));
     CALL(ctx, mxq_h5_open_read(ctx, in_path, "input file", &in));
-    CALL(ctx, mxq_h5_read_f32_2d(ctx, in, in_path, in_dataset, &c.input, &c.rows, &c.cols));
+    const size_t max_shape[2] = {(size_t)1 << 31, MXQ_MAX_WIDTH}; /* rows of at most the widest linear */
+    CALL(ctx, mxq_h5_read_f32_2d(ctx, in, in_path, in_dataset, max_shape, &c.input, &c.rows, &c.cols));
     H5Fclose(in);
     in = H5I_INVALID_HID;
 

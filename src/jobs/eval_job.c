@@ -150,7 +150,7 @@ static mxq_status read_tokens(mxq_ctx *ctx, eval_job *j)
     const mxq_eval_options *o = j->options;
     CALL(ctx, mxq_tokens_read(ctx, j->tokens_path, "token file", o->limit, j->cfg.vocab, j->cfg.max_positions,
                               &j->tokens));
-    if (o->limit > j->tokens.total_seqs)
+    if (o->limit > j->tokens.total_seqs && j->dist.rank == 0) /* every rank reads the same file */
         mxq_log(ctx, MXQ_LOG_WARN, "--limit %d exceeds the %d sequences in '%s'; evaluating all of them", o->limit,
                 j->tokens.total_seqs, j->tokens_path);
 fail:
@@ -283,9 +283,11 @@ mxq_status mxq_eval_perplexity(mxq_ctx *ctx, MPI_Comm comm, const char *model_di
     if (j.have_recipe)
         CALL(ctx, quantize_in_memory(ctx, &j));
     result->load_seconds = mxq_time_now() - t_load;
-    mxq_log(ctx, MXQ_LOG_INFO, "eval: %s (%s, %d layers, d=%d) on %d rank%s; %d sequences of %d tokens, micro-batch %d",
-            model_dir, mxq_arch_name(j.cfg.arch), j.cfg.n_layers, j.cfg.hidden, j.dist.size,
-            j.dist.size == 1 ? "" : "s", j.tokens.n_seqs, j.tokens.seq_len, j.p.batch);
+    if (j.dist.rank == 0) /* also when every rank logs its layers (--recipe) */
+        mxq_log(ctx, MXQ_LOG_INFO,
+                "eval: %s (%s, %d layers, d=%d) on %d rank%s; %d sequences of %d tokens, micro-batch %d", model_dir,
+                mxq_arch_name(j.cfg.arch), j.cfg.n_layers, j.cfg.hidden, j.dist.size, j.dist.size == 1 ? "" : "s",
+                j.tokens.n_seqs, j.tokens.seq_len, j.p.batch);
     double t0 = mxq_time_now();
     AGREE(ctx, &j.dist, "eval.pipeline", mxq_pipeline_run(ctx, &j.p));
     CALL(ctx, gather_result(ctx, &j, mxq_time_now() - t0, result));

@@ -50,9 +50,8 @@ static mxq_status read_linear(mxq_ctx *ctx, hid_t in, const char *path, linear_d
 {
     mxq_status status = MXQ_OK;
     size_t rows = 0, cols = 0;
-    CALL(ctx, mxq_h5_read_f32_2d(ctx, in, path, "/W", &d->w, &d->out_f, &d->in_f));
-    CHECK(ctx, d->out_f <= MXQ_MAX_WIDTH && d->in_f <= MXQ_MAX_WIDTH, MXQ_ERR_FORMAT,
-          "'%s': /W is [%zu, %zu]; each side may be at most %d", path, d->out_f, d->in_f, MXQ_MAX_WIDTH);
+    const size_t max_w[2] = {MXQ_MAX_WIDTH, MXQ_MAX_WIDTH};
+    CALL(ctx, mxq_h5_read_f32_2d(ctx, in, path, "/W", max_w, &d->w, &d->out_f, &d->in_f));
     CALL(ctx, check_finite(ctx, path, "/W", d->w, 0, d->out_f, d->in_f));
     htri_t has_x = H5Lexists(in, "/X", H5P_DEFAULT), has_h = H5Lexists(in, "/H", H5P_DEFAULT);
     H5Eclear2(H5E_DEFAULT);
@@ -61,7 +60,8 @@ static mxq_status read_linear(mxq_ctx *ctx, hid_t in, const char *path, linear_d
     CHECK(ctx, !(has_x > 0 && has_h > 0), MXQ_ERR_FORMAT,
           "'%s' has both /X and /H; give one (with /X the Hessian is computed from it)", path);
     if (has_x > 0) {
-        CALL(ctx, mxq_h5_read_f32_2d(ctx, in, path, "/X", &d->x, &rows, &cols));
+        const size_t max_x[2] = {(size_t)1 << 31, d->in_f};
+        CALL(ctx, mxq_h5_read_f32_2d(ctx, in, path, "/X", max_x, &d->x, &rows, &cols));
         CHECK(ctx, cols == d->in_f, MXQ_ERR_FORMAT, "'%s': /X has %zu columns but /W has %zu inputs", path, cols,
               d->in_f);
         CALL(ctx, check_finite(ctx, path, "/X", d->x, 0, rows, cols));
@@ -70,7 +70,8 @@ static mxq_status read_linear(mxq_ctx *ctx, hid_t in, const char *path, linear_d
         mxq_input_stats_finish(&d->stats);
         return MXQ_OK;
     }
-    CALL(ctx, mxq_h5_read_f64_2d(ctx, in, path, "/H", &d->h, &rows, &cols));
+    const size_t max_h[2] = {d->in_f, d->in_f};
+    CALL(ctx, mxq_h5_read_f64_2d(ctx, in, path, "/H", max_h, &d->h, &rows, &cols));
     CHECK(ctx, rows == d->in_f && cols == d->in_f, MXQ_ERR_FORMAT, "'%s': /H is [%zu, %zu], expected [%zu, %zu] from /W",
           path, rows, cols, d->in_f, d->in_f);
     CALL(ctx, check_finite(ctx, path, "/H", d->h, 1, rows, cols));

@@ -595,6 +595,28 @@ static void test_token_sequences_longer_than_the_context(void **state)
     expect_refused("2^19 sequences of 4096 tokens", &r, "long-tokens.h5", "max_position_embeddings");
 }
 
+/* cast of a dataset that declares 2^40 rows (never written): refused from
+ * its shape, before 512 TiB are asked for. */
+static void test_cast_input_declaring_huge_rows(void **state)
+{
+    (void)state;
+    const char *path = tu_scratch_path("huge-rows.h5");
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(f >= 0);
+    hsize_t dims[2] = {(hsize_t)1 << 40, 128}, chunk[2] = {1, 128};
+    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE), space = H5Screate_simple(2, dims, NULL);
+    assert_true(H5Pset_chunk(dcpl, 2, chunk) >= 0);
+    hid_t d = H5Dcreate2(f, "/input", H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    assert_true(d >= 0);
+    H5Dclose(d);
+    H5Sclose(space);
+    H5Pclose(dcpl);
+    H5Fclose(f);
+    tu_run_result r = run_mxq(0, "cast", "--format", "mxint4", "--block", "32", path, tu_scratch_path("huge-rows-out.h5"),
+                              NULL);
+    expect_refused("cast of a dataset declaring 2^40 rows", &r, "huge-rows.h5", "at most");
+}
+
 static void test_huge_layer_count(void **state)
 {
     (void)state;
@@ -1098,6 +1120,7 @@ int main(void)
         cmocka_unit_test(test_token_data_stored_in_a_fifo),
         cmocka_unit_test(test_token_external_link_to_a_fifo),
         cmocka_unit_test(test_token_sequences_longer_than_the_context),
+        cmocka_unit_test(test_cast_input_declaring_huge_rows),
         cmocka_unit_test(test_huge_layer_count),
         cmocka_unit_test(test_nan_weight_rtn),
         cmocka_unit_test(test_inf_weight_smoothquant),
