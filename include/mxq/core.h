@@ -79,10 +79,6 @@ const char *mxq_error_origin(const mxq_ctx *ctx);
 /* Print "error: <message> [origin]" on one line, plus the trace at DEBUG. */
 void mxq_error_print(mxq_ctx *ctx, FILE *stream, const char *prefix);
 void mxq_error_clear(mxq_ctx *ctx);
-/* Every rank hit this error and rank 0 reports it: mxq_error_print stays
- * quiet here (below DEBUG level). Errors of code MXQ_ERR_REMOTE are always
- * treated so. */
-void mxq_error_mark_reported_elsewhere(mxq_ctx *ctx);
 
 /* Fault injection, for testing that every rank stops cleanly whatever rank
  * fails wherever. `spec` is "RANK:STEP" (RANK may be "*"): the first time

@@ -238,7 +238,7 @@ int main(int argc, char **argv)
     }
     if (strcmp(verb, "help") == 0) {
         /* `mxq help cast` is `mxq cast --help` */
-        static char help_flag[] = "--help";
+        char help_flag[] = "--help";
         verb = argv[2];
         char *help_argv[] = {argv[2], help_flag, NULL};
         return run_verb(verb, 2, help_argv);

@@ -73,4 +73,9 @@
  * rank can fail while the others wait for it. */
 mxq_status mxq_fault_point(mxq_ctx *ctx, const char *step);
 
+/* Another rank hit the same error and prints it (mxq_agree decides which):
+ * mxq_error_print stays quiet here (below DEBUG level). Errors of code
+ * MXQ_ERR_REMOTE are always treated so. */
+void mxq_error_mark_reported_elsewhere(mxq_ctx *ctx);
+
 #endif

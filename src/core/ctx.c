@@ -217,7 +217,7 @@ void mxq_error_print(mxq_ctx *ctx, FILE *stream, const char *prefix)
     if (ctx->err_code == MXQ_OK)
         return;
     /* One explanation per failure: ranks that only stopped because another
-     * failed, or that hit the same error as rank 0, stay quiet. */
+     * failed, or that hit the same error as a lower failing rank, stay quiet. */
     if ((ctx->reported_elsewhere || ctx->err_code == MXQ_ERR_REMOTE) && ctx->level < MXQ_LOG_DEBUG)
         return;
     char rank_tag[32] = "";
@@ -254,8 +254,10 @@ int mxq_ctx_set_fault(mxq_ctx *ctx, const char *spec)
     }
     const char *colon = strchr(spec, ':');
     char *end = NULL;
-    long rank = spec[0] == '*' ? -1 : strtol(spec, &end, 10);
-    const int rank_ok = spec[0] == '*' ? colon == spec + 1 : end == colon && end != spec && rank >= 0 && rank < INT_MAX;
+    /* digits only: strtol alone would take " 1" and "+1" */
+    const int digits = spec[0] >= '0' && spec[0] <= '9';
+    long rank = spec[0] == '*' ? -1 : digits ? strtol(spec, &end, 10) : -2;
+    const int rank_ok = spec[0] == '*' ? colon == spec + 1 : digits && end == colon && rank >= 0 && rank < INT_MAX;
     if (!colon || !rank_ok || !colon[1] || strlen(colon + 1) >= sizeof(ctx->fault_step))
         return -1;
     ctx->fault_rank = (int)rank;

@@ -389,6 +389,11 @@ void mxq_ckpt_dir_free(mxq_ckpt_dir *d)
     memset(d, 0, sizeof(*d));
 }
 
+void mxq_shard_name(char *buf, size_t size, int index, int count)
+{
+    snprintf(buf, size, "model-%05d-of-%05d.safetensors", index + 1, count);
+}
+
 mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, json_t *map, uint64_t total_size, const char *format,
                                 const mxq_input_set *inputs, mxq_output *pending)
 {

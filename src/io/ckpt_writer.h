@@ -61,6 +61,10 @@ void mxq_ckpt_dir_abandon(mxq_ckpt_dir *d);
 /* Frees the names and releases the lock. */
 void mxq_ckpt_dir_free(mxq_ckpt_dir *d);
 
+/* The Hugging Face name of shard `index` (from 0) of `count`:
+ * "model-0000k-of-0000N.safetensors". */
+void mxq_shard_name(char *buf, size_t size, int index, int count);
+
 /* One shard: header and data of `tensors` into an output begun with
  * mxq_output_begin (committed by the caller). */
 mxq_status mxq_st_write(mxq_ctx *ctx, mxq_output *out, const mxq_tensor_write *tensors, size_t count);

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "jobs/jobs_internal.h"
+#include "jobs/quantize_report.h"
 #include "parallel/pipeline.h"
 
 typedef struct {
@@ -52,25 +53,15 @@ fail:
 
 static void log_layer(mxq_ctx *ctx, const mxq_model *m, const mxq_layer_result *r)
 {
-    double rtn = 0, loss = 0;
-    for (int li = 0; li < MXQ_LIN_COUNT; li++)
-        if (r->linear[li].quantized) {
-            rtn += r->linear[li].loss_rtn;
-            loss += r->linear[li].loss;
-        }
-    char alphas[128] = "";
-    size_t used = 0;
-    for (int i = 0; i < MXQ_INPUT_COUNT && used < sizeof(alphas); i++) {
-        if (r->awq_alpha[i] >= 0)
-            used += (size_t)snprintf(alphas + used, sizeof(alphas) - used, " awq[%s]=%.2f", mxq_input_name(i),
-                                     r->awq_alpha[i]);
-        else if (r->smooth_alpha[i] >= 0)
-            used += (size_t)snprintf(alphas + used, sizeof(alphas) - used, " sq[%s]=%.2f", mxq_input_name(i),
-                                     r->smooth_alpha[i]);
-    }
-    mxq_log(ctx, MXQ_LOG_INFO, "layer %d (%d/%d): loss rtn %.4e -> %.4e (%+.1f%%)%s  calib %.2f s  quant %.2f s  rss %.0f MB",
-            r->layer, r->layer + 1, m->cfg.n_layers, rtn, loss, rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0, alphas,
-            r->seconds_calib, r->seconds, (double)r->peak_rss / 1048576.0);
+    mxq_layer_record rec;
+    double rtn, loss;
+    char alphas[160];
+    mxq_layer_record_of(r, 0, &rec);
+    mxq_layer_record_losses(&rec, &rtn, &loss);
+    mxq_layer_record_alphas(&rec, alphas, sizeof(alphas));
+    mxq_log(ctx, MXQ_LOG_INFO, "layer %d (%d/%d): loss rtn %.4e -> %.4e (%+.1f%%)%s%s  calib %.2f s  quant %.2f s  rss %.0f MB",
+            r->layer, r->layer + 1, m->cfg.n_layers, rtn, loss, rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0,
+            alphas[0] ? " " : "", alphas, r->seconds_calib, r->seconds, (double)r->peak_rss / 1048576.0);
 }
 
 /* Quantize layer `layer` in place, or `target` (a copy of it) when given. */
@@ -450,7 +441,7 @@ static mxq_status calibrate_sequential(mxq_ctx *ctx, const mxq_dist *dist, mxq_m
         local = seq_send_output(ctx, &s);
     /* Tell downstream (blocked in its receives) that nothing more is coming. */
     if (local != MXQ_OK && dist->rank + 1 < dist->size)
-        MPI_Send(NULL, 0, MPI_FLOAT, dist->rank + 1, MXQ_TAG_ABORT, dist->comm);
+        CALL_MPI(ctx, dist->comm, MPI_Send(NULL, 0, MPI_FLOAT, dist->rank + 1, MXQ_TAG_ABORT, dist->comm));
     AGREE(ctx, dist, "sequential.done", local);
 fail:
     free(s.store);

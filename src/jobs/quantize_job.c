@@ -251,7 +251,7 @@ static mxq_status prepare_out_dir(mxq_ctx *ctx, quantize_job *job)
     const char **names = calloc(n, sizeof(char *));
     CHECK_ALLOC(ctx, files && names, n * 64, "the list of output files");
     for (int r = 0; r < size; r++)
-        snprintf(files[r], sizeof(files[0]), "model-%05d-of-%05d.safetensors", r + 1, size);
+        mxq_shard_name(files[r], sizeof(files[0]), r, size);
     snprintf(files[size], sizeof(files[0]), "%s", REPORT_NAME);
     snprintf(files[size + 1], sizeof(files[0]), "config.json");
     snprintf(files[size + 2], sizeof(files[0]), "model.safetensors.index.json");
@@ -272,7 +272,7 @@ static mxq_status open_and_load(mxq_ctx *ctx, quantize_job *job)
     const int rank = job->dist.rank, size = job->dist.size;
     char path[MXQ_PATH_BUF];
     mxq_model_part part = {job->first[rank], job->first[rank + 1], rank == 0, rank == size - 1};
-    snprintf(job->shard_name, sizeof(job->shard_name), "model-%05d-of-%05d.safetensors", rank + 1, size);
+    mxq_shard_name(job->shard_name, sizeof(job->shard_name), rank, size);
     mxq_path_join(path, job->out_dir, job->shard_name);
     CALL(ctx, mxq_output_begin(ctx, path, &job->inputs, &job->shard_out));
     double t_load = mxq_time_now();
@@ -393,7 +393,10 @@ fail:
     if (status != MXQ_OK && job.dist.comm != MPI_COMM_NULL) {
         mxq_output_abort(&job.shard_out);
         mxq_output_abort(&job.report.index);
-        MPI_Barrier(job.dist.comm);
+        /* not CALL_MPI: already past the fail label; it aborts the job too */
+        const int mpi_rc = MPI_Barrier(job.dist.comm);
+        if (mpi_rc != MPI_SUCCESS)
+            mxq_mpi_fatal(ctx, job.dist.comm, mpi_rc, __FILE__, __LINE__, "MPI_Barrier before tidying the output");
         mxq_ckpt_dir_abandon(&job.out);
     }
     quantize_job_free(&job);

@@ -15,7 +15,7 @@ typedef struct {
     int n_records;
 } rank_header;
 
-static void record_of(const mxq_layer_result *r, int rank, mxq_layer_record *rec)
+void mxq_layer_record_of(const mxq_layer_result *r, int rank, mxq_layer_record *rec)
 {
     memset(rec, 0, sizeof(*rec));
     rec->layer = r->layer;
@@ -45,12 +45,16 @@ mxq_status mxq_quantize_report_pack(mxq_ctx *ctx, int rank, const mxq_layer_resu
     *len = sizeof(rank_header) + (size_t)n_local * sizeof(mxq_layer_record) + text;
     char *buf = *out = malloc(*len);
     CHECK_ALLOC(ctx, buf, *len, "the report of this rank");
-    rank_header h = {shard_bytes, (double)mxq_peak_rss_bytes(), n_local};
+    rank_header h;
+    memset(&h, 0, sizeof(h)); /* padding too: these bytes travel */
+    h.shard_bytes = shard_bytes;
+    h.peak_rss = (double)mxq_peak_rss_bytes();
+    h.n_records = n_local;
     memcpy(buf, &h, sizeof(h));
     mxq_layer_record *rec = (mxq_layer_record *)(buf + sizeof(h));
     for (int i = 0; i < n_local; i++) {
         mxq_layer_record one;
-        record_of(&results[i], rank, &one);
+        mxq_layer_record_of(&results[i], rank, &one);
         memcpy(&rec[i], &one, sizeof(one));
     }
     char *p = buf + sizeof(h) + (size_t)n_local * sizeof(mxq_layer_record);
@@ -80,7 +84,7 @@ static mxq_status unpack_rank(mxq_ctx *ctx, mxq_quantize_report *rep, int r, con
     rep->n_records += h.n_records;
     rep->peak_rss[r] = h.peak_rss;
     rep->total_bytes += h.shard_bytes;
-    snprintf(shard, sizeof(shard), "model-%05d-of-%05d.safetensors", r + 1, rep->size);
+    mxq_shard_name(shard, sizeof(shard), r, rep->size);
     for (const char *p = part + head, *end = part + len; p < end;) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
         CHECK(ctx, nl != NULL, MXQ_ERR_INTERNAL, "a tensor name of rank %d is truncated", r);
@@ -227,6 +231,28 @@ static json_t *report_json(const mxq_quantize_report *rep, const char *model_dir
     return report;
 }
 
+void mxq_layer_record_losses(const mxq_layer_record *rec, double *rtn, double *loss)
+{
+    *rtn = *loss = 0;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++)
+        if (rec->linear[li].quantized) {
+            *rtn += rec->linear[li].loss_rtn;
+            *loss += rec->linear[li].loss;
+        }
+}
+
+void mxq_layer_record_alphas(const mxq_layer_record *rec, char *text, size_t size)
+{
+    size_t used = 0;
+    text[0] = '\0';
+    for (int i = 0; i < MXQ_INPUT_COUNT && used < size; i++) {
+        const int awq = rec->awq_alpha[i] >= 0;
+        if (awq || rec->smooth_alpha[i] >= 0)
+            used += (size_t)snprintf(text + used, size - used, "%s%s[%s]=%.2f", used ? " " : "", awq ? "awq" : "sq",
+                                     mxq_input_name((mxq_input_id)i), awq ? rec->awq_alpha[i] : rec->smooth_alpha[i]);
+    }
+}
+
 static void print_summary(mxq_ctx *ctx, const mxq_quantize_report *rep, double quant_seconds)
 {
     double tot_rtn = 0, tot_loss = 0, peak = 0;
@@ -234,24 +260,15 @@ static void print_summary(mxq_ctx *ctx, const mxq_quantize_report *rep, double q
            "alpha");
     for (int l = 0; l < rep->n_records; l++) {
         const mxq_layer_record *rec = &rep->records[l];
-        double rtn = 0, loss = 0;
-        for (int li = 0; li < MXQ_LIN_COUNT; li++)
-            if (rec->linear[li].quantized) {
-                rtn += rec->linear[li].loss_rtn;
-                loss += rec->linear[li].loss;
-            }
+        double rtn, loss;
+        mxq_layer_record_losses(rec, &rtn, &loss);
         tot_rtn += rtn;
         tot_loss += loss;
-        char alpha[96] = "-";
-        size_t used = 0;
-        for (int i = 0; i < MXQ_INPUT_COUNT && used < sizeof(alpha); i++)
-            if (rec->awq_alpha[i] >= 0 || rec->smooth_alpha[i] >= 0)
-                used += (size_t)snprintf(alpha + used, sizeof(alpha) - used, "%s%s=%.2f", used ? " " : "",
-                                         mxq_input_name((mxq_input_id)i),
-                                         rec->awq_alpha[i] >= 0 ? rec->awq_alpha[i] : rec->smooth_alpha[i]);
+        char alphas[160];
+        mxq_layer_record_alphas(rec, alphas, sizeof(alphas));
         mxq_print(ctx, "%-6d %-5d %12.4e %12.4e %+7.1f%% %8.2f %9.0f  %s\n", rec->layer, rec->rank, rtn, loss,
-               rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0, rec->seconds_calib + rec->seconds, rec->peak_rss / 1048576.0,
-               alpha);
+                  rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0, rec->seconds_calib + rec->seconds,
+                  rec->peak_rss / 1048576.0, alphas[0] ? alphas : "-");
     }
     for (int r = 0; r < rep->size; r++)
         peak = rep->peak_rss[r] > peak ? rep->peak_rss[r] : peak;

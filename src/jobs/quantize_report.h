@@ -36,6 +36,12 @@ typedef struct {
     mxq_output index;          /* written, not yet renamed into place */
 } mxq_quantize_report;
 
+/* One layer's figures as recorded; its loss sums over the quantized
+ * linears; its AWQ / SmoothQuant alphas as "awq[attn_in]=0.50 ..." ("" if none). */
+void mxq_layer_record_of(const mxq_layer_result *result, int rank, mxq_layer_record *rec);
+void mxq_layer_record_losses(const mxq_layer_record *rec, double *rtn, double *loss);
+void mxq_layer_record_alphas(const mxq_layer_record *rec, char *text, size_t size);
+
 /* This rank's layer figures, tensor names and shard size as plain bytes
  * (free() *out). Local. */
 mxq_status mxq_quantize_report_pack(mxq_ctx *ctx, int rank, const mxq_layer_result *results, int n_local,

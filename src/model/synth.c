@@ -211,7 +211,7 @@ static mxq_status make_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq
         if (plan->n_shards == 1)
             snprintf(plan->files[sh], sizeof(plan->files[0]), "model.safetensors");
         else
-            snprintf(plan->files[sh], sizeof(plan->files[0]), "model-%05d-of-%05d.safetensors", sh + 1, plan->n_shards);
+            mxq_shard_name(plan->files[sh], sizeof(plan->files[0]), sh, plan->n_shards);
     plan->n_files = (size_t)plan->n_shards;
     if (plan->n_shards > 1)
         snprintf(plan->files[plan->n_files++], sizeof(plan->files[0]), "model.safetensors.index.json");

@@ -49,7 +49,7 @@ static const char *recipe(int sequential)
 /* argv of: timeout 10 mpirun -n R -x MXQ_FAULT=fault sh -c 'mxq "$@"; echo rank-exit' sh <job>.
  * Every rank reports its own exit status, and mpirun lets each rank end on
  * its own instead of killing the others at the first failure. */
-static void job_argv(const char **argv, job_kind kind, int ranks, const char *fault, const char *out)
+static void job_argv_force(const char **argv, job_kind kind, int ranks, const char *fault, const char *out, int force)
 {
     char *n = malloc(16), *fault_env = malloc(160); /* live as long as the test */
     snprintf(n, 16, "%d", ranks);
@@ -71,8 +71,15 @@ static void job_argv(const char **argv, job_kind kind, int ranks, const char *fa
                               "--recipe", recipe(kind == JOB_QUANTIZE_SEQ), "--batch", "2", "--out", out, "-q"};
         for (size_t i = 0; i < sizeof(rest) / sizeof(rest[0]); i++)
             argv[k++] = rest[i];
+        if (force)
+            argv[k++] = "--force";
     }
     argv[k] = NULL;
+}
+
+static void job_argv(const char **argv, job_kind kind, int ranks, const char *fault, const char *out)
+{
+    job_argv_force(argv, kind, ranks, fault, out, 0);
 }
 
 static void add_step(step_info *steps, int *n, const char *name, int rank)
@@ -96,9 +103,13 @@ static void add_step(step_info *steps, int *n, const char *name, int rank)
 static int list_steps(job_kind kind, int ranks, step_info *steps)
 {
     const char *argv[MAX_ARGS];
-    const char *out = tu_scratch_path("faults-list-%d-%d%s", kind, ranks, kind == JOB_EVAL ? ".json" : "");
-    job_argv(argv, kind, ranks, "list", out);
     tu_run_result r;
+    const char *out = tu_scratch_path("faults-list-%d-%d%s", kind, ranks, kind == JOB_EVAL ? ".json" : "");
+    char cmd[700];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", out); /* listed before, for another walk */
+    const char *rm[] = {"sh", "-c", cmd, NULL};
+    tu_run(rm, &r);
+    job_argv(argv, kind, ranks, "list", out);
     tu_run(argv, &r);
     if (r.exit_code != 0 || strstr(r.err, "error:"))
         fail_msg("the listing run failed: %s", r.err);
@@ -139,13 +150,10 @@ static void check_no_leftovers(const char *out, job_kind kind, const char *step)
         fail_msg("failing at '%s' left the output directory %s behind", step, out);
 }
 
-static void check_fault_run(const tu_run_result *r, int ranks, int victim, const char *step, const char *out,
-                            job_kind kind)
+/* Each rank printed "rank-exit R STATUS" with a non-zero status. */
+static void every_rank_failed(const tu_run_result *r, int ranks, int victim, const char *step)
 {
-    char expect[256], tag[32], exit_line[32], leftover[600];
-    if (r->exit_code == 124)
-        fail_msg("rank %d failing at '%s' on %d ranks: not every rank stopped within 10 s: %s", victim, step, ranks,
-                 r->err);
+    char exit_line[32];
     for (int rank = 0; rank < ranks; rank++) {
         snprintf(exit_line, sizeof(exit_line), "rank-exit %d ", rank);
         const char *p = strstr(r->err, exit_line);
@@ -153,6 +161,16 @@ static void check_fault_run(const tu_run_result *r, int ranks, int victim, const
             fail_msg("rank %d failing at '%s' on %d ranks: rank %d %s: %s", victim, step, ranks, rank,
                      p ? "exited with status 0" : "did not exit by itself", r->err);
     }
+}
+
+static void check_fault_run(const tu_run_result *r, int ranks, int victim, const char *step, const char *out,
+                            job_kind kind)
+{
+    char expect[256], tag[32], leftover[600];
+    if (r->exit_code == 124)
+        fail_msg("rank %d failing at '%s' on %d ranks: not every rank stopped within 10 s: %s", victim, step, ranks,
+                 r->err);
+    every_rank_failed(r, ranks, victim, step);
     snprintf(expect, sizeof(expect), "injected fault on rank %d at step '%.95s'", victim, step);
     snprintf(tag, sizeof(tag), "[rank %d] ", victim);
     if (count(r->err, "error:") != 1 || !strstr(r->err, expect) || !strstr(r->err, tag))
@@ -202,6 +220,79 @@ static void walk(job_kind kind, int ranks, int every_rank, const char *label)
     free(argv_store);
 }
 
+static void sh(const char *cmd)
+{
+    const char *argv[] = {"sh", "-c", cmd, NULL};
+    tu_run_result r;
+    tu_run(argv, &r);
+    if (r.exit_code != 0)
+        fail_msg("'%s' failed: %s", cmd, r.err);
+}
+
+/* A --force run over an earlier checkpoint that fails before its commit
+ * leaves that checkpoint exactly as it was; one that fails during the commit
+ * leaves no index and no temporary (never a mix of the two runs). */
+static void check_force_run(const tu_run_result *r, int ranks, int victim, const char *step, const char *out,
+                            const char *earlier)
+{
+    char cmd[1200], index[600];
+    const int committing = strncmp(step, "quantize.commit", 15) == 0;
+    if (r->exit_code == 124 || count(r->err, "error:") != 1)
+        fail_msg("--force run failing at '%s': expected one error within 10 s: exit %d, %s", step, r->exit_code,
+                 r->err);
+    every_rank_failed(r, ranks, victim, step);
+    /* prints any temporary, and before the commit any difference */
+    if (committing)
+        snprintf(cmd, sizeof(cmd), "ls -a '%s' | grep -F '.tmp-'", out);
+    else
+        snprintf(cmd, sizeof(cmd), "ls -a '%s' | grep -F '.tmp-'; diff -r '%s' '%s'", out, earlier, out);
+    const char *argv[] = {"sh", "-c", cmd, NULL};
+    tu_run_result d;
+    tu_run(argv, &d);
+    if (d.out[0])
+        fail_msg("--force run failing at '%s' %s: %s", step,
+                 committing ? "left temporaries" : "changed the earlier checkpoint", d.out);
+    snprintf(index, sizeof(index), "%s/model.safetensors.index.json", out);
+    if (committing && access(index, F_OK) == 0)
+        fail_msg("--force run failing at '%s' left an index: a mix of two runs would look complete", step);
+}
+
+/* quantize --force over an earlier checkpoint, failing at every step once. */
+static void walk_force(int ranks)
+{
+    step_info steps[MAX_STEPS];
+    int n_steps = list_steps(JOB_QUANTIZE_FP, ranks, steps);
+    assert_true(n_steps >= 4 && n_steps <= MAX_STEPS);
+    const char *earlier = tu_scratch_path("faults-force-earlier");
+    const char *argv0[MAX_ARGS];
+    job_argv(argv0, JOB_QUANTIZE_FP, ranks, "", earlier);
+    tu_run_result r0;
+    tu_run(argv0, &r0);
+    assert_int_equal(r0.exit_code, 0);
+    const char *(*argv_store)[MAX_ARGS] = calloc(MAX_STEPS, sizeof(*argv_store));
+    const char **argvs[MAX_STEPS], *outs[MAX_STEPS];
+    char faults[MAX_STEPS][128], cmd[1200];
+    int victims[MAX_STEPS];
+    for (int i = 0; i < n_steps; i++) {
+        victims[i] = steps[i].reached_by[i % steps[i].n_ranks];
+        snprintf(faults[i], sizeof(faults[i]), "%d:%.95s", victims[i], steps[i].name);
+        outs[i] = tu_scratch_path("faults-force-%d", i);
+        snprintf(cmd, sizeof(cmd), "rm -rf '%s' && cp -a '%s' '%s'", outs[i], earlier, outs[i]);
+        sh(cmd);
+        job_argv_force(argv_store[i], JOB_QUANTIZE_FP, ranks, faults[i], outs[i], 1);
+        argvs[i] = argv_store[i];
+    }
+    tu_run_result *results = calloc(MAX_STEPS, sizeof(*results));
+    tu_run_all((const char *const *const *)argvs, (size_t)n_steps, 3, results);
+    for (int i = 0; i < n_steps; i++)
+        check_force_run(&results[i], ranks, victims[i], steps[i].name, outs[i], earlier);
+    print_message("# quantize --force over an earlier checkpoint on %d ranks: %d steps; before the commit it stays "
+                  "as it was, during it no index is left\n",
+                  ranks, n_steps);
+    free(results);
+    free(argv_store);
+}
+
 static void test_eval_every_step(void **state)
 {
     (void)state;
@@ -216,6 +307,12 @@ static void test_quantize_fp_every_step(void **state)
     walk(JOB_QUANTIZE_FP, 3, 0, "quantize (fp)");
 }
 
+static void test_quantize_force_every_step(void **state)
+{
+    (void)state;
+    walk_force(2);
+}
+
 static void test_quantize_sequential_every_step(void **state)
 {
     (void)state;
@@ -228,6 +325,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_eval_every_step),
         cmocka_unit_test(test_quantize_fp_every_step),
+        cmocka_unit_test(test_quantize_force_every_step),
         cmocka_unit_test(test_quantize_sequential_every_step),
     };
     return cmocka_run_group_tests_name("cli_faults", tests, NULL, NULL);

@@ -143,7 +143,7 @@ static void copy_file(const char *from, const char *to)
 static const char *model_copy(const char *name, const char *key, json_t *value)
 {
     const char *dir = tu_scratch_path("%s", name);
-    char from[1024], to[1024];
+    char to[1024];
     mkdir(dir, 0755);
     snprintf(to, sizeof(to), "%s/model.safetensors", dir);
     copy_file(tu_data_path("stories260K/model.safetensors"), to);
@@ -154,7 +154,6 @@ static const char *model_copy(const char *name, const char *key, json_t *value)
     snprintf(to, sizeof(to), "%s/config.json", dir);
     assert_int_equal(json_dump_file(cfg, to, JSON_INDENT(2)), 0);
     json_decref(cfg);
-    (void)from;
     return dir;
 }
 
@@ -1029,7 +1028,7 @@ static void test_one_process_command_under_mpirun(void **state)
 {
     (void)state;
     const char *out = tu_scratch_path("synth-under-mpirun");
-    tu_run_result r = run_mxq(2, "synth", "--model", "llama-2-7b", "--layers", "1", out, NULL);
+    tu_run_result r = run_mxq(2, "synth", "--preset", "llama-2-7b", "--layers", "1", "--out", out, NULL);
     expect_refused("synth under mpirun -n 2", &r, "one process", NULL);
     struct stat st;
     if (lstat(out, &st) == 0)

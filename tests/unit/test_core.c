@@ -19,7 +19,7 @@ static void test_fault_specs(void **state)
     mxq_ctx *ctx;
     assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
     const char *good[] = {NULL, "", "list", "0:eval.setup", "*:quantize.load", "12:a"};
-    const char *bad[] = {"x", "1:", ":a", "1x:a", "-1:a", "*x:a", "**:a"};
+    const char *bad[] = {"x", "1:", ":a", "1x:a", "-1:a", "*x:a", "**:a", " 1:a", "+1:a"};
     for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
         assert_int_equal(mxq_ctx_set_fault(ctx, good[i]), 0);
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
