@@ -301,16 +301,15 @@ fail:
     return status;
 }
 
-/* Shards first (every rank), then the report and config.json, the index
- * last (rank 0). */
+/* Only renames (everything is written): shards first (every rank), then
+ * the report and config.json, the index last (rank 0). */
 static mxq_status commit(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
     const int rank0 = job->dist.rank == 0;
     AGREE(ctx, &job->dist, "quantize.commit.begin", rank0 ? mxq_ckpt_dir_begin_commit(ctx, &job->out) : MXQ_OK);
     AGREE(ctx, &job->dist, "quantize.commit.shards", mxq_output_commit(ctx, &job->shard_out));
-    AGREE(ctx, &job->dist, "quantize.commit.report",
-          rank0 ? mxq_quantize_report_write(ctx, &job->report, job->out_dir, &job->inputs) : MXQ_OK);
+    AGREE(ctx, &job->dist, "quantize.commit.report", rank0 ? mxq_quantize_report_commit(ctx, &job->report) : MXQ_OK);
     /* The commit point: once the index is in place nothing is left to fail,
      * so the last agreement is on its rename alone (no fault injection). */
     AGREE(ctx, &job->dist, NULL, rank0 ? mxq_output_commit(ctx, &job->report.index) : MXQ_OK);
@@ -327,6 +326,17 @@ fail:
     return status;
 }
 
+/* Rank 0: the report, config.json and the index, written but not in place. */
+static mxq_status build_report(mxq_ctx *ctx, quantize_job *job, const double *seconds)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, mxq_quantize_report_build(ctx, &job->report, &job->recipe, &job->cfg, job->model_dir, job->calib_path,
+                                        job->recipe_path, seconds));
+    CALL(ctx, mxq_quantize_report_stage(ctx, &job->report, job->out_dir, &job->inputs));
+fail:
+    return status;
+}
+
 /* Everything after the checks: calibrate, quantize, write, commit. */
 static mxq_status write_checkpoint(mxq_ctx *ctx, quantize_job *job)
 {
@@ -336,10 +346,7 @@ static mxq_status write_checkpoint(mxq_ctx *ctx, quantize_job *job)
     AGREE(ctx, &job->dist, "quantize.shard.write", write_shard(ctx, job));
     CALL(ctx, mxq_quantize_report_gather(ctx, &job->dist, &job->report, job->packed_report, job->packed_len));
     const double seconds[3] = {job->quant_seconds, mxq_time_now() - t_write, mxq_time_now() - job->t_start};
-    AGREE(ctx, &job->dist, "quantize.report",
-          job->dist.rank == 0 ? mxq_quantize_report_build(ctx, &job->report, &job->recipe, &job->cfg, job->model_dir,
-                                                          job->calib_path, job->recipe_path, seconds)
-                              : MXQ_OK);
+    AGREE(ctx, &job->dist, "quantize.report", job->dist.rank == 0 ? build_report(ctx, job, seconds) : MXQ_OK);
     CALL(ctx, commit(ctx, job));
 fail:
     return status;
@@ -392,7 +399,7 @@ fail:
      * tidies the directory (mxq_ckpt_dir_abandon says how). */
     if (status != MXQ_OK && job.dist.comm != MPI_COMM_NULL) {
         mxq_output_abort(&job.shard_out);
-        mxq_output_abort(&job.report.index);
+        mxq_quantize_report_abort(&job.report);
         /* not CALL_MPI: already past the fail label; it aborts the job too */
         const int mpi_rc = MPI_Barrier(job.dist.comm);
         if (mpi_rc != MPI_SUCCESS)

@@ -296,23 +296,39 @@ fail:
     return status;
 }
 
-mxq_status mxq_quantize_report_write(mxq_ctx *ctx, mxq_quantize_report *rep, const char *out_dir,
+mxq_status mxq_quantize_report_stage(mxq_ctx *ctx, mxq_quantize_report *rep, const char *out_dir,
                                      const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;
     char path[MXQ_PATH_BUF];
     mxq_path_join(path, out_dir, "mxq_report.json");
-    CALL(ctx, mxq_json_write_atomic(ctx, rep->report, path, inputs));
+    CALL(ctx, mxq_json_write_temp(ctx, rep->report, path, inputs, &rep->report_out));
     mxq_path_join(path, out_dir, "config.json");
-    CALL(ctx, mxq_json_write_atomic(ctx, rep->config, path, inputs));
+    CALL(ctx, mxq_json_write_temp(ctx, rep->config, path, inputs, &rep->config_out));
     CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, rep->weight_map, rep->total_bytes, "mxq", inputs, &rep->index));
+fail:
+    return status;
+}
+
+void mxq_quantize_report_abort(mxq_quantize_report *rep)
+{
+    mxq_output_abort(&rep->report_out);
+    mxq_output_abort(&rep->config_out);
+    mxq_output_abort(&rep->index);
+}
+
+mxq_status mxq_quantize_report_commit(mxq_ctx *ctx, mxq_quantize_report *rep)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, mxq_output_commit(ctx, &rep->report_out));
+    CALL(ctx, mxq_output_commit(ctx, &rep->config_out));
 fail:
     return status;
 }
 
 void mxq_quantize_report_free(mxq_quantize_report *rep)
 {
-    mxq_output_abort(&rep->index);
+    mxq_quantize_report_abort(rep);
     free(rep->gathered);
     free(rep->lens);
     free(rep->records);

@@ -33,7 +33,7 @@ typedef struct {
     json_t *weight_map;        /* tensor -> shard */
     uint64_t total_bytes;      /* tensor data of all shards */
     json_t *config, *report;
-    mxq_output index;          /* written, not yet renamed into place */
+    mxq_output report_out, config_out, index; /* written, not yet renamed into place */
 } mxq_quantize_report;
 
 /* One layer's figures as recorded; its loss sums over the quantized
@@ -58,10 +58,15 @@ mxq_status mxq_quantize_report_build(mxq_ctx *ctx, mxq_quantize_report *report, 
                                      const mxq_model_config *cfg, const char *model_dir, const char *calib_path,
                                      const char *recipe_path, const double *seconds);
 
-/* Rank 0, after the shards are in place: report and config.json, and the
- * index under its temporary name (report->index; the caller commits it). */
-mxq_status mxq_quantize_report_write(mxq_ctx *ctx, mxq_quantize_report *report, const char *out_dir,
+/* Rank 0, before the commit: the report, config.json and the index under
+ * their temporary names, so that the commit itself only renames. */
+mxq_status mxq_quantize_report_stage(mxq_ctx *ctx, mxq_quantize_report *report, const char *out_dir,
                                      const mxq_input_set *inputs);
+/* Rank 0, in the commit after the shards: the report and config.json into
+ * place (the index the caller renames last: report->index). */
+mxq_status mxq_quantize_report_commit(mxq_ctx *ctx, mxq_quantize_report *report);
+/* Removes whatever is still staged. */
+void mxq_quantize_report_abort(mxq_quantize_report *report);
 
 void mxq_quantize_report_free(mxq_quantize_report *report);
 
