@@ -428,7 +428,9 @@ mxq_status mxq_recipe_parse_string(mxq_ctx *ctx, const char *text, const char *n
     dcfg.colorize = false;
     diag = fy_diag_create(&dcfg);
     CHECK_ALLOC(ctx, diag, 1, "the YAML diagnostics");
-    struct fy_parse_cfg pcfg = {.search_path = NULL, .flags = FYPCF_QUIET, .userdata = NULL, .diag = diag};
+    /* resolved: an alias reads as the value of its anchor, not as its name */
+    struct fy_parse_cfg pcfg = {
+        .search_path = NULL, .flags = FYPCF_QUIET | FYPCF_RESOLVE_DOCUMENT, .userdata = NULL, .diag = diag};
     parser = fy_parser_create(&pcfg);
     CHECK_ALLOC(ctx, parser, 1, "the YAML parser");
     CHECK(ctx, fy_parser_set_string(parser, text, FY_NT) == 0, MXQ_ERR_NOMEM, "cannot start parsing '%s'", name);

@@ -96,6 +96,24 @@ static void test_defaults(void **state)
     mxq_ctx_destroy(ctx);
 }
 
+/* An alias is its anchor's value (an anchor named like a format must not
+ * be read as that format). */
+static void test_aliases_take_the_anchored_value(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    mxq_ctx_create(&ctx);
+    mxq_recipe r;
+    const char *text = "activations: {format: &mxint4 mxint8, block: &b32 64}\n"
+                       "weights: {format: *mxint4, block: *b32}\n";
+    if (mxq_recipe_parse_string(ctx, text, "alias.yaml", &r) != MXQ_OK)
+        fail_msg("%s", mxq_error_message(ctx));
+    assert_string_equal(r.weights.format->name, "mxint8");
+    assert_int_equal(r.weights.block, 64);
+    mxq_recipe_free(&r);
+    mxq_ctx_destroy(ctx);
+}
+
 static void expect_error(const char *text, const char *fragment)
 {
     mxq_ctx *ctx;
@@ -150,6 +168,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_shipped_recipes_parse),
         cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_aliases_take_the_anchored_value),
         cmocka_unit_test(test_errors_with_lines),
         cmocka_unit_test(test_missing_file),
     };
