@@ -30,6 +30,26 @@ fail:
     return status;
 }
 
+/* A scale byte 0xFF (NaN) or one too large for its elements decodes to
+ * NaN or Inf: a corrupt checkpoint, named here rather than as a NaN
+ * perplexity later. */
+static mxq_status check_decoded(mxq_ctx *ctx, const mxq_tensor_view *packed, const mxq_tensor_view *scales,
+                                const mxq_mx_spec *spec, const float *w, size_t out_f, size_t in_f)
+{
+    mxq_status status = MXQ_OK;
+    const size_t blocks = mxq_mx_blocks_per_row(in_f, spec->block);
+    for (size_t i = 0; i < out_f * in_f; i++) {
+        const size_t row = i / in_f, col = i % in_f;
+        CHECK(ctx, isfinite(w[i]), MXQ_ERR_FORMAT,
+              "%s: '%s' decodes to %g at [%zu, %zu] (scale byte %u at [%zu, %zu] of '%s'); the checkpoint is corrupt",
+              packed->file, packed->name, (double)w[i], row, col,
+              ((const uint8_t *)scales->data)[row * blocks + col / (size_t)spec->block], row, col / (size_t)spec->block,
+              scales->name);
+    }
+fail:
+    return status;
+}
+
 /* An MX linear of an mxq checkpoint: <base>.weight_packed U8 [out, packed
  * row bytes] and <base>.weight_scale U8 [out, blocks], dequantized to float. */
 static mxq_status load_mx_linear(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_tensor_view *packed, const char *base,
@@ -53,6 +73,7 @@ static mxq_status load_mx_linear(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_t
     buf = mxq_alloc_floats((size_t)out_f * in_f);
     CHECK_ALLOC(ctx, buf, (size_t)out_f * in_f * sizeof(float), base);
     CALL(ctx, mxq_mx_dequantize_rows(ctx, spec, packed->data, scales->data, (size_t)out_f, (size_t)in_f, buf));
+    CALL(ctx, check_decoded(ctx, packed, scales, spec, buf, (size_t)out_f, (size_t)in_f));
     *out = buf;
     return MXQ_OK;
 fail:

@@ -158,10 +158,12 @@ static const char *model_copy(const char *name, const char *key, json_t *value)
 }
 
 /* Set element `index` of float32 tensor `tensor` in dir's model.safetensors. */
-static void poke_weight(const char *dir, const char *tensor, size_t index, float value)
+/* Overwrite `size` bytes of `tensor` at byte `offset` in dir/file. */
+static void poke_bytes(const char *dir, const char *file, const char *tensor, size_t offset, const void *bytes,
+                       size_t size)
 {
     char path[1024];
-    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    snprintf(path, sizeof(path), "%s/%s", dir, file);
     size_t n;
     char *data = tu_read_file(path, &n);
     uint64_t hlen = 0;
@@ -171,11 +173,16 @@ static void poke_weight(const char *dir, const char *tensor, size_t index, float
     assert_non_null(header);
     json_t *offsets = json_object_get(json_object_get(header, tensor), "data_offsets");
     assert_non_null(offsets);
-    size_t at = 8 + hlen + (size_t)json_integer_value(json_array_get(offsets, 0)) + index * sizeof(float);
-    memcpy(data + at, &value, sizeof(float));
+    size_t at = 8 + hlen + (size_t)json_integer_value(json_array_get(offsets, 0)) + offset;
+    memcpy(data + at, bytes, size);
     tu_write_file(path, data, n);
     json_decref(header);
     free(data);
+}
+
+static void poke_weight(const char *dir, const char *tensor, size_t index, float value)
+{
+    poke_bytes(dir, "model.safetensors", tensor, index * sizeof(float), &value, sizeof(value));
 }
 
 static const char *recipe(const char *name)
@@ -705,6 +712,22 @@ static void test_nan_embedding_eval(void **state)
 }
 
 /* Finite weights whose activations overflow: the NLL is not a number. */
+/* A checkpoint whose E8M0 scale byte is 0xFF (NaN): refused at load,
+ * naming the tensor, instead of a NaN perplexity. */
+static void test_nan_scale_in_a_checkpoint(void **state)
+{
+    (void)state;
+    const char *out = tu_scratch_path("nan-scale");
+    tu_run_result r = run_mxq(1, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-rtn"), "--out", out,
+                              "-q", NULL);
+    assert_int_equal(r.exit_code, 0);
+    const unsigned char nan_scale = 0xFF;
+    poke_bytes(out, "model-00001-of-00001.safetensors", "model.layers.2.mlp.up_proj.weight_scale", 5, &nan_scale, 1);
+    r = run_mxq(2, "eval", "--model", out, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit", "2", NULL);
+    expect_refused("a NaN scale byte in a checkpoint", &r, "model.layers.2.mlp.up_proj.weight", "scale byte 255");
+}
+
 static void test_eval_nonfinite_result(void **state)
 {
     (void)state;
@@ -1127,6 +1150,7 @@ int main(void)
         cmocka_unit_test(test_inf_weight_gptq_names_the_tensor),
         cmocka_unit_test(test_nan_embedding_quantize),
         cmocka_unit_test(test_nan_embedding_eval),
+        cmocka_unit_test(test_nan_scale_in_a_checkpoint),
         cmocka_unit_test(test_eval_nonfinite_result),
         cmocka_unit_test(test_quantize_linear_nan_hessian),
         cmocka_unit_test(test_quantize_linear_asymmetric_hessian),
