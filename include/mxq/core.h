@@ -88,6 +88,10 @@ void mxq_error_clear(mxq_ctx *ctx);
  * environment variable MXQ_FAULT; NULL or "" turns it off. Returns 0, or
  * -1 (and turns it off) if `spec` is none of these. */
 int mxq_ctx_set_fault(mxq_ctx *ctx, const char *spec);
+/* 1 if a fault was set for this rank (or for rank 0 when the rank named
+ * does not exist) and the job ended without reaching its step: a misspelt
+ * step must not pass for a job that survived the fault. */
+int mxq_ctx_fault_missed(const mxq_ctx *ctx);
 
 /* Wall-clock seconds since an arbitrary fixed point (monotonic). */
 double mxq_time_now(void);

@@ -265,6 +265,13 @@ int mxq_ctx_set_fault(mxq_ctx *ctx, const char *spec)
     return 0;
 }
 
+int mxq_ctx_fault_missed(const mxq_ctx *ctx)
+{
+    if (ctx->fault_rank == -2 || ctx->fault_fired)
+        return 0;
+    return ctx->fault_rank == -1 || ctx->fault_rank == ctx->rank || (ctx->rank == 0 && ctx->fault_rank >= ctx->nranks);
+}
+
 mxq_status mxq_fault_point(mxq_ctx *ctx, const char *step)
 {
     if (ctx->fault_list) {

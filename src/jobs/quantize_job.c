@@ -229,14 +229,17 @@ static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
     CALL(ctx, mxq_job_config(ctx, job->model_dir, job->opt->dry_run, &job->cfg));
     CHECK(ctx, !job->cfg.mx_weights, MXQ_ERR_ARG, "'%s' is already an mxq quantized checkpoint", job->model_dir);
     CALL(ctx, mxq_job_partition(ctx, job->dist.size, &job->cfg, &job->first));
+    CHECK(ctx, job->opt->stats_layers == 0 || job->recipe.calib_mode == MXQ_CALIB_FP, MXQ_ERR_ARG,
+          "--stats-layers bounds fp calibration; the recipe '%s' calibrates sequentially (one layer at a time already)",
+          job->recipe_path);
     CALL(ctx, mxq_calibration_tokens(ctx, job->calib_path, &job->recipe, job->recipe_path, &job->cfg, &job->calib));
+    CHECK(ctx, !same_directory(job->model_dir, job->out_dir), MXQ_ERR_ARG,
+          "--out '%s' is the input model directory; write the quantized checkpoint elsewhere", job->out_dir);
     if (job->opt->dry_run)
         return MXQ_OK;
     CALL(ctx, mxq_input_set_add_model(ctx, &job->inputs, job->model_dir));
     CALL(ctx, mxq_input_set_add(ctx, &job->inputs, job->calib_path, "the calibration file"));
     CALL(ctx, mxq_input_set_add(ctx, &job->inputs, job->recipe_path, "the recipe"));
-    CHECK(ctx, !same_directory(job->model_dir, job->out_dir), MXQ_ERR_ARG,
-          "--out '%s' is the input model directory; write the quantized checkpoint elsewhere", job->out_dir);
 fail:
     return status;
 }

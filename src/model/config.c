@@ -91,6 +91,8 @@ static mxq_status parse_rope_object(config_reader *r, json_t *obj, const char *w
     json_t *type = json_object_get(obj, "rope_type");
     if (!type)
         type = json_object_get(obj, "type");
+    CHECK(ctx, !type || json_is_null(type) || json_is_string(type), MXQ_ERR_FORMAT,
+          "%s: %s.rope_type must be a string (default, llama3)", r->path, what);
     const char *type_name = json_is_string(type) ? json_string_value(type) : "default";
     if (json_object_get(obj, "rope_theta"))
         CALL(ctx, get_number(r, obj, "rope_theta", 0, 1, &cfg->rope_theta));
@@ -146,6 +148,11 @@ static mxq_status parse_quantization_config(config_reader *r, json_t *q, mxq_mod
           "%s: quantization_config.quant_method '%s' is not supported (mxq reads its own checkpoints, quant_method "
           "\"mxq\", and unquantized ones)",
           r->path, method ? method : "(missing)");
+    json_t *version = json_object_get(q, "format_version");
+    CHECK(ctx, !version || (json_is_integer(version) && json_integer_value(version) == 1), MXQ_ERR_FORMAT,
+          "%s: quantization_config.format_version must be 1 (this mxq reads format 1; the checkpoint is from a newer "
+          "mxq?)",
+          r->path);
     json_t *w = json_object_get(q, "weights"), *a = json_object_get(q, "activations");
     if (w && !json_is_null(w)) {
         CALL(ctx, parse_mx_spec(r, w, "weights", &cfg->mx_weight_spec));
