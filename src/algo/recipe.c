@@ -29,10 +29,17 @@ typedef struct {
     const char *file;
 } reader;
 
-/* 1-based line of a node (scalars carry a token; collections report their
- * parent key's line through the caller). */
+/* 1-based line of a node: a scalar's own; a collection's that of its first
+ * scalar (libfyaml marks only scalars); 0 for an empty collection. */
 static int node_line(struct fy_node *node)
 {
+    void *iter = NULL;
+    if (node && fy_node_is_mapping(node)) {
+        struct fy_node_pair *first = fy_node_mapping_iterate(node, &iter);
+        return first ? node_line(fy_node_pair_key(first)) : 0;
+    }
+    if (node && fy_node_is_sequence(node))
+        return node_line(fy_node_sequence_iterate(node, &iter));
     struct fy_token *tok = node ? fy_node_get_scalar_token(node) : NULL;
     const struct fy_mark *mark = tok ? fy_token_start_mark(tok) : NULL;
     return mark ? mark->line + 1 : 0;

@@ -28,7 +28,9 @@ static void print_eval_help(FILE *out)
             "  -n, --limit N          evaluate only the first N sequences\n"
             "  -b, --batch N          sequences per micro-batch (default 8)\n"
             "  -j, --json OUT.json    also write ppl, mean_nll, tokens_scored, seconds, tokens_per_s\n"
-            "                         (checked before any work; never an input, a device or a directory)\n"
+            "                         (checked before any work; never an input, a device or a directory;\n"
+            "                         under mpirun safer than stdout, which mpirun forwards without\n"
+            "                         reporting a failed write)\n"
             "\n"
             "Fake quantization (weights rounded to nearest once; each linear's input quantized at\n"
             "run time), to measure what a format costs:\n"
@@ -41,7 +43,8 @@ static void print_eval_help(FILE *out)
             "Quantized models:\n"
             "  an mxq checkpoint (written by mxq quantize) is loaded as such: MX weights are\n"
             "  unpacked, and activations are quantized as its quantization_config says\n"
-            "  (--acts overrides that; --weights rounds the unpacked weights once more).\n"
+            "  (--acts FMT overrides that format; --weights and --recipe apply to unquantized\n"
+            "  models only).\n"
             "      --recipe R.yaml    quantize in memory with this recipe (SmoothQuant, AWQ, GPTQ,\n"
             "                         calibrated on --calib), then evaluate: what mxq quantize\n"
             "                         would write, without writing it\n"
@@ -81,7 +84,7 @@ static int take_option(mxq_ctx *ctx, int c, char **argv, eval_args *a)
     case 'j': a->opt.json_path = optarg; return -1;
     case 'n':
         if (mxq_cli_parse_int(optarg, 1, 1L << 30, &value) != 0)
-            return mxq_cli_usage_error(ctx, "eval", "--limit must be a positive integer, got '%s'", optarg);
+            return mxq_cli_usage_error(ctx, "eval", "--limit must be an integer in 1..%ld, got '%s'", 1L << 30, optarg);
         a->opt.limit = (int)value;
         return -1;
     case 'b':

@@ -98,7 +98,7 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
         case OPT_FORCE: opt.force = 1; break;
         case OPT_STATS_LAYERS:
             if (mxq_cli_parse_int(optarg, 1, 1 << 20, &value) != 0)
-                return mxq_cli_usage_error(ctx, "quantize", "--stats-layers must be a positive integer, got '%s'", optarg);
+                return mxq_cli_usage_error(ctx, "quantize", "--stats-layers must be an integer in 1..%d, got '%s'", 1 << 20, optarg);
             opt.stats_layers = (int)value;
             break;
         case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;

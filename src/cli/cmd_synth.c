@@ -84,7 +84,7 @@ int mxq_cmd_synth(mxq_ctx *ctx, int argc, char **argv)
         case 'o': out = optarg; break;
         case 'l':
             if (mxq_cli_parse_int(optarg, 1, 1000, &value) != 0)
-                return mxq_cli_usage_error(ctx, "synth", "--layers must be a positive integer, got '%s'", optarg);
+                return mxq_cli_usage_error(ctx, "synth", "--layers must be an integer in 1..1000, got '%s'", optarg);
             opt.layers = (int)value;
             break;
         case 'd':

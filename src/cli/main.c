@@ -166,7 +166,7 @@ static int check_stdout(const char *verb, int rc)
         return rc;
     /* An earlier failed write leaves only the error flag; its errno is gone. */
     fprintf(stderr, "mxq%s%s: error: cannot write to standard output: %s\n", verb ? " " : "", verb ? verb : "",
-            flush_failed && errno ? strerror(errno) : "a write failed, results were lost");
+            flush_failed && errno ? strerror(errno) : "an earlier write to it failed");
     return rc == MXQ_EXIT_OK ? MXQ_EXIT_FAILURE : rc;
 }
 

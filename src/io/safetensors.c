@@ -145,7 +145,9 @@ static mxq_status parse_entry(mxq_ctx *ctx, const char *path, const char *name, 
     CHECK(ctx, json_nonneg_int(json_array_get(offsets, 0), &begin) == 0 &&
                    json_nonneg_int(json_array_get(offsets, 1), &end) == 0,
           MXQ_ERR_FORMAT, "%s: tensor '%s' data_offsets are not non-negative integers", path, name);
-    CHECK(ctx, begin <= end && (uint64_t)end <= data_size, MXQ_ERR_FORMAT,
+    CHECK(ctx, begin <= end, MXQ_ERR_FORMAT, "%s: tensor '%s' data_offsets [%lld, %lld] end before they begin", path,
+          name, (long long)begin, (long long)end);
+    CHECK(ctx, (uint64_t)end <= data_size, MXQ_ERR_FORMAT,
           "%s: tensor '%s' data_offsets [%lld, %lld] lie outside the data area of %zu bytes (truncated file?)", path, name,
           (long long)begin, (long long)end, data_size);
     size_t dsize = mxq_dtype_size(view->dtype);
@@ -182,7 +184,7 @@ static mxq_status map_file(mxq_ctx *ctx, mxq_st_file *f, uint64_t *header_len)
           "%s: safetensors header length %llu exceeds the %llu-byte limit (corrupt or not a safetensors file)", path,
           (unsigned long long)*header_len, (unsigned long long)MXQ_ST_HEADER_MAX);
     CHECK(ctx, *header_len + 8 <= size, MXQ_ERR_FORMAT,
-          "%s: truncated safetensors file: header claims %llu bytes but the file has %zu", path,
+          "%s: truncated safetensors file: 8 + a header of %llu bytes, but the file has %zu", path,
           (unsigned long long)*header_len, size);
 fail:
     if (fd >= 0)

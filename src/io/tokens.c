@@ -32,7 +32,7 @@ static mxq_status check_tokens_dataset(mxq_ctx *ctx, const char *path, const cha
           path, ndims, ndims == 1 ? "" : "s");
     CALL_H5(ctx, H5Sget_simple_extent_dims(space, dims, NULL), "cannot read the shape of '/tokens' in '%s'", path);
     CHECK(ctx, dims[0] > 0 && dims[1] >= 2 && dims[0] < (1u << 30) && dims[1] < (1u << 24), MXQ_ERR_FORMAT,
-          "'/tokens' in '%s' has shape [%llu, %llu]; expected at least one sequence of at least 2 tokens", path,
+          "'/tokens' in '%s' has shape [%llu, %llu]; expected 1 to 2^30-1 sequences of 2 to 2^24-1 tokens", path,
           (unsigned long long)dims[0], (unsigned long long)dims[1]);
     CHECK(ctx, dims[1] <= (hsize_t)max_len, MXQ_ERR_FORMAT,
           "%s '%s' has sequences of %llu tokens, longer than the model's context of %d (max_position_embeddings)", what,
