@@ -92,15 +92,31 @@ double tu_rng_normal(tu_rng *rng)
     return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
 }
 
+static char scratch_dir[256];
+static pid_t scratch_owner;
+
+/* The scratch directory goes when the test program ends (not in a forked
+ * child), unless MXQ_KEEP_SCRATCH is set, for looking at a failure. */
+static void remove_scratch(void)
+{
+    if (getpid() != scratch_owner || getenv("MXQ_KEEP_SCRATCH"))
+        return;
+    char cmd[300];
+    snprintf(cmd, sizeof(cmd), "rm -rf --one-file-system '%s'", scratch_dir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "# could not remove %s\n", scratch_dir);
+}
+
 const char *tu_scratch_dir(void)
 {
-    static char dir[256];
-    if (!dir[0]) {
+    if (!scratch_dir[0]) {
         const char *base = getenv("MXQ_SCRATCH_DIR");
-        snprintf(dir, sizeof(dir), "%s/mxq-test-%ld", base ? base : "/tmp", (long)getpid());
-        mkdir(dir, 0755);
+        snprintf(scratch_dir, sizeof(scratch_dir), "%s/mxq-test-%ld", base ? base : "/tmp", (long)getpid());
+        mkdir(scratch_dir, 0755);
+        scratch_owner = getpid();
+        atexit(remove_scratch);
     }
-    return dir;
+    return scratch_dir;
 }
 
 const char *tu_scratch_path(const char *fmt, ...)
