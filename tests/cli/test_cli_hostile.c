@@ -579,24 +579,32 @@ static void test_token_external_link_to_a_fifo(void **state)
     expect_refused("/tokens an external link to a FIFO", &r, "elink-tokens.h5", "external link");
 }
 
+/* A file whose 2-D `dataset` declares [rows, cols] but holds no data
+ * (chunks never written): small on disk, huge if believed. */
+static const char *declared_only(const char *name, const char *dataset, hid_t type, hsize_t rows, hsize_t cols)
+{
+    const char *path = tu_scratch_path("%s", name);
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    assert_true(f >= 0);
+    hsize_t dims[2] = {rows, cols}, chunk[2] = {1, cols};
+    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE), space = H5Screate_simple(2, dims, NULL);
+    assert_true(H5Pset_chunk(dcpl, 2, chunk) >= 0);
+    hid_t d = H5Dcreate2(f, dataset, type, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    assert_true(d >= 0);
+    H5Dclose(d);
+    H5Sclose(space);
+    H5Pclose(dcpl);
+    H5Fclose(f);
+    return path;
+}
+
 /* A token file that declares 2^19 sequences longer than the model's context
  * (chunks never written, so the file is small): refused from its shape,
  * before 8 GB per rank are allocated and filled. */
 static void test_token_sequences_longer_than_the_context(void **state)
 {
     (void)state;
-    const char *path = tu_scratch_path("long-tokens.h5");
-    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    assert_true(f >= 0);
-    hsize_t dims[2] = {1u << 19, 4096}, chunk[2] = {1, 4096};
-    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE), space = H5Screate_simple(2, dims, NULL);
-    assert_true(H5Pset_chunk(dcpl, 2, chunk) >= 0);
-    hid_t d = H5Dcreate2(f, "/tokens", H5T_STD_I32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
-    assert_true(d >= 0);
-    H5Dclose(d);
-    H5Sclose(space);
-    H5Pclose(dcpl);
-    H5Fclose(f);
+    const char *path = declared_only("long-tokens.h5", "/tokens", H5T_STD_I32LE, 1u << 19, 4096);
     tu_run_result r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens", path, NULL);
     expect_refused("2^19 sequences of 4096 tokens", &r, "long-tokens.h5", "max_position_embeddings");
 }
@@ -606,18 +614,7 @@ static void test_token_sequences_longer_than_the_context(void **state)
 static void test_cast_input_declaring_huge_rows(void **state)
 {
     (void)state;
-    const char *path = tu_scratch_path("huge-rows.h5");
-    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    assert_true(f >= 0);
-    hsize_t dims[2] = {(hsize_t)1 << 40, 128}, chunk[2] = {1, 128};
-    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE), space = H5Screate_simple(2, dims, NULL);
-    assert_true(H5Pset_chunk(dcpl, 2, chunk) >= 0);
-    hid_t d = H5Dcreate2(f, "/input", H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
-    assert_true(d >= 0);
-    H5Dclose(d);
-    H5Sclose(space);
-    H5Pclose(dcpl);
-    H5Fclose(f);
+    const char *path = declared_only("huge-rows.h5", "/input", H5T_IEEE_F32LE, (hsize_t)1 << 40, 128);
     tu_run_result r = run_mxq(0, "cast", "--format", "mxint4", "--block", "32", path, tu_scratch_path("huge-rows-out.h5"),
                               NULL);
     expect_refused("cast of a dataset declaring 2^40 rows", &r, "huge-rows.h5", "at most");
