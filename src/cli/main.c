@@ -212,7 +212,7 @@ static int run_verb(const char *verb, int argc, char **argv)
         return MXQ_EXIT_FAILURE;
     }
     int rc = entry->run(ctx, argc, argv);
-    if (mxq_ctx_fault_missed(ctx) && rc != MXQ_EXIT_USAGE)
+    if (mxq_ctx_fault_missed(ctx) && rc == MXQ_EXIT_OK)
         fprintf(stderr, "mxq %s: warning: MXQ_FAULT='%s' never fired on rank %d (no such step in this run; see "
                 "MXQ_FAULT=list)\n", verb, fault, mxq_ctx_rank(ctx));
     if (use_mpi)

@@ -3,9 +3,9 @@
 #include <dirent.h>
 #include <errno.h>
 #include <jansson.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <fcntl.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -331,9 +331,9 @@ mxq_status mxq_ckpt_dir_begin_commit(mxq_ctx *ctx, mxq_ckpt_dir *d)
     for (size_t i = 0; i < sizeof(markers) / sizeof(markers[0]); i++)
         if (in_list((const char *const *)d->recorded, d->n_recorded, markers[i])) {
             CALL(ctx, remove_ours(ctx, d->dir, markers[i], d->inputs));
-            d->committing = 1; /* the earlier checkpoint is gone from here on */
+            d->committing = 1; /* once one is gone, the earlier checkpoint is */
         }
-    d->committing = 1;
+    d->committing = 1; /* from here on, this run's files replace the earlier ones */
 fail:
     return status;
 }
