@@ -64,9 +64,7 @@ static void eval_job_free(eval_job *j)
     mxq_workspace_free(j->e.ws);
     mxq_tokens_free(&j->tokens);
     mxq_tokens_free(&j->calib);
-    for (int i = 0; j->results && j->model && i < j->model->last_layer - j->model->first_layer; i++)
-        mxq_layer_result_free(&j->results[i]);
-    free(j->results);
+    mxq_layer_results_free(j->results, j->model ? j->model->last_layer - j->model->first_layer : 0);
     mxq_model_free(j->model);
     free(j->first);
     if (j->have_recipe)

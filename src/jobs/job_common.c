@@ -58,3 +58,10 @@ fail:
     mxq_tokens_free(tokens);
     return status;
 }
+
+void mxq_layer_results_free(mxq_layer_result *results, int n)
+{
+    for (int i = 0; results && i < n; i++)
+        mxq_layer_result_free(&results[i]);
+    free(results);
+}

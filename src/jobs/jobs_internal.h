@@ -32,5 +32,7 @@ mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const char *calib_path, const mx
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
                                         const char *calib_name, const mxq_recipe *recipe, int batch, int stats_layers,
                                         mxq_layer_result *results);
+/* Free the n results of mxq_quantize_model_in_memory and the array itself. */
+void mxq_layer_results_free(mxq_layer_result *results, int n);
 
 #endif

@@ -364,9 +364,7 @@ static void quantize_job_free(quantize_job *job)
     shard_list_free(&job->shard);
     mxq_checkpoint_close(job->ckpt);
     mxq_tokens_free(&job->calib);
-    for (int i = 0; job->results && i < job->n_local; i++)
-        mxq_layer_result_free(&job->results[i]);
-    free(job->results);
+    mxq_layer_results_free(job->results, job->n_local);
     mxq_model_free(job->model);
     free(job->first);
     if (job->have_recipe)
