@@ -1,26 +1,38 @@
-/* Micro-block GPTQ for MX formats (Sharify et al. 2024, Algorithm 1).
+/* Micro-block GPTQ for MX formats (Sharify et al. 2024, Algorithm 1), in
+ * float32 working precision, from the Cholesky factor of H alone.
  *
- * Work is in double precision: W is copied to double, H is scaled to
- * H' = 2 H / N, dead channels (H_dd = 0) get H'_dd = 1 and zero weights, then
- * H' += lambda I with lambda = damp * mean(diag H'). U is the upper Cholesky
- * factor of H'^-1 (LAPACK dpotrf + dtrtri on the index-reversed H'). Columns are processed in
- * lazy-batch blocks of b1; inside, micro-blocks of b2 columns are
- * MX-quantized as a whole from the already error-compensated weights
- * (converted to float32, the element type being quantized), and the error
- *   E = (W - Q) U[j:k, j:k]^-1
- * is pushed to the rest of the b1 block with W[:, k:i1] -= E U[j:k, k:i1].
- * After each b1 block the trailing columns get W[:, i1:] -= E_blk U[i0:i1, i1:]
- * (one dgemm). With b2 = 1 each MX block's shared exponent is fixed when its
- * first column is reached, from that block's values at that moment.
+ * H' = 2 H / N; dead channels (H_dd = 0) get H'_dd = 1 and zero weights;
+ * H' += lambda I with lambda = damp * mean(diag H'). GPTQ as usually written
+ * uses U, the upper Cholesky factor of H'^-1, and pushes each quantization
+ * error e = (w~ - q) / U_jj into the later columns. With R = U^-1 (upper,
+ * H' = R R^T: one potrf on the index-reversed H', no inverse) the same
+ * algorithm reads, for D = W - Q against the ORIGINAL weights:
+ *   e = D R,  and the value quantized for a micro-block [j, k) is
+ *   w~[j:k] = W[j:k] + A[j:k] R[j:k, j:k]^-1,  A = D[:, :j] R[:j, :]
+ * (from R U = I blockwise: R11 U12 = -R12 U22). A, the error feedback, is
+ * accumulated right-looking: inside a lazy batch of b1 columns after each
+ * micro-block (sgemm), and for the trailing columns once per batch. The
+ * flops are n^3/3 (spotrf) + m n^2 (updates) + m n b2 (solves), against
+ * 2n^3/3 + m n^2 + m n b2 for the inverse-based form.
+ *
+ * With b2 = 1 each MX block's shared exponent is fixed when its first column
+ * is reached, from that block's current values w~. Micro-blocks (b2 > 1) are
+ * MX-quantized as a whole from w~.
+ *
+ * Since e = D R, the GPTQ loss comes for free:
+ *   tr(D H D^T) = N/2 (||D R||^2 - lambda ||D||^2)
+ * and the round-to-nearest loss for the report costs one strmm.
  *
  * Act-order permutes whole MX blocks (a partial last block stays last), so
  * that blocks and micro-blocks stay aligned with the MX grid. */
 #include <cblas.h>
 #include <lapacke.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/alloc.h"
 #include "core/check.h"
 #include "mxq/gptq.h"
 
@@ -55,26 +67,36 @@ mxq_status mxq_quant_loss(mxq_ctx *ctx, const float *a, const float *b, size_t m
                           double *loss)
 {
     mxq_status status = MXQ_OK;
-    double *d = calloc(m * n, sizeof(double)), *dh = malloc(m * n * sizeof(double));
+    /* float GEMM, double sums: rows a chunk at a time keep the scratch small */
+    const size_t chunk = m < 256 ? m : 256;
+    float *hf = malloc(n * n * sizeof(float)), *d = malloc(chunk * n * sizeof(float)),
+          *dh = malloc(chunk * n * sizeof(float));
     *loss = 0.0;
-    CHECK_ALLOC(ctx, d && dh, 2 * m * n * sizeof(double), "the loss computation");
-    for (size_t i = 0; i < m * n; i++)
-        d[i] = (double)a[i] - (double)b[i];
-    cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, (int)m, (int)n, 1.0, h, (int)n, d, (int)n, 0.0, dh, (int)n);
+    CHECK_ALLOC(ctx, hf && d && dh, (n * n + 2 * chunk * n) * sizeof(float), "the loss computation");
+    for (size_t i = 0; i < n * n; i++)
+        hf[i] = (float)h[i];
     double total = 0.0;
-    for (size_t i = 0; i < m * n; i++)
-        total += d[i] * dh[i];
+    for (size_t r0 = 0; r0 < m; r0 += chunk) {
+        size_t rows = m - r0 < chunk ? m - r0 : chunk;
+        for (size_t i = 0; i < rows * n; i++)
+            d[i] = (float)((double)a[r0 * n + i] - (double)b[r0 * n + i]);
+        cblas_ssymm(CblasRowMajor, CblasRight, CblasUpper, (int)rows, (int)n, 1.0f, hf, (int)n, d, (int)n, 0.0f, dh,
+                    (int)n);
+        for (size_t i = 0; i < rows * n; i++)
+            total += (double)d[i] * (double)dh[i];
+    }
     *loss = total;
 fail:
+    free(hf);
     free(d);
     free(dh);
     return status;
 }
 
-static void reverse_doubles(double *a, size_t count)
+static void reverse_floats(float *a, size_t count)
 {
     for (size_t i = 0, j = count - 1; i < j; i++, j--) {
-        double t = a[i];
+        float t = a[i];
         a[i] = a[j];
         a[j] = t;
     }
@@ -110,166 +132,201 @@ static void block_order(const double *h, size_t n, int block, int act_order, int
  * col_of[p] is the original column. */
 typedef struct {
     const mxq_mx_spec *spec;
-    size_t m, n, nblocks;
+    size_t m, n, nblocks, wide; /* wide: columns of cur/q (a micro-block or an MX block) */
     int B, b1, b2;
-    double *w;        /* [m, n] weights being quantized, double */
-    double *hp;       /* [n, n] H', then U (upper triangle), H'^-1 = U^T U */
-    double *eblk;     /* [m, b1] scaled errors of the current lazy batch */
+    double lambda;    /* the damping added to diag(H') */
+    double sum_e2;    /* ||D R||^2 so far */
+    float *w;         /* [m, n] original weights; Q as columns are done */
+    float *acc;       /* [m, n] A = D[:, done] R[done, :] */
+    float *r;         /* [n, n] R, upper: H' = R R^T */
+    float *d;         /* [m, b1] D of the current lazy batch */
+    float *cur, *q;   /* [m, wide] current values w~ and their quantization */
     double *mass;     /* [nblocks] act-order scratch */
-    float *scratch, *scratch_q; /* [m, micro-block] */
     uint8_t *mb_scales, *scales; /* micro-block scales; [m, nblocks] chosen scales */
     int *order, *se;  /* [nblocks] block order; [m] exponents of the current block */
     size_t *col_of;   /* [n] */
+    uint8_t *dead;    /* [n] H_dd = 0 */
 } gptq_work;
 
 static void gptq_work_free(gptq_work *g)
 {
     free(g->w);
-    free(g->hp);
-    free(g->eblk);
+    free(g->acc);
+    free(g->r);
+    free(g->d);
+    free(g->cur);
+    free(g->q);
     free(g->mass);
-    free(g->scratch);
-    free(g->scratch_q);
     free(g->mb_scales);
     free(g->scales);
     free(g->order);
     free(g->se);
     free(g->col_of);
+    free(g->dead);
 }
 
 static mxq_status gptq_work_alloc(mxq_ctx *ctx, gptq_work *g)
 {
     mxq_status status = MXQ_OK;
     const size_t m = g->m, n = g->n;
-    size_t mb_cols = (size_t)(g->b2 > 1 ? g->b2 : g->B);
-    g->w = malloc(m * n * sizeof(double));
-    g->hp = malloc(n * n * sizeof(double));
-    g->eblk = malloc(m * (size_t)g->b1 * sizeof(double));
+    g->wide = (size_t)(g->b2 > 1 ? g->b2 : g->B);
+    g->w = mxq_alloc(m * n * sizeof(float));
+    g->acc = mxq_alloc(m * n * sizeof(float));
+    g->r = mxq_alloc(n * n * sizeof(float));
+    g->d = malloc(m * (size_t)g->b1 * sizeof(float));
+    g->cur = malloc(m * g->wide * sizeof(float));
+    g->q = malloc(m * g->wide * sizeof(float));
     g->mass = malloc(g->nblocks * sizeof(double));
     g->order = malloc(g->nblocks * sizeof(int));
     g->col_of = malloc(n * sizeof(size_t));
+    g->dead = calloc(n, 1);
     g->scales = malloc(m * g->nblocks);
     g->se = malloc(m * sizeof(int));
-    g->scratch = malloc(m * mb_cols * sizeof(float));
-    g->scratch_q = malloc(m * mb_cols * sizeof(float));
-    g->mb_scales = malloc(m * mxq_mx_blocks_per_row(mb_cols, g->B));
+    g->mb_scales = malloc(m * mxq_mx_blocks_per_row(g->wide, g->B));
     CHECK_ALLOC(ctx,
-                g->w && g->hp && g->eblk && g->mass && g->order && g->col_of && g->scales && g->se && g->scratch &&
-                    g->scratch_q && g->mb_scales,
-                (m * n + n * n) * sizeof(double), "GPTQ work arrays");
+                g->w && g->acc && g->r && g->d && g->cur && g->q && g->mass && g->order && g->col_of && g->scales &&
+                    g->se && g->mb_scales && g->dead,
+                (2 * m * n + n * n) * sizeof(float), "GPTQ work arrays");
+    /* written, not calloc'ed: the first sgemm would otherwise read the zero
+     * page and then fault every page again, with a TLB shootdown each */
+    memset(g->acc, 0, m * n * sizeof(float));
 fail:
     return status;
 }
 
 /* H' = 2 H / N in processing order, dead channels (their weights zeroed),
- * damping; then U, the upper Cholesky factor of H'^-1, without forming the
- * inverse: with J the index reversal, J H' J = L L^T gives H'^-1 = U^T U for
- * U = J L^-1 J. Reversing a row-major square matrix's storage is exactly
- * J A J. Cost n^3/3 + n^3/3 instead of inverse + refactor. */
+ * damping; then R, upper with H' = R R^T: with J the index reversal,
+ * J H' J = L L^T gives R = J L J. Reversing a row-major square matrix's
+ * storage is exactly J A J, and a row-major lower triangle is the
+ * column-major upper one of the same memory, so LAPACK runs on it directly
+ * (no transposed copies). */
 static mxq_status prepare_hessian(mxq_ctx *ctx, gptq_work *g, const mxq_gptq_options *o, const double *hessian,
                                   double n_tokens, float *weight, mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
     const size_t m = g->m, n = g->n;
-    double *hp = g->hp;
     const double scale = 2.0 / n_tokens;
-    for (size_t i = 0; i < n; i++)
-        for (size_t j = 0; j < n; j++)
-            hp[i * n + j] = scale * hessian[g->col_of[i] * n + g->col_of[j]];
+    double mean_diag = 0;
     for (size_t i = 0; i < n; i++) {
-        if (hp[i * n + i] == 0.0) {
-            hp[i * n + i] = 1.0;
+        double hd = scale * hessian[g->col_of[i] * n + g->col_of[i]];
+        if (hd == 0.0) {
+            hd = 1.0;
+            g->dead[i] = 1;
             stats->dead_channels++;
             for (size_t r = 0; r < m; r++)
                 weight[r * n + g->col_of[i]] = 0.0f;
         }
+        mean_diag += hd;
     }
-    double mean_diag = 0;
-    for (size_t i = 0; i < n; i++)
-        mean_diag += hp[i * n + i];
-    mean_diag /= (double)n;
-    for (size_t i = 0; i < n; i++)
-        hp[i * n + i] += o->damp * mean_diag;
-    reverse_doubles(hp, n * n);
-    /* Row-major lower triangle = column-major upper triangle of the same
-     * memory: calling the column-major routines directly avoids LAPACKE's
-     * two transposed copies (measured 2x faster here). */
-    lapack_int info = LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'U', (lapack_int)n, hp, (lapack_int)n);
+    g->lambda = o->damp * mean_diag / (double)n;
+    for (size_t i = 0; i < n; i++) { /* stored reversed: row n-1-i holds J H' J's row */
+        const double *hrow = hessian + g->col_of[i] * n;
+        float *rrow = g->r + (n - 1 - i) * n + (n - 1);
+        for (size_t j = 0; j < n; j++)
+            rrow[-(ptrdiff_t)j] = (float)(scale * hrow[g->col_of[j]]);
+        double hd = scale * hrow[g->col_of[i]];
+        rrow[-(ptrdiff_t)i] = (float)((hd == 0.0 ? 1.0 : hd) + g->lambda);
+    }
+    lapack_int info = LAPACKE_spotrf_work(LAPACK_COL_MAJOR, 'U', (lapack_int)n, g->r, (lapack_int)n);
     CHECK(ctx, info == 0, MXQ_ERR_LAPACK,
-          "GPTQ: Cholesky factorization of the damped Hessian failed (LAPACK info=%d): it is not positive definite; "
-          "raise gptq.damp (now %g)",
+          "GPTQ: Cholesky factorization of the damped Hessian failed (LAPACK info=%d): it is not positive definite "
+          "in float32; raise gptq.damp (now %g)",
           (int)info, o->damp);
-    CALL_LAPACK(ctx, LAPACKE_dtrtri_work(LAPACK_COL_MAJOR, 'U', 'N', (lapack_int)n, hp, (lapack_int)n),
-                "GPTQ: inversion of the Hessian's Cholesky factor");
-    reverse_doubles(hp, n * n);
+    reverse_floats(g->r, n * n);
 fail:
     return status;
 }
 
+/* cur [m, len] = w~ of columns [j, j+len): W + A R[j:k, j:k]^-1. */
+static void current_values(gptq_work *g, size_t j, size_t len)
+{
+    const size_t m = g->m, n = g->n;
+    for (size_t r = 0; r < m; r++)
+        memcpy(g->cur + r * len, g->acc + r * n + j, len * sizeof(float));
+    cblas_strsm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, (int)m, (int)len, 1.0f,
+                g->r + j * n + j, (int)n, g->cur, (int)len);
+    for (size_t r = 0; r < m; r++)
+        for (size_t c = 0; c < len; c++)
+            g->cur[r * len + c] += g->w[r * n + j + c];
+}
+
 /* b2 = 1: column j, against the shared exponents fixed when its MX block
- * was reached; the error goes to the rest of the lazy batch [j+1, i1). */
+ * was reached; its error feeds the rest of the lazy batch [j+1, i1). */
 static void quantize_column(gptq_work *g, size_t j, size_t i0, size_t i1)
 {
     const size_t m = g->m, n = g->n, B = (size_t)g->B;
-    const double *u = g->hp;
-    if (j % B == 0) {
-        /* the block starts here: fix each row's shared exponent */
+    if (j % B == 0) { /* the block starts here: fix each row's shared exponent */
         size_t len = n - j < B ? n - j : B;
+        current_values(g, j, len);
         for (size_t r = 0; r < m; r++) {
-            for (size_t c = 0; c < len; c++)
-                g->scratch[c] = (float)g->w[r * n + j + c];
-            g->se[r] = mxq_mx_shared_exponent(g->spec->format, g->scratch, len, 1);
+            g->se[r] = mxq_mx_shared_exponent(g->spec->format, g->cur + r * len, len, 1);
             g->scales[r * g->nblocks + (size_t)g->order[j / B]] =
                 g->se[r] == MXQ_SE_NAN ? MXQ_E8M0_NAN : (uint8_t)(g->se[r] + 127);
         }
     }
-    double ujj = u[j * n + j];
-    double *e = g->eblk + (j - i0); /* column j - i0 of E_blk, stride b1 */
+    const float rjj = g->r[j * n + j];
+    float *d = g->d + (j - i0); /* column j - i0 of D, stride b1 */
+    double e2 = 0.0;
     for (size_t r = 0; r < m; r++) {
-        double wv = g->w[r * n + j];
-        double q = (double)mxq_mx_quantize_value(g->spec->format, g->spec->rounding, (float)wv, g->se[r]);
-        e[r * (size_t)g->b1] = (wv - q) / ujj;
+        float wv = g->w[r * n + j], cur = wv + g->acc[r * n + j] / rjj;
+        float q = mxq_mx_quantize_value(g->spec->format, g->spec->rounding, cur, g->se[r]);
+        double e = ((double)cur - (double)q) * (double)rjj;
+        e2 += e * e;
+        d[r * (size_t)g->b1] = wv - q;
         g->w[r * n + j] = q;
     }
+    g->sum_e2 += e2;
     if (j + 1 < i1)
-        cblas_dger(CblasRowMajor, (int)m, (int)(i1 - j - 1), -1.0, e, g->b1, u + j * n + j + 1, 1, g->w + j + 1,
-                   (int)n);
+        cblas_sger(CblasRowMajor, (int)m, (int)(i1 - j - 1), 1.0f, d, g->b1, g->r + j * n + j + 1, 1,
+                   g->acc + j + 1, (int)n);
 }
 
-/* b2 > 1: micro-block [j, k) MX-quantized as a whole from the already
- * error-compensated weights; E = (W - Q) U[j:k, j:k]^-1 goes to [k, i1). */
-static mxq_status quantize_micro_block(mxq_ctx *ctx, gptq_work *g, size_t j, size_t k, size_t i0, size_t i1)
+/* ||(cur - q) R[j:k, j:k]||^2: the micro-block's part of ||D R||^2. */
+static double micro_block_error(gptq_work *g, size_t j, size_t len)
+{
+    const size_t m = g->m, n = g->n;
+    double e2 = 0.0;
+    for (size_t i = 0; i < m * len; i++)
+        g->cur[i] -= g->q[i];
+    cblas_strmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, (int)m, (int)len, 1.0f,
+                g->r + j * n + j, (int)n, g->cur, (int)len);
+    for (size_t i = 0; i < m * len; i++)
+        e2 += (double)g->cur[i] * (double)g->cur[i];
+    return e2;
+}
+
+/* b2 > 1: micro-block [j, k) MX-quantized as a whole from w~; D of it
+ * feeds the rest of the lazy batch [k, i1). */
+static mxq_status quantize_micro_block(mxq_ctx *ctx, gptq_work *g, size_t j, size_t k, size_t i0, size_t i1,
+                                       int want_loss)
 {
     mxq_status status = MXQ_OK;
-    const size_t m = g->m, n = g->n, len = k - j, B = (size_t)g->B;
-    const double *u = g->hp;
-    for (size_t r = 0; r < m; r++)
-        for (size_t c = 0; c < len; c++)
-            g->scratch[r * len + c] = (float)g->w[r * n + j + c];
-    CALL(ctx, mxq_mx_quantize_rows(ctx, g->spec, g->scratch, m, len, NULL, g->mb_scales, g->scratch_q));
+    const size_t m = g->m, n = g->n, len = k - j, B = (size_t)g->B, b1 = (size_t)g->b1;
+    current_values(g, j, len);
+    CALL(ctx, mxq_mx_quantize_rows(ctx, g->spec, g->cur, m, len, NULL, g->mb_scales, g->q));
     size_t mb_nblocks = mxq_mx_blocks_per_row(len, g->B);
     for (size_t r = 0; r < m; r++)
         for (size_t b = 0; b < mb_nblocks; b++)
             g->scales[r * g->nblocks + (size_t)g->order[j / B + b]] = g->mb_scales[r * mb_nblocks + b];
-    double *e = g->eblk + (j - i0);
+    float *d = g->d + (j - i0);
     for (size_t r = 0; r < m; r++)
         for (size_t c = 0; c < len; c++) {
-            double q = (double)g->scratch_q[r * len + c];
-            e[r * (size_t)g->b1 + c] = g->w[r * n + j + c] - q;
+            float q = g->q[r * len + c];
+            d[r * b1 + c] = g->w[r * n + j + c] - q;
             g->w[r * n + j + c] = q;
         }
-    cblas_dtrsm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, (int)m, (int)len, 1.0,
-                u + j * n + j, (int)n, e, g->b1);
+    if (want_loss)
+        g->sum_e2 += micro_block_error(g, j, len);
     if (k < i1)
-        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)(i1 - k), (int)len, -1.0, e, g->b1,
-                    u + j * n + k, (int)n, 1.0, g->w + k, (int)n);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)(i1 - k), (int)len, 1.0f, d, (int)b1,
+                    g->r + j * n + k, (int)n, 1.0f, g->acc + k, (int)n);
 fail:
     return status;
 }
 
 /* The lazy batches of b1 columns, each followed by the trailing update
- * W[:, i1:] -= E_blk U[i0:i1, i1:] (one dgemm). */
-static mxq_status sweep_columns(mxq_ctx *ctx, gptq_work *g, mxq_gptq_stats *stats)
+ * A[:, i1:] += D_batch R[i0:i1, i1:] (one sgemm). */
+static mxq_status sweep_columns(mxq_ctx *ctx, gptq_work *g, int want_loss, mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
     const size_t m = g->m, n = g->n;
@@ -281,13 +338,13 @@ static mxq_status sweep_columns(mxq_ctx *ctx, gptq_work *g, mxq_gptq_stats *stat
             if (g->b2 == 1)
                 quantize_column(g, j, i0, i1);
             else
-                CALL(ctx, quantize_micro_block(ctx, g, j, k, i0, i1));
+                CALL(ctx, quantize_micro_block(ctx, g, j, k, i0, i1, want_loss));
         }
         stats->seconds_quant += mxq_time_now() - tq;
         if (i1 < n) {
             double tg = mxq_time_now();
-            cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)(n - i1), (int)(i1 - i0), -1.0,
-                        g->eblk, g->b1, g->hp + i0 * n + i1, (int)n, 1.0, g->w + i1, (int)n);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)(n - i1), (int)(i1 - i0), 1.0f,
+                        g->d, g->b1, g->r + i0 * n + i1, (int)n, 1.0f, g->acc + i1, (int)n);
             stats->seconds_gemm += mxq_time_now() - tg;
             stats->gemm_flops += 2.0 * (double)m * (double)(n - i1) * (double)(i1 - i0);
         }
@@ -296,17 +353,32 @@ fail:
     return status;
 }
 
-/* Losses against the undamped Hessian, for the report and the tests. */
-static mxq_status gptq_losses(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *original, const float *weight,
-                              size_t m, size_t n, const double *hessian, mxq_gptq_stats *stats)
+/* The report's losses against the undamped Hessian: GPTQ's from ||D R||^2,
+ * round-to-nearest's with one strmm, both corrected for the damping:
+ * tr(D H D^T) = N/2 (||D R||^2 - lambda ||D||^2). `orig` is the input in
+ * processing order, dead channels zeroed (H gives them no weight). */
+static mxq_status gptq_losses(mxq_ctx *ctx, gptq_work *g, const float *orig, double n_tokens, mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
-    double tl = mxq_time_now();
-    float *rtn = malloc(m * n * sizeof(float));
+    const size_t m = g->m, n = g->n;
+    double tl = mxq_time_now(), d2 = 0.0, rtn_d2 = 0.0, rtn_e2 = 0.0;
+    float *rtn = mxq_alloc_floats(m * n);
     CHECK_ALLOC(ctx, rtn, m * n * sizeof(float), "the round-to-nearest copy");
-    CALL(ctx, mxq_mx_quantize_rows(ctx, spec, original, m, n, NULL, NULL, rtn));
-    CALL(ctx, mxq_quant_loss(ctx, original, rtn, m, n, hessian, &stats->loss_rtn));
-    CALL(ctx, mxq_quant_loss(ctx, original, weight, m, n, hessian, &stats->loss));
+    /* act-order moves whole MX blocks, so RTN in processing order is RTN */
+    CALL(ctx, mxq_mx_quantize_rows(ctx, g->spec, orig, m, n, NULL, NULL, rtn));
+    for (size_t i = 0; i < m * n; i++) {
+        double dv = g->dead[i % n] ? 0.0 : (double)orig[i] - (double)g->w[i];
+        double rv = g->dead[i % n] ? 0.0 : (double)orig[i] - (double)rtn[i];
+        rtn[i] = (float)rv;
+        d2 += dv * dv;
+        rtn_d2 += rv * rv;
+    }
+    stats->loss = 0.5 * n_tokens * (g->sum_e2 - g->lambda * d2);
+    cblas_strmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, (int)m, (int)n, 1.0f, g->r,
+                (int)n, rtn, (int)n);
+    for (size_t i = 0; i < m * n; i++)
+        rtn_e2 += (double)rtn[i] * (double)rtn[i];
+    stats->loss_rtn = 0.5 * n_tokens * (rtn_e2 - g->lambda * rtn_d2);
     stats->seconds_loss = mxq_time_now() - tl;
 fail:
     free(rtn);
@@ -326,51 +398,75 @@ fail:
     return status;
 }
 
+/* [m, n] between original column order and processing order; act-order
+ * moves whole MX blocks, so a block is one memcpy. */
+static void permute_columns(const gptq_work *g, const float *src, float *dst, int to_processing)
+{
+    const size_t n = g->n, B = (size_t)g->B;
+    for (size_t r = 0; r < g->m; r++)
+        for (size_t p = 0; p < n; p += B) {
+            size_t len = n - p < B ? n - p : B, c = g->col_of[p];
+            if (to_processing)
+                memcpy(dst + r * n + p, src + r * n + c, len * sizeof(float));
+            else
+                memcpy(dst + r * n + c, src + r * n + p, len * sizeof(float));
+        }
+}
+
+static mxq_status gptq_setup(mxq_ctx *ctx, gptq_work *g, const mxq_mx_spec *spec, const mxq_gptq_options *o,
+                             size_t m, size_t n)
+{
+    mxq_status status = MXQ_OK;
+    g->spec = spec;
+    g->m = m;
+    g->n = n;
+    g->B = spec->block;
+    g->nblocks = mxq_mx_blocks_per_row(n, g->B);
+    g->b2 = o->microblock;
+    /* An MX block's exponent is chosen from the up-to-date values of all its
+     * columns, so a block must not straddle a lazy batch (whose trailing
+     * update is deferred). Rounding b1 up to whole MX blocks changes only
+     * the order of floating-point work, not the algorithm. */
+    g->b1 = g->b2 == 1 ? (o->lazy_block + g->B - 1) / g->B * g->B : o->lazy_block;
+    if ((size_t)g->b1 > n)
+        g->b1 = (int)n;
+    CALL(ctx, gptq_work_alloc(ctx, g));
+fail:
+    return status;
+}
+
 mxq_status mxq_gptq_quantize(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_gptq_options *o, float *weight,
                              size_t m, size_t n, const double *hessian, double n_tokens, uint8_t *scales_out,
                              mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
     gptq_work g = {0};
-    float *original = NULL;
+    float *orig = NULL;
     memset(stats, 0, sizeof(*stats));
     CALL(ctx, mxq_gptq_check(ctx, o, spec));
     CALL(ctx, check_gptq_input(ctx, weight, m, n, n_tokens));
-    g.spec = spec;
-    g.m = m;
-    g.n = n;
-    g.B = spec->block;
-    g.nblocks = mxq_mx_blocks_per_row(n, g.B);
-    g.b2 = o->microblock;
-    /* An MX block's exponent is chosen from the up-to-date values of all its
-     * columns, so a block must not straddle a lazy batch (whose trailing
-     * update is deferred). Rounding b1 up to whole MX blocks changes only
-     * the order of floating-point work, not the algorithm. */
-    g.b1 = g.b2 == 1 ? (o->lazy_block + g.B - 1) / g.B * g.B : o->lazy_block;
     double t0 = mxq_time_now();
-    CALL(ctx, gptq_work_alloc(ctx, &g));
-    original = malloc(m * n * sizeof(float));
-    CHECK_ALLOC(ctx, original, m * n * sizeof(float), "a copy of the weights");
-    memcpy(original, weight, m * n * sizeof(float));
+    CALL(ctx, gptq_setup(ctx, &g, spec, o, m, n));
     block_order(hessian, n, g.B, o->act_order, g.order, g.nblocks, g.mass);
     for (size_t p = 0, b = 0; b < g.nblocks; b++)
         for (size_t c = (size_t)g.order[b] * g.B; c < (size_t)(g.order[b] + 1) * g.B && c < n; c++)
             g.col_of[p++] = c;
+    if (!o->skip_losses) {
+        orig = malloc(m * n * sizeof(float));
+        CHECK_ALLOC(ctx, orig, m * n * sizeof(float), "a copy of the weights");
+        permute_columns(&g, weight, orig, 1);
+    }
     CALL(ctx, prepare_hessian(ctx, &g, o, hessian, n_tokens, weight, stats));
-    for (size_t r = 0; r < m; r++)
-        for (size_t p = 0; p < n; p++)
-            g.w[r * n + p] = (double)weight[r * n + g.col_of[p]];
+    permute_columns(&g, weight, g.w, 1);
     stats->seconds_factor = mxq_time_now() - t0;
-    CALL(ctx, sweep_columns(ctx, &g, stats));
-    for (size_t r = 0; r < m; r++)
-        for (size_t p = 0; p < n; p++)
-            weight[r * n + g.col_of[p]] = (float)g.w[r * n + p];
+    CALL(ctx, sweep_columns(ctx, &g, !o->skip_losses, stats));
+    permute_columns(&g, g.w, weight, 0);
     if (scales_out)
         memcpy(scales_out, g.scales, m * g.nblocks);
     if (!o->skip_losses)
-        CALL(ctx, gptq_losses(ctx, spec, original, weight, m, n, hessian, stats));
+        CALL(ctx, gptq_losses(ctx, &g, orig, n_tokens, stats));
 fail:
     gptq_work_free(&g);
-    free(original);
+    free(orig);
     return status;
 }

@@ -30,13 +30,6 @@ struct mxq_workspace {
     int rope_ready;
 };
 
-float *mxq_alloc_floats(size_t n)
-{
-    /* 64-byte alignment suits AVX-512 loads and OpenBLAS packing. */
-    size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
-    return aligned_alloc(64, bytes ? bytes : 64);
-}
-
 double mxq_workspace_bytes(const mxq_model_config *cfg, int max_seqs, int seq_len)
 {
     double T = (double)max_seqs * seq_len, S = seq_len, d = cfg->hidden, ffn = cfg->intermediate;

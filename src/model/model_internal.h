@@ -4,7 +4,6 @@
 
 #include <stddef.h>
 
-/* n floats, 64-byte aligned (free() them): weights and activations. */
-float *mxq_alloc_floats(size_t n);
+#include "core/alloc.h"
 
 #endif

@@ -168,7 +168,7 @@ static void test_awq_search_matches_brute_force(void **state)
     print_message("# AWQ: alpha %.2f (brute force %.2f), loss %.6g (%.6g), RTN %.6g\n", alpha, best_alpha, loss, best,
                   rtn);
     assert_true(alpha == best_alpha);
-    assert_true(fabs(loss - best) <= 1e-9 * best);
+    assert_true(fabs(loss - best) <= 1e-5 * best); /* float32 GEMMs, double sums */
     assert_true(loss < rtn); /* the outlier channels make scaling pay */
     free(q);
     free(x);
@@ -301,12 +301,12 @@ static void test_single_linear_smoothquant(void **state)
             expect[r * in + j] = (float)((double)expect[r * in + j] / s[j]);
     assert_memory_equal(q, expect, out * in * sizeof(float));
     double e = output_error(w, q, out, in, x, tokens);
-    assert_true(fabs(e - loss) <= 1e-9 * e);
+    assert_true(fabs(e - loss) <= 1e-5 * e); /* float32 GEMMs, double sums */
     assert_int_equal(mxq_mx_quantize_rows(ctx, &recipe.weights, w, out, in, NULL, NULL, expect), MXQ_OK);
     double e_rtn = output_error(w, expect, out, in, x, tokens);
     print_message("# SmoothQuant single linear: loss %.6g (explicit %.6g), RTN %.6g (explicit %.6g)\n", loss, e,
                   loss_rtn, e_rtn);
-    assert_true(fabs(e_rtn - loss_rtn) <= 1e-9 * e_rtn);
+    assert_true(fabs(e_rtn - loss_rtn) <= 1e-5 * e_rtn);
     mxq_recipe_free(&recipe);
     free(q);
     free(expect);

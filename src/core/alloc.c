@@ -1,0 +1,28 @@
+#define _DEFAULT_SOURCE
+#include "core/alloc.h"
+
+#include <stdlib.h>
+#include <sys/mman.h>
+
+enum { SMALL_ALIGN = 64, HUGE_PAGE = 2u << 20, HUGE_FROM = 4u << 20 };
+
+void *mxq_alloc(size_t bytes)
+{
+    size_t align = bytes >= HUGE_FROM ? HUGE_PAGE : SMALL_ALIGN;
+    size_t rounded = (bytes + align - 1) / align * align;
+    void *p = NULL;
+    if (rounded < bytes || posix_memalign(&p, align, rounded ? rounded : align) != 0)
+        return NULL;
+#ifdef MADV_HUGEPAGE
+    if (align == HUGE_PAGE)
+        (void)madvise(p, rounded, MADV_HUGEPAGE); /* advice only: failure changes nothing */
+#endif
+    return p;
+}
+
+float *mxq_alloc_floats(size_t n)
+{
+    if (n > (size_t)-1 / sizeof(float))
+        return NULL;
+    return mxq_alloc(n * sizeof(float));
+}
