@@ -61,10 +61,14 @@ mxq_status mxq_smoothquant_scales(mxq_ctx *ctx, const mxq_linear_group *group, c
                                   double *scales);
 
 /* AWQ scale search: s = mean|X|^a normalised by sqrt(max s * min s), a on
- * `grid` points of [0, 1); picks the a with the smallest sum over the group
- * of tr(dW H dW^T), dW = W - RTN(W diag s) diag(1/s). */
+ * `options->grid` points of [0, 1); picks the a with the smallest sum over
+ * the group of tr(dW H dW^T), dW = W - RTN(W diag s) diag(1/s), evaluated
+ * with float32 GEMMs on every (out / sample_rows)-th row of each linear
+ * (every row when out < 2 sample_rows or sample_rows is 0), scaled to all
+ * rows. */
 mxq_status mxq_awq_search(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_linear_group *group, const double *hessian,
-                          const double *act_abs_mean, int grid, double *scales, double *best_alpha, double *best_loss);
+                          const double *act_abs_mean, const mxq_awq_options *options, double *scales,
+                          double *best_alpha, double *best_loss);
 
 /* AWQ clip search: per row and MX block, shrink the block max by up to
  * max_shrink in clip_grid steps; keep the one minimising dw H_bb dw^T
@@ -100,7 +104,12 @@ typedef struct {
     double smooth_alpha[MXQ_INPUT_COUNT]; /* -1: no SmoothQuant on that input */
     int attn_norm_modified, ffn_norm_modified;
     double seconds_calib; /* statistics (and in sequential mode the forward passes) */
-    double seconds;       /* the algorithms */
+    double seconds;       /* the algorithms; of which: */
+    double seconds_scales; /* SmoothQuant / AWQ scale searches and folding */
+    double seconds_clip;   /* AWQ clip search */
+    double seconds_gptq;   /* GPTQ (or round-to-nearest) */
+    double seconds_pack;   /* MX packing */
+    double seconds_loss;   /* the report's losses */
     size_t peak_rss;
 } mxq_layer_result;
 

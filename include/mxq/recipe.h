@@ -5,7 +5,7 @@
  *   activations: {format: mxint8, block: 128}                   # or none
  *   algorithms:                                                 # in order; [] = round-to-nearest
  *     - smoothquant: {alpha: 0.5}
- *     - awq:  {grid: 20, clip: true, clip_grid: 20, max_shrink: 0.5}
+ *     - awq:  {grid: 20, clip: true, clip_grid: 20, max_shrink: 0.5, sample_rows: 128}
  *     - gptq: {block: 128, microblock: 128, damp: 0.01, act_order: false}
  *   calibration: {samples: 128, mode: fp}                       # fp | sequential
  *   exclude: []                                                 # tensor-name patterns
@@ -34,6 +34,9 @@ typedef struct {
     int clip;          /* clipping search, default true */
     int clip_grid;     /* shrink steps, default 20 */
     double max_shrink; /* largest shrink of the block max, default 0.5 */
+    int sample_rows;   /* the scale search evaluates every (out / sample_rows)-th row of
+                          a linear with at least 2 * sample_rows rows; 0: every row.
+                          Default 128 */
 } mxq_awq_options;
 
 typedef struct {

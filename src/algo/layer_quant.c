@@ -83,10 +83,30 @@ static mxq_status compute_scales(mxq_ctx *ctx, const mxq_algo_step *step, const 
     CHECK_ALLOC(ctx, mean, (size_t)g->in * sizeof(double), "channel means");
     for (int j = 0; j < g->in; j++)
         mean[j] = in->n_tokens > 0 ? in->abs_sum[j] / in->n_tokens : 0.0;
-    CALL_IN(ctx, mxq_awq_search(ctx, spec, g, in->hessian, mean, step->awq.grid, s, alpha, &loss), "AWQ");
+    CALL_IN(ctx, mxq_awq_search(ctx, spec, g, in->hessian, mean, &step->awq, s, alpha, &loss), "AWQ");
     mxq_log(ctx, MXQ_LOG_DEBUG, "awq: alpha %.2f, loss %.4e", *alpha, loss);
 fail:
     free(mean);
+    return status;
+}
+
+/* Where quantize_weight's time went (may be NULL). */
+typedef struct {
+    double clip, quant, pack;
+} weight_times;
+
+static mxq_status run_gptq(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_gptq_options *options, float *w, int out,
+                           int in, const mxq_input_stats *stats, uint8_t *scales, int *dead)
+{
+    mxq_status status = MXQ_OK;
+    mxq_gptq_options opt = *options;
+    opt.skip_losses = 1; /* the caller's losses include clipping */
+    mxq_gptq_stats st;
+    CALL(ctx, mxq_gptq_check(ctx, &opt, spec));
+    CALL(ctx, mxq_gptq_quantize(ctx, spec, &opt, w, (size_t)out, (size_t)in, stats->hessian,
+                                stats->n_tokens > 0 ? stats->n_tokens : 1.0, scales, &st));
+    *dead = st.dead_channels;
+fail:
     return status;
 }
 
@@ -95,28 +115,34 @@ fail:
  * and scales (may be NULL) the MX bytes are produced too. */
 static mxq_status quantize_weight(mxq_ctx *ctx, const mxq_recipe *recipe, const mxq_algo_step *gptq,
                                   const mxq_algo_step *awq, int role, float *w, int out, int in,
-                                  const mxq_input_stats *stats, uint8_t *packed, uint8_t *scales, int *dead)
+                                  const mxq_input_stats *stats, uint8_t *packed, uint8_t *scales, int *dead,
+                                  weight_times *t)
 {
     mxq_status status = MXQ_OK;
     const mxq_mx_spec *spec = &recipe->weights;
+    weight_times local = {0};
+    double t0 = mxq_time_now();
     *dead = 0;
     if (awq && awq->awq.clip && clip_applies(role))
         CALL_IN(ctx, mxq_awq_clip(ctx, spec, w, out, in, stats->hessian, awq->awq.clip_grid, awq->awq.max_shrink),
                 "AWQ clipping");
-    if (!gptq) {
+    double t1 = mxq_time_now();
+    local.clip = t1 - t0;
+    if (!gptq)
         CALL(ctx, mxq_mx_quantize_rows(ctx, spec, w, (size_t)out, (size_t)in, packed, scales, w));
-        return MXQ_OK;
-    }
-    mxq_gptq_options opt = gptq->gptq;
-    opt.skip_losses = 1;
-    mxq_gptq_stats st;
-    CALL(ctx, mxq_gptq_check(ctx, &opt, spec));
-    CALL(ctx, mxq_gptq_quantize(ctx, spec, &opt, w, (size_t)out, (size_t)in, stats->hessian,
-                                stats->n_tokens > 0 ? stats->n_tokens : 1.0, scales, &st));
-    *dead = st.dead_channels;
-    if (packed)
+    else
+        CALL(ctx, run_gptq(ctx, spec, &gptq->gptq, w, out, in, stats, scales, dead));
+    double t2 = mxq_time_now();
+    local.quant = t2 - t1;
+    if (gptq && packed)
         CALL(ctx, mxq_mx_pack_with_scales(ctx, spec, w, (size_t)out, (size_t)in, scales, packed));
+    local.pack = mxq_time_now() - t2;
 fail:
+    if (t) {
+        t->clip += local.clip;
+        t->quant += local.quant;
+        t->pack += local.pack;
+    }
     return status;
 }
 
@@ -227,8 +253,9 @@ fail:
 /* One linear of the layer, after the scale steps: its MX bytes and loss. */
 static mxq_status quantize_layer_linear(mxq_ctx *ctx, const mxq_recipe *recipe, mxq_linear_id li,
                                         const mxq_model_config *cfg, mxq_layer *L, const mxq_input_stats *in,
-                                        mxq_linear_result *r)
+                                        mxq_layer_result *res)
 {
+    mxq_linear_result *r = &res->linear[li];
     mxq_status status = MXQ_OK;
     const mxq_mx_spec *spec = &recipe->weights;
     int out, inf;
@@ -240,10 +267,16 @@ static mxq_status quantize_layer_linear(mxq_ctx *ctx, const mxq_recipe *recipe, 
     CHECK_ALLOC(ctx, ref && r->packed && r->scales, n * sizeof(float), mxq_linear_name(li));
     memcpy(ref, w, n * sizeof(float));
     double t0 = mxq_time_now();
+    weight_times wt = {0};
     CALL(ctx, quantize_weight(ctx, recipe, find_step(recipe, MXQ_ALGO_GPTQ), find_step(recipe, MXQ_ALGO_AWQ), li, w,
-                              out, inf, in, r->packed, r->scales, &r->dead_channels));
+                              out, inf, in, r->packed, r->scales, &r->dead_channels, &wt));
+    double t1 = mxq_time_now();
     CALL(ctx, mxq_quant_loss(ctx, ref, w, (size_t)out, (size_t)inf, in->hessian, &r->loss));
     r->seconds = mxq_time_now() - t0;
+    res->seconds_clip += wt.clip;
+    res->seconds_gptq += wt.quant;
+    res->seconds_pack += wt.pack;
+    res->seconds_loss += mxq_time_now() - t1;
     r->quantized = 1;
     r->weight_modified = 0;
     mxq_log(ctx, MXQ_LOG_DEBUG, "%s: loss %.4e (rtn %.4e), %.2f s", mxq_linear_name(li), r->loss, r->loss_rtn,
@@ -272,6 +305,7 @@ static mxq_status quantize_layer_steps(mxq_ctx *ctx, const mxq_recipe *recipe, c
     excluded_linears(recipe, layer, quantized);
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
         CALL_IN(ctx, check_stats_finite(ctx, &stats->input[i]), "layer %d %s", layer, mxq_input_name((mxq_input_id)i));
+    double t0 = mxq_time_now();
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
         int out, in;
         mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
@@ -281,13 +315,16 @@ static mxq_status quantize_layer_steps(mxq_ctx *ctx, const mxq_recipe *recipe, c
                              stats->input[mxq_linear_input((mxq_linear_id)li)].hessian, &res->linear[li].loss_rtn),
                     "layer %d %s", layer, mxq_linear_name((mxq_linear_id)li));
     }
+    double t1 = mxq_time_now();
+    res->seconds_loss += t1 - t0;
     for (int k = 0; k < recipe->n_steps; k++)
         if (recipe->steps[k].kind != MXQ_ALGO_GPTQ)
             CALL(ctx, run_scale_step(ctx, &recipe->steps[k], &recipe->weights, cfg, layer, L, stats, quantized, res));
+    res->seconds_scales += mxq_time_now() - t1;
     for (int li = 0; li < MXQ_LIN_COUNT; li++)
         if (quantized[li])
             CALL_IN(ctx, quantize_layer_linear(ctx, recipe, (mxq_linear_id)li, cfg, L,
-                                               &stats->input[mxq_linear_input((mxq_linear_id)li)], &res->linear[li]),
+                                               &stats->input[mxq_linear_input((mxq_linear_id)li)], res),
                     "layer %d %s", layer, mxq_linear_name((mxq_linear_id)li));
 fail:
     return status;
@@ -389,7 +426,7 @@ mxq_status mxq_quantize_single_linear(mxq_ctx *ctx, const mxq_recipe *recipe, in
     memcpy(q, weight, (size_t)out * f * sizeof(float));
     CALL(ctx, single_scale_steps(ctx, recipe, role, q, out, in, &work, total));
     CALL(ctx, quantize_weight(ctx, recipe, find_step(recipe, MXQ_ALGO_GPTQ), find_step(recipe, MXQ_ALGO_AWQ), role, q,
-                              out, in, &work, NULL, NULL, &dead));
+                              out, in, &work, NULL, NULL, &dead, NULL));
     /* no op to fold 1/s into: the effective weight */
     for (size_t r = 0; r < (size_t)out; r++)
         for (size_t j = 0; j < f; j++)

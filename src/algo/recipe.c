@@ -195,8 +195,8 @@ static mxq_status parse_algorithm(reader *r, struct fy_node *item, mxq_recipe *r
         }
     } else if (name && strcmp(name, "awq") == 0) {
         step->kind = MXQ_ALGO_AWQ;
-        step->awq = (mxq_awq_options){20, 1, 20, 0.5};
-        CALL(r->ctx, check_mapping(r, value, line, "awq", "grid clip clip_grid max_shrink"));
+        step->awq = (mxq_awq_options){20, 1, 20, 0.5, 128};
+        CALL(r->ctx, check_mapping(r, value, line, "awq", "grid clip clip_grid max_shrink sample_rows"));
         FOR_PAIRS(value, pair3)
         {
             struct fy_node *kn = fy_node_pair_key(pair3), *v = fy_node_pair_value(pair3);
@@ -211,6 +211,8 @@ static mxq_status parse_algorithm(reader *r, struct fy_node *item, mxq_recipe *r
                 CALL(r->ctx, get_int(r, v, node_line(kn), "clip_grid", 1, 1000, &step->awq.clip_grid));
             else if (strcmp(k, "max_shrink") == 0)
                 CALL(r->ctx, get_double(r, v, node_line(kn), "max_shrink", 0.0, 0.99, &step->awq.max_shrink));
+            else if (strcmp(k, "sample_rows") == 0)
+                CALL(r->ctx, get_int(r, v, node_line(kn), "sample_rows", 0, 1 << 20, &step->awq.sample_rows));
         }
     } else if (name && strcmp(name, "gptq") == 0) {
         step->kind = MXQ_ALGO_GPTQ;

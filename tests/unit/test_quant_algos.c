@@ -87,7 +87,7 @@ static void test_stats_match_explicit_sums(void **state)
         }
     }
     print_message("# H = X^T X over %zu tokens: max |diff| / sqrt(H_ii H_jj) = %.2g\n", tokens, worst);
-    assert_true(worst < 1e-13);
+    assert_true(worst < 1e-6); /* float32 Gram products of chunks, summed in double */
     mxq_input_stats_free(&s);
     free(x);
     mxq_ctx_destroy(ctx);
@@ -137,7 +137,7 @@ static void test_awq_search_matches_brute_force(void **state)
     for (size_t j = 0; j < in; j++)
         mean[j] = st.abs_sum[j] / st.n_tokens;
     mxq_linear_group g = {1, {w}, {(int)out}, (int)in};
-    assert_int_equal(mxq_awq_search(ctx, &spec, &g, st.hessian, mean, 20, s, &alpha, &loss), MXQ_OK);
+    assert_int_equal(mxq_awq_search(ctx, &spec, &g, st.hessian, mean, &(mxq_awq_options){20, 1, 20, 0.5, 128}, s, &alpha, &loss), MXQ_OK);
 
     float *q = malloc(out * in * sizeof(float));
     double best = INFINITY, best_alpha = -1, rtn = 0;
