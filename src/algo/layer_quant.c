@@ -146,6 +146,36 @@ fail:
     return status;
 }
 
+/* The report's losses of a layer's linear, tr(dW H dW^T): exact up to
+ * 2 * REPORT_ROWS rows; above, estimated from every (out / REPORT_ROWS)-th
+ * row and scaled to all rows (the same rows for RTN and the result), since
+ * the exact figure costs 2 out in^2 flops each, more than GPTQ itself. */
+enum { REPORT_ROWS = 256 };
+
+static mxq_status report_loss(mxq_ctx *ctx, const float *a, const float *b, int out, int in, const double *h,
+                              double *loss)
+{
+    mxq_status status = MXQ_OK;
+    const size_t n = (size_t)in, stride = out < 2 * REPORT_ROWS ? 1 : (size_t)out / REPORT_ROWS;
+    const size_t rows = (size_t)out / stride;
+    float *sa = NULL, *sb = NULL;
+    if (stride == 1)
+        return mxq_quant_loss(ctx, a, b, (size_t)out, n, h, loss);
+    sa = malloc(rows * n * sizeof(float));
+    sb = malloc(rows * n * sizeof(float));
+    CHECK_ALLOC(ctx, sa && sb, 2 * rows * n * sizeof(float), "the report's loss rows");
+    for (size_t r = 0; r < rows; r++) {
+        memcpy(sa + r * n, a + r * stride * n, n * sizeof(float));
+        memcpy(sb + r * n, b + r * stride * n, n * sizeof(float));
+    }
+    CALL(ctx, mxq_quant_loss(ctx, sa, sb, rows, n, h, loss));
+    *loss *= (double)out / (double)rows;
+fail:
+    free(sa);
+    free(sb);
+    return status;
+}
+
 /* tr(dW H dW^T) of round-to-nearest of w: the baseline every recipe is
  * reported against. */
 static mxq_status rtn_loss(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *w, int out, int in, const double *h,
@@ -155,7 +185,7 @@ static mxq_status rtn_loss(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *w
     float *tmp = malloc((size_t)out * in * sizeof(float));
     CHECK_ALLOC(ctx, tmp, (size_t)out * in * sizeof(float), "a weight copy");
     CALL(ctx, mxq_mx_quantize_rows(ctx, spec, w, (size_t)out, (size_t)in, NULL, NULL, tmp));
-    CALL(ctx, mxq_quant_loss(ctx, w, tmp, (size_t)out, (size_t)in, h, loss));
+    CALL(ctx, report_loss(ctx, w, tmp, out, in, h, loss));
 fail:
     free(tmp);
     return status;
@@ -271,7 +301,7 @@ static mxq_status quantize_layer_linear(mxq_ctx *ctx, const mxq_recipe *recipe, 
     CALL(ctx, quantize_weight(ctx, recipe, find_step(recipe, MXQ_ALGO_GPTQ), find_step(recipe, MXQ_ALGO_AWQ), li, w,
                               out, inf, in, r->packed, r->scales, &r->dead_channels, &wt));
     double t1 = mxq_time_now();
-    CALL(ctx, mxq_quant_loss(ctx, ref, w, (size_t)out, (size_t)inf, in->hessian, &r->loss));
+    CALL(ctx, report_loss(ctx, ref, w, out, inf, in->hessian, &r->loss));
     r->seconds = mxq_time_now() - t0;
     res->seconds_clip += wt.clip;
     res->seconds_gptq += wt.quant;
@@ -431,7 +461,7 @@ mxq_status mxq_quantize_single_linear(mxq_ctx *ctx, const mxq_recipe *recipe, in
     for (size_t r = 0; r < (size_t)out; r++)
         for (size_t j = 0; j < f; j++)
             q[r * f + j] = (float)((double)q[r * f + j] / total[j]);
-    CALL(ctx, mxq_quant_loss(ctx, weight, q, (size_t)out, (size_t)in, stats->hessian, loss));
+    CALL(ctx, report_loss(ctx, weight, q, out, in, stats->hessian, loss));
 fail:
     mxq_input_stats_free(&work);
     free(total);

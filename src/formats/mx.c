@@ -91,6 +91,56 @@ fail:
     return status;
 }
 
+/* Element codes by value: every code's element value (scale 2^0), sorted,
+ * so that a weight on the grid finds its code by binary search on
+ * x / 2^se instead of the reference encoder's rounding. Zeros, duplicates
+ * and anything the search does not find exactly go to the reference. */
+typedef struct {
+    float value[256];
+    uint8_t code[256];
+    int n;
+} code_table;
+
+static void code_table_build(const mxq_format *f, mxq_rounding rounding, code_table *t)
+{
+    t->n = 0;
+    for (int c = 0; c < (1 << f->bits) && c < 256; c++) {
+        float v = mxq_mx_decode(f, (uint8_t)c, 0);
+        /* only codes the encoder itself gives for their value */
+        if (v == 0.0f || !isfinite(v) || mxq_mx_encode(f, rounding, v, 0) != (uint8_t)c)
+            continue;
+        int i = t->n++;
+        while (i > 0 && t->value[i - 1] > v) { /* insertion: at most 256 */
+            t->value[i] = t->value[i - 1];
+            t->code[i] = t->code[i - 1];
+            i--;
+        }
+        t->value[i] = v;
+        t->code[i] = (uint8_t)c;
+    }
+    for (int i = 1; i < t->n; i++) /* two codes of one value: leave it to the reference */
+        if (t->value[i] == t->value[i - 1])
+            t->value[i] = t->value[i - 1] = NAN;
+}
+
+/* The code of x against scale 2^se: from the table when x / 2^se is an
+ * element value exactly, else the reference encoder. */
+static uint8_t encode_on_grid(const mxq_format *f, mxq_rounding rounding, const code_table *t, float x, int se)
+{
+    float v = ldexpf(x, -se);
+    int lo = 0, hi = t->n - 1;
+    while (x != 0.0f && lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (t->value[mid] == v && ldexpf(v, se) == x)
+            return t->code[mid];
+        if (t->value[mid] < v)
+            lo = mid + 1;
+        else
+            hi = mid - 1;
+    }
+    return mxq_mx_encode(f, rounding, x, se);
+}
+
 mxq_status mxq_mx_pack_with_scales(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *w, size_t rows, size_t cols,
                                    const uint8_t *scales, uint8_t *packed)
 {
@@ -98,7 +148,9 @@ mxq_status mxq_mx_pack_with_scales(mxq_ctx *ctx, const mxq_mx_spec *spec, const 
     const mxq_format *f = spec->format;
     const size_t blocks = mxq_mx_blocks_per_row(cols, spec->block), row_bytes = mxq_mx_packed_row_bytes(f, cols);
     uint8_t *codes = malloc(cols + 1);
-    CHECK_ALLOC(ctx, codes, cols, "element codes");
+    code_table *table = malloc(sizeof(code_table));
+    CHECK_ALLOC(ctx, codes && table, cols + sizeof(code_table), "element codes");
+    code_table_build(f, spec->rounding, table);
     for (size_t r = 0; r < rows; r++) {
         const float *row = w + r * cols;
         for (size_t b = 0; b < blocks; b++) {
@@ -109,7 +161,7 @@ mxq_status mxq_mx_pack_with_scales(mxq_ctx *ctx, const mxq_mx_spec *spec, const 
                     codes[c] = 0;
                     continue;
                 }
-                codes[c] = mxq_mx_encode(f, spec->rounding, row[c], se);
+                codes[c] = encode_on_grid(f, spec->rounding, table, row[c], se);
                 float back = mxq_mx_decode(f, codes[c], se);
                 CHECK(ctx, back == row[c] || (back == 0.0f && row[c] == 0.0f), MXQ_ERR_INTERNAL,
                       "weight %g at [%zu, %zu] is not on the %s grid of scale 2^%d (decodes to %g)", (double)row[c], r,
@@ -120,5 +172,6 @@ mxq_status mxq_mx_pack_with_scales(mxq_ctx *ctx, const mxq_mx_spec *spec, const 
     }
 fail:
     free(codes);
+    free(table);
     return status;
 }

@@ -175,6 +175,46 @@ static void test_fast_exponent_sweep(void **state)
     assert_int_equal(stats.mismatches, 0);
 }
 
+/* Packing GPTQ's output (values already on the grid of given scales) must
+ * give the bytes the reference quantizer gives for the same values: over
+ * the finite patterns of the sweep and every format, rounding and block
+ * size 1, 32, 128. */
+static void test_pack_with_scales_equals_reference(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    mxq_ctx_create(&ctx);
+    const size_t n = 256 * 64 * 2;
+    float *x = malloc(n * sizeof(float)), *deq = malloc(n * sizeof(float));
+    uint8_t *packed = malloc(n), *again = malloc(n), *scales = malloc(n);
+    size_t i = 0, checked = 0;
+    for (uint32_t e = 0; e < 255; e++) /* 255: Inf and NaN */
+        for (uint32_t m = 0; m < 64; m++)
+            for (uint32_t s = 0; s < 2; s++)
+                x[i++] = bits_to_float(s << 31 | e << 23 | (m < 32 ? m : (0x7FFFFFu - (m - 32))));
+    const size_t count = i;
+    const int blocks[] = {1, 32, 128};
+    for (int id = 0; id < MXQ_FORMAT_COUNT; id++)
+        for (int rnd = 0; rnd < 2; rnd++)
+            for (int b = 0; b < 3; b++) {
+                mxq_mx_spec spec = {mxq_format_get((mxq_format_id)id), blocks[b], (mxq_rounding)rnd,
+                                    MXQ_KERNEL_REFERENCE};
+                size_t bytes = mxq_mx_packed_row_bytes(spec.format, count);
+                assert_int_equal(mxq_mx_quantize_rows(ctx, &spec, x, 1, count, packed, scales, deq), MXQ_OK);
+                if (mxq_mx_pack_with_scales(ctx, &spec, deq, 1, count, scales, again) != MXQ_OK)
+                    fail_msg("%s block %d: %s", spec.format->name, blocks[b], mxq_error_message(ctx));
+                assert_memory_equal(packed, again, bytes);
+                checked += count;
+            }
+    print_message("# %zu values packed as the reference packs them\n", checked);
+    free(x);
+    free(deq);
+    free(packed);
+    free(again);
+    free(scales);
+    mxq_ctx_destroy(ctx);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -183,6 +223,7 @@ int main(void)
         cmocka_unit_test(test_fast_mxfp8_e4m3),  cmocka_unit_test(test_fast_mxfp8_e5m2),
         cmocka_unit_test(test_fast_mxfp6_e3m2),  cmocka_unit_test(test_fast_mxfp6_e2m3),
         cmocka_unit_test(test_fast_mxfp4_e2m1),  cmocka_unit_test(test_fast_exponent_sweep),
+        cmocka_unit_test(test_pack_with_scales_equals_reference),
     };
     return cmocka_run_group_tests_name("mx_fast_vs_reference", tests, NULL, NULL);
 }

@@ -1,0 +1,351 @@
+/* One llama-2-7b-shaped decoder layer (from mxq synth, BF16) through the
+ * recipes RTN, GPTQ, AWQ+GPTQ and SQ+GPTQ (W4A8 MXINT, block 128), phase by
+ * phase, against the FLOP floor measured in the same run.
+ *
+ *   bench_layer [--tokens 4096] [--seq-len 512] [--repeats 3] [--threads 1]
+ *               [--recipes DIR] [--model DIR] [--keep-model]
+ *
+ * Phases: load (the layer from safetensors, converted to float32),
+ * calibration forward, statistics (Gram products and |x| sums), scale
+ * search (AWQ / SmoothQuant, with folding), clip (AWQ), GPTQ (or RTN),
+ * pack + write (MX packing, the bytes written and fsync'ed), and the
+ * report's losses. Each phase's FLOPs are shown with their time at the
+ * sgemm peak, measured in the same run. The floor is the issue's:
+ *   (forward + Gram flops) / sgemm peak + GPTQ flops / dgemm peak
+ * with GPTQ flops those of mxq's algorithm: n^3/3 + m n^2 + m n b2 per
+ * linear. Medians over the runs; total / floor is the figure of merit. */
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bench_util.h"
+#include "mxq/mxq.h"
+#include "mxq/synth.h"
+
+void openblas_set_num_threads(int);
+
+enum { PH_LOAD, PH_FORWARD, PH_STATS, PH_SCALES, PH_CLIP, PH_GPTQ, PH_PACK, PH_LOSS, PH_COUNT };
+static const char *phase_names[PH_COUNT] = {"load",  "forward", "statistics", "scale search",
+                                            "clip",  "gptq",    "pack+write", "report losses"};
+
+typedef struct {
+    int tokens, seq_len, repeats, threads;
+    const char *recipes_dir, *model_dir;
+    char tmp_model[256];
+    double speak, dpeak;
+} bench_opts;
+
+typedef struct {
+    mxq_layer_stats *stats;
+    double seconds;
+} observer_state;
+
+static mxq_status observe(mxq_ctx *ctx, void *user, int layer, mxq_input_id input, const float *x, size_t tokens,
+                          int features)
+{
+    (void)layer;
+    (void)features;
+    observer_state *o = user;
+    double t0 = mxq_time_now();
+    mxq_status st = mxq_input_stats_add(ctx, &o->stats->input[input], x, tokens);
+    o->seconds += mxq_time_now() - t0;
+    return st;
+}
+
+/* Random token ids, the same every run. */
+static int32_t *make_tokens(int n, int vocab)
+{
+    int32_t *ids = malloc((size_t)n * sizeof(int32_t));
+    uint64_t s = 0x2545F4914F6CDD1Dull;
+    for (int i = 0; ids && i < n; i++) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ids[i] = (int32_t)(1 + s % (uint64_t)(vocab - 1));
+    }
+    return ids;
+}
+
+/* Calibration forward with the statistics observer: t[PH_FORWARD], t[PH_STATS]. */
+static mxq_status calibrate(mxq_ctx *ctx, const bench_opts *o, const mxq_model *m, mxq_layer_stats *stats, double *t)
+{
+    mxq_status status = MXQ_OK;
+    const int S = o->seq_len, n_seqs = o->tokens / o->seq_len, batch = n_seqs < 8 ? n_seqs : 8;
+    int32_t *ids = make_tokens(n_seqs * S, m->cfg.vocab);
+    float *x = malloc((size_t)batch * S * m->cfg.hidden * sizeof(float));
+    mxq_workspace *ws = NULL;
+    observer_state os = {stats, 0.0};
+    mxq_observer obs = {observe, &os};
+    if (!ids || !x) {
+        fprintf(stderr, "bench_layer: out of memory for the calibration batch\n");
+        status = MXQ_ERR_NOMEM;
+        goto fail;
+    }
+    if ((status = mxq_workspace_create(ctx, &m->cfg, batch, S, &ws)) != MXQ_OK)
+        goto fail;
+    double t0 = mxq_time_now();
+    for (int s0 = 0; s0 < n_seqs && status == MXQ_OK; s0 += batch) {
+        int n = n_seqs - s0 < batch ? n_seqs - s0 : batch;
+        status = mxq_model_embed(ctx, m, ids + (size_t)s0 * S, n, S, x);
+        if (status == MXQ_OK)
+            status = mxq_model_run_layers_observed(ctx, m, 0, 1, x, n, S, NULL, &obs, ws);
+    }
+    double t1 = mxq_time_now();
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
+        mxq_input_stats_finish(&stats->input[i]);
+    t[PH_STATS] += os.seconds + (mxq_time_now() - t1);
+    t[PH_FORWARD] += (t1 - t0) - os.seconds;
+fail:
+    mxq_workspace_free(ws);
+    free(ids);
+    free(x);
+    return status;
+}
+
+/* The packed weights and scales, written and fsync'ed: t[PH_PACK]. */
+static int write_packed(const bench_opts *o, const mxq_recipe *r, const mxq_model_config *cfg,
+                        const mxq_layer_result *res, double *t)
+{
+    char path[512];
+    snprintf(path, sizeof(path), "%s/bench-layer-out.bin", o->model_dir);
+    double t0 = mxq_time_now();
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644), ok = fd >= 0;
+    for (int li = 0; ok && li < MXQ_LIN_COUNT; li++) {
+        int out, in;
+        mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
+        size_t pb = (size_t)out * mxq_mx_packed_row_bytes(r->weights.format, (size_t)in);
+        size_t sb = (size_t)out * mxq_mx_blocks_per_row((size_t)in, r->weights.block);
+        if (res->linear[li].quantized)
+            ok = write(fd, res->linear[li].packed, pb) == (ssize_t)pb &&
+                 write(fd, res->linear[li].scales, sb) == (ssize_t)sb;
+    }
+    ok = ok && fsync(fd) == 0;
+    if (fd >= 0)
+        close(fd);
+    unlink(path);
+    t[PH_PACK] += mxq_time_now() - t0;
+    return ok ? 0 : -1;
+}
+
+/* FLOPs per phase for one run of recipe r on cfg with T tokens. */
+static void phase_flops(const mxq_model_config *cfg, const mxq_recipe *r, const bench_opts *o, double *f)
+{
+    const double T = o->tokens, S = o->seq_len, d = cfg->hidden;
+    const mxq_algo_step *awq = NULL, *gptq = NULL;
+    for (int k = 0; k < r->n_steps; k++) {
+        awq = r->steps[k].kind == MXQ_ALGO_AWQ ? &r->steps[k] : awq;
+        gptq = r->steps[k].kind == MXQ_ALGO_GPTQ ? &r->steps[k] : gptq;
+    }
+    memset(f, 0, PH_COUNT * sizeof(double));
+    f[PH_FORWARD] = 2.0 * d * (S + 1.0) * T; /* causal attention: QK^T and PV */
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
+        double feat = mxq_input_features(cfg, (mxq_input_id)i);
+        f[PH_STATS] += feat * (feat + 1.0) * T;
+    }
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        int out, in;
+        mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
+        double m = out, n = in, B = r->weights.block;
+        f[PH_FORWARD] += 2.0 * m * n * T;
+        f[PH_LOSS] += 4.0 * m * n * n; /* RTN and final loss, ssymm each */
+        if (gptq)
+            f[PH_GPTQ] += n * n * n / 3.0 + m * n * n + m * n * gptq->gptq.microblock;
+        if (awq && awq->awq.clip && li != MXQ_LIN_Q && li != MXQ_LIN_K)
+            f[PH_CLIP] += (int)(awq->awq.max_shrink * awq->awq.clip_grid + 1e-9) * 2.0 * m * n * B;
+        if (awq) {
+            int sr = awq->awq.sample_rows;
+            double rows = sr <= 0 || out < 2 * sr ? m : floor(m / floor(m / sr));
+            f[PH_SCALES] += awq->awq.grid * 2.0 * rows * n * n;
+        }
+    }
+}
+
+/* One run of one recipe; phase seconds added to t. */
+static int run_once(mxq_ctx *ctx, const bench_opts *o, const mxq_recipe *r, double *t)
+{
+    mxq_model_config cfg;
+    mxq_model *m = NULL;
+    mxq_layer_stats stats = {0};
+    mxq_layer_result res = {0};
+    int rc = -1;
+    double t0 = mxq_time_now();
+    mxq_model_part part = {0, 1, 1, 0};
+    if (mxq_config_load(ctx, o->model_dir, &cfg) != MXQ_OK || mxq_model_load(ctx, o->model_dir, &cfg, &part, &m) != MXQ_OK)
+        goto fail;
+    t[PH_LOAD] += mxq_time_now() - t0;
+    if (mxq_layer_stats_init(ctx, &cfg, &stats) != MXQ_OK || calibrate(ctx, o, m, &stats, t) != MXQ_OK ||
+        mxq_quantize_layer(ctx, r, &cfg, 0, &m->layers[0], &stats, &res) != MXQ_OK)
+        goto fail;
+    t[PH_SCALES] += res.seconds_scales;
+    t[PH_CLIP] += res.seconds_clip;
+    t[PH_GPTQ] += res.seconds_gptq;
+    t[PH_PACK] += res.seconds_pack;
+    t[PH_LOSS] += res.seconds_loss;
+    if (write_packed(o, r, &cfg, &res, t) != 0) {
+        fprintf(stderr, "bench_layer: cannot write the packed weights under %s\n", o->model_dir);
+        goto fail;
+    }
+    rc = 0;
+fail:
+    if (rc != 0 && mxq_error_code(ctx) != MXQ_OK)
+        mxq_error_print(ctx, stderr, "bench_layer");
+    mxq_layer_result_free(&res);
+    mxq_layer_stats_free(&stats);
+    mxq_model_free(m);
+    return rc;
+}
+
+static void print_recipe(const char *name, const bench_opts *o, double runs[][PH_COUNT], const double *flops)
+{
+    double med[PH_COUNT], total = 0, totals[32];
+    for (int r = 0; r < o->repeats; r++) {
+        totals[r] = 0;
+        for (int p = 0; p < PH_COUNT; p++)
+            totals[r] += runs[r][p];
+    }
+    printf("\n## %s\n\n| phase | median s | GFLOP | at peak s | x peak |\n|---|---:|---:|---:|---:|\n", name);
+    for (int p = 0; p < PH_COUNT; p++) {
+        double v[32];
+        for (int r = 0; r < o->repeats; r++)
+            v[r] = runs[r][p];
+        med[p] = bench_median(v, o->repeats);
+        total += med[p];
+        double peak_t = flops[p] / 1e9 / o->speak;
+        if (flops[p] > 0)
+            printf("| %s | %.2f | %.0f | %.2f | %.2f |\n", phase_names[p], med[p], flops[p] / 1e9, peak_t,
+                   med[p] / peak_t);
+        else
+            printf("| %s | %.2f | | | |\n", phase_names[p], med[p]);
+    }
+    double floor_s = (flops[PH_FORWARD] + flops[PH_STATS]) / 1e9 / o->speak + flops[PH_GPTQ] / 1e9 / o->dpeak;
+    double tmed = bench_median(totals, o->repeats);
+    printf("\ntotal %.2f s (median of run totals %.2f s); floor %.2f s; **total / floor = %.2f**; "
+           "scale search + clip = %.2f s vs GPTQ %.2f s\n",
+           total, tmed, floor_s, tmed / floor_s, med[PH_SCALES] + med[PH_CLIP], med[PH_GPTQ]);
+    fflush(stdout);
+}
+
+static int parse_args(int argc, char **argv, bench_opts *o)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--keep-model") == 0)
+            continue;
+        if (!v) {
+            fprintf(stderr, "bench_layer: %s needs a value\n", a);
+            return -1;
+        }
+        i++;
+        if (strcmp(a, "--tokens") == 0)
+            o->tokens = atoi(v);
+        else if (strcmp(a, "--seq-len") == 0)
+            o->seq_len = atoi(v);
+        else if (strcmp(a, "--repeats") == 0)
+            o->repeats = atoi(v);
+        else if (strcmp(a, "--threads") == 0)
+            o->threads = atoi(v);
+        else if (strcmp(a, "--recipes") == 0)
+            o->recipes_dir = v;
+        else if (strcmp(a, "--model") == 0)
+            o->model_dir = v;
+        else {
+            fprintf(stderr, "usage: bench_layer [--tokens 4096] [--seq-len 512] [--repeats 3] [--threads 1] "
+                            "[--recipes configs/recipes] [--model DIR] [--keep-model]\n");
+            return -1;
+        }
+    }
+    if (o->seq_len < 1 || o->tokens < o->seq_len || o->repeats < 1 || o->repeats > 32 || o->threads < 1) {
+        fprintf(stderr, "bench_layer: need --seq-len >= 1, --tokens >= --seq-len, --repeats 1..32, --threads >= 1\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* A one-layer llama-2-7b in BF16, in a fresh directory under $TMPDIR. */
+static int make_model(mxq_ctx *ctx, bench_opts *o)
+{
+    const char *tmp = getenv("TMPDIR");
+    snprintf(o->tmp_model, sizeof(o->tmp_model), "%s/mxq-bench-layer-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(o->tmp_model)) {
+        perror("bench_layer: mkdtemp");
+        return -1;
+    }
+    mxq_synth_options so = {mxq_synth_preset_by_name("llama-2-7b"), 1, MXQ_DT_BF16, 0, 7, 1};
+    if (mxq_synth_write(ctx, &so, o->tmp_model) != MXQ_OK) {
+        mxq_error_print(ctx, stderr, "bench_layer");
+        return -1;
+    }
+    o->model_dir = o->tmp_model;
+    return 0;
+}
+
+static void remove_model(const bench_opts *o)
+{
+    char cmd[400];
+    if (!o->tmp_model[0])
+        return;
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", o->tmp_model);
+    if (system(cmd) != 0)
+        fprintf(stderr, "bench_layer: could not remove %s\n", o->tmp_model);
+}
+
+static int bench_recipe(mxq_ctx *ctx, const bench_opts *o, const char *file)
+{
+    char path[512];
+    mxq_recipe r;
+    mxq_model_config cfg;
+    double runs[32][PH_COUNT], flops[PH_COUNT];
+    snprintf(path, sizeof(path), "%s/%s", o->recipes_dir, file);
+    if (mxq_recipe_load(ctx, path, &r) != MXQ_OK || mxq_config_load(ctx, o->model_dir, &cfg) != MXQ_OK) {
+        mxq_error_print(ctx, stderr, "bench_layer");
+        return -1;
+    }
+    memset(runs, 0, sizeof(runs));
+    int rc = 0;
+    for (int k = 0; k < o->repeats && rc == 0; k++)
+        rc = run_once(ctx, o, &r, runs[k]);
+    phase_flops(&cfg, &r, o, flops);
+    if (rc == 0)
+        print_recipe(file, o, runs, flops);
+    mxq_recipe_free(&r);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    bench_opts o = {4096, 512, 3, 1, "configs/recipes", NULL, "", 0, 0};
+    const char *recipes[] = {"w4a8-mxint-rtn.yaml", "w4a8-mxint-gptq.yaml", "w4a8-mxint-awq-gptq.yaml",
+                             "w4a8-mxint-sq-gptq.yaml"};
+    int keep = 0, rc = 0;
+    for (int i = 1; i < argc; i++)
+        keep |= strcmp(argv[i], "--keep-model") == 0;
+    if (parse_args(argc, argv, &o) != 0)
+        return 2;
+    openblas_set_num_threads(o.threads);
+    mxq_ctx *ctx;
+    mxq_ctx_create(&ctx);
+    if (!o.model_dir && make_model(ctx, &o) != 0) {
+        remove_model(&o);
+        return 1;
+    }
+    o.dpeak = bench_gemm_peak(1, 3);
+    o.speak = bench_gemm_peak(0, 3);
+    const char *coretype = getenv("OPENBLAS_CORETYPE");
+    printf("# bench_layer: one llama-2-7b layer (%s), %d calibration tokens (%d x %d), %d thread%s, medians of %d runs\n",
+           o.model_dir, o.tokens / o.seq_len * o.seq_len, o.tokens / o.seq_len, o.seq_len, o.threads,
+           o.threads == 1 ? "" : "s", o.repeats);
+    printf("# env: OPENBLAS_CORETYPE=%s; measured peak: sgemm %.1f GFLOP/s, dgemm %.1f GFLOP/s\n",
+           coretype ? coretype : "(unset)", o.speak, o.dpeak);
+    o.tokens = o.tokens / o.seq_len * o.seq_len;
+    for (size_t k = 0; k < sizeof(recipes) / sizeof(*recipes) && rc == 0; k++)
+        rc = bench_recipe(ctx, &o, recipes[k]);
+    if (!keep)
+        remove_model(&o);
+    else if (o.tmp_model[0])
+        printf("# model kept in %s\n", o.tmp_model);
+    mxq_ctx_destroy(ctx);
+    return rc ? 1 : 0;
+}
