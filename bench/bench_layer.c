@@ -3,7 +3,8 @@
  * phase, against the FLOP floor measured in the same run.
  *
  *   bench_layer [--tokens 4096] [--seq-len 512] [--repeats 3] [--threads 1]
- *               [--recipes DIR] [--model DIR] [--keep-model]
+ *               [--recipes DIR] [--only NAME-PART] [--model DIR] [--keep-model]
+ *               [--verbose]
  *
  * Phases: load (the layer from safetensors, converted to float32),
  * calibration forward, statistics (Gram products and |x| sums), scale
@@ -33,7 +34,7 @@ static const char *phase_names[PH_COUNT] = {"load",  "forward", "statistics", "s
 
 typedef struct {
     int tokens, seq_len, repeats, threads;
-    const char *recipes_dir, *model_dir;
+    const char *recipes_dir, *model_dir, *only;
     char tmp_model[256];
     double speak, dpeak;
 } bench_opts;
@@ -232,7 +233,7 @@ static int parse_args(int argc, char **argv, bench_opts *o)
 {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--keep-model") == 0)
+        if (strcmp(a, "--keep-model") == 0 || strcmp(a, "--verbose") == 0)
             continue;
         if (!v) {
             fprintf(stderr, "bench_layer: %s needs a value\n", a);
@@ -251,9 +252,11 @@ static int parse_args(int argc, char **argv, bench_opts *o)
             o->recipes_dir = v;
         else if (strcmp(a, "--model") == 0)
             o->model_dir = v;
+        else if (strcmp(a, "--only") == 0)
+            o->only = v;
         else {
             fprintf(stderr, "usage: bench_layer [--tokens 4096] [--seq-len 512] [--repeats 3] [--threads 1] "
-                            "[--recipes configs/recipes] [--model DIR] [--keep-model]\n");
+                            "[--recipes configs/recipes] [--only NAME-PART] [--model DIR] [--keep-model] [--verbose]\n");
             return -1;
         }
     }
@@ -316,17 +319,22 @@ static int bench_recipe(mxq_ctx *ctx, const bench_opts *o, const char *file)
 
 int main(int argc, char **argv)
 {
-    bench_opts o = {4096, 512, 3, 1, "configs/recipes", NULL, "", 0, 0};
+    mxq_keep_freed_memory();
+    bench_opts o = {4096, 512, 3, 1, "configs/recipes", NULL, NULL, "", 0, 0};
     const char *recipes[] = {"w4a8-mxint-rtn.yaml", "w4a8-mxint-gptq.yaml", "w4a8-mxint-awq-gptq.yaml",
                              "w4a8-mxint-sq-gptq.yaml"};
-    int keep = 0, rc = 0;
-    for (int i = 1; i < argc; i++)
+    int keep = 0, verbose = 0, rc = 0;
+    for (int i = 1; i < argc; i++) {
         keep |= strcmp(argv[i], "--keep-model") == 0;
+        verbose |= strcmp(argv[i], "--verbose") == 0;
+    }
     if (parse_args(argc, argv, &o) != 0)
         return 2;
     openblas_set_num_threads(o.threads);
     mxq_ctx *ctx;
     mxq_ctx_create(&ctx);
+    if (verbose)
+        mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG);
     if (!o.model_dir && make_model(ctx, &o) != 0) {
         remove_model(&o);
         return 1;
@@ -341,7 +349,8 @@ int main(int argc, char **argv)
            coretype ? coretype : "(unset)", o.speak, o.dpeak);
     o.tokens = o.tokens / o.seq_len * o.seq_len;
     for (size_t k = 0; k < sizeof(recipes) / sizeof(*recipes) && rc == 0; k++)
-        rc = bench_recipe(ctx, &o, recipes[k]);
+        if (!o.only || strstr(recipes[k], o.only))
+            rc = bench_recipe(ctx, &o, recipes[k]);
     if (!keep)
         remove_model(&o);
     else if (o.tmp_model[0])

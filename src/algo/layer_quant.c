@@ -106,6 +106,9 @@ static mxq_status run_gptq(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_gptq
     CALL(ctx, mxq_gptq_quantize(ctx, spec, &opt, w, (size_t)out, (size_t)in, stats->hessian,
                                 stats->n_tokens > 0 ? stats->n_tokens : 1.0, scales, &st));
     *dead = st.dead_channels;
+    mxq_log(ctx, MXQ_LOG_DEBUG, "gptq [%d x %d]: factor %.3f s, quantize %.3f s, updates %.3f s (%.0f GFLOP/s)", out,
+            in, st.seconds_factor, st.seconds_quant, st.seconds_gemm,
+            st.seconds_gemm > 0 ? st.gemm_flops / st.seconds_gemm / 1e9 : 0.0);
 fail:
     return status;
 }

@@ -63,10 +63,15 @@ static size_t search_row_stride(int out, int sample_rows)
     return (size_t)out / (size_t)sample_rows;
 }
 
+/* Alphas whose losses one GEMM evaluates: H streams through the GEMM's
+ * packing once per call, which with a few hundred rows costs as much as
+ * the arithmetic; 8 at a time keeps the scratch of down_proj near 90 MB. */
+enum { ALPHAS_PER_GEMM = 8 };
+
 /* The rows of one linear the search evaluates, and its scratch. */
 typedef struct {
     float *w;        /* [rows, in] every stride-th row of the weight */
-    float *d, *dh;   /* [rows, in] dW and dW H */
+    float *d, *dh;   /* [ALPHAS_PER_GEMM * rows, in] dW and dW H per alpha */
     size_t rows;
     double to_all;   /* out / rows: the estimate of the whole linear's loss */
 } awq_sample;
@@ -89,9 +94,10 @@ static mxq_status awq_samples_init(mxq_ctx *ctx, const mxq_linear_group *g, int 
         smp[k].rows = rows;
         smp[k].to_all = (double)g->out[k] / (double)rows;
         smp[k].w = mxq_alloc_floats(rows * in);
-        smp[k].d = mxq_alloc_floats(rows * in);
-        smp[k].dh = mxq_alloc_floats(rows * in);
-        CHECK_ALLOC(ctx, smp[k].w && smp[k].d && smp[k].dh, 3 * rows * in * sizeof(float), "the AWQ search");
+        smp[k].d = mxq_alloc_floats(ALPHAS_PER_GEMM * rows * in);
+        smp[k].dh = mxq_alloc_floats(ALPHAS_PER_GEMM * rows * in);
+        CHECK_ALLOC(ctx, smp[k].w && smp[k].d && smp[k].dh, (2 * ALPHAS_PER_GEMM + 1) * rows * in * sizeof(float),
+                    "the AWQ search");
         for (size_t r = 0; r < rows; r++)
             memcpy(smp[k].w + r * in, g->weight[k] + r * stride * in, in * sizeof(float));
     }
@@ -99,14 +105,12 @@ fail:
     return status;
 }
 
-/* tr(dW H dW^T) of RTN(W diag s) diag(1/s) against the sampled rows of W,
- * scaled to all rows; hf is H in float32. */
-static mxq_status sample_loss(mxq_ctx *ctx, const mxq_mx_spec *spec, awq_sample *smp, int in, const float *hf,
-                              const double *s, double *loss)
+/* d = W - RTN(W diag s) diag(1/s) of the sampled rows, [rows, n] */
+static mxq_status scaled_rtn_error(mxq_ctx *ctx, const mxq_mx_spec *spec, const awq_sample *smp, size_t n,
+                                   const double *s, float *q, float *d)
 {
     mxq_status status = MXQ_OK;
-    const size_t rows = smp->rows, n = (size_t)in;
-    float *q = smp->dh; /* RTN of W diag s, before dh is needed */
+    const size_t rows = smp->rows;
     for (size_t r = 0; r < rows; r++)
         for (size_t j = 0; j < n; j++)
             q[r * n + j] = (float)((double)smp->w[r * n + j] * s[j]);
@@ -114,13 +118,32 @@ static mxq_status sample_loss(mxq_ctx *ctx, const mxq_mx_spec *spec, awq_sample 
     for (size_t r = 0; r < rows; r++)
         for (size_t j = 0; j < n; j++) {
             float back = (float)((double)q[r * n + j] / s[j]);
-            smp->d[r * n + j] = (float)((double)smp->w[r * n + j] - (double)back);
+            d[r * n + j] = smp->w[r * n + j] - back;
         }
-    cblas_ssymm(CblasRowMajor, CblasRight, CblasUpper, (int)rows, in, 1.0f, hf, in, smp->d, in, 0.0f, smp->dh, in);
-    double total = 0.0;
-    for (size_t i = 0; i < rows * n; i++)
-        total += (double)smp->d[i] * (double)smp->dh[i];
-    *loss = total * smp->to_all;
+fail:
+    return status;
+}
+
+/* losses[a] += tr(dW H dW^T) of the sampled rows, scaled to all rows, for
+ * the alphas a in [a0, a1) (scales s_all[a * n ...]); hf is H, full, in
+ * float32. One sgemm for all of them. */
+static mxq_status sample_losses(mxq_ctx *ctx, const mxq_mx_spec *spec, awq_sample *smp, int in, const float *hf,
+                                const double *s_all, int a0, int a1, double *losses)
+{
+    mxq_status status = MXQ_OK;
+    const size_t rows = smp->rows, n = (size_t)in, per = rows * n;
+    for (int a = a0; a < a1; a++) /* dh's slot serves as the quantization scratch */
+        CALL(ctx, scaled_rtn_error(ctx, spec, smp, n, s_all + (size_t)a * n, smp->dh + (size_t)(a - a0) * per,
+                                   smp->d + (size_t)(a - a0) * per));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)((size_t)(a1 - a0) * rows), in, in, 1.0f, smp->d, in,
+                hf, in, 0.0f, smp->dh, in);
+    for (int a = a0; a < a1; a++) {
+        const float *d = smp->d + (size_t)(a - a0) * per, *dh = smp->dh + (size_t)(a - a0) * per;
+        double total = 0.0;
+        for (size_t i = 0; i < per; i++)
+            total += (double)d[i] * (double)dh[i];
+        losses[a] += total * smp->to_all;
+    }
 fail:
     return status;
 }
@@ -140,121 +163,160 @@ static void awq_scales(const double *mean, int in, double alpha, double *s)
         s[j] /= norm;
 }
 
+/* Every alpha's loss over the group: losses[grid]. */
+static mxq_status grid_losses(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_linear_group *g, const double *h,
+                              const double *s_all, const mxq_awq_options *opt, double *losses)
+{
+    mxq_status status = MXQ_OK;
+    const size_t in = (size_t)g->in;
+    awq_sample smp[4] = {{0}};
+    float *hf = mxq_alloc_floats(in * in);
+    CHECK_ALLOC(ctx, hf, in * in * sizeof(float), "the AWQ search");
+    for (size_t i = 0; i < in * in; i++)
+        hf[i] = (float)h[i];
+    CALL(ctx, awq_samples_init(ctx, g, opt->sample_rows, smp));
+    for (int k = 0; k < g->n; k++)
+        for (int a0 = 0; a0 < opt->grid; a0 += ALPHAS_PER_GEMM) {
+            int a1 = a0 + ALPHAS_PER_GEMM < opt->grid ? a0 + ALPHAS_PER_GEMM : opt->grid;
+            CALL(ctx, sample_losses(ctx, spec, &smp[k], g->in, hf, s_all, a0, a1, losses));
+        }
+fail:
+    awq_samples_free(smp, 4);
+    free(hf);
+    return status;
+}
+
 mxq_status mxq_awq_search(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_linear_group *g, const double *h,
                           const double *mean, const mxq_awq_options *opt, double *best_s, double *best_alpha,
                           double *best_loss)
 {
     mxq_status status = MXQ_OK;
     const size_t in = (size_t)g->in;
-    awq_sample smp[4] = {{0}};
-    double *s = malloc(in * sizeof(double));
-    float *hf = mxq_alloc_floats(in * in);
-    CHECK_ALLOC(ctx, s && hf, in * in * sizeof(float), "the AWQ search");
+    double *s_all = NULL, *losses = NULL;
     CHECK(ctx, opt->grid >= 1, MXQ_ERR_ARG, "awq grid must be at least 1");
     CHECK(ctx, g->n >= 1 && g->n <= 4, MXQ_ERR_ARG, "an AWQ group has 1 to 4 linears, not %d", g->n);
-    for (size_t i = 0; i < in * in; i++)
-        hf[i] = (float)h[i];
-    CALL(ctx, awq_samples_init(ctx, g, opt->sample_rows, smp));
+    s_all = malloc((size_t)opt->grid * in * sizeof(double));
+    losses = calloc((size_t)opt->grid, sizeof(double));
+    CHECK_ALLOC(ctx, s_all && losses, (size_t)opt->grid * in * sizeof(double), "the AWQ search");
+    for (int a = 0; a < opt->grid; a++)
+        awq_scales(mean, g->in, (double)a / opt->grid, s_all + (size_t)a * in);
+    CALL(ctx, grid_losses(ctx, spec, g, h, s_all, opt, losses));
     *best_loss = INFINITY;
     *best_alpha = 0.0;
-    for (int gi = 0; gi < opt->grid; gi++) {
-        double alpha = (double)gi / opt->grid, loss = 0.0;
-        awq_scales(mean, g->in, alpha, s);
-        for (int k = 0; k < g->n; k++) {
-            double part;
-            CALL(ctx, sample_loss(ctx, spec, &smp[k], g->in, hf, s, &part));
-            loss += part;
+    for (int a = 0; a < opt->grid; a++)
+        if (losses[a] < *best_loss) { /* strict: ties keep the smaller alpha, so alpha 0 (no scaling) wins ties */
+            *best_loss = losses[a];
+            *best_alpha = (double)a / opt->grid;
+            memcpy(best_s, s_all + (size_t)a * in, in * sizeof(double));
         }
-        /* strict: ties keep the smaller alpha, so alpha 0 (no scaling) wins ties */
-        if (loss < *best_loss) {
-            *best_loss = loss;
-            *best_alpha = alpha;
-            memcpy(best_s, s, in * sizeof(double));
-        }
-    }
     CHECK(ctx, isfinite(*best_loss), MXQ_ERR_ARG, "AWQ search found no finite loss (NaN or Inf in weights or Hessian)");
 fail:
-    awq_samples_free(smp, 4);
-    free(s);
-    free(hf);
+    free(s_all);
+    free(losses);
     return status;
 }
 
-/* Scratch of the clip search over one MX block column: [out, B] each. */
+/* Scratch of the clip search over one MX block column: all candidates of
+ * every row at once, [out * steps, B] each (row r's candidates adjacent, so
+ * that a weight row is read once). */
 typedef struct {
-    float *cand, *q, *d, *dh, *hb; /* hb: [B, B] H's diagonal block */
-    float *org, *best_max;         /* [out] */
-    double *best;                  /* [out] */
+    float *cand, *q, *dh, *hb; /* hb: [B, B] H's diagonal block */
+    float *org;                /* [out] */
+    size_t out, steps;
 } clip_work;
 
 static void clip_work_free(clip_work *c)
 {
     free(c->cand);
     free(c->q);
-    free(c->d);
     free(c->dh);
     free(c->hb);
     free(c->org);
-    free(c->best_max);
-    free(c->best);
 }
 
-/* Candidate `i` (shrink i / clip_grid) for every row of block column
- * [c0, c0+n): loss d H_bb d^T per row with one sgemm; keeps the best. */
-static mxq_status clip_candidate(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *w, size_t out, size_t in,
-                                 size_t c0, size_t n, double shrink, clip_work *c)
+/* d H_bb d^T of one row of n <= MXQ_MX_BLOCK_MAX, in float lanes summed in
+ * double: the loop vectorizes and the order is fixed. */
+static double row_quadratic(const float *d, const float *dh, size_t n)
+{
+    float lane[16] = {0};
+    size_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (size_t l = 0; l < 16; l++)
+            lane[l] += d[j + l] * dh[j + l];
+    double total = 0.0;
+    for (size_t l = 0; l < 16; l++)
+        total += (double)lane[l];
+    for (; j < n; j++)
+        total += (double)d[j] * (double)dh[j];
+    return total;
+}
+
+/* Every candidate (shrink i / clip_grid) of every row of block column
+ * [c0, c0+n): one quantization and one sgemm for all of them. Leaves
+ * cand = W - Q per candidate and dh = (W - Q) H_bb. */
+static mxq_status clip_candidates(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *w, size_t in, size_t c0,
+                                  size_t n, int clip_grid, clip_work *c)
 {
     mxq_status status = MXQ_OK;
-    for (size_t r = 0; r < out; r++) {
+    const size_t rows = c->out * c->steps;
+    for (size_t r = 0; r < c->out; r++) {
         const float *row = w + r * in + c0;
-        float mv = (float)((double)c->org[r] * (1.0 - shrink));
-        for (size_t j = 0; j < n; j++)
-            c->cand[r * n + j] = row[j] > mv ? mv : row[j] < -mv ? -mv : row[j];
-    }
-    CALL(ctx, mxq_mx_quantize_rows(ctx, spec, c->cand, out, n, NULL, NULL, c->q));
-    for (size_t r = 0; r < out; r++)
-        for (size_t j = 0; j < n; j++)
-            c->d[r * n + j] = (float)((double)w[r * in + c0 + j] - (double)c->q[r * n + j]);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)out, (int)n, (int)n, 1.0f, c->d, (int)n, c->hb,
-                (int)n, 0.0f, c->dh, (int)n);
-    for (size_t r = 0; r < out; r++) {
-        double loss = 0.0;
-        for (size_t j = 0; j < n; j++)
-            loss += (double)c->d[r * n + j] * (double)c->dh[r * n + j];
-        if (loss < c->best[r]) { /* strict: ties keep the smaller shrink */
-            c->best[r] = loss;
-            c->best_max[r] = (float)((double)c->org[r] * (1.0 - shrink));
+        for (size_t i = 0; i < c->steps; i++) {
+            float mv = (float)((double)c->org[r] * (1.0 - (double)i / clip_grid)), *cand = c->cand + (r * c->steps + i) * n;
+            for (size_t j = 0; j < n; j++) {
+                float v = row[j] > mv ? mv : row[j];
+                cand[j] = v < -mv ? -mv : v;
+            }
         }
     }
+    CALL(ctx, mxq_mx_quantize_rows(ctx, spec, c->cand, rows, n, NULL, NULL, c->q));
+    for (size_t r = 0; r < c->out; r++) {
+        const float *row = w + r * in + c0;
+        for (size_t i = 0; i < c->steps; i++) {
+            const float *q = c->q + (r * c->steps + i) * n;
+            float *d = c->cand + (r * c->steps + i) * n;
+            for (size_t j = 0; j < n; j++)
+                d[j] = row[j] - q[j];
+        }
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)n, (int)n, 1.0f, c->cand, (int)n, c->hb,
+                (int)n, 0.0f, c->dh, (int)n);
 fail:
     return status;
 }
 
-/* One block column: every candidate, then each row clamped to its best. */
-static mxq_status clip_block_column(mxq_ctx *ctx, const mxq_mx_spec *spec, float *w, size_t out, size_t in,
-                                    const double *h, size_t c0, size_t n, int clip_grid, int steps, clip_work *c)
+/* One block column: every candidate, then each row clamped to its best
+ * (strict: ties keep the smaller shrink). An all-zero or non-finite block
+ * is left alone. */
+static mxq_status clip_block_column(mxq_ctx *ctx, const mxq_mx_spec *spec, float *w, size_t in, const double *h,
+                                    size_t c0, size_t n, int clip_grid, clip_work *c)
 {
     mxq_status status = MXQ_OK;
     for (size_t a = 0; a < n; a++)
         for (size_t b = 0; b < n; b++)
             c->hb[a * n + b] = (float)h[(c0 + a) * in + c0 + b];
-    for (size_t r = 0; r < out; r++) {
+    for (size_t r = 0; r < c->out; r++) {
         float org = 0.0f;
         for (size_t j = 0; j < n; j++)
             org = fabsf(w[r * in + c0 + j]) > org ? fabsf(w[r * in + c0 + j]) : org;
         c->org[r] = org;
-        c->best_max[r] = org;
-        /* an all-zero or non-finite block is left alone */
-        c->best[r] = org > 0.0f && isfinite(org) ? INFINITY : -INFINITY;
     }
-    for (int i = 0; i < steps; i++)
-        CALL(ctx, clip_candidate(ctx, spec, w, out, in, c0, n, (double)i / clip_grid, c));
-    for (size_t r = 0; r < out; r++) {
-        float bm = c->best_max[r], *row = w + r * in + c0;
-        if (c->best[r] == -INFINITY)
+    CALL(ctx, clip_candidates(ctx, spec, w, in, c0, n, clip_grid, c));
+    for (size_t r = 0; r < c->out; r++) {
+        if (!(c->org[r] > 0.0f) || !isfinite(c->org[r]))
             continue;
+        double best = INFINITY;
+        float best_max = c->org[r], *row = w + r * in + c0;
+        for (size_t i = 0; i < c->steps; i++) {
+            size_t k = (r * c->steps + i) * n;
+            double loss = row_quadratic(c->cand + k, c->dh + k, n);
+            if (loss < best) {
+                best = loss;
+                best_max = (float)((double)c->org[r] * (1.0 - (double)i / clip_grid));
+            }
+        }
         for (size_t j = 0; j < n; j++)
-            row[j] = row[j] > bm ? bm : row[j] < -bm ? -bm : row[j];
+            row[j] = row[j] > best_max ? best_max : row[j] < -best_max ? -best_max : row[j];
     }
 fail:
     return status;
@@ -264,22 +326,22 @@ mxq_status mxq_awq_clip(mxq_ctx *ctx, const mxq_mx_spec *spec, float *w, int out
                         int clip_grid, double max_shrink)
 {
     mxq_status status = MXQ_OK;
-    const size_t B = (size_t)spec->block, rows = (size_t)out;
-    const int steps = (int)(max_shrink * clip_grid + 1e-9);
+    const size_t B = (size_t)spec->block;
     clip_work c = {0};
+    c.out = (size_t)out;
+    c.steps = (size_t)(max_shrink * clip_grid + 1e-9);
+    if (c.steps == 0)
+        return MXQ_OK; /* the only candidate would be no shrink */
+    const size_t rows = c.out * c.steps;
     c.cand = mxq_alloc_floats(rows * B);
     c.q = mxq_alloc_floats(rows * B);
-    c.d = mxq_alloc_floats(rows * B);
     c.dh = mxq_alloc_floats(rows * B);
     c.hb = mxq_alloc_floats(B * B);
-    c.org = malloc(rows * sizeof(float));
-    c.best_max = malloc(rows * sizeof(float));
-    c.best = malloc(rows * sizeof(double));
-    CHECK_ALLOC(ctx, c.cand && c.q && c.d && c.dh && c.hb && c.org && c.best_max && c.best,
-                4 * rows * B * sizeof(float), "the AWQ clip search");
+    c.org = malloc(c.out * sizeof(float));
+    CHECK_ALLOC(ctx, c.cand && c.q && c.dh && c.hb && c.org, 3 * rows * B * sizeof(float), "the AWQ clip search");
     for (size_t c0 = 0; c0 < (size_t)in; c0 += B) {
         size_t n = (size_t)in - c0 < B ? (size_t)in - c0 : B;
-        CALL(ctx, clip_block_column(ctx, spec, w, rows, (size_t)in, h, c0, n, clip_grid, steps, &c));
+        CALL(ctx, clip_block_column(ctx, spec, w, (size_t)in, h, c0, n, clip_grid, &c));
     }
 fail:
     clip_work_free(&c);

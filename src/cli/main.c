@@ -223,6 +223,7 @@ static int run_verb(const char *verb, int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+    mxq_keep_freed_memory();
     if (argc < 2) {
         if (launcher_is_rank0())
             print_main_help(stderr);

@@ -1,6 +1,8 @@
 #define _DEFAULT_SOURCE
 #include "core/alloc.h"
+#include "mxq/core.h"
 
+#include <malloc.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 
@@ -25,4 +27,10 @@ float *mxq_alloc_floats(size_t n)
     if (n > (size_t)-1 / sizeof(float))
         return NULL;
     return mxq_alloc(n * sizeof(float));
+}
+
+void mxq_keep_freed_memory(void)
+{
+    (void)mallopt(M_MMAP_MAX, 0);
+    (void)mallopt(M_TRIM_THRESHOLD, -1); /* -1: never trim */
 }
