@@ -151,7 +151,9 @@ static void phase_flops(const mxq_model_config *cfg, const mxq_recipe *r, const 
         mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
         double m = out, n = in, B = r->weights.block;
         f[PH_FORWARD] += 2.0 * m * n * T;
-        f[PH_LOSS] += 4.0 * m * n * n; /* RTN and final loss, ssymm each */
+        /* RTN and final loss, ssymm each, on every (out / 256)-th row from 512 rows up */
+        double loss_rows = out < 512 ? m : floor(m / floor(m / 256.0));
+        f[PH_LOSS] += 4.0 * loss_rows * n * n;
         if (gptq)
             f[PH_GPTQ] += n * n * n / 3.0 + m * n * n + m * n * gptq->gptq.microblock;
         if (awq && awq->awq.clip && li != MXQ_LIN_Q && li != MXQ_LIN_K)

@@ -179,6 +179,189 @@ static void test_awq_search_matches_brute_force(void **state)
 
 /* Clipping: every block's max shrinks by at most max_shrink, and the
  * per-block loss never grows (no clip is a candidate). */
+/* ---- the AWQ search against a plain double search ----------------------- */
+
+/* The exact AWQ loss of scales from mean^alpha over a group, plainly in
+ * double: sum_k tr(dW_k H dW_k^T), every row. */
+static double exact_awq_loss(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_linear_group *g, const double *h,
+                             const double *mean, double alpha)
+{
+    const size_t in = (size_t)g->in;
+    double *sc = malloc(in * sizeof(double)), smax = 0, smin = INFINITY, total = 0;
+    for (size_t j = 0; j < in; j++) {
+        sc[j] = fmax(pow(mean[j], alpha), 1e-4);
+        smax = fmax(smax, sc[j]);
+        smin = fmin(smin, sc[j]);
+    }
+    for (size_t j = 0; j < in; j++)
+        sc[j] /= sqrt(smax * smin);
+    for (int k = 0; k < g->n; k++) {
+        size_t out = (size_t)g->out[k];
+        float *q = malloc(out * in * sizeof(float));
+        double *d = malloc(in * sizeof(double));
+        for (size_t i = 0; i < out * in; i++)
+            q[i] = (float)((double)g->weight[k][i] * sc[i % in]);
+        assert_int_equal(mxq_mx_quantize_rows(ctx, spec, q, out, in, NULL, NULL, q), MXQ_OK);
+        for (size_t r = 0; r < out; r++) {
+            for (size_t j = 0; j < in; j++)
+                d[j] = (double)g->weight[k][r * in + j] - (double)(float)((double)q[r * in + j] / sc[j]);
+            for (size_t a = 0; a < in; a++)
+                for (size_t b = 0; b < in; b++)
+                    total += d[a] * h[a * in + b] * d[b];
+        }
+        free(q);
+        free(d);
+    }
+    free(sc);
+    return total;
+}
+
+/* The alpha of the grid with the smallest exact loss (ties: smaller alpha). */
+static double exact_awq_alpha(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_linear_group *g, const double *h,
+                              const double *mean, int grid, double *best_loss)
+{
+    double best_alpha = 0;
+    *best_loss = INFINITY;
+    for (int a = 0; a < grid; a++) {
+        double loss = exact_awq_loss(ctx, spec, g, h, mean, (double)a / grid);
+        if (loss < *best_loss) {
+            *best_loss = loss;
+            best_alpha = (double)a / grid;
+        }
+    }
+    return best_alpha;
+}
+
+typedef struct {
+    mxq_layer_stats *stats;
+} bundled_stats;
+
+static mxq_status observe_bundled(mxq_ctx *ctx, void *user, int layer, mxq_input_id input, const float *x,
+                                  size_t tokens, int features)
+{
+    (void)features;
+    bundled_stats *b = user;
+    return mxq_input_stats_add(ctx, &b->stats[layer].input[input], x, tokens);
+}
+
+/* On the bundled model, with its calibration set, every layer's four
+ * input groups: the search mxq runs (float32 GEMMs; its row sampling does
+ * not apply to linears this small) picks the alpha the plain double search
+ * picks. */
+static void test_awq_search_on_bundled_model(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    mxq_ctx_create(&ctx);
+    mxq_model_config cfg;
+    mxq_model *m;
+    assert_int_equal(mxq_config_load(ctx, tu_data_path("stories260K"), &cfg), MXQ_OK);
+    mxq_model_part all = {0, cfg.n_layers, 1, 0};
+    assert_int_equal(mxq_model_load(ctx, tu_data_path("stories260K"), &cfg, &all, &m), MXQ_OK);
+    hid_t file = H5Fopen(tu_data_path("stories260K/calib.h5"), H5F_ACC_RDONLY, H5P_DEFAULT);
+    int rank;
+    size_t dims[4];
+    int32_t *ids = tu_h5_read(file, "/tokens", H5T_NATIVE_INT32, 4, &rank, dims);
+    H5Fclose(file);
+    const int n_seqs = dims[0] < 16 ? (int)dims[0] : 16, S = (int)dims[1];
+    mxq_layer_stats *stats = calloc((size_t)cfg.n_layers, sizeof(*stats));
+    for (int l = 0; l < cfg.n_layers; l++)
+        assert_int_equal(mxq_layer_stats_init(ctx, &cfg, &stats[l]), MXQ_OK);
+    bundled_stats b = {stats};
+    mxq_observer obs = {observe_bundled, &b};
+    mxq_workspace *ws;
+    float *x = malloc((size_t)n_seqs * S * cfg.hidden * sizeof(float));
+    assert_int_equal(mxq_workspace_create(ctx, &cfg, n_seqs, S, &ws), MXQ_OK);
+    assert_int_equal(mxq_model_embed(ctx, m, ids, n_seqs, S, x), MXQ_OK);
+    assert_int_equal(mxq_model_run_layers_observed(ctx, m, 0, cfg.n_layers, x, n_seqs, S, NULL, &obs, ws), MXQ_OK);
+    mxq_mx_spec spec = {mxq_format_get(MXQ_MXINT4), 32, MXQ_ROUND_EVEN, MXQ_KERNEL_AUTO};
+    mxq_awq_options opt = {20, 1, 20, 0.5, 128};
+    int compared = 0;
+    for (int l = 0; l < cfg.n_layers; l++)
+        for (int input = 0; input < MXQ_INPUT_COUNT; input++) {
+            mxq_input_stats *in = &stats[l].input[input];
+            mxq_input_stats_finish(in);
+            mxq_linear_group g = {0};
+            for (int li = 0; li < MXQ_LIN_COUNT; li++)
+                if (mxq_linear_input((mxq_linear_id)li) == (mxq_input_id)input) {
+                    int out, inf;
+                    mxq_linear_shape(&cfg, (mxq_linear_id)li, &out, &inf);
+                    g.weight[g.n] = m->layers[l].weight[li];
+                    g.out[g.n++] = out;
+                    g.in = inf;
+                }
+            double *mean = malloc((size_t)g.in * sizeof(double)), *sc = malloc((size_t)g.in * sizeof(double));
+            for (int j = 0; j < g.in; j++)
+                mean[j] = in->abs_sum[j] / in->n_tokens;
+            double alpha, loss, exact_loss;
+            assert_int_equal(mxq_awq_search(ctx, &spec, &g, in->hessian, mean, &opt, sc, &alpha, &loss), MXQ_OK);
+            double exact = exact_awq_alpha(ctx, &spec, &g, in->hessian, mean, opt.grid, &exact_loss);
+            if (alpha != exact || fabs(loss - exact_loss) > 1e-4 * exact_loss)
+                fail_msg("layer %d %s: alpha %.2f, loss %.6g; the plain double search: alpha %.2f, loss %.6g", l,
+                         mxq_input_name((mxq_input_id)input), alpha, loss, exact, exact_loss);
+            compared++;
+            free(mean);
+            free(sc);
+        }
+    print_message("# AWQ: %d groups of the bundled model, the same alpha as the plain double search\n", compared);
+    for (int l = 0; l < cfg.n_layers; l++)
+        mxq_layer_stats_free(&stats[l]);
+    free(stats);
+    free(x);
+    free(ids);
+    mxq_workspace_free(ws);
+    mxq_model_free(m);
+    mxq_ctx_destroy(ctx);
+}
+
+/* Where row sampling applies (1024 rows, every 8th evaluated): the alpha
+ * it picks is within 1% of the best exact loss of the grid, over seeds and
+ * group sizes (the stated tolerance), and mostly the same alpha. */
+static void test_awq_sampled_search_tolerance(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    mxq_ctx_create(&ctx);
+    const size_t tokens = 600, in = 96, out = 1024;
+    mxq_mx_spec spec = {mxq_format_get(MXQ_MXINT4), 32, MXQ_ROUND_EVEN, MXQ_KERNEL_AUTO};
+    mxq_awq_options opt = {20, 1, 20, 0.5, 128};
+    int same = 0, cases = 0;
+    double worst = 0;
+    for (uint64_t seed = 1; seed <= 6; seed++)
+        for (int n = 1; n <= 3; n += 2) {
+            tu_rng rng = {seed * 7919};
+            float *x = make_x(&rng, tokens, in), *w[3];
+            mxq_input_stats st = stats_of(ctx, x, tokens, in);
+            mxq_linear_group g = {n, {0}, {0}, (int)in};
+            for (int k = 0; k < n; k++) {
+                w[k] = make_w(&rng, out, in);
+                g.weight[k] = w[k];
+                g.out[k] = (int)out;
+            }
+            double mean[96], sc[96], alpha, loss, exact_loss;
+            for (size_t j = 0; j < in; j++)
+                mean[j] = st.abs_sum[j] / st.n_tokens;
+            assert_int_equal(mxq_awq_search(ctx, &spec, &g, st.hessian, mean, &opt, sc, &alpha, &loss), MXQ_OK);
+            double exact = exact_awq_alpha(ctx, &spec, &g, st.hessian, mean, opt.grid, &exact_loss);
+            double at_chosen = exact_awq_loss(ctx, &spec, &g, st.hessian, mean, alpha);
+            double excess = at_chosen / exact_loss - 1.0;
+            worst = fmax(worst, excess);
+            same += alpha == exact;
+            cases++;
+            if (excess > 0.01)
+                fail_msg("seed %llu, %d linears: sampled alpha %.2f has exact loss %.6g, %.2f%% above the best "
+                         "(alpha %.2f, %.6g)",
+                         (unsigned long long)seed, n, alpha, at_chosen, 100 * excess, exact, exact_loss);
+            for (int k = 0; k < n; k++)
+                free(w[k]);
+            free(x);
+            mxq_input_stats_free(&st);
+        }
+    print_message("# AWQ with sampled rows: %d of %d cases the exact alpha; worst exact-loss excess %.3f%%\n", same,
+                  cases, 100 * worst);
+    mxq_ctx_destroy(ctx);
+}
+
 static void test_awq_clip_properties(void **state)
 {
     (void)state;
@@ -448,6 +631,8 @@ int main(void)
         cmocka_unit_test(test_stats_match_explicit_sums),
         cmocka_unit_test(test_smoothquant_formula),
         cmocka_unit_test(test_awq_search_matches_brute_force),
+        cmocka_unit_test(test_awq_search_on_bundled_model),
+        cmocka_unit_test(test_awq_sampled_search_tolerance),
         cmocka_unit_test(test_awq_clip_properties),
         cmocka_unit_test(test_pack_with_scales),
         cmocka_unit_test(test_single_linear_smoothquant),
