@@ -25,7 +25,6 @@ void openblas_set_num_threads(int);
 
 int main(int argc, char **argv)
 {
-    mxq_keep_freed_memory();
     int repeats = 3, threads = 1, block = 32, micro = 128, lazy = 128;
     const char *format = "mxint4";
     char shapes_arg[256] = "4096x4096,11008x4096";

@@ -321,7 +321,7 @@ static int bench_recipe(mxq_ctx *ctx, const bench_opts *o, const char *file)
 
 int main(int argc, char **argv)
 {
-    mxq_keep_freed_memory();
+    mxq_keep_freed_memory(); /* as the mxq CLI does */
     bench_opts o = {4096, 512, 3, 1, "configs/recipes", NULL, NULL, "", 0, 0};
     const char *recipes[] = {"w4a8-mxint-rtn.yaml", "w4a8-mxint-gptq.yaml", "w4a8-mxint-awq-gptq.yaml",
                              "w4a8-mxint-sq-gptq.yaml"};
