@@ -147,8 +147,8 @@ static json_t *algorithm_json(const mxq_algo_step *st, int *ok)
     if (st->kind == MXQ_ALGO_SMOOTHQUANT)
         params = json_pack("{s:f}", "alpha", st->smoothquant.alpha);
     else if (st->kind == MXQ_ALGO_AWQ)
-        params = json_pack("{s:i, s:b, s:i, s:f}", "grid", st->awq.grid, "clip", st->awq.clip, "clip_grid",
-                           st->awq.clip_grid, "max_shrink", st->awq.max_shrink);
+        params = json_pack("{s:i, s:b, s:i, s:f, s:i}", "grid", st->awq.grid, "clip", st->awq.clip, "clip_grid",
+                           st->awq.clip_grid, "max_shrink", st->awq.max_shrink, "sample_rows", st->awq.sample_rows);
     else
         params = json_pack("{s:i, s:i, s:f, s:b}", "block", st->gptq.lazy_block, "microblock", st->gptq.microblock,
                            "damp", st->gptq.damp, "act_order", st->gptq.act_order);

@@ -79,8 +79,14 @@ static void test_defaults(void **state)
     assert_int_equal(r.steps[0].awq.grid, 20);
     assert_int_equal(r.steps[0].awq.clip, 1);
     assert_true(r.steps[0].awq.max_shrink == 0.5);
+    assert_int_equal(r.steps[0].awq.sample_rows, 128);
     assert_int_equal(r.steps[1].gptq.microblock, 128);
     assert_true(r.steps[1].gptq.damp == 0.01);
+    mxq_recipe_free(&r);
+
+    text = "weights: {format: mxint4}\nalgorithms:\n  - awq: {sample_rows: 0}\n";
+    assert_int_equal(mxq_recipe_parse_string(ctx, text, "rows.yaml", &r), MXQ_OK);
+    assert_int_equal(r.steps[0].awq.sample_rows, 0); /* 0: every row */
     mxq_recipe_free(&r);
 
     text = "weights: {format: mxint8, block: 64, rounding: nearest}\nactivations: none\nalgorithms: []\n"
