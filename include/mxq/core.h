@@ -97,7 +97,7 @@ int mxq_ctx_fault_missed(const mxq_ctx *ctx);
 double mxq_time_now(void);
 
 /* For a program's main(), before any large allocation: freed arrays stay
- * in the process (glibc heap, no mmap per allocation, no trimming) and are
+ * in the process (glibc only: heap, no mmap per allocation, no trimming) and are
  * reused by the next layer or linear. Fresh pages from the
  * kernel cost a fault, zeroing and huge-page compaction each time: GPTQ on
  * a llama-2-7b layer took 10 s instead of 7. The price: the process keeps

@@ -68,9 +68,9 @@ mxq_status mxq_quant_loss(mxq_ctx *ctx, const float *a, const float *b, size_t m
 {
     mxq_status status = MXQ_OK;
     /* float GEMM, double sums: rows a chunk at a time keep the scratch small */
-    const size_t chunk = m < 256 ? m : 256;
-    float *hf = malloc(n * n * sizeof(float)), *d = malloc(chunk * n * sizeof(float)),
-          *dh = malloc(chunk * n * sizeof(float));
+    const size_t chunk = m < 256 ? (m ? m : 1) : 256;
+    float *hf = malloc(n * n * sizeof(float) + 1), *d = malloc(chunk * n * sizeof(float) + 1),
+          *dh = malloc(chunk * n * sizeof(float) + 1);
     *loss = 0.0;
     CHECK_ALLOC(ctx, hf && d && dh, (n * n + 2 * chunk * n) * sizeof(float), "the loss computation");
     for (size_t i = 0; i < n * n; i++)
@@ -355,8 +355,10 @@ fail:
 
 /* The report's losses against the undamped Hessian: GPTQ's from ||D R||^2,
  * round-to-nearest's with one strmm, both corrected for the damping:
- * tr(D H D^T) = N/2 (||D R||^2 - lambda ||D||^2). `orig` is the input in
- * processing order, dead channels zeroed (H gives them no weight). */
+ * tr(D H D^T) = N/2 (||D R||^2 - lambda ||D||^2), clamped at 0 (the
+ * difference loses digits when the loss is far below lambda ||D||^2).
+ * `orig` is the input in processing order before dead channels were
+ * zeroed; H gives them no weight, so D is masked there. */
 static mxq_status gptq_losses(mxq_ctx *ctx, gptq_work *g, const float *orig, double n_tokens, mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
@@ -373,12 +375,12 @@ static mxq_status gptq_losses(mxq_ctx *ctx, gptq_work *g, const float *orig, dou
         d2 += dv * dv;
         rtn_d2 += rv * rv;
     }
-    stats->loss = 0.5 * n_tokens * (g->sum_e2 - g->lambda * d2);
+    stats->loss = fmax(0.0, 0.5 * n_tokens * (g->sum_e2 - g->lambda * d2));
     cblas_strmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, (int)m, (int)n, 1.0f, g->r,
                 (int)n, rtn, (int)n);
     for (size_t i = 0; i < m * n; i++)
         rtn_e2 += (double)rtn[i] * (double)rtn[i];
-    stats->loss_rtn = 0.5 * n_tokens * (rtn_e2 - g->lambda * rtn_d2);
+    stats->loss_rtn = fmax(0.0, 0.5 * n_tokens * (rtn_e2 - g->lambda * rtn_d2));
     stats->seconds_loss = mxq_time_now() - tl;
 fail:
     free(rtn);

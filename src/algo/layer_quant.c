@@ -162,16 +162,16 @@ static mxq_status report_loss(mxq_ctx *ctx, const float *a, const float *b, int 
     const size_t n = (size_t)in, stride = out < 2 * REPORT_ROWS ? 1 : (size_t)out / REPORT_ROWS;
     const size_t rows = (size_t)out / stride;
     float *sa = NULL, *sb = NULL;
-    if (stride == 1)
-        return mxq_quant_loss(ctx, a, b, (size_t)out, n, h, loss);
-    sa = malloc(rows * n * sizeof(float));
-    sb = malloc(rows * n * sizeof(float));
-    CHECK_ALLOC(ctx, sa && sb, 2 * rows * n * sizeof(float), "the report's loss rows");
-    for (size_t r = 0; r < rows; r++) {
-        memcpy(sa + r * n, a + r * stride * n, n * sizeof(float));
-        memcpy(sb + r * n, b + r * stride * n, n * sizeof(float));
+    if (stride > 1) {
+        sa = malloc(rows * n * sizeof(float));
+        sb = malloc(rows * n * sizeof(float));
+        CHECK_ALLOC(ctx, sa && sb, 2 * rows * n * sizeof(float), "the report's loss rows");
+        for (size_t r = 0; r < rows; r++) {
+            memcpy(sa + r * n, a + r * stride * n, n * sizeof(float));
+            memcpy(sb + r * n, b + r * stride * n, n * sizeof(float));
+        }
     }
-    CALL(ctx, mxq_quant_loss(ctx, sa, sb, rows, n, h, loss));
+    CALL(ctx, mxq_quant_loss(ctx, sa ? sa : a, sb ? sb : b, rows, n, h, loss));
     *loss *= (double)out / (double)rows;
 fail:
     free(sa);

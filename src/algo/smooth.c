@@ -65,42 +65,56 @@ static size_t search_row_stride(int out, int sample_rows)
 
 /* Alphas whose losses one GEMM evaluates: H streams through the GEMM's
  * packing once per call, which with a few hundred rows costs as much as
- * the arithmetic; 8 at a time keeps the scratch of down_proj near 90 MB. */
-enum { ALPHAS_PER_GEMM = 8 };
+ * the arithmetic. Up to 8 at a time, within a 64 MB scratch per array
+ * (down_proj at 128 rows: 8 alphas, 45 MB; every row of gate_proj: 1). */
+enum { ALPHAS_MAX = 8 };
+#define AWQ_SCRATCH_BYTES (64.0 * 1048576.0)
 
-/* The rows of one linear the search evaluates, and its scratch. */
+/* The rows of one linear the search evaluates. */
 typedef struct {
     float *w;        /* [rows, in] every stride-th row of the weight */
-    float *d, *dh;   /* [ALPHAS_PER_GEMM * rows, in] dW and dW H per alpha */
     size_t rows;
     double to_all;   /* out / rows: the estimate of the whole linear's loss */
 } awq_sample;
 
-static void awq_samples_free(awq_sample *smp, int n)
+/* Shared by the group's linears, evaluated one after the other. */
+typedef struct {
+    float *d, *dh;   /* [alphas * max rows, in] dW and dW H per alpha */
+    int alphas;      /* alphas per GEMM */
+} awq_scratch;
+
+static void awq_samples_free(awq_sample *smp, int n, awq_scratch *sc)
 {
-    for (int k = 0; k < n; k++) {
+    for (int k = 0; k < n; k++)
         free(smp[k].w);
-        free(smp[k].d);
-        free(smp[k].dh);
-    }
+    free(sc->d);
+    free(sc->dh);
 }
 
-static mxq_status awq_samples_init(mxq_ctx *ctx, const mxq_linear_group *g, int sample_rows, awq_sample *smp)
+static mxq_status awq_samples_init(mxq_ctx *ctx, const mxq_linear_group *g, int sample_rows, awq_sample *smp,
+                                   awq_scratch *sc)
 {
     mxq_status status = MXQ_OK;
     const size_t in = (size_t)g->in;
+    size_t max_rows = 0;
     for (int k = 0; k < g->n; k++) {
+        CHECK(ctx, g->out[k] >= 1, MXQ_ERR_ARG, "an AWQ group's linear %d has no rows", k);
         size_t stride = search_row_stride(g->out[k], sample_rows), rows = (size_t)g->out[k] / stride;
         smp[k].rows = rows;
         smp[k].to_all = (double)g->out[k] / (double)rows;
         smp[k].w = mxq_alloc_floats(rows * in);
-        smp[k].d = mxq_alloc_floats(ALPHAS_PER_GEMM * rows * in);
-        smp[k].dh = mxq_alloc_floats(ALPHAS_PER_GEMM * rows * in);
-        CHECK_ALLOC(ctx, smp[k].w && smp[k].d && smp[k].dh, (2 * ALPHAS_PER_GEMM + 1) * rows * in * sizeof(float),
-                    "the AWQ search");
+        CHECK_ALLOC(ctx, smp[k].w, rows * in * sizeof(float), "the AWQ search");
         for (size_t r = 0; r < rows; r++)
             memcpy(smp[k].w + r * in, g->weight[k] + r * stride * in, in * sizeof(float));
+        max_rows = rows > max_rows ? rows : max_rows;
     }
+    double per_alpha = (double)max_rows * (double)in * sizeof(float);
+    sc->alphas = per_alpha * ALPHAS_MAX <= AWQ_SCRATCH_BYTES ? ALPHAS_MAX
+                 : per_alpha >= AWQ_SCRATCH_BYTES       ? 1
+                                                        : (int)(AWQ_SCRATCH_BYTES / per_alpha);
+    sc->d = mxq_alloc_floats((size_t)sc->alphas * max_rows * in);
+    sc->dh = mxq_alloc_floats((size_t)sc->alphas * max_rows * in);
+    CHECK_ALLOC(ctx, sc->d && sc->dh, 2 * (size_t)sc->alphas * max_rows * in * sizeof(float), "the AWQ search");
 fail:
     return status;
 }
@@ -127,18 +141,18 @@ fail:
 /* losses[a] += tr(dW H dW^T) of the sampled rows, scaled to all rows, for
  * the alphas a in [a0, a1) (scales s_all[a * n ...]); hf is H, full, in
  * float32. One sgemm for all of them. */
-static mxq_status sample_losses(mxq_ctx *ctx, const mxq_mx_spec *spec, awq_sample *smp, int in, const float *hf,
-                                const double *s_all, int a0, int a1, double *losses)
+static mxq_status sample_losses(mxq_ctx *ctx, const mxq_mx_spec *spec, const awq_sample *smp, awq_scratch *sc,
+                                int in, const float *hf, const double *s_all, int a0, int a1, double *losses)
 {
     mxq_status status = MXQ_OK;
     const size_t rows = smp->rows, n = (size_t)in, per = rows * n;
     for (int a = a0; a < a1; a++) /* dh's slot serves as the quantization scratch */
-        CALL(ctx, scaled_rtn_error(ctx, spec, smp, n, s_all + (size_t)a * n, smp->dh + (size_t)(a - a0) * per,
-                                   smp->d + (size_t)(a - a0) * per));
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)((size_t)(a1 - a0) * rows), in, in, 1.0f, smp->d, in,
-                hf, in, 0.0f, smp->dh, in);
+        CALL(ctx, scaled_rtn_error(ctx, spec, smp, n, s_all + (size_t)a * n, sc->dh + (size_t)(a - a0) * per,
+                                   sc->d + (size_t)(a - a0) * per));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)((size_t)(a1 - a0) * rows), in, in, 1.0f, sc->d, in,
+                hf, in, 0.0f, sc->dh, in);
     for (int a = a0; a < a1; a++) {
-        const float *d = smp->d + (size_t)(a - a0) * per, *dh = smp->dh + (size_t)(a - a0) * per;
+        const float *d = sc->d + (size_t)(a - a0) * per, *dh = sc->dh + (size_t)(a - a0) * per;
         double total = 0.0;
         for (size_t i = 0; i < per; i++)
             total += (double)d[i] * (double)dh[i];
@@ -170,18 +184,19 @@ static mxq_status grid_losses(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_l
     mxq_status status = MXQ_OK;
     const size_t in = (size_t)g->in;
     awq_sample smp[4] = {{0}};
+    awq_scratch sc = {0};
     float *hf = mxq_alloc_floats(in * in);
     CHECK_ALLOC(ctx, hf, in * in * sizeof(float), "the AWQ search");
     for (size_t i = 0; i < in * in; i++)
         hf[i] = (float)h[i];
-    CALL(ctx, awq_samples_init(ctx, g, opt->sample_rows, smp));
+    CALL(ctx, awq_samples_init(ctx, g, opt->sample_rows, smp, &sc));
     for (int k = 0; k < g->n; k++)
-        for (int a0 = 0; a0 < opt->grid; a0 += ALPHAS_PER_GEMM) {
-            int a1 = a0 + ALPHAS_PER_GEMM < opt->grid ? a0 + ALPHAS_PER_GEMM : opt->grid;
-            CALL(ctx, sample_losses(ctx, spec, &smp[k], g->in, hf, s_all, a0, a1, losses));
+        for (int a0 = 0; a0 < opt->grid; a0 += sc.alphas) {
+            int a1 = a0 + sc.alphas < opt->grid ? a0 + sc.alphas : opt->grid;
+            CALL(ctx, sample_losses(ctx, spec, &smp[k], &sc, g->in, hf, s_all, a0, a1, losses));
         }
 fail:
-    awq_samples_free(smp, 4);
+    awq_samples_free(smp, 4, &sc);
     free(hf);
     return status;
 }
@@ -329,16 +344,15 @@ mxq_status mxq_awq_clip(mxq_ctx *ctx, const mxq_mx_spec *spec, float *w, int out
     mxq_status status = MXQ_OK;
     const size_t B = (size_t)spec->block, nin = (size_t)in;
     clip_work c = {0};
+    /* no steps: the only candidate would be no shrink, and nothing changes */
     c.steps = (size_t)(max_shrink * clip_grid + 1e-9);
-    if (c.steps == 0)
-        return MXQ_OK; /* the only candidate would be no shrink */
-    const size_t rows = CLIP_ROWS * c.steps;
+    const size_t rows = CLIP_ROWS * (c.steps ? c.steps : 1);
     c.cand = mxq_alloc_floats(rows * B);
     c.q = mxq_alloc_floats(rows * B);
     c.dh = mxq_alloc_floats(rows * B);
     c.hb = mxq_alloc_floats(B * B);
-    CHECK_ALLOC(ctx, c.cand && c.q && c.dh && c.hb, 3 * rows * B * sizeof(float), "the AWQ clip search");
-    for (size_t c0 = 0; c0 < nin; c0 += B) {
+    CHECK_ALLOC(ctx, c.cand && c.q && c.dh && c.hb, (3 * rows * B + B * B) * sizeof(float), "the AWQ clip search");
+    for (size_t c0 = 0; c.steps > 0 && c0 < nin; c0 += B) {
         size_t n = nin - c0 < B ? nin - c0 : B;
         for (size_t a = 0; a < n; a++)
             for (size_t b = 0; b < n; b++)

@@ -2,7 +2,9 @@
 #include "core/alloc.h"
 #include "mxq/core.h"
 
+#ifdef __GLIBC__
 #include <malloc.h>
+#endif
 #include <stdlib.h>
 #include <sys/mman.h>
 
@@ -31,6 +33,8 @@ float *mxq_alloc_floats(size_t n)
 
 void mxq_keep_freed_memory(void)
 {
+#ifdef __GLIBC__ /* elsewhere the allocator's own policy stands */
     (void)mallopt(M_MMAP_MAX, 0);
     (void)mallopt(M_TRIM_THRESHOLD, -1); /* -1: never trim */
+#endif
 }

@@ -188,7 +188,8 @@ mxq_status mxq_mx_pack_with_scales(mxq_ctx *ctx, const mxq_mx_spec *spec, const 
             if (se == MXQ_SE_NAN)
                 memset(codes + c0, 0, c1 - c0);
             else
-                CALL_IN(ctx, encode_block(ctx, spec, table, row + c0, c1 - c0, se, codes + c0), "row %zu", r);
+                CALL_IN(ctx, encode_block(ctx, spec, table, row + c0, c1 - c0, se, codes + c0),
+                        "row %zu, the block from column %zu", r, c0);
         }
         mxq_mx_pack_row(f, codes, cols, packed + r * row_bytes);
     }

@@ -175,7 +175,7 @@ static double quant_loss(const float *a, const float *b, size_t m, size_t n, con
 
 /* ---- tests ---------------------------------------------------------- */
 
-static void test_microblock1_equals_reference(void **state)
+static void test_microblock1_agrees_with_reference(void **state)
 {
     (void)state;
     mxq_ctx *ctx;
@@ -313,7 +313,7 @@ static void test_option_errors(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_microblock1_equals_reference),
+        cmocka_unit_test(test_microblock1_agrees_with_reference),
         cmocka_unit_test(test_properties),
         cmocka_unit_test(test_option_errors),
     };
