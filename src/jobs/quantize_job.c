@@ -333,6 +333,15 @@ fail:
 static mxq_status build_report(mxq_ctx *ctx, quantize_job *job, const double *seconds)
 {
     mxq_status status = MXQ_OK;
+    const int size = job->dist.size, batch = job->batch < job->calib.n_seqs ? job->batch : job->calib.n_seqs;
+    job->report.predicted_rss = calloc((size_t)size, sizeof(double));
+    CHECK_ALLOC(ctx, job->report.predicted_rss, (size_t)size * sizeof(double), "the memory plan");
+    for (int r = 0; r < size; r++) {
+        mxq_rank_plan plan;
+        mxq_quantize_plan_rank(&job->cfg, &job->recipe, job->first, size, r, batch, job->calib.seq_len,
+                               job->calib.n_seqs, job->opt->stats_layers, &plan);
+        job->report.predicted_rss[r] = plan.total;
+    }
     CALL(ctx, mxq_quantize_report_build(ctx, &job->report, &job->recipe, &job->cfg, job->model_dir, job->calib_path,
                                         job->recipe_path, seconds));
     CALL(ctx, mxq_quantize_report_stage(ctx, &job->report, job->out_dir, &job->inputs));

@@ -1,5 +1,6 @@
 /* The figures of mxq quantize: gathered on rank 0, printed as a table,
  * written as mxq_report.json, config.json and the index. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -225,6 +226,12 @@ static json_t *report_json(const mxq_quantize_report *rep, const char *model_dir
     for (int r = 0; r < rep->size; r++)
         mxq_json_push(rss, json_real(rep->peak_rss[r] / 1048576.0), ok);
     mxq_json_put(report, "peak_rss_mb_per_rank", rss, ok);
+    if (rep->predicted_rss) {
+        json_t *pred = json_array();
+        for (int r = 0; r < rep->size; r++)
+            mxq_json_push(pred, json_real(rep->predicted_rss[r] / 1048576.0), ok);
+        mxq_json_put(report, "predicted_peak_rss_mb_per_rank", pred, ok);
+    }
     mxq_json_put(report, "totals",
                         json_pack("{s:f, s:f, s:f, s:f, s:f}", "loss_rtn", tot_rtn, "loss", tot_loss, "seconds_quantize",
                                   seconds[0], "seconds_write", seconds[1], "seconds_total", seconds[2]), ok);
@@ -270,10 +277,19 @@ static void print_summary(mxq_ctx *ctx, const mxq_quantize_report *rep, double q
                   rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0, rec->seconds_calib + rec->seconds,
                   rec->peak_rss / 1048576.0, alphas[0] ? alphas : "-");
     }
-    for (int r = 0; r < rep->size; r++)
+    double predicted = 0;
+    for (int r = 0; r < rep->size; r++) {
         peak = rep->peak_rss[r] > peak ? rep->peak_rss[r] : peak;
-    mxq_print(ctx, "total  %-5s %12.4e %12.4e %+7.1f%%  quantize %.2f s, peak rss %.0f MB/rank\n", "", tot_rtn, tot_loss,
-           tot_rtn > 0 ? 100.0 * (tot_loss - tot_rtn) / tot_rtn : 0.0, quant_seconds, peak / 1048576.0);
+        if (rep->predicted_rss && rep->predicted_rss[r] > predicted)
+            predicted = rep->predicted_rss[r];
+    }
+    char pred[64] = "";
+    if (predicted > 0)
+        snprintf(pred, sizeof(pred), " (--dry-run predicted %.0f MB, %+.0f%%)", predicted / 1048576.0,
+                 100.0 * (predicted - peak) / peak);
+    mxq_print(ctx, "total  %-5s %12.4e %12.4e %+7.1f%%  quantize %.2f s, peak rss %.0f MB/rank%s\n", "", tot_rtn,
+              tot_loss, tot_rtn > 0 ? 100.0 * (tot_loss - tot_rtn) / tot_rtn : 0.0, quant_seconds, peak / 1048576.0,
+              pred);
 }
 
 mxq_status mxq_quantize_report_build(mxq_ctx *ctx, mxq_quantize_report *rep, const mxq_recipe *recipe,
@@ -333,53 +349,84 @@ void mxq_quantize_report_free(mxq_quantize_report *rep)
     free(rep->lens);
     free(rep->records);
     free(rep->peak_rss);
+    free(rep->predicted_rss);
     json_decref(rep->weight_map);
     json_decref(rep->config);
     json_decref(rep->report);
     memset(rep, 0, sizeof(*rep));
 }
 
-/* ---- --dry-run --------------------------------------------------------------- */
+/* ---- --dry-run and the memory plan ----------------------------------------- */
 
-void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size,
-                             int batch, int seq_len, int samples, int stats_layers)
+/* Bytes the quantization of the largest linear adds: in float32, the
+ * layer's reference copy and GPTQ's weights, error feedback (3 m n) and
+ * Cholesky factor (n^2), or AWQ's float32 H and scratch (n^2 + 2 x 64 MB),
+ * or the report's loss (a round-to-nearest copy m n + float32 H n^2). */
+static double quantize_bytes(const mxq_model_config *cfg)
 {
-    /* in double: a plan must print for any model, not wrap around */
-    const double MB = 1048576.0, layer = (double)mxq_config_layer_params(cfg) * sizeof(float);
-    const double emb = (double)mxq_config_embedding_params(cfg) * sizeof(float), stats = (double)mxq_layer_stats_bytes(cfg);
-    const double d = cfg->hidden;
-    double work = mxq_workspace_bytes(cfg, batch, seq_len) + 2.0 * batch * seq_len * d * sizeof(float);
-    /* the largest linear during quantization: a reference copy, the loss's
-     * two double matrices, GPTQ's double Hessian work arrays */
     double quant = 0;
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
         int out, in;
         mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
-        double b = (double)out * in * (sizeof(float) + 2 * sizeof(double)) + 3.0 * in * in * sizeof(double);
+        const double mn = (double)out * in * sizeof(float), nn = (double)in * in * sizeof(float);
+        /* AWQ: about 128 sampled rows per alpha, up to 8 alphas within 64 MB */
+        const double rows = out < 256 ? out : 128.0, per_alpha = rows * in * sizeof(float);
+        const double alphas = per_alpha * 8 <= 64.0 * 1048576.0 ? 8 : fmax(1.0, floor(64.0 * 1048576.0 / per_alpha));
+        double gptq = 3.0 * mn + nn, awq = nn + (2.0 * alphas + 3.0) * per_alpha, report = mn + nn;
+        double b = gptq > awq ? gptq : awq;
+        b = b > report ? b : report;
         quant = b > quant ? b : quant;
     }
-    const double store = (double)samples * seq_len * d * sizeof(float);
+    return quant;
+}
+
+void mxq_quantize_plan_rank(const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size, int r,
+                            int batch, int seq_len, int samples, int stats_layers, mxq_rank_plan *plan)
+{
+    /* in double: a plan must print for any model, not wrap around */
+    const double layer = (double)mxq_config_layer_params(cfg) * sizeof(float);
+    const double emb = (double)mxq_config_embedding_params(cfg) * sizeof(float), stats = (double)mxq_layer_stats_bytes(cfg);
+    const double d = cfg->hidden, store = (double)samples * seq_len * d * sizeof(float);
+    const double gram_panel = 512.0 * cfg->intermediate * sizeof(float);
+    const int n = first[r + 1] - first[r], held = stats_layers > 0 && stats_layers < n ? stats_layers : n;
+    plan->weights = n * layer + (r == 0 ? emb : 0) +
+                    (r == size - 1 ? (cfg->tie_embeddings && size > 1 ? emb : 0) + (cfg->tie_embeddings ? 0 : emb) +
+                                         d * sizeof(float)
+                                   : 0);
+    plan->stats = recipe->calib_mode == MXQ_CALIB_FP ? held * stats : stats + store;
+    plan->work = mxq_workspace_bytes(cfg, batch, seq_len) + 2.0 * batch * seq_len * d * sizeof(float) + gram_panel;
+    plan->quant = n > 0 ? quantize_bytes(cfg) : 0;
+    plan->base = MXQ_PLAN_BASE_BYTES;
+    plan->total = plan->weights + plan->stats + plan->work + plan->quant + plan->base;
+    /* while loading, the checkpoint's pages of this rank's tensors are mapped
+     * too (BF16: half the float32 size) */
+    if (1.5 * plan->weights + plan->base > plan->total)
+        plan->total = 1.5 * plan->weights + plan->base;
+}
+
+void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size,
+                             int batch, int seq_len, int samples, int stats_layers)
+{
+    const double MB = 1048576.0, stats = (double)mxq_layer_stats_bytes(cfg);
     mxq_print(ctx, "plan: %d layers over %d rank%s; calibration %d x %d tokens, %s mode, micro-batch %d\n", cfg->n_layers, size,
            size == 1 ? "" : "s", samples, seq_len, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential", batch);
-    mxq_print(ctx, "%-6s %-12s %-16s %12s %12s %12s %12s\n", "rank", "layers", "also", "weights MB", "stats MB", "work MB",
-           "total MB");
+    mxq_print(ctx, "%-6s %-12s %-16s %12s %12s %12s %12s %14s\n", "rank", "layers", "also", "weights MB", "stats MB",
+              "work MB", "quantize MB", "peak RSS MB");
     for (int r = 0; r < size; r++) {
-        int n = first[r + 1] - first[r];
-        double w = n * layer + (r == 0 ? emb : 0) +
-                   (r == size - 1 ? (cfg->tie_embeddings && size > 1 ? emb : 0) + (cfg->tie_embeddings ? 0 : emb) +
-                                        d * sizeof(float)
-                                  : 0);
-        int held = stats_layers > 0 && stats_layers < n ? stats_layers : n;
-        double s = recipe->calib_mode == MXQ_CALIB_FP ? held * stats : stats + store;
+        mxq_rank_plan p;
+        mxq_quantize_plan_rank(cfg, recipe, first, size, r, batch, seq_len, samples, stats_layers, &p);
         char layers[32], also[32] = "";
         snprintf(layers, sizeof(layers), "[%d, %d)", first[r], first[r + 1]);
         snprintf(also, sizeof(also), "%s%s", r == 0 ? "embedding " : "", r == size - 1 ? "norm+head" : "");
-        mxq_print(ctx, "%-6d %-12s %-16s %12.1f %12.1f %12.1f %12.1f\n", r, layers, also, w / MB, s / MB, (work + quant) / MB,
-               (w + s + work + quant) / MB);
+        mxq_print(ctx, "%-6d %-12s %-16s %12.1f %12.1f %12.1f %12.1f %14.1f\n", r, layers, also, p.weights / MB,
+                  p.stats / MB, p.work / MB, p.quant / MB, p.total / MB);
     }
     mxq_print(ctx, "stats: Hessians (double) of the 4 linear inputs of a layer = %.1f MB per layer%s\n", stats / MB,
            recipe->calib_mode == MXQ_CALIB_FP
                ? (stats_layers > 0 ? ", held for --stats-layers layers at a time (one calibration pass per group)"
                                    : ", held for every owned layer until it is quantized (bound it with --stats-layers)")
                : "; sequential mode also holds the calibration activations");
+    mxq_print(ctx, "peak RSS: weights (float32) + stats + work (forward workspace, pipeline buffers, a Gram panel) + "
+                   "the largest linear's quantization + %.0f MB of libraries\n",
+              MXQ_PLAN_BASE_BYTES / MB);
 }

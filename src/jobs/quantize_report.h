@@ -30,6 +30,7 @@ typedef struct {
     mxq_layer_record *records; /* [n_records], in layer order */
     int n_records, capacity;
     double *peak_rss;          /* [size] bytes */
+    double *predicted_rss;     /* [size] bytes, the --dry-run plan's (NULL: not known) */
     json_t *weight_map;        /* tensor -> shard */
     uint64_t total_bytes;      /* tensor data of all shards */
     json_t *config, *report;
@@ -69,6 +70,18 @@ mxq_status mxq_quantize_report_commit(mxq_ctx *ctx, mxq_quantize_report *report)
 void mxq_quantize_report_abort(mxq_quantize_report *report);
 
 void mxq_quantize_report_free(mxq_quantize_report *report);
+
+/* The memory plan of one rank, in bytes (double: plans of any size). */
+typedef struct {
+    double weights, stats, work, quant, base, total; /* total: the predicted peak RSS */
+} mxq_rank_plan;
+
+/* What the process holds besides the plan's arrays: MPI, OpenBLAS and the
+ * other libraries (the whole bundled-model run peaks at 34 MB a rank). */
+#define MXQ_PLAN_BASE_BYTES (32.0 * 1048576.0)
+
+void mxq_quantize_plan_rank(const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size, int rank,
+                            int batch, int seq_len, int samples, int stats_layers, mxq_rank_plan *plan);
 
 /* --dry-run: who owns which layers and the predicted memory per rank. */
 void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size,

@@ -295,7 +295,7 @@ static void test_dry_run(void **state)
         fail_msg("dry run failed: %s", r.err);
     print_message("# %.*s\n", (int)strcspn(r.out, "\n"), r.out);
     assert_non_null(strstr(r.out, "[0, "));
-    assert_non_null(strstr(r.out, "total MB"));
+    assert_non_null(strstr(r.out, "peak RSS MB"));
     assert_false(access(out, F_OK) == 0);
 }
 
