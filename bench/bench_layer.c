@@ -15,11 +15,15 @@
  *   (forward + Gram flops) / sgemm peak + GPTQ flops / dgemm peak
  * with GPTQ flops those of mxq's algorithm: n^3/3 + m n^2 + m n b2 per
  * linear. Medians over the runs; total / floor is the figure of merit. */
+#define _XOPEN_SOURCE 700
+#include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "bench_util.h"
@@ -35,7 +39,8 @@ static const char *phase_names[PH_COUNT] = {"load",  "forward", "statistics", "s
 typedef struct {
     int tokens, seq_len, repeats, threads;
     const char *recipes_dir, *model_dir, *only;
-    char tmp_model[256];
+    char scratch[512];   /* mkdtemp directory of this run: the output file, the synthesized model */
+    char tmp_model[600]; /* <scratch>/model when synthesized */
     double speak, dpeak;
 } bench_opts;
 
@@ -110,8 +115,8 @@ fail:
 static int write_packed(const bench_opts *o, const mxq_recipe *r, const mxq_model_config *cfg,
                         const mxq_layer_result *res, double *t)
 {
-    char path[512];
-    snprintf(path, sizeof(path), "%s/bench-layer-out.bin", o->model_dir);
+    char path[600];
+    snprintf(path, sizeof(path), "%s/out.bin", o->scratch);
     double t0 = mxq_time_now();
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644), ok = fd >= 0;
     for (int li = 0; ok && li < MXQ_LIN_COUNT; li++) {
@@ -188,7 +193,7 @@ static int run_once(mxq_ctx *ctx, const bench_opts *o, const mxq_recipe *r, doub
     t[PH_PACK] += res.seconds_pack;
     t[PH_LOSS] += res.seconds_loss;
     if (write_packed(o, r, &cfg, &res, t) != 0) {
-        fprintf(stderr, "bench_layer: cannot write the packed weights under %s\n", o->model_dir);
+        fprintf(stderr, "bench_layer: cannot write the packed weights under %s\n", o->scratch);
         goto fail;
     }
     rc = 0;
@@ -231,14 +236,28 @@ static void print_recipe(const char *name, const bench_opts *o, double runs[][PH
     fflush(stdout);
 }
 
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: bench_layer [--tokens 4096] [--seq-len 512] [--repeats 3] [--threads 1]\n"
+               "                   [--recipes configs/recipes] [--only NAME-PART] [--model DIR]\n"
+               "                   [--keep-model] [--verbose]\n"
+               "Without --model, synthesizes a one-layer llama-2-7b (BF16, ~0.9 GB) in a fresh directory\n"
+               "under $TMPDIR (default /tmp), removed at the end unless --keep-model.\n");
+}
+
 static int parse_args(int argc, char **argv, bench_opts *o)
 {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--keep-model") == 0 || strcmp(a, "--verbose") == 0)
             continue;
-        if (!v) {
-            fprintf(stderr, "bench_layer: %s needs a value\n", a);
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            usage(stdout);
+            return 1;
+        }
+        if (strncmp(a, "--", 2) != 0 || !v) {
+            fprintf(stderr, "bench_layer: %s\n", v ? "options start with --" : "an option needs a value");
+            usage(stderr);
             return -1;
         }
         i++;
@@ -257,8 +276,8 @@ static int parse_args(int argc, char **argv, bench_opts *o)
         else if (strcmp(a, "--only") == 0)
             o->only = v;
         else {
-            fprintf(stderr, "usage: bench_layer [--tokens 4096] [--seq-len 512] [--repeats 3] [--threads 1] "
-                            "[--recipes configs/recipes] [--only NAME-PART] [--model DIR] [--keep-model] [--verbose]\n");
+            fprintf(stderr, "bench_layer: unknown option '%s'\n", a);
+            usage(stderr);
             return -1;
         }
     }
@@ -269,15 +288,24 @@ static int parse_args(int argc, char **argv, bench_opts *o)
     return 0;
 }
 
-/* A one-layer llama-2-7b in BF16, in a fresh directory under $TMPDIR. */
-static int make_model(mxq_ctx *ctx, bench_opts *o)
+/* This run's scratch directory, fresh under $TMPDIR (mkdtemp: nobody
+ * else's files are ever in it). */
+static int make_scratch(bench_opts *o)
 {
     const char *tmp = getenv("TMPDIR");
-    snprintf(o->tmp_model, sizeof(o->tmp_model), "%s/mxq-bench-layer-XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    if (!mkdtemp(o->tmp_model)) {
-        perror("bench_layer: mkdtemp");
+    snprintf(o->scratch, sizeof(o->scratch), "%s/mxq-bench-layer-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(o->scratch)) {
+        fprintf(stderr, "bench_layer: cannot create a scratch directory '%s': %s\n", o->scratch, strerror(errno));
+        o->scratch[0] = '\0';
         return -1;
     }
+    return 0;
+}
+
+/* A one-layer llama-2-7b in BF16, in <scratch>/model. */
+static int make_model(mxq_ctx *ctx, bench_opts *o)
+{
+    snprintf(o->tmp_model, sizeof(o->tmp_model), "%s/model", o->scratch);
     mxq_synth_options so = {mxq_synth_preset_by_name("llama-2-7b"), 1, MXQ_DT_BF16, 0, 7, 1};
     if (mxq_synth_write(ctx, &so, o->tmp_model) != MXQ_OK) {
         mxq_error_print(ctx, stderr, "bench_layer");
@@ -287,14 +315,24 @@ static int make_model(mxq_ctx *ctx, bench_opts *o)
     return 0;
 }
 
-static void remove_model(const bench_opts *o)
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
-    char cmd[400];
-    if (!o->tmp_model[0])
-        return;
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", o->tmp_model);
-    if (system(cmd) != 0)
-        fprintf(stderr, "bench_layer: could not remove %s\n", o->tmp_model);
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+/* The scratch directory and everything in it (no symlink is followed). */
+static int remove_scratch(const bench_opts *o)
+{
+    if (!o->scratch[0])
+        return 0;
+    if (nftw(o->scratch, remove_entry, 16, FTW_DEPTH | FTW_PHYS) != 0) {
+        fprintf(stderr, "bench_layer: could not remove %s: %s\n", o->scratch, strerror(errno));
+        return -1;
+    }
+    return 0;
 }
 
 static int bench_recipe(mxq_ctx *ctx, const bench_opts *o, const char *file)
@@ -319,44 +357,87 @@ static int bench_recipe(mxq_ctx *ctx, const bench_opts *o, const char *file)
     return rc;
 }
 
+static const char *const all_recipes[] = {"w4a8-mxint-rtn.yaml", "w4a8-mxint-gptq.yaml",
+                                           "w4a8-mxint-awq-gptq.yaml", "w4a8-mxint-sq-gptq.yaml"};
+enum { N_RECIPES = sizeof(all_recipes) / sizeof(*all_recipes) };
+
+/* Before anything costly: the selected recipes parse, and a given model
+ * has a config. */
+static int check_inputs(mxq_ctx *ctx, const bench_opts *o)
+{
+    int selected = 0;
+    for (int k = 0; k < N_RECIPES; k++) {
+        if (o->only && !strstr(all_recipes[k], o->only))
+            continue;
+        char path[512];
+        mxq_recipe r;
+        snprintf(path, sizeof(path), "%s/%s", o->recipes_dir, all_recipes[k]);
+        if (mxq_recipe_load(ctx, path, &r) != MXQ_OK) {
+            mxq_error_print(ctx, stderr, "bench_layer");
+            return -1;
+        }
+        mxq_recipe_free(&r);
+        selected++;
+    }
+    if (!selected) {
+        fprintf(stderr, "bench_layer: --only '%s' matches none of the recipes (rtn, gptq, awq-gptq, sq-gptq)\n",
+                o->only);
+        return -1;
+    }
+    mxq_model_config cfg;
+    if (o->model_dir && mxq_config_load(ctx, o->model_dir, &cfg) != MXQ_OK) {
+        mxq_error_print(ctx, stderr, "bench_layer");
+        return -1;
+    }
+    return 0;
+}
+
+static int run_all(mxq_ctx *ctx, bench_opts *o)
+{
+    int rc = 0;
+    o->dpeak = bench_gemm_peak(1, 3);
+    o->speak = bench_gemm_peak(0, 3);
+    const char *coretype = getenv("OPENBLAS_CORETYPE");
+    o->tokens = o->tokens / o->seq_len * o->seq_len;
+    printf("# bench_layer: layer 0 of %s%s, %d calibration tokens (%d x %d), %d thread%s, medians of %d runs\n",
+           o->model_dir, o->tmp_model[0] ? " (synthesized llama-2-7b, BF16)" : "", o->tokens, o->tokens / o->seq_len,
+           o->seq_len, o->threads, o->threads == 1 ? "" : "s", o->repeats);
+    printf("# env: OPENBLAS_CORETYPE=%s; measured peak: sgemm %.1f GFLOP/s, dgemm %.1f GFLOP/s\n",
+           coretype ? coretype : "(unset)", o->speak, o->dpeak);
+    for (int k = 0; k < N_RECIPES && rc == 0; k++)
+        if (!o->only || strstr(all_recipes[k], o->only))
+            rc = bench_recipe(ctx, o, all_recipes[k]);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     mxq_keep_freed_memory(); /* as the mxq CLI does */
-    bench_opts o = {4096, 512, 3, 1, "configs/recipes", NULL, NULL, "", 0, 0};
-    const char *recipes[] = {"w4a8-mxint-rtn.yaml", "w4a8-mxint-gptq.yaml", "w4a8-mxint-awq-gptq.yaml",
-                             "w4a8-mxint-sq-gptq.yaml"};
+    bench_opts o = {4096, 512, 3, 1, "configs/recipes", NULL, NULL, "", "", 0, 0};
     int keep = 0, verbose = 0, rc = 0;
     for (int i = 1; i < argc; i++) {
         keep |= strcmp(argv[i], "--keep-model") == 0;
         verbose |= strcmp(argv[i], "--verbose") == 0;
     }
-    if (parse_args(argc, argv, &o) != 0)
-        return 2;
+    int parsed = parse_args(argc, argv, &o);
+    if (parsed != 0)
+        return parsed > 0 ? 0 : 2; /* 1: --help */
     openblas_set_num_threads(o.threads);
     mxq_ctx *ctx;
     mxq_ctx_create(&ctx);
     if (verbose)
         mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG);
-    if (!o.model_dir && make_model(ctx, &o) != 0) {
-        remove_model(&o);
-        return 1;
+    rc = check_inputs(ctx, &o) != 0 || make_scratch(&o) != 0 || (!o.model_dir && make_model(ctx, &o) != 0);
+    if (!rc)
+        rc = run_all(ctx, &o) != 0;
+    if (keep && o.tmp_model[0] && !rc) {
+        printf("# model kept in %s (remove the directory %s when done)\n", o.tmp_model, o.scratch);
+        char out[600];
+        snprintf(out, sizeof(out), "%s/out.bin", o.scratch);
+        unlink(out);
+    } else if (remove_scratch(&o) != 0) {
+        rc = 1;
     }
-    o.dpeak = bench_gemm_peak(1, 3);
-    o.speak = bench_gemm_peak(0, 3);
-    const char *coretype = getenv("OPENBLAS_CORETYPE");
-    printf("# bench_layer: one llama-2-7b layer (%s), %d calibration tokens (%d x %d), %d thread%s, medians of %d runs\n",
-           o.model_dir, o.tokens / o.seq_len * o.seq_len, o.tokens / o.seq_len, o.seq_len, o.threads,
-           o.threads == 1 ? "" : "s", o.repeats);
-    printf("# env: OPENBLAS_CORETYPE=%s; measured peak: sgemm %.1f GFLOP/s, dgemm %.1f GFLOP/s\n",
-           coretype ? coretype : "(unset)", o.speak, o.dpeak);
-    o.tokens = o.tokens / o.seq_len * o.seq_len;
-    for (size_t k = 0; k < sizeof(recipes) / sizeof(*recipes) && rc == 0; k++)
-        if (!o.only || strstr(recipes[k], o.only))
-            rc = bench_recipe(ctx, &o, recipes[k]);
-    if (!keep)
-        remove_model(&o);
-    else if (o.tmp_model[0])
-        printf("# model kept in %s\n", o.tmp_model);
     mxq_ctx_destroy(ctx);
     return rc ? 1 : 0;
 }

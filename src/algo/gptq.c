@@ -230,7 +230,8 @@ static mxq_status prepare_hessian(mxq_ctx *ctx, gptq_work *g, const mxq_gptq_opt
     lapack_int info = LAPACKE_spotrf_work(LAPACK_COL_MAJOR, 'U', (lapack_int)n, g->r, (lapack_int)n);
     CHECK(ctx, info == 0, MXQ_ERR_LAPACK,
           "GPTQ: Cholesky factorization of the damped Hessian failed (LAPACK info=%d): it is not positive definite "
-          "in float32; raise gptq.damp (now %g)",
+          "in float32; raise gptq.damp (now %g; a rank-deficient Hessian, e.g. fewer tokens than inputs, needs about "
+          "1e-5 or more)",
           (int)info, o->damp);
     reverse_floats(g->r, n * n);
 fail:

@@ -182,13 +182,16 @@ fail:
 /* tr(dW H dW^T) of round-to-nearest of w: the baseline every recipe is
  * reported against. */
 static mxq_status rtn_loss(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *w, int out, int in, const double *h,
-                           double *loss)
+                           int exact, double *loss)
 {
     mxq_status status = MXQ_OK;
     float *tmp = malloc((size_t)out * in * sizeof(float));
     CHECK_ALLOC(ctx, tmp, (size_t)out * in * sizeof(float), "a weight copy");
     CALL(ctx, mxq_mx_quantize_rows(ctx, spec, w, (size_t)out, (size_t)in, NULL, NULL, tmp));
-    CALL(ctx, report_loss(ctx, w, tmp, out, in, h, loss));
+    if (exact)
+        CALL(ctx, mxq_quant_loss(ctx, w, tmp, (size_t)out, (size_t)in, h, loss));
+    else
+        CALL(ctx, report_loss(ctx, w, tmp, out, in, h, loss));
 fail:
     free(tmp);
     return status;
@@ -345,7 +348,7 @@ static mxq_status quantize_layer_steps(mxq_ctx *ctx, const mxq_recipe *recipe, c
         if (quantized[li])
             CALL_IN(ctx,
                     rtn_loss(ctx, &recipe->weights, L->weight[li], out, in,
-                             stats->input[mxq_linear_input((mxq_linear_id)li)].hessian, &res->linear[li].loss_rtn),
+                             stats->input[mxq_linear_input((mxq_linear_id)li)].hessian, 0, &res->linear[li].loss_rtn),
                     "layer %d %s", layer, mxq_linear_name((mxq_linear_id)li));
     }
     double t1 = mxq_time_now();
@@ -455,7 +458,9 @@ mxq_status mxq_quantize_single_linear(mxq_ctx *ctx, const mxq_recipe *recipe, in
     CALL(ctx, stats_copy(ctx, stats, &work));
     for (size_t j = 0; j < f; j++)
         total[j] = 1.0;
-    CALL(ctx, rtn_loss(ctx, &recipe->weights, weight, out, in, stats->hessian, loss_rtn));
+    /* one linear: exact losses (2 out in^2 flops each), for comparisons with
+     * independent implementations */
+    CALL(ctx, rtn_loss(ctx, &recipe->weights, weight, out, in, stats->hessian, 1, loss_rtn));
     memcpy(q, weight, (size_t)out * f * sizeof(float));
     CALL(ctx, single_scale_steps(ctx, recipe, role, q, out, in, &work, total));
     CALL(ctx, quantize_weight(ctx, recipe, find_step(recipe, MXQ_ALGO_GPTQ), find_step(recipe, MXQ_ALGO_AWQ), role, q,
@@ -464,7 +469,7 @@ mxq_status mxq_quantize_single_linear(mxq_ctx *ctx, const mxq_recipe *recipe, in
     for (size_t r = 0; r < (size_t)out; r++)
         for (size_t j = 0; j < f; j++)
             q[r * f + j] = (float)((double)q[r * f + j] / total[j]);
-    CALL(ctx, report_loss(ctx, weight, q, out, in, stats->hessian, loss));
+    CALL(ctx, mxq_quant_loss(ctx, weight, q, (size_t)out, (size_t)in, stats->hessian, loss));
 fail:
     mxq_input_stats_free(&work);
     free(total);

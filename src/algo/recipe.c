@@ -211,8 +211,14 @@ static mxq_status parse_algorithm(reader *r, struct fy_node *item, mxq_recipe *r
                 CALL(r->ctx, get_int(r, v, node_line(kn), "clip_grid", 1, 1000, &step->awq.clip_grid));
             else if (strcmp(k, "max_shrink") == 0)
                 CALL(r->ctx, get_double(r, v, node_line(kn), "max_shrink", 0.0, 0.99, &step->awq.max_shrink));
-            else if (strcmp(k, "sample_rows") == 0)
+            else if (strcmp(k, "sample_rows") == 0) {
                 CALL(r->ctx, get_int(r, v, node_line(kn), "sample_rows", 0, 1 << 20, &step->awq.sample_rows));
+                /* a handful of rows makes the search's estimate noise (measured:
+                 * 1 row made AWQ 11.6% worse than no scaling) */
+                if (step->awq.sample_rows > 0 && step->awq.sample_rows < 32)
+                    RFAIL(r, node_line(v), "'sample_rows' must be 0 (every row) or at least 32, got %d",
+                          step->awq.sample_rows);
+            }
         }
     } else if (name && strcmp(name, "gptq") == 0) {
         step->kind = MXQ_ALGO_GPTQ;

@@ -220,6 +220,10 @@ static json_t *report_json(const mxq_quantize_report *rep, const char *model_dir
     mxq_json_put(report, "calibration", json_string(calib_path), ok);
     mxq_json_put(report, "recipe", json_string(recipe_path), ok);
     mxq_json_put(report, "ranks", json_integer(rep->size), ok);
+    mxq_json_put(report, "loss_rows",
+                 json_string("losses of a linear of 512 rows or more are estimated from every (out/256)-th row, "
+                             "scaled to all rows; smaller linears exactly"),
+                 ok);
     for (int l = 0; l < rep->n_records; l++)
         mxq_json_push(layers, layer_json(&rep->records[l], &tot_rtn, &tot_loss, ok), ok);
     mxq_json_put(report, "layers", layers, ok);

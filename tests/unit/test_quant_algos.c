@@ -392,41 +392,83 @@ static void test_awq_sampled_search_tolerance(void **state)
     mxq_ctx_destroy(ctx);
 }
 
-/* The report's loss of a linear of 600 rows: estimated from every 2nd row
- * (600 / 256 = 2), scaled by 2; checked against the explicit output error
- * of exactly those rows. */
-static void test_report_loss_sampled_rows(void **state)
+/* The report's losses in a layer: gate_proj and up_proj have 1024 rows,
+ * so every 4th row (1024 / 256) is evaluated and the sum scaled by 4; the
+ * other linears (64 rows) exactly. Against explicit output errors of
+ * exactly those rows. One linear on its own (quantize-linear) is exact. */
+static void test_report_loss_rows(void **state)
 {
     (void)state;
     mxq_ctx *ctx;
     mxq_ctx_create(&ctx);
     tu_rng rng = {31};
-    const size_t tokens = 200, in = 64, out = 600;
-    float *x = make_x(&rng, tokens, in), *w = make_w(&rng, out, in), *q = malloc(out * in * sizeof(float));
-    mxq_input_stats st = stats_of(ctx, x, tokens, in);
+    const size_t tokens = 120;
+    mxq_model_config cfg = {.arch = MXQ_ARCH_LLAMA, .hidden = 64, .intermediate = 1024, .n_layers = 1,
+                            .n_heads = 4, .n_kv_heads = 4, .head_dim = 16, .vocab = 100};
+    mxq_layer L = {0};
+    float *w0[MXQ_LIN_COUNT], *x[MXQ_INPUT_COUNT];
+    mxq_layer_stats stats;
+    assert_int_equal(mxq_layer_stats_init(ctx, &cfg, &stats), MXQ_OK);
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
+        size_t f = (size_t)mxq_input_features(&cfg, (mxq_input_id)i);
+        x[i] = make_x(&rng, tokens, f);
+        assert_int_equal(mxq_input_stats_add(ctx, &stats.input[i], x[i], tokens), MXQ_OK);
+        mxq_input_stats_finish(&stats.input[i]);
+    }
+    L.attn_norm = calloc(64, sizeof(float));
+    L.ffn_norm = calloc(64, sizeof(float));
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        int out, in;
+        mxq_linear_shape(&cfg, (mxq_linear_id)li, &out, &in);
+        L.weight[li] = make_w(&rng, (size_t)out, (size_t)in);
+        w0[li] = malloc((size_t)out * in * sizeof(float));
+        memcpy(w0[li], L.weight[li], (size_t)out * in * sizeof(float));
+    }
     mxq_recipe recipe;
     assert_int_equal(mxq_recipe_parse_string(ctx, "weights: {format: mxint4, block: 32}\nalgorithms: []\n", "rtn",
                                              &recipe),
                      MXQ_OK);
-    double loss_rtn, loss;
-    assert_int_equal(mxq_quantize_single_linear(ctx, &recipe, -1, w, (int)out, (int)in, &st, q, &loss_rtn, &loss),
-                     MXQ_OK);
-    float *ws = malloc(out / 2 * in * sizeof(float)), *qs = malloc(out / 2 * in * sizeof(float));
-    for (size_t r = 0; r < out / 2; r++) {
-        memcpy(ws + r * in, w + 2 * r * in, in * sizeof(float));
-        memcpy(qs + r * in, q + 2 * r * in, in * sizeof(float));
+    mxq_layer_result res = {0};
+    assert_int_equal(mxq_quantize_layer(ctx, &recipe, &cfg, 0, &L, &stats, &res), MXQ_OK);
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        int out, in;
+        mxq_linear_shape(&cfg, (mxq_linear_id)li, &out, &in);
+        const size_t stride = out >= 512 ? (size_t)out / 256 : 1, rows = (size_t)out / stride;
+        float *ws = malloc(rows * in * sizeof(float)), *qs = malloc(rows * in * sizeof(float));
+        for (size_t r = 0; r < rows; r++) {
+            memcpy(ws + r * in, w0[li] + r * stride * in, (size_t)in * sizeof(float));
+            memcpy(qs + r * in, L.weight[li] + r * stride * in, (size_t)in * sizeof(float));
+        }
+        double e = (double)stride * output_error(ws, qs, rows, (size_t)in, x[mxq_linear_input((mxq_linear_id)li)],
+                                                 tokens);
+        if (fabs(res.linear[li].loss - e) > 1e-5 * e || fabs(res.linear[li].loss_rtn - e) > 1e-5 * e)
+            fail_msg("%s: report loss %.8g (rtn %.8g), explicit on every %zu-th row %.8g", mxq_linear_name(li),
+                     res.linear[li].loss, res.linear[li].loss_rtn, stride, e);
+        free(ws);
+        free(qs);
     }
-    double e = 2.0 * output_error(ws, qs, out / 2, in, x, tokens);
-    print_message("# report loss of 600 rows from 300: %.6g, explicit %.6g\n", loss, e);
-    assert_true(fabs(loss - e) <= 1e-5 * e);
-    assert_true(fabs(loss_rtn - e) <= 1e-5 * e); /* no algorithm: RTN is the result */
-    mxq_recipe_free(&recipe);
-    mxq_input_stats_free(&st);
-    free(x);
-    free(w);
+    /* quantize-linear: exact on all 1024 rows of gate_proj */
+    double loss_rtn, loss;
+    float *q = malloc(1024 * 64 * sizeof(float));
+    assert_int_equal(mxq_quantize_single_linear(ctx, &recipe, MXQ_LIN_GATE, w0[MXQ_LIN_GATE], 1024, 64,
+                                                &stats.input[MXQ_INPUT_MLP], q, &loss_rtn, &loss),
+                     MXQ_OK);
+    double e = output_error(w0[MXQ_LIN_GATE], q, 1024, 64, x[MXQ_INPUT_MLP], tokens);
+    print_message("# report loss of gate_proj from 256 of 1024 rows %.6g; quantize-linear %.6g, explicit %.6g\n",
+                  res.linear[MXQ_LIN_GATE].loss, loss, e);
+    assert_true(fabs(loss - e) <= 1e-5 * e && fabs(loss_rtn - e) <= 1e-5 * e);
     free(q);
-    free(ws);
-    free(qs);
+    mxq_layer_result_free(&res);
+    mxq_recipe_free(&recipe);
+    mxq_layer_stats_free(&stats);
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        free(L.weight[li]);
+        free(w0[li]);
+    }
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
+        free(x[i]);
+    free(L.attn_norm);
+    free(L.ffn_norm);
     mxq_ctx_destroy(ctx);
 }
 
@@ -738,7 +780,7 @@ int main(void)
         cmocka_unit_test(test_awq_search_matches_brute_force),
         cmocka_unit_test(test_awq_search_on_bundled_model),
         cmocka_unit_test(test_awq_sampled_search_tolerance),
-        cmocka_unit_test(test_report_loss_sampled_rows),
+        cmocka_unit_test(test_report_loss_rows),
         cmocka_unit_test(test_awq_clip_properties),
         cmocka_unit_test(test_pack_with_scales),
         cmocka_unit_test(test_single_linear_smoothquant),
