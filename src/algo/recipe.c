@@ -165,6 +165,40 @@ fail:
     return status;
 }
 
+/* The options of an awq step (defaults first). */
+static mxq_status parse_awq(reader *r, struct fy_node *value, int line, mxq_algo_step *step)
+{
+    mxq_status status = MXQ_OK;
+    step->kind = MXQ_ALGO_AWQ;
+    step->awq = (mxq_awq_options){20, 1, 20, 0.5, 128};
+    CALL(r->ctx, check_mapping(r, value, line, "awq", "grid clip clip_grid max_shrink sample_rows"));
+    FOR_PAIRS(value, pair3)
+    {
+        struct fy_node *kn = fy_node_pair_key(pair3), *v = fy_node_pair_value(pair3);
+        const char *k = scalar(kn);
+        if (!k)
+            continue;
+        if (strcmp(k, "grid") == 0)
+            CALL(r->ctx, get_int(r, v, node_line(kn), "grid", 1, 1000, &step->awq.grid));
+        else if (strcmp(k, "clip") == 0)
+            CALL(r->ctx, get_bool(r, v, node_line(kn), "clip", &step->awq.clip));
+        else if (strcmp(k, "clip_grid") == 0)
+            CALL(r->ctx, get_int(r, v, node_line(kn), "clip_grid", 1, 1000, &step->awq.clip_grid));
+        else if (strcmp(k, "max_shrink") == 0)
+            CALL(r->ctx, get_double(r, v, node_line(kn), "max_shrink", 0.0, 0.99, &step->awq.max_shrink));
+        else if (strcmp(k, "sample_rows") == 0) {
+            CALL(r->ctx, get_int(r, v, node_line(kn), "sample_rows", 0, 1 << 20, &step->awq.sample_rows));
+            /* a handful of rows makes the search's estimate noise (measured:
+             * 1 row made AWQ 11.6% worse than no scaling) */
+            if (step->awq.sample_rows > 0 && step->awq.sample_rows < 32)
+                RFAIL(r, node_line(v), "'sample_rows' must be 0 (every row) or at least 32, got %d",
+                      step->awq.sample_rows);
+        }
+    }
+fail:
+    return status;
+}
+
 static mxq_status parse_algorithm(reader *r, struct fy_node *item, mxq_recipe *recipe)
 {
     mxq_status status = MXQ_OK;
@@ -194,32 +228,7 @@ static mxq_status parse_algorithm(reader *r, struct fy_node *item, mxq_recipe *r
                 CALL(r->ctx, get_double(r, v, node_line(kn), "alpha", 0.0, 1.0, &step->smoothquant.alpha));
         }
     } else if (name && strcmp(name, "awq") == 0) {
-        step->kind = MXQ_ALGO_AWQ;
-        step->awq = (mxq_awq_options){20, 1, 20, 0.5, 128};
-        CALL(r->ctx, check_mapping(r, value, line, "awq", "grid clip clip_grid max_shrink sample_rows"));
-        FOR_PAIRS(value, pair3)
-        {
-            struct fy_node *kn = fy_node_pair_key(pair3), *v = fy_node_pair_value(pair3);
-            const char *k = scalar(kn);
-            if (!k)
-                continue;
-            if (strcmp(k, "grid") == 0)
-                CALL(r->ctx, get_int(r, v, node_line(kn), "grid", 1, 1000, &step->awq.grid));
-            else if (strcmp(k, "clip") == 0)
-                CALL(r->ctx, get_bool(r, v, node_line(kn), "clip", &step->awq.clip));
-            else if (strcmp(k, "clip_grid") == 0)
-                CALL(r->ctx, get_int(r, v, node_line(kn), "clip_grid", 1, 1000, &step->awq.clip_grid));
-            else if (strcmp(k, "max_shrink") == 0)
-                CALL(r->ctx, get_double(r, v, node_line(kn), "max_shrink", 0.0, 0.99, &step->awq.max_shrink));
-            else if (strcmp(k, "sample_rows") == 0) {
-                CALL(r->ctx, get_int(r, v, node_line(kn), "sample_rows", 0, 1 << 20, &step->awq.sample_rows));
-                /* a handful of rows makes the search's estimate noise (measured:
-                 * 1 row made AWQ 11.6% worse than no scaling) */
-                if (step->awq.sample_rows > 0 && step->awq.sample_rows < 32)
-                    RFAIL(r, node_line(v), "'sample_rows' must be 0 (every row) or at least 32, got %d",
-                          step->awq.sample_rows);
-            }
-        }
+        CALL(r->ctx, parse_awq(r, value, line, step));
     } else if (name && strcmp(name, "gptq") == 0) {
         step->kind = MXQ_ALGO_GPTQ;
         mxq_gptq_defaults(&step->gptq);

@@ -88,6 +88,9 @@ static void test_defaults(void **state)
     assert_int_equal(mxq_recipe_parse_string(ctx, text, "rows.yaml", &r), MXQ_OK);
     assert_int_equal(r.steps[0].awq.sample_rows, 0); /* 0: every row */
     mxq_recipe_free(&r);
+    text = "weights: {format: mxint4}\nalgorithms:\n  - awq: {sample_rows: 5}\n";
+    assert_int_equal(mxq_recipe_parse_string(ctx, text, "rows.yaml", &r), MXQ_ERR_FORMAT);
+    assert_non_null(strstr(mxq_error_message(ctx), "rows.yaml:3: 'sample_rows' must be 0 (every row) or at least 32"));
 
     text = "weights: {format: mxint8, block: 64, rounding: nearest}\nactivations: none\nalgorithms: []\n"
            "calibration: {samples: 16, mode: sequential}\nexclude: ['*.mlp.down_proj', 'model.layers.0.*']\n";
