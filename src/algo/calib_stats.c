@@ -34,19 +34,24 @@ void mxq_input_stats_free(mxq_input_stats *s)
     memset(s, 0, sizeof(*s));
 }
 
-/* max|x| and sum|x| per channel over rows [0, n) of x [n, f] */
+/* max|x| and sum|x| per channel over rows [0, n) of x [n, f]. Branch-free
+ * so that it vectorizes; a NaN makes its channel's sum NaN for good, and
+ * the max follows the sum (max|x| of a channel that saw a NaN is NaN). */
 static void add_abs_stats(mxq_input_stats *s, const float *x, size_t n)
 {
     const size_t f = (size_t)s->features;
+    double *sum = s->abs_sum, *mx = s->abs_max;
     for (size_t t = 0; t < n; t++) {
         const float *row = x + t * f;
         for (size_t j = 0; j < f; j++) {
             double a = fabs((double)row[j]);
-            s->abs_sum[j] += a;
-            if (a > s->abs_max[j] || isnan(a))
-                s->abs_max[j] = a;
+            sum[j] += a;
+            mx[j] = a > mx[j] ? a : mx[j];
         }
     }
+    for (size_t j = 0; j < f; j++)
+        if (isnan(sum[j]))
+            mx[j] = sum[j];
 }
 
 /* Rows of H one Gram panel holds: 512 x 11008 floats (22 MB) for down_proj's
