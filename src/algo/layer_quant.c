@@ -102,7 +102,6 @@ static mxq_status run_gptq(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_gptq
     mxq_gptq_options opt = *options;
     opt.skip_losses = 1; /* the caller's losses include clipping */
     mxq_gptq_stats st;
-    CALL(ctx, mxq_gptq_check(ctx, &opt, spec));
     CALL(ctx, mxq_gptq_quantize(ctx, spec, &opt, w, (size_t)out, (size_t)in, stats->hessian,
                                 stats->n_tokens > 0 ? stats->n_tokens : 1.0, scales, &st));
     *dead = st.dead_channels;
