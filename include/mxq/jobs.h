@@ -60,6 +60,8 @@ typedef struct {
     int force;        /* replace an earlier mxq run's files in out_dir */
     int dry_run;      /* print the plan only; writes nothing */
     int stats_layers; /* fp mode: at most this many layers' statistics per rank at once (0 = all) */
+    int group_size;   /* 1: ranks form a pipeline of layer ranges; the rank count: one data-parallel
+                         group (fp mode); 0: the pipeline if it fits the memory a rank has */
 } mxq_quantize_options;
 
 /* Read model_dir, calibrate on calib_path, apply the recipe, write the MX

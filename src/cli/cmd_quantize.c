@@ -19,7 +19,7 @@ static void print_quantize_help(FILE *out)
             "     the linears of its layers, H = X^T X (double), max|x| and mean|x| per channel.\n"
             "     calibration.mode: sequential calibrates each layer on the outputs of the already\n"
             "     quantized layers before it (ranks then work one after the other).\n"
-            "  2. per layer, on the rank that owns it: SmoothQuant or AWQ scales folded into the\n"
+            "  2. per layer, on the rank that owns it (see --group-size): SmoothQuant or AWQ scales folded into the\n"
             "     RMSNorms (and, for AWQ, v_proj -> o_proj without GQA, up_proj -> down_proj),\n"
             "     AWQ clipping, then GPTQ-MX or round-to-nearest for each linear.\n"
             "  3. each rank writes its shard model-0000r-of-0000N.safetensors; rank 0 writes\n"
@@ -30,7 +30,8 @@ static void print_quantize_help(FILE *out)
             "elements packed as mxq cast packs them) and <name>.weight_scale (U8 E8M0\n"
             "[out, ceil(in/block)]). Embeddings, lm_head and untouched tensors are copied as they\n"
             "are; norms and biases changed by folded scales are stored in F32. The checkpoint's\n"
-            "tensors are the same bytes for any number of ranks. `mxq eval --model OUT` loads it.\n"
+            "tensors are the same bytes for any number of ranks (with --group-size 1). `mxq eval\n"
+            "--model OUT` loads it.\n"
             "\n"
             "Options:\n"
             "  -m, --model DIR        input model directory\n"
@@ -42,9 +43,20 @@ static void print_quantize_help(FILE *out)
             "      --force            replace what an earlier mxq run wrote in DIR (listed in its\n"
             "                         .mxq-output.json), temporaries of a killed run included;\n"
             "                         never a file mxq did not write, nor the input model\n"
-            "      --stats-layers N   fp mode: hold the calibration statistics (double Hessians,\n"
-            "                         see --dry-run) of at most N layers per rank at a time; the\n"
-            "                         calibration set then runs through the model once per group\n"
+            "      --group-size 1|R   how R ranks share the work. 1: a pipeline; rank r owns a range of\n"
+            "                         layers, holds them in float32 and (fp mode) the statistics of\n"
+            "                         all of them; the bytes are the same for any rank count.\n"
+            "                         R (fp mode): one data-parallel group; each rank runs its share\n"
+            "                         of the calibration sequences through every layer, converted\n"
+            "                         from the checkpoint one at a time; statistics are summed onto\n"
+            "                         the layer's owner (layer l: rank l %% R), and the ranks quantize\n"
+            "                         their layers side by side. A rank holds about two layers, so a\n"
+            "                         7B model fits a 24 GB node; the Hessian sums' last bits, hence\n"
+            "                         a few weights, depend on R. Default: the pipeline if its plan\n"
+            "                         fits the memory a rank has (--dry-run shows the plan), else R\n"
+            "      --stats-layers N   pipeline, fp mode: hold the calibration statistics (double\n"
+            "                         Hessians, see --dry-run) of at most N layers per rank at a time;\n"
+            "                         the calibration set then runs through the model once per group\n"
             "                         of N layers. Same checkpoint bytes. Default: all at once\n"
             "  -v, --verbose          debug log, error traces\n"
             "  -q, --quiet            log errors only (the summary table still goes to stdout)\n"
@@ -67,13 +79,14 @@ static void print_quantize_help(FILE *out)
 
 int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
 {
-    enum { OPT_DRY_RUN = 1000, OPT_FORCE, OPT_STATS_LAYERS };
+    enum { OPT_DRY_RUN = 1000, OPT_FORCE, OPT_STATS_LAYERS, OPT_GROUP_SIZE };
     static const struct option options[] = {
         {"model", required_argument, NULL, 'm'}, {"calib", required_argument, NULL, 'c'},
         {"recipe", required_argument, NULL, 'r'}, {"out", required_argument, NULL, 'o'},
         {"batch", required_argument, NULL, 'b'}, {"dry-run", no_argument, NULL, OPT_DRY_RUN},
         {"force", no_argument, NULL, OPT_FORCE}, {"verbose", no_argument, NULL, 'v'},
         {"stats-layers", required_argument, NULL, OPT_STATS_LAYERS},
+        {"group-size", required_argument, NULL, OPT_GROUP_SIZE},
         {"quiet", no_argument, NULL, 'q'},       {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -100,6 +113,11 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
             if (mxq_cli_parse_int(optarg, 1, 1 << 20, &value) != 0)
                 return mxq_cli_usage_error(ctx, "quantize", "--stats-layers must be an integer in 1..%d, got '%s'", 1 << 20, optarg);
             opt.stats_layers = (int)value;
+            break;
+        case OPT_GROUP_SIZE:
+            if (mxq_cli_parse_int(optarg, 1, 1 << 20, &value) != 0)
+                return mxq_cli_usage_error(ctx, "quantize", "--group-size must be 1 or the number of ranks, got '%s'", optarg);
+            opt.group_size = (int)value;
             break;
         case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;
         case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); break;

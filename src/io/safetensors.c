@@ -509,6 +509,18 @@ static void format_index(char *buf, size_t size, int rank, const int64_t *shape,
     mxq_shape_text(buf, size, rank, coord);
 }
 
+void mxq_tensor_view_release(const mxq_tensor_view *t)
+{
+    const long page = sysconf(_SC_PAGESIZE);
+    if (!t || !t->nbytes || page <= 0)
+        return;
+    /* the whole pages the tensor touches: the mapping is read-only and
+     * private, so dropping a neighbour's page only costs it a refault */
+    uintptr_t lo = (uintptr_t)t->data & ~(uintptr_t)(page - 1);
+    uintptr_t hi = ((uintptr_t)t->data + t->nbytes + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1);
+    (void)madvise((void *)lo, hi - lo, MADV_DONTNEED); /* advice only: a failure costs memory, not results */
+}
+
 mxq_status mxq_tensor_to_f32(mxq_ctx *ctx, const mxq_tensor_view *t, int rank, const int64_t *shape, float *out)
 {
     mxq_status status = MXQ_OK;

@@ -54,14 +54,8 @@ fail:
 static void log_layer(mxq_ctx *ctx, const mxq_model *m, const mxq_layer_result *r)
 {
     mxq_layer_record rec;
-    double rtn, loss;
-    char alphas[160];
     mxq_layer_record_of(r, 0, &rec);
-    mxq_layer_record_losses(&rec, &rtn, &loss);
-    mxq_layer_record_alphas(&rec, alphas, sizeof(alphas));
-    mxq_log(ctx, MXQ_LOG_INFO, "layer %d (%d/%d): loss rtn %.4e -> %.4e (%+.1f%%)%s%s  calib %.2f s  quant %.2f s  rss %.0f MB",
-            r->layer, r->layer + 1, m->cfg.n_layers, rtn, loss, rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0,
-            alphas[0] ? " " : "", alphas, r->seconds_calib, r->seconds, (double)r->peak_rss / 1048576.0);
+    mxq_layer_record_log(ctx, m->cfg.n_layers, &rec);
 }
 
 /* Quantize layer `layer` in place, or `target` (a copy of it) when given. */
@@ -74,6 +68,22 @@ static mxq_status finish_and_quantize(mxq_ctx *ctx, const mxq_recipe *recipe, mx
     CALL(ctx, mxq_quantize_layer(ctx, recipe, &model->cfg, layer,
                                  target ? target : &model->layers[layer - model->first_layer], stats, res));
     log_layer(ctx, model, res);
+fail:
+    return status;
+}
+
+mxq_status mxq_layer_drop_quantized(mxq_ctx *ctx, mxq_model *model, int layer, const mxq_layer_result *res)
+{
+    mxq_status status = MXQ_OK;
+    if (!model->ckpt)
+        return MXQ_OK;
+    mxq_layer *L = &model->layers[layer - model->first_layer];
+    for (int li = 0; li < MXQ_LIN_COUNT; li++)
+        if (res->linear[li].quantized) {
+            free(L->weight[li]);
+            L->weight[li] = NULL;
+        }
+    CALL(ctx, mxq_model_layer_release_pages(ctx, model, layer));
 fail:
     return status;
 }
@@ -375,6 +385,8 @@ static mxq_status seq_layers(mxq_ctx *ctx, seq_run *s, mxq_layer_result *results
         mxq_layer_result *res = &results[l - model->first_layer];
         double t0 = mxq_time_now();
         CALL(ctx, mxq_fault_point(ctx, "sequential.layer"));
+        if (model->ckpt)
+            CALL(ctx, mxq_model_layer_load(ctx, model, l));
         CALL(ctx, mxq_layer_stats_init(ctx, &model->cfg, &stats));
         c.stats_first = l;
         for (int mb = 0; mb < s->n_micro; mb++) {
@@ -390,6 +402,7 @@ static mxq_status seq_layers(mxq_ctx *ctx, seq_run *s, mxq_layer_result *results
             CALL(ctx, mxq_model_run_layers(ctx, model, l, l + 1, s->store + (size_t)mb * s->mb_floats,
                                            mxq_micro_batch_seqs(n_seqs, s->batch, mb), S, &fq, s->ws));
         res->seconds_calib = (t1 - t0) + (mxq_time_now() - t2);
+        CALL(ctx, mxq_layer_drop_quantized(ctx, model, l, res));
     }
 fail:
     mxq_layer_stats_free(&stats);
@@ -451,8 +464,8 @@ fail:
 }
 
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
-                                        const char *calib_name, const mxq_recipe *recipe, int batch, int stats_layers,
-                                        mxq_layer_result *results)
+                                        const char *calib_name, const mxq_recipe *recipe, int batch, int group,
+                                        int stats_layers, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     if (batch <= 0)
@@ -460,10 +473,12 @@ mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_
     if (batch > calib->n_seqs)
         batch = calib->n_seqs;
     if (dist->rank == 0)
-        mxq_log(ctx, MXQ_LOG_INFO, "calibration: %d sequences of %d tokens from %s, %s mode, micro-batch %d",
+        mxq_log(ctx, MXQ_LOG_INFO, "calibration: %d sequences of %d tokens from %s, %s mode, micro-batch %d, %s",
                 calib->n_seqs, calib->seq_len, calib_name, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential",
-                batch);
-    if (recipe->calib_mode == MXQ_CALIB_FP)
+                batch, group > 1 ? "one data-parallel group" : "ranks as a pipeline of layer ranges");
+    if (group > 1)
+        CALL(ctx, mxq_calibrate_group(ctx, dist, model, calib, recipe, batch, results));
+    else if (recipe->calib_mode == MXQ_CALIB_FP)
         CALL(ctx, calibrate_fp(ctx, dist, model, calib, recipe, batch, stats_layers, results));
     else
         CALL(ctx, calibrate_sequential(ctx, dist, model, calib, recipe, batch, results));

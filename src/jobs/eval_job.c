@@ -109,7 +109,7 @@ static void choose_acts(eval_job *j)
 static mxq_status quantize_in_memory(mxq_ctx *ctx, eval_job *j)
 {
     return mxq_quantize_model_in_memory(ctx, &j->dist, j->model, &j->calib, j->options->calib_path, &j->recipe,
-                                        j->options->batch, 0, j->results);
+                                        j->options->batch, 1, 0, j->results);
 }
 
 static mxq_status load_model(mxq_ctx *ctx, eval_job *j)
@@ -127,7 +127,7 @@ static mxq_status load_model(mxq_ctx *ctx, eval_job *j)
           j->cfg.mx_weights ? j->cfg.mx_weight_spec.format->name : "");
     choose_acts(j);
     CALL(ctx, mxq_job_partition(ctx, size, &j->cfg, &j->first));
-    mxq_model_part part = {j->first[rank], j->first[rank + 1], rank == 0, rank == size - 1};
+    mxq_model_part part = {j->first[rank], j->first[rank + 1], rank == 0, rank == size - 1, 0};
     mxq_log(ctx, MXQ_LOG_DEBUG, "rank %d owns layers [%d, %d)%s%s", rank, part.first_layer, part.last_layer,
             part.embedding ? " + embedding" : "", part.head ? " + norm/lm_head" : "");
     CALL(ctx, mxq_model_load(ctx, j->model_dir, &j->cfg, &part, &j->model));

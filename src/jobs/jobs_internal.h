@@ -25,13 +25,29 @@ mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const char *calib_path, const mx
                                   const char *recipe_path, const mxq_model_config *cfg, mxq_tokens *tokens);
 
 /* Calibrate on `calib` (calib_name for messages) and quantize the layers of
- * `model` (this rank's part) in memory. Collective over dist. results[i]
- * for local layer i. stats_layers > 0 bounds the layers whose statistics a
- * rank holds at once in fp mode (more calibration passes, same result); 0 =
- * all of them in one pass. */
+ * `model` in memory. Collective over dist. results[i] for the model's
+ * layer first_layer + i.
+ * - group 1: the ranks form a pipeline; `model` is this rank's range of
+ *   layers, and stats_layers > 0 bounds the layers whose statistics a rank
+ *   holds at once in fp mode (more calibration passes, same result); 0 =
+ *   all of them in one pass.
+ * - group = dist->size (fp mode): one data-parallel group (calibrate_group.c);
+ *   `model` is every layer, loaded lazily; a rank quantizes the layers
+ *   l % size == rank, and the other results keep layer = -1. */
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
-                                        const char *calib_name, const mxq_recipe *recipe, int batch, int stats_layers,
-                                        mxq_layer_result *results);
+                                        const char *calib_name, const mxq_recipe *recipe, int batch, int group,
+                                        int stats_layers, mxq_layer_result *results);
+
+/* calibrate_group.c: fp calibration and quantization by one data-parallel
+ * group of all ranks (see mxq_quantize_model_in_memory). */
+mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
+                               const mxq_recipe *recipe, int batch, mxq_layer_result *results);
+
+/* A lazy model, after layer `layer` is quantized (res): the float32 weights
+ * of its quantized linears go (the result holds them packed) and its
+ * checkpoint pages are given back; what the shard writes from the layer
+ * (norms, biases, unquantized weights) stays. Nothing for an eager model. */
+mxq_status mxq_layer_drop_quantized(mxq_ctx *ctx, mxq_model *model, int layer, const mxq_layer_result *res);
 /* Free the n results of mxq_quantize_model_in_memory and the array itself. */
 void mxq_layer_results_free(mxq_layer_result *results, int n);
 

@@ -39,7 +39,9 @@ typedef struct {
     mxq_recipe recipe;
     int have_recipe;
     mxq_model_config cfg;
-    int *first;
+    int *first;       /* the pipeline's layer ranges (group 1) */
+    int group;        /* 1: a pipeline of layer ranges; dist.size: one data-parallel group */
+    double mem_per_rank;
     mxq_tokens calib;
     mxq_model *model;
     mxq_layer_result *results;
@@ -56,11 +58,13 @@ typedef struct {
 } quantize_job;
 
 /* The rank that writes a tensor (layer indices were checked against the
- * config when the job started). */
-static int owner_of_tensor(const char *name, const int *first, int size)
+ * config when the job started): a layer's owner. */
+static int owner_of_tensor(const char *name, const int *first, int size, int group)
 {
     int layer;
     if (sscanf(name, "model.layers.%d.", &layer) == 1) {
+        if (group > 1)
+            return layer % size;
         for (int r = 0; r < size; r++)
             if (layer >= first[r] && layer < first[r + 1])
                 return r;
@@ -196,7 +200,7 @@ static mxq_status write_shard(mxq_ctx *ctx, quantize_job *job)
     CALL(ctx, mxq_checkpoint_names(ctx, job->ckpt, &names, &count));
     qsort(names, count, sizeof(char *), cmp_str);
     for (size_t i = 0; i < count; i++) {
-        if (owner_of_tensor(names[i], job->first, job->dist.size) != job->dist.rank)
+        if (owner_of_tensor(names[i], job->first, job->dist.size, job->group) != job->dist.rank)
             continue;
         const mxq_tensor_view *v;
         CALL(ctx, mxq_checkpoint_get(ctx, job->ckpt, names[i], &v));
@@ -229,6 +233,16 @@ static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
     CALL(ctx, mxq_job_config(ctx, job->model_dir, job->opt->dry_run, &job->cfg));
     CHECK(ctx, !job->cfg.mx_weights, MXQ_ERR_ARG, "'%s' is already an mxq quantized checkpoint", job->model_dir);
     CALL(ctx, mxq_job_partition(ctx, job->dist.size, &job->cfg, &job->first));
+    const int group = job->opt->group_size;
+    CHECK(ctx, group == 0 || group == 1 || group == job->dist.size, MXQ_ERR_ARG,
+          "--group-size %d: a group is one rank (a pipeline of layer ranges) or all %d ranks", group, job->dist.size);
+    CHECK(ctx, group <= 1 || job->recipe.calib_mode == MXQ_CALIB_FP, MXQ_ERR_ARG,
+          "--group-size %d: the recipe '%s' calibrates sequentially, which runs as a pipeline (--group-size 1)", group,
+          job->recipe_path);
+    CHECK(ctx, group <= 1 || job->opt->stats_layers == 0, MXQ_ERR_ARG,
+          "--stats-layers bounds a pipeline's statistics; a data-parallel group (--group-size %d) holds two layers' "
+          "already",
+          group);
     CHECK(ctx, job->opt->stats_layers == 0 || job->recipe.calib_mode == MXQ_CALIB_FP, MXQ_ERR_ARG,
           "--stats-layers bounds fp calibration; the recipe '%s' calibrates sequentially (one layer at a time already)",
           job->recipe_path);
@@ -274,7 +288,11 @@ static mxq_status open_and_load(mxq_ctx *ctx, quantize_job *job)
     mxq_status status = MXQ_OK;
     const int rank = job->dist.rank, size = job->dist.size;
     char path[MXQ_PATH_BUF];
-    mxq_model_part part = {job->first[rank], job->first[rank + 1], rank == 0, rank == size - 1};
+    /* quantization never runs the head; a group runs every layer, one at a time */
+    mxq_model_part part = {job->first[rank], job->first[rank + 1], rank == 0, 0,
+                           job->recipe.calib_mode == MXQ_CALIB_SEQUENTIAL};
+    if (job->group > 1)
+        part = (mxq_model_part){0, job->cfg.n_layers, 1, 0, 1};
     mxq_shard_name(job->shard_name, sizeof(job->shard_name), rank, size);
     mxq_path_join(path, job->out_dir, job->shard_name);
     CALL(ctx, mxq_output_begin(ctx, path, &job->inputs, &job->shard_out));
@@ -298,7 +316,7 @@ static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
     AGREE(ctx, &job->dist, "quantize.load", open_and_load(ctx, job));
     double t_quant = mxq_time_now();
     CALL(ctx, mxq_quantize_model_in_memory(ctx, &job->dist, job->model, &job->calib, job->calib_path, &job->recipe,
-                                           job->batch, job->opt->stats_layers, job->results));
+                                           job->batch, job->group, job->opt->stats_layers, job->results));
     job->quant_seconds = mxq_time_now() - t_quant;
 fail:
     return status;
@@ -329,17 +347,56 @@ fail:
     return status;
 }
 
+static mxq_plan_input plan_input(const quantize_job *job)
+{
+    const int batch = job->batch < job->calib.n_seqs ? job->batch : job->calib.n_seqs;
+    return (mxq_plan_input){&job->cfg,     &job->recipe,       job->first,       job->dist.size,
+                            job->group,    batch,              job->calib.seq_len, job->calib.n_seqs,
+                            job->opt->stats_layers};
+}
+
+/* --group-size, or when not given: a pipeline (exact for any rank count)
+ * if its plan fits the memory a rank has, else one data-parallel group.
+ * Sequential calibration and --stats-layers are pipelines. Collective. */
+static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, mxq_memory_per_rank(ctx, &job->dist, &job->mem_per_rank));
+    job->group = job->opt->group_size;
+    if (job->group > 0)
+        return MXQ_OK;
+    job->group = 1;
+    if (job->dist.size == 1 || job->recipe.calib_mode != MXQ_CALIB_FP || job->opt->stats_layers > 0)
+        return MXQ_OK;
+    const mxq_plan_input in = plan_input(job);
+    double peak = 0;
+    for (int r = 0; r < job->dist.size; r++) {
+        mxq_rank_plan plan;
+        mxq_quantize_plan_rank(&in, r, &plan);
+        peak = plan.total > peak ? plan.total : peak;
+    }
+    if (job->mem_per_rank > 0 && peak > 0.9 * job->mem_per_rank)
+        job->group = job->dist.size;
+    if (job->group > 1 && job->dist.rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO,
+                "a pipeline of layer ranges would need %.0f MB on a rank, which has %.0f MB: the %d ranks work as one "
+                "data-parallel group (--group-size %d)",
+                peak / 1048576.0, job->mem_per_rank / 1048576.0, job->dist.size, job->dist.size);
+fail:
+    return status;
+}
+
 /* Rank 0: the report, config.json and the index, written but not in place. */
 static mxq_status build_report(mxq_ctx *ctx, quantize_job *job, const double *seconds)
 {
     mxq_status status = MXQ_OK;
-    const int size = job->dist.size, batch = job->batch < job->calib.n_seqs ? job->batch : job->calib.n_seqs;
+    const int size = job->dist.size;
     job->report.predicted_rss = calloc((size_t)size, sizeof(double));
     CHECK_ALLOC(ctx, job->report.predicted_rss, (size_t)size * sizeof(double), "the memory plan");
+    const mxq_plan_input in = plan_input(job);
     for (int r = 0; r < size; r++) {
         mxq_rank_plan plan;
-        mxq_quantize_plan_rank(&job->cfg, &job->recipe, job->first, size, r, batch, job->calib.seq_len,
-                               job->calib.n_seqs, job->opt->stats_layers, &plan);
+        mxq_quantize_plan_rank(&in, r, &plan);
         job->report.predicted_rss[r] = plan.total;
     }
     CALL(ctx, mxq_quantize_report_build(ctx, &job->report, &job->recipe, &job->cfg, job->model_dir, job->calib_path,
@@ -397,10 +454,11 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
     job.t_start = mxq_time_now();
     CALL(ctx, mxq_dist_create(ctx, comm, &job.dist));
     AGREE(ctx, &job.dist, "quantize.setup", setup(ctx, &job));
-    if (options->dry_run && job.dist.rank == 0)
-        mxq_quantize_print_plan(ctx, &job.cfg, &job.recipe, job.first, job.dist.size,
-                                job.batch < job.calib.n_seqs ? job.batch : job.calib.n_seqs, job.calib.seq_len,
-                                job.calib.n_seqs, options->stats_layers);
+    CALL(ctx, choose_group(ctx, &job));
+    if (options->dry_run && job.dist.rank == 0) {
+        const mxq_plan_input in = plan_input(&job);
+        mxq_quantize_print_plan(ctx, &in, job.mem_per_rank);
+    }
     if (!options->dry_run)
         CALL(ctx, write_checkpoint(ctx, &job));
 fail:

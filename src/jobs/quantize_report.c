@@ -36,6 +36,17 @@ void mxq_layer_record_of(const mxq_layer_result *r, int rank, mxq_layer_record *
 }
 
 /* [rank_header][records][names, each followed by '\n'] */
+void mxq_layer_record_log(mxq_ctx *ctx, int n_layers, const mxq_layer_record *rec)
+{
+    double rtn, loss;
+    char alphas[160];
+    mxq_layer_record_losses(rec, &rtn, &loss);
+    mxq_layer_record_alphas(rec, alphas, sizeof(alphas));
+    mxq_log(ctx, MXQ_LOG_INFO, "layer %d (%d/%d): loss rtn %.4e -> %.4e (%+.1f%%)%s%s  calib %.2f s  quant %.2f s  rss %.0f MB",
+            rec->layer, rec->layer + 1, n_layers, rtn, loss, rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0,
+            alphas[0] ? " " : "", alphas, rec->seconds_calib, rec->seconds, rec->peak_rss / 1048576.0);
+}
+
 mxq_status mxq_quantize_report_pack(mxq_ctx *ctx, int rank, const mxq_layer_result *results, int n_local,
                                     char *const *names, size_t n_names, size_t shard_bytes, char **out, size_t *len)
 {
@@ -43,22 +54,27 @@ mxq_status mxq_quantize_report_pack(mxq_ctx *ctx, int rank, const mxq_layer_resu
     size_t text = 0;
     for (size_t i = 0; i < n_names; i++)
         text += strlen(names[i]) + 1;
-    *len = sizeof(rank_header) + (size_t)n_local * sizeof(mxq_layer_record) + text;
+    int n_records = 0; /* a data-parallel group's results have slots for layers other ranks own (layer -1) */
+    for (int i = 0; i < n_local; i++)
+        n_records += results[i].layer >= 0;
+    *len = sizeof(rank_header) + (size_t)n_records * sizeof(mxq_layer_record) + text;
     char *buf = *out = malloc(*len);
     CHECK_ALLOC(ctx, buf, *len, "the report of this rank");
     rank_header h;
     memset(&h, 0, sizeof(h)); /* padding too: these bytes travel */
     h.shard_bytes = shard_bytes;
     h.peak_rss = (double)mxq_peak_rss_bytes();
-    h.n_records = n_local;
+    h.n_records = n_records;
     memcpy(buf, &h, sizeof(h));
     mxq_layer_record *rec = (mxq_layer_record *)(buf + sizeof(h));
-    for (int i = 0; i < n_local; i++) {
+    for (int i = 0, k = 0; i < n_local; i++) {
         mxq_layer_record one;
+        if (results[i].layer < 0)
+            continue;
         mxq_layer_record_of(&results[i], rank, &one);
-        memcpy(&rec[i], &one, sizeof(one));
+        memcpy(&rec[k++], &one, sizeof(one));
     }
-    char *p = buf + sizeof(h) + (size_t)n_local * sizeof(mxq_layer_record);
+    char *p = buf + sizeof(h) + (size_t)n_records * sizeof(mxq_layer_record);
     for (size_t i = 0; i < n_names; i++) {
         size_t n = strlen(names[i]);
         memcpy(p, names[i], n);
@@ -384,53 +400,117 @@ static double quantize_bytes(const mxq_model_config *cfg)
     return quant;
 }
 
-void mxq_quantize_plan_rank(const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size, int r,
-                            int batch, int seq_len, int samples, int stats_layers, mxq_rank_plan *plan)
+/* The packed elements and scales of one quantized layer (what the owner
+ * keeps until its shard is written). */
+static double packed_layer_bytes(const mxq_model_config *cfg, const mxq_recipe *recipe)
 {
-    /* in double: a plan must print for any model, not wrap around */
-    const double layer = (double)mxq_config_layer_params(cfg) * sizeof(float);
-    const double emb = (double)mxq_config_embedding_params(cfg) * sizeof(float), stats = (double)mxq_layer_stats_bytes(cfg);
-    const double d = cfg->hidden, store = (double)samples * seq_len * d * sizeof(float);
-    const double gram_panel = 512.0 * cfg->intermediate * sizeof(float);
-    const int n = first[r + 1] - first[r], held = stats_layers > 0 && stats_layers < n ? stats_layers : n;
-    plan->weights = n * layer + (r == 0 ? emb : 0) +
-                    (r == size - 1 ? (cfg->tie_embeddings && size > 1 ? emb : 0) + (cfg->tie_embeddings ? 0 : emb) +
-                                         d * sizeof(float)
-                                   : 0);
-    plan->stats = recipe->calib_mode == MXQ_CALIB_FP ? held * stats : stats + store;
-    plan->work = mxq_workspace_bytes(cfg, batch, seq_len) + 2.0 * batch * seq_len * d * sizeof(float) + gram_panel;
-    plan->quant = n > 0 ? quantize_bytes(cfg) : 0;
-    plan->base = MXQ_PLAN_BASE_BYTES;
-    plan->total = plan->weights + plan->stats + plan->work + plan->quant + plan->base;
-    /* while loading, the checkpoint's pages of this rank's tensors are mapped
-     * too (BF16: half the float32 size) */
-    if (1.5 * plan->weights + plan->base > plan->total)
-        plan->total = 1.5 * plan->weights + plan->base;
+    double bytes = 0;
+    for (int li = 0; recipe->has_weights && li < MXQ_LIN_COUNT; li++) {
+        int out, in;
+        mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
+        bytes += (double)out * (double)(mxq_mx_packed_row_bytes(recipe->weights.format, (size_t)in) +
+                                        mxq_mx_blocks_per_row((size_t)in, recipe->weights.block));
+    }
+    return bytes;
 }
 
-void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size,
-                             int batch, int seq_len, int samples, int stats_layers)
+/* Layers rank r quantizes. */
+static int owned_layers(const mxq_plan_input *in, int r)
 {
-    const double MB = 1048576.0, stats = (double)mxq_layer_stats_bytes(cfg);
-    mxq_print(ctx, "plan: %d layers over %d rank%s; calibration %d x %d tokens, %s mode, micro-batch %d\n", cfg->n_layers, size,
-           size == 1 ? "" : "s", samples, seq_len, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential", batch);
-    mxq_print(ctx, "%-6s %-12s %-16s %12s %12s %12s %12s %14s\n", "rank", "layers", "also", "weights MB", "stats MB",
-              "work MB", "quantize MB", "peak RSS MB");
-    for (int r = 0; r < size; r++) {
+    if (in->group == 1)
+        return in->first[r + 1] - in->first[r];
+    return in->cfg->n_layers / in->size + (r < in->cfg->n_layers % in->size);
+}
+
+/* A pipeline rank: its layers in float32 for the whole run, the statistics
+ * of the layers a pass calibrates (fp) or of one layer and the whole
+ * calibration set's activations (sequential, with its layers converted one
+ * at a time). */
+static void plan_pipeline(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
+{
+    const mxq_model_config *cfg = in->cfg;
+    const double layer = (double)mxq_config_layer_params(cfg) * sizeof(float);
+    const double emb = (double)mxq_config_embedding_params(cfg) * sizeof(float), stats = (double)mxq_layer_stats_bytes(cfg);
+    const double d = cfg->hidden, store = (double)in->samples * in->seq_len * d * sizeof(float);
+    const int n = owned_layers(in, r), held = in->stats_layers > 0 && in->stats_layers < n ? in->stats_layers : n;
+    const int fp = in->recipe->calib_mode == MXQ_CALIB_FP;
+    plan->weights = (fp ? n : (n > 0)) * layer + (r == 0 ? emb : 0) + n * packed_layer_bytes(cfg, in->recipe);
+    plan->stats = fp ? held * stats : stats + store;
+    plan->work += 2.0 * in->batch * in->seq_len * d * sizeof(float); /* the pipeline's buffers */
+    /* while loading, the checkpoint's pages of this rank's tensors are mapped
+     * too (BF16: half the float32 size) */
+    plan->load = 1.5 * ((fp ? n : (n > 0)) * layer + (r == 0 ? emb : 0));
+}
+
+/* A rank of the data-parallel group: two layers in float32 (the one it
+ * waits to quantize, the one running), the checkpoint pages of one, two
+ * layers' statistics, its share of the activations; first the embedding,
+ * only while its share is embedded. */
+static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
+{
+    const mxq_model_config *cfg = in->cfg;
+    const double layer = (double)mxq_config_layer_params(cfg) * sizeof(float);
+    const double emb = (double)mxq_config_embedding_params(cfg) * sizeof(float), stats = (double)mxq_layer_stats_bytes(cfg);
+    const int share = (int)((long long)in->samples * (r + 1) / in->size - (long long)in->samples * r / in->size);
+    const double store = (double)share * in->seq_len * cfg->hidden * sizeof(float);
+    plan->weights = 2.5 * layer + owned_layers(in, r) * packed_layer_bytes(cfg, in->recipe);
+    plan->stats = 2.0 * stats + store;
+    plan->load = 1.5 * emb + store;
+}
+
+void mxq_quantize_plan_rank(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
+{
+    /* in double: a plan must print for any model, not wrap around */
+    const mxq_model_config *cfg = in->cfg;
+    memset(plan, 0, sizeof(*plan));
+    plan->work = mxq_workspace_bytes(cfg, in->batch, in->seq_len) + 512.0 * cfg->intermediate * sizeof(float);
+    if (in->group == 1)
+        plan_pipeline(in, r, plan);
+    else
+        plan_group(in, r, plan);
+    plan->quant = owned_layers(in, r) > 0 ? quantize_bytes(cfg) : 0;
+    plan->base = MXQ_PLAN_BASE_BYTES;
+    plan->total = plan->weights + plan->stats + plan->work + plan->quant + plan->base;
+    if (plan->load + plan->base > plan->total)
+        plan->total = plan->load + plan->base;
+}
+
+static void plan_layers_text(const mxq_plan_input *in, int r, char *text, size_t size)
+{
+    if (in->group == 1)
+        snprintf(text, size, "[%d, %d)", in->first[r], in->first[r + 1]);
+    else
+        snprintf(text, size, "%d of every %d", r, in->size);
+}
+
+void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budget)
+{
+    const double MB = 1048576.0, stats = (double)mxq_layer_stats_bytes(in->cfg);
+    const int fp = in->recipe->calib_mode == MXQ_CALIB_FP;
+    mxq_print(ctx, "plan: %d layers over %d rank%s, %s; calibration %d x %d tokens, %s mode, micro-batch %d\n",
+              in->cfg->n_layers, in->size, in->size == 1 ? "" : "s",
+              in->group == 1 ? "a pipeline of layer ranges (group size 1)" : "one data-parallel group", in->samples,
+              in->seq_len, fp ? "fp" : "sequential", in->batch);
+    mxq_print(ctx, "%-6s %-14s %12s %12s %12s %12s %14s\n", "rank", "quantizes", "weights MB", "stats MB", "work MB",
+              "quantize MB", "peak RSS MB");
+    for (int r = 0; r < in->size; r++) {
         mxq_rank_plan p;
-        mxq_quantize_plan_rank(cfg, recipe, first, size, r, batch, seq_len, samples, stats_layers, &p);
-        char layers[32], also[32] = "";
-        snprintf(layers, sizeof(layers), "[%d, %d)", first[r], first[r + 1]);
-        snprintf(also, sizeof(also), "%s%s", r == 0 ? "embedding " : "", r == size - 1 ? "norm+head" : "");
-        mxq_print(ctx, "%-6d %-12s %-16s %12.1f %12.1f %12.1f %12.1f %14.1f\n", r, layers, also, p.weights / MB,
-                  p.stats / MB, p.work / MB, p.quant / MB, p.total / MB);
+        char layers[40];
+        mxq_quantize_plan_rank(in, r, &p);
+        plan_layers_text(in, r, layers, sizeof(layers));
+        mxq_print(ctx, "%-6d %-14s %12.1f %12.1f %12.1f %12.1f %14.1f\n", r, layers, p.weights / MB, p.stats / MB,
+                  p.work / MB, p.quant / MB, p.total / MB);
     }
     mxq_print(ctx, "stats: Hessians (double) of the 4 linear inputs of a layer = %.1f MB per layer%s\n", stats / MB,
-           recipe->calib_mode == MXQ_CALIB_FP
-               ? (stats_layers > 0 ? ", held for --stats-layers layers at a time (one calibration pass per group)"
-                                   : ", held for every owned layer until it is quantized (bound it with --stats-layers)")
-               : "; sequential mode also holds the calibration activations");
-    mxq_print(ctx, "peak RSS: weights (float32) + stats + work (forward workspace, pipeline buffers, a Gram panel) + "
-                   "the largest linear's quantization + %.0f MB of libraries\n",
+              in->group > 1 ? "; a rank holds two layers' and its share of the activations"
+              : fp ? (in->stats_layers > 0 ? ", held for --stats-layers layers at a time (one calibration pass per group)"
+                                           : ", held for every owned layer until it is quantized (bound it with "
+                                             "--stats-layers, or --group-size)")
+                   : "; sequential mode also holds the calibration activations");
+    mxq_print(ctx, "peak RSS: weights (float32, and the packed results) + stats + work (forward workspace, buffers, a "
+                   "Gram panel) + the largest linear's quantization + %.0f MB of libraries\n",
               MXQ_PLAN_BASE_BYTES / MB);
+    if (budget > 0)
+        mxq_print(ctx, "memory: %.1f MB per rank on this node (its memory, or cgroup limit, over the ranks on it)\n",
+                  budget / MB);
 }

@@ -42,9 +42,11 @@ typedef struct {
 void mxq_layer_record_of(const mxq_layer_result *result, int rank, mxq_layer_record *rec);
 void mxq_layer_record_losses(const mxq_layer_record *rec, double *rtn, double *loss);
 void mxq_layer_record_alphas(const mxq_layer_record *rec, char *text, size_t size);
+/* The layer's progress line (rank 0 prints). */
+void mxq_layer_record_log(mxq_ctx *ctx, int n_layers, const mxq_layer_record *rec);
 
-/* This rank's layer figures, tensor names and shard size as plain bytes
- * (free() *out). Local. */
+/* This rank's layer figures (results with layer -1 are skipped), tensor
+ * names and shard size as plain bytes (free() *out). Local. */
 mxq_status mxq_quantize_report_pack(mxq_ctx *ctx, int rank, const mxq_layer_result *results, int n_local,
                                     char *const *names, size_t n_names, size_t shard_bytes, char **out, size_t *len);
 
@@ -73,18 +75,29 @@ void mxq_quantize_report_free(mxq_quantize_report *report);
 
 /* The memory plan of one rank, in bytes (double: plans of any size). */
 typedef struct {
-    double weights, stats, work, quant, base, total; /* total: the predicted peak RSS */
+    double weights, stats, work, quant, base;
+    double load;  /* what loading (or embedding) alone holds */
+    double total; /* the predicted peak RSS */
 } mxq_rank_plan;
 
 /* What the process holds besides the plan's arrays: MPI, OpenBLAS and the
  * other libraries (the whole bundled-model run peaks at 34 MB a rank). */
 #define MXQ_PLAN_BASE_BYTES (32.0 * 1048576.0)
 
-void mxq_quantize_plan_rank(const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size, int rank,
-                            int batch, int seq_len, int samples, int stats_layers, mxq_rank_plan *plan);
+/* What a plan is made from. */
+typedef struct {
+    const mxq_model_config *cfg;
+    const mxq_recipe *recipe;
+    const int *first; /* [size + 1]: the pipeline's layer ranges (group 1) */
+    int size;         /* ranks */
+    int group;        /* 1: a pipeline; size: one data-parallel group */
+    int batch, seq_len, samples, stats_layers;
+} mxq_plan_input;
 
-/* --dry-run: who owns which layers and the predicted memory per rank. */
-void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_model_config *cfg, const mxq_recipe *recipe, const int *first, int size,
-                             int batch, int seq_len, int samples, int stats_layers);
+void mxq_quantize_plan_rank(const mxq_plan_input *in, int rank, mxq_rank_plan *plan);
+
+/* --dry-run: who owns which layers and the predicted memory per rank, next
+ * to the memory a rank has (budget, bytes; 0 = unknown). */
+void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budget);
 
 #endif

@@ -201,13 +201,67 @@ static void rope_frequencies(const mxq_model_config *cfg, double *inv_freq)
     }
 }
 
+/* The float32 tensors of layer l that `layer` does not hold yet. */
+static mxq_status load_layer(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_model_config *cfg, int l, mxq_layer *layer)
+{
+    mxq_status status = MXQ_OK;
+    char name[256];
+    const int d = cfg->hidden;
+    snprintf(name, sizeof(name), "model.layers.%d.input_layernorm.weight", l);
+    if (!layer->attn_norm)
+        CALL(ctx, load_tensor(ctx, ckpt, name, 1, d, 0, &layer->attn_norm));
+    snprintf(name, sizeof(name), "model.layers.%d.post_attention_layernorm.weight", l);
+    if (!layer->ffn_norm)
+        CALL(ctx, load_tensor(ctx, ckpt, name, 1, d, 0, &layer->ffn_norm));
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        int out_f, in_f;
+        mxq_linear_shape(cfg, (mxq_linear_id)li, &out_f, &in_f);
+        const mxq_tensor_view *packed = NULL;
+        if (cfg->mx_weights) {
+            snprintf(name, sizeof(name), "model.layers.%d.%s.weight_packed", l, mxq_linear_name((mxq_linear_id)li));
+            CALL(ctx, mxq_checkpoint_lookup(ctx, ckpt, name, &packed));
+        }
+        snprintf(name, sizeof(name), "model.layers.%d.%s", l, mxq_linear_name((mxq_linear_id)li));
+        if (packed && !layer->weight[li])
+            CALL(ctx, load_mx_linear(ctx, ckpt, packed, name, &cfg->mx_weight_spec, out_f, in_f, &layer->weight[li]));
+        /* not quantized (excluded by the recipe) or an ordinary checkpoint */
+        strncat(name, ".weight", sizeof(name) - strlen(name) - 1);
+        if (!packed && !layer->weight[li])
+            CALL(ctx, load_tensor(ctx, ckpt, name, 2, out_f, in_f, &layer->weight[li]));
+        int has_bias = (li <= MXQ_LIN_V && cfg->qkv_bias) || (li == MXQ_LIN_O && cfg->o_bias);
+        if (has_bias && !layer->bias[li]) {
+            snprintf(name, sizeof(name), "model.layers.%d.%s.bias", l, mxq_linear_name((mxq_linear_id)li));
+            CALL(ctx, load_tensor(ctx, ckpt, name, 1, out_f, 0, &layer->bias[li]));
+        }
+    }
+fail:
+    return status;
+}
+
+/* Embedding, final norm and head, as the part asks. */
+static mxq_status load_ends(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_model_part *part, mxq_model *m)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_model_config *cfg = &m->cfg;
+    if (part->embedding || (part->head && cfg->tie_embeddings))
+        CALL(ctx, load_tensor(ctx, ckpt, "model.embed_tokens.weight", 2, cfg->vocab, cfg->hidden, &m->embedding));
+    if (part->head) {
+        CALL(ctx, load_tensor(ctx, ckpt, "model.norm.weight", 1, cfg->hidden, 0, &m->final_norm));
+        if (cfg->tie_embeddings)
+            m->lm_head = m->embedding;
+        else
+            CALL(ctx, load_tensor(ctx, ckpt, "lm_head.weight", 2, cfg->vocab, cfg->hidden, &m->lm_head));
+    }
+fail:
+    return status;
+}
+
 mxq_status mxq_model_load(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, const mxq_model_part *part,
                           mxq_model **out)
 {
     mxq_status status = MXQ_OK;
     mxq_checkpoint *ckpt = NULL;
     mxq_model *m = NULL;
-    char name[256];
     *out = NULL;
 
     CHECK(ctx, part->first_layer >= 0 && part->first_layer <= part->last_layer && part->last_layer <= cfg->n_layers,
@@ -226,54 +280,32 @@ mxq_status mxq_model_load(mxq_ctx *ctx, const char *dir, const mxq_model_config 
     m->rope_inv_freq = calloc((size_t)cfg->head_dim / 2, sizeof(double));
     CHECK_ALLOC(ctx, m->layers && m->rope_inv_freq, (size_t)n_local * sizeof(mxq_layer), "the layer table");
     rope_frequencies(cfg, m->rope_inv_freq);
-
-    const int d = cfg->hidden;
-    for (int l = part->first_layer; l < part->last_layer; l++) {
-        mxq_layer *layer = &m->layers[l - part->first_layer];
-        snprintf(name, sizeof(name), "model.layers.%d.input_layernorm.weight", l);
-        CALL(ctx, load_tensor(ctx, ckpt, name, 1, d, 0, &layer->attn_norm));
-        snprintf(name, sizeof(name), "model.layers.%d.post_attention_layernorm.weight", l);
-        CALL(ctx, load_tensor(ctx, ckpt, name, 1, d, 0, &layer->ffn_norm));
-        for (int li = 0; li < MXQ_LIN_COUNT; li++) {
-            int out_f, in_f;
-            mxq_linear_shape(cfg, (mxq_linear_id)li, &out_f, &in_f);
-            const mxq_tensor_view *packed = NULL;
-            if (cfg->mx_weights) {
-                snprintf(name, sizeof(name), "model.layers.%d.%s.weight_packed", l, mxq_linear_name((mxq_linear_id)li));
-                CALL(ctx, mxq_checkpoint_lookup(ctx, ckpt, name, &packed));
-            }
-            snprintf(name, sizeof(name), "model.layers.%d.%s", l, mxq_linear_name((mxq_linear_id)li));
-            if (packed) {
-                CALL(ctx, load_mx_linear(ctx, ckpt, packed, name, &cfg->mx_weight_spec, out_f, in_f,
-                                         &layer->weight[li]));
-            } else {
-                /* not quantized (excluded by the recipe) or an ordinary checkpoint */
-                strncat(name, ".weight", sizeof(name) - strlen(name) - 1);
-                CALL(ctx, load_tensor(ctx, ckpt, name, 2, out_f, in_f, &layer->weight[li]));
-            }
-            int has_bias = (li <= MXQ_LIN_V && cfg->qkv_bias) || (li == MXQ_LIN_O && cfg->o_bias);
-            if (has_bias) {
-                snprintf(name, sizeof(name), "model.layers.%d.%s.bias", l, mxq_linear_name((mxq_linear_id)li));
-                CALL(ctx, load_tensor(ctx, ckpt, name, 1, out_f, 0, &layer->bias[li]));
-            }
-        }
-    }
-    if (part->embedding || (part->head && cfg->tie_embeddings))
-        CALL(ctx, load_tensor(ctx, ckpt, "model.embed_tokens.weight", 2, cfg->vocab, d, &m->embedding));
-    if (part->head) {
-        CALL(ctx, load_tensor(ctx, ckpt, "model.norm.weight", 1, d, 0, &m->final_norm));
-        if (cfg->tie_embeddings)
-            m->lm_head = m->embedding;
-        else
-            CALL(ctx, load_tensor(ctx, ckpt, "lm_head.weight", 2, cfg->vocab, d, &m->lm_head));
-    }
-    mxq_checkpoint_close(ckpt);
+    for (int l = part->first_layer; l < part->last_layer && !part->lazy; l++)
+        CALL(ctx, load_layer(ctx, ckpt, cfg, l, &m->layers[l - part->first_layer]));
+    CALL(ctx, load_ends(ctx, ckpt, part, m));
+    if (part->lazy)
+        m->ckpt = ckpt;
+    else
+        mxq_checkpoint_close(ckpt);
     *out = m;
     return MXQ_OK;
 fail:
     mxq_checkpoint_close(ckpt);
+    if (m)
+        m->ckpt = NULL;
     mxq_model_free(m);
     return status;
+}
+
+static void layer_free_tensors(mxq_layer *layer)
+{
+    free(layer->attn_norm);
+    free(layer->ffn_norm);
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        free(layer->weight[li]);
+        free(layer->bias[li]);
+    }
+    memset(layer, 0, sizeof(*layer));
 }
 
 void mxq_model_free(mxq_model *m)
@@ -281,22 +313,89 @@ void mxq_model_free(mxq_model *m)
     if (!m)
         return;
     int n_local = m->last_layer - m->first_layer;
-    for (int i = 0; m->layers && i < n_local; i++) {
-        mxq_layer *layer = &m->layers[i];
-        free(layer->attn_norm);
-        free(layer->ffn_norm);
-        for (int li = 0; li < MXQ_LIN_COUNT; li++) {
-            free(layer->weight[li]);
-            free(layer->bias[li]);
-        }
-    }
+    for (int i = 0; m->layers && i < n_local; i++)
+        layer_free_tensors(&m->layers[i]);
     free(m->layers);
     if (m->lm_head != m->embedding)
         free(m->lm_head);
     free(m->embedding);
     free(m->final_norm);
     free(m->rope_inv_freq);
+    mxq_checkpoint_close(m->ckpt);
     free(m);
+}
+
+/* ---- lazy layers -------------------------------------------------------------- */
+
+static mxq_status check_lazy_layer(mxq_ctx *ctx, const mxq_model *m, int layer)
+{
+    mxq_status status = MXQ_OK;
+    CHECK(ctx, m->ckpt, MXQ_ERR_INTERNAL, "layer %d: the model was not loaded lazily", layer);
+    CHECK(ctx, layer >= m->first_layer && layer < m->last_layer, MXQ_ERR_INTERNAL,
+          "layer %d is outside this model part [%d, %d)", layer, m->first_layer, m->last_layer);
+fail:
+    return status;
+}
+
+mxq_status mxq_model_layer_load(mxq_ctx *ctx, mxq_model *m, int layer)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, check_lazy_layer(ctx, m, layer));
+    CALL(ctx, load_layer(ctx, m->ckpt, &m->cfg, layer, &m->layers[layer - m->first_layer]));
+fail:
+    return status;
+}
+
+static mxq_status release_named(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *name)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_tensor_view *t = NULL;
+    CALL(ctx, mxq_checkpoint_lookup(ctx, ckpt, name, &t));
+    mxq_tensor_view_release(t);
+fail:
+    return status;
+}
+
+mxq_status mxq_model_layer_release_pages(mxq_ctx *ctx, mxq_model *m, int layer)
+{
+    static const char *const norms[2] = {"input_layernorm.weight", "post_attention_layernorm.weight"};
+    static const char *const parts[4] = {"weight", "weight_packed", "weight_scale", "bias"};
+    mxq_status status = MXQ_OK;
+    char name[256];
+    CALL(ctx, check_lazy_layer(ctx, m, layer));
+    for (int i = 0; i < 2; i++) {
+        snprintf(name, sizeof(name), "model.layers.%d.%s", layer, norms[i]);
+        CALL(ctx, release_named(ctx, m->ckpt, name));
+    }
+    for (int li = 0; li < MXQ_LIN_COUNT; li++)
+        for (int i = 0; i < 4; i++) {
+            snprintf(name, sizeof(name), "model.layers.%d.%s.%s", layer, mxq_linear_name((mxq_linear_id)li), parts[i]);
+            CALL(ctx, release_named(ctx, m->ckpt, name));
+        }
+fail:
+    return status;
+}
+
+mxq_status mxq_model_layer_unload(mxq_ctx *ctx, mxq_model *m, int layer)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, mxq_model_layer_release_pages(ctx, m, layer));
+    layer_free_tensors(&m->layers[layer - m->first_layer]);
+fail:
+    return status;
+}
+
+mxq_status mxq_model_unload_embedding(mxq_ctx *ctx, mxq_model *m)
+{
+    mxq_status status = MXQ_OK;
+    CHECK(ctx, m->ckpt, MXQ_ERR_INTERNAL, "the embedding: the model was not loaded lazily");
+    if (m->embedding != m->lm_head)
+        free(m->embedding);
+    m->embedding = NULL;
+    m->has_embedding = 0;
+    CALL(ctx, release_named(ctx, m->ckpt, "model.embed_tokens.weight"));
+fail:
+    return status;
 }
 
 mxq_status mxq_model_fake_quantize_weights(mxq_ctx *ctx, mxq_model *m, const mxq_mx_spec *spec)

@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "parallel/parallel.h"
 
@@ -133,5 +134,39 @@ fail:
     }
     free(counts);
     free(displs);
+    return status;
+}
+
+/* The memory limit of this process's cgroup (v2), or 0 if none is set. */
+static double cgroup_limit_bytes(void)
+{
+    FILE *f = fopen("/sys/fs/cgroup/memory.max", "r");
+    char text[64] = "";
+    if (!f)
+        return 0;
+    const int ok = fgets(text, sizeof(text), f) != NULL;
+    fclose(f);
+    char *end = NULL;
+    const double v = ok ? strtod(text, &end) : 0;
+    return end && end != text && v > 0 ? v : 0; /* "max" parses as nothing */
+}
+
+mxq_status mxq_memory_per_rank(mxq_ctx *ctx, const mxq_dist *dist, double *bytes)
+{
+    mxq_status status = MXQ_OK;
+    MPI_Comm node = MPI_COMM_NULL;
+    int on_node = 1;
+    CALL_MPI(ctx, dist->comm, MPI_Comm_split_type(dist->comm, MPI_COMM_TYPE_SHARED, dist->rank, MPI_INFO_NULL, &node));
+    CALL_MPI(ctx, dist->comm, MPI_Comm_size(node, &on_node));
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    double node_bytes = pages > 0 && page > 0 ? (double)pages * (double)page : 0;
+    const double limit = cgroup_limit_bytes();
+    if (limit > 0 && (node_bytes == 0 || limit < node_bytes))
+        node_bytes = limit;
+    double mine = node_bytes / on_node;
+    CALL_MPI(ctx, dist->comm, MPI_Allreduce(&mine, bytes, 1, MPI_DOUBLE, MPI_MIN, dist->comm));
+fail:
+    if (node != MPI_COMM_NULL)
+        MPI_Comm_free(&node);
     return status;
 }

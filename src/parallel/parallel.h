@@ -9,6 +9,7 @@
 #include "core/check.h"
 #include "mxq/core.h"
 #include "mxq/model.h"
+#include "mxq/quantize.h"
 
 /* An MPI call. An MPI error is not recoverable: what the other ranks saw of
  * the failed call is unknown, so no agreement can follow it. The failing
@@ -73,5 +74,15 @@ mxq_status mxq_partition_layers(mxq_ctx *ctx, const mxq_model_config *cfg, int n
  * moves. */
 mxq_status mxq_gather_bytes(mxq_ctx *ctx, const mxq_dist *dist, const char *step, const void *data, size_t len,
                             char **all, size_t **lens);
+
+/* The memory one rank may use: the node's (or its cgroup's limit, if lower)
+ * divided by the ranks on the node; the smallest over all ranks.
+ * Collective. */
+mxq_status mxq_memory_per_rank(mxq_ctx *ctx, const mxq_dist *dist, double *bytes);
+
+/* Sum statistics gathered on shares of the calibration set onto `root`
+ * (Hessians and |x| sums added, |x| maxima taken), in segments. Collective;
+ * the other ranks' statistics are left as they were. */
+mxq_status mxq_layer_stats_reduce(mxq_ctx *ctx, const mxq_dist *dist, mxq_layer_stats *stats, int root);
 
 #endif

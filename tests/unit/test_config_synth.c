@@ -184,7 +184,7 @@ static void test_synth_roundtrip(void **state)
     assert_int_equal(mxq_config_load(ctx, sharded, &c2), MXQ_OK);
     assert_int_equal(c1.qkv_bias, 1);
     assert_int_equal(c1.n_layers, 3);
-    mxq_model_part all = {0, 3, 1, 1};
+    mxq_model_part all = {0, 3, 1, 1, 0};
     mxq_model *m1, *m2;
     if (mxq_model_load(ctx, single, &c1, &all, &m1) != MXQ_OK || mxq_model_load(ctx, sharded, &c2, &all, &m2) != MXQ_OK)
         fail_msg("%s", mxq_error_message(ctx));
