@@ -42,6 +42,7 @@ typedef struct {
     char scratch[512];   /* mkdtemp directory of this run: the output file, the synthesized model */
     char tmp_model[600]; /* <scratch>/model when synthesized */
     double speak, dpeak;
+    int floor_only; /* --floor-only: the whole model's floor, no runs */
 } bench_opts;
 
 typedef struct {
@@ -236,13 +237,28 @@ static void print_recipe(const char *name, const bench_opts *o, double runs[][PH
     fflush(stdout);
 }
 
+/* The floor of every layer of the model, one layer's flops times the
+ * layer count (the embedding and the write are not counted). */
+static void print_model_floor(const char *name, const bench_opts *o, const mxq_model_config *cfg, const double *flops)
+{
+    const double sgemm_flops = flops[PH_FORWARD] + flops[PH_STATS];
+    const double layer_floor = sgemm_flops / 1e9 / o->speak + flops[PH_GPTQ] / 1e9 / o->dpeak;
+    printf("floor %s: %d layers x %.2f s = %.1f s (per layer: forward + statistics %.0f GFLOP at sgemm %.1f GFLOP/s, "
+           "GPTQ %.0f GFLOP at dgemm %.1f GFLOP/s)\n",
+           name, cfg->n_layers, layer_floor, cfg->n_layers * layer_floor, sgemm_flops / 1e9, o->speak,
+           flops[PH_GPTQ] / 1e9, o->dpeak);
+    fflush(stdout);
+}
+
 static void usage(FILE *f)
 {
     fprintf(f, "usage: bench_layer [--tokens 4096] [--seq-len 512] [--repeats 3] [--threads 1]\n"
                "                   [--recipes configs/recipes] [--only NAME-PART] [--model DIR]\n"
-               "                   [--keep-model] [--verbose]\n"
+               "                   [--keep-model] [--verbose] [--floor-only]\n"
                "Without --model, synthesizes a one-layer llama-2-7b (BF16, ~0.9 GB) in a fresh directory\n"
-               "under $TMPDIR (default /tmp), removed at the end unless --keep-model.\n");
+               "under $TMPDIR (default /tmp), removed at the end unless --keep-model.\n"
+               "--floor-only (with --model): no runs; the floor of all the model's layers at the peaks\n"
+               "of --threads threads, for timing a whole `mxq quantize` run (bench/bench_7b.sh).\n");
 }
 
 static int parse_args(int argc, char **argv, bench_opts *o)
@@ -251,6 +267,10 @@ static int parse_args(int argc, char **argv, bench_opts *o)
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(a, "--keep-model") == 0 || strcmp(a, "--verbose") == 0)
             continue;
+        if (strcmp(a, "--floor-only") == 0) {
+            o->floor_only = 1;
+            continue;
+        }
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
             usage(stdout);
             return 1;
@@ -280,6 +300,10 @@ static int parse_args(int argc, char **argv, bench_opts *o)
             usage(stderr);
             return -1;
         }
+    }
+    if (o->floor_only && !o->model_dir) {
+        fprintf(stderr, "bench_layer: --floor-only needs --model DIR (the model whose floor to compute)\n");
+        return -1;
     }
     if (o->seq_len < 1 || o->tokens < o->seq_len || o->repeats < 1 || o->repeats > 32 || o->threads < 1) {
         fprintf(stderr, "bench_layer: need --seq-len >= 1, --tokens >= --seq-len, --repeats 1..32, --threads >= 1\n");
@@ -348,10 +372,12 @@ static int bench_recipe(mxq_ctx *ctx, const bench_opts *o, const char *file)
     }
     memset(runs, 0, sizeof(runs));
     int rc = 0;
-    for (int k = 0; k < o->repeats && rc == 0; k++)
+    for (int k = 0; k < o->repeats && rc == 0 && !o->floor_only; k++)
         rc = run_once(ctx, o, &r, runs[k]);
     phase_flops(&cfg, &r, o, flops);
-    if (rc == 0)
+    if (rc == 0 && o->floor_only)
+        print_model_floor(file, o, &cfg, flops);
+    else if (rc == 0)
         print_recipe(file, o, runs, flops);
     mxq_recipe_free(&r);
     return rc;
@@ -413,7 +439,7 @@ static int run_all(mxq_ctx *ctx, bench_opts *o)
 int main(int argc, char **argv)
 {
     mxq_keep_freed_memory(); /* as the mxq CLI does */
-    bench_opts o = {4096, 512, 3, 1, "configs/recipes", NULL, NULL, "", "", 0, 0};
+    bench_opts o = {4096, 512, 3, 1, "configs/recipes", NULL, NULL, "", "", 0, 0, 0};
     int keep = 0, verbose = 0, rc = 0;
     for (int i = 1; i < argc; i++) {
         keep |= strcmp(argv[i], "--keep-model") == 0;

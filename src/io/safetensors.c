@@ -565,6 +565,44 @@ fail:
     return status;
 }
 
+/* The first element of a float tensor whose exponent bits are all ones. */
+static size_t first_non_finite(const mxq_tensor_view *t)
+{
+    if (t->dtype == MXQ_DT_F32) {
+        const uint32_t *v = t->data;
+        for (size_t i = 0; i < t->numel; i++)
+            if ((v[i] & 0x7F800000u) == 0x7F800000u)
+                return i;
+    } else {
+        const uint16_t *v = t->data, mask = t->dtype == MXQ_DT_BF16 ? 0x7F80u : 0x7C00u;
+        for (size_t i = 0; i < t->numel; i++)
+            if ((v[i] & mask) == mask)
+                return i;
+    }
+    return t->numel;
+}
+
+mxq_status mxq_tensor_check_float(mxq_ctx *ctx, const mxq_tensor_view *t)
+{
+    mxq_status status = MXQ_OK;
+    CHECK(ctx, t->dtype == MXQ_DT_F32 || t->dtype == MXQ_DT_BF16 || t->dtype == MXQ_DT_F16, MXQ_ERR_FORMAT,
+          "%s: tensor '%s' has dtype %s; expected a floating-point weight (F32, F16 or BF16)", t->file, t->name,
+          mxq_dtype_name(t->dtype));
+    const size_t i = first_non_finite(t);
+    if (i < t->numel) {
+        char where[128];
+        const uint16_t *half = t->data;
+        const float value = t->dtype == MXQ_DT_F32   ? ((const float *)t->data)[i]
+                            : t->dtype == MXQ_DT_BF16 ? mxq_bf16_to_f32(half[i])
+                                                      : mxq_f16_to_f32(half[i]);
+        format_index(where, sizeof(where), t->rank, t->shape, i);
+        FAIL(ctx, MXQ_ERR_FORMAT, "%s: tensor '%s' has a non-finite value (%g) at %s", t->file, t->name, (double)value,
+             where);
+    }
+fail:
+    return status;
+}
+
 /* ---- writing --------------------------------------------------------------- */
 
 static size_t write_numel(const mxq_tensor_write *t)

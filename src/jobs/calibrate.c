@@ -464,7 +464,7 @@ fail:
 }
 
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
-                                        const char *calib_name, const mxq_recipe *recipe, int batch, int group,
+                                        const char *calib_name, const mxq_recipe *recipe, int batch, int data_parallel,
                                         int stats_layers, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
@@ -475,8 +475,8 @@ mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_
     if (dist->rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "calibration: %d sequences of %d tokens from %s, %s mode, micro-batch %d, %s",
                 calib->n_seqs, calib->seq_len, calib_name, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential",
-                batch, group > 1 ? "one data-parallel group" : "ranks as a pipeline of layer ranges");
-    if (group > 1)
+                batch, data_parallel ? "one data-parallel group, layer by layer" : "ranks as a pipeline of layer ranges");
+    if (data_parallel)
         CALL(ctx, mxq_calibrate_group(ctx, dist, model, calib, recipe, batch, results));
     else if (recipe->calib_mode == MXQ_CALIB_FP)
         CALL(ctx, calibrate_fp(ctx, dist, model, calib, recipe, batch, stats_layers, results));

@@ -13,7 +13,7 @@
 #include "parallel/pipeline.h"
 
 typedef struct {
-    const mxq_model *model;
+    mxq_model *model; /* lazy layers are converted as micro-batches pass */
     const mxq_tokens *tokens;
     const mxq_fake_quant *quant;
     mxq_workspace *ws;
@@ -25,12 +25,20 @@ static mxq_status run_stage(mxq_ctx *ctx, void *user, int mb, int first_seq, int
 {
     mxq_status status = MXQ_OK;
     eval_stage *e = user;
-    const mxq_model *m = e->model;
+    mxq_model *m = e->model;
     int S = e->tokens->seq_len;
     const int32_t *ids = e->tokens->ids + (size_t)first_seq * S;
     if (m->has_embedding)
         CALL(ctx, mxq_model_embed(ctx, m, ids, n, S, buf));
-    CALL(ctx, mxq_model_run_layers(ctx, m, m->first_layer, m->last_layer, buf, n, S, e->quant, e->ws));
+    if (!m->ckpt)
+        CALL(ctx, mxq_model_run_layers(ctx, m, m->first_layer, m->last_layer, buf, n, S, e->quant, e->ws));
+    /* a lazy model: one layer in float32 at a time (a 7B model's 16 layers
+     * on a rank are 13 GB in float32), converted again for every micro-batch */
+    for (int l = m->first_layer; m->ckpt && l < m->last_layer; l++) {
+        CALL(ctx, mxq_model_layer_load(ctx, m, l));
+        CALL(ctx, mxq_model_run_layers(ctx, m, l, l + 1, buf, n, S, e->quant, e->ws));
+        CALL(ctx, mxq_model_layer_unload(ctx, m, l));
+    }
     if (m->has_head)
         CALL(ctx, mxq_model_sequence_nll(ctx, m, buf, ids, n, S, e->nll + first_seq, e->ws));
 fail:
@@ -127,7 +135,9 @@ static mxq_status load_model(mxq_ctx *ctx, eval_job *j)
           j->cfg.mx_weights ? j->cfg.mx_weight_spec.format->name : "");
     choose_acts(j);
     CALL(ctx, mxq_job_partition(ctx, size, &j->cfg, &j->first));
-    mxq_model_part part = {j->first[rank], j->first[rank + 1], rank == 0, rank == size - 1, 0};
+    /* layers are converted as they run unless they are changed first */
+    mxq_model_part part = {j->first[rank], j->first[rank + 1], rank == 0, rank == size - 1,
+                           !o->recipe_path && !j->quant.enabled_weights};
     mxq_log(ctx, MXQ_LOG_DEBUG, "rank %d owns layers [%d, %d)%s%s", rank, part.first_layer, part.last_layer,
             part.embedding ? " + embedding" : "", part.head ? " + norm/lm_head" : "");
     CALL(ctx, mxq_model_load(ctx, j->model_dir, &j->cfg, &part, &j->model));

@@ -27,15 +27,16 @@ mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const char *calib_path, const mx
 /* Calibrate on `calib` (calib_name for messages) and quantize the layers of
  * `model` in memory. Collective over dist. results[i] for the model's
  * layer first_layer + i.
- * - group 1: the ranks form a pipeline; `model` is this rank's range of
+ * - data_parallel 0: the ranks form a pipeline; `model` is this rank's range of
  *   layers, and stats_layers > 0 bounds the layers whose statistics a rank
  *   holds at once in fp mode (more calibration passes, same result); 0 =
  *   all of them in one pass.
- * - group = dist->size (fp mode): one data-parallel group (calibrate_group.c);
+ * - data_parallel 1 (fp mode): one data-parallel group of all ranks
+ *   (calibrate_group.c);
  *   `model` is every layer, loaded lazily; a rank quantizes the layers
  *   l % size == rank, and the other results keep layer = -1. */
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
-                                        const char *calib_name, const mxq_recipe *recipe, int batch, int group,
+                                        const char *calib_name, const mxq_recipe *recipe, int batch, int data_parallel,
                                         int stats_layers, mxq_layer_result *results);
 
 /* calibrate_group.c: fp calibration and quantization by one data-parallel

@@ -39,8 +39,8 @@ typedef struct {
     mxq_recipe recipe;
     int have_recipe;
     mxq_model_config cfg;
-    int *first;       /* the pipeline's layer ranges (group 1) */
-    int group;        /* 1: a pipeline of layer ranges; dist.size: one data-parallel group */
+    int *first;        /* the pipeline's layer ranges */
+    int data_parallel; /* 0: a pipeline of layer ranges; 1: one data-parallel group of all ranks */
     double mem_per_rank;
     mxq_tokens calib;
     mxq_model *model;
@@ -59,11 +59,11 @@ typedef struct {
 
 /* The rank that writes a tensor (layer indices were checked against the
  * config when the job started): a layer's owner. */
-static int owner_of_tensor(const char *name, const int *first, int size, int group)
+static int owner_of_tensor(const char *name, const int *first, int size, int data_parallel)
 {
     int layer;
     if (sscanf(name, "model.layers.%d.", &layer) == 1) {
-        if (group > 1)
+        if (data_parallel)
             return layer % size;
         for (int r = 0; r < size; r++)
             if (layer >= first[r] && layer < first[r + 1])
@@ -200,7 +200,7 @@ static mxq_status write_shard(mxq_ctx *ctx, quantize_job *job)
     CALL(ctx, mxq_checkpoint_names(ctx, job->ckpt, &names, &count));
     qsort(names, count, sizeof(char *), cmp_str);
     for (size_t i = 0; i < count; i++) {
-        if (owner_of_tensor(names[i], job->first, job->dist.size, job->group) != job->dist.rank)
+        if (owner_of_tensor(names[i], job->first, job->dist.size, job->data_parallel) != job->dist.rank)
             continue;
         const mxq_tensor_view *v;
         CALL(ctx, mxq_checkpoint_get(ctx, job->ckpt, names[i], &v));
@@ -291,7 +291,7 @@ static mxq_status open_and_load(mxq_ctx *ctx, quantize_job *job)
     /* quantization never runs the head; a group runs every layer, one at a time */
     mxq_model_part part = {job->first[rank], job->first[rank + 1], rank == 0, 0,
                            job->recipe.calib_mode == MXQ_CALIB_SEQUENTIAL};
-    if (job->group > 1)
+    if (job->data_parallel)
         part = (mxq_model_part){0, job->cfg.n_layers, 1, 0, 1};
     mxq_shard_name(job->shard_name, sizeof(job->shard_name), rank, size);
     mxq_path_join(path, job->out_dir, job->shard_name);
@@ -316,7 +316,7 @@ static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
     AGREE(ctx, &job->dist, "quantize.load", open_and_load(ctx, job));
     double t_quant = mxq_time_now();
     CALL(ctx, mxq_quantize_model_in_memory(ctx, &job->dist, job->model, &job->calib, job->calib_path, &job->recipe,
-                                           job->batch, job->group, job->opt->stats_layers, job->results));
+                                           job->batch, job->data_parallel, job->opt->stats_layers, job->results));
     job->quant_seconds = mxq_time_now() - t_quant;
 fail:
     return status;
@@ -351,22 +351,23 @@ static mxq_plan_input plan_input(const quantize_job *job)
 {
     const int batch = job->batch < job->calib.n_seqs ? job->batch : job->calib.n_seqs;
     return (mxq_plan_input){&job->cfg,     &job->recipe,       job->first,       job->dist.size,
-                            job->group,    batch,              job->calib.seq_len, job->calib.n_seqs,
+                            job->data_parallel, batch,              job->calib.seq_len, job->calib.n_seqs,
                             job->opt->stats_layers};
 }
 
 /* --group-size, or when not given: a pipeline (exact for any rank count)
- * if its plan fits the memory a rank has, else one data-parallel group.
- * Sequential calibration and --stats-layers are pipelines. Collective. */
+ * if its plan fits the memory a rank has, else one data-parallel group of
+ * all ranks (of one, too: layer by layer). Sequential calibration and
+ * --stats-layers are pipelines. Collective. */
 static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
     CALL(ctx, mxq_memory_per_rank(ctx, &job->dist, &job->mem_per_rank));
-    job->group = job->opt->group_size;
-    if (job->group > 0)
+    if (job->opt->group_size > 0) {
+        job->data_parallel = job->opt->group_size > 1;
         return MXQ_OK;
-    job->group = 1;
-    if (job->dist.size == 1 || job->recipe.calib_mode != MXQ_CALIB_FP || job->opt->stats_layers > 0)
+    }
+    if (job->recipe.calib_mode != MXQ_CALIB_FP || job->opt->stats_layers > 0)
         return MXQ_OK;
     const mxq_plan_input in = plan_input(job);
     double peak = 0;
@@ -375,13 +376,13 @@ static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
         mxq_quantize_plan_rank(&in, r, &plan);
         peak = plan.total > peak ? plan.total : peak;
     }
-    if (job->mem_per_rank > 0 && peak > 0.9 * job->mem_per_rank)
-        job->group = job->dist.size;
-    if (job->group > 1 && job->dist.rank == 0)
+    job->data_parallel = job->mem_per_rank > 0 && peak > 0.9 * job->mem_per_rank;
+    if (job->data_parallel && job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO,
-                "a pipeline of layer ranges would need %.0f MB on a rank, which has %.0f MB: the %d ranks work as one "
-                "data-parallel group (--group-size %d)",
-                peak / 1048576.0, job->mem_per_rank / 1048576.0, job->dist.size, job->dist.size);
+                "a pipeline of layer ranges would need %.0f MB on a rank, which has %.0f MB: the %d rank%s work%s as one "
+                "data-parallel group, layer by layer",
+                peak / 1048576.0, job->mem_per_rank / 1048576.0, job->dist.size, job->dist.size == 1 ? "" : "s",
+                job->dist.size == 1 ? "s" : "");
 fail:
     return status;
 }

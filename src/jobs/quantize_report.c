@@ -24,6 +24,8 @@ void mxq_layer_record_of(const mxq_layer_result *r, int rank, mxq_layer_record *
     rec->seconds_calib = r->seconds_calib;
     rec->seconds = r->seconds;
     rec->peak_rss = (double)r->peak_rss;
+    const double phases[5] = {r->seconds_scales, r->seconds_clip, r->seconds_gptq, r->seconds_pack, r->seconds_loss};
+    memcpy(rec->seconds_phase, phases, sizeof(phases));
     memcpy(rec->awq_alpha, r->awq_alpha, sizeof(rec->awq_alpha));
     memcpy(rec->smooth_alpha, r->smooth_alpha, sizeof(rec->smooth_alpha));
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
@@ -221,6 +223,11 @@ static json_t *layer_json(const mxq_layer_record *rec, double *tot_rtn, double *
                                       rec->linear[li].loss, "dead_channels", rec->linear[li].dead_channels, "seconds",
                                       rec->linear[li].seconds), ok);
     }
+    mxq_json_put(jl, "seconds_of_quantize",
+                 json_pack("{s:f, s:f, s:f, s:f, s:f}", "scales", rec->seconds_phase[0], "clip", rec->seconds_phase[1],
+                           "gptq", rec->seconds_phase[2], "pack", rec->seconds_phase[3], "report_loss",
+                           rec->seconds_phase[4]),
+                 ok);
     mxq_json_put(jl, "awq_alpha", awq, ok);
     mxq_json_put(jl, "smoothquant_alpha", sq, ok);
     mxq_json_put(jl, "linears", lins, ok);
@@ -417,7 +424,7 @@ static double packed_layer_bytes(const mxq_model_config *cfg, const mxq_recipe *
 /* Layers rank r quantizes. */
 static int owned_layers(const mxq_plan_input *in, int r)
 {
-    if (in->group == 1)
+    if (!in->data_parallel)
         return in->first[r + 1] - in->first[r];
     return in->cfg->n_layers / in->size + (r < in->cfg->n_layers % in->size);
 }
@@ -434,18 +441,22 @@ static void plan_pipeline(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
     const double d = cfg->hidden, store = (double)in->samples * in->seq_len * d * sizeof(float);
     const int n = owned_layers(in, r), held = in->stats_layers > 0 && in->stats_layers < n ? in->stats_layers : n;
     const int fp = in->recipe->calib_mode == MXQ_CALIB_FP;
+    plan->quant = n > 0 ? quantize_bytes(cfg) : 0;
     plan->weights = (fp ? n : (n > 0)) * layer + (r == 0 ? emb : 0) + n * packed_layer_bytes(cfg, in->recipe);
     plan->stats = fp ? held * stats : stats + store;
     plan->work += 2.0 * in->batch * in->seq_len * d * sizeof(float); /* the pipeline's buffers */
     /* while loading, the checkpoint's pages of this rank's tensors are mapped
      * too (BF16: half the float32 size) */
     plan->load = 1.5 * ((fp ? n : (n > 0)) * layer + (r == 0 ? emb : 0));
+    plan->total = plan->weights + plan->stats + plan->work + plan->quant + plan->base;
 }
 
-/* A rank of the data-parallel group: two layers in float32 (the one it
- * waits to quantize, the one running), the checkpoint pages of one, two
- * layers' statistics, its share of the activations; first the embedding,
- * only while its share is embedded. */
+/* A rank of the data-parallel group, besides its share of the activations
+ * and the packed results of all its layers (at the end): while a layer
+ * runs, two layers in float32 (the one it waits to quantize, the one
+ * running), the checkpoint pages of one (BF16) and two layers' statistics;
+ * while it quantizes, one layer and its statistics and the quantization's
+ * buffers. First the embedding, only while its share is embedded. */
 static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
 {
     const mxq_model_config *cfg = in->cfg;
@@ -453,8 +464,12 @@ static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
     const double emb = (double)mxq_config_embedding_params(cfg) * sizeof(float), stats = (double)mxq_layer_stats_bytes(cfg);
     const int share = (int)((long long)in->samples * (r + 1) / in->size - (long long)in->samples * r / in->size);
     const double store = (double)share * in->seq_len * cfg->hidden * sizeof(float);
-    plan->weights = 2.5 * layer + owned_layers(in, r) * packed_layer_bytes(cfg, in->recipe);
+    const double results = owned_layers(in, r) * packed_layer_bytes(cfg, in->recipe);
+    plan->weights = 2.5 * layer + results;
     plan->stats = 2.0 * stats + store;
+    plan->quant = owned_layers(in, r) > 0 ? quantize_bytes(cfg) : 0;
+    const double running = 2.5 * layer + 2.0 * stats, quantizing = layer + stats + plan->quant;
+    plan->total = plan->base + results + store + plan->work + (running > quantizing ? running : quantizing);
     plan->load = 1.5 * emb + store;
 }
 
@@ -464,20 +479,18 @@ void mxq_quantize_plan_rank(const mxq_plan_input *in, int r, mxq_rank_plan *plan
     const mxq_model_config *cfg = in->cfg;
     memset(plan, 0, sizeof(*plan));
     plan->work = mxq_workspace_bytes(cfg, in->batch, in->seq_len) + 512.0 * cfg->intermediate * sizeof(float);
-    if (in->group == 1)
+    plan->base = MXQ_PLAN_BASE_BYTES;
+    if (!in->data_parallel)
         plan_pipeline(in, r, plan);
     else
         plan_group(in, r, plan);
-    plan->quant = owned_layers(in, r) > 0 ? quantize_bytes(cfg) : 0;
-    plan->base = MXQ_PLAN_BASE_BYTES;
-    plan->total = plan->weights + plan->stats + plan->work + plan->quant + plan->base;
     if (plan->load + plan->base > plan->total)
         plan->total = plan->load + plan->base;
 }
 
 static void plan_layers_text(const mxq_plan_input *in, int r, char *text, size_t size)
 {
-    if (in->group == 1)
+    if (!in->data_parallel)
         snprintf(text, size, "[%d, %d)", in->first[r], in->first[r + 1]);
     else
         snprintf(text, size, "%d of every %d", r, in->size);
@@ -489,7 +502,7 @@ void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budg
     const int fp = in->recipe->calib_mode == MXQ_CALIB_FP;
     mxq_print(ctx, "plan: %d layers over %d rank%s, %s; calibration %d x %d tokens, %s mode, micro-batch %d\n",
               in->cfg->n_layers, in->size, in->size == 1 ? "" : "s",
-              in->group == 1 ? "a pipeline of layer ranges (group size 1)" : "one data-parallel group", in->samples,
+              !in->data_parallel ? "a pipeline of layer ranges (group size 1)" : "one data-parallel group", in->samples,
               in->seq_len, fp ? "fp" : "sequential", in->batch);
     mxq_print(ctx, "%-6s %-14s %12s %12s %12s %12s %14s\n", "rank", "quantizes", "weights MB", "stats MB", "work MB",
               "quantize MB", "peak RSS MB");
@@ -502,14 +515,20 @@ void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budg
                   p.work / MB, p.quant / MB, p.total / MB);
     }
     mxq_print(ctx, "stats: Hessians (double) of the 4 linear inputs of a layer = %.1f MB per layer%s\n", stats / MB,
-              in->group > 1 ? "; a rank holds two layers' and its share of the activations"
+              in->data_parallel ? "; a rank holds two layers' and its share of the activations"
               : fp ? (in->stats_layers > 0 ? ", held for --stats-layers layers at a time (one calibration pass per group)"
                                            : ", held for every owned layer until it is quantized (bound it with "
                                              "--stats-layers, or --group-size)")
                    : "; sequential mode also holds the calibration activations");
-    mxq_print(ctx, "peak RSS: weights (float32, and the packed results) + stats + work (forward workspace, buffers, a "
-                   "Gram panel) + the largest linear's quantization + %.0f MB of libraries\n",
-              MXQ_PLAN_BASE_BYTES / MB);
+    if (!in->data_parallel)
+        mxq_print(ctx, "peak RSS: weights (float32, and the packed results) + stats + work (forward workspace, buffers, "
+                       "a Gram panel) + the largest linear's quantization + %.0f MB of libraries\n",
+                  MXQ_PLAN_BASE_BYTES / MB);
+    else
+        mxq_print(ctx, "peak RSS: the packed results, the share of activations, work (forward workspace, a Gram panel) "
+                       "and %.0f MB of libraries, plus the larger of a layer running (2 layers in float32, the pages "
+                       "of one, 2 layers' stats) and a layer being quantized (1 layer, its stats, the quantization)\n",
+                  MXQ_PLAN_BASE_BYTES / MB);
     if (budget > 0)
         mxq_print(ctx, "memory: %.1f MB per rank on this node (its memory, or cgroup limit, over the ranks on it)\n",
                   budget / MB);

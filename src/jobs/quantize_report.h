@@ -15,6 +15,7 @@
 typedef struct {
     int layer, rank;
     double seconds_calib, seconds, peak_rss;
+    double seconds_phase[5]; /* of `seconds`: scales, clip, gptq, pack, loss */
     double awq_alpha[MXQ_INPUT_COUNT];    /* -1: none */
     double smooth_alpha[MXQ_INPUT_COUNT]; /* -1: none */
     struct {
@@ -88,9 +89,9 @@ typedef struct {
 typedef struct {
     const mxq_model_config *cfg;
     const mxq_recipe *recipe;
-    const int *first; /* [size + 1]: the pipeline's layer ranges (group 1) */
+    const int *first; /* [size + 1]: the pipeline's layer ranges */
     int size;         /* ranks */
-    int group;        /* 1: a pipeline; size: one data-parallel group */
+    int data_parallel; /* 0: a pipeline; 1: one data-parallel group of all ranks */
     int batch, seq_len, samples, stats_layers;
 } mxq_plan_input;
 

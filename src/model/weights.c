@@ -238,6 +238,31 @@ fail:
     return status;
 }
 
+/* A lazy layer's float tensors are refused now, not when their turn
+ * comes hours into a job, if they hold a NaN or Inf; its pages go back.
+ * (Packed MX weights are checked as they are decoded.) */
+static mxq_status scan_layer(mxq_ctx *ctx, mxq_checkpoint *ckpt, int l, int mx_weights)
+{
+    mxq_status status = MXQ_OK;
+    const char **names = NULL;
+    size_t count = 0;
+    char prefix[64];
+    snprintf(prefix, sizeof(prefix), "model.layers.%d.", l);
+    CALL(ctx, mxq_checkpoint_names(ctx, ckpt, &names, &count));
+    for (size_t i = 0; i < count; i++) {
+        const mxq_tensor_view *t;
+        if (strncmp(names[i], prefix, strlen(prefix)) != 0)
+            continue;
+        CALL(ctx, mxq_checkpoint_get(ctx, ckpt, names[i], &t));
+        if (!mx_weights || t->dtype != MXQ_DT_U8) /* U8: packed MX elements and scales */
+            CALL(ctx, mxq_tensor_check_float(ctx, t));
+        mxq_tensor_view_release(t);
+    }
+fail:
+    free(names);
+    return status;
+}
+
 /* Embedding, final norm and head, as the part asks. */
 static mxq_status load_ends(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_model_part *part, mxq_model *m)
 {
@@ -282,6 +307,8 @@ mxq_status mxq_model_load(mxq_ctx *ctx, const char *dir, const mxq_model_config 
     rope_frequencies(cfg, m->rope_inv_freq);
     for (int l = part->first_layer; l < part->last_layer && !part->lazy; l++)
         CALL(ctx, load_layer(ctx, ckpt, cfg, l, &m->layers[l - part->first_layer]));
+    for (int l = part->first_layer; l < part->last_layer && part->lazy; l++)
+        CALL(ctx, scan_layer(ctx, ckpt, l, cfg->mx_weights));
     CALL(ctx, load_ends(ctx, ckpt, part, m));
     if (part->lazy)
         m->ckpt = ckpt;

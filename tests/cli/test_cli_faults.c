@@ -29,7 +29,7 @@ typedef struct {
     int n_ranks;
 } step_info;
 
-typedef enum { JOB_EVAL, JOB_QUANTIZE_FP, JOB_QUANTIZE_SEQ } job_kind;
+typedef enum { JOB_EVAL, JOB_QUANTIZE_FP, JOB_QUANTIZE_SEQ, JOB_QUANTIZE_GROUP } job_kind;
 
 
 /* Small but complete jobs: several micro-batches, so a failure midway
@@ -73,6 +73,10 @@ static void job_argv_force(const char **argv, job_kind kind, int ranks, const ch
             argv[k++] = rest[i];
         if (force)
             argv[k++] = "--force";
+        if (kind == JOB_QUANTIZE_GROUP) { /* one data-parallel group of all ranks */
+            argv[k++] = "--group-size";
+            argv[k++] = n;
+        }
     }
     argv[k] = NULL;
 }
@@ -307,6 +311,13 @@ static void test_quantize_fp_every_step(void **state)
     walk(JOB_QUANTIZE_FP, 3, 0, "quantize (fp)");
 }
 
+static void test_quantize_group_every_step(void **state)
+{
+    (void)state;
+    walk(JOB_QUANTIZE_GROUP, 2, 1, "quantize (data-parallel group)");
+    walk(JOB_QUANTIZE_GROUP, 3, 0, "quantize (data-parallel group)");
+}
+
 static void test_quantize_force_every_step(void **state)
 {
     (void)state;
@@ -325,6 +336,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_eval_every_step),
         cmocka_unit_test(test_quantize_fp_every_step),
+        cmocka_unit_test(test_quantize_group_every_step),
         cmocka_unit_test(test_quantize_force_every_step),
         cmocka_unit_test(test_quantize_sequential_every_step),
     };

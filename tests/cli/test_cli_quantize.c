@@ -175,6 +175,110 @@ static void test_same_bytes_any_rank_count(void **state)
     print_message("# AWQ+GPTQ W4A8: every tensor identical for 1, 2 and 3 ranks and with --stats-layers 2\n");
 }
 
+/* Bytes of b's tensors that differ from a's, the names, dtypes and shapes
+ * being the same. */
+static size_t differing_bytes(const char *a, const char *b, size_t *total)
+{
+    mxq_ctx *ctx;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    mxq_checkpoint *ca, *cb;
+    assert_int_equal(mxq_checkpoint_open(ctx, a, &ca), MXQ_OK);
+    assert_int_equal(mxq_checkpoint_open(ctx, b, &cb), MXQ_OK);
+    const char **names;
+    size_t count, diff = 0;
+    *total = 0;
+    assert_int_equal(mxq_checkpoint_names(ctx, ca, &names, &count), MXQ_OK);
+    for (size_t i = 0; i < count; i++) {
+        const mxq_tensor_view *ta, *tb;
+        assert_int_equal(mxq_checkpoint_get(ctx, ca, names[i], &ta), MXQ_OK);
+        if (mxq_checkpoint_get(ctx, cb, names[i], &tb) != MXQ_OK)
+            fail_msg("tensor %s of %s is missing from %s", names[i], a, b);
+        assert_int_equal(ta->dtype, tb->dtype);
+        assert_int_equal(ta->nbytes, tb->nbytes);
+        for (size_t k = 0; k < ta->nbytes; k++)
+            diff += ((const unsigned char *)ta->data)[k] != ((const unsigned char *)tb->data)[k];
+        *total += ta->nbytes;
+    }
+    free(names);
+    mxq_checkpoint_close(ca);
+    mxq_checkpoint_close(cb);
+    mxq_ctx_destroy(ctx);
+    return diff;
+}
+
+/* One data-parallel group of 2 and of 3 ranks: the statistics are summed
+ * over the ranks' shares, so the bytes may differ from the pipeline's in
+ * the last bits of a few weights, no more; the layers' owners alternate. */
+static void test_group_data_parallel(void **state)
+{
+    (void)state;
+    const char *pipeline = checkpoint("w4a8-mxint-awq-gptq", 1);
+    const double pipeline_nll = eval_nll(pipeline, NULL, EVAL_LIMIT, NULL, 0);
+    for (int ranks = 2; ranks <= 3; ranks++) {
+        const char *out = tu_scratch_path("group-n%d", ranks);
+        char size[8];
+        snprintf(size, sizeof(size), "%d", ranks);
+        tu_run_result r = run_mpi(ranks, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                                  tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-awq-gptq"),
+                                  "--out", out, "--group-size", size, NULL);
+        if (r.exit_code != 0)
+            fail_msg("quantize --group-size %d failed: %s", ranks, r.err);
+        assert_non_null(strstr(r.err, "one data-parallel group"));
+        for (int l = 0; l < 5; l++) { /* every layer's progress line, from rank 0 */
+            char line[64];
+            snprintf(line, sizeof(line), "r0] INFO  layer %d (%d/5)", l, l + 1);
+            if (!strstr(r.err, line))
+                fail_msg("no progress line '%s' in: %s", line, r.err);
+        }
+        char *index = tu_read_file(tu_scratch_path("group-n%d/model.safetensors.index.json", ranks), NULL);
+        char owner[128]; /* layer 1 is rank 1's */
+        snprintf(owner, sizeof(owner), "\"model.layers.1.mlp.down_proj.weight_packed\": \"model-00002-of-0000%d", ranks);
+        assert_non_null(strstr(index, owner));
+        free(index);
+        size_t total, diff = differing_bytes(pipeline, out, &total);
+        const double nll = eval_nll(out, NULL, EVAL_LIMIT, NULL, 0);
+        print_message("# --group-size %d: %zu of %zu bytes differ from the pipeline's; mean NLL %.6f vs %.6f\n", ranks,
+                      diff, total, nll, pipeline_nll);
+        assert_true(diff <= total / 200);
+        assert_true(fabs(nll - pipeline_nll) <= 1e-3 * pipeline_nll);
+    }
+}
+
+/* --group-size values that cannot work are refused before any work, once. */
+static void test_group_size_refused(void **state)
+{
+    (void)state;
+    char *text = tu_read_file(recipe("w3a8-mxint-gptq"), NULL);
+    char *p = strstr(text, "mode: fp");
+    assert_non_null(p);
+    char seq[4096];
+    snprintf(seq, sizeof(seq), "%.*smode: sequential%s", (int)(p - text), text, p + strlen("mode: fp"));
+    const char *seq_path = tu_scratch_path("group-seq.yaml");
+    tu_write_file(seq_path, seq, strlen(seq));
+    free(text);
+    const struct {
+        const char *recipe, *size, *extra, *expect;
+    } cases[] = {
+        {recipe("w4a8-mxint-awq-gptq"), "3", NULL, "--group-size 3: a group is one rank (a pipeline of layer ranges) or all 2 ranks"},
+        {seq_path, "2", NULL, "calibrates sequentially, which runs as a pipeline (--group-size 1)"},
+        {recipe("w4a8-mxint-awq-gptq"), "2", "--stats-layers", "--stats-layers bounds a pipeline's statistics"},
+        {recipe("w4a8-mxint-awq-gptq"), "0", NULL, "--group-size must be 1 or the number of ranks, got '0'"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const char *out = tu_scratch_path("group-refused-%zu", i);
+        tu_run_result r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                                  tu_data_path("stories260K/calib.h5"), "--recipe", cases[i].recipe, "--out", out,
+                                  /* a NULL extra ends the arguments before its value */
+                                  "--group-size", cases[i].size, cases[i].extra, "1", NULL);
+        assert_int_not_equal(r.exit_code, 0);
+        const char *hit = strstr(r.err, cases[i].expect);
+        if (!hit)
+            fail_msg("expected '%s' in: %s", cases[i].expect, r.err);
+        assert_null(strstr(hit + 1, cases[i].expect)); /* once per job */
+        assert_false(exists(out, "model.safetensors.index.json"));
+    }
+}
+
 static void test_reload_equals_fake_quant(void **state)
 {
     (void)state;
@@ -504,6 +608,8 @@ int main(void)
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_same_bytes_any_rank_count),
+        cmocka_unit_test(test_group_data_parallel),
+        cmocka_unit_test(test_group_size_refused),
         cmocka_unit_test(test_reload_equals_fake_quant),
         cmocka_unit_test(test_table1_orderings),
         cmocka_unit_test(test_gptq_loss_below_rtn_every_linear),

@@ -155,6 +155,42 @@ static void test_partition(void **state)
 }
 
 /* A tiny qwen2-like preset (q/k/v biases) through the real writer and loader. */
+/* A lazy model holds no layer until asked; a loaded layer equals the eager
+ * model's, and loads again the same after it is unloaded. */
+static void check_lazy_layers(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, mxq_model *eager)
+{
+    mxq_model_part all_lazy = {0, 3, 1, 0, 1};
+    mxq_model *m;
+    if (mxq_model_load(ctx, dir, cfg, &all_lazy, &m) != MXQ_OK)
+        fail_msg("%s", mxq_error_message(ctx));
+    assert_non_null(m->embedding);
+    for (int l = 0; l < 3; l++) {
+        assert_null(m->layers[l].weight[MXQ_LIN_DOWN]);
+        assert_null(m->layers[l].attn_norm);
+        for (int round = 0; round < 2; round++) {
+            assert_int_equal(mxq_model_layer_load(ctx, m, l), MXQ_OK);
+            assert_memory_equal(m->layers[l].attn_norm, eager->layers[l].attn_norm, (size_t)cfg->hidden * sizeof(float));
+            assert_memory_equal(m->layers[l].bias[MXQ_LIN_K], eager->layers[l].bias[MXQ_LIN_K],
+                                (size_t)cfg->n_kv_heads * cfg->head_dim * sizeof(float));
+            for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+                int o, in;
+                mxq_linear_shape(cfg, (mxq_linear_id)li, &o, &in);
+                assert_memory_equal(m->layers[l].weight[li], eager->layers[l].weight[li], (size_t)o * in * sizeof(float));
+            }
+            assert_int_equal(mxq_model_layer_unload(ctx, m, l), MXQ_OK);
+            assert_null(m->layers[l].weight[MXQ_LIN_Q]);
+            assert_null(m->layers[l].bias[MXQ_LIN_Q]);
+        }
+    }
+    assert_int_equal(mxq_model_unload_embedding(ctx, m), MXQ_OK);
+    assert_null(m->embedding);
+    /* an eager model has no checkpoint to load from: said, not a crash */
+    assert_int_equal(mxq_model_layer_load(ctx, eager, 0), MXQ_ERR_INTERNAL);
+    assert_non_null(strstr(mxq_error_message(ctx), "not loaded lazily"));
+    mxq_error_clear(ctx);
+    mxq_model_free(m);
+}
+
 static void test_synth_roundtrip(void **state)
 {
     (void)state;
@@ -222,6 +258,7 @@ static void test_synth_roundtrip(void **state)
     assert_true(isfinite(nll[0]) && fabs(nll[0] / 15 - log(100.0)) < 0.5);
     free(x);
     mxq_workspace_free(ws);
+    check_lazy_layers(ctx, sharded, &c2, m1);
     mxq_model_free(m1);
     mxq_model_free(m2);
     mxq_ctx_destroy(ctx);
