@@ -55,7 +55,7 @@ int main(int argc, char **argv)
     mxq_model_config cfg;
     mxq_model *model = NULL;
     mxq_workspace *ws = NULL;
-    mxq_model_part part = {0, 1, 0, 0, 0};
+    mxq_model_part part = {0, 1, 0, 0};
     if (mxq_config_load(ctx, model_dir, &cfg) != MXQ_OK || mxq_model_load(ctx, model_dir, &cfg, &part, &model) != MXQ_OK ||
         mxq_workspace_create(ctx, &cfg, batch, seq, &ws) != MXQ_OK) {
         mxq_error_print(ctx, stderr, "bench_forward");

@@ -181,7 +181,7 @@ static int run_once(mxq_ctx *ctx, const bench_opts *o, const mxq_recipe *r, doub
     mxq_layer_result res = {0};
     int rc = -1;
     double t0 = mxq_time_now();
-    mxq_model_part part = {0, 1, 1, 0, 0};
+    mxq_model_part part = {0, 1, 1, 0};
     if (mxq_config_load(ctx, o->model_dir, &cfg) != MXQ_OK || mxq_model_load(ctx, o->model_dir, &cfg, &part, &m) != MXQ_OK)
         goto fail;
     t[PH_LOAD] += mxq_time_now() - t0;

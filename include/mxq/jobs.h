@@ -59,9 +59,10 @@ typedef struct {
     int batch;        /* calibration sequences per micro-batch (default 8) */
     int force;        /* replace an earlier mxq run's files in out_dir */
     int dry_run;      /* print the plan only; writes nothing */
-    int stats_layers; /* fp mode: at most this many layers' statistics per rank at once (0 = all) */
-    int group_size;   /* 1: ranks form a pipeline of layer ranges; the rank count: one data-parallel
-                         group (fp mode); 0: the pipeline if it fits the memory a rank has */
+    int stats_layers; /* pipeline, fp mode: at most this many layers' statistics per rank at once (0 = all) */
+    int group_size;   /* 1: ranks form a pipeline of layer ranges; the rank count (> 1): one
+                         data-parallel group (fp mode); 0: the pipeline if its plan stays under 90% of
+                         the memory a rank has, else one data-parallel group (also of a single rank) */
 } mxq_quantize_options;
 
 /* Read model_dir, calibrate on calib_path, apply the recipe, write the MX

@@ -104,15 +104,13 @@ typedef struct {
     float *lm_head;    /* [vocab, d] when has_head (the embedding when tied) */
     mxq_layer *layers; /* last_layer - first_layer entries */
     double *rope_inv_freq; /* [head_dim / 2] */
-    mxq_checkpoint *ckpt;  /* lazy models: the open checkpoint the layers come from */
+    mxq_checkpoint *ckpt;  /* internal (src/model/lazy.h): where a lazily loaded model's layers
+                              come from; NULL when every layer is loaded */
 } mxq_model;
 
 typedef struct {
     int first_layer, last_layer; /* [first, last) */
     int embedding, head;
-    /* 1: the layers stay in the checkpoint (mapped, in its dtype) until
-     * mxq_model_layer_load converts one; the rest loads at once */
-    int lazy;
 } mxq_model_part;
 
 /* The checkpoint in `dir` against cfg, from the headers alone and before
@@ -124,20 +122,6 @@ mxq_status mxq_model_check_checkpoint(mxq_ctx *ctx, const char *dir, const mxq_m
 mxq_status mxq_model_load(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, const mxq_model_part *part,
                           mxq_model **out);
 void mxq_model_free(mxq_model *model);
-
-/* Lazy models: the float32 tensors of layer `layer` that are not held
- * (all of them, or those unloaded since). */
-mxq_status mxq_model_layer_load(mxq_ctx *ctx, mxq_model *model, int layer);
-/* Frees the float32 tensors of layer `layer` and gives back the process's
- * pages of its checkpoint tensors: what was converted no longer counts in
- * the resident set. */
-mxq_status mxq_model_layer_unload(mxq_ctx *ctx, mxq_model *model, int layer);
-/* Gives back the checkpoint pages of layer `layer`, keeping its float32
- * tensors. */
-mxq_status mxq_model_layer_release_pages(mxq_ctx *ctx, mxq_model *model, int layer);
-/* Frees the embedding table (unless it is the tied head) and gives back its
- * checkpoint pages: for ranks that embed their tokens once. */
-mxq_status mxq_model_unload_embedding(mxq_ctx *ctx, mxq_model *model);
 
 /* Fake quantization for evaluation: weights rounded to nearest in MX once,
  * and the input of every linear MX-quantized at run time. */

@@ -78,13 +78,6 @@ mxq_status mxq_checkpoint_names(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *
  * its shape is exactly `shape[rank]`. `out` holds numel floats. */
 mxq_status mxq_tensor_to_f32(mxq_ctx *ctx, const mxq_tensor_view *tensor, int rank, const int64_t *shape,
                              float *out);
-/* A floating-point tensor (F32, F16, BF16) with no NaN or Inf, checked
- * without converting it (the error names the tensor and the index). */
-mxq_status mxq_tensor_check_float(mxq_ctx *ctx, const mxq_tensor_view *tensor);
-/* Give back the process's pages of the tensor's bytes (the page cache keeps
- * them; a later read faults them in again). Keeps a rank's resident set to
- * the layers it is working on. */
-void mxq_tensor_view_release(const mxq_tensor_view *tensor);
 
 /* Writing (mxq synth, mxq quantize): one shard from a list of tensors, under
  * a temporary name renamed into place when complete. */

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "jobs/jobs_internal.h"
+#include "model/lazy.h"
 #include "jobs/quantize_report.h"
 #include "parallel/pipeline.h"
 
@@ -72,17 +73,28 @@ fail:
     return status;
 }
 
-mxq_status mxq_layer_drop_quantized(mxq_ctx *ctx, mxq_model *model, int layer, const mxq_layer_result *res)
+static void free_floats(float **p)
+{
+    free(*p);
+    *p = NULL;
+}
+
+mxq_status mxq_layer_keep_written(mxq_ctx *ctx, mxq_model *model, int layer, const mxq_layer_result *res)
 {
     mxq_status status = MXQ_OK;
     if (!model->ckpt)
         return MXQ_OK;
     mxq_layer *L = &model->layers[layer - model->first_layer];
-    for (int li = 0; li < MXQ_LIN_COUNT; li++)
-        if (res->linear[li].quantized) {
-            free(L->weight[li]);
-            L->weight[li] = NULL;
-        }
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        if (res->linear[li].quantized || !res->linear[li].weight_modified)
+            free_floats(&L->weight[li]);
+        if (!res->linear[li].bias_modified)
+            free_floats(&L->bias[li]);
+    }
+    if (!res->attn_norm_modified)
+        free_floats(&L->attn_norm);
+    if (!res->ffn_norm_modified)
+        free_floats(&L->ffn_norm);
     CALL(ctx, mxq_model_layer_release_pages(ctx, model, layer));
 fail:
     return status;
@@ -402,7 +414,7 @@ static mxq_status seq_layers(mxq_ctx *ctx, seq_run *s, mxq_layer_result *results
             CALL(ctx, mxq_model_run_layers(ctx, model, l, l + 1, s->store + (size_t)mb * s->mb_floats,
                                            mxq_micro_batch_seqs(n_seqs, s->batch, mb), S, &fq, s->ws));
         res->seconds_calib = (t1 - t0) + (mxq_time_now() - t2);
-        CALL(ctx, mxq_layer_drop_quantized(ctx, model, l, res));
+        CALL(ctx, mxq_layer_keep_written(ctx, model, l, res));
     }
 fail:
     mxq_layer_stats_free(&stats);

@@ -18,6 +18,7 @@
 
 #include "core/alloc.h"
 #include "jobs/jobs_internal.h"
+#include "model/lazy.h"
 #include "jobs/quantize_report.h"
 #include "parallel/pipeline.h"
 
@@ -34,6 +35,7 @@ typedef struct {
     mxq_layer_stats owned;   /* summed statistics of the layer this rank quantizes next */
     int owned_layer;         /* -1: none waiting */
     double owned_calib_seconds;
+    mxq_layer_record *records; /* rank 0: [size], the layers just quantized, for their progress lines */
 } group_run;
 
 static mxq_status observe(mxq_ctx *ctx, void *user, int layer, mxq_input_id input, const float *x, size_t tokens,
@@ -67,6 +69,8 @@ static mxq_status group_setup(mxq_ctx *ctx, group_run *g)
           g->model->cfg.hidden);
     g->store = mxq_alloc_floats(floats ? floats : 1);
     CHECK_ALLOC(ctx, g->store, floats * sizeof(float), "this rank's share of the calibration activations");
+    g->records = calloc(rank == 0 ? (size_t)size : 1, sizeof(*g->records));
+    CHECK_ALLOC(ctx, g->records, (size_t)size * sizeof(*g->records), "the layer records");
     CALL(ctx, mxq_workspace_create(ctx, &g->model->cfg, g->batch, S, &g->ws));
     for (int mb = 0; mb < share_batches(g); mb++) {
         int n;
@@ -120,12 +124,13 @@ static mxq_status group_quantize(mxq_ctx *ctx, group_run *g, mxq_layer_result *r
     const int l = g->owned_layer;
     if (l < 0)
         return MXQ_OK;
-    mxq_layer_result *res = &results[l];
+    mxq_layer_result *res = &results[l - g->model->first_layer];
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
         mxq_input_stats_finish(&g->owned.input[i]);
-    CALL(ctx, mxq_quantize_layer(ctx, g->recipe, &g->model->cfg, l, &g->model->layers[l], &g->owned, res));
+    CALL(ctx, mxq_quantize_layer(ctx, g->recipe, &g->model->cfg, l, &g->model->layers[l - g->model->first_layer],
+                                 &g->owned, res));
     res->seconds_calib = g->owned_calib_seconds;
-    CALL(ctx, mxq_layer_drop_quantized(ctx, g->model, l, res));
+    CALL(ctx, mxq_layer_keep_written(ctx, g->model, l, res));
 fail:
     mxq_layer_stats_free(&g->owned);
     g->owned_layer = -1;
@@ -137,20 +142,14 @@ static mxq_status group_log(mxq_ctx *ctx, group_run *g, const mxq_layer_result *
 {
     mxq_status status = MXQ_OK;
     mxq_layer_record rec = {.layer = -1};
-    mxq_layer_record *all = NULL;
     if (quantized_layer >= 0)
-        mxq_layer_record_of(&results[quantized_layer], g->dist->rank, &rec);
-    if (g->dist->rank == 0) {
-        all = malloc((size_t)g->dist->size * sizeof(*all));
-        CHECK_ALLOC(ctx, all, (size_t)g->dist->size * sizeof(*all), "the layer records");
-    }
+        mxq_layer_record_of(&results[quantized_layer - g->model->first_layer], g->dist->rank, &rec);
     CALL_MPI(ctx, g->dist->comm,
-             MPI_Gather(&rec, (int)sizeof(rec), MPI_BYTE, all, (int)sizeof(rec), MPI_BYTE, 0, g->dist->comm));
-    for (int r = 0; all && r < g->dist->size; r++)
-        if (all[r].layer >= 0)
-            mxq_layer_record_log(ctx, g->model->cfg.n_layers, &all[r]);
+             MPI_Gather(&rec, (int)sizeof(rec), MPI_BYTE, g->records, (int)sizeof(rec), MPI_BYTE, 0, g->dist->comm));
+    for (int r = 0; g->dist->rank == 0 && r < g->dist->size; r++)
+        if (g->records[r].layer >= 0)
+            mxq_layer_record_log(ctx, g->model->cfg.n_layers, &g->records[r]);
 fail:
-    free(all);
     return status;
 }
 
@@ -159,6 +158,7 @@ static void group_run_free(group_run *g)
     mxq_layer_stats_free(&g->partial);
     mxq_layer_stats_free(&g->owned);
     free(g->store);
+    free(g->records);
     mxq_workspace_free(g->ws);
 }
 

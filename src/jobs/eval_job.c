@@ -10,10 +10,11 @@
 #include <string.h>
 
 #include "jobs/jobs_internal.h"
+#include "model/lazy.h"
 #include "parallel/pipeline.h"
 
 typedef struct {
-    mxq_model *model; /* lazy layers are converted as micro-batches pass */
+    mxq_model *model; /* a lazy model's layers are converted as micro-batches reach them */
     const mxq_tokens *tokens;
     const mxq_fake_quant *quant;
     mxq_workspace *ws;
@@ -62,6 +63,7 @@ typedef struct {
     mxq_layer_result *results; /* --recipe: one per local layer */
     mxq_pipeline p;
     eval_stage e;
+    double mem_per_rank; /* bytes, mxq_memory_per_rank */
 } eval_job;
 
 static void eval_job_free(eval_job *j)
@@ -135,12 +137,21 @@ static mxq_status load_model(mxq_ctx *ctx, eval_job *j)
           j->cfg.mx_weights ? j->cfg.mx_weight_spec.format->name : "");
     choose_acts(j);
     CALL(ctx, mxq_job_partition(ctx, size, &j->cfg, &j->first));
-    /* layers are converted as they run unless they are changed first */
-    mxq_model_part part = {j->first[rank], j->first[rank + 1], rank == 0, rank == size - 1,
-                           !o->recipe_path && !j->quant.enabled_weights};
-    mxq_log(ctx, MXQ_LOG_DEBUG, "rank %d owns layers [%d, %d)%s%s", rank, part.first_layer, part.last_layer,
-            part.embedding ? " + embedding" : "", part.head ? " + norm/lm_head" : "");
-    CALL(ctx, mxq_model_load(ctx, j->model_dir, &j->cfg, &part, &j->model));
+    mxq_model_part part = {j->first[rank], j->first[rank + 1], rank == 0, rank == size - 1};
+    /* Layers too big to hold in float32 (half of what a rank has) are
+     * converted as each micro-batch reaches them, unless they are changed
+     * first (--recipe, --weights): a few % of the forward's time. */
+    const double layers_f32 =
+        (double)(part.last_layer - part.first_layer) * (double)mxq_config_layer_params(&j->cfg) * sizeof(float);
+    const int lazy = !o->recipe_path && !j->quant.enabled_weights && j->mem_per_rank > 0 &&
+                     layers_f32 > 0.5 * j->mem_per_rank;
+    mxq_log(ctx, MXQ_LOG_DEBUG, "rank %d owns layers [%d, %d)%s%s%s", rank, part.first_layer, part.last_layer,
+            part.embedding ? " + embedding" : "", part.head ? " + norm/lm_head" : "",
+            lazy ? ", converted as they run" : "");
+    if (lazy)
+        CALL(ctx, mxq_model_load_lazy(ctx, j->model_dir, &j->cfg, &part, 1, 0, &j->model));
+    else
+        CALL(ctx, mxq_model_load(ctx, j->model_dir, &j->cfg, &part, &j->model));
     if (j->quant.enabled_weights)
         CALL(ctx, mxq_model_fake_quantize_weights(ctx, j->model, &j->quant.weights));
     if (j->have_recipe) {
@@ -286,6 +297,7 @@ mxq_status mxq_eval_perplexity(mxq_ctx *ctx, MPI_Comm comm, const char *model_di
     j.options = options;
     memset(result, 0, sizeof(*result));
     CALL(ctx, mxq_dist_create(ctx, comm, &j.dist));
+    CALL(ctx, mxq_memory_per_rank(ctx, &j.dist, &j.mem_per_rank));
     double t_load = mxq_time_now();
     AGREE(ctx, &j.dist, "eval.setup", setup(ctx, &j));
     if (j.have_recipe)

@@ -44,11 +44,12 @@ mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_
 mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
                                const mxq_recipe *recipe, int batch, mxq_layer_result *results);
 
-/* A lazy model, after layer `layer` is quantized (res): the float32 weights
- * of its quantized linears go (the result holds them packed) and its
- * checkpoint pages are given back; what the shard writes from the layer
- * (norms, biases, unquantized weights) stays. Nothing for an eager model. */
-mxq_status mxq_layer_drop_quantized(mxq_ctx *ctx, mxq_model *model, int layer, const mxq_layer_result *res);
+/* A lazy model, after layer `layer` is quantized (res): of its float32
+ * tensors only those the shard writes from the model stay (norms, biases
+ * and unquantized weights that folded scales changed; the rest is packed in
+ * the result or copied from the checkpoint), and its checkpoint pages are
+ * given back. Nothing for an eager model. */
+mxq_status mxq_layer_keep_written(mxq_ctx *ctx, mxq_model *model, int layer, const mxq_layer_result *res);
 /* Free the n results of mxq_quantize_model_in_memory and the array itself. */
 void mxq_layer_results_free(mxq_layer_result *results, int n);
 

@@ -1,7 +1,8 @@
-/* mxq quantize: the whole job. Check everything, then load this rank's
- * layers, calibrate and quantize them (calibrate.c), write this rank's
- * shard, and on rank 0 the index, config.json (with quantization_config) and
- * the JSON report.
+/* mxq quantize: the whole job. Check everything, choose how the ranks
+ * share the work (a pipeline of layer ranges, or one data-parallel group:
+ * choose_group), load this rank's part, calibrate and quantize
+ * (calibrate.c, calibrate_group.c), write this rank's shard, and on rank 0
+ * the index, config.json (with quantization_config) and the JSON report.
  *
  * Nothing looks complete before it is: the output directory's record of
  * mxq's files is written first; shards are written under temporary names,
@@ -16,6 +17,7 @@
 
 #include "io/ckpt_writer.h"
 #include "jobs/jobs_internal.h"
+#include "model/lazy.h"
 #include "jobs/quantize_report.h"
 
 #define REPORT_NAME "mxq_report.json"
@@ -288,16 +290,22 @@ static mxq_status open_and_load(mxq_ctx *ctx, quantize_job *job)
     mxq_status status = MXQ_OK;
     const int rank = job->dist.rank, size = job->dist.size;
     char path[MXQ_PATH_BUF];
-    /* quantization never runs the head; a group runs every layer, one at a time */
-    mxq_model_part part = {job->first[rank], job->first[rank + 1], rank == 0, 0,
-                           job->recipe.calib_mode == MXQ_CALIB_SEQUENTIAL};
+    /* Quantization never runs the head. A group runs every layer, one at a
+     * time, and each rank scans the layers it owns for NaN/Inf; sequential
+     * mode runs its range one layer at a time. */
+    mxq_model_part part = {job->first[rank], job->first[rank + 1], rank == 0, 0};
+    const int lazy = job->data_parallel || job->recipe.calib_mode == MXQ_CALIB_SEQUENTIAL;
     if (job->data_parallel)
-        part = (mxq_model_part){0, job->cfg.n_layers, 1, 0, 1};
+        part = (mxq_model_part){0, job->cfg.n_layers, 1, 0};
     mxq_shard_name(job->shard_name, sizeof(job->shard_name), rank, size);
     mxq_path_join(path, job->out_dir, job->shard_name);
     CALL(ctx, mxq_output_begin(ctx, path, &job->inputs, &job->shard_out));
     double t_load = mxq_time_now();
-    CALL(ctx, mxq_model_load(ctx, job->model_dir, &job->cfg, &part, &job->model));
+    if (lazy)
+        CALL(ctx, mxq_model_load_lazy(ctx, job->model_dir, &job->cfg, &part, job->data_parallel ? size : 1,
+                                      job->data_parallel ? rank : 0, &job->model));
+    else
+        CALL(ctx, mxq_model_load(ctx, job->model_dir, &job->cfg, &part, &job->model));
     if (rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "quantize: %s (%s, %d layers, d=%d) on %d rank%s with %s; loaded in %.2f s",
                 job->model_dir, mxq_arch_name(job->cfg.arch), job->cfg.n_layers, job->cfg.hidden, size,
@@ -350,9 +358,15 @@ fail:
 static mxq_plan_input plan_input(const quantize_job *job)
 {
     const int batch = job->batch < job->calib.n_seqs ? job->batch : job->calib.n_seqs;
-    return (mxq_plan_input){&job->cfg,     &job->recipe,       job->first,       job->dist.size,
-                            job->data_parallel, batch,              job->calib.seq_len, job->calib.n_seqs,
-                            job->opt->stats_layers};
+    return (mxq_plan_input){.cfg = &job->cfg,
+                            .recipe = &job->recipe,
+                            .first = job->first,
+                            .size = job->dist.size,
+                            .data_parallel = job->data_parallel,
+                            .batch = batch,
+                            .seq_len = job->calib.seq_len,
+                            .samples = job->calib.n_seqs,
+                            .stats_layers = job->opt->stats_layers};
 }
 
 /* --group-size, or when not given: a pipeline (exact for any rank count)

@@ -24,8 +24,11 @@ void mxq_layer_record_of(const mxq_layer_result *r, int rank, mxq_layer_record *
     rec->seconds_calib = r->seconds_calib;
     rec->seconds = r->seconds;
     rec->peak_rss = (double)r->peak_rss;
-    const double phases[5] = {r->seconds_scales, r->seconds_clip, r->seconds_gptq, r->seconds_pack, r->seconds_loss};
-    memcpy(rec->seconds_phase, phases, sizeof(phases));
+    rec->seconds_phase[MXQ_PHASE_SCALES] = r->seconds_scales;
+    rec->seconds_phase[MXQ_PHASE_CLIP] = r->seconds_clip;
+    rec->seconds_phase[MXQ_PHASE_GPTQ] = r->seconds_gptq;
+    rec->seconds_phase[MXQ_PHASE_PACK] = r->seconds_pack;
+    rec->seconds_phase[MXQ_PHASE_LOSS] = r->seconds_loss;
     memcpy(rec->awq_alpha, r->awq_alpha, sizeof(rec->awq_alpha));
     memcpy(rec->smooth_alpha, r->smooth_alpha, sizeof(rec->smooth_alpha));
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
@@ -37,7 +40,6 @@ void mxq_layer_record_of(const mxq_layer_result *r, int rank, mxq_layer_record *
     }
 }
 
-/* [rank_header][records][names, each followed by '\n'] */
 void mxq_layer_record_log(mxq_ctx *ctx, int n_layers, const mxq_layer_record *rec)
 {
     double rtn, loss;
@@ -49,6 +51,7 @@ void mxq_layer_record_log(mxq_ctx *ctx, int n_layers, const mxq_layer_record *re
             alphas[0] ? " " : "", alphas, rec->seconds_calib, rec->seconds, rec->peak_rss / 1048576.0);
 }
 
+/* [rank_header][records][names, each followed by '\n'] */
 mxq_status mxq_quantize_report_pack(mxq_ctx *ctx, int rank, const mxq_layer_result *results, int n_local,
                                     char *const *names, size_t n_names, size_t shard_bytes, char **out, size_t *len)
 {
@@ -115,6 +118,12 @@ fail:
     return status;
 }
 
+static int cmp_record_layer(const void *a, const void *b)
+{
+    const int la = ((const mxq_layer_record *)a)->layer, lb = ((const mxq_layer_record *)b)->layer;
+    return (la > lb) - (la < lb);
+}
+
 static mxq_status unpack_all(mxq_ctx *ctx, mxq_quantize_report *rep, int n_layers)
 {
     const char *all = rep->gathered;
@@ -131,6 +140,9 @@ static mxq_status unpack_all(mxq_ctx *ctx, mxq_quantize_report *rep, int n_layer
         CALL(ctx, unpack_rank(ctx, rep, r, all + offset, lens[r]));
         offset += lens[r];
     }
+    /* a data-parallel group's ranks own every R-th layer: the table and the
+     * report list layers in order all the same */
+    qsort(rep->records, (size_t)rep->n_records, sizeof(*rep->records), cmp_record_layer);
 fail:
     return status;
 }
@@ -224,9 +236,9 @@ static json_t *layer_json(const mxq_layer_record *rec, double *tot_rtn, double *
                                       rec->linear[li].seconds), ok);
     }
     mxq_json_put(jl, "seconds_of_quantize",
-                 json_pack("{s:f, s:f, s:f, s:f, s:f}", "scales", rec->seconds_phase[0], "clip", rec->seconds_phase[1],
-                           "gptq", rec->seconds_phase[2], "pack", rec->seconds_phase[3], "report_loss",
-                           rec->seconds_phase[4]),
+                 json_pack("{s:f, s:f, s:f, s:f, s:f}", "scales", rec->seconds_phase[MXQ_PHASE_SCALES], "clip",
+                           rec->seconds_phase[MXQ_PHASE_CLIP], "gptq", rec->seconds_phase[MXQ_PHASE_GPTQ], "pack",
+                           rec->seconds_phase[MXQ_PHASE_PACK], "report_loss", rec->seconds_phase[MXQ_PHASE_LOSS]),
                  ok);
     mxq_json_put(jl, "awq_alpha", awq, ok);
     mxq_json_put(jl, "smoothquant_alpha", sq, ok);
@@ -421,7 +433,8 @@ static double packed_layer_bytes(const mxq_model_config *cfg, const mxq_recipe *
     return bytes;
 }
 
-/* Layers rank r quantizes. */
+/* Layers rank r quantizes, hence holds results of until its shard is
+ * written. */
 static int owned_layers(const mxq_plan_input *in, int r)
 {
     if (!in->data_parallel)
@@ -469,7 +482,9 @@ static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
     plan->stats = 2.0 * stats + store;
     plan->quant = owned_layers(in, r) > 0 ? quantize_bytes(cfg) : 0;
     const double running = 2.5 * layer + 2.0 * stats, quantizing = layer + stats + plan->quant;
-    plan->total = plan->base + results + store + plan->work + (running > quantizing ? running : quantizing);
+    /* MPI_Reduce's staging of the 128 MB segments (src/parallel/reduce_stats.c) */
+    const double reduce = 2.0 * 128.0 * 1048576.0;
+    plan->total = plan->base + results + store + plan->work + (running + reduce > quantizing ? running + reduce : quantizing);
     plan->load = 1.5 * emb + store;
 }
 

@@ -11,11 +11,14 @@
 #include "mxq/quantize.h"
 #include "parallel/parallel.h"
 
+/* The phases of a layer's quantization, as the report times them. */
+enum { MXQ_PHASE_SCALES, MXQ_PHASE_CLIP, MXQ_PHASE_GPTQ, MXQ_PHASE_PACK, MXQ_PHASE_LOSS, MXQ_PHASE_COUNT };
+
 /* One layer's figures, as they travel to rank 0 (plain data). */
 typedef struct {
     int layer, rank;
     double seconds_calib, seconds, peak_rss;
-    double seconds_phase[5]; /* of `seconds`: scales, clip, gptq, pack, loss */
+    double seconds_phase[MXQ_PHASE_COUNT]; /* of `seconds` */
     double awq_alpha[MXQ_INPUT_COUNT];    /* -1: none */
     double smooth_alpha[MXQ_INPUT_COUNT]; /* -1: none */
     struct {

@@ -5,8 +5,10 @@
 #include <string.h>
 
 #include "core/check.h"
-#include "model/model_internal.h"
 #include "io/shape_text.h"
+#include "io/tensor_views.h"
+#include "model/lazy.h"
+#include "model/model_internal.h"
 #include "mxq/model.h"
 
 
@@ -238,23 +240,25 @@ fail:
     return status;
 }
 
-/* A lazy layer's float tensors are refused now, not when their turn
- * comes hours into a job, if they hold a NaN or Inf; its pages go back.
- * (Packed MX weights are checked as they are decoded.) */
-static mxq_status scan_layer(mxq_ctx *ctx, mxq_checkpoint *ckpt, int l, int mx_weights)
+/* Lazy layers' float tensors are refused at load, not when their turn
+ * comes hours into a job, if they hold a NaN or Inf; their pages go back.
+ * Only the layers this process scans (see mxq_model_load_lazy). Packed MX
+ * weights are checked as they are decoded. */
+static mxq_status scan_layers(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_model_config *cfg,
+                              const mxq_model_part *part, int every, int offset)
 {
     mxq_status status = MXQ_OK;
     const char **names = NULL;
     size_t count = 0;
-    char prefix[64];
-    snprintf(prefix, sizeof(prefix), "model.layers.%d.", l);
     CALL(ctx, mxq_checkpoint_names(ctx, ckpt, &names, &count));
     for (size_t i = 0; i < count; i++) {
         const mxq_tensor_view *t;
-        if (strncmp(names[i], prefix, strlen(prefix)) != 0)
+        int l;
+        if (sscanf(names[i], "model.layers.%d.", &l) != 1 || l < part->first_layer || l >= part->last_layer ||
+            (l - offset) % every != 0)
             continue;
         CALL(ctx, mxq_checkpoint_get(ctx, ckpt, names[i], &t));
-        if (!mx_weights || t->dtype != MXQ_DT_U8) /* U8: packed MX elements and scales */
+        if (!cfg->mx_weights || t->dtype != MXQ_DT_U8) /* U8: packed MX elements and scales */
             CALL(ctx, mxq_tensor_check_float(ctx, t));
         mxq_tensor_view_release(t);
     }
@@ -263,7 +267,8 @@ fail:
     return status;
 }
 
-/* Embedding, final norm and head, as the part asks. */
+/* The tensors outside the decoder layers: embedding (rank 0 embeds the
+ * tokens), final norm and head (the last rank scores them). */
 static mxq_status load_ends(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_model_part *part, mxq_model *m)
 {
     mxq_status status = MXQ_OK;
@@ -281,8 +286,19 @@ fail:
     return status;
 }
 
-mxq_status mxq_model_load(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, const mxq_model_part *part,
-                          mxq_model **out)
+static mxq_status release_named(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *name)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_tensor_view *t = NULL;
+    CALL(ctx, mxq_checkpoint_lookup(ctx, ckpt, name, &t));
+    mxq_tensor_view_release(t);
+fail:
+    return status;
+}
+
+/* Eager (every = 0) or lazy (every >= 1, see mxq_model_load_lazy). */
+static mxq_status load_model(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, const mxq_model_part *part,
+                             int every, int offset, mxq_model **out)
 {
     mxq_status status = MXQ_OK;
     mxq_checkpoint *ckpt = NULL;
@@ -305,23 +321,39 @@ mxq_status mxq_model_load(mxq_ctx *ctx, const char *dir, const mxq_model_config 
     m->rope_inv_freq = calloc((size_t)cfg->head_dim / 2, sizeof(double));
     CHECK_ALLOC(ctx, m->layers && m->rope_inv_freq, (size_t)n_local * sizeof(mxq_layer), "the layer table");
     rope_frequencies(cfg, m->rope_inv_freq);
-    for (int l = part->first_layer; l < part->last_layer && !part->lazy; l++)
+    for (int l = part->first_layer; l < part->last_layer && !every; l++)
         CALL(ctx, load_layer(ctx, ckpt, cfg, l, &m->layers[l - part->first_layer]));
-    for (int l = part->first_layer; l < part->last_layer && part->lazy; l++)
-        CALL(ctx, scan_layer(ctx, ckpt, l, cfg->mx_weights));
+    if (every)
+        CALL(ctx, scan_layers(ctx, ckpt, cfg, part, every, offset));
     CALL(ctx, load_ends(ctx, ckpt, part, m));
-    if (part->lazy)
+    if (every) {
         m->ckpt = ckpt;
-    else
+        /* what was converted no longer needs its pages */
+        static const char *const ends[3] = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"};
+        for (int i = 0; i < 3; i++)
+            CALL(ctx, release_named(ctx, ckpt, ends[i]));
+    } else {
         mxq_checkpoint_close(ckpt);
+    }
     *out = m;
     return MXQ_OK;
 fail:
-    mxq_checkpoint_close(ckpt);
-    if (m)
-        m->ckpt = NULL;
+    if (!m || m->ckpt != ckpt)
+        mxq_checkpoint_close(ckpt);
     mxq_model_free(m);
     return status;
+}
+
+mxq_status mxq_model_load(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, const mxq_model_part *part,
+                          mxq_model **out)
+{
+    return load_model(ctx, dir, cfg, part, 0, 0, out);
+}
+
+mxq_status mxq_model_load_lazy(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, const mxq_model_part *part,
+                               int scan_every, int scan_offset, mxq_model **out)
+{
+    return load_model(ctx, dir, cfg, part, scan_every > 0 ? scan_every : 1, scan_offset, out);
 }
 
 static void layer_free_tensors(mxq_layer *layer)
@@ -369,16 +401,6 @@ mxq_status mxq_model_layer_load(mxq_ctx *ctx, mxq_model *m, int layer)
     mxq_status status = MXQ_OK;
     CALL(ctx, check_lazy_layer(ctx, m, layer));
     CALL(ctx, load_layer(ctx, m->ckpt, &m->cfg, layer, &m->layers[layer - m->first_layer]));
-fail:
-    return status;
-}
-
-static mxq_status release_named(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *name)
-{
-    mxq_status status = MXQ_OK;
-    const mxq_tensor_view *t = NULL;
-    CALL(ctx, mxq_checkpoint_lookup(ctx, ckpt, name, &t));
-    mxq_tensor_view_release(t);
 fail:
     return status;
 }

@@ -137,10 +137,10 @@ fail:
     return status;
 }
 
-/* The memory limit of this process's cgroup (v2), or 0 if none is set. */
-static double cgroup_limit_bytes(void)
+/* A number at the start of a small file, or 0 (absent, "max", garbage). */
+static double file_number(const char *path)
 {
-    FILE *f = fopen("/sys/fs/cgroup/memory.max", "r");
+    FILE *f = fopen(path, "r");
     char text[64] = "";
     if (!f)
         return 0;
@@ -148,7 +148,31 @@ static double cgroup_limit_bytes(void)
     fclose(f);
     char *end = NULL;
     const double v = ok ? strtod(text, &end) : 0;
-    return end && end != text && v > 0 ? v : 0; /* "max" parses as nothing */
+    return end && end != text && v > 0 ? v : 0;
+}
+
+/* The memory limit of this process's cgroup, or 0 if none is set: v2 (the
+ * "0::/path" line of /proc/self/cgroup, as Slurm's cgroup plugin and
+ * systemd set it, or the namespace root), else v1's memory controller. */
+static double cgroup_limit_bytes(void)
+{
+    char line[512], path[600];
+    double limit = file_number("/sys/fs/cgroup/memory.max");
+    FILE *f = fopen("/proc/self/cgroup", "r");
+    while (f && fgets(line, sizeof(line), f)) {
+        line[strcspn(line, "\n")] = '\0';
+        const char *v2 = strncmp(line, "0::", 3) == 0 ? line + 3 : NULL, *v1 = strstr(line, ":memory:");
+        if (v2)
+            snprintf(path, sizeof(path), "/sys/fs/cgroup%s/memory.max", v2);
+        else if (v1)
+            snprintf(path, sizeof(path), "/sys/fs/cgroup/memory%s/memory.limit_in_bytes", v1 + 8);
+        const double here = v1 || v2 ? file_number(path) : 0;
+        if (here > 0 && (limit == 0 || here < limit))
+            limit = here;
+    }
+    if (f)
+        fclose(f);
+    return limit;
 }
 
 mxq_status mxq_memory_per_rank(mxq_ctx *ctx, const mxq_dist *dist, double *bytes)

@@ -686,6 +686,23 @@ static void test_inf_weight_gptq_names_the_tensor(void **state)
                             "non-finite");
 }
 
+/* Layers loaded lazily (a data-parallel group; eval of a checkpoint) are
+ * scanned when the model loads: a NaN in layer 2 stops the job before
+ * layer 0 is worked on. */
+static void test_nan_weight_lazy_layers(void **state)
+{
+    (void)state;
+    const char *model = nan_model();
+    const char *out = tu_scratch_path("nonfinite-group");
+    tu_run_result r = run_mxq(2, "quantize", "--model", model, "--calib", tu_data_path("stories260K/calib.h5"),
+                              "--recipe", recipe("w4a8-mxint-awq-gptq"), "--out", out, "--group-size", "2", NULL);
+    expect_refused("NaN weight, data-parallel group", &r, "model.layers.2.mlp.up_proj.weight", "[1, 36]");
+    assert_null(strstr(r.err, "layer 0 (1/"));
+    assert_false(access(out, F_OK) == 0);
+    r = run_mxq(2, "eval", "--model", model, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit", "2", NULL);
+    expect_refused("NaN weight, eval", &r, "model.layers.2.mlp.up_proj.weight", "[1, 36]");
+}
+
 static const char *nan_embedding_model(void)
 {
     const char *model = model_copy("nan-embedding", NULL, NULL);
@@ -1149,6 +1166,7 @@ int main(void)
         cmocka_unit_test(test_cast_input_declaring_huge_rows),
         cmocka_unit_test(test_huge_layer_count),
         cmocka_unit_test(test_nan_weight_rtn),
+        cmocka_unit_test(test_nan_weight_lazy_layers),
         cmocka_unit_test(test_inf_weight_smoothquant),
         cmocka_unit_test(test_nan_weight_awq_names_the_tensor),
         cmocka_unit_test(test_inf_weight_gptq_names_the_tensor),

@@ -12,6 +12,7 @@
 
 #include <cmocka.h>
 
+#include "model/lazy.h"
 #include "mxq/mxq.h"
 #include "parallel/parallel.h"
 #include "testutil.h"
@@ -159,9 +160,9 @@ static void test_partition(void **state)
  * model's, and loads again the same after it is unloaded. */
 static void check_lazy_layers(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, mxq_model *eager)
 {
-    mxq_model_part all_lazy = {0, 3, 1, 0, 1};
+    mxq_model_part all = {0, 3, 1, 0};
     mxq_model *m;
-    if (mxq_model_load(ctx, dir, cfg, &all_lazy, &m) != MXQ_OK)
+    if (mxq_model_load_lazy(ctx, dir, cfg, &all, 1, 0, &m) != MXQ_OK)
         fail_msg("%s", mxq_error_message(ctx));
     assert_non_null(m->embedding);
     for (int l = 0; l < 3; l++) {
@@ -220,7 +221,7 @@ static void test_synth_roundtrip(void **state)
     assert_int_equal(mxq_config_load(ctx, sharded, &c2), MXQ_OK);
     assert_int_equal(c1.qkv_bias, 1);
     assert_int_equal(c1.n_layers, 3);
-    mxq_model_part all = {0, 3, 1, 1, 0};
+    mxq_model_part all = {0, 3, 1, 1};
     mxq_model *m1, *m2;
     if (mxq_model_load(ctx, single, &c1, &all, &m1) != MXQ_OK || mxq_model_load(ctx, sharded, &c2, &all, &m2) != MXQ_OK)
         fail_msg("%s", mxq_error_message(ctx));

@@ -32,7 +32,7 @@ static int setup(void **state)
     char model_dir[4096];
     snprintf(model_dir, sizeof(model_dir), "%s", dir);
     assert_int_equal(mxq_config_load(f->ctx, model_dir, &f->cfg), MXQ_OK);
-    mxq_model_part all = {0, f->cfg.n_layers, 1, 1, 0};
+    mxq_model_part all = {0, f->cfg.n_layers, 1, 1};
     if (mxq_model_load(f->ctx, model_dir, &f->cfg, &all, &f->model) != MXQ_OK)
         fail_msg("%s", mxq_error_message(f->ctx));
     hid_t file = H5Fopen(tu_data_path("stories260K/reference.h5"), H5F_ACC_RDONLY, H5P_DEFAULT);
@@ -131,7 +131,7 @@ static void test_split_layers_same_bits(void **state)
     mxq_workspace *ws, *ws_a, *ws_b;
     float *whole = forward_hidden(f, &ws);
     size_t T = f->n * f->S, d = (size_t)f->cfg.hidden;
-    mxq_model_part part_a = {0, 2, 1, 0, 0}, part_b = {2, f->cfg.n_layers, 0, 1, 0};
+    mxq_model_part part_a = {0, 2, 1, 0}, part_b = {2, f->cfg.n_layers, 0, 1};
     mxq_model *a, *b;
     assert_int_equal(mxq_model_load(f->ctx, tu_data_path("stories260K"), &f->cfg, &part_a, &a), MXQ_OK);
     assert_int_equal(mxq_model_load(f->ctx, tu_data_path("stories260K"), &f->cfg, &part_b, &b), MXQ_OK);

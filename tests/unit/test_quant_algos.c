@@ -260,7 +260,7 @@ static void test_awq_search_on_bundled_model(void **state)
     mxq_model_config cfg;
     mxq_model *m;
     assert_int_equal(mxq_config_load(ctx, tu_data_path("stories260K"), &cfg), MXQ_OK);
-    mxq_model_part all = {0, cfg.n_layers, 1, 0, 0};
+    mxq_model_part all = {0, cfg.n_layers, 1, 0};
     assert_int_equal(mxq_model_load(ctx, tu_data_path("stories260K"), &cfg, &all, &m), MXQ_OK);
     hid_t file = H5Fopen(tu_data_path("stories260K/calib.h5"), H5F_ACC_RDONLY, H5P_DEFAULT);
     int rank;

@@ -10,6 +10,7 @@
 
 #include <cmocka.h>
 
+#include "io/tensor_views.h"
 #include "mxq/mxq.h"
 #include "testutil.h"
 
@@ -183,6 +184,53 @@ static void test_half_conversions(void **state)
     assert_int_equal(mxq_f32_to_bf16(1.0f + 0x1p-8f + 0x1p-20f), 0x3F81);
 }
 
+/* The scan without conversion finds the first NaN or Inf in each float
+ * dtype, whichever block it falls in, and names its index; finite values
+ * of every magnitude pass; other dtypes are refused. */
+static void test_check_float(void **state)
+{
+    (void)state;
+    mxq_ctx *ctx;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    enum { ROWS = 3, COLS = 5000 }; /* 15000 elements: several 4096-element blocks */
+    static uint16_t half[ROWS * COLS];
+    static uint32_t full[ROWS * COLS];
+    const struct {
+        mxq_dtype dtype;
+        uint32_t bad[2]; /* NaN, Inf */
+        uint32_t finite[3]; /* largest, smallest subnormal, negative */
+    } kinds[3] = {{MXQ_DT_BF16, {0x7FC1, 0xFF80}, {0x7F7F, 0x0001, 0xC000}},
+                  {MXQ_DT_F16, {0x7E00, 0x7C00}, {0x7BFF, 0x0001, 0xC000}},
+                  {MXQ_DT_F32, {0x7FC00000u, 0xFF800000u}, {0x7F7FFFFFu, 0x00000001u, 0xC0000000u}}};
+    for (int k = 0; k < 3; k++) {
+        const int wide = kinds[k].dtype == MXQ_DT_F32;
+        for (int i = 0; i < ROWS * COLS; i++) {
+            if (wide)
+                full[i] = kinds[k].finite[i % 3];
+            else
+                half[i] = (uint16_t)kinds[k].finite[i % 3];
+        }
+        mxq_tensor_view t = {"w", kinds[k].dtype, 2, {ROWS, COLS}, ROWS * COLS, ROWS * COLS * (wide ? 4u : 2u),
+                             wide ? (const void *)full : (const void *)half, "f.safetensors"};
+        assert_int_equal(mxq_tensor_check_float(ctx, &t), MXQ_OK);
+        for (int b = 0; b < 2; b++) {
+            const int at = 2 * COLS + 4099; /* [2, 4099], in the fourth block */
+            if (wide)
+                full[at] = kinds[k].bad[b];
+            else
+                half[at] = (uint16_t)kinds[k].bad[b];
+            assert_int_equal(mxq_tensor_check_float(ctx, &t), MXQ_ERR_FORMAT);
+            assert_non_null(strstr(mxq_error_message(ctx), "tensor 'w' has a non-finite value"));
+            assert_non_null(strstr(mxq_error_message(ctx), "[2, 4099]"));
+            mxq_error_clear(ctx);
+        }
+    }
+    mxq_tensor_view ints = {"ids", MXQ_DT_I32, 1, {4}, 4, 16, full, "f.safetensors"};
+    assert_int_equal(mxq_tensor_check_float(ctx, &ints), MXQ_ERR_FORMAT);
+    assert_non_null(strstr(mxq_error_message(ctx), "expected a floating-point weight"));
+    mxq_ctx_destroy(ctx);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -190,6 +238,7 @@ int main(void)
         cmocka_unit_test(test_bad_json),            cmocka_unit_test(test_offsets_out_of_range),
         cmocka_unit_test(test_overlap),             cmocka_unit_test(test_dtype_shape_mismatch),
         cmocka_unit_test(test_write_and_read_back), cmocka_unit_test(test_half_conversions),
+        cmocka_unit_test(test_check_float),
     };
     return cmocka_run_group_tests_name("safetensors", tests, NULL, NULL);
 }
