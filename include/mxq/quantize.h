@@ -42,6 +42,8 @@ void mxq_input_stats_finish(mxq_input_stats *stats);
 
 mxq_status mxq_layer_stats_init(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_layer_stats *stats);
 void mxq_layer_stats_free(mxq_layer_stats *stats);
+/* Back to no tokens seen, for the next layer (no allocation). */
+void mxq_layer_stats_zero(mxq_layer_stats *stats);
 /* Bytes the statistics of one layer take. */
 size_t mxq_layer_stats_bytes(const mxq_model_config *cfg);
 
@@ -95,6 +97,7 @@ typedef struct {
     double seconds;
     uint8_t *packed;     /* [out, packed row bytes] */
     uint8_t *scales;     /* [out, blocks] E8M0 */
+    size_t packed_bytes, scales_bytes; /* their sizes (mxq_layer_result_free releases them) */
 } mxq_linear_result;
 
 typedef struct {

@@ -133,6 +133,18 @@ fail:
     return status;
 }
 
+void mxq_layer_stats_zero(mxq_layer_stats *stats)
+{
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
+        mxq_input_stats *s = &stats->input[i];
+        const size_t f = (size_t)s->features;
+        s->n_tokens = 0;
+        memset(s->hessian, 0, f * f * sizeof(double));
+        memset(s->abs_max, 0, f * sizeof(double));
+        memset(s->abs_sum, 0, f * sizeof(double));
+    }
+}
+
 void mxq_layer_stats_free(mxq_layer_stats *stats)
 {
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/alloc.h"
 #include "core/check.h"
 #include "mxq/gptq.h"
 #include "mxq/quantize.h"
@@ -297,8 +298,10 @@ static mxq_status quantize_layer_linear(mxq_ctx *ctx, const mxq_recipe *recipe, 
     mxq_linear_shape(cfg, li, &out, &inf);
     const size_t n = (size_t)out * inf;
     float *w = L->weight[li], *ref = malloc(n * sizeof(float));
-    r->packed = malloc((size_t)out * mxq_mx_packed_row_bytes(spec->format, (size_t)inf));
-    r->scales = malloc((size_t)out * mxq_mx_blocks_per_row((size_t)inf, spec->block));
+    r->packed_bytes = (size_t)out * mxq_mx_packed_row_bytes(spec->format, (size_t)inf);
+    r->scales_bytes = (size_t)out * mxq_mx_blocks_per_row((size_t)inf, spec->block);
+    r->packed = mxq_alloc_lasting(r->packed_bytes);
+    r->scales = mxq_alloc_lasting(r->scales_bytes);
     CHECK_ALLOC(ctx, ref && r->packed && r->scales, n * sizeof(float), mxq_linear_name(li));
     memcpy(ref, w, n * sizeof(float));
     double t0 = mxq_time_now();
@@ -384,8 +387,8 @@ fail:
 void mxq_layer_result_free(mxq_layer_result *res)
 {
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
-        free(res->linear[li].packed);
-        free(res->linear[li].scales);
+        mxq_free_lasting(res->linear[li].packed, res->linear[li].packed_bytes);
+        mxq_free_lasting(res->linear[li].scales, res->linear[li].scales_bytes);
         res->linear[li].packed = res->linear[li].scales = NULL;
     }
 }

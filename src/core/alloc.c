@@ -31,6 +31,18 @@ float *mxq_alloc_floats(size_t n)
     return mxq_alloc(n * sizeof(float));
 }
 
+void *mxq_alloc_lasting(size_t bytes)
+{
+    void *p = mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void mxq_free_lasting(void *p, size_t bytes)
+{
+    if (p)
+        (void)munmap(p, bytes ? bytes : 1); /* only fails for a range that was never mapped */
+}
+
 void mxq_keep_freed_memory(void)
 {
 #ifdef __GLIBC__ /* elsewhere the allocator's own policy stands */
