@@ -17,6 +17,7 @@
 
 #include "io/ckpt_writer.h"
 #include "jobs/jobs_internal.h"
+#include "io/tensor_views.h"
 #include "model/lazy.h"
 #include "jobs/quantize_report.h"
 
@@ -198,7 +199,6 @@ static mxq_status write_shard(mxq_ctx *ctx, quantize_job *job)
     mxq_status status = MXQ_OK;
     const char **names = NULL;
     size_t count = 0;
-    CALL(ctx, mxq_checkpoint_open(ctx, job->model_dir, &job->ckpt));
     CALL(ctx, mxq_checkpoint_names(ctx, job->ckpt, &names, &count));
     qsort(names, count, sizeof(char *), cmp_str);
     for (size_t i = 0; i < count; i++) {
@@ -283,6 +283,23 @@ fail:
     return status;
 }
 
+/* The final norm and an untied lm_head are copied into the last shard
+ * without being run: their NaN/Inf are refused here, before the work, as
+ * every converted weight's are. */
+static mxq_status check_copied_tensors(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    const char *names[2] = {"model.norm.weight", job->cfg.tie_embeddings ? NULL : "lm_head.weight"};
+    for (int i = 0; i < 2 && names[i]; i++) {
+        const mxq_tensor_view *t;
+        CALL(ctx, mxq_checkpoint_get(ctx, job->ckpt, names[i], &t));
+        CALL(ctx, mxq_tensor_check_float(ctx, t));
+        mxq_tensor_view_release(t);
+    }
+fail:
+    return status;
+}
+
 /* This rank's shard file (proving the directory writable on every rank
  * before the work), its layers, and room for their results. */
 static mxq_status open_and_load(mxq_ctx *ctx, quantize_job *job)
@@ -306,6 +323,9 @@ static mxq_status open_and_load(mxq_ctx *ctx, quantize_job *job)
                                       job->data_parallel ? rank : 0, &job->model));
     else
         CALL(ctx, mxq_model_load(ctx, job->model_dir, &job->cfg, &part, &job->model));
+    CALL(ctx, mxq_checkpoint_open(ctx, job->model_dir, &job->ckpt));
+    if (rank == size - 1)
+        CALL(ctx, check_copied_tensors(ctx, job));
     if (rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "quantize: %s (%s, %d layers, d=%d) on %d rank%s with %s; loaded in %.2f s",
                 job->model_dir, mxq_arch_name(job->cfg.arch), job->cfg.n_layers, job->cfg.hidden, size,
@@ -373,24 +393,49 @@ static mxq_plan_input plan_input(const quantize_job *job)
  * if its plan fits the memory a rank has, else one data-parallel group of
  * all ranks (of one, too: layer by layer). Sequential calibration and
  * --stats-layers are pipelines. Collective. */
-static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
+/* The largest planned peak over the ranks, and the rank with it. */
+static double plan_peak(const quantize_job *job, int *rank)
 {
-    mxq_status status = MXQ_OK;
-    CALL(ctx, mxq_memory_per_rank(ctx, &job->dist, &job->mem_per_rank));
-    if (job->opt->group_size > 0) {
-        job->data_parallel = job->opt->group_size > 1;
-        return MXQ_OK;
-    }
-    if (job->recipe.calib_mode != MXQ_CALIB_FP || job->opt->stats_layers > 0)
-        return MXQ_OK;
     const mxq_plan_input in = plan_input(job);
     double peak = 0;
     for (int r = 0; r < job->dist.size; r++) {
         mxq_rank_plan plan;
         mxq_quantize_plan_rank(&in, r, &plan);
-        peak = plan.total > peak ? plan.total : peak;
+        if (plan.total > peak) {
+            peak = plan.total;
+            *rank = r;
+        }
     }
+    return peak;
+}
+
+/* A plan beyond the memory a rank has is said before the work, not found
+ * by the kernel's OOM killer hours into it. */
+static void warn_if_too_big(mxq_ctx *ctx, const quantize_job *job)
+{
+    int rank = 0;
+    const double peak = plan_peak(job, &rank);
+    if (job->dist.rank == 0 && job->mem_per_rank > 0 && peak > job->mem_per_rank)
+        mxq_log(ctx, MXQ_LOG_WARN,
+                "the plan needs %.0f MB on rank %d, more than the %.0f MB a rank has here: the run would likely be "
+                "killed; spread the ranks over more nodes%s",
+                peak / 1048576.0, rank, job->mem_per_rank / 1048576.0,
+                job->data_parallel ? "" : ", or let mxq pick a data-parallel group (no --group-size 1 or --stats-layers)");
+}
+
+static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    int rank = 0;
+    CALL(ctx, mxq_memory_per_rank(ctx, &job->dist, &job->mem_per_rank));
+    job->data_parallel = job->opt->group_size > 1;
+    if (job->opt->group_size > 0 || job->recipe.calib_mode != MXQ_CALIB_FP || job->opt->stats_layers > 0) {
+        warn_if_too_big(ctx, job);
+        return MXQ_OK;
+    }
+    const double peak = plan_peak(job, &rank);
     job->data_parallel = job->mem_per_rank > 0 && peak > 0.9 * job->mem_per_rank;
+    warn_if_too_big(ctx, job);
     if (job->data_parallel && job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO,
                 "a pipeline of layer ranges would need %.0f MB on a rank, which has %.0f MB: the %d rank%s work%s as one "

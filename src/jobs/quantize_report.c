@@ -481,10 +481,12 @@ static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
     plan->weights = 2.5 * layer + results;
     plan->stats = 2.0 * stats + store;
     plan->quant = owned_layers(in, r) > 0 ? quantize_bytes(cfg) : 0;
+    /* MPI_Reduce's staging of up to two segments of at most 128 MB
+     * (src/parallel/reduce_stats.c) */
+    const double down_in = (double)cfg->intermediate * cfg->intermediate * sizeof(double);
+    plan->work += 2.0 * fmin(128.0 * 1048576.0, fmax(down_in, (double)cfg->hidden * cfg->hidden * sizeof(double)));
     const double running = 2.5 * layer + 2.0 * stats, quantizing = layer + stats + plan->quant;
-    /* MPI_Reduce's staging of the 128 MB segments (src/parallel/reduce_stats.c) */
-    const double reduce = 2.0 * 128.0 * 1048576.0;
-    plan->total = plan->base + results + store + plan->work + (running + reduce > quantizing ? running + reduce : quantizing);
+    plan->total = plan->base + results + store + plan->work + (running > quantizing ? running : quantizing);
     plan->load = 1.5 * emb + store;
 }
 
@@ -540,7 +542,8 @@ void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budg
                        "a Gram panel) + the largest linear's quantization + %.0f MB of libraries\n",
                   MXQ_PLAN_BASE_BYTES / MB);
     else
-        mxq_print(ctx, "peak RSS: the packed results, the share of activations, work (forward workspace, a Gram panel) "
+        mxq_print(ctx, "peak RSS: the packed results, the share of activations, work (forward workspace, a Gram panel, "
+                       "MPI_Reduce's staging) "
                        "and %.0f MB of libraries, plus the larger of a layer running (2 layers in float32, the pages "
                        "of one, 2 layers' stats) and a layer being quantized (1 layer, its stats, the quantization)\n",
                   MXQ_PLAN_BASE_BYTES / MB);

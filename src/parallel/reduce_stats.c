@@ -24,6 +24,10 @@ mxq_status mxq_layer_stats_reduce(mxq_ctx *ctx, const mxq_dist *dist, mxq_layer_
     for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
         mxq_input_stats *s = &stats->input[i];
         const size_t f = (size_t)s->features;
+        /* The whole matrix, though only its upper triangle is filled yet:
+         * sending the triangle alone would need packing it, which is left
+         * for when the reduction shows in a profile (on one node it hides
+         * in the calibration step's time). */
         CALL(ctx, reduce_doubles(ctx, dist, s->hessian, f * f, MPI_SUM, root));
         CALL(ctx, reduce_doubles(ctx, dist, s->abs_sum, f, MPI_SUM, root));
         CALL(ctx, reduce_doubles(ctx, dist, s->abs_max, f, MPI_MAX, root));

@@ -701,6 +701,15 @@ static void test_nan_weight_lazy_layers(void **state)
     assert_false(access(out, F_OK) == 0);
     r = run_mxq(2, "eval", "--model", model, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit", "2", NULL);
     expect_refused("NaN weight, eval", &r, "model.layers.2.mlp.up_proj.weight", "[1, 36]");
+    /* the final norm is only copied into the checkpoint: refused all the same */
+    const char *norm = model_copy("nan-final-norm", NULL, NULL);
+    poke_weight(norm, "model.norm.weight", 3, -INFINITY);
+    for (int group = 1; group <= 2; group++) {
+        r = run_mxq(2, "quantize", "--model", norm, "--calib", tu_data_path("stories260K/calib.h5"), "--recipe",
+                    recipe("w4a8-mxint-awq-gptq"), "--out", out, "--group-size", group == 1 ? "1" : "2", NULL);
+        expect_refused("-Inf final norm", &r, "model.norm.weight", "[3]");
+        assert_null(strstr(r.err, "layer 0 (1/"));
+    }
 }
 
 static const char *nan_embedding_model(void)
