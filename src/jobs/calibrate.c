@@ -102,18 +102,9 @@ fail:
 
 /* ---- quantized copies of layers (windowed fp mode) ------------------------ */
 
-/* A layer's tensors as they were before quantization, kept while a copy is
- * quantized (windowed fp mode: later passes must still see FP layers). */
-static void layer_free(mxq_layer *L)
-{
-    free(L->attn_norm);
-    free(L->ffn_norm);
-    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
-        free(L->weight[li]);
-        free(L->bias[li]);
-    }
-    memset(L, 0, sizeof(*L));
-}
+/* A layer's tensors as they were before quantization are kept while a
+ * copy is quantized (windowed fp mode: later passes must still see FP
+ * layers); copies are freed with mxq_layer_free_tensors. */
 
 static float *copy_floats(const float *src, size_t n)
 {
@@ -142,7 +133,7 @@ static mxq_status layer_copy(mxq_ctx *ctx, const mxq_model_config *cfg, const mx
     CHECK(ctx, ok, MXQ_ERR_NOMEM, "out of memory copying a layer for windowed calibration");
     return MXQ_OK;
 fail:
-    layer_free(dst);
+    mxq_layer_free_tensors(dst);
     return status;
 }
 
@@ -182,7 +173,7 @@ static mxq_status layer_install(mxq_ctx *ctx, const mxq_recipe *recipe, const mx
     swap_floats(&L->attn_norm, &q->attn_norm);
     swap_floats(&L->ffn_norm, &q->ffn_norm);
 fail:
-    layer_free(q);
+    mxq_layer_free_tensors(q);
     return status;
 }
 
@@ -206,7 +197,7 @@ static void fp_run_free(fp_run *run)
     for (int i = 0; run->c.stats && i < run->window; i++)
         mxq_layer_stats_free(&run->c.stats[i]);
     for (int i = 0; run->held && i < run->n_local; i++)
-        layer_free(&run->held[i]);
+        mxq_layer_free_tensors(&run->held[i]);
     free(run->held);
     free(run->c.stats);
     free(run->p.buf[0]);

@@ -29,4 +29,7 @@ mxq_status mxq_model_layer_release_pages(mxq_ctx *ctx, mxq_model *model, int lay
  * checkpoint pages: for ranks that embed their tokens once. */
 mxq_status mxq_model_unload_embedding(mxq_ctx *ctx, mxq_model *model);
 
+/* Frees a layer's float32 tensors (a model's, or a copy's) and clears it. */
+void mxq_layer_free_tensors(mxq_layer *layer);
+
 #endif

@@ -356,7 +356,7 @@ mxq_status mxq_model_load_lazy(mxq_ctx *ctx, const char *dir, const mxq_model_co
     return load_model(ctx, dir, cfg, part, scan_every > 0 ? scan_every : 1, scan_offset, out);
 }
 
-static void layer_free_tensors(mxq_layer *layer)
+void mxq_layer_free_tensors(mxq_layer *layer)
 {
     free(layer->attn_norm);
     free(layer->ffn_norm);
@@ -373,7 +373,7 @@ void mxq_model_free(mxq_model *m)
         return;
     int n_local = m->last_layer - m->first_layer;
     for (int i = 0; m->layers && i < n_local; i++)
-        layer_free_tensors(&m->layers[i]);
+        mxq_layer_free_tensors(&m->layers[i]);
     free(m->layers);
     if (m->lm_head != m->embedding)
         free(m->lm_head);
@@ -429,7 +429,7 @@ mxq_status mxq_model_layer_unload(mxq_ctx *ctx, mxq_model *m, int layer)
 {
     mxq_status status = MXQ_OK;
     CALL(ctx, mxq_model_layer_release_pages(ctx, m, layer));
-    layer_free_tensors(&m->layers[layer - m->first_layer]);
+    mxq_layer_free_tensors(&m->layers[layer - m->first_layer]);
 fail:
     return status;
 }

@@ -287,18 +287,26 @@ static void test_group_data_parallel(void **state)
     }
 }
 
-/* --group-size values that cannot work are refused before any work, once. */
-static void test_group_size_refused(void **state)
+/* A sequential variant of the shipped W3A8 GPTQ recipe, written to the
+ * scratch file `name`. */
+static const char *sequential_recipe(const char *name)
 {
-    (void)state;
     char *text = tu_read_file(recipe("w3a8-mxint-gptq"), NULL);
     char *p = strstr(text, "mode: fp");
     assert_non_null(p);
     char seq[4096];
     snprintf(seq, sizeof(seq), "%.*smode: sequential%s", (int)(p - text), text, p + strlen("mode: fp"));
-    const char *seq_path = tu_scratch_path("group-seq.yaml");
-    tu_write_file(seq_path, seq, strlen(seq));
+    const char *path = tu_scratch_path("%s", name);
+    tu_write_file(path, seq, strlen(seq));
     free(text);
+    return path;
+}
+
+/* --group-size values that cannot work are refused before any work, once. */
+static void test_group_size_refused(void **state)
+{
+    (void)state;
+    const char *seq_path = sequential_recipe("group-seq.yaml");
     const struct {
         const char *recipe, *size, *extra, *expect;
     } cases[] = {
@@ -406,15 +414,7 @@ static void test_gptq_loss_below_rtn_every_linear(void **state)
 static void test_sequential_mode(void **state)
 {
     (void)state;
-    /* a sequential variant of a shipped recipe */
-    char *text = tu_read_file(recipe("w3a8-mxint-gptq"), NULL);
-    char *p = strstr(text, "mode: fp");
-    assert_non_null(p);
-    char seq[4096];
-    snprintf(seq, sizeof(seq), "%.*smode: sequential%s", (int)(p - text), text, p + strlen("mode: fp"));
-    const char *path = tu_scratch_path("seq.yaml");
-    tu_write_file(path, seq, strlen(seq));
-    free(text);
+    const char *path = sequential_recipe("seq.yaml");
     const char *out[2] = {tu_scratch_path("seq-n1"), tu_scratch_path("seq-n3")};
     for (int i = 0; i < 2; i++) {
         tu_run_result r = run_mpi(i ? 3 : 1, "quantize", "--model", tu_data_path("stories260K"), "--calib",
