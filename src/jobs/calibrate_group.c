@@ -10,8 +10,10 @@
  * So a rank holds one layer's weights (two while its own waits), the
  * statistics of at most two layers and its share of the activations,
  * whatever the model's depth: what a 7B model needs on a small node. The
- * statistics are summed over ranks, so their last bits depend on the rank
- * count; a group of one is exactly the pipeline's result. */
+ * statistics are summed over ranks, and each rank's float32 Gram products
+ * run over its own groupings of tokens, so their last bits depend on the
+ * rank count (tests/cli/test_cli_quantize.c compares them with the
+ * pipeline's). */
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
