@@ -235,8 +235,10 @@ fail:
 
 /* An existing directory: empty, or with `force` one whose planned files
  * were all written by mxq; its record (empty if none) into *rec. */
-static mxq_status check_existing_dir(mxq_ctx *ctx, const char *dir, int force, const char *const *planned,
-                                     size_t n_planned, const mxq_input_set *inputs, name_list *rec)
+/* An existing directory may take the planned files: empty, or with
+ * `force` holding only what mxq wrote (*rec: its record). Changes nothing. */
+static mxq_status check_contents(mxq_ctx *ctx, const char *dir, int force, const char *const *planned,
+                                 size_t n_planned, const mxq_input_set *inputs, name_list *rec)
 {
     mxq_status status = MXQ_OK;
     char first[256], path[MXQ_PATH_BUF];
@@ -252,8 +254,35 @@ static mxq_status check_existing_dir(mxq_ctx *ctx, const char *dir, int force, c
           "'%s' is %s; mxq did not write it, and will not trust or replace it", path, mxq_file_kind(st.st_mode));
     CALL(ctx, read_record(ctx, dir, rec));
     CALL(ctx, check_planned(ctx, dir, rec, planned, n_planned, inputs));
+fail:
+    return status;
+}
+
+static mxq_status check_existing_dir(mxq_ctx *ctx, const char *dir, int force, const char *const *planned,
+                                     size_t n_planned, const mxq_input_set *inputs, name_list *rec)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, check_contents(ctx, dir, force, planned, n_planned, inputs, rec));
     CALL(ctx, remove_stale_temporaries(ctx, dir, rec, planned, n_planned, inputs));
 fail:
+    return status;
+}
+
+mxq_status mxq_ckpt_dir_check(mxq_ctx *ctx, const char *dir, int force, const char *const *planned, size_t n_planned,
+                              const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    name_list rec = {NULL, 0};
+    struct stat st;
+    if (stat(dir, &st) != 0) {
+        CHECK(ctx, errno == ENOENT, MXQ_ERR_IO, "cannot use output directory '%s': %s", dir, strerror(errno));
+        return MXQ_OK;
+    }
+    CHECK(ctx, S_ISDIR(st.st_mode), MXQ_ERR_IO, "output path '%s' exists and is %s, not a directory", dir,
+          mxq_file_kind(st.st_mode));
+    CALL(ctx, check_contents(ctx, dir, force, planned, n_planned, inputs, &rec));
+fail:
+    name_list_free(&rec);
     return status;
 }
 

@@ -39,6 +39,12 @@ typedef struct {
     const mxq_input_set *inputs; /* never removed, whatever the record says */
 } mxq_ckpt_dir;
 
+/* What mxq_ckpt_dir_prepare would refuse, found without changing anything
+ * (for --dry-run): a path that is not a directory, a non-empty directory
+ * without `force`, a planned file mxq did not write or that is an input. */
+mxq_status mxq_ckpt_dir_check(mxq_ctx *ctx, const char *dir, int force, const char *const *planned, size_t n_planned,
+                              const mxq_input_set *inputs);
+
 /* Make `dir` ready for the files named in `planned`: create it, or check
  * that it is empty, or with `force` that every planned file it holds was
  * written by mxq; remove temporaries a killed run left; record the earlier

@@ -224,6 +224,33 @@ static int same_directory(const char *a, const char *b)
     return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
+/* The files the job writes: recorded in the output directory first, or
+ * (check_only, --dry-run) checked against what the directory holds. */
+static mxq_status out_dir_files(mxq_ctx *ctx, quantize_job *job, int check_only)
+{
+    mxq_status status = MXQ_OK;
+    const int size = job->dist.size;
+    const size_t n = (size_t)size + 3;
+    char(*files)[64] = calloc(n, sizeof(*files));
+    const char **names = calloc(n, sizeof(char *));
+    CHECK_ALLOC(ctx, files && names, n * 64, "the list of output files");
+    for (int r = 0; r < size; r++)
+        mxq_shard_name(files[r], sizeof(files[0]), r, size);
+    snprintf(files[size], sizeof(files[0]), "%s", REPORT_NAME);
+    snprintf(files[size + 1], sizeof(files[0]), "config.json");
+    snprintf(files[size + 2], sizeof(files[0]), "model.safetensors.index.json");
+    for (size_t i = 0; i < n; i++)
+        names[i] = files[i];
+    if (check_only)
+        CALL(ctx, mxq_ckpt_dir_check(ctx, job->out_dir, job->opt->force, names, n, &job->inputs));
+    else
+        CALL(ctx, mxq_ckpt_dir_prepare(ctx, &job->out, job->out_dir, job->opt->force, names, n, &job->inputs));
+fail:
+    free(files);
+    free(names);
+    return status;
+}
+
 /* Everything that can be checked before anything is written, local to this
  * rank: recipe, config against checkpoint, partition, calibration tokens,
  * the job's inputs, the output directory not being the input. */
@@ -251,37 +278,16 @@ static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
     CALL(ctx, mxq_calibration_tokens(ctx, job->calib_path, &job->recipe, job->recipe_path, &job->cfg, &job->calib));
     CHECK(ctx, !same_directory(job->model_dir, job->out_dir), MXQ_ERR_ARG,
           "--out '%s' is the input model directory; write the quantized checkpoint elsewhere", job->out_dir);
-    if (job->opt->dry_run)
-        return MXQ_OK;
     CALL(ctx, mxq_input_set_add_model(ctx, &job->inputs, job->model_dir));
     CALL(ctx, mxq_input_set_add(ctx, &job->inputs, job->calib_path, "the calibration file"));
     CALL(ctx, mxq_input_set_add(ctx, &job->inputs, job->recipe_path, "the recipe"));
+    /* a dry run says now what the real run would refuse about --out */
+    if (job->opt->dry_run && job->out_dir && job->dist.rank == 0)
+        CALL(ctx, out_dir_files(ctx, job, 1));
 fail:
     return status;
 }
 
-/* The files the job writes, recorded in the output directory first. */
-static mxq_status prepare_out_dir(mxq_ctx *ctx, quantize_job *job)
-{
-    mxq_status status = MXQ_OK;
-    const int size = job->dist.size;
-    const size_t n = (size_t)size + 3;
-    char(*files)[64] = calloc(n, sizeof(*files));
-    const char **names = calloc(n, sizeof(char *));
-    CHECK_ALLOC(ctx, files && names, n * 64, "the list of output files");
-    for (int r = 0; r < size; r++)
-        mxq_shard_name(files[r], sizeof(files[0]), r, size);
-    snprintf(files[size], sizeof(files[0]), "%s", REPORT_NAME);
-    snprintf(files[size + 1], sizeof(files[0]), "config.json");
-    snprintf(files[size + 2], sizeof(files[0]), "model.safetensors.index.json");
-    for (size_t i = 0; i < n; i++)
-        names[i] = files[i];
-    CALL(ctx, mxq_ckpt_dir_prepare(ctx, &job->out, job->out_dir, job->opt->force, names, n, &job->inputs));
-fail:
-    free(files);
-    free(names);
-    return status;
-}
 
 /* The final norm and an untied lm_head are copied into the last shard
  * without being run: their NaN/Inf are refused here, before the work, as
@@ -340,7 +346,7 @@ fail:
 static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
-    AGREE(ctx, &job->dist, "quantize.outdir", job->dist.rank == 0 ? prepare_out_dir(ctx, job) : MXQ_OK);
+    AGREE(ctx, &job->dist, "quantize.outdir", job->dist.rank == 0 ? out_dir_files(ctx, job, 0) : MXQ_OK);
     AGREE(ctx, &job->dist, "quantize.load", open_and_load(ctx, job));
     double t_quant = mxq_time_now();
     CALL(ctx, mxq_quantize_model_in_memory(ctx, &job->dist, job->model, &job->calib, job->calib_path, &job->recipe,

@@ -444,6 +444,16 @@ static void test_dry_run(void **state)
     assert_non_null(strstr(r.out, "[0, "));
     assert_non_null(strstr(r.out, "peak RSS MB"));
     assert_false(access(out, F_OK) == 0);
+    /* what the real run would refuse about --out, the dry run says, and touches nothing */
+    const char *busy = tu_scratch_path("dry-busy");
+    mkdir(busy, 0755);
+    tu_write_file(tu_scratch_path("dry-busy/notes.txt"), "mine", 4);
+    r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib", tu_data_path("stories260K/calib.h5"),
+                "--recipe", recipe("w4a8-mxint-awq-gptq"), "--out", busy, "--dry-run", NULL);
+    assert_int_not_equal(r.exit_code, 0);
+    assert_non_null(strstr(r.err, "is not empty (it holds 'notes.txt')"));
+    assert_null(strstr(r.out, "peak RSS MB"));
+    assert_false(access(tu_scratch_path("dry-busy/.mxq-output.json"), F_OK) == 0);
 }
 
 /* A failed run: non-zero exit, one clear message, no index in the output. */
