@@ -261,8 +261,12 @@ static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
     job->have_recipe = 1;
     CALL(ctx, mxq_job_config(ctx, job->model_dir, job->opt->dry_run, &job->cfg));
     CHECK(ctx, !job->cfg.mx_weights, MXQ_ERR_ARG, "'%s' is already an mxq quantized checkpoint", job->model_dir);
-    CALL(ctx, mxq_job_partition(ctx, job->dist.size, &job->cfg, &job->first));
     const int group = job->opt->group_size;
+    /* More ranks than layers leave no pipeline of layer ranges (first stays
+     * NULL), but a data-parallel group needs none: its ranks share tokens. */
+    const int can_group = job->recipe.calib_mode == MXQ_CALIB_FP && job->opt->stats_layers == 0 && group != 1;
+    if (job->dist.size <= job->cfg.n_layers || !can_group)
+        CALL(ctx, mxq_job_partition(ctx, job->dist.size, &job->cfg, &job->first));
     CHECK(ctx, group == 0 || group == 1 || group == job->dist.size, MXQ_ERR_ARG,
           "--group-size %d: a group is one rank (a pipeline of layer ranges) or all %d ranks", group, job->dist.size);
     CHECK(ctx, group <= 1 || job->recipe.calib_mode == MXQ_CALIB_FP, MXQ_ERR_ARG,
@@ -316,10 +320,10 @@ static mxq_status open_and_load(mxq_ctx *ctx, quantize_job *job)
     /* Quantization never runs the head. A group runs every layer, one at a
      * time, and each rank scans the layers it owns for NaN/Inf; sequential
      * mode runs its range one layer at a time. */
-    mxq_model_part part = {job->first[rank], job->first[rank + 1], rank == 0, 0};
+    mxq_model_part part = {0, job->cfg.n_layers, 1, 0};
     const int lazy = job->data_parallel || job->recipe.calib_mode == MXQ_CALIB_SEQUENTIAL;
-    if (job->data_parallel)
-        part = (mxq_model_part){0, job->cfg.n_layers, 1, 0};
+    if (!job->data_parallel)
+        part = (mxq_model_part){job->first[rank], job->first[rank + 1], rank == 0, 0};
     mxq_shard_name(job->shard_name, sizeof(job->shard_name), rank, size);
     mxq_path_join(path, job->out_dir, job->shard_name);
     CALL(ctx, mxq_output_begin(ctx, path, &job->inputs, &job->shard_out));
@@ -434,8 +438,12 @@ static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
     mxq_status status = MXQ_OK;
     int rank = 0;
     CALL(ctx, mxq_memory_per_rank(ctx, &job->dist, &job->mem_per_rank));
-    job->data_parallel = job->opt->group_size > 1;
-    if (job->opt->group_size > 0 || job->recipe.calib_mode != MXQ_CALIB_FP || job->opt->stats_layers > 0) {
+    job->data_parallel = job->opt->group_size > 1 || !job->first;
+    if (!job->first && job->dist.rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO, "%d ranks for %d layers: no pipeline of layer ranges, one data-parallel group",
+                job->dist.size, job->cfg.n_layers);
+    if (job->opt->group_size > 0 || job->recipe.calib_mode != MXQ_CALIB_FP || job->opt->stats_layers > 0 ||
+        !job->first) {
         warn_if_too_big(ctx, job);
         return MXQ_OK;
     }
