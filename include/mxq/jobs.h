@@ -63,6 +63,8 @@ typedef struct {
     int group_size;   /* 1: ranks form a pipeline of layer ranges; the rank count (> 1): one
                          data-parallel group (fp mode); 0: the pipeline if its plan stays under 90% of
                          the memory a rank has, else one data-parallel group (also of a single rank) */
+    double mem_per_rank;   /* bytes a rank may use; 0: the node's memory (or cgroup limit) over its ranks */
+    const char *plan_json; /* with dry_run: also write the plan here as JSON (NULL: no) */
 } mxq_quantize_options;
 
 /* Read model_dir, calibrate on calib_path, apply the recipe, write the MX

@@ -22,5 +22,8 @@ int mxq_cli_usage_error(mxq_ctx *ctx, const char *verb, const char *fmt, ...) __
 int mxq_cli_job_failed(mxq_ctx *ctx, const char *verb);
 /* Parse a whole decimal integer in [lo, hi]; -1 if it is not one. */
 int mxq_cli_parse_int(const char *text, long lo, long hi, long *out);
+/* A positive byte count, "2000000000", "2G", "1.5GB": suffixes K, M, G, T
+ * are powers of `unit` (1000, or 1024 as Slurm's --mem). 0 if parsed. */
+int mxq_cli_parse_bytes(const char *text, double unit, size_t *out);
 
 #endif

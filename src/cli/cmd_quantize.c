@@ -41,6 +41,11 @@ static void print_quantize_help(FILE *out)
             "  -o, --out DIR          output directory (created; must be empty unless --force)\n"
             "  -b, --batch N          calibration sequences per micro-batch (default 8)\n"
             "      --dry-run          print who owns which layers and the predicted memory per rank\n"
+            "      --json PLAN.json   with --dry-run, the plan for scripts too: {\"ranks\": [{\"rank\",\n"
+            "                         \"group\", \"layers\": [first, end], \"peak_bytes\"}], \"mem_per_rank_bytes\"}\n"
+            "      --mem-per-rank SIZE  the memory a rank may use (K, M, G, T: powers of 1024, as\n"
+            "                         Slurm's --mem); it chooses the layout (see --group-size).\n"
+            "                         Default: the node's memory, or its cgroup limit, over its ranks\n"
             "      --force            replace what an earlier mxq run wrote in DIR (listed in its\n"
             "                         .mxq-output.json), temporaries of a killed run included;\n"
             "                         never a file mxq did not write, nor the input model\n"
@@ -86,7 +91,7 @@ static void print_quantize_help(FILE *out)
 
 int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
 {
-    enum { OPT_DRY_RUN = 1000, OPT_FORCE, OPT_STATS_LAYERS, OPT_GROUP_SIZE };
+    enum { OPT_DRY_RUN = 1000, OPT_FORCE, OPT_STATS_LAYERS, OPT_GROUP_SIZE, OPT_MEM_PER_RANK, OPT_JSON };
     static const struct option options[] = {
         {"model", required_argument, NULL, 'm'}, {"calib", required_argument, NULL, 'c'},
         {"recipe", required_argument, NULL, 'r'}, {"out", required_argument, NULL, 'o'},
@@ -94,6 +99,8 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
         {"force", no_argument, NULL, OPT_FORCE}, {"verbose", no_argument, NULL, 'v'},
         {"stats-layers", required_argument, NULL, OPT_STATS_LAYERS},
         {"group-size", required_argument, NULL, OPT_GROUP_SIZE},
+        {"mem-per-rank", required_argument, NULL, OPT_MEM_PER_RANK},
+        {"json", required_argument, NULL, OPT_JSON},
         {"quiet", no_argument, NULL, 'q'},       {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -126,6 +133,15 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
                 return mxq_cli_usage_error(ctx, "quantize", "--group-size must be 1 or the number of ranks, got '%s'", optarg);
             opt.group_size = (int)value;
             break;
+        case OPT_MEM_PER_RANK: {
+            size_t bytes;
+            if (mxq_cli_parse_bytes(optarg, 1024, &bytes) != 0)
+                return mxq_cli_usage_error(ctx, "quantize", "--mem-per-rank must be a size like 32G or 4096M, got '%s'",
+                                           optarg);
+            opt.mem_per_rank = (double)bytes;
+            break;
+        }
+        case OPT_JSON: opt.plan_json = optarg; break;
         case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;
         case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); break;
         case 'h': print_quantize_help(stdout); return MXQ_EXIT_OK;
@@ -144,6 +160,8 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
         return mxq_cli_usage_error(ctx, "quantize", "--out DIR is required");
     if (optind < argc)
         return mxq_cli_usage_error(ctx, "quantize", "unexpected argument '%s'", argv[optind]);
+    if (opt.plan_json && !opt.dry_run)
+        return mxq_cli_usage_error(ctx, "quantize", "--json PLAN.json writes the plan of a --dry-run; add --dry-run");
     /* per-layer progress lines come from the rank that owns the layer */
     mxq_ctx_set_all_ranks_info(ctx, 1);
     if (mxq_quantize(ctx, MPI_COMM_WORLD, model, calib, recipe, out, &opt) != MXQ_OK)

@@ -35,27 +35,6 @@ static void print_synth_help(FILE *out)
             mxq_synth_preset_names());
 }
 
-static int parse_bytes(const char *text, size_t *out)
-{
-    char *end = NULL;
-    double v = strtod(text, &end);
-    if (end == text || v <= 0)
-        return -1;
-    double mult = 1;
-    if (*end == 'K' || *end == 'k')
-        mult = 1e3, end++;
-    else if (*end == 'M' || *end == 'm')
-        mult = 1e6, end++;
-    else if (*end == 'G' || *end == 'g')
-        mult = 1e9, end++;
-    if (*end == 'B' || *end == 'b')
-        end++;
-    if (*end != '\0')
-        return -1;
-    *out = (size_t)(v * mult);
-    return *out > 0 ? 0 : -1;
-}
-
 int mxq_cmd_synth(mxq_ctx *ctx, int argc, char **argv)
 {
     enum { OPT_SEED = 1000 };
@@ -96,7 +75,7 @@ int mxq_cmd_synth(mxq_ctx *ctx, int argc, char **argv)
                 return mxq_cli_usage_error(ctx, "synth", "unknown dtype '%s' (valid: bf16 f32)", optarg);
             break;
         case 's':
-            if (parse_bytes(optarg, &opt.shard_size) != 0)
+            if (mxq_cli_parse_bytes(optarg, 1000, &opt.shard_size) != 0)
                 return mxq_cli_usage_error(ctx, "synth", "--shard-size must be a byte count like 2000000000 or 2G, got '%s'",
                                            optarg);
             break;

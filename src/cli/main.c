@@ -120,6 +120,26 @@ int mxq_cli_parse_int(const char *text, long lo, long hi, long *out)
     return 0;
 }
 
+int mxq_cli_parse_bytes(const char *text, double unit, size_t *out)
+{
+    char *end = NULL;
+    double v = strtod(text, &end);
+    if (end == text || !(v > 0))
+        return -1;
+    double mult = 1;
+    const char *suffixes = "KMGT";
+    const char *at = *end ? strchr(suffixes, *end == 'k' ? 'K' : *end == 'm' ? 'M' : *end == 'g' ? 'G' : *end) : NULL;
+    for (const char *p = suffixes; at && p <= at; p++)
+        mult *= unit;
+    end += at != NULL;
+    if (*end == 'B' || *end == 'b')
+        end++;
+    if (*end != '\0' || v * mult >= 1.8e19)
+        return -1;
+    *out = (size_t)(v * mult);
+    return *out > 0 ? 0 : -1;
+}
+
 typedef struct {
     const char *name;
     int (*run)(mxq_ctx *ctx, int argc, char **argv);

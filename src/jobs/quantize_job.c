@@ -437,7 +437,10 @@ static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
     int rank = 0;
-    CALL(ctx, mxq_memory_per_rank(ctx, &job->dist, &job->mem_per_rank));
+    if (job->opt->mem_per_rank > 0)
+        job->mem_per_rank = job->opt->mem_per_rank; /* the same on every rank: the same choice */
+    else
+        CALL(ctx, mxq_memory_per_rank(ctx, &job->dist, &job->mem_per_rank));
     job->data_parallel = job->opt->group_size > 1 || !job->first;
     if (!job->first && job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "%d ranks for %d layers: no pipeline of layer ranges, one data-parallel group",
@@ -495,6 +498,27 @@ fail:
     return status;
 }
 
+/* Rank 0, --dry-run: the plan printed, and with --json written for scripts
+ * (under a temporary name, renamed when whole). */
+static mxq_status dry_run_output(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    mxq_output out = {NULL, NULL, -1};
+    const mxq_plan_input in = plan_input(job);
+    json_t *plan = NULL;
+    mxq_quantize_print_plan(ctx, &in, job->mem_per_rank);
+    if (!job->opt->plan_json)
+        return MXQ_OK;
+    plan = mxq_quantize_plan_json(&in, job->mem_per_rank);
+    CHECK_ALLOC(ctx, plan, 1, "the plan's JSON");
+    CALL_IN(ctx, mxq_json_write_temp(ctx, plan, job->opt->plan_json, &job->inputs, &out), "--json");
+    CALL_IN(ctx, mxq_output_commit(ctx, &out), "--json");
+fail:
+    mxq_output_abort(&out);
+    json_decref(plan);
+    return status;
+}
+
 static void quantize_job_free(quantize_job *job)
 {
     mxq_quantize_report_free(&job->report);
@@ -529,10 +553,8 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
     CALL(ctx, mxq_dist_create(ctx, comm, &job.dist));
     AGREE(ctx, &job.dist, "quantize.setup", setup(ctx, &job));
     CALL(ctx, choose_group(ctx, &job));
-    if (options->dry_run && job.dist.rank == 0) {
-        const mxq_plan_input in = plan_input(&job);
-        mxq_quantize_print_plan(ctx, &in, job.mem_per_rank);
-    }
+    if (options->dry_run)
+        AGREE(ctx, &job.dist, "quantize.plan", job.dist.rank == 0 ? dry_run_output(ctx, &job) : MXQ_OK);
     if (!options->dry_run)
         CALL(ctx, write_checkpoint(ctx, &job));
 fail:

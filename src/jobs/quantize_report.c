@@ -513,6 +513,36 @@ static void plan_layers_text(const mxq_plan_input *in, int r, char *text, size_t
         snprintf(text, size, "%d of every %d", r, in->size);
 }
 
+json_t *mxq_quantize_plan_json(const mxq_plan_input *in, double budget)
+{
+    int ok = 1;
+    json_t *root = json_object(), *ranks = json_array();
+    ok = root && ranks;
+    for (int r = 0; ok && r < in->size; r++) {
+        mxq_rank_plan p;
+        mxq_quantize_plan_rank(in, r, &p);
+        /* a pipeline rank is a group of its own, over its range; one
+         * data-parallel group spans every layer */
+        const int first = in->data_parallel ? 0 : in->first[r], end = in->data_parallel ? in->cfg->n_layers : in->first[r + 1];
+        json_t *one = json_pack("{s:i, s:i, s:[i, i], s:I}", "rank", r, "group", in->data_parallel ? 0 : r, "layers",
+                                first, end, "peak_bytes", (json_int_t)p.total);
+        ok = one && json_array_append_new(ranks, one) == 0;
+    }
+    if (ok)
+        mxq_json_put(root, "layout", json_string(in->data_parallel ? "data-parallel group" : "pipeline"), &ok);
+    if (ok)
+        mxq_json_put(root, "mem_per_rank_bytes", json_integer((json_int_t)budget), &ok);
+    if (ok)
+        ok = json_object_set_new(root, "ranks", ranks) == 0;
+    else
+        json_decref(ranks);
+    if (!ok) {
+        json_decref(root);
+        return NULL;
+    }
+    return root;
+}
+
 void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budget)
 {
     const double MB = 1048576.0, stats = (double)mxq_layer_stats_bytes(in->cfg);

@@ -103,5 +103,8 @@ void mxq_quantize_plan_rank(const mxq_plan_input *in, int rank, mxq_rank_plan *p
 /* --dry-run: who owns which layers and the predicted memory per rank, next
  * to the memory a rank has (budget, bytes; 0 = unknown). */
 void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budget);
+/* The same plan for scripts: {"layout", "mem_per_rank_bytes", "ranks": [{"rank",
+ * "group", "layers": [first, end], "peak_bytes"}]}. NULL when out of memory. */
+json_t *mxq_quantize_plan_json(const mxq_plan_input *in, double budget);
 
 #endif

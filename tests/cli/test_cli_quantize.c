@@ -434,6 +434,49 @@ static void test_sequential_mode(void **state)
     assert_true(seq_nll < rtn_nll);
 }
 
+/* --json: the plan for scripts; --mem-per-rank below the pipeline's plan
+ * makes it one data-parallel group. */
+static void check_dry_run_json(void)
+{
+    const char *plan = tu_scratch_path("plan.json");
+    for (int small = 0; small <= 1; small++) {
+        tu_run_result r = run_mpi(3, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                                  tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-awq-gptq"),
+                                  "--dry-run", "--json", plan, "--mem-per-rank", small ? "1M" : "4G", NULL);
+        if (r.exit_code != 0)
+            fail_msg("dry run --json failed: %s", r.err);
+        json_t *root = json_load_file(plan, 0, NULL);
+        assert_non_null(root);
+        json_t *ranks = json_object_get(root, "ranks");
+        assert_int_equal(json_array_size(ranks), 3);
+        assert_string_equal(json_string_value(json_object_get(root, "layout")), small ? "data-parallel group" : "pipeline");
+        assert_true(json_integer_value(json_object_get(root, "mem_per_rank_bytes")) == (small ? 1 << 20 : 4LL << 30));
+        int covered = 0; /* the pipeline's ranges tile the 5 layers; the group spans them all */
+        for (size_t i = 0; i < 3; i++) {
+            json_t *one = json_array_get(ranks, i), *layers = json_object_get(one, "layers");
+            assert_int_equal(json_integer_value(json_object_get(one, "rank")), (json_int_t)i);
+            assert_int_equal(json_integer_value(json_object_get(one, "group")), small ? 0 : (json_int_t)i);
+            assert_true(json_integer_value(json_object_get(one, "peak_bytes")) > 0);
+            const json_int_t first = json_integer_value(json_array_get(layers, 0)), end = json_integer_value(json_array_get(layers, 1));
+            assert_int_equal(first, small ? 0 : covered);
+            covered = (int)end;
+        }
+        assert_int_equal(covered, 5);
+        if (small) /* 42 MB planned against 1 MB: said before any work */
+            assert_non_null(strstr(r.err, "more than the 1 MB a rank has"));
+        json_decref(root);
+    }
+    tu_run_result r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-awq-gptq"), "--json",
+                              plan, "--out", tu_scratch_path("json-no-dry"), NULL);
+    assert_int_not_equal(r.exit_code, 0);
+    assert_non_null(strstr(r.err, "add --dry-run"));
+    r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib", tu_data_path("stories260K/calib.h5"),
+                "--recipe", recipe("w4a8-mxint-awq-gptq"), "--dry-run", "--mem-per-rank", "32X", NULL);
+    assert_int_not_equal(r.exit_code, 0);
+    assert_non_null(strstr(r.err, "--mem-per-rank must be a size like 32G"));
+}
+
 static void test_dry_run(void **state)
 {
     (void)state;
@@ -457,6 +500,7 @@ static void test_dry_run(void **state)
     assert_non_null(strstr(r.err, "is not empty (it holds 'notes.txt')"));
     assert_null(strstr(r.out, "peak RSS MB"));
     assert_false(access(tu_scratch_path("dry-busy/.mxq-output.json"), F_OK) == 0);
+    check_dry_run_json();
 }
 
 /* A failed run: non-zero exit, one clear message, no index in the output. */
