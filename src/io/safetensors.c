@@ -535,33 +535,21 @@ mxq_status mxq_tensor_to_f32(mxq_ctx *ctx, const mxq_tensor_view *t, int rank, c
         FAIL(ctx, MXQ_ERR_FORMAT, "%s: tensor '%s' has shape %s, expected %s from config.json", t->file, t->name, have,
              want);
     }
-    switch (t->dtype) {
-    case MXQ_DT_F32: memcpy(out, t->data, t->numel * 4); break;
-    case MXQ_DT_BF16: {
-        const uint16_t *src = t->data;
-        for (size_t i = 0; i < t->numel; i++)
-            out[i] = mxq_bf16_to_f32(src[i]);
-        break;
-    }
-    case MXQ_DT_F16: {
-        const uint16_t *src = t->data;
-        for (size_t i = 0; i < t->numel; i++)
-            out[i] = mxq_f16_to_f32(src[i]);
-        break;
-    }
-    default:
-        FAIL(ctx, MXQ_ERR_FORMAT, "%s: tensor '%s' has dtype %s; expected a floating-point weight (F32, F16 or BF16)",
-             t->file, t->name, mxq_dtype_name(t->dtype));
-    }
     /* A NaN or Inf weight makes every result built on it meaningless, and
-     * quietly: refuse it where it enters, naming where it is. */
-    for (size_t i = 0; i < t->numel; i++)
-        if (!isfinite(out[i])) {
-            char where[128];
-            format_index(where, sizeof(where), t->rank, t->shape, i);
-            FAIL(ctx, MXQ_ERR_FORMAT, "%s: tensor '%s' has a non-finite value (%g) at %s", t->file, t->name,
-                 (double)out[i], where);
+     * quietly: refuse it where it enters, naming where it is (and any
+     * dtype that is not a float). */
+    CALL(ctx, mxq_tensor_check_float(ctx, t));
+    const unsigned char *bytes = t->data; /* safetensors does not align a tensor's data */
+    if (t->dtype == MXQ_DT_F32) {
+        memcpy(out, t->data, t->numel * 4);
+    } else {
+        const int bf16 = t->dtype == MXQ_DT_BF16;
+        for (size_t i = 0; i < t->numel; i++) {
+            uint16_t v;
+            memcpy(&v, bytes + 2 * i, sizeof(v));
+            out[i] = bf16 ? mxq_bf16_to_f32(v) : mxq_f16_to_f32(v);
         }
+    }
 fail:
     return status;
 }
