@@ -34,6 +34,7 @@
 
 #include "core/alloc.h"
 #include "core/check.h"
+#include "algo/gptq_internal.h"
 #include "mxq/gptq.h"
 
 void mxq_gptq_defaults(mxq_gptq_options *o)
@@ -102,10 +103,8 @@ static void reverse_floats(float *a, size_t count)
     }
 }
 
-/* Block order for act-order: full blocks by descending sum of diag(H),
- * stable; a partial last block stays last. order[p] = original block of
- * processing position p. `mass` is scratch of nblocks doubles. */
-static void block_order(const double *h, size_t n, int block, int act_order, int *order, size_t nblocks, double *mass)
+void mxq_gptq_block_order(const double *diag, size_t diag_stride, size_t n, int block, int act_order, int *order,
+                          size_t nblocks, double *mass)
 {
     for (size_t b = 0; b < nblocks; b++)
         order[b] = (int)b;
@@ -115,7 +114,7 @@ static void block_order(const double *h, size_t n, int block, int act_order, int
     for (size_t b = 0; b < nblocks; b++) {
         mass[b] = 0;
         for (size_t c = b * block; c < (b + 1) * (size_t)block && c < n; c++)
-            mass[b] += h[c * n + c];
+            mass[b] += diag[c * diag_stride];
     }
     for (size_t i = 1; i < full; i++) { /* insertion sort: stable, nblocks is small */
         int key = order[i];
@@ -128,27 +127,7 @@ static void block_order(const double *h, size_t n, int block, int act_order, int
     }
 }
 
-/* Everything one GPTQ run works on. Columns are in processing order (p);
- * col_of[p] is the original column. */
-typedef struct {
-    const mxq_mx_spec *spec;
-    size_t m, n, nblocks, wide; /* wide: columns of cur/q (a micro-block or an MX block) */
-    int B, b1, b2;
-    double lambda;    /* the damping added to diag(H') */
-    double sum_e2;    /* ||D R||^2 so far */
-    float *w;         /* [m, n] original weights; Q as columns are done */
-    float *acc;       /* [m, n] A = D[:, done] R[done, :] */
-    float *r;         /* [n, n] R, upper: H' = R R^T */
-    float *d;         /* [m, b1] D of the current lazy batch */
-    float *cur, *q;   /* [m, wide] current values w~ and their quantization */
-    double *mass;     /* [nblocks] act-order scratch */
-    uint8_t *mb_scales, *scales; /* micro-block scales; [m, nblocks] chosen scales */
-    int *order, *se;  /* [nblocks] block order; [m] exponents of the current block */
-    size_t *col_of;   /* [n] */
-    uint8_t *dead;    /* [n] H_dd = 0 */
-} gptq_work;
-
-static void gptq_work_free(gptq_work *g)
+static void mxq_gptq_work_free(mxq_gptq_work *g)
 {
     free(g->w);
     free(g->acc);
@@ -165,7 +144,7 @@ static void gptq_work_free(gptq_work *g)
     free(g->dead);
 }
 
-static mxq_status gptq_work_alloc(mxq_ctx *ctx, gptq_work *g)
+static mxq_status mxq_gptq_work_alloc(mxq_ctx *ctx, mxq_gptq_work *g)
 {
     mxq_status status = MXQ_OK;
     const size_t m = g->m, n = g->n;
@@ -200,7 +179,7 @@ fail:
  * storage is exactly J A J, and a row-major lower triangle is the
  * column-major upper one of the same memory, so LAPACK runs on it directly
  * (no transposed copies). */
-static mxq_status prepare_hessian(mxq_ctx *ctx, gptq_work *g, const mxq_gptq_options *o, const double *hessian,
+static mxq_status prepare_hessian(mxq_ctx *ctx, mxq_gptq_work *g, const mxq_gptq_options *o, const double *hessian,
                                   double n_tokens, float *weight, mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
@@ -239,7 +218,7 @@ fail:
 }
 
 /* cur [m, len] = w~ of columns [j, j+len): W + A R[j:k, j:k]^-1. */
-static void current_values(gptq_work *g, size_t j, size_t len)
+static void current_values(mxq_gptq_work *g, size_t j, size_t len)
 {
     const size_t m = g->m, n = g->n;
     for (size_t r = 0; r < m; r++)
@@ -253,7 +232,7 @@ static void current_values(gptq_work *g, size_t j, size_t len)
 
 /* b2 = 1: column j, against the shared exponents fixed when its MX block
  * was reached; its error feeds the rest of the lazy batch [j+1, i1). */
-static void quantize_column(gptq_work *g, size_t j, size_t i0, size_t i1)
+static void quantize_column(mxq_gptq_work *g, size_t j, size_t i0, size_t i1)
 {
     const size_t m = g->m, n = g->n, B = (size_t)g->B;
     if (j % B == 0) { /* the block starts here: fix each row's shared exponent */
@@ -261,7 +240,7 @@ static void quantize_column(gptq_work *g, size_t j, size_t i0, size_t i1)
         current_values(g, j, len);
         for (size_t r = 0; r < m; r++) {
             g->se[r] = mxq_mx_shared_exponent(g->spec->format, g->cur + r * len, len, 1);
-            g->scales[r * g->nblocks + (size_t)g->order[j / B]] =
+            g->scales[r * g->scale_stride + (size_t)g->order[j / B]] =
                 g->se[r] == MXQ_SE_NAN ? MXQ_E8M0_NAN : (uint8_t)(g->se[r] + 127);
         }
     }
@@ -283,7 +262,7 @@ static void quantize_column(gptq_work *g, size_t j, size_t i0, size_t i1)
 }
 
 /* ||(cur - q) R[j:k, j:k]||^2: the micro-block's part of ||D R||^2. */
-static double micro_block_error(gptq_work *g, size_t j, size_t len)
+static double micro_block_error(mxq_gptq_work *g, size_t j, size_t len)
 {
     const size_t m = g->m, n = g->n;
     double e2 = 0.0;
@@ -298,7 +277,7 @@ static double micro_block_error(gptq_work *g, size_t j, size_t len)
 
 /* b2 > 1: micro-block [j, k) MX-quantized as a whole from w~; D of it
  * feeds the rest of the lazy batch [k, i1). */
-static mxq_status quantize_micro_block(mxq_ctx *ctx, gptq_work *g, size_t j, size_t k, size_t i0, size_t i1,
+static mxq_status quantize_micro_block(mxq_ctx *ctx, mxq_gptq_work *g, size_t j, size_t k, size_t i0, size_t i1,
                                        int want_loss)
 {
     mxq_status status = MXQ_OK;
@@ -308,7 +287,7 @@ static mxq_status quantize_micro_block(mxq_ctx *ctx, gptq_work *g, size_t j, siz
     size_t mb_nblocks = mxq_mx_blocks_per_row(len, g->B);
     for (size_t r = 0; r < m; r++)
         for (size_t b = 0; b < mb_nblocks; b++)
-            g->scales[r * g->nblocks + (size_t)g->order[j / B + b]] = g->mb_scales[r * mb_nblocks + b];
+            g->scales[r * g->scale_stride + (size_t)g->order[j / B + b]] = g->mb_scales[r * mb_nblocks + b];
     float *d = g->d + (j - i0);
     for (size_t r = 0; r < m; r++)
         for (size_t c = 0; c < len; c++) {
@@ -325,22 +304,30 @@ fail:
     return status;
 }
 
+mxq_status mxq_gptq_sweep_batch(mxq_ctx *ctx, mxq_gptq_work *g, size_t i0, size_t i1, int want_loss)
+{
+    mxq_status status = MXQ_OK;
+    for (size_t j = i0; j < i1; j += (size_t)g->b2) {
+        size_t k = j + (size_t)g->b2 < i1 ? j + (size_t)g->b2 : i1;
+        if (g->b2 == 1)
+            quantize_column(g, j, i0, i1);
+        else
+            CALL(ctx, quantize_micro_block(ctx, g, j, k, i0, i1, want_loss));
+    }
+fail:
+    return status;
+}
+
 /* The lazy batches of b1 columns, each followed by the trailing update
  * A[:, i1:] += D_batch R[i0:i1, i1:] (one sgemm). */
-static mxq_status sweep_columns(mxq_ctx *ctx, gptq_work *g, int want_loss, mxq_gptq_stats *stats)
+static mxq_status sweep_columns(mxq_ctx *ctx, mxq_gptq_work *g, int want_loss, mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
     const size_t m = g->m, n = g->n;
     for (size_t i0 = 0; i0 < n; i0 += (size_t)g->b1) {
         size_t i1 = i0 + (size_t)g->b1 < n ? i0 + (size_t)g->b1 : n;
         double tq = mxq_time_now();
-        for (size_t j = i0; j < i1; j += (size_t)g->b2) {
-            size_t k = j + (size_t)g->b2 < i1 ? j + (size_t)g->b2 : i1;
-            if (g->b2 == 1)
-                quantize_column(g, j, i0, i1);
-            else
-                CALL(ctx, quantize_micro_block(ctx, g, j, k, i0, i1, want_loss));
-        }
+        CALL(ctx, mxq_gptq_sweep_batch(ctx, g, i0, i1, want_loss));
         stats->seconds_quant += mxq_time_now() - tq;
         if (i1 < n) {
             double tg = mxq_time_now();
@@ -360,7 +347,7 @@ fail:
  * difference loses digits when the loss is far below lambda ||D||^2).
  * `orig` is the input in processing order before dead channels were
  * zeroed; H gives them no weight, so D is masked there. */
-static mxq_status gptq_losses(mxq_ctx *ctx, gptq_work *g, const float *orig, double n_tokens, mxq_gptq_stats *stats)
+static mxq_status gptq_losses(mxq_ctx *ctx, mxq_gptq_work *g, const float *orig, double n_tokens, mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
     const size_t m = g->m, n = g->n;
@@ -403,7 +390,7 @@ fail:
 
 /* [m, n] between original column order and processing order; act-order
  * moves whole MX blocks, so a block is one memcpy. */
-static void permute_columns(const gptq_work *g, const float *src, float *dst, int to_processing)
+static void permute_columns(const mxq_gptq_work *g, const float *src, float *dst, int to_processing)
 {
     const size_t n = g->n, B = (size_t)g->B;
     for (size_t r = 0; r < g->m; r++)
@@ -416,7 +403,14 @@ static void permute_columns(const gptq_work *g, const float *src, float *dst, in
         }
 }
 
-static mxq_status gptq_setup(mxq_ctx *ctx, gptq_work *g, const mxq_mx_spec *spec, const mxq_gptq_options *o,
+int mxq_gptq_batch_width(const mxq_mx_spec *spec, const mxq_gptq_options *o)
+{
+    /* Rounding b1 up to whole MX blocks changes only the order of
+     * floating-point work, not the algorithm. */
+    return o->microblock == 1 ? (o->lazy_block + spec->block - 1) / spec->block * spec->block : o->lazy_block;
+}
+
+static mxq_status gptq_setup(mxq_ctx *ctx, mxq_gptq_work *g, const mxq_mx_spec *spec, const mxq_gptq_options *o,
                              size_t m, size_t n)
 {
     mxq_status status = MXQ_OK;
@@ -425,15 +419,12 @@ static mxq_status gptq_setup(mxq_ctx *ctx, gptq_work *g, const mxq_mx_spec *spec
     g->n = n;
     g->B = spec->block;
     g->nblocks = mxq_mx_blocks_per_row(n, g->B);
+    g->scale_stride = g->nblocks;
     g->b2 = o->microblock;
-    /* An MX block's exponent is chosen from the up-to-date values of all its
-     * columns, so a block must not straddle a lazy batch (whose trailing
-     * update is deferred). Rounding b1 up to whole MX blocks changes only
-     * the order of floating-point work, not the algorithm. */
-    g->b1 = g->b2 == 1 ? (o->lazy_block + g->B - 1) / g->B * g->B : o->lazy_block;
+    g->b1 = mxq_gptq_batch_width(spec, o);
     if ((size_t)g->b1 > n)
         g->b1 = (int)n;
-    CALL(ctx, gptq_work_alloc(ctx, g));
+    CALL(ctx, mxq_gptq_work_alloc(ctx, g));
 fail:
     return status;
 }
@@ -443,14 +434,14 @@ mxq_status mxq_gptq_quantize(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_gp
                              mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
-    gptq_work g = {0};
+    mxq_gptq_work g = {0};
     float *orig = NULL;
     memset(stats, 0, sizeof(*stats));
     CALL(ctx, mxq_gptq_check(ctx, o, spec));
     CALL(ctx, check_gptq_input(ctx, weight, m, n, n_tokens));
     double t0 = mxq_time_now();
     CALL(ctx, gptq_setup(ctx, &g, spec, o, m, n));
-    block_order(hessian, n, g.B, o->act_order, g.order, g.nblocks, g.mass);
+    mxq_gptq_block_order(hessian, n + 1, n, g.B, o->act_order, g.order, g.nblocks, g.mass);
     for (size_t p = 0, b = 0; b < g.nblocks; b++)
         for (size_t c = (size_t)g.order[b] * g.B; c < (size_t)(g.order[b] + 1) * g.B && c < n; c++)
             g.col_of[p++] = c;
@@ -469,7 +460,7 @@ mxq_status mxq_gptq_quantize(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_gp
     if (!o->skip_losses)
         CALL(ctx, gptq_losses(ctx, &g, orig, n_tokens, stats));
 fail:
-    gptq_work_free(&g);
+    mxq_gptq_work_free(&g);
     free(orig);
     return status;
 }
