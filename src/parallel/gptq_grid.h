@@ -1,0 +1,35 @@
+/* GPTQ of one linear spread over the ranks of a group: the Hessian's
+ * Cholesky factor and the weights live block-cyclically on a ScaLAPACK
+ * grid, so that no rank holds more than its share of either. Internal. */
+#ifndef MXQ_PARALLEL_GPTQ_GRID_H
+#define MXQ_PARALLEL_GPTQ_GRID_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mxq/gptq.h"
+#include "parallel/parallel.h"
+
+/* Where the Hessian comes from. */
+typedef enum {
+    MXQ_HESSIAN_ON_ROOT = 0, /* the whole H on `root` (NULL elsewhere) */
+    MXQ_HESSIAN_PARTIAL = 1, /* each rank's partial sum over its tokens, all [n, n]; the
+                                sum is reduced straight into the grid's distribution */
+} mxq_hessian_source;
+
+/* Whether an [out, n] linear can run on a grid of `ranks`: n must be a
+ * whole number of lazy batches (gptq.block columns), so that every batch
+ * is one block of the distribution and sweeps where it lives. */
+int mxq_gptq_grid_applies(const mxq_mx_spec *spec, const mxq_gptq_options *options, size_t n, int ranks);
+
+/* mxq_gptq_quantize on a 1-D grid of all ranks of `dist`. Collective: every
+ * rank passes the same spec, options, shape and n_tokens (the total).
+ * `weight` [m, n] and `scales` [m, blocks] are used on `root` only (NULL
+ * elsewhere), as in mxq_gptq_quantize; `stats` is filled on every rank.
+ * The float32 results agree with the local path to rounding: the Cholesky
+ * factor is computed by blocks in another order. */
+mxq_status mxq_gptq_grid(mxq_ctx *ctx, const mxq_dist *dist, int root, const mxq_mx_spec *spec,
+                         const mxq_gptq_options *options, float *weight, size_t m, size_t n, const double *hessian,
+                         mxq_hessian_source source, double n_tokens, uint8_t *scales, mxq_gptq_stats *stats);
+
+#endif
