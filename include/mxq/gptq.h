@@ -43,10 +43,10 @@ typedef struct {
 } mxq_gptq_stats;
 
 /* Quantize W [out, in] (row-major, float32) in place to the MX grid of
- * `spec` along `in`, compensating errors with the Hessian. Works in
- * float32 (Cholesky included): a damped Hessian that is not positive
- * definite in float32 fails with a message to raise gptq.damp; with the
- * default 0.01 (a condition number of at most about 100 n) it is.
+ * `spec` along `in`, compensating errors with the Hessian. The Cholesky
+ * factor is computed in double (in^2 doubles of work space) and rounded to
+ * float32, in which the rest works; a damped Hessian that is not positive
+ * definite fails with a message to raise gptq.damp.
  *   hessian   [in, in]  sum over calibration tokens of x x^T (not modified)
  *   n_tokens  number of tokens summed into hessian (for the 2/N scaling)
  *   scales    [out, ceil(in / block)] E8M0 bytes chosen by GPTQ (may be NULL)

@@ -1,5 +1,6 @@
 /* Micro-block GPTQ for MX formats (Sharify et al. 2024, Algorithm 1), in
- * float32 working precision, from the Cholesky factor of H alone.
+ * float32 working precision (the Cholesky factor of H, its one input, is
+ * computed in double).
  *
  * H' = 2 H / N; dead channels (H_dd = 0) get H'_dd = 1 and zero weights;
  * H' += lambda I with lambda = damp * mean(diag H'). GPTQ as usually written
@@ -12,7 +13,7 @@
  * (from R U = I blockwise: R11 U12 = -R12 U22). A, the error feedback, is
  * accumulated right-looking: inside a lazy batch of b1 columns after each
  * micro-block (sgemm), and for the trailing columns once per batch. The
- * flops are n^3/3 (spotrf) + m n^2 (updates) + m n b2 (solves), against
+ * flops are n^3/3 (dpotrf) + m n^2 (updates) + m n b2 (solves), against
  * 2n^3/3 + m n^2 + m n b2 for the inverse-based form.
  *
  * With b2 = 1 each MX block's shared exponent is fixed when its first column
@@ -151,7 +152,7 @@ static mxq_status mxq_gptq_work_alloc(mxq_ctx *ctx, mxq_gptq_work *g)
     g->wide = (size_t)(g->b2 > 1 ? g->b2 : g->B);
     g->w = mxq_alloc(m * n * sizeof(float));
     g->acc = mxq_alloc(m * n * sizeof(float));
-    g->r = mxq_alloc(n * n * sizeof(float));
+    g->r = mxq_alloc(n * n * sizeof(double)); /* factored in double, then float32 in its first half */
     g->d = malloc(m * (size_t)g->b1 * sizeof(float));
     g->cur = malloc(m * g->wide * sizeof(float));
     g->q = malloc(m * g->wide * sizeof(float));
@@ -165,7 +166,7 @@ static mxq_status mxq_gptq_work_alloc(mxq_ctx *ctx, mxq_gptq_work *g)
     CHECK_ALLOC(ctx,
                 g->w && g->acc && g->r && g->d && g->cur && g->q && g->mass && g->order && g->col_of && g->scales &&
                     g->se && g->mb_scales && g->dead,
-                (2 * m * n + n * n) * sizeof(float), "GPTQ work arrays");
+                2 * m * n * sizeof(float) + n * n * sizeof(double), "GPTQ work arrays");
     /* written, not calloc'ed: the first sgemm would otherwise read the zero
      * page and then fault every page again, with a TLB shootdown each */
     memset(g->acc, 0, m * n * sizeof(float));
@@ -173,46 +174,62 @@ fail:
     return status;
 }
 
+/* Rounds a factor computed in double to float32 in place: float i lies in
+ * the bytes of double i / 2, so walking up never overwrites a double not
+ * yet read. */
+static float *doubles_to_floats(double *a, size_t count)
+{
+    float *f = (float *)a;
+    for (size_t i = 0; i < count; i++)
+        f[i] = (float)a[i];
+    return f;
+}
+
 /* H' = 2 H / N in processing order, dead channels (their weights zeroed),
  * damping; then R, upper with H' = R R^T: with J the index reversal,
  * J H' J = L L^T gives R = J L J. Reversing a row-major square matrix's
  * storage is exactly J A J, and a row-major lower triangle is the
  * column-major upper one of the same memory, so LAPACK runs on it directly
- * (no transposed copies). */
+ * (no transposed copies). The factor is computed in double and rounded to
+ * float32 for the sweep: a float32 Cholesky's rounding (about cond(H') eps,
+ * 1e-2 here) depends on its blocking, i.e. on the thread count and on the
+ * grid, and GPTQ amplifies it (0.4% of the values of a [1024, 4096] linear
+ * changed between 1 and 2 OpenBLAS threads). In double the factors of any
+ * blocking round to the same float32 values, bar ties. */
 static mxq_status prepare_hessian(mxq_ctx *ctx, mxq_gptq_work *g, const mxq_gptq_options *o, const double *hessian,
                                   double n_tokens, float *weight, mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
     const size_t m = g->m, n = g->n;
     const double scale = 2.0 / n_tokens;
-    double mean_diag = 0;
+    double mean_diag = 0, *r = (double *)g->r;
     for (size_t i = 0; i < n; i++) {
         double hd = scale * hessian[g->col_of[i] * n + g->col_of[i]];
         if (hd == 0.0) {
             hd = 1.0;
             g->dead[i] = 1;
             stats->dead_channels++;
-            for (size_t r = 0; r < m; r++)
-                weight[r * n + g->col_of[i]] = 0.0f;
+            for (size_t row = 0; row < m; row++)
+                weight[row * n + g->col_of[i]] = 0.0f;
         }
         mean_diag += hd;
     }
     g->lambda = o->damp * mean_diag / (double)n;
     for (size_t i = 0; i < n; i++) { /* stored reversed: row n-1-i holds J H' J's row */
         const double *hrow = hessian + g->col_of[i] * n;
-        float *rrow = g->r + (n - 1 - i) * n + (n - 1);
+        double *rrow = r + (n - 1 - i) * n + (n - 1);
         for (size_t j = 0; j < n; j++)
-            rrow[-(ptrdiff_t)j] = (float)(scale * hrow[g->col_of[j]]);
+            rrow[-(ptrdiff_t)j] = scale * hrow[g->col_of[j]];
         double hd = scale * hrow[g->col_of[i]];
-        rrow[-(ptrdiff_t)i] = (float)((hd == 0.0 ? 1.0 : hd) + g->lambda);
+        rrow[-(ptrdiff_t)i] = (hd == 0.0 ? 1.0 : hd) + g->lambda;
     }
-    lapack_int info = LAPACKE_spotrf_work(LAPACK_COL_MAJOR, 'U', (lapack_int)n, g->r, (lapack_int)n);
+    lapack_int info = LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'U', (lapack_int)n, r, (lapack_int)n);
     CHECK(ctx, info == 0, MXQ_ERR_LAPACK,
-          "GPTQ: Cholesky factorization of the damped Hessian failed (LAPACK info=%d): it is not positive definite "
-          "in float32; raise gptq.damp (now %g; a rank-deficient Hessian, e.g. fewer tokens than inputs, needs about "
-          "1e-5 or more)",
+          "GPTQ: Cholesky factorization of the damped Hessian failed (LAPACK info=%d): it is not positive definite; "
+          "raise gptq.damp (now %g; a rank-deficient Hessian, e.g. fewer tokens than inputs, needs about 1e-5 or "
+          "more)",
           (int)info, o->damp);
-    reverse_floats(g->r, n * n);
+    reverse_floats(doubles_to_floats(r, n * n), n * n);
 fail:
     return status;
 }

@@ -4,7 +4,7 @@
  * The local path factors M = J H'_p J (H' in processing order, J the index
  * reversal) as U'^T U' and works with R = J U'^T J, upper, H'_p = R R^T.
  * Here M is distributed by block rows of nb = b1 (the lazy batch) over a
- * P x 1 grid (pspotrf), and the weights are kept as W' = (W J_p)^T, i.e.
+ * P x 1 grid (pdpotrf, then rounded to float32 like the local factor), and the weights are kept as W' = (W J_p)^T, i.e.
  * column-major [n, m] in reversed processing order, with the same row
  * blocks. Then, for the lazy batch [i0, i1) (one block row, gb = nblk-1-k):
  *   - R[i0:i1, i0:i1] is U' of that block row, reversed: the owner of the
@@ -36,7 +36,8 @@ typedef struct {
     int P, me, nb;
     size_t m, n, nblk, nblocks, n_loc, lld;
     int desc_h[9], desc_a[9], desc_d[9];
-    float *h;      /* [n_loc, n] col-major: this rank's block rows of M, then U' */
+    double *hd;    /* [n_loc, n] col-major: this rank's block rows of M, then U' (pdpotrf) */
+    float *h;      /* the same memory: U' rounded to float32 (same lld) */
     float *w;      /* [n_loc, m] col-major: W' (Q as batches are done) */
     float *orig;   /* [n_loc, m] W' before dead channels were zeroed (losses) */
     float *acc;    /* [n_loc, m] A', the error feedback */
@@ -146,7 +147,7 @@ static mxq_status grid_alloc(mxq_ctx *ctx, grid_gptq *gg, const mxq_mx_spec *spe
 {
     mxq_status status = MXQ_OK;
     const size_t m = gg->m, n = gg->n, local = gg->lld * (m > n ? m : n);
-    gg->h = mxq_alloc_floats(gg->lld * n);
+    gg->hd = mxq_alloc(gg->lld * n * sizeof(double));
     gg->w = mxq_alloc_floats(gg->lld * m);
     gg->orig = o->skip_losses ? NULL : mxq_alloc_floats(gg->lld * m);
     gg->acc = mxq_alloc_floats(gg->lld * m);
@@ -159,9 +160,9 @@ static mxq_status grid_alloc(mxq_ctx *ctx, grid_gptq *gg, const mxq_mx_spec *spe
     gg->dead = calloc(n, 1);
     gg->scales = calloc(m * gg->nblocks, 1);
     CHECK_ALLOC(ctx,
-                gg->h && gg->w && (gg->orig || o->skip_losses) && gg->acc && gg->dpan && gg->diag && gg->staging &&
+                gg->hd && gg->w && (gg->orig || o->skip_losses) && gg->acc && gg->dpan && gg->diag && gg->staging &&
                     gg->mass && gg->order && gg->col_of && gg->dead && gg->scales,
-                (local * 3 + gg->lld * n) * sizeof(float), "the distributed GPTQ");
+                local * 3 * sizeof(float) + gg->lld * n * sizeof(double), "the distributed GPTQ");
     memset(gg->acc, 0, gg->lld * m * sizeof(float));
     CALL(ctx, view_alloc(ctx, gg, spec, o));
 fail:
@@ -170,7 +171,7 @@ fail:
 
 static void grid_free(grid_gptq *gg)
 {
-    free(gg->h);
+    free(gg->hd);
     free(gg->w);
     free(gg->orig);
     free(gg->acc);
@@ -234,14 +235,14 @@ static void hessian_block_to_local(grid_gptq *gg, size_t gb, const double *rows)
     const size_t n = gg->n, nb = (size_t)gg->nb, lb = (gb / (size_t)gg->P) * nb;
     for (size_t cr = 0; cr < n; cr++) {
         const size_t src_col = gg->col_of[n - 1 - cr];
-        float *dst = gg->h + lb + cr * gg->lld;
+        double *dst = gg->hd + lb + cr * gg->lld;
         for (size_t t = 0; t < nb; t++)
-            dst[t] = (float)(gg->scale * rows[t * n + src_col]);
+            dst[t] = gg->scale * rows[t * n + src_col];
     }
     for (size_t t = 0; t < nb; t++) {
         const size_t g = gb * nb + t, p = n - 1 - g;
         double hd = gg->dead[p] ? 1.0 : gg->scale * gg->diag[gg->col_of[p]];
-        gg->h[lb + t + g * gg->lld] = (float)(hd + gg->lambda);
+        gg->hd[lb + t + g * gg->lld] = hd + gg->lambda;
     }
 }
 
@@ -403,15 +404,20 @@ fail:
     return status;
 }
 
+/* pdpotrf, then U' rounded to float32 in place (as the local path does,
+ * and for the same reason: factors of any blocking round alike). */
 static mxq_status factor(mxq_ctx *ctx, grid_gptq *gg, const mxq_gptq_options *o)
 {
     mxq_status status = MXQ_OK;
     int n = (int)gg->n, ione = 1, info = 0;
-    pspotrf_("U", &n, gg->h, &ione, &ione, gg->desc_h, &info, 1);
+    pdpotrf_("U", &n, gg->hd, &ione, &ione, gg->desc_h, &info, 1);
     CHECK_AGREED(ctx, gg->dist, "gptq.grid.factor", info == 0, MXQ_ERR_LAPACK,
-                 "GPTQ: Cholesky factorization of the damped Hessian on the grid failed (ScaLAPACK pspotrf info=%d): "
-                 "it is not positive definite in float32; raise gptq.damp (now %g)",
+                 "GPTQ: Cholesky factorization of the damped Hessian on the grid failed (ScaLAPACK pdpotrf info=%d): "
+                 "it is not positive definite; raise gptq.damp (now %g)",
                  info, o->damp);
+    gg->h = (float *)gg->hd;
+    for (size_t i = 0; i < gg->lld * gg->n; i++) /* float i lies within double i / 2: never ahead of the reads */
+        gg->h[i] = (float)gg->hd[i];
 fail:
     return status;
 }

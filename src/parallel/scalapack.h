@@ -22,7 +22,7 @@ void descinit_(int *desc, const int *m, const int *n, const int *mb, const int *
                const int *icsrc, const int *context, const int *lld, int *info);
 
 /* Cholesky factorisation of a distributed symmetric positive definite matrix */
-void pspotrf_(const char *uplo, const int *n, float *a, const int *ia, const int *ja, const int *desca, int *info,
+void pdpotrf_(const char *uplo, const int *n, double *a, const int *ia, const int *ja, const int *desca, int *info,
               size_t uplo_len);
 
 /* PBLAS level 3 */
