@@ -6,7 +6,10 @@
  *   mpirun -n 2 bench_gptq_grid --threads 1 --compare q.bin [shape options]
  *
  * Shape options: --out M --in N (default 8192 x 28672, llama-2-70b's
- * down_proj), --tokens T (default 4096), --format F (mxint4), --repeats R.
+ * down_proj), --tokens T (default 4096), --format F (mxint4), --repeats R;
+ * --hessian root: H is built whole on rank 0 and sent to the grid from
+ * there (the default, partial, needs a whole H per rank: 2 x 6.6 GB at
+ * 28672 inputs, more than this 24 GB machine has next to the rest).
  *
  * The Hessian is X^T X of T random correlated tokens, built in double
  * (dsyrk, not timed). With P ranks each rank builds the part of its share
@@ -32,7 +35,7 @@ void openblas_set_num_threads(int);
 
 typedef struct {
     size_t m, n, tokens;
-    int repeats, threads;
+    int repeats, threads, on_root;
     const char *format, *save, *compare;
 } options;
 
@@ -92,7 +95,7 @@ static void fill_weight(float *w, size_t count)
 
 static int parse(int argc, char **argv, options *o)
 {
-    *o = (options){8192, 28672, 4096, 3, 1, "mxint4", NULL, NULL};
+    *o = (options){8192, 28672, 4096, 3, 1, 0, "mxint4", NULL, NULL};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v)
@@ -113,6 +116,8 @@ static int parse(int argc, char **argv, options *o)
             o->save = v;
         else if (strcmp(a, "--compare") == 0)
             o->compare = v;
+        else if (strcmp(a, "--hessian") == 0 && (strcmp(v, "root") == 0 || strcmp(v, "partial") == 0))
+            o->on_root = strcmp(v, "root") == 0;
         else
             return -1;
         i++;
@@ -169,8 +174,9 @@ static mxq_status run_once(mxq_ctx *ctx, mxq_dist *dist, const options *o, const
     if (dist->size == 1)
         status = mxq_gptq_quantize(ctx, spec, go, w, o->m, o->n, h, (double)o->tokens, scales, &t->last);
     else
-        status = mxq_gptq_grid(ctx, dist, 0, spec, go, w, o->m, o->n, h, MXQ_HESSIAN_PARTIAL, (double)o->tokens,
-                               scales, &t->last);
+        status = mxq_gptq_grid(ctx, dist, 0, spec, go, w, o->m, o->n, h,
+                               o->on_root ? MXQ_HESSIAN_ON_ROOT : MXQ_HESSIAN_PARTIAL, (double)o->tokens, scales,
+                               &t->last);
     t->total[i] = mxq_time_now() - t0;
     t->factor[i] = t->last.seconds_factor;
     t->quant[i] = t->last.seconds_quant;
@@ -218,7 +224,7 @@ int main(int argc, char **argv)
     int bad = parse(argc, argv, &o);
     if (bad || mxq_ctx_create(&ctx) != MXQ_OK || mxq_dist_create(ctx, MPI_COMM_WORLD, &dist) != MXQ_OK) {
         fprintf(stderr, "usage: mpirun -n P bench_gptq_grid [--out M] [--in N] [--tokens T] [--format F] "
-                        "[--repeats R] [--threads T] [--save FILE | --compare FILE]\n");
+                        "[--repeats R] [--threads T] [--hessian partial|root] [--save FILE | --compare FILE]\n");
         MPI_Finalize();
         return 2;
     }
@@ -229,11 +235,18 @@ int main(int argc, char **argv)
     mxq_gptq_options go;
     mxq_gptq_defaults(&go);
     const size_t nscales = o.m * ((o.n + 31) / 32);
-    double *h = partial_hessian(&o, dist.rank, dist.size);
+    /* --hessian root: rank 0 builds all of H (with every thread of the
+     * node) and the grid receives it from there */
+    double *h = NULL;
+    if (!o.on_root || dist.rank == 0) {
+        openblas_set_num_threads(o.on_root ? 2 * o.threads : o.threads);
+        h = partial_hessian(&o, o.on_root ? 0 : dist.rank, o.on_root ? 1 : dist.size);
+        openblas_set_num_threads(o.threads);
+    }
     float *w = dist.rank == 0 ? mxq_alloc_floats(o.m * o.n) : NULL;
     uint8_t *scales = dist.rank == 0 ? malloc(nscales) : NULL;
     timings t;
-    int failed = !spec.format || !h || (dist.rank == 0 && (!w || !scales));
+    int failed = !spec.format || (!h && (!o.on_root || dist.rank == 0)) || (dist.rank == 0 && (!w || !scales));
     MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, dist.comm);
     for (int i = 0; !failed && i < o.repeats; i++)
         failed = run_once(ctx, &dist, &o, &spec, &go, w, h, scales, &t, i) != MXQ_OK;

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "core/alloc.h"
+#include "algo/layer_quant.h"
 #include "core/check.h"
 #include "mxq/gptq.h"
 #include "mxq/quantize.h"
@@ -286,68 +287,41 @@ fail:
     return status;
 }
 
-/* One linear of the layer, after the scale steps: its MX bytes and loss. */
-static mxq_status quantize_layer_linear(mxq_ctx *ctx, const mxq_recipe *recipe, mxq_linear_id li,
-                                        const mxq_model_config *cfg, mxq_layer *L, const mxq_input_stats *in,
-                                        mxq_layer_result *res)
+int mxq_recipe_quantizes_linear(const mxq_recipe *recipe, int layer, mxq_linear_id li)
 {
-    mxq_linear_result *r = &res->linear[li];
-    mxq_status status = MXQ_OK;
-    const mxq_mx_spec *spec = &recipe->weights;
-    int out, inf;
-    mxq_linear_shape(cfg, li, &out, &inf);
-    const size_t n = (size_t)out * inf;
-    float *w = L->weight[li], *ref = malloc(n * sizeof(float));
-    r->packed_bytes = (size_t)out * mxq_mx_packed_row_bytes(spec->format, (size_t)inf);
-    r->scales_bytes = (size_t)out * mxq_mx_blocks_per_row((size_t)inf, spec->block);
-    r->packed = mxq_alloc_lasting(r->packed_bytes);
-    r->scales = mxq_alloc_lasting(r->scales_bytes);
-    CHECK_ALLOC(ctx, ref && r->packed && r->scales, n * sizeof(float), mxq_linear_name(li));
-    memcpy(ref, w, n * sizeof(float));
-    double t0 = mxq_time_now();
-    weight_times wt = {0};
-    CALL(ctx, quantize_weight(ctx, recipe, find_step(recipe, MXQ_ALGO_GPTQ), find_step(recipe, MXQ_ALGO_AWQ), li, w,
-                              out, inf, in, r->packed, r->scales, &r->dead_channels, &wt));
-    double t1 = mxq_time_now();
-    CALL(ctx, report_loss(ctx, ref, w, out, inf, in->hessian, &r->loss));
-    r->seconds = mxq_time_now() - t0;
-    res->seconds_clip += wt.clip;
-    res->seconds_gptq += wt.quant;
-    res->seconds_pack += wt.pack;
-    res->seconds_loss += mxq_time_now() - t1;
-    r->quantized = 1;
-    r->weight_modified = 0;
-    mxq_log(ctx, MXQ_LOG_DEBUG, "%s: loss %.4e (rtn %.4e), %.2f s", mxq_linear_name(li), r->loss, r->loss_rtn,
-            r->seconds);
-fail:
-    free(ref);
-    return status;
+    char name[160];
+    snprintf(name, sizeof(name), "model.layers.%d.%s", layer, mxq_linear_name(li));
+    int excluded = mxq_recipe_excludes(recipe, name);
+    strncat(name, ".weight", sizeof(name) - strlen(name) - 1);
+    return recipe->has_weights && !(excluded || mxq_recipe_excludes(recipe, name));
 }
 
-static void excluded_linears(const mxq_recipe *recipe, int layer, int *quantized)
+const mxq_gptq_options *mxq_recipe_gptq(const mxq_recipe *recipe)
 {
-    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
-        char name[160];
-        snprintf(name, sizeof(name), "model.layers.%d.%s", layer, mxq_linear_name((mxq_linear_id)li));
-        int excluded = mxq_recipe_excludes(recipe, name);
-        strncat(name, ".weight", sizeof(name) - strlen(name) - 1);
-        quantized[li] = !(excluded || mxq_recipe_excludes(recipe, name));
-    }
+    const mxq_algo_step *step = find_step(recipe, MXQ_ALGO_GPTQ);
+    return step ? &step->gptq : NULL;
 }
 
-static mxq_status quantize_layer_steps(mxq_ctx *ctx, const mxq_recipe *recipe, const mxq_model_config *cfg, int layer,
-                                       mxq_layer *L, mxq_layer_stats *stats, mxq_layer_result *res)
+mxq_status mxq_layer_quant_begin(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_recipe *recipe,
+                                 const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
+                                 mxq_layer_result *res)
 {
     mxq_status status = MXQ_OK;
-    int quantized[MXQ_LIN_COUNT];
-    excluded_linears(recipe, layer, quantized);
+    *q = (mxq_layer_quant){recipe, cfg, layer, L, stats, res, {0}, NULL, mxq_time_now(), 0, 0};
+    res->layer = layer;
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
+        res->awq_alpha[i] = res->smooth_alpha[i] = -1;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++)
+        q->quantized[li] = mxq_recipe_quantizes_linear(recipe, layer, (mxq_linear_id)li);
+    if (!recipe->has_weights)
+        return MXQ_OK;
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
         CALL_IN(ctx, check_stats_finite(ctx, &stats->input[i]), "layer %d %s", layer, mxq_input_name((mxq_input_id)i));
     double t0 = mxq_time_now();
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
         int out, in;
         mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
-        if (quantized[li])
+        if (q->quantized[li])
             CALL_IN(ctx,
                     rtn_loss(ctx, &recipe->weights, L->weight[li], out, in,
                              stats->input[mxq_linear_input((mxq_linear_id)li)].hessian, 0, &res->linear[li].loss_rtn),
@@ -357,30 +331,132 @@ static mxq_status quantize_layer_steps(mxq_ctx *ctx, const mxq_recipe *recipe, c
     res->seconds_loss += t1 - t0;
     for (int k = 0; k < recipe->n_steps; k++)
         if (recipe->steps[k].kind != MXQ_ALGO_GPTQ)
-            CALL(ctx, run_scale_step(ctx, &recipe->steps[k], &recipe->weights, cfg, layer, L, stats, quantized, res));
+            CALL(ctx, run_scale_step(ctx, &recipe->steps[k], &recipe->weights, cfg, layer, L, stats, q->quantized,
+                                     res));
     res->seconds_scales += mxq_time_now() - t1;
-    for (int li = 0; li < MXQ_LIN_COUNT; li++)
-        if (quantized[li])
-            CALL_IN(ctx, quantize_layer_linear(ctx, recipe, (mxq_linear_id)li, cfg, L,
-                                               &stats->input[mxq_linear_input((mxq_linear_id)li)], res),
-                    "layer %d %s", layer, mxq_linear_name((mxq_linear_id)li));
 fail:
     return status;
+}
+
+int mxq_layer_quant_uses_gptq(const mxq_layer_quant *q, mxq_linear_id li)
+{
+    return q->quantized[li] && find_step(q->recipe, MXQ_ALGO_GPTQ) != NULL;
+}
+
+static const mxq_input_stats *linear_stats(const mxq_layer_quant *q, mxq_linear_id li)
+{
+    return &q->stats->input[mxq_linear_input(li)];
+}
+
+mxq_status mxq_linear_quant_prepare(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear_id li)
+{
+    mxq_status status = MXQ_OK;
+    mxq_linear_result *r = &q->res->linear[li];
+    const mxq_mx_spec *spec = &q->recipe->weights;
+    const mxq_algo_step *awq = find_step(q->recipe, MXQ_ALGO_AWQ);
+    int out, in;
+    mxq_linear_shape(q->cfg, li, &out, &in);
+    const size_t n = (size_t)out * in;
+    float *w = q->L->weight[li];
+    q->t_linear = mxq_time_now();
+    free(q->ref);
+    q->ref = malloc(n * sizeof(float));
+    r->packed_bytes = (size_t)out * mxq_mx_packed_row_bytes(spec->format, (size_t)in);
+    r->scales_bytes = (size_t)out * mxq_mx_blocks_per_row((size_t)in, spec->block);
+    r->packed = mxq_alloc_lasting(r->packed_bytes);
+    r->scales = mxq_alloc_lasting(r->scales_bytes);
+    CHECK_ALLOC(ctx, q->ref && r->packed && r->scales, n * sizeof(float), mxq_linear_name(li));
+    memcpy(q->ref, w, n * sizeof(float));
+    if (awq && awq->awq.clip && clip_applies(li))
+        CALL_IN(ctx,
+                mxq_awq_clip(ctx, spec, w, out, in, linear_stats(q, li)->hessian, awq->awq.clip_grid,
+                             awq->awq.max_shrink),
+                "layer %d %s: AWQ clipping", q->layer, mxq_linear_name(li));
+    q->t_round = mxq_time_now();
+    q->res->seconds_clip += q->t_round - q->t_linear;
+fail:
+    return status;
+}
+
+void mxq_linear_quant_rounded(mxq_layer_quant *q, mxq_linear_id li, double seconds, int dead_channels)
+{
+    q->res->linear[li].dead_channels = dead_channels;
+    q->res->seconds_gptq += seconds;
+    q->t_round = mxq_time_now();
+}
+
+mxq_status mxq_linear_quant_round(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear_id li)
+{
+    mxq_status status = MXQ_OK;
+    mxq_linear_result *r = &q->res->linear[li];
+    const mxq_mx_spec *spec = &q->recipe->weights;
+    const mxq_algo_step *gptq = find_step(q->recipe, MXQ_ALGO_GPTQ);
+    int out, in, dead = 0;
+    mxq_linear_shape(q->cfg, li, &out, &in);
+    float *w = q->L->weight[li];
+    double t0 = mxq_time_now();
+    if (!gptq)
+        CALL_IN(ctx, mxq_mx_quantize_rows(ctx, spec, w, (size_t)out, (size_t)in, r->packed, r->scales, w),
+                "layer %d %s", q->layer, mxq_linear_name(li));
+    else
+        CALL_IN(ctx, run_gptq(ctx, spec, &gptq->gptq, w, out, in, linear_stats(q, li), r->scales, &dead),
+                "layer %d %s", q->layer, mxq_linear_name(li));
+    mxq_linear_quant_rounded(q, li, mxq_time_now() - t0, dead);
+fail:
+    return status;
+}
+
+mxq_status mxq_linear_quant_finish(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear_id li)
+{
+    mxq_status status = MXQ_OK;
+    mxq_linear_result *r = &q->res->linear[li];
+    const mxq_mx_spec *spec = &q->recipe->weights;
+    int out, in;
+    mxq_linear_shape(q->cfg, li, &out, &in);
+    float *w = q->L->weight[li];
+    double t0 = mxq_time_now();
+    if (mxq_layer_quant_uses_gptq(q, li))
+        CALL_IN(ctx, mxq_mx_pack_with_scales(ctx, spec, w, (size_t)out, (size_t)in, r->scales, r->packed),
+                "layer %d %s", q->layer, mxq_linear_name(li));
+    double t1 = mxq_time_now();
+    q->res->seconds_pack += t1 - t0;
+    CALL_IN(ctx, report_loss(ctx, q->ref, w, out, in, linear_stats(q, li)->hessian, &r->loss), "layer %d %s",
+            q->layer, mxq_linear_name(li));
+    q->res->seconds_loss += mxq_time_now() - t1;
+    r->seconds = mxq_time_now() - q->t_linear;
+    r->quantized = 1;
+    r->weight_modified = 0;
+    mxq_log(ctx, MXQ_LOG_DEBUG, "%s: loss %.4e (rtn %.4e), %.2f s", mxq_linear_name(li), r->loss, r->loss_rtn,
+            r->seconds);
+fail:
+    free(q->ref);
+    q->ref = NULL;
+    return status;
+}
+
+void mxq_layer_quant_end(mxq_layer_quant *q)
+{
+    free(q->ref);
+    q->ref = NULL;
+    q->res->seconds = mxq_time_now() - q->t_start;
+    q->res->peak_rss = mxq_peak_rss_bytes();
 }
 
 mxq_status mxq_quantize_layer(mxq_ctx *ctx, const mxq_recipe *recipe, const mxq_model_config *cfg, int layer,
                               mxq_layer *L, mxq_layer_stats *stats, mxq_layer_result *res)
 {
     mxq_status status = MXQ_OK;
-    double t0 = mxq_time_now();
-    res->layer = layer;
-    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
-        res->awq_alpha[i] = res->smooth_alpha[i] = -1;
-    if (recipe->has_weights)
-        CALL(ctx, quantize_layer_steps(ctx, recipe, cfg, layer, L, stats, res));
-    res->seconds = mxq_time_now() - t0;
-    res->peak_rss = mxq_peak_rss_bytes();
+    mxq_layer_quant q;
+    CALL(ctx, mxq_layer_quant_begin(ctx, &q, recipe, cfg, layer, L, stats, res));
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        if (!q.quantized[li])
+            continue;
+        CALL(ctx, mxq_linear_quant_prepare(ctx, &q, (mxq_linear_id)li));
+        CALL(ctx, mxq_linear_quant_round(ctx, &q, (mxq_linear_id)li));
+        CALL(ctx, mxq_linear_quant_finish(ctx, &q, (mxq_linear_id)li));
+    }
 fail:
+    mxq_layer_quant_end(&q);
     return status;
 }
 

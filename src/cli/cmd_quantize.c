@@ -3,9 +3,12 @@
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cli.h"
 #include "mxq/jobs.h"
+
+static void print_quantize_help_tail(FILE *out);
 
 static void print_quantize_help(FILE *out)
 {
@@ -65,10 +68,23 @@ static void print_quantize_help(FILE *out)
             "                         group of all ranks -- on a single rank too, which then goes\n"
             "                         layer by layer (there --group-size 1 forces the pipeline), and\n"
             "                         with more ranks than layers (extra ranks only calibrate)\n"
+            "      --grid-min-inputs N|never  in a group of R > 1 ranks, GPTQ of a linear with N inputs\n"
+            "                         or more runs on a ScaLAPACK grid of all R ranks (its Hessian's\n"
+            "                         factor and weights spread over them; same results as on one\n"
+            "                         rank but for float rounding), one owner's at a time. Needs the\n"
+            "                         inputs to be a multiple of gptq.block. Default 12288: the\n"
+            "                         down_proj of llama-2-13b and -70b, not of 7b\n"
             "      --stats-layers N   pipeline, fp mode: hold the calibration statistics (double\n"
             "                         Hessians, see --dry-run) of at most N layers per rank at a time;\n"
             "                         the calibration set then runs through the model once per group\n"
             "                         of N layers. Same checkpoint bytes. Default: all at once\n"
+            );
+    print_quantize_help_tail(out);
+}
+
+static void print_quantize_help_tail(FILE *out)
+{
+    fprintf(out,
             "  -v, --verbose          debug log, error traces\n"
             "  -q, --quiet            log errors only (the summary table still goes to stdout)\n"
             "  -h, --help             this text\n"
@@ -89,9 +105,22 @@ static void print_quantize_help(FILE *out)
             "      --recipe configs/recipes/block32/w4a8-mxint-awq-gptq.yaml --out out/stories-w4a8\n");
 }
 
+static int parse_grid_min_inputs(const char *arg, int *out)
+{
+    long value;
+    if (strcmp(arg, "never") == 0)
+        *out = -1;
+    else if (mxq_cli_parse_int(arg, 1, 1 << 24, &value) == 0)
+        *out = (int)value;
+    else
+        return -1;
+    return 0;
+}
+
 int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
 {
-    enum { OPT_DRY_RUN = 1000, OPT_FORCE, OPT_STATS_LAYERS, OPT_GROUP_SIZE, OPT_MEM_PER_RANK, OPT_JSON };
+    enum { OPT_DRY_RUN = 1000, OPT_FORCE, OPT_STATS_LAYERS, OPT_GROUP_SIZE, OPT_MEM_PER_RANK, OPT_JSON,
+           OPT_GRID_MIN_INPUTS };
     static const struct option options[] = {
         {"model", required_argument, NULL, 'm'}, {"calib", required_argument, NULL, 'c'},
         {"recipe", required_argument, NULL, 'r'}, {"out", required_argument, NULL, 'o'},
@@ -100,7 +129,7 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
         {"stats-layers", required_argument, NULL, OPT_STATS_LAYERS},
         {"group-size", required_argument, NULL, OPT_GROUP_SIZE},
         {"mem-per-rank", required_argument, NULL, OPT_MEM_PER_RANK},
-        {"json", required_argument, NULL, OPT_JSON},
+        {"json", required_argument, NULL, OPT_JSON}, {"grid-min-inputs", required_argument, NULL, OPT_GRID_MIN_INPUTS},
         {"quiet", no_argument, NULL, 'q'},       {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -142,6 +171,11 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
             break;
         }
         case OPT_JSON: opt.plan_json = optarg; break;
+        case OPT_GRID_MIN_INPUTS:
+            if (parse_grid_min_inputs(optarg, &opt.grid_min_inputs) != 0)
+                return mxq_cli_usage_error(ctx, "quantize", "--grid-min-inputs must be 1..%d or 'never', got '%s'",
+                                           1 << 24, optarg);
+            break;
         case 'v': mxq_ctx_set_log_level(ctx, MXQ_LOG_DEBUG); break;
         case 'q': mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR); break;
         case 'h': print_quantize_help(stdout); return MXQ_EXIT_OK;
@@ -150,14 +184,10 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
             return mxq_cli_usage_error(ctx, "quantize", "unknown option '%s' (see mxq quantize --help)", argv[optind - 1]);
         }
     }
-    if (!model)
-        return mxq_cli_usage_error(ctx, "quantize", "--model DIR is required");
-    if (!calib)
-        return mxq_cli_usage_error(ctx, "quantize", "--calib FILE.h5 is required");
-    if (!recipe)
-        return mxq_cli_usage_error(ctx, "quantize", "--recipe R.yaml is required");
-    if (!out && !opt.dry_run)
-        return mxq_cli_usage_error(ctx, "quantize", "--out DIR is required");
+    const char *missing = !model ? "--model DIR" : !calib ? "--calib FILE.h5" : !recipe ? "--recipe R.yaml"
+                          : !out && !opt.dry_run ? "--out DIR" : NULL;
+    if (missing)
+        return mxq_cli_usage_error(ctx, "quantize", "%s is required", missing);
     if (optind < argc)
         return mxq_cli_usage_error(ctx, "quantize", "unexpected argument '%s'", argv[optind]);
     if (opt.plan_json && !opt.dry_run)

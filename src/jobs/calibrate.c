@@ -468,7 +468,7 @@ fail:
 
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
                                         const char *calib_name, const mxq_recipe *recipe, int batch, int data_parallel,
-                                        int stats_layers, mxq_layer_result *results)
+                                        int stats_layers, int grid_min_inputs, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     if (batch <= 0)
@@ -480,7 +480,7 @@ mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_
                 calib->n_seqs, calib->seq_len, calib_name, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential",
                 batch, data_parallel ? "one data-parallel group, layer by layer" : "ranks as a pipeline of layer ranges");
     if (data_parallel)
-        CALL(ctx, mxq_calibrate_group(ctx, dist, model, calib, recipe, batch, results));
+        CALL(ctx, mxq_calibrate_group(ctx, dist, model, calib, recipe, batch, grid_min_inputs, results));
     else if (recipe->calib_mode == MXQ_CALIB_FP)
         CALL(ctx, calibrate_fp(ctx, dist, model, calib, recipe, batch, stats_layers, results));
     else

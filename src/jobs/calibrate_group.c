@@ -18,10 +18,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "algo/layer_quant.h"
 #include "core/alloc.h"
 #include "jobs/jobs_internal.h"
 #include "model/lazy.h"
 #include "jobs/quantize_report.h"
+#include "parallel/gptq_grid.h"
 #include "parallel/pipeline.h"
 
 typedef struct {
@@ -42,6 +44,7 @@ typedef struct {
     int owned_layer; /* -1: none waiting; else its statistics are stats[1 - partial] */
     double owned_calib_seconds;
     mxq_layer_record *records; /* rank 0: [size], the layers just quantized, for their progress lines */
+    int grid_min_inputs;       /* GPTQ of linears with this many inputs or more on the grid (0: never) */
 } group_run;
 
 static mxq_status observe(mxq_ctx *ctx, void *user, int layer, mxq_input_id input, const float *x, size_t tokens,
@@ -123,8 +126,126 @@ fail:
     return status;
 }
 
+/* Whether layer `layer` (may be past the end) runs linear li's GPTQ on the
+ * grid of all the group's ranks: big enough, and whole lazy batches. Every
+ * rank decides the same from the recipe and the shapes alone. */
+static int gptq_on_grid(const group_run *g, int layer, mxq_linear_id li)
+{
+    const mxq_gptq_options *o = mxq_recipe_gptq(g->recipe);
+    int out, in;
+    mxq_linear_shape(&g->model->cfg, li, &out, &in);
+    return layer < g->model->cfg.n_layers && g->dist->size > 1 && o && g->grid_min_inputs > 0 &&
+           in >= g->grid_min_inputs && mxq_recipe_quantizes_linear(g->recipe, layer, li) &&
+           mxq_gptq_grid_applies(&g->recipe->weights, o, (size_t)in, g->dist->size);
+}
+
+/* Rank 0 says which linears' GPTQ goes to the grid (layer 0's, as an
+ * example: exclusions aside, every layer has the same shapes). */
+static void log_grid_linears(mxq_ctx *ctx, const group_run *g)
+{
+    char names[256] = "";
+    for (int li = 0; li < MXQ_LIN_COUNT; li++)
+        if (gptq_on_grid(g, 0, (mxq_linear_id)li))
+            snprintf(names + strlen(names), sizeof(names) - strlen(names), "%s%s", names[0] ? ", " : "",
+                     mxq_linear_name((mxq_linear_id)li));
+    if (g->dist->rank == 0 && names[0])
+        mxq_log(ctx, MXQ_LOG_INFO, "GPTQ of %s on a ScaLAPACK grid of all %d ranks (linears of %d inputs or more)",
+                names, g->dist->size, g->grid_min_inputs);
+}
+
+static int round_uses_grid(const group_run *g, int base)
+{
+    for (int p = 0; p < g->dist->size; p++)
+        for (int li = 0; li < MXQ_LIN_COUNT; li++)
+            if (gptq_on_grid(g, base + p, (mxq_linear_id)li))
+                return 1;
+    return 0;
+}
+
+/* Linear li of root's layer on the grid (collective); root's weight, H and
+ * scales go in, Q and the scales come back to it. */
+static mxq_status grid_gptq_of(mxq_ctx *ctx, group_run *g, mxq_layer_quant *q, int base, int root, mxq_linear_id li)
+{
+    mxq_status status = MXQ_OK;
+    const int is_root = g->dist->rank == root;
+    mxq_gptq_options o = *mxq_recipe_gptq(g->recipe);
+    o.skip_losses = 1; /* the report's losses include clipping: mxq_linear_quant_finish */
+    int out, in;
+    mxq_linear_shape(&g->model->cfg, li, &out, &in);
+    const mxq_input_stats *st = is_root ? &q->stats->input[mxq_linear_input(li)] : NULL;
+    mxq_gptq_stats gs;
+    double t0 = mxq_time_now();
+    CALL_IN(ctx,
+            mxq_gptq_grid(ctx, g->dist, root, &g->recipe->weights, &o, is_root ? q->L->weight[li] : NULL, (size_t)out,
+                          (size_t)in, st ? st->hessian : NULL, MXQ_HESSIAN_ON_ROOT,
+                          st && st->n_tokens > 0 ? st->n_tokens : 1.0, is_root ? q->res->linear[li].scales : NULL,
+                          &gs),
+            "layer %d %s: GPTQ on the grid of %d ranks", base + root, mxq_linear_name(li), g->dist->size);
+    if (is_root)
+        mxq_linear_quant_rounded(q, li, mxq_time_now() - t0, gs.dead_channels);
+fail:
+    return status;
+}
+
+/* Linear li of every owner's layer: prepared (and, off the grid, rounded)
+ * side by side; then the grid's GPTQs one owner after the other; then
+ * packed and measured side by side. */
+static mxq_status round_linear(mxq_ctx *ctx, group_run *g, mxq_layer_quant *q, int base, mxq_linear_id li)
+{
+    mxq_status status = MXQ_OK, local = MXQ_OK;
+    const int mine = g->owned_layer, here = mine >= 0 && q->quantized[li];
+    if (here)
+        local = mxq_linear_quant_prepare(ctx, q, li);
+    if (here && local == MXQ_OK && !gptq_on_grid(g, mine, li))
+        local = mxq_linear_quant_round(ctx, q, li);
+    AGREE(ctx, g->dist, "group.quantize", local);
+    for (int p = 0; p < g->dist->size; p++)
+        if (gptq_on_grid(g, base + p, li))
+            CALL(ctx, grid_gptq_of(ctx, g, q, base, p, li));
+    AGREE(ctx, g->dist, "group.quantize", here ? mxq_linear_quant_finish(ctx, q, li) : MXQ_OK);
+fail:
+    return status;
+}
+
+/* The owners quantize their layers of the round [base, base + size) side
+ * by side, linear by linear, so that the big linears' GPTQ can run on the
+ * grid of all ranks between the phases. */
+static mxq_status quantize_round_on_grid(mxq_ctx *ctx, group_run *g, mxq_layer_result *results, int base)
+{
+    mxq_status status = MXQ_OK;
+    const int l = g->owned_layer;
+    mxq_layer_quant q;
+    memset(&q, 0, sizeof(q));
+    int begun = 0;
+    mxq_status local = MXQ_OK;
+    if (l >= 0) {
+        mxq_layer_stats *owned = &g->stats[1 - g->partial];
+        for (int i = 0; i < MXQ_INPUT_COUNT; i++)
+            mxq_input_stats_finish(&owned->input[i]);
+        local = mxq_layer_quant_begin(ctx, &q, g->recipe, &g->model->cfg, l,
+                                      &g->model->layers[l - g->model->first_layer], owned,
+                                      &results[l - g->model->first_layer]);
+        begun = 1;
+    }
+    AGREE(ctx, g->dist, "group.quantize", local);
+    for (int li = 0; li < MXQ_LIN_COUNT; li++)
+        CALL(ctx, round_linear(ctx, g, &q, base, (mxq_linear_id)li));
+    if (l >= 0) {
+        mxq_layer_quant_end(&q);
+        begun = 0;
+        results[l - g->model->first_layer].seconds_calib = g->owned_calib_seconds;
+    }
+    AGREE(ctx, g->dist, "group.quantize",
+          l >= 0 ? mxq_layer_keep_written(ctx, g->model, l, &results[l - g->model->first_layer]) : MXQ_OK);
+fail:
+    if (begun)
+        mxq_layer_quant_end(&q);
+    g->owned_layer = -1;
+    return status;
+}
+
 /* Each rank quantizes the layer it owns, if any (local). */
-static mxq_status group_quantize(mxq_ctx *ctx, group_run *g, mxq_layer_result *results)
+static mxq_status quantize_own_layer(mxq_ctx *ctx, group_run *g, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     const int l = g->owned_layer;
@@ -140,6 +261,19 @@ static mxq_status group_quantize(mxq_ctx *ctx, group_run *g, mxq_layer_result *r
     CALL(ctx, mxq_layer_keep_written(ctx, g->model, l, res));
 fail:
     g->owned_layer = -1;
+    return status;
+}
+
+/* The round of layers [base, base + size): on the grid if any of its
+ * linears goes there, else each owner alone (one agreement). */
+static mxq_status group_quantize(mxq_ctx *ctx, group_run *g, mxq_layer_result *results, int base)
+{
+    mxq_status status = MXQ_OK;
+    if (round_uses_grid(g, base))
+        CALL(ctx, quantize_round_on_grid(ctx, g, results, base));
+    else
+        AGREE(ctx, g->dist, "group.quantize", quantize_own_layer(ctx, g, results));
+fail:
     return status;
 }
 
@@ -169,14 +303,21 @@ static void group_run_free(group_run *g)
 }
 
 mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
-                               const mxq_recipe *recipe, int batch, mxq_layer_result *results)
+                               const mxq_recipe *recipe, int batch, int grid_min_inputs, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
-    group_run g = {.dist = dist, .model = model, .tokens = tokens, .recipe = recipe, .batch = batch, .owned_layer = -1};
+    group_run g = {.dist = dist,
+                   .model = model,
+                   .tokens = tokens,
+                   .recipe = recipe,
+                   .batch = batch,
+                   .owned_layer = -1,
+                   .grid_min_inputs = grid_min_inputs};
     const int L = model->cfg.n_layers;
     for (int l = 0; l < L; l++)
         results[l].layer = -1;
     AGREE(ctx, dist, "group.setup", group_setup(ctx, &g));
+    log_grid_linears(ctx, &g);
     for (int l = 0; l < L; l++) {
         double t0 = mxq_time_now();
         AGREE(ctx, dist, "group.forward", group_forward(ctx, &g, l));
@@ -186,7 +327,7 @@ mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
             g.owned_calib_seconds = mxq_time_now() - t0;
         if (l % dist->size == dist->size - 1 || l == L - 1) {
             const int quantized = g.owned_layer;
-            AGREE(ctx, dist, "group.quantize", group_quantize(ctx, &g, results));
+            CALL(ctx, group_quantize(ctx, &g, results, l - l % dist->size));
             CALL(ctx, group_log(ctx, &g, results, quantized));
         }
     }

@@ -32,17 +32,18 @@ mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const char *calib_path, const mx
  *   holds at once in fp mode (more calibration passes, same result); 0 =
  *   all of them in one pass.
  * - data_parallel 1 (fp mode): one data-parallel group of all ranks
- *   (calibrate_group.c);
+ *   (calibrate_group.c), where GPTQ of linears with grid_min_inputs inputs
+ *   or more (> 0) runs on a ScaLAPACK grid of all ranks;
  *   `model` is every layer, loaded lazily; a rank quantizes the layers
  *   l % size == rank, and the other results keep layer = -1. */
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
                                         const char *calib_name, const mxq_recipe *recipe, int batch, int data_parallel,
-                                        int stats_layers, mxq_layer_result *results);
+                                        int stats_layers, int grid_min_inputs, mxq_layer_result *results);
 
 /* calibrate_group.c: fp calibration and quantization by one data-parallel
  * group of all ranks (see mxq_quantize_model_in_memory). */
 mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
-                               const mxq_recipe *recipe, int batch, mxq_layer_result *results);
+                               const mxq_recipe *recipe, int batch, int grid_min_inputs, mxq_layer_result *results);
 
 /* A lazy model, after layer `layer` is quantized (res): of its float32
  * tensors only those the shard writes from the model stay (norms, biases

@@ -347,6 +347,12 @@ fail:
     return status;
 }
 
+/* The option as calibrate_group.c takes it: 0 = never. */
+static int grid_min_inputs(const mxq_quantize_options *opt)
+{
+    return opt->grid_min_inputs == 0 ? MXQ_GRID_MIN_INPUTS_DEFAULT : opt->grid_min_inputs < 0 ? 0 : opt->grid_min_inputs;
+}
+
 static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
@@ -354,7 +360,8 @@ static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
     AGREE(ctx, &job->dist, "quantize.load", open_and_load(ctx, job));
     double t_quant = mxq_time_now();
     CALL(ctx, mxq_quantize_model_in_memory(ctx, &job->dist, job->model, &job->calib, job->calib_path, &job->recipe,
-                                           job->batch, job->data_parallel, job->opt->stats_layers, job->results));
+                                           job->batch, job->data_parallel, job->opt->stats_layers,
+                                           grid_min_inputs(job->opt), job->results));
     job->quant_seconds = mxq_time_now() - t_quant;
 fail:
     return status;
@@ -396,7 +403,8 @@ static mxq_plan_input plan_input(const quantize_job *job)
                             .batch = batch,
                             .seq_len = job->calib.seq_len,
                             .samples = job->calib.n_seqs,
-                            .stats_layers = job->opt->stats_layers};
+                            .stats_layers = job->opt->stats_layers,
+                            .grid_min_inputs = grid_min_inputs(job->opt)};
 }
 
 /* --group-size, or when not given: a pipeline (exact for any rank count)

@@ -5,9 +5,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "algo/gptq_internal.h"
+#include "algo/layer_quant.h"
 #include "formats/mx_spec.h"
 #include "io/ckpt_writer.h"
 #include "jobs/quantize_report.h"
+#include "parallel/gptq_grid.h"
 
 /* What each rank sends ahead of its records and its tensor names. */
 typedef struct {
@@ -397,23 +400,50 @@ void mxq_quantize_report_free(mxq_quantize_report *rep)
 
 /* ---- --dry-run and the memory plan ----------------------------------------- */
 
+/* GPTQ of an [m, n] linear on a grid of P ranks with batches of nb
+ * columns, on its heaviest rank (rank 0 holds the most block rows; as root
+ * it also stages what it sends): its block rows of the factor (double),
+ * of W', the error feedback and the copy on its way (float32), the
+ * Hessian's rows on their way, and one batch. */
+static double grid_gptq_bytes(double m, double n, int nb, int P)
+{
+    const double rows = ceil(n / nb / P) * nb;
+    return rows * n * sizeof(double) + 3.0 * rows * m * sizeof(float) + 2.0 * nb * n * sizeof(double) +
+           (3.0 * m * nb + (double)nb * nb) * sizeof(float);
+}
+
+/* Whether the plan's group runs linear li's GPTQ on the grid (as
+ * calibrate_group.c decides it). */
+static int plan_on_grid(const mxq_plan_input *in, int n)
+{
+    const mxq_gptq_options *o = mxq_recipe_gptq(in->recipe);
+    return in->data_parallel && in->size > 1 && o && in->grid_min_inputs > 0 && n >= in->grid_min_inputs &&
+           mxq_gptq_grid_applies(&in->recipe->weights, o, (size_t)n, in->size);
+}
+
 /* Bytes the quantization of the largest linear adds: in float32, the
- * layer's reference copy and GPTQ's weights, error feedback (3 m n) and
- * Cholesky factor (n^2), or AWQ's float32 H and scratch (n^2 + 2 x 64 MB),
- * or the report's loss (a round-to-nearest copy m n + float32 H n^2). */
-static double quantize_bytes(const mxq_model_config *cfg)
+ * layer's reference copy and GPTQ's weights and error feedback (3 m n) and
+ * Cholesky factor (n^2 doubles; on a grid, its share: grid_gptq_bytes), or
+ * AWQ's float32 H and scratch (n^2 + 2 x 64 MB), or the report's loss (a
+ * round-to-nearest copy m n + float32 H n^2). `owner`: whether this rank
+ * quantizes layers (the others only take part in the grid's GPTQ). */
+static double quantize_bytes(const mxq_plan_input *in, int owner)
 {
     double quant = 0;
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
-        int out, in;
-        mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
-        const double mn = (double)out * in * sizeof(float), nn = (double)in * in * sizeof(float);
+        int out, in_f;
+        mxq_linear_shape(in->cfg, (mxq_linear_id)li, &out, &in_f);
+        const double mn = (double)out * in_f * sizeof(float), nn = (double)in_f * in_f * sizeof(float);
         /* AWQ: about 128 sampled rows per alpha, up to 8 alphas within 64 MB */
-        const double rows = out < 256 ? out : 128.0, per_alpha = rows * in * sizeof(float);
+        const double rows = out < 256 ? out : 128.0, per_alpha = rows * in_f * sizeof(float);
         const double alphas = per_alpha * 8 <= 64.0 * 1048576.0 ? 8 : fmax(1.0, floor(64.0 * 1048576.0 / per_alpha));
-        double gptq = 3.0 * mn + nn, awq = nn + (2.0 * alphas + 3.0) * per_alpha, report = mn + nn;
-        double b = gptq > awq ? gptq : awq;
-        b = b > report ? b : report;
+        double gptq = plan_on_grid(in, in_f) ? mn + grid_gptq_bytes(out, in_f, mxq_gptq_batch_width(
+                                                                               &in->recipe->weights,
+                                                                               mxq_recipe_gptq(in->recipe)),
+                                                                  in->size)
+                                             : 3.0 * mn + 2.0 * nn;
+        double awq = nn + (2.0 * alphas + 3.0) * per_alpha, report = mn + nn;
+        double b = !owner ? (plan_on_grid(in, in_f) ? gptq - mn : 0) : fmax(gptq, fmax(awq, report));
         quant = b > quant ? b : quant;
     }
     return quant;
@@ -454,7 +484,7 @@ static void plan_pipeline(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
     const double d = cfg->hidden, store = (double)in->samples * in->seq_len * d * sizeof(float);
     const int n = owned_layers(in, r), held = in->stats_layers > 0 && in->stats_layers < n ? in->stats_layers : n;
     const int fp = in->recipe->calib_mode == MXQ_CALIB_FP;
-    plan->quant = n > 0 ? quantize_bytes(cfg) : 0;
+    plan->quant = n > 0 ? quantize_bytes(in, 1) : 0;
     plan->weights = (fp ? n : (n > 0)) * layer + (r == 0 ? emb : 0) + n * packed_layer_bytes(cfg, in->recipe);
     plan->stats = fp ? held * stats : stats + store;
     plan->work += 2.0 * in->batch * in->seq_len * d * sizeof(float); /* the pipeline's buffers */
@@ -480,7 +510,7 @@ static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
     const double results = owned_layers(in, r) * packed_layer_bytes(cfg, in->recipe);
     plan->weights = 2.5 * layer + results;
     plan->stats = 2.0 * stats + store;
-    plan->quant = owned_layers(in, r) > 0 ? quantize_bytes(cfg) : 0;
+    plan->quant = quantize_bytes(in, owned_layers(in, r) > 0);
     /* MPI_Reduce's staging of up to two segments of at most 128 MB
      * (src/parallel/reduce_stats.c) */
     const double down_in = (double)cfg->intermediate * cfg->intermediate * sizeof(double);

@@ -96,6 +96,7 @@ typedef struct {
     int size;         /* ranks */
     int data_parallel; /* 0: a pipeline; 1: one data-parallel group of all ranks */
     int batch, seq_len, samples, stats_layers;
+    int grid_min_inputs; /* group: GPTQ of linears with this many inputs or more on the grid (0: never) */
 } mxq_plan_input;
 
 void mxq_quantize_plan_rank(const mxq_plan_input *in, int rank, mxq_rank_plan *plan);

@@ -464,6 +464,13 @@ static mxq_status check_root_input(mxq_ctx *ctx, const mxq_dist *dist, int root,
                                    double n_tokens)
 {
     mxq_status status = MXQ_OK, local = mxq_gptq_check(ctx, o, spec);
+    unsigned long long root_shape[2] = {m, n};
+    CALL_MPI(ctx, dist->comm, MPI_Bcast(root_shape, 2, MPI_UNSIGNED_LONG_LONG, root, dist->comm));
+    if (local == MXQ_OK && (root_shape[0] != m || root_shape[1] != n)) {
+        mxq_error_set(ctx, MXQ_ERR_ARG, __FILE__, __LINE__, "GPTQ on a grid: this rank has [%zu, %zu], root [%llu, %llu]",
+                      m, n, root_shape[0], root_shape[1]);
+        local = MXQ_ERR_ARG;
+    }
     if (local == MXQ_OK && !mxq_gptq_grid_applies(spec, o, n, dist->size)) {
         mxq_error_set(ctx, MXQ_ERR_ARG, __FILE__, __LINE__,
                       "GPTQ on a grid: %zu inputs are not a whole number of gptq.block batches (%d)", n,
@@ -522,6 +529,8 @@ mxq_status mxq_gptq_grid(mxq_ctx *ctx, const mxq_dist *dist, int root, const mxq
     grid_gptq gg = {.dist = dist, .P = dist->size, .m = m, .n = n};
     float *buf = NULL;
     memset(stats, 0, sizeof(*stats));
+    if (source == MXQ_HESSIAN_ON_ROOT) /* root's count is the one that goes with its H */
+        CALL_MPI(ctx, dist->comm, MPI_Bcast(&n_tokens, 1, MPI_DOUBLE, root, dist->comm));
     CALL(ctx, check_root_input(ctx, dist, root, spec, o, weight, m, n, n_tokens));
     gg.nb = mxq_gptq_batch_width(spec, o);
     gg.nblk = n / (size_t)gg.nb;

@@ -23,7 +23,8 @@ typedef enum {
 int mxq_gptq_grid_applies(const mxq_mx_spec *spec, const mxq_gptq_options *options, size_t n, int ranks);
 
 /* mxq_gptq_quantize on a 1-D grid of all ranks of `dist`. Collective: every
- * rank passes the same spec, options, shape and n_tokens (the total).
+ * rank passes the same spec, options and shape (checked), and with a
+ * partial H the total n_tokens (with H on root, root's count is used).
  * `weight` [m, n] and `scales` [m, blocks] are used on `root` only (NULL
  * elsewhere), as in mxq_gptq_quantize; `stats` is filled on every rank.
  * The float32 results agree with the local path to rounding: the Cholesky

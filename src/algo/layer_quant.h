@@ -1,0 +1,52 @@
+/* A decoder layer's quantization in phases, for jobs that run a linear's
+ * GPTQ elsewhere (on a grid of ranks) between them. mxq_quantize_layer is
+ * exactly begin; for each linear: prepare, round, finish; end. Internal. */
+#ifndef MXQ_ALGO_LAYER_QUANT_H
+#define MXQ_ALGO_LAYER_QUANT_H
+
+#include "mxq/gptq.h"
+#include "mxq/quantize.h"
+
+typedef struct {
+    const mxq_recipe *recipe;
+    const mxq_model_config *cfg;
+    int layer;
+    mxq_layer *L;
+    mxq_layer_stats *stats;
+    mxq_layer_result *res;
+    int quantized[MXQ_LIN_COUNT]; /* not excluded by the recipe */
+    float *ref;                   /* [out, in] the current linear after the scale steps: its report loss */
+    double t_start, t_linear, t_round;
+} mxq_layer_quant;
+
+/* Whether the recipe quantizes linear li of `layer` (it has weights, and
+ * neither the linear nor its weight is excluded). */
+int mxq_recipe_quantizes_linear(const mxq_recipe *recipe, int layer, mxq_linear_id li);
+/* The recipe's GPTQ options; NULL if it has no GPTQ step. */
+const mxq_gptq_options *mxq_recipe_gptq(const mxq_recipe *recipe);
+
+/* The round-to-nearest losses and the scale steps (SmoothQuant, AWQ
+ * search, folded into the layer). */
+mxq_status mxq_layer_quant_begin(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_recipe *recipe,
+                                 const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
+                                 mxq_layer_result *res);
+
+/* Whether linear li is quantized by GPTQ (not excluded; the recipe has it). */
+int mxq_layer_quant_uses_gptq(const mxq_layer_quant *q, mxq_linear_id li);
+
+/* Linear li (quantized[li] only): its result buffers, the reference copy,
+ * AWQ clipping. */
+mxq_status mxq_linear_quant_prepare(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear_id li);
+/* GPTQ on this rank, or round-to-nearest (which also packs). */
+mxq_status mxq_linear_quant_round(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear_id li);
+/* After GPTQ ran elsewhere: it left Q in L->weight[li] and its scales in
+ * res->linear[li].scales; this records its time and dead channels. */
+void mxq_linear_quant_rounded(mxq_layer_quant *q, mxq_linear_id li, double seconds, int dead_channels);
+/* Packing (GPTQ) and the report's loss; frees the reference copy. */
+mxq_status mxq_linear_quant_finish(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear_id li);
+
+/* Times and peak memory into the result; frees what is left (also after a
+ * failure). */
+void mxq_layer_quant_end(mxq_layer_quant *q);
+
+#endif
