@@ -12,7 +12,8 @@
  * 28672 inputs, more than this 24 GB machine has next to the rest).
  *
  * The Hessian is X^T X of T random correlated tokens, built in double
- * (dsyrk, not timed). With P ranks each rank builds the part of its share
+ * (dsyrk, not timed), plus a diagonal standing for per-channel noise (so
+ * that it is full rank, as over a real calibration set). With P ranks each rank builds the part of its share
  * of the tokens, and the grid run reduces the parts straight into its
  * distribution: that reduction is part of the timed "factor" phase, as it
  * is in a job. Weights are regenerated (not timed) before every repeat.
@@ -78,6 +79,12 @@ static double *partial_hessian(const options *o, int rank, int P)
             rows = 0;
         }
     }
+    /* Real activations are full rank over 128 x 2048 calibration tokens;
+     * T random tokens alone would leave rank T < n. Each token is taken to
+     * carry, besides, independent noise of 0.5 scale[c] per channel, whose
+     * Gram is in expectation diagonal: added once, by rank 0's part. */
+    for (size_t c = 0; rank == 0 && c < n; c++)
+        h[c * n + c] += (double)o->tokens * 0.25 * scale[c] * scale[c];
     for (size_t i = 0; i < n; i++)
         for (size_t j = 0; j < i; j++)
             h[i * n + j] = h[j * n + i];

@@ -29,7 +29,7 @@ typedef struct {
     int n_ranks;
 } step_info;
 
-typedef enum { JOB_EVAL, JOB_QUANTIZE_FP, JOB_QUANTIZE_SEQ, JOB_QUANTIZE_GROUP } job_kind;
+typedef enum { JOB_EVAL, JOB_QUANTIZE_FP, JOB_QUANTIZE_SEQ, JOB_QUANTIZE_GROUP, JOB_QUANTIZE_GRID } job_kind;
 
 
 /* Small but complete jobs: several micro-batches, so a failure midway
@@ -73,9 +73,13 @@ static void job_argv_force(const char **argv, job_kind kind, int ranks, const ch
             argv[k++] = rest[i];
         if (force)
             argv[k++] = "--force";
-        if (kind == JOB_QUANTIZE_GROUP) { /* one data-parallel group of all ranks */
+        if (kind == JOB_QUANTIZE_GROUP || kind == JOB_QUANTIZE_GRID) { /* one data-parallel group of all ranks */
             argv[k++] = "--group-size";
             argv[k++] = n;
+        }
+        if (kind == JOB_QUANTIZE_GRID) { /* GPTQ of the 64-input linears on the ScaLAPACK grid */
+            argv[k++] = "--grid-min-inputs";
+            argv[k++] = "1";
         }
     }
     argv[k] = NULL;
@@ -318,6 +322,15 @@ static void test_quantize_group_every_step(void **state)
     walk(JOB_QUANTIZE_GROUP, 3, 0, "quantize (data-parallel group)");
 }
 
+/* The same group with GPTQ on the grid: its own agreement points
+ * (gptq.grid.*) and those between the owners' phases. */
+static void test_quantize_grid_every_step(void **state)
+{
+    (void)state;
+    walk(JOB_QUANTIZE_GRID, 2, 1, "quantize (group, GPTQ on the grid)");
+    walk(JOB_QUANTIZE_GRID, 3, 0, "quantize (group, GPTQ on the grid)");
+}
+
 static void test_quantize_force_every_step(void **state)
 {
     (void)state;
@@ -337,6 +350,7 @@ int main(void)
         cmocka_unit_test(test_eval_every_step),
         cmocka_unit_test(test_quantize_fp_every_step),
         cmocka_unit_test(test_quantize_group_every_step),
+        cmocka_unit_test(test_quantize_grid_every_step),
         cmocka_unit_test(test_quantize_force_every_step),
         cmocka_unit_test(test_quantize_sequential_every_step),
     };
