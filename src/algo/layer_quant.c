@@ -2,8 +2,9 @@
  * quantize-linear), through the same code: the scale search of a group of
  * linears sharing an input (compute_scales), the rules for which step
  * applies to which linear (the *_applies functions), and the quantization of
- * one weight (quantize_weight: AWQ clipping, then GPTQ-MX or
- * round-to-nearest). What differs is where the scales go: in a layer they
+ * one weight (clip_weight: AWQ clipping; round_weight: GPTQ-MX or
+ * round-to-nearest). A layer goes in phases (layer_quant.h) so that a job
+ * can run a linear's GPTQ on a grid of ranks between them. What differs is where the scales go: in a layer they
  * fold into the op before each input (norms -> q/k/v and gate/up, v_proj
  * rows -> o_proj, up_proj rows -> down_proj); a linear on its own has no
  * such op, so its result is the effective weight Q(W diag s) diag(1/s).
@@ -92,10 +93,13 @@ fail:
     return status;
 }
 
-/* Where quantize_weight's time went (may be NULL). */
-typedef struct {
-    double clip, quant, pack;
-} weight_times;
+static const mxq_algo_step *find_step(const mxq_recipe *recipe, mxq_algo_kind kind)
+{
+    for (int k = 0; k < recipe->n_steps; k++)
+        if (recipe->steps[k].kind == kind)
+            return &recipe->steps[k];
+    return NULL;
+}
 
 static mxq_status run_gptq(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_gptq_options *options, float *w, int out,
                            int in, const mxq_input_stats *stats, uint8_t *scales, int *dead)
@@ -114,39 +118,35 @@ fail:
     return status;
 }
 
-/* One weight [out, in], in place: AWQ clipping (if the recipe asks for it
- * and it applies to `role`), then GPTQ-MX or round-to-nearest. With packed
- * and scales (may be NULL) the MX bytes are produced too. */
-static mxq_status quantize_weight(mxq_ctx *ctx, const mxq_recipe *recipe, const mxq_algo_step *gptq,
-                                  const mxq_algo_step *awq, int role, float *w, int out, int in,
-                                  const mxq_input_stats *stats, uint8_t *packed, uint8_t *scales, int *dead,
-                                  weight_times *t)
+/* AWQ clipping of w [out, in] in place, if the recipe asks for it and it
+ * applies to `role`. */
+static mxq_status clip_weight(mxq_ctx *ctx, const mxq_recipe *recipe, int role, float *w, int out, int in,
+                              const mxq_input_stats *stats)
 {
     mxq_status status = MXQ_OK;
-    const mxq_mx_spec *spec = &recipe->weights;
-    weight_times local = {0};
-    double t0 = mxq_time_now();
-    *dead = 0;
+    const mxq_algo_step *awq = find_step(recipe, MXQ_ALGO_AWQ);
     if (awq && awq->awq.clip && clip_applies(role))
-        CALL_IN(ctx, mxq_awq_clip(ctx, spec, w, out, in, stats->hessian, awq->awq.clip_grid, awq->awq.max_shrink),
+        CALL_IN(ctx,
+                mxq_awq_clip(ctx, &recipe->weights, w, out, in, stats->hessian, awq->awq.clip_grid,
+                             awq->awq.max_shrink),
                 "AWQ clipping");
-    double t1 = mxq_time_now();
-    local.clip = t1 - t0;
-    if (!gptq)
-        CALL(ctx, mxq_mx_quantize_rows(ctx, spec, w, (size_t)out, (size_t)in, packed, scales, w));
-    else
-        CALL(ctx, run_gptq(ctx, spec, &gptq->gptq, w, out, in, stats, scales, dead));
-    double t2 = mxq_time_now();
-    local.quant = t2 - t1;
-    if (gptq && packed)
-        CALL(ctx, mxq_mx_pack_with_scales(ctx, spec, w, (size_t)out, (size_t)in, scales, packed));
-    local.pack = mxq_time_now() - t2;
 fail:
-    if (t) {
-        t->clip += local.clip;
-        t->quant += local.quant;
-        t->pack += local.pack;
-    }
+    return status;
+}
+
+/* w [out, in] in place onto the MX grid: GPTQ-MX (scales may be NULL) or
+ * round-to-nearest (which also packs, if packed is not NULL). */
+static mxq_status round_weight(mxq_ctx *ctx, const mxq_recipe *recipe, float *w, int out, int in,
+                               const mxq_input_stats *stats, uint8_t *packed, uint8_t *scales, int *dead)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_algo_step *gptq = find_step(recipe, MXQ_ALGO_GPTQ);
+    *dead = 0;
+    if (!gptq)
+        CALL(ctx, mxq_mx_quantize_rows(ctx, &recipe->weights, w, (size_t)out, (size_t)in, packed, scales, w));
+    else
+        CALL(ctx, run_gptq(ctx, &recipe->weights, &gptq->gptq, w, out, in, stats, scales, dead));
+fail:
     return status;
 }
 
@@ -198,13 +198,6 @@ fail:
     return status;
 }
 
-static const mxq_algo_step *find_step(const mxq_recipe *recipe, mxq_algo_kind kind)
-{
-    for (int k = 0; k < recipe->n_steps; k++)
-        if (recipe->steps[k].kind == kind)
-            return &recipe->steps[k];
-    return NULL;
-}
 
 /* ---- a decoder layer ------------------------------------------------------- */
 
@@ -307,7 +300,8 @@ mxq_status mxq_layer_quant_begin(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_rec
                                  mxq_layer_result *res)
 {
     mxq_status status = MXQ_OK;
-    *q = (mxq_layer_quant){recipe, cfg, layer, L, stats, res, {0}, NULL, mxq_time_now(), 0, 0};
+    *q = (mxq_layer_quant){
+        .recipe = recipe, .cfg = cfg, .layer = layer, .L = L, .stats = stats, .res = res, .t_start = mxq_time_now()};
     res->layer = layer;
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
         res->awq_alpha[i] = res->smooth_alpha[i] = -1;
@@ -353,27 +347,24 @@ mxq_status mxq_linear_quant_prepare(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear
     mxq_status status = MXQ_OK;
     mxq_linear_result *r = &q->res->linear[li];
     const mxq_mx_spec *spec = &q->recipe->weights;
-    const mxq_algo_step *awq = find_step(q->recipe, MXQ_ALGO_AWQ);
     int out, in;
     mxq_linear_shape(q->cfg, li, &out, &in);
     const size_t n = (size_t)out * in;
     float *w = q->L->weight[li];
-    q->t_linear = mxq_time_now();
     free(q->ref);
     q->ref = malloc(n * sizeof(float));
     r->packed_bytes = (size_t)out * mxq_mx_packed_row_bytes(spec->format, (size_t)in);
     r->scales_bytes = (size_t)out * mxq_mx_blocks_per_row((size_t)in, spec->block);
     r->packed = mxq_alloc_lasting(r->packed_bytes);
     r->scales = mxq_alloc_lasting(r->scales_bytes);
-    CHECK_ALLOC(ctx, q->ref && r->packed && r->scales, n * sizeof(float), mxq_linear_name(li));
+    char what[128];
+    snprintf(what, sizeof(what), "layer %d %s", q->layer, mxq_linear_name(li));
+    CHECK_ALLOC(ctx, q->ref && r->packed && r->scales, n * sizeof(float), what);
     memcpy(q->ref, w, n * sizeof(float));
-    if (awq && awq->awq.clip && clip_applies(li))
-        CALL_IN(ctx,
-                mxq_awq_clip(ctx, spec, w, out, in, linear_stats(q, li)->hessian, awq->awq.clip_grid,
-                             awq->awq.max_shrink),
-                "layer %d %s: AWQ clipping", q->layer, mxq_linear_name(li));
-    q->t_round = mxq_time_now();
-    q->res->seconds_clip += q->t_round - q->t_linear;
+    q->t_linear = mxq_time_now();
+    CALL_IN(ctx, clip_weight(ctx, q->recipe, li, w, out, in, linear_stats(q, li)), "layer %d %s", q->layer,
+            mxq_linear_name(li));
+    q->res->seconds_clip += mxq_time_now() - q->t_linear;
 fail:
     return status;
 }
@@ -382,25 +373,18 @@ void mxq_linear_quant_rounded(mxq_layer_quant *q, mxq_linear_id li, double secon
 {
     q->res->linear[li].dead_channels = dead_channels;
     q->res->seconds_gptq += seconds;
-    q->t_round = mxq_time_now();
 }
 
 mxq_status mxq_linear_quant_round(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear_id li)
 {
     mxq_status status = MXQ_OK;
     mxq_linear_result *r = &q->res->linear[li];
-    const mxq_mx_spec *spec = &q->recipe->weights;
-    const mxq_algo_step *gptq = find_step(q->recipe, MXQ_ALGO_GPTQ);
     int out, in, dead = 0;
     mxq_linear_shape(q->cfg, li, &out, &in);
-    float *w = q->L->weight[li];
     double t0 = mxq_time_now();
-    if (!gptq)
-        CALL_IN(ctx, mxq_mx_quantize_rows(ctx, spec, w, (size_t)out, (size_t)in, r->packed, r->scales, w),
-                "layer %d %s", q->layer, mxq_linear_name(li));
-    else
-        CALL_IN(ctx, run_gptq(ctx, spec, &gptq->gptq, w, out, in, linear_stats(q, li), r->scales, &dead),
-                "layer %d %s", q->layer, mxq_linear_name(li));
+    CALL_IN(ctx,
+            round_weight(ctx, q->recipe, q->L->weight[li], out, in, linear_stats(q, li), r->packed, r->scales, &dead),
+            "layer %d %s", q->layer, mxq_linear_name(li));
     mxq_linear_quant_rounded(q, li, mxq_time_now() - t0, dead);
 fail:
     return status;
@@ -541,8 +525,8 @@ mxq_status mxq_quantize_single_linear(mxq_ctx *ctx, const mxq_recipe *recipe, in
     CALL(ctx, rtn_loss(ctx, &recipe->weights, weight, out, in, stats->hessian, 1, loss_rtn));
     memcpy(q, weight, (size_t)out * f * sizeof(float));
     CALL(ctx, single_scale_steps(ctx, recipe, role, q, out, in, &work, total));
-    CALL(ctx, quantize_weight(ctx, recipe, find_step(recipe, MXQ_ALGO_GPTQ), find_step(recipe, MXQ_ALGO_AWQ), role, q,
-                              out, in, &work, NULL, NULL, &dead, NULL));
+    CALL(ctx, clip_weight(ctx, recipe, role, q, out, in, &work));
+    CALL(ctx, round_weight(ctx, recipe, q, out, in, &work, NULL, NULL, &dead));
     /* no op to fold 1/s into: the effective weight */
     for (size_t r = 0; r < (size_t)out; r++)
         for (size_t j = 0; j < f; j++)

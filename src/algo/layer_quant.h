@@ -16,7 +16,7 @@ typedef struct {
     mxq_layer_result *res;
     int quantized[MXQ_LIN_COUNT]; /* not excluded by the recipe */
     float *ref;                   /* [out, in] the current linear after the scale steps: its report loss */
-    double t_start, t_linear, t_round;
+    double t_start, t_linear; /* the layer's start; the current linear's, after its reference copy */
 } mxq_layer_quant;
 
 /* Whether the recipe quantizes linear li of `layer` (it has weights, and

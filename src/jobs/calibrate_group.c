@@ -7,6 +7,11 @@
  * belongs to rank l % size), and the layer is given back. After every
  * `size` layers each rank quantizes the one it owns, all at the same time.
  *
+ * Linears with --grid-min-inputs inputs or more have their GPTQ on a
+ * ScaLAPACK grid of all the ranks instead: the round's owners then go
+ * linear by linear, scales and clipping side by side, each owner's GPTQ on
+ * the grid in turn, packing and losses side by side (quantize_round_on_grid).
+ *
  * So a rank holds one layer's weights (two while its own waits), the
  * statistics of at most two layers and its share of the activations,
  * whatever the model's depth: what a 7B model needs on a small node. The
@@ -35,10 +40,11 @@ typedef struct {
     int seq_first, n_seqs; /* this rank's share of the sequences */
     float *store;          /* [n_seqs, seq_len, hidden]: the share's activations at the current layer */
     mxq_workspace *ws;
-    /* Two sets of statistics, allocated once (allocating 1.3 GB per 7B layer
-     * fragments the heap, whose peak then grows by hundreds of MB every few
-     * layers): the current layer's on this share, and the summed ones of
-     * the layer this rank quantizes next. They swap roles. */
+    /* Two sets of statistics, each allocated once (allocating 1.3 GB per 7B
+     * layer fragments the heap, whose peak then grows by hundreds of MB
+     * every few layers): the current layer's on this share, and the summed
+     * ones of the layer this rank quantizes next. They swap roles. The
+     * second is allocated when first needed. */
     mxq_layer_stats stats[2];
     int partial; /* index into stats: the current layer's */
     int owned_layer; /* -1: none waiting; else its statistics are stats[1 - partial] */
@@ -81,8 +87,7 @@ static mxq_status group_setup(mxq_ctx *ctx, group_run *g)
     g->records = calloc(rank == 0 ? (size_t)size : 1, sizeof(*g->records));
     CHECK_ALLOC(ctx, g->records, (size_t)size * sizeof(*g->records), "the layer records");
     CALL(ctx, mxq_workspace_create(ctx, &g->model->cfg, g->batch, S, &g->ws));
-    for (int i = 0; i < 2; i++)
-        CALL(ctx, mxq_layer_stats_init(ctx, &g->model->cfg, &g->stats[i]));
+    CALL(ctx, mxq_layer_stats_init(ctx, &g->model->cfg, &g->stats[0]));
     for (int mb = 0; mb < share_batches(g); mb++) {
         int n;
         float *x = share_batch(g, mb, &n);
@@ -100,6 +105,10 @@ static mxq_status group_forward(mxq_ctx *ctx, group_run *g, int l)
     mxq_observer obs = {observe, g};
     CALL(ctx, mxq_fault_point(ctx, "group.layer"));
     CALL(ctx, mxq_model_layer_load(ctx, g->model, l));
+    /* the second set only when this rank's own layer waits while another
+     * runs: never on the round's last rank (a 70B layer's is 7.8 GB) */
+    if (!g->stats[g->partial].input[0].hessian)
+        CALL(ctx, mxq_layer_stats_init(ctx, &g->model->cfg, &g->stats[g->partial]));
     mxq_layer_stats_zero(&g->stats[g->partial]);
     for (int mb = 0; mb < share_batches(g); mb++) {
         int n;

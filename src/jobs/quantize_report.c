@@ -497,7 +497,8 @@ static void plan_pipeline(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
 /* A rank of the data-parallel group, besides its share of the activations
  * and the packed results of all its layers (at the end): while a layer
  * runs, two layers in float32 (the one it waits to quantize, the one
- * running), the checkpoint pages of one (BF16) and two layers' statistics;
+ * running), the checkpoint pages of one (BF16) and two layers' statistics
+ * (one and one on the last rank of a round, whose layer never waits);
  * while it quantizes, one layer and its statistics and the quantization's
  * buffers. First the embedding, only while its share is embedded. */
 static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
@@ -508,14 +509,18 @@ static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
     const int share = (int)((long long)in->samples * (r + 1) / in->size - (long long)in->samples * r / in->size);
     const double store = (double)share * in->seq_len * cfg->hidden * sizeof(float);
     const double results = owned_layers(in, r) * packed_layer_bytes(cfg, in->recipe);
-    plan->weights = 2.5 * layer + results;
-    plan->stats = 2.0 * stats + store;
+    /* rank r's layer of a round waits while the next one runs, unless it is
+     * the round's last: then a second set of statistics and a second layer */
+    const int waits = r + 1 < in->size && r + 1 < cfg->n_layers;
+    const double held = waits ? 2.0 : 1.0;
+    plan->weights = (held + 0.5) * layer + results;
+    plan->stats = held * stats + store;
     plan->quant = quantize_bytes(in, owned_layers(in, r) > 0);
     /* MPI_Reduce's staging of up to two segments of at most 128 MB
      * (src/parallel/reduce_stats.c) */
     const double down_in = (double)cfg->intermediate * cfg->intermediate * sizeof(double);
     plan->work += 2.0 * fmin(128.0 * 1048576.0, fmax(down_in, (double)cfg->hidden * cfg->hidden * sizeof(double)));
-    const double running = 2.5 * layer + 2.0 * stats, quantizing = layer + stats + plan->quant;
+    const double running = (held + 0.5) * layer + held * stats, quantizing = layer + stats + plan->quant;
     plan->total = plan->base + results + store + plan->work + (running > quantizing ? running : quantizing);
     plan->load = 1.5 * emb + store;
 }
@@ -592,7 +597,7 @@ void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budg
                   p.work / MB, p.quant / MB, p.total / MB);
     }
     mxq_print(ctx, "stats: Hessians (double) of the 4 linear inputs of a layer = %.1f MB per layer%s\n", stats / MB,
-              in->data_parallel ? "; a rank holds two layers' and its share of the activations"
+              in->data_parallel ? "; a rank holds two layers' (the last rank of a round: one) and its share of the activations"
               : fp ? (in->stats_layers > 0 ? ", held for --stats-layers layers at a time (one calibration pass per group)"
                                            : ", held for every owned layer until it is quantized (bound it with "
                                              "--stats-layers, or --group-size)")
@@ -605,7 +610,7 @@ void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budg
         mxq_print(ctx, "peak RSS: the packed results, the share of activations, work (forward workspace, a Gram panel, "
                        "MPI_Reduce's staging) "
                        "and %.0f MB of libraries, plus the larger of a layer running (2 layers in float32, the pages "
-                       "of one, 2 layers' stats) and a layer being quantized (1 layer, its stats, the quantization)\n",
+                       "of one, 2 layers' stats; 1 and 1 on a round's last rank) and a layer being quantized (1 layer, its stats, the quantization)\n",
                   MXQ_PLAN_BASE_BYTES / MB);
     if (budget > 0)
         mxq_print(ctx, "memory: %.1f MB per rank on this node (its memory, or cgroup limit, over the ranks on it)\n",

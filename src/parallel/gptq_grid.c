@@ -56,7 +56,8 @@ typedef struct {
 int mxq_gptq_grid_applies(const mxq_mx_spec *spec, const mxq_gptq_options *o, size_t n, int ranks)
 {
     const size_t b1 = (size_t)mxq_gptq_batch_width(spec, o);
-    return ranks >= 1 && b1 > 0 && n >= b1 && n % b1 == 0 && n < (1u << 24);
+    /* a block row of H (b1 x n doubles) is one MPI message */
+    return ranks >= 1 && b1 > 0 && n >= b1 && n % b1 == 0 && n < (1u << 24) && b1 * n <= INT_MAX;
 }
 
 /* Global row of W'/M from a local row of rank `p`, and back. */
@@ -72,17 +73,24 @@ static size_t rows_of(const grid_gptq *gg, int p)
     return (size_t)numroc_(&n, &gg->nb, &p, &izero, &gg->P);
 }
 
-static mxq_status send_floats(mxq_ctx *ctx, const mxq_dist *dist, const float *buf, size_t count, int peer,
-                              int receive)
+/* count floats to or from peer, in messages of at most SEND_SEGMENT */
+static mxq_status send_floats(mxq_ctx *ctx, const mxq_dist *dist, const float *buf, size_t count, int peer)
 {
     mxq_status status = MXQ_OK;
     for (size_t at = 0; at < count; at += SEND_SEGMENT) {
         int len = (int)(count - at < SEND_SEGMENT ? count - at : SEND_SEGMENT);
-        if (receive)
-            CALL_MPI(ctx, dist->comm,
-                     MPI_Recv((float *)buf + at, len, MPI_FLOAT, peer, 7, dist->comm, MPI_STATUS_IGNORE));
-        else
-            CALL_MPI(ctx, dist->comm, MPI_Send(buf + at, len, MPI_FLOAT, peer, 7, dist->comm));
+        CALL_MPI(ctx, dist->comm, MPI_Send(buf + at, len, MPI_FLOAT, peer, 7, dist->comm));
+    }
+fail:
+    return status;
+}
+
+static mxq_status recv_floats(mxq_ctx *ctx, const mxq_dist *dist, float *buf, size_t count, int peer)
+{
+    mxq_status status = MXQ_OK;
+    for (size_t at = 0; at < count; at += SEND_SEGMENT) {
+        int len = (int)(count - at < SEND_SEGMENT ? count - at : SEND_SEGMENT);
+        CALL_MPI(ctx, dist->comm, MPI_Recv(buf + at, len, MPI_FLOAT, peer, 7, dist->comm, MPI_STATUS_IGNORE));
     }
 fail:
     return status;
@@ -99,9 +107,10 @@ static mxq_status grid_open(mxq_ctx *ctx, grid_gptq *gg)
     Cfree_blacs_system_handle(handle);
     gg->have_context = 1;
     Cblacs_gridinfo(gg->context, &nprow, &npcol, &gg->me, &mycol);
-    CHECK(ctx, nprow == gg->P && npcol == 1 && gg->me >= 0, MXQ_ERR_MPI,
-          "BLACS made a %d x %d grid of %d ranks (row %d), not the %d x 1 asked for", nprow, npcol, gg->P, gg->me,
-          gg->P);
+    /* the distribution is computed from the rank: it must be the grid row */
+    CHECK(ctx, nprow == gg->P && npcol == 1 && gg->me == gg->dist->rank, MXQ_ERR_MPI,
+          "BLACS made a %d x %d grid of %d ranks (rank %d in row %d), not the %d x 1 in rank order asked for", nprow,
+          npcol, gg->P, gg->dist->rank, gg->me, gg->P);
     gg->n_loc = rows_of(gg, gg->me);
     gg->lld = gg->n_loc ? gg->n_loc : 1;
     int n = (int)gg->n, m = (int)gg->m, lld = (int)gg->lld, dn = gg->P * gg->nb;
@@ -282,7 +291,7 @@ fail:
 
 /* Rank p's block rows of W' ([rows_of(p), m] col-major) from W [m, n] on
  * root, and back. */
-static void pack_weights(const grid_gptq *gg, int p, const float *weight, float *local, int to_local)
+static void pack_weights(const grid_gptq *gg, int p, float *weight, float *local, int to_local)
 {
     const size_t rows = rows_of(gg, p), n = gg->n;
     for (size_t r = 0; r < gg->m; r++)
@@ -291,12 +300,12 @@ static void pack_weights(const grid_gptq *gg, int p, const float *weight, float 
             if (to_local)
                 local[l + r * rows] = weight[r * n + c];
             else
-                ((float *)weight)[r * n + c] = local[l + r * rows];
+                weight[r * n + c] = local[l + r * rows];
         }
 }
 
 /* W from root into W' on the grid; dead channels zeroed (orig keeps them). */
-static mxq_status distribute_weights(mxq_ctx *ctx, grid_gptq *gg, int root, const float *weight, float *buf)
+static mxq_status distribute_weights(mxq_ctx *ctx, grid_gptq *gg, int root, float *weight, float *buf)
 {
     mxq_status status = MXQ_OK;
     const int me = gg->dist->rank;
@@ -306,11 +315,11 @@ static mxq_status distribute_weights(mxq_ctx *ctx, grid_gptq *gg, int root, cons
                 pack_weights(gg, p, weight, gg->w, 1);
             } else {
                 pack_weights(gg, p, weight, buf, 1);
-                CALL(ctx, send_floats(ctx, gg->dist, buf, rows_of(gg, p) * gg->m, p, 0));
+                CALL(ctx, send_floats(ctx, gg->dist, buf, rows_of(gg, p) * gg->m, p));
             }
         }
     } else {
-        CALL(ctx, send_floats(ctx, gg->dist, gg->w, gg->n_loc * gg->m, root, 1));
+        CALL(ctx, recv_floats(ctx, gg->dist, gg->w, gg->n_loc * gg->m, root));
     }
     if (gg->orig)
         memcpy(gg->orig, gg->w, gg->n_loc * gg->m * sizeof(float));
@@ -332,13 +341,12 @@ static mxq_status collect_results(mxq_ctx *ctx, grid_gptq *gg, int root, float *
     if (me == root) {
         for (int p = 0; p < gg->P; p++) {
             if (p != me)
-                CALL(ctx, send_floats(ctx, gg->dist, buf, rows_of(gg, p) * gg->m, p, 1));
+                CALL(ctx, recv_floats(ctx, gg->dist, buf, rows_of(gg, p) * gg->m, p));
             pack_weights(gg, p, weight, p == me ? gg->w : buf, 0);
         }
     } else {
-        CALL(ctx, send_floats(ctx, gg->dist, gg->w, gg->n_loc * gg->m, root, 0));
+        CALL(ctx, send_floats(ctx, gg->dist, gg->w, gg->n_loc * gg->m, root));
     }
-    CHECK(ctx, scale_bytes < INT_MAX, MXQ_ERR_ARG, "%zu scale bytes: more than one MPI message holds", scale_bytes);
     CALL_MPI(ctx, gg->dist->comm,
              MPI_Reduce(me == root ? MPI_IN_PLACE : gg->scales, me == root ? gg->scales : NULL, (int)scale_bytes,
                         MPI_UINT8_T, MPI_BOR, root, gg->dist->comm));
@@ -411,12 +419,17 @@ static mxq_status factor(mxq_ctx *ctx, grid_gptq *gg, const mxq_gptq_options *o)
     mxq_status status = MXQ_OK;
     int n = (int)gg->n, ione = 1, info = 0;
     pdpotrf_("U", &n, gg->hd, &ione, &ione, gg->desc_h, &info, 1);
-    CHECK_AGREED(ctx, gg->dist, "gptq.grid.factor", info == 0, MXQ_ERR_LAPACK,
-                 "GPTQ: Cholesky factorization of the damped Hessian on the grid failed (ScaLAPACK pdpotrf info=%d): "
+    /* pdpotrf, unlike dpotrf, lets a NaN through: check this rank's part
+     * of the diagonal */
+    int finite = 1;
+    for (size_t l = 0; info == 0 && l < gg->n_loc; l++)
+        finite &= isfinite(gg->hd[l + global_row(gg, gg->me, l) * gg->lld]) != 0;
+    CHECK_AGREED(ctx, gg->dist, "gptq.grid.factor", info == 0 && finite, MXQ_ERR_LAPACK,
+                 "GPTQ: Cholesky factorization of the damped Hessian on the grid failed (ScaLAPACK pdpotrf info=%d%s): "
                  "it is not positive definite; raise gptq.damp (now %g)",
-                 info, o->damp);
+                 info, finite ? "" : ", a non-finite factor", o->damp);
     gg->h = (float *)gg->hd;
-    for (size_t i = 0; i < gg->lld * gg->n; i++) /* float i lies within double i / 2: never ahead of the reads */
+    for (size_t i = 0; gg->n_loc && i < gg->lld * gg->n; i++) /* float i lies within double i / 2: never ahead of the reads */
         gg->h[i] = (float)gg->hd[i];
 fail:
     return status;
@@ -430,8 +443,8 @@ static mxq_status grid_losses(mxq_ctx *ctx, grid_gptq *gg, double n_tokens, mxq_
     const size_t m = gg->m, n = gg->n, ld = gg->lld;
     double sums[4] = {gg->view.sum_e2, 0, 0, 0}; /* ||D R||^2, ||D||^2, ||E R||^2, ||E||^2 */
     double tl = mxq_time_now();
-    if (gg->n_loc)
-        CALL(ctx, mxq_mx_quantize_rows(ctx, gg->view.spec, gg->orig, m, gg->n_loc, NULL, NULL, gg->acc));
+    AGREE(ctx, gg->dist, "gptq.grid.losses",
+          gg->n_loc ? mxq_mx_quantize_rows(ctx, gg->view.spec, gg->orig, m, gg->n_loc, NULL, NULL, gg->acc) : MXQ_OK);
     for (size_t l = 0; l < gg->n_loc; l++) {
         const int dead = gg->dead[n - 1 - global_row(gg, gg->me, l)];
         for (size_t r = 0; r < m; r++) {
@@ -477,7 +490,9 @@ static mxq_status check_root_input(mxq_ctx *ctx, const mxq_dist *dist, int root,
                       mxq_gptq_batch_width(spec, o));
         local = MXQ_ERR_ARG;
     }
-    if (local == MXQ_OK && (m == 0 || m >= (1u << 24) || !(n_tokens > 0))) {
+    /* the scales gathered on root are one MPI message */
+    if (local == MXQ_OK &&
+        (m == 0 || m >= (1u << 24) || !(n_tokens > 0) || m * mxq_mx_blocks_per_row(n, spec->block) >= INT_MAX)) {
         mxq_error_set(ctx, MXQ_ERR_ARG, __FILE__, __LINE__, "GPTQ: bad weight shape [%zu, %zu] or no tokens", m, n);
         local = MXQ_ERR_ARG;
     }
@@ -493,7 +508,7 @@ fail:
 }
 
 static mxq_status grid_prepare(mxq_ctx *ctx, grid_gptq *gg, int root, const mxq_mx_spec *spec,
-                               const mxq_gptq_options *o, const float *weight, const double *hessian,
+                               const mxq_gptq_options *o, float *weight, const double *hessian,
                                mxq_hessian_source source, float **buf, mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;

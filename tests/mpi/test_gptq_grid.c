@@ -172,6 +172,14 @@ static void test_fewer_tokens_than_inputs_partial(void **state)
     run_case(&c);
 }
 
+/* One batch: every rank but the first holds no rows of the grid. */
+static void test_one_batch_empty_ranks(void **state)
+{
+    (void)state;
+    grid_case c = {"mxint4", 40, 128, 300, 128, 32, 0, 1, MXQ_HESSIAN_PARTIAL, 0};
+    run_case(&c);
+}
+
 /* A shape that is not whole batches: the same clear error on every rank. */
 static void test_refuses_partial_batches(void **state)
 {
@@ -210,6 +218,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_columns_act_order_dead_partial),
         cmocka_unit_test(test_wide_batches_root_last),
         cmocka_unit_test(test_fewer_tokens_than_inputs_partial),
+        cmocka_unit_test(test_one_batch_empty_ranks),
         cmocka_unit_test(test_refuses_partial_batches),
     };
     int failed = cmocka_run_group_tests(tests, NULL, NULL);
