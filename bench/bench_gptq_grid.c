@@ -129,39 +129,54 @@ static int parse(int argc, char **argv, options *o)
             return -1;
         i++;
     }
-    return o->m && o->n && o->tokens && o->repeats >= 1 && o->repeats <= 16 && o->threads >= 1 ? 0 : -1;
+    return o->m && o->n && o->tokens && o->repeats >= 1 && o->repeats <= 16 && o->threads >= 1 &&
+                   !(o->save && o->compare)
+               ? 0
+               : -1;
 }
 
-/* Q and scales to a file (--save), or the count of values and scales that
- * differ from the file's (--compare). */
-static void save_or_compare(const options *o, const float *q, const uint8_t *scales, size_t nscales, size_t *q_diff,
-                            size_t *s_diff)
+/* Q and scales to a file (--save: a header of the shape, then the data),
+ * or the count of values and scales that differ from the file's
+ * (--compare). Returns 0, or -1 having said why. */
+static int save_or_compare(const options *o, const float *q, const uint8_t *scales, size_t nscales, size_t *q_diff,
+                           size_t *s_diff)
 {
     const size_t count = o->m * o->n;
-    if (o->save) {
-        FILE *f = fopen(o->save, "wb");
-        if (!f || fwrite(q, sizeof(float), count, f) != count || fwrite(scales, 1, nscales, f) != nscales)
-            fprintf(stderr, "bench_gptq_grid: cannot write %s\n", o->save);
-        if (f)
-            fclose(f);
-        return;
+    uint64_t shape[2] = {o->m, o->n}, file_shape[2] = {0, 0};
+    const char *path = o->save ? o->save : o->compare;
+    FILE *f = fopen(path, o->save ? "wb" : "rb");
+    int ok = f != NULL;
+    if (ok && o->save)
+        ok = fwrite(shape, sizeof(shape), 1, f) == 1 && fwrite(q, sizeof(float), count, f) == count &&
+             fwrite(scales, 1, nscales, f) == nscales;
+    if (f && fclose(f) != 0)
+        ok = 0;
+    if (!ok || o->save) {
+        if (!ok)
+            fprintf(stderr, "bench_gptq_grid: cannot %s %s\n", o->save ? "write" : "read", path);
+        return ok ? 0 : -1;
     }
     float *ref = malloc(count * sizeof(float));
     uint8_t *ref_scales = malloc(nscales);
-    FILE *f = fopen(o->compare, "rb");
-    if (!ref || !ref_scales || !f || fread(ref, sizeof(float), count, f) != count ||
-        fread(ref_scales, 1, nscales, f) != nscales) {
-        fprintf(stderr, "bench_gptq_grid: cannot read %s (run with --save first, same shape)\n", o->compare);
-    } else {
-        for (size_t i = 0; i < count; i++)
-            *q_diff += memcmp(&ref[i], &q[i], sizeof(float)) != 0;
-        for (size_t i = 0; i < nscales; i++)
-            *s_diff += ref_scales[i] != scales[i];
+    f = fopen(path, "rb");
+    ok = ref && ref_scales && f && fread(file_shape, sizeof(file_shape), 1, f) == 1;
+    if (ok && (file_shape[0] != shape[0] || file_shape[1] != shape[1])) {
+        fprintf(stderr, "bench_gptq_grid: %s holds a [%llu, %llu] result, this run is [%zu, %zu]\n", path,
+                (unsigned long long)file_shape[0], (unsigned long long)file_shape[1], o->m, o->n);
+        ok = 0;
+    } else if (ok && (fread(ref, sizeof(float), count, f) != count || fread(ref_scales, 1, nscales, f) != nscales)) {
+        fprintf(stderr, "bench_gptq_grid: %s is shorter than its header says\n", path);
+        ok = 0;
     }
+    for (size_t i = 0; ok && i < count; i++)
+        *q_diff += memcmp(&ref[i], &q[i], sizeof(float)) != 0;
+    for (size_t i = 0; ok && i < nscales; i++)
+        *s_diff += ref_scales[i] != scales[i];
     if (f)
         fclose(f);
     free(ref);
     free(ref_scales);
+    return ok ? 0 : -1;
 }
 
 typedef struct {
@@ -192,13 +207,13 @@ static mxq_status run_once(mxq_ctx *ctx, mxq_dist *dist, const options *o, const
     return status;
 }
 
-static void report(const mxq_dist *dist, const options *o, timings *t, double sgemm_peak, size_t nscales,
-                   const float *w, const uint8_t *scales)
+static int report(const mxq_dist *dist, const options *o, timings *t, double sgemm_peak, size_t nscales,
+                  const float *w, const uint8_t *scales)
 {
     long long rss = (long long)mxq_peak_rss_bytes(), all_rss[256] = {0};
     MPI_Gather(&rss, 1, MPI_LONG_LONG, all_rss, 1, MPI_LONG_LONG, 0, dist->comm);
     if (dist->rank != 0)
-        return;
+        return 0;
     const double n = (double)o->n, m = (double)o->m, flops = n * n * n / 3 + m * n * n;
     const int r = o->repeats;
     const double total = bench_median(t->total, r);
@@ -216,10 +231,14 @@ static void report(const mxq_dist *dist, const options *o, timings *t, double sg
     for (int p = 0; p < dist->size && p < 256; p++)
         printf("  rank %d peak RSS %.2f GB\n", p, (double)all_rss[p] / 1e9);
     size_t q_diff = 0, s_diff = 0;
-    save_or_compare(o, w, scales, nscales, &q_diff, &s_diff);
+    if (!o->save && !o->compare)
+        return 0;
+    if (save_or_compare(o, w, scales, nscales, &q_diff, &s_diff) != 0)
+        return -1;
     if (o->compare)
         printf("  against %s: %zu of %zu values (%.4f%%) and %zu of %zu scales differ\n", o->compare, q_diff,
                o->m * o->n, 100.0 * (double)q_diff / (double)(o->m * o->n), s_diff, nscales);
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -258,9 +277,11 @@ int main(int argc, char **argv)
     for (int i = 0; !failed && i < o.repeats; i++)
         failed = run_once(ctx, &dist, &o, &spec, &go, w, h, scales, &t, i) != MXQ_OK;
     if (failed)
-        fprintf(stderr, "bench_gptq_grid: %s\n", mxq_error_message(ctx));
+        fprintf(stderr, "bench_gptq_grid: %s\n",
+                spec.format ? mxq_error_message(ctx) : "unknown --format (see mxq cast --help for the names)");
     else
-        report(&dist, &o, &t, sgemm_peak, nscales, w, scales);
+        failed = report(&dist, &o, &t, sgemm_peak, nscales, w, scales) != 0;
+    MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, dist.comm);
     free(h);
     free(w);
     free(scales);

@@ -7,7 +7,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 build="$here/build"
-if [ "${1:-}" = "--build" ]; then build="$2"; shift 2; fi
+if [ "${1:-}" = "--build" ]; then build="${2:?--build needs a directory}"; shift 2; fi
 bin="$build/bench/bench_gptq_grid"
 [ -x "$bin" ] || { echo "bench_gptq_grid.sh: $bin not built (meson compile -C $build)" >&2; exit 1; }
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none

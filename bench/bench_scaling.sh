@@ -56,8 +56,12 @@ for m in "${modes[@]}"; do
     out="$work/out-$m-$ranks"
     rm -rf "$out"
     start=$(date +%s.%N)
-    mpirun -n "$ranks" --bind-to core "$mxq" quantize --model "$model" --calib "$work/calib.h5" \
-      --recipe "$work/recipe-$m.yaml" --out "$out" "${layout[@]}" --quiet > "$work/log-$m-$ranks" 2>&1
+    if ! mpirun -n "$ranks" --bind-to core "$mxq" quantize --model "$model" --calib "$work/calib.h5" \
+      --recipe "$work/recipe-$m.yaml" --out "$out" "${layout[@]}" --quiet > "$work/log-$m-$ranks" 2>&1; then
+      echo "bench_scaling.sh: mxq quantize ($m mode, $ranks rank(s)) failed:" >&2
+      tail -n 20 "$work/log-$m-$ranks" >&2
+      exit 1
+    fi
     echo "$(/usr/bin/python3 -c "import time,sys; print(f'{time.time()-float(sys.argv[1]):.1f}')" "$start")" > "$out.wall"
   done
   /usr/bin/python3 - "$work" "$m" <<'EOF'

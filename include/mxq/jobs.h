@@ -55,8 +55,6 @@ mxq_status mxq_eval_perplexity(mxq_ctx *ctx, MPI_Comm comm, const char *model_di
 
 /* ---- mxq quantize -------------------------------------------------------- */
 
-#define MXQ_GRID_MIN_INPUTS_DEFAULT 12288
-
 typedef struct {
     int batch;        /* calibration sequences per micro-batch (default 8) */
     int force;        /* replace an earlier mxq run's files in out_dir */
@@ -66,10 +64,10 @@ typedef struct {
                          data-parallel group (fp mode); 0: the pipeline if its plan stays under 90% of
                          the memory a rank has, else one data-parallel group (also of a single rank) */
     double mem_per_rank;   /* bytes a rank may use; 0: the node's memory (or cgroup limit) over its ranks */
-    int grid_min_inputs;   /* group size > 1: GPTQ of a linear with at least this many inputs runs on a
-                              ScaLAPACK grid of all the group's ranks; 0: the default,
-                              MXQ_GRID_MIN_INPUTS_DEFAULT (llama-2-70b's and -13b's down_proj go there,
-                              7b's stays on its owner); < 0: never */
+    int grid_min_inputs;   /* group size > 1: GPTQ of a linear with at least this many inputs (and a
+                              whole number of lazy batches) runs on a ScaLAPACK grid of all the group's
+                              ranks; 0: automatic, the linears whose GPTQ on one rank would take more
+                              than a quarter of a rank's memory; < 0: never */
     const char *plan_json; /* with dry_run: also write the plan here as JSON (NULL: no) */
 } mxq_quantize_options;
 

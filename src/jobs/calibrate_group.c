@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "algo/gptq_internal.h"
 #include "algo/layer_quant.h"
 #include "core/alloc.h"
 #include "jobs/jobs_internal.h"
@@ -148,18 +149,30 @@ static int gptq_on_grid(const group_run *g, int layer, mxq_linear_id li)
            mxq_gptq_grid_applies(&g->recipe->weights, o, (size_t)in, g->dist->size);
 }
 
-/* Rank 0 says which linears' GPTQ goes to the grid (layer 0's, as an
- * example: exclusions aside, every layer has the same shapes). */
+/* Rank 0 says which linears' GPTQ goes to the grid, and in how many
+ * layers when exclusions keep some on their owners. */
 static void log_grid_linears(mxq_ctx *ctx, const group_run *g)
 {
-    char names[256] = "";
-    for (int li = 0; li < MXQ_LIN_COUNT; li++)
-        if (gptq_on_grid(g, 0, (mxq_linear_id)li))
-            snprintf(names + strlen(names), sizeof(names) - strlen(names), "%s%s", names[0] ? ", " : "",
-                     mxq_linear_name((mxq_linear_id)li));
+    char names[512] = "";
+    const int L = g->model->cfg.n_layers;
+    for (int li = 0; li < MXQ_LIN_COUNT && g->dist->rank == 0; li++) {
+        int layers = 0;
+        for (int l = 0; l < L; l++)
+            layers += gptq_on_grid(g, l, (mxq_linear_id)li);
+        if (layers == L || layers == 0)
+            snprintf(names + strlen(names), sizeof(names) - strlen(names), "%s%s", names[0] && layers ? ", " : "",
+                     layers ? mxq_linear_name((mxq_linear_id)li) : "");
+        else
+            snprintf(names + strlen(names), sizeof(names) - strlen(names), "%s%s (%d of %d layers)",
+                     names[0] ? ", " : "", mxq_linear_name((mxq_linear_id)li), layers, L);
+    }
     if (g->dist->rank == 0 && names[0])
         mxq_log(ctx, MXQ_LOG_INFO, "GPTQ of %s on a ScaLAPACK grid of all %d ranks (linears of %d inputs or more)",
                 names, g->dist->size, g->grid_min_inputs);
+    else if (g->dist->rank == 0 && g->grid_min_inputs > 0 && g->dist->size > 1 && mxq_recipe_gptq(g->recipe))
+        mxq_log(ctx, MXQ_LOG_INFO,
+                "GPTQ stays on the layers' owners: no linear has %d inputs or more in whole lazy batches of %d",
+                g->grid_min_inputs, mxq_gptq_batch_width(&g->recipe->weights, mxq_recipe_gptq(g->recipe)));
 }
 
 static int round_uses_grid(const group_run *g, int base)

@@ -45,6 +45,7 @@ typedef struct {
     int *first;        /* the pipeline's layer ranges */
     int data_parallel; /* 0: a pipeline of layer ranges; 1: one data-parallel group of all ranks */
     double mem_per_rank;
+    int grid_min_inputs; /* GPTQ of linears with this many inputs or more on the group's grid; 0: never */
     mxq_tokens calib;
     mxq_model *model;
     mxq_layer_result *results;
@@ -347,12 +348,6 @@ fail:
     return status;
 }
 
-/* The option as calibrate_group.c takes it: 0 = never. */
-static int grid_min_inputs(const mxq_quantize_options *opt)
-{
-    return opt->grid_min_inputs == 0 ? MXQ_GRID_MIN_INPUTS_DEFAULT : opt->grid_min_inputs < 0 ? 0 : opt->grid_min_inputs;
-}
-
 static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
@@ -361,7 +356,7 @@ static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
     double t_quant = mxq_time_now();
     CALL(ctx, mxq_quantize_model_in_memory(ctx, &job->dist, job->model, &job->calib, job->calib_path, &job->recipe,
                                            job->batch, job->data_parallel, job->opt->stats_layers,
-                                           grid_min_inputs(job->opt), job->results));
+                                           job->grid_min_inputs, job->results));
     job->quant_seconds = mxq_time_now() - t_quant;
 fail:
     return status;
@@ -404,7 +399,7 @@ static mxq_plan_input plan_input(const quantize_job *job)
                             .seq_len = job->calib.seq_len,
                             .samples = job->calib.n_seqs,
                             .stats_layers = job->opt->stats_layers,
-                            .grid_min_inputs = grid_min_inputs(job->opt)};
+                            .grid_min_inputs = job->grid_min_inputs};
 }
 
 /* --group-size, or when not given: a pipeline (exact for any rank count)
@@ -441,6 +436,34 @@ static void warn_if_too_big(mxq_ctx *ctx, const quantize_job *job)
                 job->data_parallel ? "" : ", or let mxq pick a data-parallel group (no --group-size 1 or --stats-layers)");
 }
 
+/* --grid-min-inputs, or by default the smallest input count among the
+ * linears whose GPTQ on one rank (float32 weights, error feedback and
+ * reference copy, the factor in double) would take more than a quarter of
+ * a rank's memory: llama-2-70b's down_proj with 12 GB a rank, not 7b's. */
+static int grid_threshold(const quantize_job *job)
+{
+    if (job->opt->grid_min_inputs != 0)
+        return job->opt->grid_min_inputs > 0 ? job->opt->grid_min_inputs : 0;
+    int threshold = 0;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        int out, in;
+        mxq_linear_shape(&job->cfg, (mxq_linear_id)li, &out, &in);
+        const double bytes = 3.0 * out * in * sizeof(float) + (double)in * in * sizeof(double);
+        if (job->mem_per_rank > 0 && bytes > 0.25 * job->mem_per_rank && (threshold == 0 || in < threshold))
+            threshold = in;
+    }
+    return threshold;
+}
+
+/* An explicit --grid-min-inputs outside a group of several ranks says so. */
+static void warn_grid_unused(mxq_ctx *ctx, const quantize_job *job)
+{
+    if (job->opt->grid_min_inputs > 0 && !(job->data_parallel && job->dist.size > 1) && job->dist.rank == 0)
+        mxq_log(ctx, MXQ_LOG_WARN,
+                "--grid-min-inputs applies to a data-parallel group of 2 or more ranks (--group-size, fp mode); "
+                "GPTQ runs on each layer's owner here");
+}
+
 static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
@@ -449,6 +472,7 @@ static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
         job->mem_per_rank = job->opt->mem_per_rank; /* the same on every rank: the same choice */
     else
         CALL(ctx, mxq_memory_per_rank(ctx, &job->dist, &job->mem_per_rank));
+    job->grid_min_inputs = grid_threshold(job);
     job->data_parallel = job->opt->group_size > 1 || !job->first;
     if (!job->first && job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "%d ranks for %d layers: no pipeline of layer ranges, one data-parallel group",
@@ -456,11 +480,13 @@ static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
     if (job->opt->group_size > 0 || job->recipe.calib_mode != MXQ_CALIB_FP || job->opt->stats_layers > 0 ||
         !job->first) {
         warn_if_too_big(ctx, job);
+        warn_grid_unused(ctx, job);
         return MXQ_OK;
     }
     const double peak = plan_peak(job, &rank);
     job->data_parallel = job->mem_per_rank > 0 && peak > 0.9 * job->mem_per_rank;
     warn_if_too_big(ctx, job);
+    warn_grid_unused(ctx, job);
     if (job->data_parallel && job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO,
                 "a pipeline of layer ranges would need %.0f MB on a rank, which has %.0f MB: the %d rank%s work%s as one "

@@ -426,7 +426,8 @@ static mxq_status factor(mxq_ctx *ctx, grid_gptq *gg, const mxq_gptq_options *o)
         finite &= isfinite(gg->hd[l + global_row(gg, gg->me, l) * gg->lld]) != 0;
     CHECK_AGREED(ctx, gg->dist, "gptq.grid.factor", info == 0 && finite, MXQ_ERR_LAPACK,
                  "GPTQ: Cholesky factorization of the damped Hessian on the grid failed (ScaLAPACK pdpotrf info=%d%s): "
-                 "it is not positive definite; raise gptq.damp (now %g)",
+                 "it is not positive definite; raise gptq.damp (now %g; a rank-deficient Hessian, e.g. fewer tokens "
+                 "than inputs, needs about 1e-5 or more)",
                  info, finite ? "" : ", a non-finite factor", o->damp);
     gg->h = (float *)gg->hd;
     for (size_t i = 0; gg->n_loc && i < gg->lld * gg->n; i++) /* float i lies within double i / 2: never ahead of the reads */
