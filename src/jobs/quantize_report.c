@@ -520,7 +520,8 @@ static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
      * (src/parallel/reduce_stats.c) */
     const double down_in = (double)cfg->intermediate * cfg->intermediate * sizeof(double);
     plan->work += 2.0 * fmin(128.0 * 1048576.0, fmax(down_in, (double)cfg->hidden * cfg->hidden * sizeof(double)));
-    const double running = (held + 0.5) * layer + held * stats, quantizing = layer + stats + plan->quant;
+    /* both sets of statistics stay allocated while the rank quantizes */
+    const double running = (held + 0.5) * layer + held * stats, quantizing = layer + held * stats + plan->quant;
     plan->total = plan->base + results + store + plan->work + (running > quantizing ? running : quantizing);
     plan->load = 1.5 * emb + store;
 }
@@ -610,7 +611,7 @@ void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budg
         mxq_print(ctx, "peak RSS: the packed results, the share of activations, work (forward workspace, a Gram panel, "
                        "MPI_Reduce's staging) "
                        "and %.0f MB of libraries, plus the larger of a layer running (2 layers in float32, the pages "
-                       "of one, 2 layers' stats; 1 and 1 on a round's last rank) and a layer being quantized (1 layer, its stats, the quantization)\n",
+                       "of one, 2 layers' stats; 1 and 1 on a round's last rank) and a layer being quantized (1 layer, the stats held, the quantization)\n",
                   MXQ_PLAN_BASE_BYTES / MB);
     if (budget > 0)
         mxq_print(ctx, "memory: %.1f MB per rank on this node (its memory, or cgroup limit, over the ranks on it)\n",
