@@ -505,6 +505,8 @@ static mxq_status build_report(mxq_ctx *ctx, quantize_job *job, const double *se
     job->report.predicted_rss = calloc((size_t)size, sizeof(double));
     CHECK_ALLOC(ctx, job->report.predicted_rss, (size_t)size * sizeof(double), "the memory plan");
     const mxq_plan_input in = plan_input(job);
+    job->report.group_size = job->data_parallel ? size : 1;
+    job->report.grid_min_inputs = job->data_parallel && size > 1 ? job->grid_min_inputs : 0;
     for (int r = 0; r < size; r++) {
         mxq_rank_plan plan;
         mxq_quantize_plan_rank(&in, r, &plan);

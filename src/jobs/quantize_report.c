@@ -258,6 +258,9 @@ static json_t *report_json(const mxq_quantize_report *rep, const char *model_dir
     mxq_json_put(report, "calibration", json_string(calib_path), ok);
     mxq_json_put(report, "recipe", json_string(recipe_path), ok);
     mxq_json_put(report, "ranks", json_integer(rep->size), ok);
+    /* what the bytes depend on besides the inputs: the sums' grouping, the grid */
+    mxq_json_put(report, "group_size", json_integer(rep->group_size), ok);
+    mxq_json_put(report, "grid_min_inputs", json_integer(rep->grid_min_inputs), ok);
     mxq_json_put(report, "loss_rows",
                  json_string("losses of a linear of 512 rows or more are estimated from every (out/256)-th row, "
                              "scaled to all rows; smaller linears exactly"),

@@ -35,6 +35,8 @@ typedef struct {
     int n_records, capacity;
     double *peak_rss;          /* [size] bytes */
     double *predicted_rss;     /* [size] bytes, the --dry-run plan's (NULL: not known) */
+    int group_size;            /* 1: a pipeline; else the data-parallel group's ranks (the bytes depend on it) */
+    int grid_min_inputs;       /* group: GPTQ of linears of this many inputs or more on the grid; 0: none */
     json_t *weight_map;        /* tensor -> shard */
     uint64_t total_bytes;      /* tensor data of all shards */
     json_t *config, *report;

@@ -326,6 +326,13 @@ static void test_group_gptq_on_grid(void **state)
         char a[32], b[32];
         snprintf(a, sizeof(a), "grid-off-n%d", ranks);
         snprintf(b, sizeof(b), "grid-on-n%d", ranks);
+        for (int k = 0; k < 2; k++) { /* the report records what the bytes depend on */
+            json_t *rep = json_load_file(tu_scratch_path("%s/mxq_report.json", k ? b : a), 0, NULL);
+            assert_non_null(rep);
+            assert_int_equal(json_integer_value(json_object_get(rep, "group_size")), ranks);
+            assert_int_equal(json_integer_value(json_object_get(rep, "grid_min_inputs")), k);
+            json_decref(rep);
+        }
         const double loss_diff = max_loss_difference(a, b, "loss");
         size_t total, diff = differing_bytes(owners, grid, &total);
         print_message("# %d ranks, GPTQ on the grid vs on the owners: losses within %.1e, %zu of %zu bytes differ\n",
