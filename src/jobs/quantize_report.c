@@ -548,6 +548,8 @@ static void plan_layers_text(const mxq_plan_input *in, int r, char *text, size_t
 {
     if (!in->data_parallel)
         snprintf(text, size, "[%d, %d)", in->first[r], in->first[r + 1]);
+    else if (owned_layers(in, r) == 0) /* more ranks than layers: it only calibrates (and serves the grid) */
+        snprintf(text, size, "none");
     else
         snprintf(text, size, "%d of every %d", r, in->size);
 }
