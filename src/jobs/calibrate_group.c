@@ -107,7 +107,10 @@ static mxq_status group_forward(mxq_ctx *ctx, group_run *g, int l)
     CALL(ctx, mxq_fault_point(ctx, "group.layer"));
     CALL(ctx, mxq_model_layer_load(ctx, g->model, l));
     /* the second set only when this rank's own layer waits while another
-     * runs: never on the round's last rank (a 70B layer's is 7.8 GB) */
+     * runs: never on the round's last rank (a 70B layer's is 7.8 GB), whose
+     * one set is free again once its layer is quantized */
+    if (!g->stats[g->partial].input[0].hessian && g->owned_layer < 0)
+        g->partial = 1 - g->partial;
     if (!g->stats[g->partial].input[0].hessian)
         CALL(ctx, mxq_layer_stats_init(ctx, &g->model->cfg, &g->stats[g->partial]));
     mxq_layer_stats_zero(&g->stats[g->partial]);
