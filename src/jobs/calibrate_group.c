@@ -187,6 +187,15 @@ static int round_uses_grid(const group_run *g, int base)
     return 0;
 }
 
+/* The summed statistics of the layer this rank owns, made symmetric. */
+static mxq_layer_stats *owned_stats(group_run *g)
+{
+    mxq_layer_stats *owned = &g->stats[1 - g->partial];
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
+        mxq_input_stats_finish(&owned->input[i]);
+    return owned;
+}
+
 /* Linear li of root's layer on the grid (collective); root's weight, H and
  * scales go in, Q and the scales come back to it. */
 static mxq_status grid_gptq_of(mxq_ctx *ctx, group_run *g, mxq_layer_quant *q, int base, int root, mxq_linear_id li)
@@ -244,11 +253,8 @@ static mxq_status quantize_round_on_grid(mxq_ctx *ctx, group_run *g, mxq_layer_r
     int begun = 0;
     mxq_status local = MXQ_OK;
     if (l >= 0) {
-        mxq_layer_stats *owned = &g->stats[1 - g->partial];
-        for (int i = 0; i < MXQ_INPUT_COUNT; i++)
-            mxq_input_stats_finish(&owned->input[i]);
         local = mxq_layer_quant_begin(ctx, &q, g->recipe, &g->model->cfg, l,
-                                      &g->model->layers[l - g->model->first_layer], owned,
+                                      &g->model->layers[l - g->model->first_layer], owned_stats(g),
                                       &results[l - g->model->first_layer]);
         begun = 1;
     }
@@ -277,11 +283,8 @@ static mxq_status quantize_own_layer(mxq_ctx *ctx, group_run *g, mxq_layer_resul
     if (l < 0)
         return MXQ_OK;
     mxq_layer_result *res = &results[l - g->model->first_layer];
-    mxq_layer_stats *owned = &g->stats[1 - g->partial];
-    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
-        mxq_input_stats_finish(&owned->input[i]);
-    CALL(ctx, mxq_quantize_layer(ctx, g->recipe, &g->model->cfg, l, &g->model->layers[l - g->model->first_layer], owned,
-                                 res));
+    CALL(ctx, mxq_quantize_layer(ctx, g->recipe, &g->model->cfg, l, &g->model->layers[l - g->model->first_layer],
+                                 owned_stats(g), res));
     res->seconds_calib = g->owned_calib_seconds;
     CALL(ctx, mxq_layer_keep_written(ctx, g->model, l, res));
 fail:
