@@ -3,9 +3,11 @@
 # rank, so 1 rank uses one core and 2 ranks two), measured in one run:
 # the same model, tokens and recipe (block-128 AWQ+GPTQ W4A8 MXINT,
 # calibration.samples 32) on 1 rank and on a data-parallel group of 2
-# (--group-size 2; sequential mode runs as a pipeline, the only layout it
-# has). Prints wall time, speed-up and the per-phase medians over layers
-# from each run's mxq_report.json.
+# (--group-size 2: in fp mode the two ranks quantize alternate layers, in
+# sequential mode they spread each layer's inputs). Prints wall time,
+# speed-up and the per-phase medians over layers from each run's
+# mxq_report.json (in sequential mode a phase's time is the longest over
+# the ranks).
 #
 #   bash bench/bench_scaling.sh [--model DIR] [--mode fp|sequential|both] [--work DIR]
 #
@@ -20,7 +22,7 @@ while [ $# -gt 0 ]; do
     --model) model="${2:?--model needs a value}"; shift 2 ;;
     --mode) mode="${2:?--mode needs a value}"; shift 2 ;;
     --work) work="${2:?--work needs a value}"; keep=1; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "bench_scaling.sh: unknown option '$1'" >&2; exit 2 ;;
   esac
 done
@@ -52,7 +54,7 @@ for m in "${modes[@]}"; do
     sed -e 's/samples: [0-9]*/samples: 32/' > "$work/recipe-$m.yaml"
   for ranks in 1 2; do
     layout=()
-    [ "$ranks" -gt 1 ] && [ "$m" = fp ] && layout=(--group-size 2)
+    [ "$ranks" -gt 1 ] && layout=(--group-size 2)
     out="$work/out-$m-$ranks"
     rm -rf "$out"
     start=$(date +%s.%N)

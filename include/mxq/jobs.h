@@ -61,7 +61,7 @@ typedef struct {
     int dry_run;      /* print the plan only; writes nothing */
     int stats_layers; /* pipeline, fp mode: at most this many layers' statistics per rank at once (0 = all) */
     int group_size;   /* 1: ranks form a pipeline of layer ranges; the rank count (> 1): one
-                         data-parallel group (fp mode); 0: the pipeline if its plan stays under 90% of
+                         data-parallel group; 0: the pipeline if its plan stays under 90% of
                          the memory a rank has, else one data-parallel group (also of a single rank) */
     double mem_per_rank;   /* bytes a rank may use; 0: the node's memory (or cgroup limit) over its ranks */
     int grid_min_inputs;   /* group size > 1: GPTQ of a linear with at least this many inputs (and a
@@ -69,6 +69,8 @@ typedef struct {
                               ranks; 0: automatic, the linears whose GPTQ on one rank would take more
                               than a quarter of a rank's memory; < 0: never */
     const char *plan_json; /* with dry_run: also write the plan here as JSON (NULL: no) */
+    const char *store_activations; /* every layer's calibration inputs to this parallel-HDF5 file,
+                                      written by a data-parallel group (implied; NULL: no store) */
 } mxq_quantize_options;
 
 /* Read model_dir, calibrate on calib_path, apply the recipe, write the MX

@@ -9,8 +9,10 @@
  * rows -> o_proj, up_proj rows -> down_proj); a linear on its own has no
  * such op, so its result is the effective weight Q(W diag s) diag(1/s).
  *
- * Every fold target lies in the same decoder layer and a layer is never
- * split between ranks, so the scales never leave the rank that owns it. */
+ * Every fold target lies in the same decoder layer. A job that spreads a
+ * layer's inputs over ranks (calibrate_group_seq.c) searches each input's
+ * scales where its statistics are and folds every input's scales on every
+ * rank holding the layer (mxq_layer_quant_begin_part and after). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -238,7 +240,7 @@ static void fold_into_producer(const mxq_model_config *cfg, mxq_layer *L, mxq_in
 }
 
 /* Fold s into the group reading `input`: weights W diag(s), the producing op
- * 1/s, and the statistics those of X diag(1/s). */
+ * 1/s, and the statistics (if this rank holds them) those of X diag(1/s). */
 static void fold_scales(const mxq_model_config *cfg, mxq_layer *L, mxq_input_id input, const double *s,
                         mxq_layer_stats *stats, mxq_layer_result *res)
 {
@@ -250,31 +252,74 @@ static void fold_scales(const mxq_model_config *cfg, mxq_layer *L, mxq_input_id 
         res->linear[ids[k]].weight_modified = 1;
     }
     fold_into_producer(cfg, L, input, s, res);
-    mxq_input_stats_rescale(&stats->input[input], s);
+    if (stats)
+        mxq_input_stats_rescale(&stats->input[input], s);
 }
 
-static mxq_status run_scale_step(mxq_ctx *ctx, const mxq_algo_step *step, const mxq_mx_spec *spec,
-                                 const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
-                                 const int *quantized, mxq_layer_result *res)
+/* Whether scale step k (SmoothQuant or AWQ) runs on `input`: a quantized
+ * linear reads it, and there is an op to fold 1/s into. */
+int mxq_layer_scale_applies(const mxq_layer_quant *q, int k, mxq_input_id input)
+{
+    const mxq_algo_step *step = &q->recipe->steps[k];
+    mxq_linear_group g;
+    mxq_linear_id ids[4];
+    if (step->kind == MXQ_ALGO_GPTQ || !q->recipe->has_weights)
+        return 0;
+    group_of(q->cfg, q->L, input, q->quantized, &g, ids);
+    return g.n > 0 && layer_can_fold(q->cfg, input) &&
+           !(step->kind == MXQ_ALGO_SMOOTHQUANT && !smooth_applies(ids[0]));
+}
+
+mxq_status mxq_layer_scale_search(mxq_ctx *ctx, mxq_layer_quant *q, int k, mxq_input_id input, double *s,
+                                  double *alpha)
 {
     mxq_status status = MXQ_OK;
-    double *s = NULL;
-    for (int input = 0; input < MXQ_INPUT_COUNT; input++) {
-        mxq_linear_group g;
-        mxq_linear_id ids[4];
-        group_of(cfg, L, (mxq_input_id)input, quantized, &g, ids);
-        if (g.n == 0 || !layer_can_fold(cfg, (mxq_input_id)input) ||
-            (step->kind == MXQ_ALGO_SMOOTHQUANT && !smooth_applies(ids[0])))
-            continue;
-        double alpha = 0;
-        free(s);
-        s = malloc((size_t)g.in * sizeof(double));
-        CHECK_ALLOC(ctx, s, (size_t)g.in * sizeof(double), "scales");
-        CALL_IN(ctx, compute_scales(ctx, step, spec, &g, &stats->input[input], s, &alpha), "layer %d %s", layer,
-                mxq_input_name((mxq_input_id)input));
-        *(step->kind == MXQ_ALGO_SMOOTHQUANT ? &res->smooth_alpha[input] : &res->awq_alpha[input]) = alpha;
-        fold_scales(cfg, L, (mxq_input_id)input, s, stats, res);
+    mxq_linear_group g;
+    mxq_linear_id ids[4];
+    double t0 = mxq_time_now();
+    group_of(q->cfg, q->L, input, q->quantized, &g, ids);
+    CALL_IN(ctx, compute_scales(ctx, &q->recipe->steps[k], &q->recipe->weights, &g, &q->stats->input[input], s, alpha),
+            "layer %d %s", q->layer, mxq_input_name(input));
+fail:
+    q->res->seconds_scales += mxq_time_now() - t0;
+    return status;
+}
+
+void mxq_layer_scale_fold(mxq_layer_quant *q, int k, mxq_input_id input, const double *s, double alpha)
+{
+    double t0 = mxq_time_now();
+    *(q->recipe->steps[k].kind == MXQ_ALGO_SMOOTHQUANT ? &q->res->smooth_alpha[input] : &q->res->awq_alpha[input]) =
+        alpha;
+    fold_scales(q->cfg, q->L, input, s, q->here[input] ? q->stats : NULL, q->res);
+    q->res->seconds_scales += mxq_time_now() - t0;
+}
+
+int mxq_layer_scales_max(const mxq_model_config *cfg)
+{
+    int most = 0;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        int out, in;
+        mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
+        most = in > most ? in : most;
     }
+    return most;
+}
+
+/* Every scale step on every input, on this rank alone. */
+static mxq_status run_scale_steps(mxq_ctx *ctx, mxq_layer_quant *q)
+{
+    mxq_status status = MXQ_OK;
+    const size_t n = (size_t)mxq_layer_scales_max(q->cfg);
+    double *s = malloc(n * sizeof(double));
+    CHECK_ALLOC(ctx, s, n * sizeof(double), "scales");
+    for (int k = 0; k < q->recipe->n_steps; k++)
+        for (int input = 0; input < MXQ_INPUT_COUNT; input++) {
+            double alpha = 0;
+            if (!mxq_layer_scale_applies(q, k, (mxq_input_id)input))
+                continue;
+            CALL(ctx, mxq_layer_scale_search(ctx, q, k, (mxq_input_id)input, s, &alpha));
+            mxq_layer_scale_fold(q, k, (mxq_input_id)input, s, alpha);
+        }
 fail:
     free(s);
     return status;
@@ -295,39 +340,48 @@ const mxq_gptq_options *mxq_recipe_gptq(const mxq_recipe *recipe)
     return step ? &step->gptq : NULL;
 }
 
-mxq_status mxq_layer_quant_begin(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_recipe *recipe,
-                                 const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
-                                 mxq_layer_result *res)
+mxq_status mxq_layer_quant_begin_part(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_recipe *recipe,
+                                      const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
+                                      const int *inputs_here, mxq_layer_result *res)
 {
     mxq_status status = MXQ_OK;
     *q = (mxq_layer_quant){
         .recipe = recipe, .cfg = cfg, .layer = layer, .L = L, .stats = stats, .res = res, .t_start = mxq_time_now()};
     res->layer = layer;
-    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
         res->awq_alpha[i] = res->smooth_alpha[i] = -1;
+        q->here[i] = inputs_here ? inputs_here[i] : 1;
+    }
     for (int li = 0; li < MXQ_LIN_COUNT; li++)
         q->quantized[li] = mxq_recipe_quantizes_linear(recipe, layer, (mxq_linear_id)li);
     if (!recipe->has_weights)
         return MXQ_OK;
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
-        CALL_IN(ctx, check_stats_finite(ctx, &stats->input[i]), "layer %d %s", layer, mxq_input_name((mxq_input_id)i));
+        if (q->here[i])
+            CALL_IN(ctx, check_stats_finite(ctx, &stats->input[i]), "layer %d %s", layer,
+                    mxq_input_name((mxq_input_id)i));
     double t0 = mxq_time_now();
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
         int out, in;
         mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
-        if (q->quantized[li])
+        if (q->quantized[li] && q->here[mxq_linear_input((mxq_linear_id)li)])
             CALL_IN(ctx,
                     rtn_loss(ctx, &recipe->weights, L->weight[li], out, in,
                              stats->input[mxq_linear_input((mxq_linear_id)li)].hessian, 0, &res->linear[li].loss_rtn),
                     "layer %d %s", layer, mxq_linear_name((mxq_linear_id)li));
     }
-    double t1 = mxq_time_now();
-    res->seconds_loss += t1 - t0;
-    for (int k = 0; k < recipe->n_steps; k++)
-        if (recipe->steps[k].kind != MXQ_ALGO_GPTQ)
-            CALL(ctx, run_scale_step(ctx, &recipe->steps[k], &recipe->weights, cfg, layer, L, stats, q->quantized,
-                                     res));
-    res->seconds_scales += mxq_time_now() - t1;
+    res->seconds_loss += mxq_time_now() - t0;
+fail:
+    return status;
+}
+
+mxq_status mxq_layer_quant_begin(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_recipe *recipe,
+                                 const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
+                                 mxq_layer_result *res)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, mxq_layer_quant_begin_part(ctx, q, recipe, cfg, layer, L, stats, NULL, res));
+    CALL(ctx, run_scale_steps(ctx, q));
 fail:
     return status;
 }

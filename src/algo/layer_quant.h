@@ -15,6 +15,7 @@ typedef struct {
     mxq_layer_stats *stats;
     mxq_layer_result *res;
     int quantized[MXQ_LIN_COUNT]; /* not excluded by the recipe */
+    int here[MXQ_INPUT_COUNT];    /* this rank holds the input's statistics and quantizes its linears */
     float *ref;                   /* [out, in] the current linear after the scale steps: its report loss */
     double t_start, t_linear; /* the layer's start; the current linear's, after its reference copy */
 } mxq_layer_quant;
@@ -30,6 +31,28 @@ const mxq_gptq_options *mxq_recipe_gptq(const mxq_recipe *recipe);
 mxq_status mxq_layer_quant_begin(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_recipe *recipe,
                                  const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
                                  mxq_layer_result *res);
+
+/* The first part of begin, for a layer whose inputs are spread over ranks
+ * (inputs_here[i]: this rank holds input i's statistics; NULL: all): the
+ * round-to-nearest losses of the linears reading the inputs here. The scale
+ * steps follow, searched where the input is and folded on every rank that
+ * holds the layer (for each non-GPTQ step k in order, every input: search,
+ * then fold; the searches of one step read nothing an earlier fold of that
+ * step changes, so a step's searches may run side by side). */
+mxq_status mxq_layer_quant_begin_part(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_recipe *recipe,
+                                      const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
+                                      const int *inputs_here, mxq_layer_result *res);
+/* Whether recipe step k searches scales for `input` in this layer. */
+int mxq_layer_scale_applies(const mxq_layer_quant *q, int k, mxq_input_id input);
+/* Step k's scales s [features of input] and its alpha (the input's
+ * statistics must be here). */
+mxq_status mxq_layer_scale_search(mxq_ctx *ctx, mxq_layer_quant *q, int k, mxq_input_id input, double *s,
+                                  double *alpha);
+/* s folded into the layer: the group's columns, the producing op, and the
+ * input's statistics if here. */
+void mxq_layer_scale_fold(mxq_layer_quant *q, int k, mxq_input_id input, const double *s, double alpha);
+/* The longest scale vector of a layer: its largest in_features. */
+int mxq_layer_scales_max(const mxq_model_config *cfg);
 
 /* Whether linear li is quantized by GPTQ (not excluded; the recipe has it). */
 int mxq_layer_quant_uses_gptq(const mxq_layer_quant *q, mxq_linear_id li);

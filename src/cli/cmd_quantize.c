@@ -8,6 +8,7 @@
 #include "cli.h"
 #include "mxq/jobs.h"
 
+static void print_quantize_help_layout(FILE *out);
 static void print_quantize_help_tail(FILE *out);
 
 static void print_quantize_help(FILE *out)
@@ -22,7 +23,8 @@ static void print_quantize_help(FILE *out)
             "     H = X^T X (double), max|x| and mean|x| per channel are accumulated (by the rank\n"
             "     owning the layer, or summed over the ranks' shares: see --group-size).\n"
             "     calibration.mode: sequential calibrates each layer on the outputs of the already\n"
-            "     quantized layers before it (ranks then work one after the other).\n"
+            "     quantized layers before it (as a pipeline its ranks take turns; a group spreads\n"
+            "     each layer's inputs over its ranks: see --group-size).\n"
             "  2. per layer, on the rank that owns it (see --group-size): SmoothQuant or AWQ scales folded into the\n"
             "     RMSNorms (and, for AWQ, v_proj -> o_proj without GQA, up_proj -> down_proj),\n"
             "     AWQ clipping, then GPTQ-MX or round-to-nearest for each linear.\n"
@@ -51,7 +53,15 @@ static void print_quantize_help(FILE *out)
             "                         Default: the node's memory, or its cgroup limit, over its ranks\n"
             "      --force            replace what an earlier mxq run wrote in DIR (listed in its\n"
             "                         .mxq-output.json), temporaries of a killed run included;\n"
-            "                         never a file mxq did not write, nor the input model\n"
+            "                         never a file mxq did not write, nor the input model\n");
+    print_quantize_help_layout(out);
+    print_quantize_help_tail(out);
+}
+
+/* The options that decide how the ranks share the work. */
+static void print_quantize_help_layout(FILE *out)
+{
+    fprintf(out,
             "      --group-size 1|R   how R ranks share the work. 1: a pipeline; rank r owns a range of\n"
             "                         layers, holds them in float32 and (fp mode) the statistics of\n"
             "                         all of them; the bytes are the same for any rank count.\n"
@@ -69,7 +79,15 @@ static void print_quantize_help(FILE *out)
             "                         group of all ranks -- on a single rank too, which then goes\n"
             "                         layer by layer (there --group-size 1 forces the pipeline), and\n"
             "                         with more ranks than layers (extra ranks only calibrate)\n"
-            "      --grid-min-inputs N|never  in a group of R > 1 ranks, GPTQ of a linear with N inputs\n"
+            "                         R (sequential mode): one data-parallel group working on every\n"
+            "                         layer together: each layer's 4 inputs are spread over the ranks\n"
+            "                         (statistics summed onto the input's owner, which searches its\n"
+            "                         scales, sent to every rank, and quantizes its linears, broadcast\n"
+            "                         to every rank for the next layer's inputs); layer l is written\n"
+            "                         by rank l %% R. A rank holds 1 layer, its statistics and its\n"
+            "                         share of the activations; faster than the pipeline, whose ranks\n"
+            "                         take turns\n"
+            "      --grid-min-inputs N|never  in an fp-mode group of R > 1 ranks, GPTQ of a linear with N inputs\n"
             "                         or more runs on a ScaLAPACK grid of all R ranks (its Hessian's\n"
             "                         factor and weights spread over them; the same algorithm, whose\n"
             "                         float32 rounding may move a few values), one owner's at a time.\n"
@@ -79,12 +97,19 @@ static void print_quantize_help(FILE *out)
             "                         rank would take over a quarter of a rank's memory, and all with\n"
             "                         as many inputs (llama-2-70b: down_proj with 32 GB a rank, every\n"
             "                         linear with 12 GB; llama-2-7b, -13b, mistral-7b: none with 12 GB)\n"
+            "      --store-activations FILE.h5  write every layer's inputs over the calibration set\n"
+            "                         (the FP model's in fp mode, the quantized layers' in sequential\n"
+            "                         mode) to one parallel-HDF5 file, which the ranks of a data-\n"
+            "                         parallel group write collectively: /layers/<l> float32 [samples,\n"
+            "                         seq_len, hidden], one sequence per chunk (n_layers x samples x\n"
+            "                         seq_len x hidden x 4 bytes: --dry-run says how much). Implies the\n"
+            "                         group (not with --group-size 1 or --stats-layers). Written under a\n"
+            "                         temporary name, in place when complete; replaces only an earlier\n"
+            "                         store. h5dump / h5py read it\n"
             "      --stats-layers N   pipeline, fp mode: hold the calibration statistics (double\n"
             "                         Hessians, see --dry-run) of at most N layers per rank at a time;\n"
             "                         the calibration set then runs through the model once per group\n"
-            "                         of N layers. Same checkpoint bytes. Default: all at once\n"
-            );
-    print_quantize_help_tail(out);
+            "                         of N layers. Same checkpoint bytes. Default: all at once\n");
 }
 
 static void print_quantize_help_tail(FILE *out)
@@ -122,10 +147,23 @@ static int parse_grid_min_inputs(const char *arg, int *out)
     return 0;
 }
 
+/* What getopt cannot check: a required option missing, a stray argument,
+ * --json without --dry-run. 0, or the usage error's exit code. */
+static int check_arguments(mxq_ctx *ctx, const char *missing, const char *stray, const mxq_quantize_options *opt)
+{
+    if (missing)
+        return mxq_cli_usage_error(ctx, "quantize", "%s is required", missing);
+    if (stray)
+        return mxq_cli_usage_error(ctx, "quantize", "unexpected argument '%s'", stray);
+    if (opt->plan_json && !opt->dry_run)
+        return mxq_cli_usage_error(ctx, "quantize", "--json PLAN.json writes the plan of a --dry-run; add --dry-run");
+    return 0;
+}
+
 int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
 {
     enum { OPT_DRY_RUN = 1000, OPT_FORCE, OPT_STATS_LAYERS, OPT_GROUP_SIZE, OPT_MEM_PER_RANK, OPT_JSON,
-           OPT_GRID_MIN_INPUTS };
+           OPT_GRID_MIN_INPUTS, OPT_STORE_ACTIVATIONS };
     static const struct option options[] = {
         {"model", required_argument, NULL, 'm'}, {"calib", required_argument, NULL, 'c'},
         {"recipe", required_argument, NULL, 'r'}, {"out", required_argument, NULL, 'o'},
@@ -135,6 +173,7 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
         {"group-size", required_argument, NULL, OPT_GROUP_SIZE},
         {"mem-per-rank", required_argument, NULL, OPT_MEM_PER_RANK},
         {"json", required_argument, NULL, OPT_JSON}, {"grid-min-inputs", required_argument, NULL, OPT_GRID_MIN_INPUTS},
+        {"store-activations", required_argument, NULL, OPT_STORE_ACTIVATIONS},
         {"quiet", no_argument, NULL, 'q'},       {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -176,6 +215,7 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
             break;
         }
         case OPT_JSON: opt.plan_json = optarg; break;
+        case OPT_STORE_ACTIVATIONS: opt.store_activations = optarg; break;
         case OPT_GRID_MIN_INPUTS:
             if (parse_grid_min_inputs(optarg, &opt.grid_min_inputs) != 0)
                 return mxq_cli_usage_error(ctx, "quantize", "--grid-min-inputs must be 1..%d or 'never', got '%s'",
@@ -191,12 +231,9 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
     }
     const char *missing = !model ? "--model DIR" : !calib ? "--calib FILE.h5" : !recipe ? "--recipe R.yaml"
                           : !out && !opt.dry_run ? "--out DIR" : NULL;
-    if (missing)
-        return mxq_cli_usage_error(ctx, "quantize", "%s is required", missing);
-    if (optind < argc)
-        return mxq_cli_usage_error(ctx, "quantize", "unexpected argument '%s'", argv[optind]);
-    if (opt.plan_json && !opt.dry_run)
-        return mxq_cli_usage_error(ctx, "quantize", "--json PLAN.json writes the plan of a --dry-run; add --dry-run");
+    const int bad = check_arguments(ctx, missing, optind < argc ? argv[optind] : NULL, &opt);
+    if (bad)
+        return bad;
     /* per-layer progress lines come from the rank that owns the layer */
     mxq_ctx_set_all_ranks_info(ctx, 1);
     if (mxq_quantize(ctx, MPI_COMM_WORLD, model, calib, recipe, out, &opt) != MXQ_OK)

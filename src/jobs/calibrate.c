@@ -390,7 +390,11 @@ static mxq_status seq_layers(mxq_ctx *ctx, seq_run *s, mxq_layer_result *results
         CALL(ctx, mxq_fault_point(ctx, "sequential.layer"));
         if (model->ckpt)
             CALL(ctx, mxq_model_layer_load(ctx, model, l));
-        CALL(ctx, mxq_layer_stats_init(ctx, &model->cfg, &stats));
+        /* allocated once: a layer's statistics (1.3 GB for 7B) allocated
+         * and freed per layer fragment the heap, whose peak then grows */
+        if (!stats.input[0].hessian)
+            CALL(ctx, mxq_layer_stats_init(ctx, &model->cfg, &stats));
+        mxq_layer_stats_zero(&stats);
         c.stats_first = l;
         for (int mb = 0; mb < s->n_micro; mb++) {
             int n = mxq_micro_batch_seqs(n_seqs, s->batch, mb);
@@ -399,7 +403,6 @@ static mxq_status seq_layers(mxq_ctx *ctx, seq_run *s, mxq_layer_result *results
         }
         double t1 = mxq_time_now();
         CALL(ctx, finish_and_quantize(ctx, s->recipe, model, l, &stats, res, NULL));
-        mxq_layer_stats_free(&stats);
         double t2 = mxq_time_now();
         for (int mb = 0; mb < s->n_micro; mb++)
             CALL(ctx, mxq_model_run_layers(ctx, model, l, l + 1, s->store + (size_t)mb * s->mb_floats,
@@ -468,7 +471,8 @@ fail:
 
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
                                         const char *calib_name, const mxq_recipe *recipe, int batch, int data_parallel,
-                                        int stats_layers, int grid_min_inputs, mxq_layer_result *results)
+                                        int stats_layers, int grid_min_inputs, mxq_act_store *store,
+                                        mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     if (batch <= 0)
@@ -478,9 +482,15 @@ mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_
     if (dist->rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "calibration: %d sequences of %d tokens from %s, %s mode, micro-batch %d, %s",
                 calib->n_seqs, calib->seq_len, calib_name, recipe->calib_mode == MXQ_CALIB_FP ? "fp" : "sequential",
-                batch, data_parallel ? "one data-parallel group, layer by layer" : "ranks as a pipeline of layer ranges");
-    if (data_parallel)
-        CALL(ctx, mxq_calibrate_group(ctx, dist, model, calib, recipe, batch, grid_min_inputs, results));
+                batch,
+                data_parallel ? (recipe->calib_mode == MXQ_CALIB_FP
+                                     ? "one data-parallel group, layer by layer"
+                                     : "one data-parallel group, layer by layer, each layer's inputs spread over the ranks")
+                              : "ranks as a pipeline of layer ranges");
+    if (data_parallel && recipe->calib_mode == MXQ_CALIB_SEQUENTIAL)
+        CALL(ctx, mxq_calibrate_group_sequential(ctx, dist, model, calib, recipe, batch, store, results));
+    else if (data_parallel)
+        CALL(ctx, mxq_calibrate_group(ctx, dist, model, calib, recipe, batch, grid_min_inputs, store, results));
     else if (recipe->calib_mode == MXQ_CALIB_FP)
         CALL(ctx, calibrate_fp(ctx, dist, model, calib, recipe, batch, stats_layers, results));
     else

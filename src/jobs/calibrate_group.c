@@ -38,8 +38,7 @@ typedef struct {
     const mxq_tokens *tokens;
     const mxq_recipe *recipe;
     int batch;
-    int seq_first, n_seqs; /* this rank's share of the sequences */
-    float *store;          /* [n_seqs, seq_len, hidden]: the share's activations at the current layer */
+    mxq_calib_share share;
     mxq_workspace *ws;
     /* Two sets of statistics, each allocated once (allocating 1.3 GB per 7B
      * layer fragments the heap, whose peak then grows by hundreds of MB
@@ -63,38 +62,15 @@ static mxq_status observe(mxq_ctx *ctx, void *user, int layer, mxq_input_id inpu
     return mxq_input_stats_add(ctx, &g->stats[g->partial].input[input], x, tokens);
 }
 
-static float *share_batch(const group_run *g, int mb, int *n)
-{
-    const size_t seq_floats = (size_t)g->tokens->seq_len * g->model->cfg.hidden;
-    *n = mxq_micro_batch_seqs(g->n_seqs, g->batch, mb);
-    return g->store + (size_t)mb * g->batch * seq_floats;
-}
-
-static int share_batches(const group_run *g) { return (g->n_seqs + g->batch - 1) / g->batch; }
-
 /* This rank's share of the sequences, embedded; the embedding goes after. */
 static mxq_status group_setup(mxq_ctx *ctx, group_run *g)
 {
     mxq_status status = MXQ_OK;
-    const int S = g->tokens->seq_len, size = g->dist->size, rank = g->dist->rank;
-    g->seq_first = (int)((long long)g->tokens->n_seqs * rank / size);
-    g->n_seqs = (int)((long long)g->tokens->n_seqs * (rank + 1) / size) - g->seq_first;
-    const size_t floats = (size_t)g->n_seqs * S * g->model->cfg.hidden;
-    CHECK(ctx, (long long)g->batch * S * g->model->cfg.hidden < INT_MAX, MXQ_ERR_ARG,
-          "a micro-batch of %d sequences x %d tokens x %d features is too large; use a smaller --batch", g->batch, S,
-          g->model->cfg.hidden);
-    g->store = mxq_alloc_floats(floats ? floats : 1);
-    CHECK_ALLOC(ctx, g->store, floats * sizeof(float), "this rank's share of the calibration activations");
-    g->records = calloc(rank == 0 ? (size_t)size : 1, sizeof(*g->records));
-    CHECK_ALLOC(ctx, g->records, (size_t)size * sizeof(*g->records), "the layer records");
-    CALL(ctx, mxq_workspace_create(ctx, &g->model->cfg, g->batch, S, &g->ws));
+    CALL(ctx, mxq_calib_share_embed(ctx, g->dist, g->model, g->tokens, g->batch, &g->share));
+    g->records = calloc(g->dist->rank == 0 ? (size_t)g->dist->size : 1, sizeof(*g->records));
+    CHECK_ALLOC(ctx, g->records, (size_t)g->dist->size * sizeof(*g->records), "the layer records");
+    CALL(ctx, mxq_workspace_create(ctx, &g->model->cfg, g->batch, g->tokens->seq_len, &g->ws));
     CALL(ctx, mxq_layer_stats_init(ctx, &g->model->cfg, &g->stats[0]));
-    for (int mb = 0; mb < share_batches(g); mb++) {
-        int n;
-        float *x = share_batch(g, mb, &n);
-        CALL(ctx, mxq_model_embed(ctx, g->model, g->tokens->ids + (size_t)(g->seq_first + mb * g->batch) * S, n, S, x));
-    }
-    CALL(ctx, mxq_model_unload_embedding(ctx, g->model));
 fail:
     return status;
 }
@@ -114,9 +90,9 @@ static mxq_status group_forward(mxq_ctx *ctx, group_run *g, int l)
     if (!g->stats[g->partial].input[0].hessian)
         CALL(ctx, mxq_layer_stats_init(ctx, &g->model->cfg, &g->stats[g->partial]));
     mxq_layer_stats_zero(&g->stats[g->partial]);
-    for (int mb = 0; mb < share_batches(g); mb++) {
+    for (int mb = 0; mb < mxq_calib_share_batches(&g->share); mb++) {
         int n;
-        float *x = share_batch(g, mb, &n);
+        float *x = mxq_calib_share_batch(&g->share, mb, &n);
         CALL(ctx, mxq_model_run_layers_observed(ctx, g->model, l, l + 1, x, n, g->tokens->seq_len, NULL, &obs, g->ws));
     }
 fail:
@@ -305,33 +281,18 @@ fail:
     return status;
 }
 
-/* The progress lines of the layers just quantized, printed by rank 0. */
-static mxq_status group_log(mxq_ctx *ctx, group_run *g, const mxq_layer_result *results, int quantized_layer)
-{
-    mxq_status status = MXQ_OK;
-    mxq_layer_record rec = {.layer = -1};
-    if (quantized_layer >= 0)
-        mxq_layer_record_of(&results[quantized_layer - g->model->first_layer], g->dist->rank, &rec);
-    CALL_MPI(ctx, g->dist->comm,
-             MPI_Gather(&rec, (int)sizeof(rec), MPI_BYTE, g->records, (int)sizeof(rec), MPI_BYTE, 0, g->dist->comm));
-    for (int r = 0; g->dist->rank == 0 && r < g->dist->size; r++)
-        if (g->records[r].layer >= 0)
-            mxq_layer_record_log(ctx, g->model->cfg.n_layers, &g->records[r]);
-fail:
-    return status;
-}
-
 static void group_run_free(group_run *g)
 {
     mxq_layer_stats_free(&g->stats[0]);
     mxq_layer_stats_free(&g->stats[1]);
-    free(g->store);
+    mxq_calib_share_free(&g->share);
     free(g->records);
     mxq_workspace_free(g->ws);
 }
 
 mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
-                               const mxq_recipe *recipe, int batch, int grid_min_inputs, mxq_layer_result *results)
+                               const mxq_recipe *recipe, int batch, int grid_min_inputs, mxq_act_store *store,
+                               mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     group_run g = {.dist = dist,
@@ -348,6 +309,8 @@ mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
     log_grid_linears(ctx, &g);
     for (int l = 0; l < L; l++) {
         double t0 = mxq_time_now();
+        if (store)
+            CALL(ctx, mxq_act_store_write(ctx, dist, store, l, g.share.first, g.share.n, g.share.acts));
         AGREE(ctx, dist, "group.forward", group_forward(ctx, &g, l));
         CALL(ctx, mxq_layer_stats_reduce(ctx, dist, &g.stats[g.partial], l % dist->size));
         AGREE(ctx, dist, "group.keep", group_keep(ctx, &g, l));
@@ -356,7 +319,7 @@ mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
         if (l % dist->size == dist->size - 1 || l == L - 1) {
             const int quantized = g.owned_layer;
             CALL(ctx, group_quantize(ctx, &g, results, l - l % dist->size));
-            CALL(ctx, group_log(ctx, &g, results, quantized));
+            CALL(ctx, mxq_group_log_layers(ctx, dist, model, results, quantized, g.records));
         }
     }
 fail:

@@ -4,8 +4,10 @@
 
 #include "io/fsutil.h"
 #include "io/tokens.h"
+#include "jobs/quantize_report.h"
 #include "mxq/jobs.h"
 #include "mxq/quantize.h"
+#include "parallel/act_store.h"
 #include "parallel/parallel.h"
 
 /* Set-up steps local to a rank (the job agrees on them before its first
@@ -35,15 +37,54 @@ mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const char *calib_path, const mx
  *   (calibrate_group.c), where GPTQ of linears with grid_min_inputs inputs
  *   or more (> 0) runs on a ScaLAPACK grid of all ranks;
  *   `model` is every layer, loaded lazily; a rank quantizes the layers
- *   l % size == rank, and the other results keep layer = -1. */
+ *   l % size == rank, and the other results keep layer = -1.
+ * - data_parallel 1 (sequential mode): the same group, layer by layer, each
+ *   layer's inputs spread over the ranks (calibrate_group_seq.c); a rank
+ *   writes the layers l % size == rank, the other results keep layer = -1.
+ * A group writes every layer's inputs to `store` (NULL: none; collective). */
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
                                         const char *calib_name, const mxq_recipe *recipe, int batch, int data_parallel,
-                                        int stats_layers, int grid_min_inputs, mxq_layer_result *results);
+                                        int stats_layers, int grid_min_inputs, mxq_act_store *store,
+                                        mxq_layer_result *results);
 
 /* calibrate_group.c: fp calibration and quantization by one data-parallel
  * group of all ranks (see mxq_quantize_model_in_memory). */
 mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
-                               const mxq_recipe *recipe, int batch, int grid_min_inputs, mxq_layer_result *results);
+                               const mxq_recipe *recipe, int batch, int grid_min_inputs, mxq_act_store *store,
+                               mxq_layer_result *results);
+
+/* group_common.c: a rank's share of the calibration sequences in a
+ * data-parallel group, sequences [first, first + n) of the set, and their
+ * activations at the current layer. */
+typedef struct {
+    int first, n;
+    int batch, seq_len, hidden;
+    float *acts; /* [n, seq_len, hidden] */
+} mxq_calib_share;
+
+/* This rank's share, embedded; the embedding is given back after. */
+mxq_status mxq_calib_share_embed(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
+                                 int batch, mxq_calib_share *share);
+int mxq_calib_share_batches(const mxq_calib_share *share);
+/* Micro-batch mb: its activations, and its n sequences. */
+float *mxq_calib_share_batch(const mxq_calib_share *share, int mb, int *n);
+void mxq_calib_share_free(mxq_calib_share *share);
+
+/* The progress lines of the layers just quantized (this rank's `layer`,
+ * or -1), printed by rank 0; records: [size] on rank 0. Collective. */
+mxq_status mxq_group_log_layers(mxq_ctx *ctx, const mxq_dist *dist, const mxq_model *model,
+                                const mxq_layer_result *results, int layer, mxq_layer_record *records);
+
+/* calibrate_group_seq.c: sequential calibration by one data-parallel group
+ * of all ranks: every rank runs its share through each layer, the layer's
+ * inputs are spread over the ranks for quantization (each input's
+ * statistics summed onto the rank that searches its scales and quantizes
+ * its linears; the scales go to every rank, which all fold them), the
+ * quantized linears are broadcast, and every rank runs its share through
+ * the quantized layer. Layer l is written by rank l % size. */
+mxq_status mxq_calibrate_group_sequential(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model,
+                                          const mxq_tokens *tokens, const mxq_recipe *recipe, int batch,
+                                          mxq_act_store *store, mxq_layer_result *results);
 
 /* A lazy model, after layer `layer` is quantized (res): of its float32
  * tensors only those the shard writes from the model stay (norms, biases

@@ -20,6 +20,7 @@
 #include "io/tensor_views.h"
 #include "model/lazy.h"
 #include "jobs/quantize_report.h"
+#include "parallel/act_store.h"
 
 #define REPORT_NAME "mxq_report.json"
 
@@ -59,6 +60,8 @@ typedef struct {
     char *packed_report; /* this rank's figures and tensor names, for rank 0 */
     size_t packed_len;
     mxq_quantize_report report; /* rank 0 */
+    mxq_act_store store;        /* --store-activations */
+    int have_store;
 } quantize_job;
 
 /* The rank that writes a tensor (layer indices were checked against the
@@ -265,14 +268,14 @@ static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
     const int group = job->opt->group_size;
     /* More ranks than layers leave no pipeline of layer ranges (first stays
      * NULL), but a data-parallel group needs none: its ranks share tokens. */
-    const int can_group = job->recipe.calib_mode == MXQ_CALIB_FP && job->opt->stats_layers == 0 && group != 1;
+    const int can_group = job->opt->stats_layers == 0 && group != 1;
     if (job->dist.size <= job->cfg.n_layers || !can_group)
         CALL(ctx, mxq_job_partition(ctx, job->dist.size, &job->cfg, &job->first));
     CHECK(ctx, group == 0 || group == 1 || group == job->dist.size, MXQ_ERR_ARG,
           "--group-size %d: a group is one rank (a pipeline of layer ranges) or all %d ranks", group, job->dist.size);
-    CHECK(ctx, group <= 1 || job->recipe.calib_mode == MXQ_CALIB_FP, MXQ_ERR_ARG,
-          "--group-size %d: the recipe '%s' calibrates sequentially, which runs as a pipeline (--group-size 1)", group,
-          job->recipe_path);
+    CHECK(ctx, !job->opt->store_activations || (group != 1 && job->opt->stats_layers == 0), MXQ_ERR_ARG,
+          "--store-activations is written by a data-parallel group; %s runs a pipeline",
+          group == 1 ? "--group-size 1" : "--stats-layers");
     CHECK(ctx, group <= 1 || job->opt->stats_layers == 0, MXQ_ERR_ARG,
           "--stats-layers bounds a pipeline's statistics; a data-parallel group (--group-size %d) holds two layers' "
           "already",
@@ -286,6 +289,8 @@ static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
     CALL(ctx, mxq_input_set_add_model(ctx, &job->inputs, job->model_dir));
     CALL(ctx, mxq_input_set_add(ctx, &job->inputs, job->calib_path, "the calibration file"));
     CALL(ctx, mxq_input_set_add(ctx, &job->inputs, job->recipe_path, "the recipe"));
+    if (job->opt->store_activations)
+        CALL(ctx, mxq_act_store_check(ctx, job->opt->store_activations, &job->inputs));
     /* a dry run says now what the real run would refuse about --out */
     if (job->opt->dry_run && job->out_dir && job->dist.rank == 0)
         CALL(ctx, out_dir_files(ctx, job, 1));
@@ -348,15 +353,40 @@ fail:
     return status;
 }
 
+static double store_bytes(const quantize_job *job)
+{
+    return (double)job->cfg.n_layers * job->calib.n_seqs * job->calib.seq_len * job->cfg.hidden * sizeof(float);
+}
+
+/* --store-activations: the file, created by all ranks (collective). */
+static mxq_status open_store(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_act_store_info info = {job->model_dir, job->calib_path,
+                                     job->recipe.calib_mode == MXQ_CALIB_FP ? "fp" : "sequential"};
+    if (job->dist.rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO, "activation store: %s (%d layers x %d x %d x %d float32, %.2f GB)",
+                job->opt->store_activations, job->cfg.n_layers, job->calib.n_seqs, job->calib.seq_len, job->cfg.hidden,
+                store_bytes(job) / 1e9);
+    job->have_store = 1; /* create leaves the store safe to abort whatever happens */
+    CALL(ctx, mxq_act_store_create(ctx, &job->dist, job->opt->store_activations, &job->inputs, &job->cfg,
+                                   job->calib.n_seqs, job->calib.seq_len, &info, &job->store));
+fail:
+    return status;
+}
+
 static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
     AGREE(ctx, &job->dist, "quantize.outdir", job->dist.rank == 0 ? out_dir_files(ctx, job, 0) : MXQ_OK);
     AGREE(ctx, &job->dist, "quantize.load", open_and_load(ctx, job));
+    if (job->opt->store_activations)
+        CALL(ctx, open_store(ctx, job));
     double t_quant = mxq_time_now();
     CALL(ctx, mxq_quantize_model_in_memory(ctx, &job->dist, job->model, &job->calib, job->calib_path, &job->recipe,
                                            job->batch, job->data_parallel, job->opt->stats_layers,
-                                           job->grid_min_inputs, job->results));
+                                           job->grid_min_inputs, job->have_store ? &job->store : NULL,
+                                           job->results));
     job->quant_seconds = mxq_time_now() - t_quant;
 fail:
     return status;
@@ -371,6 +401,9 @@ static mxq_status commit(mxq_ctx *ctx, quantize_job *job)
     AGREE(ctx, &job->dist, "quantize.commit.begin", rank0 ? mxq_ckpt_dir_begin_commit(ctx, &job->out) : MXQ_OK);
     AGREE(ctx, &job->dist, "quantize.commit.shards", mxq_output_commit(ctx, &job->shard_out));
     AGREE(ctx, &job->dist, "quantize.commit.report", rank0 ? mxq_quantize_report_commit(ctx, &job->report) : MXQ_OK);
+    /* the store last before the index: a run that fails leaves neither */
+    if (job->have_store)
+        CALL(ctx, mxq_act_store_commit(ctx, &job->dist, &job->store));
     /* The commit point: once the index is in place nothing is left to fail,
      * so the last agreement is on its rename alone (no fault injection). */
     AGREE(ctx, &job->dist, NULL, rank0 ? mxq_output_commit(ctx, &job->report.index) : MXQ_OK);
@@ -442,6 +475,8 @@ static void warn_if_too_big(mxq_ctx *ctx, const quantize_job *job)
  * a rank's memory: llama-2-70b's down_proj with 12 GB a rank, not 7b's. */
 static int grid_threshold(const quantize_job *job)
 {
+    if (job->recipe.calib_mode == MXQ_CALIB_SEQUENTIAL) /* its group spreads a layer's inputs instead */
+        return 0;
     if (job->opt->grid_min_inputs != 0)
         return job->opt->grid_min_inputs > 0 ? job->opt->grid_min_inputs : 0;
     int threshold = 0;
@@ -458,10 +493,23 @@ static int grid_threshold(const quantize_job *job)
 /* An explicit --grid-min-inputs outside a group of several ranks says so. */
 static void warn_grid_unused(mxq_ctx *ctx, const quantize_job *job)
 {
-    if (job->opt->grid_min_inputs > 0 && !(job->data_parallel && job->dist.size > 1) && job->dist.rank == 0)
+    if (job->opt->grid_min_inputs > 0 &&
+        !(job->data_parallel && job->dist.size > 1 && job->recipe.calib_mode == MXQ_CALIB_FP) && job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_WARN,
                 "--grid-min-inputs applies to a data-parallel group of 2 or more ranks (--group-size, fp mode); "
                 "GPTQ runs on each layer's owner here");
+}
+
+/* Sequential mode as a pipeline of several ranks runs them one after the
+ * other: a user who wants speed should hear of the group. */
+static void hint_sequential_group(mxq_ctx *ctx, const quantize_job *job)
+{
+    if (job->recipe.calib_mode == MXQ_CALIB_SEQUENTIAL && !job->data_parallel && job->dist.size > 1 &&
+        job->dist.rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO,
+                "sequential calibration as a pipeline: the %d ranks take turns; --group-size %d spreads every layer "
+                "over them instead (faster, and the last bits then depend on the rank count)",
+                job->dist.size, job->dist.size);
 }
 
 static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
@@ -473,20 +521,21 @@ static mxq_status choose_group(mxq_ctx *ctx, quantize_job *job)
     else
         CALL(ctx, mxq_memory_per_rank(ctx, &job->dist, &job->mem_per_rank));
     job->grid_min_inputs = grid_threshold(job);
-    job->data_parallel = job->opt->group_size > 1 || !job->first;
+    job->data_parallel = job->opt->group_size > 1 || !job->first || job->opt->store_activations;
     if (!job->first && job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "%d ranks for %d layers: no pipeline of layer ranges, one data-parallel group",
                 job->dist.size, job->cfg.n_layers);
-    if (job->opt->group_size > 0 || job->recipe.calib_mode != MXQ_CALIB_FP || job->opt->stats_layers > 0 ||
-        !job->first) {
+    if (job->opt->group_size > 0 || job->opt->stats_layers > 0 || !job->first || job->opt->store_activations) {
         warn_if_too_big(ctx, job);
         warn_grid_unused(ctx, job);
+        hint_sequential_group(ctx, job);
         return MXQ_OK;
     }
     const double peak = plan_peak(job, &rank);
     job->data_parallel = job->mem_per_rank > 0 && peak > 0.9 * job->mem_per_rank;
     warn_if_too_big(ctx, job);
     warn_grid_unused(ctx, job);
+    hint_sequential_group(ctx, job);
     if (job->data_parallel && job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO,
                 "a pipeline of layer ranges would need %.0f MB on a rank, which has %.0f MB: the %d rank%s work%s as one "
@@ -543,6 +592,10 @@ static mxq_status dry_run_output(mxq_ctx *ctx, quantize_job *job)
     const mxq_plan_input in = plan_input(job);
     json_t *plan = NULL;
     mxq_quantize_print_plan(ctx, &in, job->mem_per_rank);
+    if (job->opt->store_activations)
+        mxq_print(ctx, "activation store: %s, %d layers x %d x %d x %d float32 = %.2f GB, written by the group\n",
+                  job->opt->store_activations, job->cfg.n_layers, job->calib.n_seqs, job->calib.seq_len,
+                  job->cfg.hidden, store_bytes(job) / 1e9);
     if (!job->opt->plan_json)
         return MXQ_OK;
     plan = mxq_quantize_plan_json(&in, job->mem_per_rank);
@@ -577,7 +630,7 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
                         const char *recipe_path, const char *out_dir, const mxq_quantize_options *options)
 {
     mxq_status status = MXQ_OK;
-    quantize_job job = {.dist = {.comm = MPI_COMM_NULL}, .shard_out = {NULL, NULL, -1}};
+    quantize_job job = {.dist = {.comm = MPI_COMM_NULL}, .shard_out = {NULL, NULL, -1}, .store = {.file = -1, .out = {NULL, NULL, -1}}};
     job.report.index.fd = -1;
     job.model_dir = model_dir;
     job.calib_path = calib_path;
@@ -599,6 +652,8 @@ fail:
      * tidies the directory (mxq_ckpt_dir_abandon says how). */
     if (status != MXQ_OK && job.dist.comm != MPI_COMM_NULL) {
         mxq_output_abort(&job.shard_out);
+        if (job.have_store) /* collective: every rank is here */
+            mxq_act_store_abort(&job.store);
         mxq_quantize_report_abort(&job.report);
         /* not CALL_MPI: already past the fail label; it aborts the job too */
         const int mpi_rc = MPI_Barrier(job.dist.comm);

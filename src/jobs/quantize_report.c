@@ -529,6 +529,30 @@ static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
     plan->load = 1.5 * emb + store;
 }
 
+/* A rank of the data-parallel group in sequential mode: its share of the
+ * activations and a micro-batch copy, one layer in float32 (and the pages
+ * of one while it converts), one set of statistics, the quantization of
+ * the linears of the inputs it owns (ranks 0-3 may own one), and the packed
+ * results of the layers it writes. */
+static void plan_group_sequential(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
+{
+    const mxq_model_config *cfg = in->cfg;
+    const double layer = (double)mxq_config_layer_params(cfg) * sizeof(float);
+    const double emb = (double)mxq_config_embedding_params(cfg) * sizeof(float), stats = (double)mxq_layer_stats_bytes(cfg);
+    const int share = (int)((long long)in->samples * (r + 1) / in->size - (long long)in->samples * r / in->size);
+    const double store = (double)share * in->seq_len * cfg->hidden * sizeof(float);
+    const double results = owned_layers(in, r) * packed_layer_bytes(cfg, in->recipe);
+    plan->weights = 1.5 * layer + results;
+    plan->stats = stats + store;
+    plan->quant = quantize_bytes(in, r < MXQ_INPUT_COUNT);
+    const double down_in = (double)cfg->intermediate * cfg->intermediate * sizeof(double);
+    plan->work += (double)in->batch * in->seq_len * cfg->hidden * sizeof(float) +
+                  2.0 * fmin(128.0 * 1048576.0, fmax(down_in, (double)cfg->hidden * cfg->hidden * sizeof(double)));
+    const double running = 1.5 * layer + stats, quantizing = layer + stats + plan->quant;
+    plan->total = plan->base + results + store + plan->work + (running > quantizing ? running : quantizing);
+    plan->load = 1.5 * emb + store;
+}
+
 void mxq_quantize_plan_rank(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
 {
     /* in double: a plan must print for any model, not wrap around */
@@ -538,6 +562,8 @@ void mxq_quantize_plan_rank(const mxq_plan_input *in, int r, mxq_rank_plan *plan
     plan->base = MXQ_PLAN_BASE_BYTES;
     if (!in->data_parallel)
         plan_pipeline(in, r, plan);
+    else if (in->recipe->calib_mode == MXQ_CALIB_SEQUENTIAL)
+        plan_group_sequential(in, r, plan);
     else
         plan_group(in, r, plan);
     if (plan->load + plan->base > plan->total)
@@ -550,6 +576,8 @@ static void plan_layers_text(const mxq_plan_input *in, int r, char *text, size_t
         snprintf(text, size, "[%d, %d)", in->first[r], in->first[r + 1]);
     else if (owned_layers(in, r) == 0) /* more ranks than layers: it only calibrates (and serves the grid) */
         snprintf(text, size, "none");
+    else if (in->recipe->calib_mode == MXQ_CALIB_SEQUENTIAL) /* the linears of its inputs (input_owners) */
+        snprintf(text, size, r < MXQ_INPUT_COUNT ? "part of every" : "none");
     else
         snprintf(text, size, "%d of every %d", r, in->size);
 }
@@ -590,7 +618,10 @@ void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budg
     const int fp = in->recipe->calib_mode == MXQ_CALIB_FP;
     mxq_print(ctx, "plan: %d layers over %d rank%s, %s; calibration %d x %d tokens, %s mode, micro-batch %d\n",
               in->cfg->n_layers, in->size, in->size == 1 ? "" : "s",
-              !in->data_parallel ? "a pipeline of layer ranges (group size 1)" : "one data-parallel group", in->samples,
+              !in->data_parallel ? "a pipeline of layer ranges (group size 1)"
+              : fp               ? "one data-parallel group"
+                                 : "one data-parallel group, each layer's inputs spread over the ranks",
+              in->samples,
               in->seq_len, fp ? "fp" : "sequential", in->batch);
     mxq_print(ctx, "%-6s %-14s %12s %12s %12s %12s %14s\n", "rank", "quantizes", "weights MB", "stats MB", "work MB",
               "quantize MB", "peak RSS MB");
@@ -603,7 +634,8 @@ void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budg
                   p.work / MB, p.quant / MB, p.total / MB);
     }
     mxq_print(ctx, "stats: Hessians (double) of the 4 linear inputs of a layer = %.1f MB per layer%s\n", stats / MB,
-              in->data_parallel ? "; a rank holds two layers' (the last rank of a round: one) and its share of the activations"
+              in->data_parallel && !fp ? "; a rank holds one layer's and its share of the activations"
+              : in->data_parallel ? "; a rank holds two layers' (the last rank of a round: one) and its share of the activations"
               : fp ? (in->stats_layers > 0 ? ", held for --stats-layers layers at a time (one calibration pass per group)"
                                            : ", held for every owned layer until it is quantized (bound it with "
                                              "--stats-layers, or --group-size)")
@@ -611,6 +643,12 @@ void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budg
     if (!in->data_parallel)
         mxq_print(ctx, "peak RSS: weights (float32, and the packed results) + stats + work (forward workspace, buffers, "
                        "a Gram panel) + the largest linear's quantization + %.0f MB of libraries\n",
+                  MXQ_PLAN_BASE_BYTES / MB);
+    else if (!fp)
+        mxq_print(ctx, "peak RSS: the packed results of the layers it writes, the share of activations, work (forward "
+                       "workspace, a micro-batch, a Gram panel, MPI_Reduce's staging) and %.0f MB of libraries, plus "
+                       "the larger of a layer running (1.5 layers in float32, 1 layer's stats) and being quantized "
+                       "(1 layer, its stats, the quantization of its inputs' linears)\n",
                   MXQ_PLAN_BASE_BYTES / MB);
     else
         mxq_print(ctx, "peak RSS: the packed results, the share of activations, work (forward workspace, a Gram panel, "

@@ -84,5 +84,11 @@ mxq_status mxq_memory_per_rank(mxq_ctx *ctx, const mxq_dist *dist, double *bytes
  * (Hessians and |x| sums added, |x| maxima taken), in segments. Collective;
  * the other ranks' statistics are left as they were. */
 mxq_status mxq_layer_stats_reduce(mxq_ctx *ctx, const mxq_dist *dist, mxq_layer_stats *stats, int root);
+/* The same for one input's statistics. */
+mxq_status mxq_input_stats_reduce(mxq_ctx *ctx, const mxq_dist *dist, mxq_input_stats *stats, int root);
+
+/* MPI_Bcast of n floats from root, in segments (n may pass INT_MAX).
+ * Collective. */
+mxq_status mxq_bcast_floats(mxq_ctx *ctx, const mxq_dist *dist, float *data, size_t n, int root);
 
 #endif

@@ -29,19 +29,28 @@ typedef struct {
     int n_ranks;
 } step_info;
 
-typedef enum { JOB_EVAL, JOB_QUANTIZE_FP, JOB_QUANTIZE_SEQ, JOB_QUANTIZE_GROUP, JOB_QUANTIZE_GRID } job_kind;
+typedef enum {
+    JOB_EVAL,
+    JOB_QUANTIZE_FP,
+    JOB_QUANTIZE_SEQ,
+    JOB_QUANTIZE_GROUP,
+    JOB_QUANTIZE_GRID,
+    JOB_QUANTIZE_SEQ_GROUP,
+    JOB_QUANTIZE_STORE
+} job_kind;
 
 
 /* Small but complete jobs: several micro-batches, so a failure midway
- * through a pipeline leaves messages in flight. */
+ * through a pipeline leaves messages in flight. Sequential ones search AWQ
+ * scales too, which its group exchanges. */
 static const char *recipe(int sequential)
 {
     const char *path = tu_scratch_path("faults-%s.yaml", sequential ? "seq" : "fp");
     char text[512];
     snprintf(text, sizeof(text),
              "weights: {format: mxint4, block: 32}\nactivations: {format: mxint8, block: 32}\n"
-             "algorithms:\n  - gptq: {block: 64, microblock: 32}\ncalibration: {samples: 6, mode: %s}\n",
-             sequential ? "sequential" : "fp");
+             "algorithms:\n%s  - gptq: {block: 64, microblock: 32}\ncalibration: {samples: 6, mode: %s}\n",
+             sequential ? "  - awq: {grid: 4, clip: false}\n" : "", sequential ? "sequential" : "fp");
     tu_write_file(path, text, strlen(text));
     return path;
 }
@@ -68,12 +77,19 @@ static void job_argv_force(const char **argv, job_kind kind, int ranks, const ch
             argv[k++] = rest[i];
     } else {
         const char *rest[] = {"quantize", "--model", model, "--calib", tu_data_path("stories260K/calib.h5"),
-                              "--recipe", recipe(kind == JOB_QUANTIZE_SEQ), "--batch", "2", "--out", out, "-q"};
+                              "--recipe", recipe(kind == JOB_QUANTIZE_SEQ || kind == JOB_QUANTIZE_SEQ_GROUP), "--batch", "2", "--out", out, "-q"};
         for (size_t i = 0; i < sizeof(rest) / sizeof(rest[0]); i++)
             argv[k++] = rest[i];
         if (force)
             argv[k++] = "--force";
-        if (kind == JOB_QUANTIZE_GROUP || kind == JOB_QUANTIZE_GRID) { /* one data-parallel group of all ranks */
+        if (kind == JOB_QUANTIZE_STORE) { /* the group, with its activation store in the output directory */
+            char *store = malloc(strlen(out) + 16); /* lives as long as the test */
+            sprintf(store, "%s/acts.h5", out);
+            argv[k++] = "--store-activations";
+            argv[k++] = store;
+        }
+        if (kind == JOB_QUANTIZE_GROUP || kind == JOB_QUANTIZE_GRID || kind == JOB_QUANTIZE_SEQ_GROUP) {
+            /* one data-parallel group of all ranks */
             argv[k++] = "--group-size";
             argv[k++] = n;
         }
@@ -344,6 +360,21 @@ static void test_quantize_sequential_every_step(void **state)
     walk(JOB_QUANTIZE_SEQ, 3, 0, "quantize (sequential)");
 }
 
+/* A failure anywhere leaves no store either (it is committed just before
+ * the index), so the output directory goes as a whole. */
+static void test_quantize_store_every_step(void **state)
+{
+    (void)state;
+    walk(JOB_QUANTIZE_STORE, 2, 1, "quantize (group, --store-activations)");
+}
+
+static void test_quantize_sequential_group_every_step(void **state)
+{
+    (void)state;
+    walk(JOB_QUANTIZE_SEQ_GROUP, 2, 1, "quantize (sequential, data-parallel group)");
+    walk(JOB_QUANTIZE_SEQ_GROUP, 3, 0, "quantize (sequential, data-parallel group)");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -353,6 +384,8 @@ int main(void)
         cmocka_unit_test(test_quantize_grid_every_step),
         cmocka_unit_test(test_quantize_force_every_step),
         cmocka_unit_test(test_quantize_sequential_every_step),
+        cmocka_unit_test(test_quantize_sequential_group_every_step),
+        cmocka_unit_test(test_quantize_store_every_step),
     };
     return cmocka_run_group_tests_name("cli_faults", tests, NULL, NULL);
 }

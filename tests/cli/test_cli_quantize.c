@@ -207,9 +207,10 @@ static size_t differing_bytes(const char *a, const char *b, size_t *total)
 }
 
 /* The largest relative difference between the round-to-nearest losses of
- * two runs' reports, linear by linear: tr(dW H dW^T) of the unscaled
- * weights depends on the calibration statistics alone. */
-static double max_loss_difference(const char *dir_a, const char *dir_b, const char *key)
+ * two runs' reports, linear by linear, over their first `layers` layers:
+ * tr(dW H dW^T) of the unscaled weights depends on the calibration
+ * statistics alone. */
+static double max_loss_difference_in(const char *dir_a, const char *dir_b, const char *key, int layers)
 {
     json_t *ra = json_load_file(tu_scratch_path("%s/mxq_report.json", dir_a), 0, NULL);
     json_t *rb = json_load_file(tu_scratch_path("%s/mxq_report.json", dir_b), 0, NULL);
@@ -219,7 +220,7 @@ static double max_loss_difference(const char *dir_a, const char *dir_b, const ch
     assert_int_equal(json_array_size(la), json_array_size(lb));
     double worst = 0;
     int compared = 0;
-    for (size_t i = 0; i < json_array_size(la); i++) {
+    for (size_t i = 0; i < json_array_size(la) && (int)i < layers; i++) {
         json_t *layer_a = json_array_get(la, i), *layer_b = NULL; /* listed by rank, then layer */
         for (size_t k = 0; k < json_array_size(lb) && !layer_b; k++)
             if (json_integer_value(json_object_get(json_array_get(lb, k), "layer")) ==
@@ -236,10 +237,15 @@ static double max_loss_difference(const char *dir_a, const char *dir_b, const ch
             compared++;
         }
     }
-    assert_int_equal(compared, 5 * 7);
+    assert_int_equal(compared, (layers < 5 ? layers : 5) * 7);
     json_decref(ra);
     json_decref(rb);
     return worst;
+}
+
+static double max_loss_difference(const char *dir_a, const char *dir_b, const char *key)
+{
+    return max_loss_difference_in(dir_a, dir_b, key, 5);
 }
 
 /* One data-parallel group of 2, 3 and 6 ranks (more than the 5 layers:
@@ -344,9 +350,9 @@ static void test_group_gptq_on_grid(void **state)
 
 /* A sequential variant of the shipped W3A8 GPTQ recipe, written to the
  * scratch file `name`. */
-static const char *sequential_recipe(const char *name)
+static const char *sequential_recipe_of(const char *base, const char *name)
 {
-    char *text = tu_read_file(recipe("w3a8-mxint-gptq"), NULL);
+    char *text = tu_read_file(recipe(base), NULL);
     char *p = strstr(text, "mode: fp");
     assert_non_null(p);
     char seq[4096];
@@ -357,16 +363,175 @@ static const char *sequential_recipe(const char *name)
     return path;
 }
 
+static const char *sequential_recipe(const char *name) { return sequential_recipe_of("w3a8-mxint-gptq", name); }
+
+/* Sequential calibration by one data-parallel group of 2, 3 and 6 ranks
+ * (6: more ranks than the 4 inputs a layer is spread over), against the
+ * pipeline on 1 rank. On 2 ranks each share is whole micro-batches of the
+ * pipeline's, so every float32 Gram product is the same one and their
+ * double sums come out the same: the same bytes, which shows that the
+ * scales, the rounded weights and the packed linears travel intact. On 3
+ * and 6 ranks the groupings of tokens differ, as in the fp group; each
+ * layer's differences reach the later layers through their inputs, where
+ * an AWQ alpha that tips changes a whole layer (measured: 6.8% of the
+ * bytes on 3 ranks), so beyond layer 0 only the quality is compared. */
+static void test_group_sequential(void **state)
+{
+    (void)state;
+    const char *path = sequential_recipe_of("w4a8-mxint-awq-gptq", "seq-awq.yaml");
+    const char *pipeline = tu_scratch_path("seq-awq-n1");
+    tu_run_result r = run_mpi(1, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", path, "--out", pipeline, "--force",
+                              "--quiet", NULL);
+    if (r.exit_code != 0)
+        fail_msg("sequential quantize on 1 rank failed: %s", r.err);
+    const double pipeline_nll = eval_nll(pipeline, NULL, EVAL_LIMIT, NULL, 0);
+    static const int rank_counts[3] = {2, 3, 6};
+    for (int k = 0; k < 3; k++) {
+        const int ranks = rank_counts[k];
+        char size[8], name[32];
+        snprintf(size, sizeof(size), "%d", ranks);
+        snprintf(name, sizeof(name), "seq-awq-group-n%d", ranks);
+        const char *out = tu_scratch_path("%s", name);
+        r = run_mpi(ranks, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                    tu_data_path("stories260K/calib.h5"), "--recipe", path, "--out", out, "--group-size", size,
+                    "--force", NULL);
+        if (r.exit_code != 0)
+            fail_msg("sequential quantize --group-size %d failed: %s", ranks, r.err);
+        assert_non_null(strstr(r.err, "each layer's inputs spread over the ranks"));
+        assert_non_null(strstr(r.err, "r0] INFO  layer 4 (5/5)"));
+        char *index = tu_read_file(tu_scratch_path("%s/model.safetensors.index.json", name), NULL);
+        char writer[128]; /* layer 1 is written by rank 1 */
+        snprintf(writer, sizeof(writer), "\"model.layers.1.mlp.down_proj.weight_packed\": \"model-00002-of-0000%d",
+                 ranks);
+        assert_non_null(strstr(index, writer));
+        free(index);
+        /* layer 0's inputs are the embedded tokens whatever the rank count */
+        const double rtn_diff = max_loss_difference_in("seq-awq-n1", name, "loss_rtn", 1);
+        size_t total, diff = differing_bytes(pipeline, out, &total);
+        const double nll = eval_nll(out, NULL, EVAL_LIMIT, NULL, 0);
+        print_message("# sequential, --group-size %d: layer 0's RTN losses within %.1e of the pipeline's; %zu of %zu "
+                      "bytes differ; mean NLL %.6f vs %.6f\n",
+                      ranks, rtn_diff, diff, total, nll, pipeline_nll);
+        if (ranks == 2)
+            assert_int_equal(diff, 0);
+        assert_true(rtn_diff <= 1e-5);
+        assert_true(fabs(nll - pipeline_nll) <= 1e-2 * pipeline_nll);
+    }
+}
+
+/* Layer 0's inputs in the store at `path`, sequence `seq`, are the embedding
+ * rows of that sequence's calibration tokens (read here from the model and
+ * the tokens file, not through mxq). */
+static void assert_store_embeds(const char *path, int seq)
+{
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT), t = H5Fopen(tu_data_path("stories260K/calib.h5"),
+                                                                       H5F_ACC_RDONLY, H5P_DEFAULT);
+    assert_true(f >= 0 && t >= 0);
+    hid_t d = H5Dopen2(f, "/layers/0", H5P_DEFAULT), td = H5Dopen2(t, "/tokens", H5P_DEFAULT);
+    hsize_t dims[3];
+    hid_t space = H5Dget_space(d);
+    assert_int_equal(H5Sget_simple_extent_dims(space, dims, NULL), 3);
+    assert_true(dims[0] == 128 && dims[1] == 256 && dims[2] == 64); /* calibration.samples x seq_len x hidden */
+    float *acts = malloc(dims[0] * dims[1] * dims[2] * sizeof(float));
+    int *ids = malloc(128 * 256 * sizeof(int));
+    assert_true(H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, acts) >= 0);
+    assert_true(H5Dread(td, H5T_NATIVE_INT, H5S_ALL, H5S_ALL, H5P_DEFAULT, ids) >= 0);
+    mxq_ctx *ctx;
+    mxq_st_file *model;
+    assert_int_equal(mxq_ctx_create(&ctx), MXQ_OK);
+    assert_int_equal(mxq_st_file_open(ctx, tu_data_path("stories260K/model.safetensors"), &model), MXQ_OK);
+    const mxq_tensor_view *emb = mxq_st_file_find(model, "model.embed_tokens.weight");
+    assert_true(emb && emb->dtype == MXQ_DT_F32 && emb->shape[1] == 64);
+    for (size_t tok = 0; tok < dims[1]; tok++)
+        assert_memory_equal(acts + ((size_t)seq * dims[1] + tok) * 64,
+                            (const float *)emb->data + (size_t)ids[(size_t)seq * 256 + tok] * 64, 64 * sizeof(float));
+    mxq_st_file_close(model);
+    mxq_ctx_destroy(ctx);
+    free(acts);
+    free(ids);
+    H5Sclose(space);
+    H5Dclose(d);
+    H5Dclose(td);
+    H5Fclose(f);
+    H5Fclose(t);
+}
+
+/* --store-activations: the group writes every layer's inputs collectively.
+ * For fp and sequential mode on 1 and 2 ranks: the checkpoints' bytes are
+ * the same, and so are the stores (h5diff, which also shows that HDF5's
+ * own tools read them); layer 0 holds the embedded tokens of the first and
+ * last sequence (one from each rank's share). */
+static void test_store_activations(void **state)
+{
+    (void)state;
+    const char *recipes[2] = {recipe("w4a8-mxint-awq-gptq"), sequential_recipe_of("w4a8-mxint-awq-gptq",
+                                                                                  "store-seq.yaml")};
+    for (int mode = 0; mode < 2; mode++) {
+        const char *outs[2], *stores[2];
+        for (int ranks = 1; ranks <= 2; ranks++) {
+            outs[ranks - 1] = tu_scratch_path("store-%d-n%d", mode, ranks);
+            stores[ranks - 1] = tu_scratch_path("store-%d-n%d.h5", mode, ranks);
+            tu_run_result r = run_mpi(ranks, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                                      tu_data_path("stories260K/calib.h5"), "--recipe", recipes[mode], "--out",
+                                      outs[ranks - 1], "--store-activations", stores[ranks - 1], "--force", NULL);
+            if (r.exit_code != 0)
+                fail_msg("quantize --store-activations on %d rank(s) failed: %s", ranks, r.err);
+            assert_non_null(strstr(r.err, "activation store: "));
+        }
+        size_t total, diff = differing_bytes(outs[0], outs[1], &total);
+        const char *h5diff[] = {"h5diff", stores[0], stores[1], NULL};
+        tu_run_result r;
+        tu_run(h5diff, &r);
+        print_message("# --store-activations, %s mode: %zu of %zu checkpoint bytes differ between 1 and 2 ranks; "
+                      "h5diff of the stores: exit %d %s\n",
+                      mode ? "sequential" : "fp", diff, total, r.exit_code, r.out);
+        assert_int_equal(diff, 0);
+        assert_int_equal(r.exit_code, 0);
+        assert_store_embeds(stores[1], 0);
+        assert_store_embeds(stores[1], 127);
+    }
+}
+
+/* A store path that is not an earlier store is never replaced; the store
+ * needs the group. Refused before any work, once. */
+static void test_store_refusals(void **state)
+{
+    (void)state;
+    const char *precious = tu_scratch_path("precious.txt");
+    tu_write_file(precious, "not a store\n", 12);
+    const struct {
+        const char *store, *group, *expect;
+    } cases[] = {
+        {precious, "2", "exists and is not an mxq activation store"},
+        {tu_scratch_path("s.h5"), "1", "--store-activations is written by a data-parallel group; --group-size 1"},
+        {recipe("w4a8-mxint-rtn"), "2", "is the recipe"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const char *out = tu_scratch_path("store-refused-%zu", i);
+        tu_run_result r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                                  tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-rtn"), "--out",
+                                  out, "--store-activations", cases[i].store, "--group-size", cases[i].group, NULL);
+        assert_int_not_equal(r.exit_code, 0);
+        const char *hit = strstr(r.err, cases[i].expect);
+        if (!hit)
+            fail_msg("expected '%s' in: %s", cases[i].expect, r.err);
+        assert_null(strstr(hit + 1, cases[i].expect)); /* once per job */
+        assert_false(exists(out, "model.safetensors.index.json"));
+    }
+    char *text = tu_read_file(precious, NULL);
+    assert_string_equal(text, "not a store\n");
+    free(text);
+}
+
 /* --group-size values that cannot work are refused before any work, once. */
 static void test_group_size_refused(void **state)
 {
     (void)state;
-    const char *seq_path = sequential_recipe("group-seq.yaml");
     const struct {
         const char *recipe, *size, *extra, *expect;
     } cases[] = {
         {recipe("w4a8-mxint-awq-gptq"), "3", NULL, "--group-size 3: a group is one rank (a pipeline of layer ranges) or all 2 ranks"},
-        {seq_path, "2", NULL, "calibrates sequentially, which runs as a pipeline (--group-size 1)"},
         {recipe("w4a8-mxint-awq-gptq"), "2", "--stats-layers", "--stats-layers bounds a pipeline's statistics"},
         {recipe("w4a8-mxint-awq-gptq"), "0", NULL, "--group-size must be 1 or the number of ranks, got '0'"},
     };
@@ -762,6 +927,9 @@ int main(void)
         cmocka_unit_test(test_same_bytes_any_rank_count),
         cmocka_unit_test(test_group_data_parallel),
         cmocka_unit_test(test_group_size_refused),
+        cmocka_unit_test(test_group_sequential),
+        cmocka_unit_test(test_store_activations),
+        cmocka_unit_test(test_store_refusals),
         cmocka_unit_test(test_group_gptq_on_grid),
         cmocka_unit_test(test_reload_equals_fake_quant),
         cmocka_unit_test(test_table1_orderings),

@@ -1,0 +1,240 @@
+/* The activation store: parallel HDF5 (MPI-IO) on the group's communicator.
+ * See act_store.h for the file's layout. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "io/h5io.h"
+#include "parallel/act_store.h"
+
+#define STORE_VERSION 1
+/* Sequences per collective write: under 1 GB a call, so that no MPI-IO
+ * request nears INT_MAX bytes. */
+#define WRITE_BYTES ((size_t)1 << 30)
+
+mxq_status mxq_act_store_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    struct stat st;
+    CALL(ctx, mxq_output_check(ctx, path, inputs));
+    if (lstat(path, &st) != 0)
+        return MXQ_OK;
+    mxq_h5_quiet quiet;
+    mxq_h5_quiet_begin(&quiet);
+    int is_store = 0;
+    if (H5Fis_hdf5(path) > 0) { /* HDF5 1.10: no H5Fis_accessible */
+        hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+        is_store = f >= 0 && H5Aexists(f, "mxq_activation_store") > 0;
+        if (f >= 0)
+            H5Fclose(f);
+    }
+    mxq_h5_quiet_end(&quiet);
+    CHECK(ctx, is_store, MXQ_ERR_ARG,
+          "--store-activations '%s' exists and is not an mxq activation store; mxq replaces only a store it wrote "
+          "(remove the file or give another path)",
+          path);
+fail:
+    return status;
+}
+
+/* The root attributes and the group /layers. */
+static mxq_status write_header(mxq_ctx *ctx, mxq_act_store *s, const char *path, const mxq_act_store_info *info)
+{
+    mxq_status status = MXQ_OK;
+    hid_t group = H5I_INVALID_HID;
+    CALL(ctx, mxq_h5_attr_int(ctx, s->file, "mxq_activation_store", STORE_VERSION));
+    CALL(ctx, mxq_h5_attr_string(ctx, s->file, "model", info->model));
+    CALL(ctx, mxq_h5_attr_string(ctx, s->file, "calibration", info->calibration));
+    CALL(ctx, mxq_h5_attr_string(ctx, s->file, "mode", info->mode));
+    CALL(ctx, mxq_h5_attr_int(ctx, s->file, "n_layers", s->n_layers));
+    CALL(ctx, mxq_h5_attr_int(ctx, s->file, "n_seqs", s->n_seqs));
+    CALL(ctx, mxq_h5_attr_int(ctx, s->file, "seq_len", s->seq_len));
+    CALL(ctx, mxq_h5_attr_int(ctx, s->file, "hidden", s->hidden));
+    group = H5Gcreate2(s->file, "layers", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    CALL_H5(ctx, group, "cannot create the group /layers in '%s'", path);
+fail:
+    if (group >= 0)
+        H5Gclose(group);
+    return status;
+}
+
+/* /layers/<l> for every layer, one sequence per chunk, never filled (each
+ * is written whole). Collective. */
+static mxq_status create_datasets(mxq_ctx *ctx, mxq_act_store *s, const char *path)
+{
+    mxq_status status = MXQ_OK;
+    const hsize_t dims[3] = {(hsize_t)s->n_seqs, (hsize_t)s->seq_len, (hsize_t)s->hidden};
+    const hsize_t chunk[3] = {1, (hsize_t)s->seq_len, (hsize_t)s->hidden};
+    hid_t space = H5Screate_simple(3, dims, NULL), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    CALL_H5(ctx, space, "cannot describe the layers' inputs in '%s'", path);
+    CALL_H5(ctx, dcpl, "cannot describe the layers' inputs in '%s'", path);
+    CALL_H5(ctx, H5Pset_chunk(dcpl, 3, chunk), "cannot chunk the layers' inputs in '%s'", path);
+    CALL_H5(ctx, H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER), "cannot set the fill of '%s'", path);
+    for (int l = 0; l < s->n_layers; l++) {
+        char name[32];
+        snprintf(name, sizeof(name), "layers/%d", l);
+        hid_t d = H5Dcreate2(s->file, name, H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+        CALL_H5(ctx, d, "cannot create /%s in '%s'", name, path);
+        H5Dclose(d);
+    }
+fail:
+    if (space >= 0)
+        H5Sclose(space);
+    if (dcpl >= 0)
+        H5Pclose(dcpl);
+    return status;
+}
+
+/* Every rank opens rank 0's temporary file through MPI-IO. */
+static mxq_status open_parallel(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, const char *temp,
+                                const char *path, const mxq_act_store_info *info)
+{
+    mxq_status status = MXQ_OK;
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    CALL_H5(ctx, fapl, "cannot open '%s' for parallel writing", path);
+    CALL_H5(ctx, H5Pset_fapl_mpio(fapl, dist->comm, MPI_INFO_NULL), "cannot open '%s' for parallel writing", path);
+    s->file = H5Fcreate(temp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    CALL_H5(ctx, s->file, "cannot create '%s'", path);
+    CALL(ctx, write_header(ctx, s, path, info));
+    CALL(ctx, create_datasets(ctx, s, path));
+fail:
+    if (fapl >= 0)
+        H5Pclose(fapl);
+    return status;
+}
+
+mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *path, const mxq_input_set *inputs,
+                                const mxq_model_config *cfg, int n_seqs, int seq_len, const mxq_act_store_info *info,
+                                mxq_act_store *s)
+{
+    mxq_status status = MXQ_OK, local = MXQ_OK;
+    mxq_h5_quiet quiet;
+    char temp[4096] = "";
+    *s = (mxq_act_store){.file = H5I_INVALID_HID,
+                         .out = {NULL, NULL, -1},
+                         .n_layers = cfg->n_layers,
+                         .n_seqs = n_seqs,
+                         .seq_len = seq_len,
+                         .hidden = cfg->hidden};
+    if (dist->rank == 0) {
+        local = mxq_act_store_check(ctx, path, inputs); /* again: the path may have changed since setup */
+        if (local == MXQ_OK)
+            local = mxq_output_begin(ctx, path, inputs, &s->out);
+        if (local == MXQ_OK)
+            snprintf(temp, sizeof(temp), "%s", s->out.temp_path);
+    }
+    AGREE(ctx, dist, "store.create", local);
+    CALL_MPI(ctx, dist->comm, MPI_Bcast(temp, (int)sizeof(temp), MPI_CHAR, 0, dist->comm));
+    mxq_h5_quiet_begin(&quiet);
+    local = open_parallel(ctx, dist, s, temp, path, info);
+    mxq_h5_quiet_end(&quiet);
+    AGREE(ctx, dist, "store.open", local);
+fail:
+    return status;
+}
+
+/* Sequences [first, first + n) of layer l's dataset from acts. Collective:
+ * a rank with n = 0 selects nothing but takes part. */
+static mxq_status write_part(mxq_ctx *ctx, mxq_act_store *s, hid_t dset, hid_t dxpl, int first, int n,
+                             const float *acts)
+{
+    mxq_status status = MXQ_OK;
+    const hsize_t start[3] = {(hsize_t)first, 0, 0}, count[3] = {(hsize_t)(n > 0 ? n : 1), (hsize_t)s->seq_len,
+                                                                  (hsize_t)s->hidden};
+    hid_t fspace = H5Dget_space(dset), mspace = H5Screate_simple(3, count, NULL);
+    CALL_H5(ctx, fspace, "cannot select in the activation store");
+    CALL_H5(ctx, mspace, "cannot select in the activation store");
+    if (n > 0) {
+        CALL_H5(ctx, H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL),
+                "cannot select sequences %d..%d of the activation store", first, first + n - 1);
+    } else {
+        CALL_H5(ctx, H5Sselect_none(fspace), "cannot select in the activation store");
+        CALL_H5(ctx, H5Sselect_none(mspace), "cannot select in the activation store");
+    }
+    CALL_H5(ctx, H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, fspace, dxpl, acts),
+            "cannot write sequences %d..%d of the activation store", first, first + n - 1);
+fail:
+    if (fspace >= 0)
+        H5Sclose(fspace);
+    if (mspace >= 0)
+        H5Sclose(mspace);
+    return status;
+}
+
+/* The whole share in steps of WRITE_BYTES; every rank takes as many steps
+ * as the largest share needs. */
+static mxq_status write_layer(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, hid_t dset, hid_t dxpl,
+                              int first, int n, const float *acts)
+{
+    mxq_status status = MXQ_OK;
+    const size_t seq_bytes = (size_t)s->seq_len * s->hidden * sizeof(float);
+    const int per_call = seq_bytes >= WRITE_BYTES ? 1 : (int)(WRITE_BYTES / seq_bytes);
+    const int largest = (s->n_seqs + dist->size - 1) / dist->size;
+    for (int done = 0; done < largest; done += per_call) {
+        const int take = n - done < per_call ? (n - done > 0 ? n - done : 0) : per_call;
+        CALL(ctx, write_part(ctx, s, dset, dxpl, first + done, take,
+                             take > 0 ? acts + (size_t)done * s->seq_len * s->hidden : acts));
+    }
+fail:
+    return status;
+}
+
+mxq_status mxq_act_store_write(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, int layer, int first, int n,
+                               const float *acts)
+{
+    mxq_status status = MXQ_OK, local = MXQ_OK;
+    mxq_h5_quiet quiet;
+    char name[32];
+    snprintf(name, sizeof(name), "layers/%d", layer);
+    mxq_h5_quiet_begin(&quiet);
+    hid_t dset = H5Dopen2(s->file, name, H5P_DEFAULT), dxpl = H5Pcreate(H5P_DATASET_XFER);
+    if (dset < 0 || dxpl < 0 || H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE) < 0) {
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot open /%s of the activation store", name);
+        local = MXQ_ERR_HDF5;
+    }
+    /* agreed before the collective writes, which every rank must join */
+    local = mxq_agree(ctx, dist, "store.layer", local);
+    if (local == MXQ_OK)
+        local = mxq_agree(ctx, dist, "store.write", write_layer(ctx, dist, s, dset, dxpl, first, n, acts));
+    if (dset >= 0)
+        H5Dclose(dset);
+    if (dxpl >= 0)
+        H5Pclose(dxpl);
+    mxq_h5_quiet_end(&quiet);
+    CALL(ctx, local);
+    s->layers_written = layer + 1 > s->layers_written ? layer + 1 : s->layers_written;
+fail:
+    return status;
+}
+
+mxq_status mxq_act_store_commit(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s)
+{
+    mxq_status status = MXQ_OK, local = MXQ_OK;
+    CHECK(ctx, s->layers_written == s->n_layers, MXQ_ERR_ARG, "the activation store holds %d of %d layers",
+          s->layers_written, s->n_layers);
+    herr_t closed = H5Fclose(s->file);
+    s->file = H5I_INVALID_HID;
+    if (closed < 0) {
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot write '%s'", dist->rank == 0 ? s->out.final_path : "the store");
+        local = MXQ_ERR_HDF5;
+    }
+    AGREE(ctx, dist, "store.close", local);
+    local = dist->rank == 0 ? mxq_output_commit(ctx, &s->out) : MXQ_OK;
+    s->committed = dist->rank == 0 && local == MXQ_OK;
+    AGREE(ctx, dist, "store.commit", local);
+fail:
+    return status;
+}
+
+void mxq_act_store_abort(mxq_act_store *s)
+{
+    if (s->file >= 0)
+        H5Fclose(s->file);
+    s->file = H5I_INVALID_HID;
+    if (s->committed && s->out.final_path)
+        unlink(s->out.final_path);
+    s->committed = 0;
+    mxq_output_abort(&s->out);
+}

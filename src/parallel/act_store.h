@@ -1,0 +1,61 @@
+/* The activation store (--store-activations): every decoder layer's inputs
+ * over the calibration set, in one parallel-HDF5 file that all ranks of a
+ * data-parallel group write collectively, each its share of the sequences.
+ *
+ *   /layers/<l>   float32 [n_seqs, seq_len, hidden]: the inputs of layer l
+ *                 (FP model's in fp mode; the quantized layers' in
+ *                 sequential mode), chunked one sequence per chunk, so that
+ *                 a reader of a layer's range of sequences touches only its
+ *                 chunks
+ *   attributes of /: mxq_activation_store (format version), model,
+ *                 calibration, mode, n_layers, n_seqs, seq_len, hidden
+ *
+ * The file is written under a temporary name and renamed into place when
+ * every layer is in it (mxq_act_store_commit); an existing file at the
+ * path is replaced only if it is an earlier store. Internal. */
+#ifndef MXQ_ACT_STORE_H
+#define MXQ_ACT_STORE_H
+
+#include <hdf5.h>
+
+#include "io/fsutil.h"
+#include "mxq/model.h"
+#include "parallel/parallel.h"
+
+typedef struct {
+    hid_t file;
+    mxq_output out; /* rank 0: the temporary file and its final name */
+    int n_layers, n_seqs, seq_len, hidden;
+    int layers_written;
+    int committed; /* rank 0: renamed into place (an abort after it removes the file) */
+} mxq_act_store;
+
+/* What the store says of itself (its root attributes). */
+typedef struct {
+    const char *model, *calibration, *mode;
+} mxq_act_store_info;
+
+/* Whether the path may take the store (local): not an input, not a
+ * device, link or directory, and if a file exists, an earlier store. */
+mxq_status mxq_act_store_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs);
+
+/* Check the path on rank 0, then create the file and every layer's dataset
+ * on all ranks. Collective (agreed). */
+mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *path, const mxq_input_set *inputs,
+                                const mxq_model_config *cfg, int n_seqs, int seq_len, const mxq_act_store_info *info,
+                                mxq_act_store *store);
+
+/* Layer `layer`'s inputs: this rank's sequences [first, first + n) from acts
+ * [n, seq_len, hidden] (n may be 0). Collective. */
+mxq_status mxq_act_store_write(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *store, int layer, int first, int n,
+                               const float *acts);
+
+/* Close the file (collective) and, on rank 0, rename it into place. Every
+ * layer must have been written. */
+mxq_status mxq_act_store_commit(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *store);
+
+/* Close (collective: every rank must call it) and remove the temporary, or
+ * the committed file: a job that fails after the commit leaves no store. */
+void mxq_act_store_abort(mxq_act_store *store);
+
+#endif
