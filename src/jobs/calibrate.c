@@ -363,6 +363,10 @@ static mxq_status seq_take_input(mxq_ctx *ctx, seq_run *s)
         s->upstream_aborted = st.MPI_TAG == MXQ_TAG_ABORT;
         CHECK(ctx, !s->upstream_aborted, MXQ_ERR_REMOTE, "stopped because an upstream rank failed");
     }
+    /* quantization never runs the head: a lazily loaded embedding (7B: 524
+     * MB in float32) goes once the set is embedded */
+    if (s->model->has_embedding && s->model->ckpt)
+        CALL(ctx, mxq_model_unload_embedding(ctx, s->model));
     return MXQ_OK;
 fail:
     if (!s->upstream_aborted && !s->model->has_embedding)

@@ -478,7 +478,8 @@ static int owned_layers(const mxq_plan_input *in, int r)
 /* A pipeline rank: its layers in float32 for the whole run, the statistics
  * of the layers a pass calibrates (fp) or of one layer and the whole
  * calibration set's activations (sequential, with its layers converted one
- * at a time). */
+ * at a time, the BF16 pages of the current one mapped too, and the
+ * embedding given back once the set is embedded). */
 static void plan_pipeline(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
 {
     const mxq_model_config *cfg = in->cfg;
@@ -488,12 +489,12 @@ static void plan_pipeline(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
     const int n = owned_layers(in, r), held = in->stats_layers > 0 && in->stats_layers < n ? in->stats_layers : n;
     const int fp = in->recipe->calib_mode == MXQ_CALIB_FP;
     plan->quant = n > 0 ? quantize_bytes(in, 1) : 0;
-    plan->weights = (fp ? n : (n > 0)) * layer + (r == 0 ? emb : 0) + n * packed_layer_bytes(cfg, in->recipe);
+    plan->weights = (fp ? n * layer + (r == 0 ? emb : 0) : (n > 0) * 1.5 * layer) + n * packed_layer_bytes(cfg, in->recipe);
     plan->stats = fp ? held * stats : stats + store;
     plan->work += 2.0 * in->batch * in->seq_len * d * sizeof(float); /* the pipeline's buffers */
     /* while loading, the checkpoint's pages of this rank's tensors are mapped
      * too (BF16: half the float32 size) */
-    plan->load = 1.5 * ((fp ? n : (n > 0)) * layer + (r == 0 ? emb : 0));
+    plan->load = fp ? 1.5 * (n * layer + (r == 0 ? emb : 0)) : (r == 0 ? 1.5 * emb : 0) + store;
     plan->total = plan->weights + plan->stats + plan->work + plan->quant + plan->base;
 }
 
