@@ -185,6 +185,61 @@ static float *doubles_to_floats(double *a, size_t count)
     return f;
 }
 
+int mxq_chol_panel(double *panel, int nbk, size_t width)
+{
+    lapack_int info = LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'U', nbk, panel, nbk);
+    if (info == 0 && width > (size_t)nbk)
+        cblas_dtrsm(CblasColMajor, CblasLeft, CblasUpper, CblasTrans, CblasNonUnit, nbk, (int)(width - (size_t)nbk),
+                    1.0, panel, nbk, panel + (size_t)nbk * nbk, nbk);
+    return (int)info;
+}
+
+void mxq_chol_update(const double *panel, int nbk, size_t off, int nbi, size_t width, double *c, size_t ldc)
+{
+    cblas_dgemm(CblasColMajor, CblasTrans, CblasNoTrans, nbi, (int)width, nbk, -1.0, panel + off * (size_t)nbk, nbk,
+                panel + off * (size_t)nbk, nbk, 1.0, c, (int)ldc);
+}
+
+/* Block row [k0, k0 + rows) of m (ld n) from column k0 on, into or out of
+ * the panel (ld rows). */
+static void panel_copy(double *m, size_t n, size_t k0, size_t rows, double *panel, int into)
+{
+    for (size_t c = k0; c < n; c++)
+        for (size_t r = 0; r < rows; r++) {
+            double *a = &m[(k0 + r) + c * n], *p = &panel[r + (c - k0) * rows];
+            if (into)
+                *p = *a;
+            else
+                *a = *p;
+        }
+}
+
+enum { CHOL_ROWS = 8 };
+
+int mxq_chol_blocked(double *m, size_t n, int nb, double *panel)
+{
+    for (size_t k0 = 0; k0 < n; k0 += (size_t)nb) {
+        const int nbk = (int)(n - k0 < (size_t)nb ? n - k0 : (size_t)nb);
+        panel_copy(m, n, k0, (size_t)nbk, panel, 1);
+        const int info = mxq_chol_panel(panel, nbk, n - k0);
+        if (info != 0)
+            return (int)k0 + info;
+        for (int d = 0; d < nbk; d++) /* dpotrf lets a NaN through */
+            if (!isfinite(panel[(size_t)d + (size_t)d * nbk]))
+                return (int)k0 + d + 1;
+        panel_copy(m, n, k0, (size_t)nbk, panel, 0);
+        /* CHOL_ROWS block rows per dgemm, from the first one's diagonal on
+         * (a few lower-triangle entries computed for nothing): the grid
+         * updates one block row per call, with the same sums per entry */
+        const size_t step = (size_t)nb * CHOL_ROWS;
+        for (size_t i0 = k0 + (size_t)nbk; i0 < n; i0 += step) {
+            const int rows = (int)(n - i0 < step ? n - i0 : step);
+            mxq_chol_update(panel, nbk, i0 - k0, rows, n - i0, m + i0 + i0 * n, n);
+        }
+    }
+    return 0;
+}
+
 /* H' = 2 H / N in processing order, dead channels (their weights zeroed),
  * damping; then R, upper with H' = R R^T: with J the index reversal,
  * J H' J = L L^T gives R = J L J. Reversing a row-major square matrix's
@@ -194,8 +249,10 @@ static float *doubles_to_floats(double *a, size_t count)
  * float32 for the sweep: a float32 Cholesky's rounding (about cond(H') eps,
  * 1e-2 here) depends on its blocking, i.e. on the thread count and on the
  * grid, and GPTQ amplifies it (0.4% of the values of a [1024, 4096] linear
- * changed between 1 and 2 OpenBLAS threads). In double the factors of any
- * blocking round to the same float32 values, bar ties. */
+ * changed between 1 and 2 OpenBLAS threads). In double, factors of
+ * different blockings mostly round alike, but not always (a 70B down_proj
+ * on a 2-rank grid under pdpotrf: 0.033% of the values moved); so the
+ * blocking is mxq_chol_blocked's, which the grid runs too, step by step. */
 static mxq_status prepare_hessian(mxq_ctx *ctx, mxq_gptq_work *g, const mxq_gptq_options *o, const double *hessian,
                                   double n_tokens, float *weight, mxq_gptq_stats *stats)
 {
@@ -223,7 +280,10 @@ static mxq_status prepare_hessian(mxq_ctx *ctx, mxq_gptq_work *g, const mxq_gptq
         double hd = scale * hrow[g->col_of[i]];
         rrow[-(ptrdiff_t)i] = (hd == 0.0 ? 1.0 : hd) + g->lambda;
     }
-    lapack_int info = LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'U', (lapack_int)n, r, (lapack_int)n);
+    double *panel = malloc((size_t)g->b1 * n * sizeof(double));
+    CHECK_ALLOC(ctx, panel, (size_t)g->b1 * n * sizeof(double), "the Cholesky panel");
+    const int info = mxq_chol_blocked(r, n, g->b1, panel);
+    free(panel);
     CHECK(ctx, info == 0, MXQ_ERR_LAPACK,
           "GPTQ: Cholesky factorization of the damped Hessian failed (LAPACK info=%d): it is not positive definite; "
           "raise gptq.damp (now %g; a rank-deficient Hessian, e.g. fewer tokens than inputs, needs about 1e-5 or "

@@ -45,6 +45,24 @@ int mxq_gptq_batch_width(const mxq_mx_spec *spec, const mxq_gptq_options *option
 void mxq_gptq_block_order(const double *diag, size_t diag_stride, size_t n, int block, int act_order, int *order,
                           size_t nblocks, double *mass);
 
+/* The blocked Cholesky factorization M = U^T U (upper, column-major) that
+ * both the local path and the grid run, by the same BLAS and LAPACK calls
+ * on the same operands, so that their factors are the same bits (LAPACK's
+ * dpotrf and ScaLAPACK's pdpotrf block differently, and GPTQ turns the last
+ * bits of a factor into different rounding decisions). Block step k:
+ *   mxq_chol_panel: block row k from its diagonal on, copied into a panel
+ *     [nbk, width] (ld nbk): U_kk by dpotrf, then U_k,k+1: = U_kk^-T M_k,k+1:
+ *     by dtrsm. Returns dpotrf's info (0: done).
+ *   mxq_chol_update: the part of a later block row i from its diagonal on,
+ *     c [nbi, width] (ld ldc): c -= P[:, off:off+nbi]^T P[:, off:off+width],
+ *     off = the block row's first column less block k's, one dgemm. */
+int mxq_chol_panel(double *panel, int nbk, size_t width);
+void mxq_chol_update(const double *panel, int nbk, size_t off, int nbi, size_t width, double *c, size_t ldc);
+/* m [n, n] (ld n) in place, in blocks of nb, with a panel of nb x n
+ * doubles. Returns 0, or the 1-based row where M is not positive definite
+ * (or its factor not finite). */
+int mxq_chol_blocked(double *m, size_t n, int nb, double *panel);
+
 /* Columns [i0, i1) of one lazy batch, micro-block by micro-block (or column
  * by column): quantizes them into w, leaves D = W - Q of the batch in d,
  * accumulates ||D R||^2 into sum_e2 when want_loss, and updates acc for the

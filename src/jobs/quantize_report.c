@@ -498,6 +498,26 @@ static void plan_pipeline(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
     plan->total = plan->weights + plan->stats + plan->work + plan->quant + plan->base;
 }
 
+/* The terms both group plans share: rank r's share of the activations,
+ * the packed results of the layers it writes, and MPI_Reduce's staging of
+ * up to two segments of at most 128 MB (src/parallel/reduce_stats.c). */
+typedef struct {
+    double layer, emb, stats, store, results, staging;
+} group_terms;
+
+static void group_terms_of(const mxq_plan_input *in, int r, group_terms *t)
+{
+    const mxq_model_config *cfg = in->cfg;
+    const int share = (int)((long long)in->samples * (r + 1) / in->size - (long long)in->samples * r / in->size);
+    const double down_in = (double)cfg->intermediate * cfg->intermediate * sizeof(double);
+    t->layer = (double)mxq_config_layer_params(cfg) * sizeof(float);
+    t->emb = (double)mxq_config_embedding_params(cfg) * sizeof(float);
+    t->stats = (double)mxq_layer_stats_bytes(cfg);
+    t->store = (double)share * in->seq_len * cfg->hidden * sizeof(float);
+    t->results = owned_layers(in, r) * packed_layer_bytes(cfg, in->recipe);
+    t->staging = 2.0 * fmin(128.0 * 1048576.0, fmax(down_in, (double)cfg->hidden * cfg->hidden * sizeof(double)));
+}
+
 /* A rank of the data-parallel group, besides its share of the activations
  * and the packed results of all its layers (at the end): while a layer
  * runs, two layers in float32 (the one it waits to quantize, the one
@@ -507,27 +527,20 @@ static void plan_pipeline(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
  * buffers. First the embedding, only while its share is embedded. */
 static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
 {
-    const mxq_model_config *cfg = in->cfg;
-    const double layer = (double)mxq_config_layer_params(cfg) * sizeof(float);
-    const double emb = (double)mxq_config_embedding_params(cfg) * sizeof(float), stats = (double)mxq_layer_stats_bytes(cfg);
-    const int share = (int)((long long)in->samples * (r + 1) / in->size - (long long)in->samples * r / in->size);
-    const double store = (double)share * in->seq_len * cfg->hidden * sizeof(float);
-    const double results = owned_layers(in, r) * packed_layer_bytes(cfg, in->recipe);
+    group_terms t;
+    group_terms_of(in, r, &t);
     /* rank r's layer of a round waits while the next one runs, unless it is
      * the round's last: then a second set of statistics and a second layer */
-    const int waits = r + 1 < in->size && r + 1 < cfg->n_layers;
+    const int waits = r + 1 < in->size && r + 1 < in->cfg->n_layers;
     const double held = waits ? 2.0 : 1.0;
-    plan->weights = (held + 0.5) * layer + results;
-    plan->stats = held * stats + store;
+    plan->weights = (held + 0.5) * t.layer + t.results;
+    plan->stats = held * t.stats + t.store;
     plan->quant = quantize_bytes(in, owned_layers(in, r) > 0);
-    /* MPI_Reduce's staging of up to two segments of at most 128 MB
-     * (src/parallel/reduce_stats.c) */
-    const double down_in = (double)cfg->intermediate * cfg->intermediate * sizeof(double);
-    plan->work += 2.0 * fmin(128.0 * 1048576.0, fmax(down_in, (double)cfg->hidden * cfg->hidden * sizeof(double)));
+    plan->work += t.staging;
     /* both sets of statistics stay allocated while the rank quantizes */
-    const double running = (held + 0.5) * layer + held * stats, quantizing = layer + held * stats + plan->quant;
-    plan->total = plan->base + results + store + plan->work + (running > quantizing ? running : quantizing);
-    plan->load = 1.5 * emb + store;
+    const double running = (held + 0.5) * t.layer + held * t.stats, quantizing = t.layer + held * t.stats + plan->quant;
+    plan->total = plan->base + t.results + t.store + plan->work + (running > quantizing ? running : quantizing);
+    plan->load = 1.5 * t.emb + t.store;
 }
 
 /* A rank of the data-parallel group in sequential mode: its share of the
@@ -537,21 +550,15 @@ static void plan_group(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
  * results of the layers it writes. */
 static void plan_group_sequential(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
 {
-    const mxq_model_config *cfg = in->cfg;
-    const double layer = (double)mxq_config_layer_params(cfg) * sizeof(float);
-    const double emb = (double)mxq_config_embedding_params(cfg) * sizeof(float), stats = (double)mxq_layer_stats_bytes(cfg);
-    const int share = (int)((long long)in->samples * (r + 1) / in->size - (long long)in->samples * r / in->size);
-    const double store = (double)share * in->seq_len * cfg->hidden * sizeof(float);
-    const double results = owned_layers(in, r) * packed_layer_bytes(cfg, in->recipe);
-    plan->weights = 1.5 * layer + results;
-    plan->stats = stats + store;
+    group_terms t;
+    group_terms_of(in, r, &t);
+    plan->weights = 1.5 * t.layer + t.results;
+    plan->stats = t.stats + t.store;
     plan->quant = quantize_bytes(in, r < MXQ_INPUT_COUNT);
-    const double down_in = (double)cfg->intermediate * cfg->intermediate * sizeof(double);
-    plan->work += (double)in->batch * in->seq_len * cfg->hidden * sizeof(float) +
-                  2.0 * fmin(128.0 * 1048576.0, fmax(down_in, (double)cfg->hidden * cfg->hidden * sizeof(double)));
-    const double running = 1.5 * layer + stats, quantizing = layer + stats + plan->quant;
-    plan->total = plan->base + results + store + plan->work + (running > quantizing ? running : quantizing);
-    plan->load = 1.5 * emb + store;
+    plan->work += (double)in->batch * in->seq_len * in->cfg->hidden * sizeof(float) + t.staging;
+    const double running = 1.5 * t.layer + t.stats, quantizing = t.layer + t.stats + plan->quant;
+    plan->total = plan->base + t.results + t.store + plan->work + (running > quantizing ? running : quantizing);
+    plan->load = 1.5 * t.emb + t.store;
 }
 
 void mxq_quantize_plan_rank(const mxq_plan_input *in, int r, mxq_rank_plan *plan)

@@ -127,6 +127,12 @@ mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *
     }
     AGREE(ctx, dist, "store.create", local);
     CALL_MPI(ctx, dist->comm, MPI_Bcast(temp, (int)sizeof(temp), MPI_CHAR, 0, dist->comm));
+    /* MPI-IO needs one file seen by every rank: on a node-local path the
+     * other nodes would each write a file of their own */
+    CHECK_AGREED(ctx, dist, "store.shared", access(temp, F_OK) == 0, MXQ_ERR_IO,
+                 "--store-activations '%s': this rank does not see the file rank 0 created there; give a path on a "
+                 "file system shared by all nodes",
+                 path);
     mxq_h5_quiet_begin(&quiet);
     local = open_parallel(ctx, dist, s, temp, path, info);
     mxq_h5_quiet_end(&quiet);

@@ -4,20 +4,28 @@
  * The local path factors M = J H'_p J (H' in processing order, J the index
  * reversal) as U'^T U' and works with R = J U'^T J, upper, H'_p = R R^T.
  * Here M is distributed by block rows of nb = b1 (the lazy batch) over a
- * P x 1 grid (pdpotrf, then rounded to float32 like the local factor), and the weights are kept as W' = (W J_p)^T, i.e.
+ * P x 1 grid and factored by the local path's blocked Cholesky, step by
+ * step (factor: the same calls on the same operands, so the same bits),
+ * then rounded to float32 like the local factor; the weights are kept as
+ * W' = (W J_p)^T, i.e.
  * column-major [n, m] in reversed processing order, with the same row
  * blocks. Then, for the lazy batch [i0, i1) (one block row, gb = nblk-1-k):
  *   - R[i0:i1, i0:i1] is U' of that block row, reversed: the owner of the
  *     block row sweeps the batch with the local code (mxq_gptq_sweep_batch);
  *   - the trailing update A[:, i1:] += D R[i0:i1, i1:] reads, reversed,
- *     A'(0:n-i1, :) += U'(0:n-i1, n-i1:n-i0) D'(batch, :): one psgemm, whose
- *     only traffic is the batch's D (m x b1) broadcast from its owner.
+ *     A'(0:n-i1, :) += U'(0:n-i1, n-i1:n-i0) D'(batch, :): the batch's D
+ *     (m x b1) broadcast from its owner, then one sgemm per rank on its
+ *     rows, summing in the local path's order (trailing_update).
+ * Both the factor and the updates are thus the local path's own BLAS calls
+ * on the same operands, and the results are the same bits (tested; and on
+ * llama-2-70b's down_proj in bench/bench_gptq_grid.sh).
  * Why reversed: a column-major [n, m] block of W' is a row-major [m, n_loc]
  * array, what the MX kernels and the local sweep read; and no distributed
  * index reversal (a permutation across ranks) is ever needed.
  *
  * The losses follow the local path: GPTQ's from ||D R||^2 (summed by the
  * batch owners), round-to-nearest's with one pstrmm. */
+#include <cblas.h>
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
@@ -35,13 +43,13 @@ typedef struct {
     int context, have_context;
     int P, me, nb;
     size_t m, n, nblk, nblocks, n_loc, lld;
-    int desc_h[9], desc_a[9], desc_d[9];
-    double *hd;    /* [n_loc, n] col-major: this rank's block rows of M, then U' (pdpotrf) */
+    int desc_h[9], desc_a[9];
+    double *hd;    /* [n_loc, n] col-major: this rank's block rows of M, then U' (factor) */
     float *h;      /* the same memory: U' rounded to float32 (same lld) */
     float *w;      /* [n_loc, m] col-major: W' (Q as batches are done) */
     float *orig;   /* [n_loc, m] W' before dead channels were zeroed (losses) */
     float *acc;    /* [n_loc, m] A', the error feedback */
-    float *dpan;   /* [nb, m] col-major: this rank's block of D' (the batch's D, broadcast by psgemm) */
+    float *dpan;   /* [nb, m] col-major: the current batch's D', in processing order (broadcast by its owner) */
     double *diag;  /* [n] diag(H), original order */
     double *staging; /* [2, nb, n] H rows on their way */
     double *mass;
@@ -113,13 +121,11 @@ static mxq_status grid_open(mxq_ctx *ctx, grid_gptq *gg)
           npcol, gg->P, gg->dist->rank, gg->me, gg->P);
     gg->n_loc = rows_of(gg, gg->me);
     gg->lld = gg->n_loc ? gg->n_loc : 1;
-    int n = (int)gg->n, m = (int)gg->m, lld = (int)gg->lld, dn = gg->P * gg->nb;
+    int n = (int)gg->n, m = (int)gg->m, lld = (int)gg->lld;
     descinit_(gg->desc_h, &n, &n, &gg->nb, &gg->nb, &izero, &izero, &gg->context, &lld, &info);
     CHECK(ctx, info == 0, MXQ_ERR_LAPACK, "descinit of the distributed Hessian failed (info=%d)", info);
     descinit_(gg->desc_a, &n, &m, &gg->nb, &gg->nb, &izero, &izero, &gg->context, &lld, &info);
     CHECK(ctx, info == 0, MXQ_ERR_LAPACK, "descinit of the distributed weights failed (info=%d)", info);
-    descinit_(gg->desc_d, &dn, &m, &gg->nb, &gg->nb, &izero, &izero, &gg->context, &gg->nb, &info);
-    CHECK(ctx, info == 0, MXQ_ERR_LAPACK, "descinit of the batch errors failed (info=%d)", info);
 fail:
     return status;
 }
@@ -379,19 +385,43 @@ static mxq_status sweep_batch_here(mxq_ctx *ctx, grid_gptq *gg, size_t k, int wa
     for (size_t r = 0; r < m; r++)
         for (size_t t = 0; t < nb; t++) {
             gg->w[lb + nb - 1 - t + r * ld] = v->w[r * nb + t];
-            gg->dpan[t + r * nb] = v->d[r * nb + nb - 1 - t];
+            gg->dpan[t + r * nb] = v->d[r * nb + t];
         }
 fail:
     return status;
 }
 
+/* The trailing update after the batch in global block row gb: every rank's
+ * rows of later columns (its local rows before block gb: a prefix),
+ * A' += U'(rows, batch) D', the batch's D (processing order) broadcast
+ * from its owner. One sgemm whose sum runs over the batch in processing
+ * order, as the local path's does (the factor's columns are reversed into
+ * a panel for it): the same values bit for bit, which psgemm, summing in
+ * reversed order, did not give (0.03% of a 70B down_proj's values). */
+static mxq_status trailing_update(mxq_ctx *ctx, grid_gptq *gg, size_t gb, int owner, mxq_gptq_stats *stats)
+{
+    mxq_status status = MXQ_OK;
+    const size_t m = gg->m, nb = (size_t)gg->nb, me = (size_t)gg->me, P = (size_t)gg->P;
+    const size_t rows = gb > me ? (gb - me + P - 1) / P * nb : 0, base = gb * nb;
+    float *apan = (float *)gg->staging; /* [rows, nb], free after the factor */
+    double tg = mxq_time_now();
+    CALL(ctx, mxq_bcast_floats(ctx, gg->dist, gg->dpan, nb * m, owner));
+    for (size_t k = 0; k < nb; k++)
+        memcpy(apan + k * rows, gg->h + (base + nb - 1 - k) * gg->lld, rows * sizeof(float));
+    if (rows > 0)
+        cblas_sgemm(CblasColMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)m, (int)nb, 1.0f, apan, (int)rows,
+                    gg->dpan, (int)nb, 1.0f, gg->acc, (int)gg->lld);
+    stats->seconds_gemm += mxq_time_now() - tg;
+    stats->gemm_flops += 2.0 * (double)m * (double)(gb * nb) * (double)nb;
+fail:
+    return status;
+}
+
 /* The lazy batches in processing order: each swept where it lives, then
- * the trailing update of every later column by psgemm. */
+ * the trailing update of every later column. */
 static mxq_status grid_sweep(mxq_ctx *ctx, grid_gptq *gg, int want_loss, mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
-    const float one = 1.0f;
-    const int m = (int)gg->m, nb = gg->nb, ione = 1;
     for (size_t k = 0; k < gg->nblk; k++) {
         const size_t gb = gg->nblk - 1 - k;
         const int owner = (int)(gb % (size_t)gg->P);
@@ -399,36 +429,61 @@ static mxq_status grid_sweep(mxq_ctx *ctx, grid_gptq *gg, int want_loss, mxq_gpt
         mxq_status local = owner == gg->me ? sweep_batch_here(ctx, gg, k, want_loss) : MXQ_OK;
         stats->seconds_quant += mxq_time_now() - tq;
         AGREE(ctx, gg->dist, "gptq.grid.batch", local);
-        if (gb == 0)
-            break;
-        double tg = mxq_time_now();
-        const int rows = (int)(gb * (size_t)nb), ja = rows + 1, ib = owner * nb + 1;
-        psgemm_("N", "N", &rows, &m, &nb, &one, gg->h, &ione, &ja, gg->desc_h, gg->dpan, &ib, &ione, gg->desc_d,
-                &one, gg->acc, &ione, &ione, gg->desc_a, 1, 1);
-        stats->seconds_gemm += mxq_time_now() - tg;
-        stats->gemm_flops += 2.0 * (double)m * (double)rows * (double)nb;
+        if (gb > 0)
+            CALL(ctx, trailing_update(ctx, gg, gb, owner, stats));
     }
 fail:
     return status;
 }
 
-/* pdpotrf, then U' rounded to float32 in place (as the local path does,
- * and for the same reason: factors of any blocking round alike). */
+/* Block step k of mxq_chol_blocked on the grid: block row k's owner
+ * factors its panel (the local path's call), the panel goes to every rank,
+ * and each updates its own later block rows with the local path's dgemm.
+ * Returns the owner's dpotrf info, the same on every rank. */
+static mxq_status factor_step(mxq_ctx *ctx, grid_gptq *gg, size_t k, double *panel, int *info)
+{
+    mxq_status status = MXQ_OK;
+    const size_t nb = (size_t)gg->nb, n = gg->n, width = n - k * nb;
+    const int owner = (int)(k % (size_t)gg->P);
+    double *row = gg->hd + (k / (size_t)gg->P) * nb + k * nb * gg->lld; /* block row k from its diagonal on */
+    if (gg->me == owner) {
+        for (size_t c = 0; c < width; c++)
+            memcpy(panel + c * nb, row + c * gg->lld, nb * sizeof(double));
+        *info = mxq_chol_panel(panel, gg->nb, width);
+        for (size_t d = 0; *info == 0 && d < nb; d++) /* dpotrf lets a NaN through */
+            *info = isfinite(panel[d + d * nb]) ? 0 : (int)d + 1;
+        for (size_t c = 0; *info == 0 && c < width; c++)
+            memcpy(row + c * gg->lld, panel + c * nb, nb * sizeof(double));
+    }
+    CALL_MPI(ctx, gg->dist->comm, MPI_Bcast(info, 1, MPI_INT, owner, gg->dist->comm));
+    if (*info != 0)
+        return MXQ_OK;
+    CALL_MPI(ctx, gg->dist->comm, MPI_Bcast(panel, (int)(nb * width), MPI_DOUBLE, owner, gg->dist->comm));
+    for (size_t lb = 0; lb * nb < gg->n_loc; lb++) {
+        const size_t i = lb * (size_t)gg->P + (size_t)gg->me; /* global block row */
+        if (i > k)
+            mxq_chol_update(panel, gg->nb, (i - k) * nb, gg->nb, n - i * nb, gg->hd + lb * nb + i * nb * gg->lld,
+                            gg->lld);
+    }
+fail:
+    return status;
+}
+
+/* The factor U' of M (as the local path computes it, bit for bit), then
+ * rounded to float32 in place. The panel is the staging buffer (nb x n
+ * doubles of its 2 nb x n), free once the Hessian is distributed. */
 static mxq_status factor(mxq_ctx *ctx, grid_gptq *gg, const mxq_gptq_options *o)
 {
     mxq_status status = MXQ_OK;
-    int n = (int)gg->n, ione = 1, info = 0;
-    pdpotrf_("U", &n, gg->hd, &ione, &ione, gg->desc_h, &info, 1);
-    /* pdpotrf, unlike dpotrf, lets a NaN through: check this rank's part
-     * of the diagonal */
-    int finite = 1;
-    for (size_t l = 0; info == 0 && l < gg->n_loc; l++)
-        finite &= isfinite(gg->hd[l + global_row(gg, gg->me, l) * gg->lld]) != 0;
-    CHECK_AGREED(ctx, gg->dist, "gptq.grid.factor", info == 0 && finite, MXQ_ERR_LAPACK,
-                 "GPTQ: Cholesky factorization of the damped Hessian on the grid failed (ScaLAPACK pdpotrf info=%d%s): "
-                 "it is not positive definite; raise gptq.damp (now %g; a rank-deficient Hessian, e.g. fewer tokens "
-                 "than inputs, needs about 1e-5 or more)",
-                 info, finite ? "" : ", a non-finite factor", o->damp);
+    int info = 0;
+    size_t k = 0;
+    for (; k < gg->nblk && info == 0; k++)
+        CALL(ctx, factor_step(ctx, gg, k, gg->staging, &info));
+    CHECK_AGREED(ctx, gg->dist, "gptq.grid.factor", info == 0, MXQ_ERR_LAPACK,
+                 "GPTQ: Cholesky factorization of the damped Hessian on the grid failed (at row %zu of %zu): it is "
+                 "not positive definite; raise gptq.damp (now %g; a rank-deficient Hessian, e.g. fewer tokens than "
+                 "inputs, needs about 1e-5 or more)",
+                 info ? (k - 1) * (size_t)gg->nb + (size_t)info : 0, gg->n, o->damp);
     gg->h = (float *)gg->hd;
     for (size_t i = 0; gg->n_loc && i < gg->lld * gg->n; i++) /* float i lies within double i / 2: never ahead of the reads */
         gg->h[i] = (float)gg->hd[i];

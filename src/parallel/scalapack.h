@@ -21,15 +21,7 @@ int numroc_(const int *n, const int *nb, const int *iproc, const int *isrcproc, 
 void descinit_(int *desc, const int *m, const int *n, const int *mb, const int *nb, const int *irsrc,
                const int *icsrc, const int *context, const int *lld, int *info);
 
-/* Cholesky factorisation of a distributed symmetric positive definite matrix */
-void pdpotrf_(const char *uplo, const int *n, double *a, const int *ia, const int *ja, const int *desca, int *info,
-              size_t uplo_len);
-
 /* PBLAS level 3 */
-void psgemm_(const char *transa, const char *transb, const int *m, const int *n, const int *k, const float *alpha,
-             const float *a, const int *ia, const int *ja, const int *desca, const float *b, const int *ib,
-             const int *jb, const int *descb, const float *beta, float *c, const int *ic, const int *jc,
-             const int *descc, size_t transa_len, size_t transb_len);
 void pstrmm_(const char *side, const char *uplo, const char *transa, const char *diag, const int *m, const int *n,
              const float *alpha, const float *a, const int *ia, const int *ja, const int *desca, float *b,
              const int *ib, const int *jb, const int *descb, size_t side_len, size_t uplo_len, size_t transa_len,

@@ -420,6 +420,17 @@ static void test_group_sequential(void **state)
     }
 }
 
+/* A job refused with `expect` printed once, and no checkpoint in out. */
+static void assert_refused_once(const tu_run_result *r, const char *expect, const char *out)
+{
+    assert_int_not_equal(r->exit_code, 0);
+    const char *hit = strstr(r->err, expect);
+    if (!hit)
+        fail_msg("expected '%s' in: %s", expect, r->err);
+    assert_null(strstr(hit + 1, expect)); /* once per job */
+    assert_false(exists(out, "model.safetensors.index.json"));
+}
+
 /* Layer 0's inputs in the store at `path`, sequence `seq`, are the embedding
  * rows of that sequence's calibration tokens (read here from the model and
  * the tokens file, not through mxq). */
@@ -512,12 +523,7 @@ static void test_store_refusals(void **state)
         tu_run_result r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
                                   tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-rtn"), "--out",
                                   out, "--store-activations", cases[i].store, "--group-size", cases[i].group, NULL);
-        assert_int_not_equal(r.exit_code, 0);
-        const char *hit = strstr(r.err, cases[i].expect);
-        if (!hit)
-            fail_msg("expected '%s' in: %s", cases[i].expect, r.err);
-        assert_null(strstr(hit + 1, cases[i].expect)); /* once per job */
-        assert_false(exists(out, "model.safetensors.index.json"));
+        assert_refused_once(&r, cases[i].expect, out);
     }
     char *text = tu_read_file(precious, NULL);
     assert_string_equal(text, "not a store\n");
@@ -541,12 +547,7 @@ static void test_group_size_refused(void **state)
                                   tu_data_path("stories260K/calib.h5"), "--recipe", cases[i].recipe, "--out", out,
                                   /* a NULL extra ends the arguments before its value */
                                   "--group-size", cases[i].size, cases[i].extra, "1", NULL);
-        assert_int_not_equal(r.exit_code, 0);
-        const char *hit = strstr(r.err, cases[i].expect);
-        if (!hit)
-            fail_msg("expected '%s' in: %s", cases[i].expect, r.err);
-        assert_null(strstr(hit + 1, cases[i].expect)); /* once per job */
-        assert_false(exists(out, "model.safetensors.index.json"));
+        assert_refused_once(&r, cases[i].expect, out);
     }
 }
 
