@@ -64,7 +64,7 @@ typedef struct {
                          data-parallel group; 0: the pipeline if its plan stays under 90% of
                          the memory a rank has, else one data-parallel group (also of a single rank) */
     double mem_per_rank;   /* bytes a rank may use; 0: the node's memory (or cgroup limit) over its ranks */
-    int grid_min_inputs;   /* group size > 1: GPTQ of a linear with at least this many inputs (and a
+    int grid_min_inputs;   /* group size > 1, fp mode: GPTQ of a linear with at least this many inputs (and a
                               whole number of lazy batches) runs on a ScaLAPACK grid of all the group's
                               ranks; 0: automatic, the linears whose GPTQ on one rank would take more
                               than a quarter of a rank's memory; < 0: never */

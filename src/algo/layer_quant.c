@@ -9,10 +9,10 @@
  * rows -> o_proj, up_proj rows -> down_proj); a linear on its own has no
  * such op, so its result is the effective weight Q(W diag s) diag(1/s).
  *
- * Every fold target lies in the same decoder layer. A job that spreads a
- * layer's inputs over ranks (calibrate_group_seq.c) searches each input's
- * scales where its statistics are and folds every input's scales on every
- * rank holding the layer (mxq_layer_quant_begin_part and after). */
+ * Every fold target lies in the same decoder layer. A caller that spreads
+ * a layer's inputs over ranks searches each input's scales where its
+ * statistics are and folds every input's scales into every copy of the
+ * layer (mxq_layer_quant_begin_part and the scale steps after it). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,6 +1,8 @@
 /* A decoder layer's quantization in phases, for jobs that run a linear's
- * GPTQ elsewhere (on a grid of ranks) between them. mxq_quantize_layer is
- * exactly begin; for each linear: prepare, round, finish; end. Internal. */
+ * GPTQ elsewhere (on a grid of ranks) between them, or that spread a
+ * layer's inputs over ranks (the scale steps' search and fold apart).
+ * mxq_quantize_layer is exactly begin; for each linear: prepare, round,
+ * finish; end. Internal. */
 #ifndef MXQ_ALGO_LAYER_QUANT_H
 #define MXQ_ALGO_LAYER_QUANT_H
 

@@ -18,6 +18,7 @@
  * the activations and a micro-batch. As in the fp group, the statistics
  * are summed over ranks and each rank's Gram products run over its own
  * groupings of tokens, so the last bits depend on the rank count. */
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -147,11 +148,6 @@ fail:
     return status;
 }
 
-static int input_features(const seq_group *g, mxq_input_id input)
-{
-    return input == MXQ_INPUT_DOWN ? g->model->cfg.intermediate : g->model->cfg.hidden;
-}
-
 /* Scale step k: each owner searches its inputs' scales, then every rank
  * receives and folds them all, in input order. */
 static mxq_status spread_scale_step(mxq_ctx *ctx, seq_group *g, mxq_layer_quant *q, int k)
@@ -160,10 +156,10 @@ static mxq_status spread_scale_step(mxq_ctx *ctx, seq_group *g, mxq_layer_quant 
     for (int i = 0; i < MXQ_INPUT_COUNT && local == MXQ_OK; i++)
         if (mxq_layer_scale_applies(q, k, (mxq_input_id)i) && g->owner[i] == g->dist->rank)
             local = mxq_layer_scale_search(ctx, q, k, (mxq_input_id)i, g->scales[i],
-                                           &g->scales[i][input_features(g, (mxq_input_id)i)]);
+                                           &g->scales[i][mxq_input_features(&g->model->cfg, (mxq_input_id)i)]);
     AGREE(ctx, g->dist, "group.sequential.scales", local);
     for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
-        const int n = input_features(g, (mxq_input_id)i);
+        const int n = mxq_input_features(&g->model->cfg, (mxq_input_id)i);
         if (!mxq_layer_scale_applies(q, k, (mxq_input_id)i))
             continue;
         CALL_MPI(ctx, g->dist->comm, MPI_Bcast(g->scales[i], n + 1, MPI_DOUBLE, g->owner[i], g->dist->comm));
@@ -206,23 +202,23 @@ static mxq_status send_to_writer(mxq_ctx *ctx, const seq_group *g, mxq_layer_qua
         CALL_MPI(ctx, comm, MPI_Send(&meta, (int)sizeof(meta), MPI_BYTE, writer, MXQ_TAG_DATA, comm));
         CALL_MPI(ctx, comm, MPI_Send(r->packed, (int)r->packed_bytes, MPI_BYTE, writer, MXQ_TAG_DATA, comm));
         CALL_MPI(ctx, comm, MPI_Send(r->scales, (int)r->scales_bytes, MPI_BYTE, writer, MXQ_TAG_DATA, comm));
-        return MXQ_OK;
+    } else {
+        CALL_MPI(ctx, comm, MPI_Recv(&meta, (int)sizeof(meta), MPI_BYTE, from, MXQ_TAG_DATA, comm, MPI_STATUS_IGNORE));
+        CALL_MPI(ctx, comm,
+                 MPI_Recv(r->packed, (int)r->packed_bytes, MPI_BYTE, from, MXQ_TAG_DATA, comm, MPI_STATUS_IGNORE));
+        CALL_MPI(ctx, comm,
+                 MPI_Recv(r->scales, (int)r->scales_bytes, MPI_BYTE, from, MXQ_TAG_DATA, comm, MPI_STATUS_IGNORE));
+        *r = (mxq_linear_result){.quantized = 1,
+                                 .bias_modified = r->bias_modified,
+                                 .loss_rtn = meta.loss_rtn,
+                                 .loss = meta.loss,
+                                 .seconds = meta.seconds,
+                                 .dead_channels = meta.dead_channels,
+                                 .packed = r->packed,
+                                 .scales = r->scales,
+                                 .packed_bytes = r->packed_bytes,
+                                 .scales_bytes = r->scales_bytes};
     }
-    CALL_MPI(ctx, comm, MPI_Recv(&meta, (int)sizeof(meta), MPI_BYTE, from, MXQ_TAG_DATA, comm, MPI_STATUS_IGNORE));
-    CALL_MPI(ctx, comm,
-             MPI_Recv(r->packed, (int)r->packed_bytes, MPI_BYTE, from, MXQ_TAG_DATA, comm, MPI_STATUS_IGNORE));
-    CALL_MPI(ctx, comm,
-             MPI_Recv(r->scales, (int)r->scales_bytes, MPI_BYTE, from, MXQ_TAG_DATA, comm, MPI_STATUS_IGNORE));
-    *r = (mxq_linear_result){.quantized = 1,
-                             .bias_modified = r->bias_modified,
-                             .loss_rtn = meta.loss_rtn,
-                             .loss = meta.loss,
-                             .seconds = meta.seconds,
-                             .dead_channels = meta.dead_channels,
-                             .packed = r->packed,
-                             .scales = r->scales,
-                             .packed_bytes = r->packed_bytes,
-                             .scales_bytes = r->scales_bytes};
 fail:
     return status;
 }
@@ -254,6 +250,15 @@ static mxq_status share_linears(mxq_ctx *ctx, seq_group *g, mxq_layer_quant *q, 
 {
     mxq_status status = MXQ_OK;
     AGREE(ctx, g->dist, "group.sequential.room", g->dist->rank == writer ? writer_room(ctx, g, q) : MXQ_OK);
+    /* a packed linear goes in one message (a 70B down_proj packs to 117 MB) */
+    int fits = 1;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        int out, in;
+        mxq_linear_shape(q->cfg, (mxq_linear_id)li, &out, &in);
+        fits &= !q->quantized[li] || (size_t)out * mxq_mx_packed_row_bytes(q->recipe->weights.format, (size_t)in) <= INT_MAX;
+    }
+    CHECK_AGREED(ctx, g->dist, "group.sequential.sizes", fits, MXQ_ERR_ARG,
+                 "layer %d: a quantized linear packs to more than one MPI message holds (2 GB)", q->layer);
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
         const int from = g->owner[mxq_linear_input((mxq_linear_id)li)];
         int out, in;

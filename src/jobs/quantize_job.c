@@ -255,6 +255,23 @@ fail:
     return status;
 }
 
+/* --store-activations: not a name the checkpoint uses (it could land in
+ * --out, and replace a shard at the commit), and free to take the store. */
+static mxq_status check_store_path(mxq_ctx *ctx, const quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    const char *path = job->opt->store_activations, *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
+    int a, b;
+    const int shard = sscanf(base, "model-%d-of-%d.safetensors", &a, &b) == 2;
+    CHECK(ctx,
+          !shard && strcmp(base, REPORT_NAME) != 0 && strcmp(base, "config.json") != 0 &&
+              strcmp(base, "model.safetensors.index.json") != 0 && strcmp(base, ".mxq-output.json") != 0,
+          MXQ_ERR_ARG, "--store-activations '%s' has the name of a checkpoint file; give the store another name", path);
+    CALL(ctx, mxq_act_store_check(ctx, path, &job->inputs, job->opt->force));
+fail:
+    return status;
+}
+
 /* Everything that can be checked before anything is written, local to this
  * rank: recipe, config against checkpoint, partition, calibration tokens,
  * the job's inputs, the output directory not being the input. */
@@ -277,8 +294,8 @@ static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
           "--store-activations is written by a data-parallel group; %s runs a pipeline",
           group == 1 ? "--group-size 1" : "--stats-layers");
     CHECK(ctx, group <= 1 || job->opt->stats_layers == 0, MXQ_ERR_ARG,
-          "--stats-layers bounds a pipeline's statistics; a data-parallel group (--group-size %d) holds two layers' "
-          "already",
+          "--stats-layers bounds a pipeline's statistics; a data-parallel group (--group-size %d) holds one or two "
+          "layers' already",
           group);
     CHECK(ctx, job->opt->stats_layers == 0 || job->recipe.calib_mode == MXQ_CALIB_FP, MXQ_ERR_ARG,
           "--stats-layers bounds fp calibration; the recipe '%s' calibrates sequentially (one layer at a time already)",
@@ -290,7 +307,7 @@ static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
     CALL(ctx, mxq_input_set_add(ctx, &job->inputs, job->calib_path, "the calibration file"));
     CALL(ctx, mxq_input_set_add(ctx, &job->inputs, job->recipe_path, "the recipe"));
     if (job->opt->store_activations)
-        CALL(ctx, mxq_act_store_check(ctx, job->opt->store_activations, &job->inputs));
+        CALL(ctx, check_store_path(ctx, job));
     /* a dry run says now what the real run would refuse about --out */
     if (job->opt->dry_run && job->out_dir && job->dist.rank == 0)
         CALL(ctx, out_dir_files(ctx, job, 1));
@@ -369,8 +386,8 @@ static mxq_status open_store(mxq_ctx *ctx, quantize_job *job)
                 job->opt->store_activations, job->cfg.n_layers, job->calib.n_seqs, job->calib.seq_len, job->cfg.hidden,
                 store_bytes(job) / 1e9);
     job->have_store = 1; /* create leaves the store safe to abort whatever happens */
-    CALL(ctx, mxq_act_store_create(ctx, &job->dist, job->opt->store_activations, &job->inputs, &job->cfg,
-                                   job->calib.n_seqs, job->calib.seq_len, &info, &job->store));
+    CALL(ctx, mxq_act_store_create(ctx, &job->dist, job->opt->store_activations, &job->inputs, job->opt->force,
+                                   &job->cfg, job->calib.n_seqs, job->calib.seq_len, &info, &job->store));
 fail:
     return status;
 }
@@ -610,6 +627,8 @@ fail:
 
 static void quantize_job_free(quantize_job *job)
 {
+    if (job->have_store)
+        mxq_act_store_release(&job->store);
     mxq_quantize_report_free(&job->report);
     free(job->packed_report);
     mxq_output_abort(&job->shard_out);
@@ -630,7 +649,9 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
                         const char *recipe_path, const char *out_dir, const mxq_quantize_options *options)
 {
     mxq_status status = MXQ_OK;
-    quantize_job job = {.dist = {.comm = MPI_COMM_NULL}, .shard_out = {NULL, NULL, -1}, .store = {.file = -1, .out = {NULL, NULL, -1}}};
+    quantize_job job = {.dist = {.comm = MPI_COMM_NULL},
+                        .shard_out = {NULL, NULL, -1},
+                        .store = {.file = -1, .out = {NULL, NULL, -1}}};
     job.report.index.fd = -1;
     job.model_dir = model_dir;
     job.calib_path = calib_path;

@@ -584,8 +584,8 @@ static void plan_layers_text(const mxq_plan_input *in, int r, char *text, size_t
         snprintf(text, size, "[%d, %d)", in->first[r], in->first[r + 1]);
     else if (owned_layers(in, r) == 0) /* more ranks than layers: it only calibrates (and serves the grid) */
         snprintf(text, size, "none");
-    else if (in->recipe->calib_mode == MXQ_CALIB_SEQUENTIAL) /* the linears of its inputs (input_owners) */
-        snprintf(text, size, r < MXQ_INPUT_COUNT ? "part of every" : "none");
+    else if (in->recipe->calib_mode == MXQ_CALIB_SEQUENTIAL) /* the linears of the inputs it owns */
+        snprintf(text, size, in->size == 1 ? "all" : r < MXQ_INPUT_COUNT ? "part of every" : "none");
     else
         snprintf(text, size, "%d of every %d", r, in->size);
 }

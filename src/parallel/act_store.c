@@ -10,11 +10,12 @@
 #include "parallel/act_store.h"
 
 #define STORE_VERSION 1
-/* Sequences per collective write: under 1 GB a call, so that no MPI-IO
- * request nears INT_MAX bytes. */
+/* Bytes per collective write: whole sequences up to 1 GB a call (or one
+ * sequence, if larger), so that MPI-IO requests stay far from INT_MAX
+ * bytes for any shape short of 2 GB a sequence. */
 #define WRITE_BYTES ((size_t)1 << 30)
 
-mxq_status mxq_act_store_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs)
+mxq_status mxq_act_store_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs, int force)
 {
     mxq_status status = MXQ_OK;
     struct stat st;
@@ -35,12 +36,14 @@ mxq_status mxq_act_store_check(mxq_ctx *ctx, const char *path, const mxq_input_s
           "--store-activations '%s' exists and is not an mxq activation store; mxq replaces only a store it wrote "
           "(remove the file or give another path)",
           path);
+    CHECK(ctx, force, MXQ_ERR_ARG, "--store-activations '%s' holds an earlier activation store; pass --force to replace it",
+          path);
 fail:
     return status;
 }
 
 /* The root attributes and the group /layers. */
-static mxq_status write_header(mxq_ctx *ctx, mxq_act_store *s, const char *path, const mxq_act_store_info *info)
+static mxq_status write_header(mxq_ctx *ctx, mxq_act_store *s, const mxq_act_store_info *info)
 {
     mxq_status status = MXQ_OK;
     hid_t group = H5I_INVALID_HID;
@@ -53,7 +56,7 @@ static mxq_status write_header(mxq_ctx *ctx, mxq_act_store *s, const char *path,
     CALL(ctx, mxq_h5_attr_int(ctx, s->file, "seq_len", s->seq_len));
     CALL(ctx, mxq_h5_attr_int(ctx, s->file, "hidden", s->hidden));
     group = H5Gcreate2(s->file, "layers", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    CALL_H5(ctx, group, "cannot create the group /layers in '%s'", path);
+    CALL_H5(ctx, group, "cannot create the group /layers in '%s'", s->path);
 fail:
     if (group >= 0)
         H5Gclose(group);
@@ -62,21 +65,21 @@ fail:
 
 /* /layers/<l> for every layer, one sequence per chunk, never filled (each
  * is written whole). Collective. */
-static mxq_status create_datasets(mxq_ctx *ctx, mxq_act_store *s, const char *path)
+static mxq_status create_datasets(mxq_ctx *ctx, mxq_act_store *s)
 {
     mxq_status status = MXQ_OK;
     const hsize_t dims[3] = {(hsize_t)s->n_seqs, (hsize_t)s->seq_len, (hsize_t)s->hidden};
     const hsize_t chunk[3] = {1, (hsize_t)s->seq_len, (hsize_t)s->hidden};
     hid_t space = H5Screate_simple(3, dims, NULL), dcpl = H5Pcreate(H5P_DATASET_CREATE);
-    CALL_H5(ctx, space, "cannot describe the layers' inputs in '%s'", path);
-    CALL_H5(ctx, dcpl, "cannot describe the layers' inputs in '%s'", path);
-    CALL_H5(ctx, H5Pset_chunk(dcpl, 3, chunk), "cannot chunk the layers' inputs in '%s'", path);
-    CALL_H5(ctx, H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER), "cannot set the fill of '%s'", path);
+    CALL_H5(ctx, space, "cannot describe the layers' inputs in '%s'", s->path);
+    CALL_H5(ctx, dcpl, "cannot describe the layers' inputs in '%s'", s->path);
+    CALL_H5(ctx, H5Pset_chunk(dcpl, 3, chunk), "cannot chunk the layers' inputs in '%s'", s->path);
+    CALL_H5(ctx, H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER), "cannot set the fill of '%s'", s->path);
     for (int l = 0; l < s->n_layers; l++) {
         char name[32];
         snprintf(name, sizeof(name), "layers/%d", l);
         hid_t d = H5Dcreate2(s->file, name, H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
-        CALL_H5(ctx, d, "cannot create /%s in '%s'", name, path);
+        CALL_H5(ctx, d, "cannot create /%s in '%s'", name, s->path);
         H5Dclose(d);
     }
 fail:
@@ -87,18 +90,25 @@ fail:
     return status;
 }
 
-/* Every rank opens rank 0's temporary file through MPI-IO. */
+/* Every rank opens rank 0's temporary file through MPI-IO, then lays out
+ * the file; each collective phase is agreed before the next. */
 static mxq_status open_parallel(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, const char *temp,
-                                const char *path, const mxq_act_store_info *info)
+                                const mxq_act_store_info *info)
 {
     mxq_status status = MXQ_OK;
     hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
-    CALL_H5(ctx, fapl, "cannot open '%s' for parallel writing", path);
-    CALL_H5(ctx, H5Pset_fapl_mpio(fapl, dist->comm, MPI_INFO_NULL), "cannot open '%s' for parallel writing", path);
-    s->file = H5Fcreate(temp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
-    CALL_H5(ctx, s->file, "cannot create '%s'", path);
-    CALL(ctx, write_header(ctx, s, path, info));
-    CALL(ctx, create_datasets(ctx, s, path));
+    mxq_status local = fapl >= 0 && H5Pset_fapl_mpio(fapl, dist->comm, MPI_INFO_NULL) >= 0 ? MXQ_OK : MXQ_ERR_HDF5;
+    if (local != MXQ_OK)
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot open '%s' for parallel writing", s->path);
+    AGREE(ctx, dist, "store.access", local);
+    s->file = H5Fcreate(temp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl); /* collective */
+    if (s->file < 0)
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot create '%s'", s->path);
+    AGREE(ctx, dist, "store.open", s->file >= 0 ? MXQ_OK : MXQ_ERR_HDF5);
+    local = write_header(ctx, s, info); /* collective metadata, the same on every rank */
+    if (local == MXQ_OK)
+        local = create_datasets(ctx, s);
+    AGREE(ctx, dist, "store.layout", local);
 fail:
     if (fapl >= 0)
         H5Pclose(fapl);
@@ -106,20 +116,27 @@ fail:
 }
 
 mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *path, const mxq_input_set *inputs,
-                                const mxq_model_config *cfg, int n_seqs, int seq_len, const mxq_act_store_info *info,
-                                mxq_act_store *s)
+                                int force, const mxq_model_config *cfg, int n_seqs, int seq_len,
+                                const mxq_act_store_info *info, mxq_act_store *s)
 {
     mxq_status status = MXQ_OK, local = MXQ_OK;
     mxq_h5_quiet quiet;
     char temp[4096] = "";
     *s = (mxq_act_store){.file = H5I_INVALID_HID,
                          .out = {NULL, NULL, -1},
+                         .path = strdup(path),
+                         .force = force,
                          .n_layers = cfg->n_layers,
                          .n_seqs = n_seqs,
                          .seq_len = seq_len,
                          .hidden = cfg->hidden};
+    CHECK_ALLOC(ctx, s->path, strlen(path) + 1, "a path");
+    /* HDF5 limits a chunk (here one sequence) to 4 GiB */
+    CHECK(ctx, (double)seq_len * cfg->hidden * sizeof(float) < 4294967296.0, MXQ_ERR_ARG,
+          "--store-activations: one sequence of %d tokens x %d features exceeds HDF5's 4 GiB chunk limit", seq_len,
+          cfg->hidden);
     if (dist->rank == 0) {
-        local = mxq_act_store_check(ctx, path, inputs); /* again: the path may have changed since setup */
+        local = mxq_act_store_check(ctx, path, inputs, force); /* again: the path may have changed since setup */
         if (local == MXQ_OK)
             local = mxq_output_begin(ctx, path, inputs, &s->out);
         if (local == MXQ_OK)
@@ -134,33 +151,37 @@ mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *
                  "file system shared by all nodes",
                  path);
     mxq_h5_quiet_begin(&quiet);
-    local = open_parallel(ctx, dist, s, temp, path, info);
+    status = open_parallel(ctx, dist, s, temp, info);
     mxq_h5_quiet_end(&quiet);
-    AGREE(ctx, dist, "store.open", local);
 fail:
     return status;
 }
 
-/* Sequences [first, first + n) of layer l's dataset from acts. Collective:
- * a rank with n = 0 selects nothing but takes part. */
-static mxq_status write_part(mxq_ctx *ctx, mxq_act_store *s, hid_t dset, hid_t dxpl, int first, int n,
-                             const float *acts)
+/* One collective write: sequences [first, first + n) of the open dataset
+ * from acts (n may be 0: nothing selected, but the rank takes part). The
+ * selection is local and agreed before the write, which every rank must
+ * reach. */
+static mxq_status write_part(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, hid_t dset, hid_t dxpl, int first,
+                             int n, const float *acts)
 {
     mxq_status status = MXQ_OK;
-    const hsize_t start[3] = {(hsize_t)first, 0, 0}, count[3] = {(hsize_t)(n > 0 ? n : 1), (hsize_t)s->seq_len,
-                                                                  (hsize_t)s->hidden};
+    const hsize_t start[3] = {(hsize_t)first, 0, 0},
+                  count[3] = {(hsize_t)(n > 0 ? n : 1), (hsize_t)s->seq_len, (hsize_t)s->hidden};
     hid_t fspace = H5Dget_space(dset), mspace = H5Screate_simple(3, count, NULL);
-    CALL_H5(ctx, fspace, "cannot select in the activation store");
-    CALL_H5(ctx, mspace, "cannot select in the activation store");
-    if (n > 0) {
-        CALL_H5(ctx, H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL),
-                "cannot select sequences %d..%d of the activation store", first, first + n - 1);
-    } else {
-        CALL_H5(ctx, H5Sselect_none(fspace), "cannot select in the activation store");
-        CALL_H5(ctx, H5Sselect_none(mspace), "cannot select in the activation store");
-    }
-    CALL_H5(ctx, H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, fspace, dxpl, acts),
-            "cannot write sequences %d..%d of the activation store", first, first + n - 1);
+    int selected = fspace >= 0 && mspace >= 0;
+    if (selected && n > 0)
+        selected = H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL) >= 0;
+    else if (selected)
+        selected = H5Sselect_none(fspace) >= 0 && H5Sselect_none(mspace) >= 0;
+    if (!selected)
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot select sequences %d..%d in '%s'", first, first + n - 1,
+                         s->path);
+    AGREE(ctx, dist, "store.select", selected ? MXQ_OK : MXQ_ERR_HDF5);
+    const herr_t written = H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, fspace, dxpl, acts);
+    if (written < 0)
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot write sequences %d..%d to '%s'", first, first + n - 1,
+                         s->path);
+    AGREE(ctx, dist, "store.write", written >= 0 ? MXQ_OK : MXQ_ERR_HDF5);
 fail:
     if (fspace >= 0)
         H5Sclose(fspace);
@@ -169,19 +190,20 @@ fail:
     return status;
 }
 
-/* The whole share in steps of WRITE_BYTES; every rank takes as many steps
- * as the largest share needs. */
+/* The whole share in calls of up to WRITE_BYTES (one sequence at least);
+ * every rank makes as many calls as the largest share needs. */
 static mxq_status write_layer(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, hid_t dset, hid_t dxpl,
                               int first, int n, const float *acts)
 {
     mxq_status status = MXQ_OK;
-    const size_t seq_bytes = (size_t)s->seq_len * s->hidden * sizeof(float);
-    const int per_call = seq_bytes >= WRITE_BYTES ? 1 : (int)(WRITE_BYTES / seq_bytes);
-    const int largest = (s->n_seqs + dist->size - 1) / dist->size;
+    const size_t seq_floats = (size_t)s->seq_len * s->hidden;
+    const int per_call = seq_floats * sizeof(float) >= WRITE_BYTES ? 1 : (int)(WRITE_BYTES / (seq_floats * sizeof(float)));
+    int largest = n;
+    CALL_MPI(ctx, dist->comm, MPI_Allreduce(MPI_IN_PLACE, &largest, 1, MPI_INT, MPI_MAX, dist->comm));
     for (int done = 0; done < largest; done += per_call) {
         const int take = n - done < per_call ? (n - done > 0 ? n - done : 0) : per_call;
-        CALL(ctx, write_part(ctx, s, dset, dxpl, first + done, take,
-                             take > 0 ? acts + (size_t)done * s->seq_len * s->hidden : acts));
+        CALL(ctx, write_part(ctx, dist, s, dset, dxpl, first + done, take,
+                             take > 0 ? acts + (size_t)done * seq_floats : acts));
     }
 fail:
     return status;
@@ -190,27 +212,30 @@ fail:
 mxq_status mxq_act_store_write(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, int layer, int first, int n,
                                const float *acts)
 {
-    mxq_status status = MXQ_OK, local = MXQ_OK;
+    mxq_status status = MXQ_OK;
     mxq_h5_quiet quiet;
     char name[32];
     snprintf(name, sizeof(name), "layers/%d", layer);
+    CHECK_AGREED(ctx, dist, "store.order",
+                 layer == s->layers_written && first >= 0 && n >= 0 && first + n <= s->n_seqs, MXQ_ERR_INTERNAL,
+                 "activation store: layer %d (sequences %d..%d) written after %d of %d layers", layer, first,
+                 first + n - 1, s->layers_written, s->n_layers);
     mxq_h5_quiet_begin(&quiet);
     hid_t dset = H5Dopen2(s->file, name, H5P_DEFAULT), dxpl = H5Pcreate(H5P_DATASET_XFER);
-    if (dset < 0 || dxpl < 0 || H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE) < 0) {
-        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot open /%s of the activation store", name);
-        local = MXQ_ERR_HDF5;
-    }
+    const int opened = dset >= 0 && dxpl >= 0 && H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE) >= 0;
+    if (!opened)
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot open /%s of '%s'", name, s->path);
     /* agreed before the collective writes, which every rank must join */
-    local = mxq_agree(ctx, dist, "store.layer", local);
+    mxq_status local = mxq_agree(ctx, dist, "store.layer", opened ? MXQ_OK : MXQ_ERR_HDF5);
     if (local == MXQ_OK)
-        local = mxq_agree(ctx, dist, "store.write", write_layer(ctx, dist, s, dset, dxpl, first, n, acts));
+        local = write_layer(ctx, dist, s, dset, dxpl, first, n, acts);
     if (dset >= 0)
         H5Dclose(dset);
     if (dxpl >= 0)
         H5Pclose(dxpl);
     mxq_h5_quiet_end(&quiet);
     CALL(ctx, local);
-    s->layers_written = layer + 1 > s->layers_written ? layer + 1 : s->layers_written;
+    s->layers_written++;
 fail:
     return status;
 }
@@ -218,16 +243,21 @@ fail:
 mxq_status mxq_act_store_commit(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s)
 {
     mxq_status status = MXQ_OK, local = MXQ_OK;
-    CHECK(ctx, s->layers_written == s->n_layers, MXQ_ERR_ARG, "the activation store holds %d of %d layers",
+    CHECK(ctx, s->layers_written == s->n_layers, MXQ_ERR_INTERNAL, "the activation store holds %d of %d layers",
           s->layers_written, s->n_layers);
     herr_t closed = H5Fclose(s->file);
     s->file = H5I_INVALID_HID;
     if (closed < 0) {
-        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot write '%s'", dist->rank == 0 ? s->out.final_path : "the store");
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot write '%s'", s->path);
         local = MXQ_ERR_HDF5;
     }
     AGREE(ctx, dist, "store.close", local);
-    local = dist->rank == 0 ? mxq_output_commit(ctx, &s->out) : MXQ_OK;
+    /* hours may have passed: what is at the path now is checked again */
+    if (dist->rank == 0) {
+        local = mxq_act_store_check(ctx, s->path, NULL, s->force);
+        if (local == MXQ_OK)
+            local = mxq_output_commit(ctx, &s->out);
+    }
     s->committed = dist->rank == 0 && local == MXQ_OK;
     AGREE(ctx, dist, "store.commit", local);
 fail:
@@ -242,5 +272,12 @@ void mxq_act_store_abort(mxq_act_store *s)
     if (s->committed && s->out.final_path)
         unlink(s->out.final_path);
     s->committed = 0;
-    mxq_output_abort(&s->out);
+    mxq_act_store_release(s);
+}
+
+void mxq_act_store_release(mxq_act_store *s)
+{
+    mxq_output_abort(&s->out); /* removes the temporary, if one is left */
+    free(s->path);
+    s->path = NULL;
 }

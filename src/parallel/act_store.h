@@ -12,7 +12,8 @@
  *
  * The file is written under a temporary name and renamed into place when
  * every layer is in it (mxq_act_store_commit); an existing file at the
- * path is replaced only if it is an earlier store. Internal. */
+ * path is replaced only if it is an earlier store, and with --force.
+ * Internal. */
 #ifndef MXQ_ACT_STORE_H
 #define MXQ_ACT_STORE_H
 
@@ -25,8 +26,10 @@
 typedef struct {
     hid_t file;
     mxq_output out; /* rank 0: the temporary file and its final name */
+    char *path;     /* the final name, on every rank (messages) */
+    int force;      /* an earlier store at the path may be replaced */
     int n_layers, n_seqs, seq_len, hidden;
-    int layers_written;
+    int layers_written; /* layers 0 .. layers_written - 1, in order */
     int committed; /* rank 0: renamed into place (an abort after it removes the file) */
 } mxq_act_store;
 
@@ -36,17 +39,19 @@ typedef struct {
 } mxq_act_store_info;
 
 /* Whether the path may take the store (local): not an input, not a
- * device, link or directory, and if a file exists, an earlier store. */
-mxq_status mxq_act_store_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs);
+ * device, link or directory, and if a file exists, an earlier store and
+ * `force`. */
+mxq_status mxq_act_store_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs, int force);
 
 /* Check the path on rank 0, then create the file and every layer's dataset
  * on all ranks. Collective (agreed). */
 mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *path, const mxq_input_set *inputs,
-                                const mxq_model_config *cfg, int n_seqs, int seq_len, const mxq_act_store_info *info,
-                                mxq_act_store *store);
+                                int force, const mxq_model_config *cfg, int n_seqs, int seq_len,
+                                const mxq_act_store_info *info, mxq_act_store *store);
 
-/* Layer `layer`'s inputs: this rank's sequences [first, first + n) from acts
- * [n, seq_len, hidden] (n may be 0). Collective. */
+/* Layer `layer`'s inputs (layers in order 0, 1, ...): this rank's
+ * sequences [first, first + n) from acts [n, seq_len, hidden] (n may be
+ * 0). Collective. */
 mxq_status mxq_act_store_write(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *store, int layer, int first, int n,
                                const float *acts);
 
@@ -55,7 +60,10 @@ mxq_status mxq_act_store_write(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store
 mxq_status mxq_act_store_commit(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *store);
 
 /* Close (collective: every rank must call it) and remove the temporary, or
- * the committed file: a job that fails after the commit leaves no store. */
+ * the committed file: a job that fails after the commit leaves no store.
+ * Then as release. */
 void mxq_act_store_abort(mxq_act_store *store);
+/* Free what the store holds, after a commit or an abort (local). */
+void mxq_act_store_release(mxq_act_store *store);
 
 #endif

@@ -437,27 +437,30 @@ fail:
 }
 
 /* Block step k of mxq_chol_blocked on the grid: block row k's owner
- * factors its panel (the local path's call), the panel goes to every rank,
- * and each updates its own later block rows with the local path's dgemm.
- * Returns the owner's dpotrf info, the same on every rank. */
-static mxq_status factor_step(mxq_ctx *ctx, grid_gptq *gg, size_t k, double *panel, int *info)
+ * factors its panel (the local path's calls), which is agreed, the panel
+ * goes to every rank, and each updates its own later block rows with the
+ * local path's dgemm. */
+static mxq_status factor_step(mxq_ctx *ctx, grid_gptq *gg, size_t k, double *panel, const mxq_gptq_options *o)
 {
     mxq_status status = MXQ_OK;
     const size_t nb = (size_t)gg->nb, n = gg->n, width = n - k * nb;
     const int owner = (int)(k % (size_t)gg->P);
-    double *row = gg->hd + (k / (size_t)gg->P) * nb + k * nb * gg->lld; /* block row k from its diagonal on */
+    int info = 0;
     if (gg->me == owner) {
+        double *row = gg->hd + (k / (size_t)gg->P) * nb + k * nb * gg->lld; /* block row k from its diagonal on */
         for (size_t c = 0; c < width; c++)
             memcpy(panel + c * nb, row + c * gg->lld, nb * sizeof(double));
-        *info = mxq_chol_panel(panel, gg->nb, width);
-        for (size_t d = 0; *info == 0 && d < nb; d++) /* dpotrf lets a NaN through */
-            *info = isfinite(panel[d + d * nb]) ? 0 : (int)d + 1;
-        for (size_t c = 0; *info == 0 && c < width; c++)
+        info = mxq_chol_panel(panel, gg->nb, width);
+        for (size_t d = 0; info == 0 && d < nb; d++) /* dpotrf lets a NaN through */
+            info = isfinite(panel[d + d * nb]) ? 0 : (int)d + 1;
+        for (size_t c = 0; info == 0 && c < width; c++)
             memcpy(row + c * gg->lld, panel + c * nb, nb * sizeof(double));
     }
-    CALL_MPI(ctx, gg->dist->comm, MPI_Bcast(info, 1, MPI_INT, owner, gg->dist->comm));
-    if (*info != 0)
-        return MXQ_OK;
+    CHECK_AGREED(ctx, gg->dist, "gptq.grid.factor", info == 0, MXQ_ERR_LAPACK,
+                 "GPTQ: Cholesky factorization of the damped Hessian on the grid failed (at row %zu of %zu): it is "
+                 "not positive definite; raise gptq.damp (now %g; a rank-deficient Hessian, e.g. fewer tokens than "
+                 "inputs, needs about 1e-5 or more)",
+                 k * nb + (size_t)info, n, o->damp);
     CALL_MPI(ctx, gg->dist->comm, MPI_Bcast(panel, (int)(nb * width), MPI_DOUBLE, owner, gg->dist->comm));
     for (size_t lb = 0; lb * nb < gg->n_loc; lb++) {
         const size_t i = lb * (size_t)gg->P + (size_t)gg->me; /* global block row */
@@ -475,15 +478,8 @@ fail:
 static mxq_status factor(mxq_ctx *ctx, grid_gptq *gg, const mxq_gptq_options *o)
 {
     mxq_status status = MXQ_OK;
-    int info = 0;
-    size_t k = 0;
-    for (; k < gg->nblk && info == 0; k++)
-        CALL(ctx, factor_step(ctx, gg, k, gg->staging, &info));
-    CHECK_AGREED(ctx, gg->dist, "gptq.grid.factor", info == 0, MXQ_ERR_LAPACK,
-                 "GPTQ: Cholesky factorization of the damped Hessian on the grid failed (at row %zu of %zu): it is "
-                 "not positive definite; raise gptq.damp (now %g; a rank-deficient Hessian, e.g. fewer tokens than "
-                 "inputs, needs about 1e-5 or more)",
-                 info ? (k - 1) * (size_t)gg->nb + (size_t)info : 0, gg->n, o->damp);
+    for (size_t k = 0; k < gg->nblk; k++)
+        CALL(ctx, factor_step(ctx, gg, k, gg->staging, o));
     gg->h = (float *)gg->hd;
     for (size_t i = 0; gg->n_loc && i < gg->lld * gg->n; i++) /* float i lies within double i / 2: never ahead of the reads */
         gg->h[i] = (float)gg->hd[i];

@@ -478,6 +478,7 @@ static void test_store_activations(void **state)
     (void)state;
     const char *recipes[2] = {recipe("w4a8-mxint-awq-gptq"), sequential_recipe_of("w4a8-mxint-awq-gptq",
                                                                                   "store-seq.yaml")};
+    const char *two_ranks[2];
     for (int mode = 0; mode < 2; mode++) {
         const char *outs[2], *stores[2];
         for (int ranks = 1; ranks <= 2; ranks++) {
@@ -501,6 +502,16 @@ static void test_store_activations(void **state)
         assert_int_equal(r.exit_code, 0);
         assert_store_embeds(stores[1], 0);
         assert_store_embeds(stores[1], 127);
+        two_ranks[mode] = stores[1];
+    }
+    /* the same inputs to layer 0; to layer 1 the FP layer's outputs in one,
+     * the quantized layer's in the other */
+    for (int l = 0; l < 2; l++) {
+        const char *dataset = l ? "/layers/1" : "/layers/0";
+        const char *h5diff[] = {"h5diff", "-q", two_ranks[0], two_ranks[1], dataset, dataset, NULL};
+        tu_run_result r;
+        tu_run(h5diff, &r);
+        assert_int_equal(r.exit_code, l ? 1 : 0);
     }
 }
 
@@ -517,6 +528,7 @@ static void test_store_refusals(void **state)
         {precious, "2", "exists and is not an mxq activation store"},
         {tu_scratch_path("s.h5"), "1", "--store-activations is written by a data-parallel group; --group-size 1"},
         {recipe("w4a8-mxint-rtn"), "2", "is the recipe"},
+        {tu_scratch_path("store-refused-3/config.json"), "2", "has the name of a checkpoint file"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         const char *out = tu_scratch_path("store-refused-%zu", i);
@@ -528,6 +540,22 @@ static void test_store_refusals(void **state)
     char *text = tu_read_file(precious, NULL);
     assert_string_equal(text, "not a store\n");
     free(text);
+    /* an earlier store needs --force; so does --stats-layers need a pipeline */
+    const char *earlier = tu_scratch_path("store-0-n1.h5"); /* test_store_activations' */
+    struct stat before, after;
+    assert_int_equal(stat(earlier, &before), 0);
+    const char *out = tu_scratch_path("store-refused-force");
+    tu_run_result r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-rtn"), "--out", out,
+                              "--store-activations", earlier, NULL);
+    assert_refused_once(&r, "holds an earlier activation store; pass --force to replace it", out);
+    assert_int_equal(stat(earlier, &after), 0);
+    assert_true(before.st_ino == after.st_ino && before.st_mtime == after.st_mtime);
+    r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib", tu_data_path("stories260K/calib.h5"),
+                "--recipe", recipe("w4a8-mxint-rtn"), "--out", out, "--store-activations", tu_scratch_path("s2.h5"),
+                "--stats-layers", "1", NULL);
+    assert_refused_once(&r, "--store-activations is written by a data-parallel group; --stats-layers runs a pipeline",
+                        out);
 }
 
 /* --group-size values that cannot work are refused before any work, once. */
