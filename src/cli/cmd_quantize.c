@@ -105,7 +105,7 @@ static void print_quantize_help_layout(FILE *out)
             "                         seq_len x hidden x 4 bytes: --dry-run says how much). Implies the\n"
             "                         group (not with --group-size 1 or --stats-layers). Written under a\n"
             "                         temporary name, in place when complete; replaces only an earlier\n"
-            "                         store. h5dump / h5py read it\n"
+            "                         store, with --force. h5dump / h5py read it\n"
             "      --stats-layers N   pipeline, fp mode: hold the calibration statistics (double\n"
             "                         Hessians, see --dry-run) of at most N layers per rank at a time;\n"
             "                         the calibration set then runs through the model once per group\n"

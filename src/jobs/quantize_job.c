@@ -255,6 +255,11 @@ fail:
     return status;
 }
 
+static double store_bytes(const quantize_job *job)
+{
+    return (double)job->cfg.n_layers * job->calib.n_seqs * job->calib.seq_len * job->cfg.hidden * sizeof(float);
+}
+
 /* --store-activations: not a name the checkpoint uses (it could land in
  * --out, and replace a shard at the commit), and free to take the store. */
 static mxq_status check_store_path(mxq_ctx *ctx, const quantize_job *job)
@@ -265,9 +270,11 @@ static mxq_status check_store_path(mxq_ctx *ctx, const quantize_job *job)
     const int shard = sscanf(base, "model-%d-of-%d.safetensors", &a, &b) == 2;
     CHECK(ctx,
           !shard && strcmp(base, REPORT_NAME) != 0 && strcmp(base, "config.json") != 0 &&
+              strcmp(base, "model.safetensors") != 0 &&
               strcmp(base, "model.safetensors.index.json") != 0 && strcmp(base, ".mxq-output.json") != 0,
           MXQ_ERR_ARG, "--store-activations '%s' has the name of a checkpoint file; give the store another name", path);
     CALL(ctx, mxq_act_store_check(ctx, path, &job->inputs, job->opt->force));
+    CALL(ctx, mxq_act_store_check_space(ctx, path, store_bytes(job)));
 fail:
     return status;
 }
@@ -368,11 +375,6 @@ static mxq_status open_and_load(mxq_ctx *ctx, quantize_job *job)
     CHECK_ALLOC(ctx, job->results, sizeof(*job->results), "the layer results");
 fail:
     return status;
-}
-
-static double store_bytes(const quantize_job *job)
-{
-    return (double)job->cfg.n_layers * job->calib.n_seqs * job->calib.seq_len * job->cfg.hidden * sizeof(float);
 }
 
 /* --store-activations: the file, created by all ranks (collective). */

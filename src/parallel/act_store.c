@@ -3,7 +3,9 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "io/h5io.h"
@@ -40,6 +42,45 @@ mxq_status mxq_act_store_check(mxq_ctx *ctx, const char *path, const mxq_input_s
           path);
 fail:
     return status;
+}
+
+mxq_status mxq_act_store_check_space(mxq_ctx *ctx, const char *path, double bytes)
+{
+    mxq_status status = MXQ_OK;
+    char dir[4096];
+    const char *slash = strrchr(path, '/');
+    snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
+    struct statvfs fs;
+    if (!dir[0])
+        snprintf(dir, sizeof(dir), "/");
+    if (statvfs(dir, &fs) != 0) /* a directory made later (inside --out): found at create */
+        return MXQ_OK;
+    const double free_bytes = (double)fs.f_bavail * (double)fs.f_frsize;
+    CHECK(ctx, free_bytes >= bytes, MXQ_ERR_IO,
+          "--store-activations '%s' needs %.2f GB, and its file system has %.2f GB free", path, bytes / 1e9,
+          free_bytes / 1e9);
+fail:
+    return status;
+}
+
+/* --force: the temporaries that killed runs left next to the path (a 7B
+ * store's is 8.6 GB, in a hidden file). */
+static void remove_stale_temporaries(const char *path)
+{
+    char dir[4096];
+    const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
+    snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
+    if (!dir[0])
+        snprintf(dir, sizeof(dir), "/");
+    DIR *d = opendir(dir);
+    for (struct dirent *e = d ? readdir(d) : NULL; e; e = readdir(d))
+        if (mxq_is_temp_name_of(e->d_name, base)) {
+            char victim[8192];
+            snprintf(victim, sizeof(victim), "%s/%s", dir, e->d_name);
+            unlink(victim);
+        }
+    if (d)
+        closedir(d);
 }
 
 /* The root attributes and the group /layers. */
@@ -137,6 +178,8 @@ mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *
           cfg->hidden);
     if (dist->rank == 0) {
         local = mxq_act_store_check(ctx, path, inputs, force); /* again: the path may have changed since setup */
+        if (local == MXQ_OK && force)
+            remove_stale_temporaries(path);
         if (local == MXQ_OK)
             local = mxq_output_begin(ctx, path, inputs, &s->out);
         if (local == MXQ_OK)

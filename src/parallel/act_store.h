@@ -43,7 +43,12 @@ typedef struct {
  * `force`. */
 mxq_status mxq_act_store_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs, int force);
 
-/* Check the path on rank 0, then create the file and every layer's dataset
+/* Whether the path's file system has `bytes` free (local; a directory
+ * that does not exist yet passes). */
+mxq_status mxq_act_store_check_space(mxq_ctx *ctx, const char *path, double bytes);
+
+/* Check the path on rank 0 (with force, remove what killed runs left as
+ * its temporaries), then create the file and every layer's dataset
  * on all ranks. Collective (agreed). */
 mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *path, const mxq_input_set *inputs,
                                 int force, const mxq_model_config *cfg, int n_seqs, int seq_len,

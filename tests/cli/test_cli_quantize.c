@@ -529,6 +529,7 @@ static void test_store_refusals(void **state)
         {tu_scratch_path("s.h5"), "1", "--store-activations is written by a data-parallel group; --group-size 1"},
         {recipe("w4a8-mxint-rtn"), "2", "is the recipe"},
         {tu_scratch_path("store-refused-3/config.json"), "2", "has the name of a checkpoint file"},
+        {tu_scratch_path("store-refused-4/model.safetensors"), "2", "has the name of a checkpoint file"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         const char *out = tu_scratch_path("store-refused-%zu", i);
@@ -556,6 +557,17 @@ static void test_store_refusals(void **state)
                 "--stats-layers", "1", NULL);
     assert_refused_once(&r, "--store-activations is written by a data-parallel group; --stats-layers runs a pipeline",
                         out);
+    /* with --force the earlier store is replaced, and the temporary a
+     * killed run left next to it goes */
+    const char *stale = tu_scratch_path(".store-0-n1.h5.tmp-99999-0");
+    tu_write_file(stale, "killed", 6);
+    r = run_mpi(2, "quantize", "--model", tu_data_path("stories260K"), "--calib", tu_data_path("stories260K/calib.h5"),
+                "--recipe", recipe("w4a8-mxint-rtn"), "--out", out, "--store-activations", earlier, "--force", NULL);
+    if (r.exit_code != 0)
+        fail_msg("--force over an earlier store failed: %s", r.err);
+    assert_int_not_equal(access(stale, F_OK), 0);
+    assert_int_equal(stat(earlier, &after), 0);
+    assert_true(after.st_ino != before.st_ino);
 }
 
 /* --group-size values that cannot work are refused before any work, once. */
