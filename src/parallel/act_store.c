@@ -44,15 +44,23 @@ fail:
     return status;
 }
 
+/* The directory of `path` ("." for a bare name, "/" at the root); returns
+ * the base name. */
+static const char *split_dir(const char *path, char *dir, size_t size)
+{
+    const char *slash = strrchr(path, '/');
+    snprintf(dir, size, "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
+    if (!dir[0])
+        snprintf(dir, size, "/");
+    return slash ? slash + 1 : path;
+}
+
 mxq_status mxq_act_store_check_space(mxq_ctx *ctx, const char *path, double bytes)
 {
     mxq_status status = MXQ_OK;
     char dir[4096];
-    const char *slash = strrchr(path, '/');
-    snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
+    split_dir(path, dir, sizeof(dir));
     struct statvfs fs;
-    if (!dir[0])
-        snprintf(dir, sizeof(dir), "/");
     if (statvfs(dir, &fs) != 0) /* a directory made later (inside --out): found at create */
         return MXQ_OK;
     const double free_bytes = (double)fs.f_bavail * (double)fs.f_frsize;
@@ -68,10 +76,7 @@ fail:
 static void remove_stale_temporaries(const char *path)
 {
     char dir[4096];
-    const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
-    snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
-    if (!dir[0])
-        snprintf(dir, sizeof(dir), "/");
+    const char *base = split_dir(path, dir, sizeof(dir));
     DIR *d = opendir(dir);
     for (struct dirent *e = d ? readdir(d) : NULL; e; e = readdir(d))
         if (mxq_is_temp_name_of(e->d_name, base)) {
