@@ -114,7 +114,7 @@ void mxq_input_stats_rescale(mxq_input_stats *s, const double *scales)
 {
     const size_t f = (size_t)s->features;
     for (size_t i = 0; i < f; i++) {
-        for (size_t j = 0; j < f; j++)
+        for (size_t j = 0; s->hessian && j < f; j++) /* no hessian: it is spread over ranks, rescaled there */
             s->hessian[i * f + j] /= scales[i] * scales[j];
         s->abs_max[i] /= scales[i];
         s->abs_sum[i] /= scales[i];

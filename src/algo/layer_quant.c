@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "core/alloc.h"
+#include "algo/hessian_ref.h"
 #include "algo/layer_quant.h"
 #include "core/check.h"
 #include "mxq/gptq.h"
@@ -57,8 +58,8 @@ static mxq_status check_stats_finite(mxq_ctx *ctx, const mxq_input_stats *in)
 {
     mxq_status status = MXQ_OK;
     const size_t f = (size_t)in->features;
-    for (size_t j = 0; j < f; j++) {
-        double h = in->hessian[j * f + j];
+    for (size_t j = 0; j < f; j++) { /* a spread H's diagonal is checked where it lies */
+        double h = in->hessian ? in->hessian[j * f + j] : 0.0;
         double amax = in->abs_max ? in->abs_max[j] : 0.0, asum = in->abs_sum ? in->abs_sum[j] : 0.0;
         CHECK(ctx, isfinite(h) && isfinite(amax) && isfinite(asum), MXQ_ERR_FORMAT,
               "the calibration statistics of input channel %zu are not finite (H = %g, max|x| = %g): the activations "
@@ -71,7 +72,8 @@ fail:
 
 /* The scales s of a SmoothQuant or AWQ step on the group reading `in`. */
 static mxq_status compute_scales(mxq_ctx *ctx, const mxq_algo_step *step, const mxq_mx_spec *spec,
-                                 const mxq_linear_group *g, const mxq_input_stats *in, double *s, double *alpha)
+                                 const mxq_linear_group *g, const mxq_input_stats *in, const mxq_hessian_ref *h,
+                                 double *s, double *alpha)
 {
     mxq_status status = MXQ_OK;
     double *mean = NULL, loss = 0;
@@ -88,7 +90,7 @@ static mxq_status compute_scales(mxq_ctx *ctx, const mxq_algo_step *step, const 
     CHECK_ALLOC(ctx, mean, (size_t)g->in * sizeof(double), "channel means");
     for (int j = 0; j < g->in; j++)
         mean[j] = in->n_tokens > 0 ? in->abs_sum[j] / in->n_tokens : 0.0;
-    CALL_IN(ctx, mxq_awq_search(ctx, spec, g, in->hessian, mean, &step->awq, s, alpha, &loss), "AWQ");
+    CALL_IN(ctx, mxq_awq_search_ref(ctx, spec, g, h, mean, &step->awq, s, alpha, &loss), "AWQ");
     mxq_log(ctx, MXQ_LOG_DEBUG, "awq: alpha %.2f, loss %.4e", *alpha, loss);
 fail:
     free(mean);
@@ -104,13 +106,19 @@ static const mxq_algo_step *find_step(const mxq_recipe *recipe, mxq_algo_kind ki
 }
 
 static mxq_status run_gptq(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_gptq_options *options, float *w, int out,
-                           int in, const mxq_input_stats *stats, uint8_t *scales, int *dead)
+                           int in, const mxq_input_stats *stats, const mxq_hessian_ref *h, int role, uint8_t *scales,
+                           int *dead)
 {
     mxq_status status = MXQ_OK;
     mxq_gptq_options opt = *options;
     opt.skip_losses = 1; /* the caller's losses include clipping */
     mxq_gptq_stats st;
-    CALL(ctx, mxq_gptq_quantize(ctx, spec, &opt, w, (size_t)out, (size_t)in, stats->hessian,
+    if (!h->whole) {
+        CALL(ctx, h->remote->gptq(ctx, h->remote->user, (mxq_linear_id)role, w, (size_t)out, (size_t)in,
+                                  stats->n_tokens > 0 ? stats->n_tokens : 1.0, scales, dead));
+        return MXQ_OK;
+    }
+    CALL(ctx, mxq_gptq_quantize(ctx, spec, &opt, w, (size_t)out, (size_t)in, h->whole,
                                 stats->n_tokens > 0 ? stats->n_tokens : 1.0, scales, &st));
     *dead = st.dead_channels;
     mxq_log(ctx, MXQ_LOG_DEBUG, "gptq [%d x %d]: factor %.3f s, quantize %.3f s, updates %.3f s (%.0f GFLOP/s)", out,
@@ -123,14 +131,13 @@ fail:
 /* AWQ clipping of w [out, in] in place, if the recipe asks for it and it
  * applies to `role`. */
 static mxq_status clip_weight(mxq_ctx *ctx, const mxq_recipe *recipe, int role, float *w, int out, int in,
-                              const mxq_input_stats *stats)
+                              const mxq_hessian_ref *h)
 {
     mxq_status status = MXQ_OK;
     const mxq_algo_step *awq = find_step(recipe, MXQ_ALGO_AWQ);
     if (awq && awq->awq.clip && clip_applies(role))
         CALL_IN(ctx,
-                mxq_awq_clip(ctx, &recipe->weights, w, out, in, stats->hessian, awq->awq.clip_grid,
-                             awq->awq.max_shrink),
+                mxq_awq_clip_ref(ctx, &recipe->weights, w, out, in, h, awq->awq.clip_grid, awq->awq.max_shrink),
                 "AWQ clipping");
 fail:
     return status;
@@ -138,8 +145,9 @@ fail:
 
 /* w [out, in] in place onto the MX grid: GPTQ-MX (scales may be NULL) or
  * round-to-nearest (which also packs, if packed is not NULL). */
-static mxq_status round_weight(mxq_ctx *ctx, const mxq_recipe *recipe, float *w, int out, int in,
-                               const mxq_input_stats *stats, uint8_t *packed, uint8_t *scales, int *dead)
+static mxq_status round_weight(mxq_ctx *ctx, const mxq_recipe *recipe, int role, float *w, int out, int in,
+                               const mxq_input_stats *stats, const mxq_hessian_ref *h, uint8_t *packed,
+                               uint8_t *scales, int *dead)
 {
     mxq_status status = MXQ_OK;
     const mxq_algo_step *gptq = find_step(recipe, MXQ_ALGO_GPTQ);
@@ -147,7 +155,7 @@ static mxq_status round_weight(mxq_ctx *ctx, const mxq_recipe *recipe, float *w,
     if (!gptq)
         CALL(ctx, mxq_mx_quantize_rows(ctx, &recipe->weights, w, (size_t)out, (size_t)in, packed, scales, w));
     else
-        CALL(ctx, run_gptq(ctx, &recipe->weights, &gptq->gptq, w, out, in, stats, scales, dead));
+        CALL(ctx, run_gptq(ctx, &recipe->weights, &gptq->gptq, w, out, in, stats, h, role, scales, dead));
 fail:
     return status;
 }
@@ -158,48 +166,77 @@ fail:
  * the exact figure costs 2 out in^2 flops each, more than GPTQ itself. */
 enum { REPORT_ROWS = 256 };
 
-static mxq_status report_loss(mxq_ctx *ctx, const float *a, const float *b, int out, int in, const double *h,
-                              double *loss)
+static size_t report_stride(int out)
+{
+    return out < 2 * REPORT_ROWS ? 1 : (size_t)out / REPORT_ROWS;
+}
+
+/* Every stride-th row of w [out, in] into rows [out / stride, in]. */
+static void sample_rows(const float *w, int out, int in, size_t stride, float *rows)
+{
+    for (size_t r = 0; r < (size_t)out / stride; r++)
+        memcpy(rows + r * (size_t)in, w + r * stride * (size_t)in, (size_t)in * sizeof(float));
+}
+
+/* tr(dW H dW^T) of the sampled rows sa - sb [rows, n], scaled to out rows. */
+static mxq_status sampled_loss(mxq_ctx *ctx, const float *sa, const float *sb, size_t rows, size_t n, int out,
+                               const mxq_hessian_ref *h, double *loss)
 {
     mxq_status status = MXQ_OK;
-    const size_t n = (size_t)in, stride = out < 2 * REPORT_ROWS ? 1 : (size_t)out / REPORT_ROWS;
-    const size_t rows = (size_t)out / stride;
-    float *sa = NULL, *sb = NULL;
-    if (stride > 1) {
-        sa = malloc(rows * n * sizeof(float));
-        sb = malloc(rows * n * sizeof(float));
-        CHECK_ALLOC(ctx, sa && sb, 2 * rows * n * sizeof(float), "the report's loss rows");
-        for (size_t r = 0; r < rows; r++) {
-            memcpy(sa + r * n, a + r * stride * n, n * sizeof(float));
-            memcpy(sb + r * n, b + r * stride * n, n * sizeof(float));
-        }
+    float *d = NULL;
+    if (h->whole) {
+        CALL(ctx, mxq_quant_loss(ctx, sa, sb, rows, n, h->whole, loss));
+    } else {
+        d = mxq_alloc_floats(rows * n);
+        CHECK_ALLOC(ctx, d, rows * n * sizeof(float), "the report's loss rows");
+        for (size_t i = 0; i < rows * n; i++)
+            d[i] = (float)((double)sa[i] - (double)sb[i]);
+        CALL(ctx, h->remote->quadratic(ctx, h->remote->user, h->input, d, rows, rows, loss));
     }
-    CALL(ctx, mxq_quant_loss(ctx, sa ? sa : a, sb ? sb : b, rows, n, h, loss));
     *loss *= (double)out / (double)rows;
 fail:
-    free(sa);
+    free(d);
+    return status;
+}
+
+/* The report's loss of sa (w's sampled rows, kept before clipping) against
+ * b [out, in]. */
+static mxq_status report_loss(mxq_ctx *ctx, const float *sa, const float *b, int out, int in,
+                              const mxq_hessian_ref *h, double *loss)
+{
+    mxq_status status = MXQ_OK;
+    const size_t n = (size_t)in, stride = report_stride(out), rows = (size_t)out / stride;
+    float *sb = NULL;
+    if (stride > 1) {
+        sb = malloc(rows * n * sizeof(float));
+        CHECK_ALLOC(ctx, sb, rows * n * sizeof(float), "the report's loss rows");
+        sample_rows(b, out, in, stride, sb);
+    }
+    CALL(ctx, sampled_loss(ctx, sa, sb ? sb : b, rows, n, out, h, loss));
+fail:
     free(sb);
     return status;
 }
 
 /* tr(dW H dW^T) of round-to-nearest of w: the baseline every recipe is
- * reported against. */
-static mxq_status rtn_loss(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *w, int out, int in, const double *h,
-                           int exact, double *loss)
+ * reported against (exact: every row; else the report's rows, each
+ * rounded as in the whole matrix, since MX blocks lie within a row). */
+static mxq_status rtn_loss(mxq_ctx *ctx, const mxq_mx_spec *spec, const float *w, int out, int in,
+                           const mxq_hessian_ref *h, int exact, double *loss)
 {
     mxq_status status = MXQ_OK;
-    float *tmp = malloc((size_t)out * in * sizeof(float));
-    CHECK_ALLOC(ctx, tmp, (size_t)out * in * sizeof(float), "a weight copy");
-    CALL(ctx, mxq_mx_quantize_rows(ctx, spec, w, (size_t)out, (size_t)in, NULL, NULL, tmp));
-    if (exact)
-        CALL(ctx, mxq_quant_loss(ctx, w, tmp, (size_t)out, (size_t)in, h, loss));
-    else
-        CALL(ctx, report_loss(ctx, w, tmp, out, in, h, loss));
+    const size_t stride = exact ? 1 : report_stride(out), rows = (size_t)out / stride, n = (size_t)in;
+    float *sa = stride > 1 ? malloc(rows * n * sizeof(float)) : NULL, *tmp = malloc(rows * n * sizeof(float));
+    CHECK_ALLOC(ctx, tmp && (sa || stride == 1), 2 * rows * n * sizeof(float), "a weight copy");
+    if (sa)
+        sample_rows(w, out, in, stride, sa);
+    CALL(ctx, mxq_mx_quantize_rows(ctx, spec, sa ? sa : w, rows, n, NULL, NULL, tmp));
+    CALL(ctx, sampled_loss(ctx, sa ? sa : w, tmp, rows, n, out, h, loss));
 fail:
+    free(sa);
     free(tmp);
     return status;
 }
-
 
 /* ---- a decoder layer ------------------------------------------------------- */
 
@@ -239,11 +276,21 @@ static void fold_into_producer(const mxq_model_config *cfg, mxq_layer *L, mxq_in
     }
 }
 
-/* Fold s into the group reading `input`: weights W diag(s), the producing op
- * 1/s, and the statistics (if this rank holds them) those of X diag(1/s). */
-static void fold_scales(const mxq_model_config *cfg, mxq_layer *L, mxq_input_id input, const double *s,
-                        mxq_layer_stats *stats, mxq_layer_result *res)
+/* The Hessian of `input` as the algorithms reach it: here, or spread. */
+static mxq_hessian_ref hessian_of(const mxq_layer_quant *q, mxq_input_id input)
 {
+    return (mxq_hessian_ref){.whole = q->stats->input[input].hessian, .remote = q->remote, .input = input};
+}
+
+/* Fold s into the group reading `input`: weights W diag(s), the producing op
+ * 1/s, and the statistics (if this rank holds them) those of X diag(1/s);
+ * a spread H is rescaled where it lies. */
+static mxq_status fold_scales(mxq_ctx *ctx, const mxq_layer_quant *q, mxq_input_id input, const double *s,
+                              mxq_layer_stats *stats, mxq_layer_result *res)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_model_config *cfg = q->cfg;
+    mxq_layer *L = q->L;
     mxq_linear_group g;
     mxq_linear_id ids[4];
     group_of(cfg, L, input, NULL, &g, ids);
@@ -254,6 +301,10 @@ static void fold_scales(const mxq_model_config *cfg, mxq_layer *L, mxq_input_id 
     fold_into_producer(cfg, L, input, s, res);
     if (stats)
         mxq_input_stats_rescale(&stats->input[input], s);
+    if (stats && !stats->input[input].hessian && q->remote)
+        CALL(ctx, q->remote->rescale(ctx, q->remote->user, input, s));
+fail:
+    return status;
 }
 
 /* Whether scale step k (SmoothQuant or AWQ) runs on `input`: a quantized
@@ -278,20 +329,27 @@ mxq_status mxq_layer_scale_search(mxq_ctx *ctx, mxq_layer_quant *q, int k, mxq_i
     mxq_linear_id ids[4];
     double t0 = mxq_time_now();
     group_of(q->cfg, q->L, input, q->quantized, &g, ids);
-    CALL_IN(ctx, compute_scales(ctx, &q->recipe->steps[k], &q->recipe->weights, &g, &q->stats->input[input], s, alpha),
+    const mxq_hessian_ref h = hessian_of(q, input);
+    CALL_IN(ctx,
+            compute_scales(ctx, &q->recipe->steps[k], &q->recipe->weights, &g, &q->stats->input[input], &h, s, alpha),
             "layer %d %s", q->layer, mxq_input_name(input));
 fail:
     q->res->seconds_scales += mxq_time_now() - t0;
     return status;
 }
 
-void mxq_layer_scale_fold(mxq_layer_quant *q, int k, mxq_input_id input, const double *s, double alpha)
+mxq_status mxq_layer_scale_fold(mxq_ctx *ctx, mxq_layer_quant *q, int k, mxq_input_id input, const double *s,
+                                double alpha)
 {
+    mxq_status status = MXQ_OK;
     double t0 = mxq_time_now();
     *(q->recipe->steps[k].kind == MXQ_ALGO_SMOOTHQUANT ? &q->res->smooth_alpha[input] : &q->res->awq_alpha[input]) =
         alpha;
-    fold_scales(q->cfg, q->L, input, s, q->here[input] ? q->stats : NULL, q->res);
+    CALL_IN(ctx, fold_scales(ctx, q, input, s, q->here[input] ? q->stats : NULL, q->res), "layer %d %s", q->layer,
+            mxq_input_name(input));
+fail:
     q->res->seconds_scales += mxq_time_now() - t0;
+    return status;
 }
 
 int mxq_layer_scales_max(const mxq_model_config *cfg)
@@ -318,7 +376,7 @@ static mxq_status run_scale_steps(mxq_ctx *ctx, mxq_layer_quant *q)
             if (!mxq_layer_scale_applies(q, k, (mxq_input_id)input))
                 continue;
             CALL(ctx, mxq_layer_scale_search(ctx, q, k, (mxq_input_id)input, s, &alpha));
-            mxq_layer_scale_fold(q, k, (mxq_input_id)input, s, alpha);
+            CALL(ctx, mxq_layer_scale_fold(ctx, q, k, (mxq_input_id)input, s, alpha));
         }
 fail:
     free(s);
@@ -342,11 +400,17 @@ const mxq_gptq_options *mxq_recipe_gptq(const mxq_recipe *recipe)
 
 mxq_status mxq_layer_quant_begin_part(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_recipe *recipe,
                                       const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
-                                      const int *inputs_here, mxq_layer_result *res)
+                                      const int *inputs_here, const mxq_remote_hessian *remote, mxq_layer_result *res)
 {
     mxq_status status = MXQ_OK;
-    *q = (mxq_layer_quant){
-        .recipe = recipe, .cfg = cfg, .layer = layer, .L = L, .stats = stats, .res = res, .t_start = mxq_time_now()};
+    *q = (mxq_layer_quant){.recipe = recipe,
+                           .cfg = cfg,
+                           .layer = layer,
+                           .L = L,
+                           .stats = stats,
+                           .remote = remote,
+                           .res = res,
+                           .t_start = mxq_time_now()};
     res->layer = layer;
     for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
         res->awq_alpha[i] = res->smooth_alpha[i] = -1;
@@ -364,10 +428,9 @@ mxq_status mxq_layer_quant_begin_part(mxq_ctx *ctx, mxq_layer_quant *q, const mx
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
         int out, in;
         mxq_linear_shape(cfg, (mxq_linear_id)li, &out, &in);
+        const mxq_hessian_ref h = hessian_of(q, mxq_linear_input((mxq_linear_id)li));
         if (q->quantized[li] && q->here[mxq_linear_input((mxq_linear_id)li)])
-            CALL_IN(ctx,
-                    rtn_loss(ctx, &recipe->weights, L->weight[li], out, in,
-                             stats->input[mxq_linear_input((mxq_linear_id)li)].hessian, 0, &res->linear[li].loss_rtn),
+            CALL_IN(ctx, rtn_loss(ctx, &recipe->weights, L->weight[li], out, in, &h, 0, &res->linear[li].loss_rtn),
                     "layer %d %s", layer, mxq_linear_name((mxq_linear_id)li));
     }
     res->seconds_loss += mxq_time_now() - t0;
@@ -377,10 +440,10 @@ fail:
 
 mxq_status mxq_layer_quant_begin(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_recipe *recipe,
                                  const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
-                                 mxq_layer_result *res)
+                                 const mxq_remote_hessian *remote, mxq_layer_result *res)
 {
     mxq_status status = MXQ_OK;
-    CALL(ctx, mxq_layer_quant_begin_part(ctx, q, recipe, cfg, layer, L, stats, NULL, res));
+    CALL(ctx, mxq_layer_quant_begin_part(ctx, q, recipe, cfg, layer, L, stats, NULL, remote, res));
     CALL(ctx, run_scale_steps(ctx, q));
 fail:
     return status;
@@ -405,8 +468,10 @@ mxq_status mxq_linear_quant_prepare(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear
     mxq_linear_shape(q->cfg, li, &out, &in);
     const size_t n = (size_t)out * in;
     float *w = q->L->weight[li];
+    const size_t ref_rows = (size_t)out / report_stride(out); /* the report's rows only */
+    const mxq_hessian_ref h = hessian_of(q, mxq_linear_input(li));
     free(q->ref);
-    q->ref = malloc(n * sizeof(float));
+    q->ref = malloc(ref_rows * (size_t)in * sizeof(float));
     r->packed_bytes = (size_t)out * mxq_mx_packed_row_bytes(spec->format, (size_t)in);
     r->scales_bytes = (size_t)out * mxq_mx_blocks_per_row((size_t)in, spec->block);
     r->packed = mxq_alloc_lasting(r->packed_bytes);
@@ -414,10 +479,9 @@ mxq_status mxq_linear_quant_prepare(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear
     char what[128];
     snprintf(what, sizeof(what), "layer %d %s", q->layer, mxq_linear_name(li));
     CHECK_ALLOC(ctx, q->ref && r->packed && r->scales, n * sizeof(float), what);
-    memcpy(q->ref, w, n * sizeof(float));
+    sample_rows(w, out, in, report_stride(out), q->ref);
     q->t_linear = mxq_time_now();
-    CALL_IN(ctx, clip_weight(ctx, q->recipe, li, w, out, in, linear_stats(q, li)), "layer %d %s", q->layer,
-            mxq_linear_name(li));
+    CALL_IN(ctx, clip_weight(ctx, q->recipe, li, w, out, in, &h), "layer %d %s", q->layer, mxq_linear_name(li));
     q->res->seconds_clip += mxq_time_now() - q->t_linear;
 fail:
     return status;
@@ -435,9 +499,11 @@ mxq_status mxq_linear_quant_round(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear_i
     mxq_linear_result *r = &q->res->linear[li];
     int out, in, dead = 0;
     mxq_linear_shape(q->cfg, li, &out, &in);
+    const mxq_hessian_ref h = hessian_of(q, mxq_linear_input(li));
     double t0 = mxq_time_now();
     CALL_IN(ctx,
-            round_weight(ctx, q->recipe, q->L->weight[li], out, in, linear_stats(q, li), r->packed, r->scales, &dead),
+            round_weight(ctx, q->recipe, li, q->L->weight[li], out, in, linear_stats(q, li), &h, r->packed, r->scales,
+                         &dead),
             "layer %d %s", q->layer, mxq_linear_name(li));
     mxq_linear_quant_rounded(q, li, mxq_time_now() - t0, dead);
 fail:
@@ -458,8 +524,8 @@ mxq_status mxq_linear_quant_finish(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear_
                 "layer %d %s", q->layer, mxq_linear_name(li));
     double t1 = mxq_time_now();
     q->res->seconds_pack += t1 - t0;
-    CALL_IN(ctx, report_loss(ctx, q->ref, w, out, in, linear_stats(q, li)->hessian, &r->loss), "layer %d %s",
-            q->layer, mxq_linear_name(li));
+    const mxq_hessian_ref h = hessian_of(q, mxq_linear_input(li));
+    CALL_IN(ctx, report_loss(ctx, q->ref, w, out, in, &h, &r->loss), "layer %d %s", q->layer, mxq_linear_name(li));
     q->res->seconds_loss += mxq_time_now() - t1;
     r->seconds = mxq_time_now() - q->t_linear;
     r->quantized = 1;
@@ -483,9 +549,16 @@ void mxq_layer_quant_end(mxq_layer_quant *q)
 mxq_status mxq_quantize_layer(mxq_ctx *ctx, const mxq_recipe *recipe, const mxq_model_config *cfg, int layer,
                               mxq_layer *L, mxq_layer_stats *stats, mxq_layer_result *res)
 {
+    return mxq_quantize_layer_remote(ctx, recipe, cfg, layer, L, stats, NULL, res);
+}
+
+mxq_status mxq_quantize_layer_remote(mxq_ctx *ctx, const mxq_recipe *recipe, const mxq_model_config *cfg, int layer,
+                                     mxq_layer *L, mxq_layer_stats *stats, const mxq_remote_hessian *remote,
+                                     mxq_layer_result *res)
+{
     mxq_status status = MXQ_OK;
     mxq_layer_quant q;
-    CALL(ctx, mxq_layer_quant_begin(ctx, &q, recipe, cfg, layer, L, stats, res));
+    CALL(ctx, mxq_layer_quant_begin(ctx, &q, recipe, cfg, layer, L, stats, remote, res));
     for (int li = 0; li < MXQ_LIN_COUNT; li++) {
         if (!q.quantized[li])
             continue;
@@ -524,7 +597,8 @@ static mxq_status single_scale_steps(mxq_ctx *ctx, const mxq_recipe *recipe, int
         double alpha = 0;
         if (step->kind == MXQ_ALGO_GPTQ || (step->kind == MXQ_ALGO_SMOOTHQUANT && !smooth_applies(role)))
             continue;
-        CALL(ctx, compute_scales(ctx, step, &recipe->weights, &g, work, s, &alpha));
+        const mxq_hessian_ref h = {.whole = work->hessian};
+        CALL(ctx, compute_scales(ctx, step, &recipe->weights, &g, work, &h, s, &alpha));
         mxq_scale_columns(q, out, in, s);
         mxq_input_stats_rescale(work, s);
         for (size_t j = 0; j < f; j++)
@@ -576,11 +650,14 @@ mxq_status mxq_quantize_single_linear(mxq_ctx *ctx, const mxq_recipe *recipe, in
         total[j] = 1.0;
     /* one linear: exact losses (2 out in^2 flops each), for comparisons with
      * independent implementations */
-    CALL(ctx, rtn_loss(ctx, &recipe->weights, weight, out, in, stats->hessian, 1, loss_rtn));
+    const mxq_hessian_ref whole = {.whole = stats->hessian};
+    mxq_hessian_ref work_h = {.whole = NULL};
+    CALL(ctx, rtn_loss(ctx, &recipe->weights, weight, out, in, &whole, 1, loss_rtn));
     memcpy(q, weight, (size_t)out * f * sizeof(float));
     CALL(ctx, single_scale_steps(ctx, recipe, role, q, out, in, &work, total));
-    CALL(ctx, clip_weight(ctx, recipe, role, q, out, in, &work));
-    CALL(ctx, round_weight(ctx, recipe, q, out, in, &work, NULL, NULL, &dead));
+    work_h = (mxq_hessian_ref){.whole = work.hessian};
+    CALL(ctx, clip_weight(ctx, recipe, role, q, out, in, &work_h));
+    CALL(ctx, round_weight(ctx, recipe, role, q, out, in, &work, &work_h, NULL, NULL, &dead));
     /* no op to fold 1/s into: the effective weight */
     for (size_t r = 0; r < (size_t)out; r++)
         for (size_t j = 0; j < f; j++)

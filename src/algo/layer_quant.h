@@ -6,6 +6,7 @@
 #ifndef MXQ_ALGO_LAYER_QUANT_H
 #define MXQ_ALGO_LAYER_QUANT_H
 
+#include "algo/hessian_ref.h"
 #include "mxq/gptq.h"
 #include "mxq/quantize.h"
 
@@ -15,10 +16,11 @@ typedef struct {
     int layer;
     mxq_layer *L;
     mxq_layer_stats *stats;
+    const mxq_remote_hessian *remote; /* the inputs whose stats have no hessian: spread over ranks (NULL: none) */
     mxq_layer_result *res;
     int quantized[MXQ_LIN_COUNT]; /* not excluded by the recipe */
     int here[MXQ_INPUT_COUNT];    /* this rank holds the input's statistics and quantizes its linears */
-    float *ref;                   /* [out, in] the current linear after the scale steps: its report loss */
+    float *ref;                   /* [report rows, in] the current linear after the scale steps: its report loss */
     double t_start, t_linear; /* the layer's start; the current linear's, after its reference copy */
 } mxq_layer_quant;
 
@@ -32,7 +34,7 @@ const mxq_gptq_options *mxq_recipe_gptq(const mxq_recipe *recipe);
  * search, folded into the layer). */
 mxq_status mxq_layer_quant_begin(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_recipe *recipe,
                                  const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
-                                 mxq_layer_result *res);
+                                 const mxq_remote_hessian *remote, mxq_layer_result *res);
 
 /* The first part of begin, for a layer whose inputs are spread over ranks
  * (inputs_here[i]: this rank holds input i's statistics; NULL: all): the
@@ -43,7 +45,8 @@ mxq_status mxq_layer_quant_begin(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_rec
  * step changes, so a step's searches may run side by side). */
 mxq_status mxq_layer_quant_begin_part(mxq_ctx *ctx, mxq_layer_quant *q, const mxq_recipe *recipe,
                                       const mxq_model_config *cfg, int layer, mxq_layer *L, mxq_layer_stats *stats,
-                                      const int *inputs_here, mxq_layer_result *res);
+                                      const int *inputs_here, const mxq_remote_hessian *remote,
+                                      mxq_layer_result *res);
 /* Whether recipe step k searches scales for `input` in this layer. */
 int mxq_layer_scale_applies(const mxq_layer_quant *q, int k, mxq_input_id input);
 /* Step k's scales s [features of input] and its alpha (the input's
@@ -52,7 +55,8 @@ mxq_status mxq_layer_scale_search(mxq_ctx *ctx, mxq_layer_quant *q, int k, mxq_i
                                   double *alpha);
 /* s folded into the layer: the group's columns, the producing op, and the
  * input's statistics if here. */
-void mxq_layer_scale_fold(mxq_layer_quant *q, int k, mxq_input_id input, const double *s, double alpha);
+mxq_status mxq_layer_scale_fold(mxq_ctx *ctx, mxq_layer_quant *q, int k, mxq_input_id input, const double *s,
+                                double alpha);
 /* The longest scale vector of a layer: its largest in_features. */
 int mxq_layer_scales_max(const mxq_model_config *cfg);
 
@@ -73,5 +77,12 @@ mxq_status mxq_linear_quant_finish(mxq_ctx *ctx, mxq_layer_quant *q, mxq_linear_
 /* Times and peak memory into the result; frees what is left (also after a
  * failure). */
 void mxq_layer_quant_end(mxq_layer_quant *q);
+
+/* mxq_quantize_layer with the inputs whose stats have no hessian spread
+ * over ranks, reached through `remote` (the job serves its requests on the
+ * other ranks meanwhile). */
+mxq_status mxq_quantize_layer_remote(mxq_ctx *ctx, const mxq_recipe *recipe, const mxq_model_config *cfg, int layer,
+                                     mxq_layer *L, mxq_layer_stats *stats, const mxq_remote_hessian *remote,
+                                     mxq_layer_result *res);
 
 #endif

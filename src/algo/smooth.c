@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "core/alloc.h"
+#include "algo/hessian_ref.h"
 #include "core/check.h"
 #include "mxq/gptq.h"
 #include "mxq/quantize.h"
@@ -177,23 +178,48 @@ static void awq_scales(const double *mean, int in, double alpha, double *s)
         s[j] /= norm;
 }
 
+/* losses[a] += the sampled rows' loss for the alphas [a0, a1), from H
+ * spread over ranks: one request for all of them. */
+static mxq_status sample_losses_remote(mxq_ctx *ctx, const mxq_mx_spec *spec, const awq_sample *smp, awq_scratch *sc,
+                                       int in, const mxq_hessian_ref *h, const double *s_all, int a0, int a1,
+                                       double *losses)
+{
+    mxq_status status = MXQ_OK;
+    const size_t rows = smp->rows, n = (size_t)in, per = rows * n;
+    double sums[ALPHAS_MAX];
+    for (int a = a0; a < a1; a++)
+        CALL(ctx, scaled_rtn_error(ctx, spec, smp, n, s_all + (size_t)a * n, sc->dh + (size_t)(a - a0) * per,
+                                   sc->d + (size_t)(a - a0) * per));
+    CALL(ctx, h->remote->quadratic(ctx, h->remote->user, h->input, sc->d, (size_t)(a1 - a0) * rows, rows, sums));
+    for (int a = a0; a < a1; a++)
+        losses[a] += sums[a - a0] * smp->to_all;
+fail:
+    return status;
+}
+
 /* Every alpha's loss over the group: losses[grid]. */
-static mxq_status grid_losses(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_linear_group *g, const double *h,
-                              const double *s_all, const mxq_awq_options *opt, double *losses)
+static mxq_status grid_losses(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_linear_group *g,
+                              const mxq_hessian_ref *h, const double *s_all, const mxq_awq_options *opt, double *losses)
 {
     mxq_status status = MXQ_OK;
     const size_t in = (size_t)g->in;
     awq_sample smp[4] = {{0}};
     awq_scratch sc = {0};
-    float *hf = mxq_alloc_floats(in * in);
-    CHECK_ALLOC(ctx, hf, in * in * sizeof(float), "the AWQ search");
-    for (size_t i = 0; i < in * in; i++)
-        hf[i] = (float)h[i];
+    float *hf = NULL;
+    if (h->whole) {
+        hf = mxq_alloc_floats(in * in);
+        CHECK_ALLOC(ctx, hf, in * in * sizeof(float), "the AWQ search");
+        for (size_t i = 0; i < in * in; i++)
+            hf[i] = (float)h->whole[i];
+    }
     CALL(ctx, awq_samples_init(ctx, g, opt->sample_rows, smp, &sc));
     for (int k = 0; k < g->n; k++)
         for (int a0 = 0; a0 < opt->grid; a0 += sc.alphas) {
             int a1 = a0 + sc.alphas < opt->grid ? a0 + sc.alphas : opt->grid;
-            CALL(ctx, sample_losses(ctx, spec, &smp[k], &sc, g->in, hf, s_all, a0, a1, losses));
+            if (hf)
+                CALL(ctx, sample_losses(ctx, spec, &smp[k], &sc, g->in, hf, s_all, a0, a1, losses));
+            else
+                CALL(ctx, sample_losses_remote(ctx, spec, &smp[k], &sc, g->in, h, s_all, a0, a1, losses));
         }
 fail:
     awq_samples_free(smp, 4, &sc);
@@ -204,6 +230,14 @@ fail:
 mxq_status mxq_awq_search(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_linear_group *g, const double *h,
                           const double *mean, const mxq_awq_options *opt, double *best_s, double *best_alpha,
                           double *best_loss)
+{
+    const mxq_hessian_ref ref = {.whole = h};
+    return mxq_awq_search_ref(ctx, spec, g, &ref, mean, opt, best_s, best_alpha, best_loss);
+}
+
+mxq_status mxq_awq_search_ref(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_linear_group *g,
+                              const mxq_hessian_ref *h, const double *mean, const mxq_awq_options *opt, double *best_s,
+                              double *best_alpha, double *best_loss)
 {
     mxq_status status = MXQ_OK;
     const size_t in = (size_t)g->in;
@@ -341,9 +375,27 @@ fail:
 mxq_status mxq_awq_clip(mxq_ctx *ctx, const mxq_mx_spec *spec, float *w, int out, int in, const double *h,
                         int clip_grid, double max_shrink)
 {
+    const mxq_hessian_ref ref = {.whole = h};
+    return mxq_awq_clip_ref(ctx, spec, w, out, in, &ref, clip_grid, max_shrink);
+}
+
+/* H's diagonal block at c0 (n x n, n <= B) into hb, in float32: from the
+ * whole H, or from the spread one's blocks [in / B][B][B]. */
+static void diagonal_block(const mxq_hessian_ref *h, const double *blocks, size_t nin, size_t B, size_t c0, size_t n,
+                           float *hb)
+{
+    for (size_t a = 0; a < n; a++)
+        for (size_t b = 0; b < n; b++)
+            hb[a * n + b] = (float)(h->whole ? h->whole[(c0 + a) * nin + c0 + b] : blocks[(c0 / B) * B * B + a * B + b]);
+}
+
+mxq_status mxq_awq_clip_ref(mxq_ctx *ctx, const mxq_mx_spec *spec, float *w, int out, int in, const mxq_hessian_ref *h,
+                            int clip_grid, double max_shrink)
+{
     mxq_status status = MXQ_OK;
     const size_t B = (size_t)spec->block, nin = (size_t)in;
     clip_work c = {0};
+    double *blocks = NULL;
     /* no steps: the only candidate would be no shrink, and nothing changes */
     c.steps = (size_t)(max_shrink * clip_grid + 1e-9);
     const size_t rows = CLIP_ROWS * (c.steps ? c.steps : 1);
@@ -352,17 +404,22 @@ mxq_status mxq_awq_clip(mxq_ctx *ctx, const mxq_mx_spec *spec, float *w, int out
     c.dh = mxq_alloc_floats(rows * B);
     c.hb = mxq_alloc_floats(B * B);
     CHECK_ALLOC(ctx, c.cand && c.q && c.dh && c.hb, (3 * rows * B + B * B) * sizeof(float), "the AWQ clip search");
+    if (!h->whole && c.steps > 0) {
+        CHECK(ctx, nin % B == 0, MXQ_ERR_INTERNAL, "a spread Hessian's %zu inputs are not whole MX blocks", nin);
+        blocks = mxq_alloc(nin * B * sizeof(double));
+        CHECK_ALLOC(ctx, blocks, nin * B * sizeof(double), "the Hessian's diagonal blocks");
+        CALL(ctx, h->remote->diagonal_blocks(ctx, h->remote->user, h->input, (int)B, blocks));
+    }
     for (size_t c0 = 0; c.steps > 0 && c0 < nin; c0 += B) {
         size_t n = nin - c0 < B ? nin - c0 : B;
-        for (size_t a = 0; a < n; a++)
-            for (size_t b = 0; b < n; b++)
-                c.hb[a * n + b] = (float)h[(c0 + a) * nin + c0 + b];
+        diagonal_block(h, blocks, nin, B, c0, n, c.hb);
         for (size_t r0 = 0; r0 < (size_t)out; r0 += CLIP_ROWS) {
             size_t nr = (size_t)out - r0 < CLIP_ROWS ? (size_t)out - r0 : CLIP_ROWS;
             CALL(ctx, clip_rows(ctx, spec, w + r0 * nin, nin, c0, n, nr, clip_grid, &c));
         }
     }
 fail:
+    free(blocks);
     clip_work_free(&c);
     return status;
 }

@@ -230,7 +230,7 @@ static mxq_status quantize_round_on_grid(mxq_ctx *ctx, group_run *g, mxq_layer_r
     mxq_status local = MXQ_OK;
     if (l >= 0) {
         local = mxq_layer_quant_begin(ctx, &q, g->recipe, &g->model->cfg, l,
-                                      &g->model->layers[l - g->model->first_layer], owned_stats(g),
+                                      &g->model->layers[l - g->model->first_layer], owned_stats(g), NULL,
                                       &results[l - g->model->first_layer]);
         begun = 1;
     }

@@ -163,8 +163,10 @@ static mxq_status spread_scale_step(mxq_ctx *ctx, seq_group *g, mxq_layer_quant 
         if (!mxq_layer_scale_applies(q, k, (mxq_input_id)i))
             continue;
         CALL_MPI(ctx, g->dist->comm, MPI_Bcast(g->scales[i], n + 1, MPI_DOUBLE, g->owner[i], g->dist->comm));
-        mxq_layer_scale_fold(q, k, (mxq_input_id)i, g->scales[i], g->scales[i][n]);
+        if (local == MXQ_OK) /* the statistics are here or on their owner: a local fold */
+            local = mxq_layer_scale_fold(ctx, q, k, (mxq_input_id)i, g->scales[i], g->scales[i][n]);
     }
+    AGREE(ctx, g->dist, "group.sequential.fold", local);
 fail:
     return status;
 }
@@ -295,7 +297,8 @@ static mxq_status spread_quantize(mxq_ctx *ctx, seq_group *g, int l, mxq_layer_r
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
         here[i] = g->owner[i] == g->dist->rank;
     mxq_status local = mxq_layer_quant_begin_part(ctx, &q, g->recipe, &g->model->cfg, l,
-                                                  &g->model->layers[l - g->model->first_layer], &g->stats, here, res);
+                                                  &g->model->layers[l - g->model->first_layer], &g->stats, here, NULL,
+                                                  res);
     begun = 1;
     AGREE(ctx, g->dist, "group.sequential.begin", local);
     for (int k = 0; k < g->recipe->n_steps; k++)
