@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "core/alloc.h"
+#include "algo/calib_stats.h"
 #include "core/check.h"
 #include "mxq/quantize.h"
 
@@ -52,6 +53,12 @@ static void add_abs_stats(mxq_input_stats *s, const float *x, size_t n)
     for (size_t j = 0; j < f; j++)
         if (isnan(sum[j]))
             mx[j] = sum[j];
+}
+
+void mxq_input_stats_add_abs(mxq_input_stats *s, const float *x, size_t tokens)
+{
+    add_abs_stats(s, x, tokens);
+    s->n_tokens += (double)tokens;
 }
 
 /* Rows of H one Gram panel holds: 512 x 11008 floats (22 MB) for down_proj's

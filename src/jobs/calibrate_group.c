@@ -303,6 +303,8 @@ mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
                    .owned_layer = -1,
                    .grid_min_inputs = grid_min_inputs};
     const int L = model->cfg.n_layers;
+    if (mxq_group_spread_applies(recipe, &model->cfg, dist->size, grid_min_inputs))
+        return mxq_calibrate_group_spread(ctx, dist, model, tokens, recipe, batch, store, results);
     for (int l = 0; l < L; l++)
         results[l].layer = -1;
     AGREE(ctx, dist, "group.setup", group_setup(ctx, &g));

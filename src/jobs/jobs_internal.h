@@ -53,6 +53,16 @@ mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
                                const mxq_recipe *recipe, int batch, int grid_min_inputs, mxq_act_store *store,
                                mxq_layer_result *results);
 
+/* calibrate_group_spread.c: the fp group with every Hessian spread over the
+ * ranks in block rows and every GPTQ on their grid, one layer at a time;
+ * mxq_calibrate_group runs it when mxq_group_spread_applies: 2 ranks or
+ * more, act_order off, every linear input whole lazy batches, and every
+ * quantized linear's GPTQ on the grid (grid_min_inputs). */
+int mxq_group_spread_applies(const mxq_recipe *recipe, const mxq_model_config *cfg, int size, int grid_min_inputs);
+mxq_status mxq_calibrate_group_spread(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
+                                      const mxq_recipe *recipe, int batch, mxq_act_store *store,
+                                      mxq_layer_result *results);
+
 /* group_common.c: a rank's share of the calibration sequences in a
  * data-parallel group, sequences [first, first + n) of the set, and their
  * activations at the current layer. */

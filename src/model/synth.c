@@ -23,6 +23,8 @@ static const mxq_synth_preset presets[] = {
     {"llama-3.1-8b", MXQ_ARCH_LLAMA,   4096, 14336, 32, 32, 8,  128256, 131072, 1e-5, 500000.0,  0, 1},
     {"qwen2-7b",     MXQ_ARCH_QWEN2,   3584, 18944, 28, 28, 4,  152064, 131072, 1e-6, 1000000.0, 0, 0},
     {"mistral-7b",   MXQ_ARCH_MISTRAL, 4096, 14336, 32, 32, 8,  32000,  32768,  1e-5, 10000.0,   0, 0},
+    /* for tests: llama's layout, every linear input whole blocks of 128, the bundled tokenizer's vocabulary */
+    {"tiny-llama",   MXQ_ARCH_LLAMA,   256,  512,   2,  4,  2,  512,    512,    1e-5, 10000.0,   0, 0},
 };
 
 const mxq_synth_preset *mxq_synth_preset_by_name(const char *name)
@@ -35,7 +37,7 @@ const mxq_synth_preset *mxq_synth_preset_by_name(const char *name)
 
 const char *mxq_synth_preset_names(void)
 {
-    return "llama-2-7b llama-2-70b llama-3.1-8b qwen2-7b mistral-7b";
+    return "llama-2-7b llama-2-70b llama-3.1-8b qwen2-7b mistral-7b tiny-llama";
 }
 
 typedef struct {

@@ -57,6 +57,7 @@ typedef struct {
     size_t *col_of;
     uint8_t *dead;   /* [n] processing order */
     uint8_t *scales; /* [m, nblocks] the blocks of this rank's batches */
+    mxq_grid_hessian *spread; /* H already here, in hd's layout (hd is its rows); NULL: hd is ours */
     double scale, lambda;
     mxq_gptq_work view; /* one batch, row-major [m, nb], in processing order */
 } grid_gptq;
@@ -162,7 +163,7 @@ static mxq_status grid_alloc(mxq_ctx *ctx, grid_gptq *gg, const mxq_mx_spec *spe
 {
     mxq_status status = MXQ_OK;
     const size_t m = gg->m, n = gg->n, local = gg->lld * (m > n ? m : n);
-    gg->hd = mxq_alloc(gg->lld * n * sizeof(double));
+    gg->hd = gg->spread ? gg->spread->rows : mxq_alloc(gg->lld * n * sizeof(double));
     gg->w = mxq_alloc_floats(gg->lld * m);
     gg->orig = o->skip_losses ? NULL : mxq_alloc_floats(gg->lld * m);
     gg->acc = mxq_alloc_floats(gg->lld * m);
@@ -186,7 +187,8 @@ fail:
 
 static void grid_free(grid_gptq *gg)
 {
-    free(gg->hd);
+    if (!gg->spread)
+        free(gg->hd);
     free(gg->w);
     free(gg->orig);
     free(gg->acc);
@@ -210,6 +212,23 @@ static void grid_free(grid_gptq *gg)
         Cblacs_gridexit(gg->context);
 }
 
+/* diag(H) from a spread H's block rows (M(g, g) = H(n-1-g, n-1-g)),
+ * summed over the ranks into every rank, and kept for the later linears. */
+static mxq_status spread_diagonal(mxq_ctx *ctx, grid_gptq *gg)
+{
+    mxq_status status = MXQ_OK;
+    const size_t n = gg->n;
+    memset(gg->diag, 0, n * sizeof(double));
+    for (size_t l = 0; l < gg->n_loc; l++) {
+        const size_t g = global_row(gg, gg->me, l);
+        gg->diag[n - 1 - g] = gg->hd[l + g * gg->lld];
+    }
+    CALL_MPI(ctx, gg->dist->comm, MPI_Allreduce(MPI_IN_PLACE, gg->diag, (int)n, MPI_DOUBLE, MPI_SUM, gg->dist->comm));
+    memcpy(gg->spread->diag, gg->diag, n * sizeof(double));
+fail:
+    return status;
+}
+
 /* diag(H) on every rank, then what follows from it alone: the processing
  * order (act-order), the dead channels and the damping. */
 static mxq_status agree_diagonal(mxq_ctx *ctx, grid_gptq *gg, int root, const double *hessian,
@@ -220,7 +239,11 @@ static mxq_status agree_diagonal(mxq_ctx *ctx, grid_gptq *gg, int root, const do
     if (hessian)
         for (size_t c = 0; c < n; c++)
             gg->diag[c] = hessian[c * n + c];
-    if (source == MXQ_HESSIAN_PARTIAL)
+    if (gg->spread && gg->spread->factored)
+        memcpy(gg->diag, gg->spread->diag, n * sizeof(double));
+    else if (gg->spread)
+        CALL(ctx, spread_diagonal(ctx, gg));
+    else if (source == MXQ_HESSIAN_PARTIAL)
         CALL_MPI(ctx, gg->dist->comm, MPI_Allreduce(MPI_IN_PLACE, gg->diag, (int)n, MPI_DOUBLE, MPI_SUM, gg->dist->comm));
     else
         CALL_MPI(ctx, gg->dist->comm, MPI_Bcast(gg->diag, (int)n, MPI_DOUBLE, root, gg->dist->comm));
@@ -239,6 +262,12 @@ static mxq_status agree_diagonal(mxq_ctx *ctx, grid_gptq *gg, int root, const do
         mean_diag += hd;
     }
     gg->lambda = o->damp * mean_diag / (double)n;
+    if (gg->spread) { /* what the later linears of the input and its losses need */
+        gg->spread->scale = gg->scale;
+        gg->spread->lambda = gg->lambda;
+        for (size_t p = 0; p < n; p++)
+            gg->spread->dead[gg->col_of[p]] = gg->dead[p];
+    }
 fail:
     return status;
 }
@@ -264,11 +293,30 @@ static void hessian_block_to_local(grid_gptq *gg, size_t gb, const double *rows)
 /* The Hessian into the grid, one block row at a time: summed from every
  * rank's part straight onto the block's owner (a reduce-scatter in the
  * grid's distribution), or sent there from root. */
+/* A spread H's block rows made M in place: scaled, the diagonal damped, as
+ * hessian_block_to_local does (the same operations, so the same values). */
+static void spread_to_local(grid_gptq *gg)
+{
+    for (size_t c = 0; c < gg->n; c++)
+        for (size_t l = 0; l < gg->n_loc; l++)
+            gg->hd[l + c * gg->lld] *= gg->scale;
+    for (size_t l = 0; l < gg->n_loc; l++) {
+        const size_t g = global_row(gg, gg->me, l), p = gg->n - 1 - g;
+        double hd = gg->dead[p] ? 1.0 : gg->scale * gg->diag[gg->col_of[p]];
+        gg->hd[l + g * gg->lld] = hd + gg->lambda;
+    }
+}
+
 static mxq_status distribute_hessian(mxq_ctx *ctx, grid_gptq *gg, int root, const double *hessian,
                                      mxq_hessian_source source)
 {
     mxq_status status = MXQ_OK;
     const size_t n = gg->n, nb = (size_t)gg->nb;
+    if (gg->spread) {
+        if (!gg->spread->factored)
+            spread_to_local(gg);
+        return MXQ_OK;
+    }
     double *send = gg->staging, *recv = gg->staging + nb * n;
     const int count = (int)(nb * n);
     for (size_t gb = 0; gb < gg->nblk; gb++) {
@@ -478,11 +526,16 @@ fail:
 static mxq_status factor(mxq_ctx *ctx, grid_gptq *gg, const mxq_gptq_options *o)
 {
     mxq_status status = MXQ_OK;
+    gg->h = (float *)gg->hd;
+    if (gg->spread && gg->spread->factored) /* an earlier linear of the input factored it */
+        return MXQ_OK;
     for (size_t k = 0; k < gg->nblk; k++)
         CALL(ctx, factor_step(ctx, gg, k, gg->staging, o));
     gg->h = (float *)gg->hd;
     for (size_t i = 0; gg->n_loc && i < gg->lld * gg->n; i++) /* float i lies within double i / 2: never ahead of the reads */
         gg->h[i] = (float)gg->hd[i];
+    if (gg->spread)
+        gg->spread->factored = 1;
 fail:
     return status;
 }
@@ -588,12 +641,13 @@ fail:
     return status;
 }
 
-mxq_status mxq_gptq_grid(mxq_ctx *ctx, const mxq_dist *dist, int root, const mxq_mx_spec *spec,
-                         const mxq_gptq_options *o, float *weight, size_t m, size_t n, const double *hessian,
-                         mxq_hessian_source source, double n_tokens, uint8_t *scales, mxq_gptq_stats *stats)
+static mxq_status grid_run(mxq_ctx *ctx, const mxq_dist *dist, int root, const mxq_mx_spec *spec,
+                           const mxq_gptq_options *o, float *weight, size_t m, size_t n, const double *hessian,
+                           mxq_hessian_source source, mxq_grid_hessian *spread, double n_tokens, uint8_t *scales,
+                           mxq_gptq_stats *stats)
 {
     mxq_status status = MXQ_OK;
-    grid_gptq gg = {.dist = dist, .P = dist->size, .m = m, .n = n};
+    grid_gptq gg = {.dist = dist, .P = dist->size, .m = m, .n = n, .spread = spread};
     float *buf = NULL;
     memset(stats, 0, sizeof(*stats));
     if (source == MXQ_HESSIAN_ON_ROOT) /* root's count is the one that goes with its H */
@@ -611,5 +665,24 @@ mxq_status mxq_gptq_grid(mxq_ctx *ctx, const mxq_dist *dist, int root, const mxq
 fail:
     free(buf);
     grid_free(&gg);
+    return status;
+}
+
+mxq_status mxq_gptq_grid(mxq_ctx *ctx, const mxq_dist *dist, int root, const mxq_mx_spec *spec,
+                         const mxq_gptq_options *o, float *weight, size_t m, size_t n, const double *hessian,
+                         mxq_hessian_source source, double n_tokens, uint8_t *scales, mxq_gptq_stats *stats)
+{
+    return grid_run(ctx, dist, root, spec, o, weight, m, n, hessian, source, NULL, n_tokens, scales, stats);
+}
+
+mxq_status mxq_gptq_grid_spread(mxq_ctx *ctx, const mxq_dist *dist, int root, const mxq_mx_spec *spec,
+                                const mxq_gptq_options *o, float *weight, size_t m, size_t n, mxq_grid_hessian *h,
+                                double n_tokens, uint8_t *scales, mxq_gptq_stats *stats)
+{
+    mxq_status status = MXQ_OK;
+    /* the block rows are laid out in input order: act-order would permute them across ranks */
+    CHECK(ctx, !o->act_order, MXQ_ERR_ARG, "GPTQ on a spread Hessian needs gptq.act_order: false");
+    CALL(ctx, grid_run(ctx, dist, root, spec, o, weight, m, n, NULL, MXQ_HESSIAN_PARTIAL, h, n_tokens, scales, stats));
+fail:
     return status;
 }

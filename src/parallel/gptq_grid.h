@@ -17,6 +17,20 @@ typedef enum {
                                 sum is reduced straight into the grid's distribution */
 } mxq_hessian_source;
 
+/* A Hessian accumulated straight into the grid's distribution (see
+ * parallel/hessian_split.h): this rank's block rows of M = J H J, unscaled,
+ * of which only the upper triangle (H's lower one) and the diagonal blocks
+ * are filled. The first GPTQ of it scales, damps and factors it in place
+ * and keeps what the later linears of the same input need, which reuse the
+ * factor (the same damping, dead channels and order: act_order is off). */
+typedef struct {
+    double *rows;   /* [n_loc, n] col-major; then the float32 factor U' (same lld) */
+    double *diag;   /* [n] diag(H), set on every rank by the first GPTQ */
+    uint8_t *dead;  /* [n] dead channels (H order), set by the first GPTQ */
+    double scale, lambda; /* M = scale H + lambda I on live channels (set by the first GPTQ) */
+    int factored;
+} mxq_grid_hessian;
+
 /* Whether an [out, n] linear can run on a grid of `ranks`: n must be a
  * whole number of lazy batches (gptq.block columns), so that every batch
  * is one block of the distribution and sweeps where it lives. */
@@ -32,5 +46,11 @@ int mxq_gptq_grid_applies(const mxq_mx_spec *spec, const mxq_gptq_options *optio
 mxq_status mxq_gptq_grid(mxq_ctx *ctx, const mxq_dist *dist, int root, const mxq_mx_spec *spec,
                          const mxq_gptq_options *options, float *weight, size_t m, size_t n, const double *hessian,
                          mxq_hessian_source source, double n_tokens, uint8_t *scales, mxq_gptq_stats *stats);
+
+/* mxq_gptq_grid with the Hessian already spread (h, on every rank; the
+ * first call factors it in place). Needs act_order off. */
+mxq_status mxq_gptq_grid_spread(mxq_ctx *ctx, const mxq_dist *dist, int root, const mxq_mx_spec *spec,
+                                const mxq_gptq_options *options, float *weight, size_t m, size_t n,
+                                mxq_grid_hessian *h, double n_tokens, uint8_t *scales, mxq_gptq_stats *stats);
 
 #endif
