@@ -10,7 +10,9 @@
 #include "formats/mx_spec.h"
 #include "io/ckpt_writer.h"
 #include "jobs/quantize_report.h"
+#include "jobs/jobs_internal.h"
 #include "parallel/gptq_grid.h"
+#include "parallel/hessian_split.h"
 
 /* What each rank sends ahead of its records and its tensor names. */
 typedef struct {
@@ -561,6 +563,78 @@ static void plan_group_sequential(const mxq_plan_input *in, int r, mxq_rank_plan
     plan->load = 1.5 * t.emb + t.store;
 }
 
+/* Whether the plan's group spreads its statistics (as calibrate_group.c
+ * decides it). */
+static int plan_spread(const mxq_plan_input *in)
+{
+    return in->data_parallel && in->recipe->calib_mode == MXQ_CALIB_FP &&
+           mxq_group_spread_applies(in->recipe, in->cfg, in->size, in->grid_min_inputs);
+}
+
+/* The quantization's largest buffers with spread statistics: GPTQ on the
+ * grid (this rank's rows of W' and of the error feedback, on the owner the
+ * block rows on their way, the Hessian's rows in transit, a batch), AWQ's
+ * scratch and sampled rows, a loss request's rows (up to 8 alphas of 128
+ * rows, broadcast to every rank) and its block row of H in float32. */
+static double spread_quantize_bytes(const mxq_plan_input *in, int r, int owner, int nb)
+{
+    double most = 0;
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        int out, n;
+        mxq_linear_shape(in->cfg, (mxq_linear_id)li, &out, &n);
+        const double rows = ceil((double)n / nb / in->size - (double)r / in->size) * nb, first = ceil((double)n / nb / in->size) * nb;
+        const double grid = (2.0 * rows * out + (owner ? first * out : 0) + (double)nb * out + 3.0 * out * nb +
+                             (double)nb * nb) * sizeof(float) + 2.0 * nb * n * sizeof(double);
+        const double sampled = fmin(out, 128.0) * n * sizeof(float), alphas = fmin(8.0, fmax(1.0, floor(64.0 * 1048576.0 / sampled)));
+        const double request = (2.0 * alphas * sampled) + (double)nb * n * sizeof(float);
+        const double awq = owner ? request + (2.0 * alphas + 4.0) * sampled : request;
+        const double b = fmax(grid, awq);
+        most = b > most ? b : most;
+    }
+    return most;
+}
+
+/* The checkpoint pages (BF16) of the tensors rank r copies into its shard
+ * while it writes: the embedding on rank 0, lm_head (untied) and the final
+ * norm on the last rank. */
+static double copied_pages(const mxq_plan_input *in, int r)
+{
+    const double emb = (double)mxq_config_embedding_params(in->cfg) * 2.0;
+    return (r == 0 ? emb : 0) + (r == in->size - 1 ? (in->cfg->tie_embeddings ? 0 : emb) + in->cfg->hidden * 2.0 : 0);
+}
+
+/* A rank of the group with spread statistics: its share of every layer's
+ * Hessians for the whole run, one layer in float32 (while it converts,
+ * its checkpoint pages too), the forward workspace and the exchange of
+ * activations while the layer runs; then the quantization's buffers. The
+ * layer's owner keeps the layer to quantize it, and its buffers come on top
+ * of what the forward held: the process keeps freed memory for reuse
+ * (mxq_keep_freed_memory), and measured, they did not fit in what the
+ * forward had freed (llama-2-70b layer, 2 ranks: 11,076 MB at the end of
+ * the owner's quantization against 9.5 GB in the forward); the others give
+ * the layer back first, and theirs fit in it. Last the pages of the
+ * tensors copied into the shard. */
+static void plan_group_spread(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
+{
+    group_terms t;
+    group_terms_of(in, r, &t);
+    const mxq_model_config *cfg = in->cfg;
+    const int nb = mxq_gptq_batch_width(&in->recipe->weights, mxq_recipe_gptq(in->recipe));
+    const int owner = owned_layers(in, r) > 0;
+    double stats = 0;
+    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
+        stats += mxq_hsplit_bytes(mxq_input_features(cfg, (mxq_input_id)i), nb, in->size, r);
+    plan->stats = stats + t.store;
+    plan->weights = t.layer + t.results;
+    plan->work = mxq_workspace_bytes(cfg, in->batch, in->seq_len) +
+                 mxq_hsplit_work_bytes(mxq_layer_scales_max(cfg), nb, in->size);
+    plan->quant = spread_quantize_bytes(in, r, owner, nb);
+    const double running = fmax(1.5 * t.layer, t.layer + plan->work);
+    const double held = owner ? running + plan->quant : fmax(running, plan->quant);
+    plan->total = plan->base + t.results + t.store + stats + held + copied_pages(in, r);
+    plan->load = 1.5 * t.emb + t.store;
+}
+
 void mxq_quantize_plan_rank(const mxq_plan_input *in, int r, mxq_rank_plan *plan)
 {
     /* in double: a plan must print for any model, not wrap around */
@@ -572,6 +646,8 @@ void mxq_quantize_plan_rank(const mxq_plan_input *in, int r, mxq_rank_plan *plan
         plan_pipeline(in, r, plan);
     else if (in->recipe->calib_mode == MXQ_CALIB_SEQUENTIAL)
         plan_group_sequential(in, r, plan);
+    else if (plan_spread(in))
+        plan_group_spread(in, r, plan);
     else
         plan_group(in, r, plan);
     if (plan->load + plan->base > plan->total)
@@ -623,12 +699,13 @@ json_t *mxq_quantize_plan_json(const mxq_plan_input *in, double budget)
 void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budget)
 {
     const double MB = 1048576.0, stats = (double)mxq_layer_stats_bytes(in->cfg);
-    const int fp = in->recipe->calib_mode == MXQ_CALIB_FP;
+    const int fp = in->recipe->calib_mode == MXQ_CALIB_FP, spread = plan_spread(in);
     mxq_print(ctx, "plan: %d layers over %d rank%s, %s; calibration %d x %d tokens, %s mode, micro-batch %d\n",
               in->cfg->n_layers, in->size, in->size == 1 ? "" : "s",
               !in->data_parallel ? "a pipeline of layer ranges (group size 1)"
-              : fp               ? "one data-parallel group"
-                                 : "one data-parallel group, each layer's inputs spread over the ranks",
+              : spread ? "one data-parallel group, its statistics spread over the ranks and GPTQ on their grid"
+              : fp     ? "one data-parallel group"
+                       : "one data-parallel group, each layer's inputs spread over the ranks",
               in->samples,
               in->seq_len, fp ? "fp" : "sequential", in->batch);
     mxq_print(ctx, "%-6s %-14s %12s %12s %12s %12s %14s\n", "rank", "quantizes", "weights MB", "stats MB", "work MB",
@@ -642,7 +719,9 @@ void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budg
                   p.work / MB, p.quant / MB, p.total / MB);
     }
     mxq_print(ctx, "stats: Hessians (double) of the 4 linear inputs of a layer = %.1f MB per layer%s\n", stats / MB,
-              in->data_parallel && !fp ? "; a rank holds one layer's and its share of the activations"
+              spread ? "; a rank holds its block rows of one layer's (1/ranks of each) and its share of the "
+                       "activations"
+              : in->data_parallel && !fp ? "; a rank holds one layer's and its share of the activations"
               : in->data_parallel ? "; a rank holds two layers' (the last rank of a round: one) and its share of the activations"
               : fp ? (in->stats_layers > 0 ? ", held for --stats-layers layers at a time (one calibration pass per group)"
                                            : ", held for every owned layer until it is quantized (bound it with "
@@ -651,6 +730,14 @@ void mxq_quantize_print_plan(mxq_ctx *ctx, const mxq_plan_input *in, double budg
     if (!in->data_parallel)
         mxq_print(ctx, "peak RSS: weights (float32, and the packed results) + stats + work (forward workspace, buffers, "
                        "a Gram panel) + the largest linear's quantization + %.0f MB of libraries\n",
+                  MXQ_PLAN_BASE_BYTES / MB);
+    else if (spread)
+        mxq_print(ctx, "peak RSS: the packed results, the share of activations, the share of the stats and %.0f MB "
+                       "of libraries, plus a layer running (1 layer in float32, or its checkpoint pages while it "
+                       "converts, the forward workspace and the exchange of activations) and, on a layer's owner on "
+                       "top of that (the process keeps freed memory for reuse), its quantization (the GPTQ grid's "
+                       "and AWQ's buffers); on the others the larger of the two; and the checkpoint pages of the "
+                       "tensors copied into the shard (embedding, lm_head)\n",
                   MXQ_PLAN_BASE_BYTES / MB);
     else if (!fp)
         mxq_print(ctx, "peak RSS: the packed results of the layers it writes, the share of activations, work (forward "

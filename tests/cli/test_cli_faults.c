@@ -36,7 +36,8 @@ typedef enum {
     JOB_QUANTIZE_GROUP,
     JOB_QUANTIZE_GRID,
     JOB_QUANTIZE_SEQ_GROUP,
-    JOB_QUANTIZE_STORE
+    JOB_QUANTIZE_STORE,
+    JOB_QUANTIZE_SPREAD
 } job_kind;
 
 
@@ -55,6 +56,33 @@ static const char *recipe(int sequential)
     return path;
 }
 
+/* The group with spread statistics: AWQ with clipping (every kind of
+ * request to the ranks holding the Hessians) and GPTQ on the grid, on the
+ * tiny-llama synth model (inputs of 256 and 512: whole batches of 64). */
+static const char *spread_recipe(void)
+{
+    const char *path = tu_scratch_path("faults-spread.yaml");
+    const char *text = "weights: {format: mxint4, block: 32}\nactivations: {format: mxint8, block: 32}\n"
+                       "algorithms:\n  - awq: {grid: 4, clip: true, clip_grid: 4}\n"
+                       "  - gptq: {block: 64, microblock: 32}\ncalibration: {samples: 6, mode: fp}\n";
+    tu_write_file(path, text, strlen(text));
+    return path;
+}
+
+static const char *tiny_model(void)
+{
+    static const char *dir;
+    if (dir)
+        return dir;
+    dir = tu_scratch_path("faults-tiny-llama");
+    const char *argv[] = {getenv("MXQ_BIN"), "synth", "--preset", "tiny-llama", "--out", dir, "--force", "-q", NULL};
+    tu_run_result r;
+    tu_run(argv, &r);
+    if (r.exit_code != 0)
+        fail_msg("mxq synth --preset tiny-llama failed: %s", r.err);
+    return dir;
+}
+
 /* argv of: timeout 10 mpirun -n R -x MXQ_FAULT=fault sh -c 'mxq "$@"; echo rank-exit' sh <job>.
  * Every rank reports its own exit status, and mpirun lets each rank end on
  * its own instead of killing the others at the first failure. */
@@ -63,7 +91,7 @@ static void job_argv_force(const char **argv, job_kind kind, int ranks, const ch
     char *n = malloc(16), *fault_env = malloc(160); /* live as long as the test */
     snprintf(n, 16, "%d", ranks);
     snprintf(fault_env, 160, "MXQ_FAULT=%s", fault);
-    const char *model = tu_data_path("stories260K");
+    const char *model = kind == JOB_QUANTIZE_SPREAD ? tiny_model() : tu_data_path("stories260K");
     size_t k = 0;
     const char *head[] = {"timeout", "10", "mpirun", "-n", n, "--oversubscribe", "--mca",
                           "orte_abort_on_non_zero_status", "0", "-x", fault_env, "sh", "-c",
@@ -76,8 +104,10 @@ static void job_argv_force(const char **argv, job_kind kind, int ranks, const ch
         for (size_t i = 0; i < sizeof(rest) / sizeof(rest[0]); i++)
             argv[k++] = rest[i];
     } else {
+        const char *rec = kind == JOB_QUANTIZE_SPREAD ? spread_recipe()
+                                                      : recipe(kind == JOB_QUANTIZE_SEQ || kind == JOB_QUANTIZE_SEQ_GROUP);
         const char *rest[] = {"quantize", "--model", model, "--calib", tu_data_path("stories260K/calib.h5"),
-                              "--recipe", recipe(kind == JOB_QUANTIZE_SEQ || kind == JOB_QUANTIZE_SEQ_GROUP), "--batch", "2", "--out", out, "-q"};
+                              "--recipe", rec, "--batch", "2", "--out", out, "-q"};
         for (size_t i = 0; i < sizeof(rest) / sizeof(rest[0]); i++)
             argv[k++] = rest[i];
         if (force)
@@ -88,12 +118,13 @@ static void job_argv_force(const char **argv, job_kind kind, int ranks, const ch
             argv[k++] = "--store-activations";
             argv[k++] = store;
         }
-        if (kind == JOB_QUANTIZE_GROUP || kind == JOB_QUANTIZE_GRID || kind == JOB_QUANTIZE_SEQ_GROUP) {
+        if (kind == JOB_QUANTIZE_GROUP || kind == JOB_QUANTIZE_GRID || kind == JOB_QUANTIZE_SEQ_GROUP ||
+            kind == JOB_QUANTIZE_SPREAD) {
             /* one data-parallel group of all ranks */
             argv[k++] = "--group-size";
             argv[k++] = n;
         }
-        if (kind == JOB_QUANTIZE_GRID) { /* GPTQ of the 64-input linears on the ScaLAPACK grid */
+        if (kind == JOB_QUANTIZE_GRID || kind == JOB_QUANTIZE_SPREAD) { /* GPTQ of the 64-input linears on the grid */
             argv[k++] = "--grid-min-inputs";
             argv[k++] = "1";
         }
@@ -350,6 +381,16 @@ static void test_quantize_grid_every_step(void **state)
     walk(JOB_QUANTIZE_GRID, 3, 0, "quantize (group, GPTQ on the grid)");
 }
 
+/* Statistics spread over the group: the exchanges of activations (a rank
+ * failing before one joins it with its failure) and the owner's requests
+ * served by the others (spread.*). */
+static void test_quantize_spread_every_step(void **state)
+{
+    (void)state;
+    walk(JOB_QUANTIZE_SPREAD, 2, 1, "quantize (group, spread statistics)");
+    walk(JOB_QUANTIZE_SPREAD, 3, 0, "quantize (group, spread statistics)");
+}
+
 static void test_quantize_force_every_step(void **state)
 {
     (void)state;
@@ -385,6 +426,7 @@ int main(void)
         cmocka_unit_test(test_quantize_fp_every_step),
         cmocka_unit_test(test_quantize_group_every_step),
         cmocka_unit_test(test_quantize_grid_every_step),
+        cmocka_unit_test(test_quantize_spread_every_step),
         cmocka_unit_test(test_quantize_force_every_step),
         cmocka_unit_test(test_quantize_sequential_every_step),
         cmocka_unit_test(test_quantize_sequential_group_every_step),

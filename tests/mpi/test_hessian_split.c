@@ -207,6 +207,24 @@ static void check_gptq(mxq_hsplit_server *sv, const mxq_input_stats *whole)
     free(s2);
 }
 
+/* Root: AWQ clipping with the spread H's blocks against the whole H's. */
+static void check_clip(mxq_hsplit_server *sv, const double *h)
+{
+    const size_t m = 64;
+    float *a = random_rows(m, 31), *b = malloc(m * N * sizeof(float));
+    memcpy(b, a, m * N * sizeof(float));
+    const mxq_hessian_ref spread = {.remote = &sv->ops, .input = MXQ_INPUT_ATTN};
+    assert_int_equal(mxq_awq_clip_ref(ctx, &sv->recipe->weights, a, (int)m, N, &spread, 20, 0.5), MXQ_OK);
+    assert_int_equal(mxq_awq_clip(ctx, &sv->recipe->weights, b, (int)m, N, h, 20, 0.5), MXQ_OK);
+    size_t differ = 0;
+    for (size_t i = 0; i < m * N; i++)
+        differ += a[i] != b[i];
+    print_message("# AWQ clipping: %zu of %zu values differ\n", differ, m * N);
+    assert_true(differ * 100 <= m * N);
+    free(a);
+    free(b);
+}
+
 /* The owner's requests, in the order a layer makes them. */
 static void root_requests(mxq_hsplit_server *sv, mxq_input_stats *whole)
 {
@@ -216,6 +234,7 @@ static void root_requests(mxq_hsplit_server *sv, mxq_input_stats *whole)
     assert_true(diff <= 1e-5);
     check_blocks(sv, whole->hessian, 16);
     check_blocks(sv, whole->hessian, 32);
+    check_clip(sv, whole->hessian);
     double s[N];
     for (size_t j = 0; j < N; j++)
         s[j] = 0.5 + (double)(j % 5) * 0.25;
