@@ -46,10 +46,16 @@ with h5py.File(sys.argv[2], "w") as f:
 EOF
 sed -e 's/samples: [0-9]*/samples: 32/' "$here/configs/recipes/w4a8-mxint-awq-gptq.yaml" > "$work/recipe.yaml"
 args=(quantize --model "$model" --calib "$work/calib.h5" --recipe "$work/recipe.yaml" --out "$work/out" --force)
-mpirun -n 2 "$mxq" "${args[@]}" --dry-run 2>&1 | grep -v '^\['
+mpirun -n 2 "$mxq" "${args[@]}" --dry-run > "$work/plan.txt" 2>&1
+grep -v '^\[' "$work/plan.txt" || true
 start=$(date +%s.%N)
-mpirun -n 2 "$mxq" "${args[@]}" 2>&1 | grep -E 'spread|layer 0|total' || true
+if ! mpirun -n 2 "$mxq" "${args[@]}" > "$work/run.log" 2>&1; then
+  cat "$work/run.log" >&2
+  echo "bench_70b_layer.sh: the run failed" >&2
+  exit 1
+fi
 end=$(date +%s.%N)
+grep -E 'spread|layer 0|total' "$work/run.log" || true
 /usr/bin/python3 - "$work/out/mxq_report.json" "$start" "$end" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))

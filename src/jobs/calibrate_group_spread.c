@@ -146,9 +146,10 @@ static mxq_status spread_quantize(mxq_ctx *ctx, spread_run *s, int l, mxq_layer_
         local = mxq_quantize_layer_remote(ctx, s->recipe, &s->model->cfg, l,
                                           &s->model->layers[l - s->model->first_layer], &stats, &sv.ops, res);
         CALL(ctx, mxq_hsplit_end(ctx, &sv));
-    } else {
-        CALL(ctx, mxq_model_layer_unload(ctx, s->model, l));
-        local = mxq_hsplit_serve(ctx, &sv);
+    } else { /* serve whatever happened here: the owner's requests wait for every rank */
+        local = mxq_model_layer_unload(ctx, s->model, l);
+        mxq_status served = mxq_hsplit_serve(ctx, &sv);
+        local = local != MXQ_OK ? local : served;
     }
     AGREE(ctx, s->dist, "spread.quantize", local);
 fail:

@@ -290,9 +290,6 @@ static void hessian_block_to_local(grid_gptq *gg, size_t gb, const double *rows)
     }
 }
 
-/* The Hessian into the grid, one block row at a time: summed from every
- * rank's part straight onto the block's owner (a reduce-scatter in the
- * grid's distribution), or sent there from root. */
 /* A spread H's block rows made M in place: scaled, the diagonal damped, as
  * hessian_block_to_local does (the same operations, so the same values). */
 static void spread_to_local(grid_gptq *gg)
@@ -307,6 +304,9 @@ static void spread_to_local(grid_gptq *gg)
     }
 }
 
+/* The Hessian into the grid, one block row at a time: summed from every
+ * rank's part straight onto the block's owner (a reduce-scatter in the
+ * grid's distribution), or sent there from root. */
 static mxq_status distribute_hessian(mxq_ctx *ctx, grid_gptq *gg, int root, const double *hessian,
                                      mxq_hessian_source source)
 {
@@ -531,7 +531,6 @@ static mxq_status factor(mxq_ctx *ctx, grid_gptq *gg, const mxq_gptq_options *o)
         return MXQ_OK;
     for (size_t k = 0; k < gg->nblk; k++)
         CALL(ctx, factor_step(ctx, gg, k, gg->staging, o));
-    gg->h = (float *)gg->hd;
     for (size_t i = 0; gg->n_loc && i < gg->lld * gg->n; i++) /* float i lies within double i / 2: never ahead of the reads */
         gg->h[i] = (float)gg->hd[i];
     if (gg->spread)

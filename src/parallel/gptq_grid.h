@@ -24,7 +24,8 @@ typedef enum {
  * and keeps what the later linears of the same input need, which reuse the
  * factor (the same damping, dead channels and order: act_order is off). */
 typedef struct {
-    double *rows;   /* [n_loc, n] col-major; then the float32 factor U' (same lld) */
+    double *rows;   /* [n_loc, n] col-major; then the float32 factor U' in the same memory, read as
+                       float [n_loc, n] col-major (same lld); a failed first GPTQ leaves it unusable */
     double *diag;   /* [n] diag(H), set on every rank by the first GPTQ */
     uint8_t *dead;  /* [n] dead channels (H order), set by the first GPTQ */
     double scale, lambda; /* M = scale H + lambda I on live channels (set by the first GPTQ) */

@@ -104,7 +104,7 @@ mxq_status mxq_hsplit_work_init(mxq_ctx *ctx, const mxq_dist *dist, int widest, 
     w->slab = slab_tokens(widest, dist->size);
     w->gathered = mxq_alloc_floats(w->slab * (size_t)dist->size * (size_t)widest);
     w->panel = mxq_alloc_floats((size_t)widest * (size_t)nb);
-    w->counts = malloc(3 * (size_t)dist->size * sizeof(int));
+    w->counts = malloc(2 * (size_t)dist->size * sizeof(int));
     w->displs = malloc((size_t)dist->size * sizeof(int));
     CHECK_ALLOC(ctx, w->gathered && w->panel && w->counts && w->displs, mxq_hsplit_work_bytes(widest, nb, dist->size),
                 "the exchange of activations for the spread Hessians");
@@ -130,7 +130,8 @@ static size_t global_row(const mxq_hsplit *hs, int ranks, int r, size_t l)
 
 /* This rank's block rows += the Gram product of xg [T, n] (every rank's
  * tokens): for block row gb, H rows [r0, r1) against columns [0, r1), in
- * float32 (as the local path's chunks), then added in double. */
+ * float32 over the slab (the local path sums chunks of up to 8192 tokens
+ * so), then added in double. */
 static void gram_rows(mxq_hsplit *hs, const mxq_dist *dist, mxq_hsplit_work *w, const float *xg, size_t T)
 {
     const size_t n = (size_t)hs->features, nb = (size_t)hs->nb;
@@ -148,23 +149,21 @@ static void gram_rows(mxq_hsplit *hs, const mxq_dist *dist, mxq_hsplit_work *w, 
     }
 }
 
-/* One exchange: every rank's count (and whether it failed, and has more). */
+/* One exchange: agreed first (a rank that failed stops every rank here),
+ * then every rank's count and whether it has more. */
 static mxq_status exchange_counts(mxq_ctx *ctx, const mxq_dist *dist, mxq_hsplit_work *w, int count, int more,
                                   mxq_status local, size_t *total, int *any_more)
 {
     mxq_status status = MXQ_OK;
-    int mine[3] = {count, more, local != MXQ_OK}, failed = -1;
-    CALL_MPI(ctx, dist->comm, MPI_Allgather(mine, 3, MPI_INT, w->counts, 3, MPI_INT, dist->comm));
+    int mine[2] = {count, more};
+    AGREE(ctx, dist, "spread.exchange", local);
+    CALL_MPI(ctx, dist->comm, MPI_Allgather(mine, 2, MPI_INT, w->counts, 2, MPI_INT, dist->comm));
     *total = 0;
     *any_more = 0;
     for (int r = 0; r < dist->size; r++) {
-        failed = failed < 0 && w->counts[3 * r + 2] ? r : failed;
-        *any_more |= w->counts[3 * r + 1];
-        *total += (size_t)w->counts[3 * r];
+        *any_more |= w->counts[2 * r + 1];
+        *total += (size_t)w->counts[2 * r];
     }
-    if (local != MXQ_OK)
-        return local;
-    CHECK(ctx, failed < 0, MXQ_ERR_REMOTE, "stopped: rank %d failed while the ranks exchanged activations", failed);
 fail:
     return status;
 }
@@ -183,11 +182,11 @@ mxq_status mxq_hsplit_add(mxq_ctx *ctx, const mxq_dist *dist, mxq_hsplit *hs, mx
         CALL(ctx, exchange_counts(ctx, dist, w, (int)count, at + count < tokens, local, &total, &any_more));
         for (int r = 0, off = 0; r < dist->size; r++) {
             w->displs[r] = off;
-            w->counts[r] = w->counts[3 * r] * (int)n; /* the counts' own slots are read before overwritten */
+            w->counts[r] = w->counts[2 * r] * (int)n; /* slot 2r is read before slot r is overwritten */
             off += w->counts[r];
         }
         CALL_MPI(ctx, dist->comm,
-                 MPI_Allgatherv(count ? x + at * n : w->gathered, (int)(count * n), MPI_FLOAT, w->gathered, w->counts,
+                 MPI_Allgatherv(count ? x + at * n : w->panel, (int)(count * n), MPI_FLOAT, w->gathered, w->counts,
                                 w->displs, MPI_FLOAT, dist->comm));
         if (total > 0)
             gram_rows(hs, dist, w, w->gathered, total);
@@ -397,7 +396,7 @@ static mxq_status serve_rescale(mxq_ctx *ctx, mxq_hsplit_server *sv, const reque
     const int is_root = sv->dist->rank == sv->root;
     double *s = is_root ? (double *)s_root : malloc(n * sizeof(double));
     AGREE(ctx, sv->dist, "spread.rescale", allocated(ctx, s != NULL, n * sizeof(double), "scales"));
-    CHECK_AGREED(ctx, sv->dist, "spread.rescale", !hs->grid.factored, MXQ_ERR_INTERNAL,
+    CHECK_AGREED(ctx, sv->dist, "spread.rescale.order", !hs->grid.factored, MXQ_ERR_INTERNAL,
                  "a scale step after GPTQ factored the input's Hessian");
     CALL_MPI(ctx, sv->dist->comm, MPI_Bcast(s, (int)n, MPI_DOUBLE, sv->root, sv->dist->comm));
     for (size_t cc = 0; cc < n; cc++)
@@ -458,8 +457,11 @@ static mxq_status serve_one(mxq_ctx *ctx, mxq_hsplit_server *sv, const request *
         return serve_blocks(ctx, sv, rq, NULL);
     case REQ_RESCALE:
         return serve_rescale(ctx, sv, rq, NULL);
-    default:
+    case REQ_GPTQ:
         return serve_gptq(ctx, sv, rq, NULL, NULL, NULL);
+    default: /* the owner sends only the requests above */
+        mxq_error_set(ctx, MXQ_ERR_INTERNAL, __FILE__, __LINE__, "unknown Hessian request %d", rq->op);
+        return MXQ_ERR_INTERNAL;
     }
 }
 
@@ -504,6 +506,9 @@ static mxq_status ask_quadratic(mxq_ctx *ctx, void *user, mxq_input_id input, co
 {
     mxq_status status = MXQ_OK;
     request rq = {.op = REQ_QUADRATIC, .input = input, .rows = (long long)rows, .per = (long long)per};
+    /* the owner's own mistake, before any rank is asked: it still ends the serving */
+    CHECK(ctx, per > 0 && rows % per == 0 && rows / per <= 8, MXQ_ERR_INTERNAL,
+          "a loss request of %zu rows in groups of %zu", rows, per);
     CALL(ctx, send_request(ctx, user, &rq));
     CALL(ctx, serve_quadratic(ctx, user, &rq, d, sums));
 fail:
