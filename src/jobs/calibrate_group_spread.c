@@ -82,7 +82,8 @@ static mxq_status spread_setup(mxq_ctx *ctx, spread_run *s)
     CHECK_ALLOC(ctx, s->records, (size_t)s->dist->size * sizeof(*s->records), "the layer records");
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
         CALL(ctx, mxq_hsplit_init(ctx, s->dist, mxq_input_features(cfg, (mxq_input_id)i), nb, &s->inputs[i]));
-    CALL(ctx, mxq_hsplit_work_init(ctx, s->dist, mxq_layer_scales_max(cfg), nb, &s->work));
+    CALL(ctx, mxq_hsplit_work_init(ctx, s->dist, mxq_layer_scales_max(cfg), nb,
+                                   (size_t)s->batch * (size_t)s->tokens->seq_len, &s->work));
 fail:
     return status;
 }
@@ -136,7 +137,7 @@ static mxq_status spread_quantize(mxq_ctx *ctx, spread_run *s, int l, mxq_layer_
     mxq_status status = MXQ_OK, local;
     const int owner = l % s->dist->size;
     mxq_hsplit_server sv;
-    mxq_hsplit_server_init(&sv, s->dist, owner, s->recipe, s->inputs);
+    mxq_hsplit_server_init(&sv, s->dist, owner, l, s->recipe, s->inputs);
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
         CALL(ctx, mxq_hsplit_finish(ctx, s->dist, &s->inputs[i], owner, mxq_input_name((mxq_input_id)i)));
     if (s->dist->rank == owner) {

@@ -627,7 +627,7 @@ static void plan_group_spread(const mxq_plan_input *in, int r, mxq_rank_plan *pl
     plan->stats = stats + t.store;
     plan->weights = t.layer + t.results;
     plan->work = mxq_workspace_bytes(cfg, in->batch, in->seq_len) +
-                 mxq_hsplit_work_bytes(mxq_layer_scales_max(cfg), nb, in->size);
+                 mxq_hsplit_work_bytes(mxq_layer_scales_max(cfg), nb, in->size, (size_t)in->batch * (size_t)in->seq_len);
     plan->quant = spread_quantize_bytes(in, r, owner, nb);
     const double running = fmax(1.5 * t.layer, t.layer + plan->work);
     const double held = owner ? running + plan->quant : fmax(running, plan->quant);

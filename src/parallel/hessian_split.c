@@ -86,27 +86,33 @@ void mxq_hsplit_free(mxq_hsplit *hs)
     memset(hs, 0, sizeof(*hs));
 }
 
-static size_t slab_tokens(int widest, int ranks)
+/* Tokens a rank adds per exchange: a micro-batch's, up to GATHER_FLOATS
+ * gathered. */
+static size_t slab_tokens(int widest, int ranks, size_t most_tokens)
 {
     size_t t = GATHER_FLOATS / ((size_t)widest * (size_t)ranks);
+    t = t < most_tokens ? t : most_tokens;
     return t ? t : 1;
 }
 
-double mxq_hsplit_work_bytes(int widest, int nb, int ranks)
+double mxq_hsplit_work_bytes(int widest, int nb, int ranks, size_t most_tokens)
 {
-    return (double)slab_tokens(widest, ranks) * ranks * widest * sizeof(float) + (double)widest * nb * sizeof(float);
+    return (double)slab_tokens(widest, ranks, most_tokens) * ranks * widest * sizeof(float) +
+           (double)widest * nb * sizeof(float);
 }
 
-mxq_status mxq_hsplit_work_init(mxq_ctx *ctx, const mxq_dist *dist, int widest, int nb, mxq_hsplit_work *w)
+mxq_status mxq_hsplit_work_init(mxq_ctx *ctx, const mxq_dist *dist, int widest, int nb, size_t most_tokens,
+                                mxq_hsplit_work *w)
 {
     mxq_status status = MXQ_OK;
     memset(w, 0, sizeof(*w));
-    w->slab = slab_tokens(widest, dist->size);
+    w->slab = slab_tokens(widest, dist->size, most_tokens);
     w->gathered = mxq_alloc_floats(w->slab * (size_t)dist->size * (size_t)widest);
     w->panel = mxq_alloc_floats((size_t)widest * (size_t)nb);
     w->counts = malloc(2 * (size_t)dist->size * sizeof(int));
     w->displs = malloc((size_t)dist->size * sizeof(int));
-    CHECK_ALLOC(ctx, w->gathered && w->panel && w->counts && w->displs, mxq_hsplit_work_bytes(widest, nb, dist->size),
+    CHECK_ALLOC(ctx, w->gathered && w->panel && w->counts && w->displs,
+                mxq_hsplit_work_bytes(widest, nb, dist->size, most_tokens),
                 "the exchange of activations for the spread Hessians");
 fail:
     return status;
@@ -474,8 +480,11 @@ mxq_status mxq_hsplit_serve(mxq_ctx *ctx, mxq_hsplit_server *sv)
         if (rq.op == REQ_END)
             break;
         mxq_status st = serve_one(ctx, sv, &rq); /* agreed inside: the owner stops too, and ends */
-        if (st != MXQ_OK && sv->failed == MXQ_OK)
+        if (st != MXQ_OK && sv->failed == MXQ_OK) {
             sv->failed = st;
+            mxq_error_context(ctx, "layer %d %s: serving the owner's (rank %d's) request", sv->layer,
+                              mxq_input_name((mxq_input_id)rq.input), sv->root);
+        }
     }
     return sv->failed;
 fail:
@@ -551,10 +560,10 @@ fail:
     return status;
 }
 
-void mxq_hsplit_server_init(mxq_hsplit_server *sv, const mxq_dist *dist, int root, const mxq_recipe *recipe,
-                            mxq_hsplit *inputs)
+void mxq_hsplit_server_init(mxq_hsplit_server *sv, const mxq_dist *dist, int root, int layer,
+                            const mxq_recipe *recipe, mxq_hsplit *inputs)
 {
-    *sv = (mxq_hsplit_server){.dist = dist, .root = root, .recipe = recipe, .inputs = inputs};
+    *sv = (mxq_hsplit_server){.dist = dist, .root = root, .layer = layer, .recipe = recipe, .inputs = inputs};
     sv->ops = (mxq_remote_hessian){
         .user = sv, .quadratic = ask_quadratic, .diagonal_blocks = ask_blocks, .rescale = ask_rescale, .gptq = ask_gptq};
 }

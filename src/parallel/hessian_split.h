@@ -49,10 +49,12 @@ void mxq_hsplit_free(mxq_hsplit *hs);
 /* The bytes rank r holds of a spread input. */
 double mxq_hsplit_bytes(int features, int nb, int ranks, int r);
 
-mxq_status mxq_hsplit_work_init(mxq_ctx *ctx, const mxq_dist *dist, int widest, int nb, mxq_hsplit_work *w);
+/* For adds of at most most_tokens tokens a rank. */
+mxq_status mxq_hsplit_work_init(mxq_ctx *ctx, const mxq_dist *dist, int widest, int nb, size_t most_tokens,
+                                mxq_hsplit_work *w);
 void mxq_hsplit_work_free(mxq_hsplit_work *w);
 /* Scratch bytes of the accumulation. */
-double mxq_hsplit_work_bytes(int widest, int nb, int ranks);
+double mxq_hsplit_work_bytes(int widest, int nb, int ranks, size_t most_tokens);
 
 /* Collective: adds this rank's x [tokens, features] (tokens may be 0, for a
  * rank with fewer micro-batches). Every rank calls it as often, for the
@@ -70,14 +72,15 @@ mxq_status mxq_hsplit_finish(mxq_ctx *ctx, const mxq_dist *dist, mxq_hsplit *hs,
 typedef struct {
     const mxq_dist *dist;
     int root;               /* the layer's owner */
+    int layer;              /* for messages */
     const mxq_recipe *recipe;
     mxq_hsplit *inputs;     /* [MXQ_INPUT_COUNT] */
     mxq_remote_hessian ops; /* the owner's requests (user: this) */
     mxq_status failed;      /* a server's first failure */
 } mxq_hsplit_server;
 
-void mxq_hsplit_server_init(mxq_hsplit_server *sv, const mxq_dist *dist, int root, const mxq_recipe *recipe,
-                            mxq_hsplit *inputs);
+void mxq_hsplit_server_init(mxq_hsplit_server *sv, const mxq_dist *dist, int root, int layer,
+                            const mxq_recipe *recipe, mxq_hsplit *inputs);
 /* The other ranks: answer the owner's requests until it ends. */
 mxq_status mxq_hsplit_serve(mxq_ctx *ctx, mxq_hsplit_server *sv);
 /* The owner: no more requests for this layer. */

@@ -67,7 +67,7 @@ static void whole_stats(mxq_input_stats *whole)
 static void spread_stats(mxq_hsplit *hs, mxq_hsplit_work *w, size_t slab)
 {
     assert_int_equal(mxq_hsplit_init(ctx, &dist, N, NB, hs), MXQ_OK);
-    assert_int_equal(mxq_hsplit_work_init(ctx, &dist, N, NB, w), MXQ_OK);
+    assert_int_equal(mxq_hsplit_work_init(ctx, &dist, N, NB, 1000, w), MXQ_OK);
     w->slab = slab;
     for (int c = 0; c < CALLS; c++) {
         float *x = activations(dist.rank, c);
@@ -281,7 +281,7 @@ static void test_requests(void **state)
     const int root = getenv("ROOT0") ? 0 : dist.size - 1;
     assert_int_equal(mxq_hsplit_finish(ctx, &dist, &hs[MXQ_INPUT_ATTN], root, "test input"), MXQ_OK);
     mxq_hsplit_server sv;
-    mxq_hsplit_server_init(&sv, &dist, root, &recipe, hs);
+    mxq_hsplit_server_init(&sv, &dist, root, 0, &recipe, hs);
     if (dist.rank == root) {
         root_failures = 0;
         root_requests(&sv, &whole);
@@ -304,7 +304,7 @@ static void test_failure_reaches_every_rank(void **state)
     mxq_hsplit hs;
     mxq_hsplit_work w;
     assert_int_equal(mxq_hsplit_init(ctx, &dist, N, NB, &hs), MXQ_OK);
-    assert_int_equal(mxq_hsplit_work_init(ctx, &dist, N, NB, &w), MXQ_OK);
+    assert_int_equal(mxq_hsplit_work_init(ctx, &dist, N, NB, 1000, &w), MXQ_OK);
     float *x = activations(dist.rank, 1);
     mxq_status local = dist.rank == 1 ? MXQ_ERR_NOMEM : MXQ_OK;
     mxq_status s = mxq_hsplit_add(ctx, &dist, &hs, &w, x, tokens_of(dist.rank, 1), local);
