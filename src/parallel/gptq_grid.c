@@ -69,17 +69,27 @@ int mxq_gptq_grid_applies(const mxq_mx_spec *spec, const mxq_gptq_options *o, si
     return ranks >= 1 && b1 > 0 && n >= b1 && n % b1 == 0 && n < (1u << 24) && b1 * n <= INT_MAX;
 }
 
-/* Global row of W'/M from a local row of rank `p`, and back. */
-static size_t global_row(const grid_gptq *gg, int p, size_t l)
+size_t mxq_grid_global_row(size_t nb, int ranks, int r, size_t l)
 {
-    const size_t nb = (size_t)gg->nb;
-    return ((l / nb) * (size_t)gg->P + (size_t)p) * nb + l % nb;
+    return ((l / nb) * (size_t)ranks + (size_t)r) * nb + l % nb;
 }
 
+size_t mxq_grid_local_rows(size_t n, size_t nb, int ranks, int r)
+{
+    const size_t blocks = n / nb;
+    return blocks > (size_t)r ? ((blocks - (size_t)r + (size_t)ranks - 1) / (size_t)ranks) * nb : 0;
+}
+
+/* Global row of W'/M from a local row of rank `p`. */
+static size_t global_row(const grid_gptq *gg, int p, size_t l)
+{
+    return mxq_grid_global_row((size_t)gg->nb, gg->P, p, l);
+}
+
+/* numroc's count (n is whole blocks: mxq_gptq_grid_applies). */
 static size_t rows_of(const grid_gptq *gg, int p)
 {
-    int n = (int)gg->n, izero = 0;
-    return (size_t)numroc_(&n, &gg->nb, &p, &izero, &gg->P);
+    return mxq_grid_local_rows(gg->n, (size_t)gg->nb, gg->P, p);
 }
 
 /* count floats to or from peer, in messages of at most SEND_SEGMENT */

@@ -32,6 +32,13 @@ typedef struct {
     int factored;
 } mxq_grid_hessian;
 
+/* The grid's block-row layout, shared with the spread statistics: block
+ * row gb of nb rows lives on rank gb % ranks, as its local block gb / ranks.
+ * The global row of rank r's local row l, and how many rows rank r holds
+ * of n (whole blocks). */
+size_t mxq_grid_global_row(size_t nb, int ranks, int r, size_t l);
+size_t mxq_grid_local_rows(size_t n, size_t nb, int ranks, int r);
+
 /* Whether an [out, n] linear can run on a grid of `ranks`: n must be a
  * whole number of lazy batches (gptq.block columns), so that every batch
  * is one block of the distribution and sweeps where it lives. */

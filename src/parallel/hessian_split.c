@@ -25,14 +25,10 @@ int mxq_hsplit_applies(int features, int nb, int block)
     return nb > 0 && block > 0 && features > 0 && features % nb == 0 && nb % block == 0;
 }
 
-static size_t rows_on(size_t nblk, int nb, int ranks, int r)
-{
-    return nblk > (size_t)r ? ((nblk - (size_t)r + (size_t)ranks - 1) / (size_t)ranks) * (size_t)nb : 0;
-}
 
 double mxq_hsplit_bytes(int features, int nb, int ranks, int r)
 {
-    const double rows = (double)rows_on((size_t)(features / nb), nb, ranks, r);
+    const double rows = (double)mxq_grid_local_rows((size_t)features, (size_t)nb, ranks, r);
     return rows * features * sizeof(double) + rows * nb * sizeof(double) + 4.0 * features * sizeof(double) +
            (double)features;
 }
@@ -46,7 +42,7 @@ mxq_status mxq_hsplit_init(mxq_ctx *ctx, const mxq_dist *dist, int features, int
     hs->features = features;
     hs->nb = nb;
     hs->nblk = f / (size_t)nb;
-    hs->n_loc = rows_on(hs->nblk, nb, dist->size, dist->rank);
+    hs->n_loc = mxq_grid_local_rows(f, (size_t)nb, dist->size, dist->rank);
     hs->grid.rows = mxq_alloc((hs->n_loc ? hs->n_loc : 1) * f * sizeof(double));
     hs->saved_blocks = malloc((hs->n_loc ? hs->n_loc : 1) * (size_t)nb * sizeof(double));
     hs->grid.diag = malloc(f * sizeof(double));
@@ -130,8 +126,7 @@ void mxq_hsplit_work_free(mxq_hsplit_work *w)
 /* Local row l's global row of M on rank r. */
 static size_t global_row(const mxq_hsplit *hs, int ranks, int r, size_t l)
 {
-    const size_t nb = (size_t)hs->nb;
-    return ((l / nb) * (size_t)ranks + (size_t)r) * nb + l % nb;
+    return mxq_grid_global_row((size_t)hs->nb, ranks, r, l);
 }
 
 /* This rank's block rows += the Gram product of xg [T, n] (every rank's
@@ -370,7 +365,7 @@ static mxq_status serve_blocks(mxq_ctx *ctx, mxq_hsplit_server *sv, const reques
     else
         own_blocks(hs, sv->dist, mine);
     for (size_t r = 0, off = 0; r < P; r++) {
-        counts[r] = (int)(rows_on(hs->nblk, hs->nb, (int)P, (int)r) * nb);
+        counts[r] = (int)(mxq_grid_local_rows((size_t)hs->features, nb, (int)P, (int)r) * nb);
         counts[P + r] = (int)off;
         off += (size_t)counts[r];
     }
