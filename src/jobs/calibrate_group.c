@@ -146,7 +146,7 @@ static void log_grid_linears(mxq_ctx *ctx, const group_run *g)
                      names[0] ? ", " : "", mxq_linear_name((mxq_linear_id)li), layers, L);
     }
     if (g->dist->rank == 0 && names[0])
-        mxq_log(ctx, MXQ_LOG_INFO, "GPTQ of %s on a ScaLAPACK grid of all %d ranks (linears of %d inputs or more)",
+        mxq_log(ctx, MXQ_LOG_INFO, "GPTQ of %s on a ScaLAPACK grid of all %d ranks (linears with at least %d inputs)",
                 names, g->dist->size, g->grid_min_inputs);
     else if (g->dist->rank == 0 && g->grid_min_inputs > 0 && g->dist->size > 1 && mxq_recipe_gptq(g->recipe))
         mxq_log(ctx, MXQ_LOG_INFO,
@@ -309,6 +309,7 @@ mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
         results[l].layer = -1;
     AGREE(ctx, dist, "group.setup", group_setup(ctx, &g));
     log_grid_linears(ctx, &g);
+    mxq_group_log_why_whole(ctx, dist, recipe, &model->cfg, grid_min_inputs);
     for (int l = 0; l < L; l++) {
         double t0 = mxq_time_now();
         if (store)

@@ -37,15 +37,12 @@ typedef struct {
     mxq_layer_record *records;
 } spread_run;
 
-int mxq_group_spread_applies(const mxq_recipe *recipe, const mxq_model_config *cfg, int size, int grid_min_inputs)
+/* Whether every quantized linear's GPTQ goes to the grid (and there is one). */
+static int every_gptq_on_grid(const mxq_recipe *recipe, const mxq_model_config *cfg, int size, int grid_min_inputs)
 {
     const mxq_gptq_options *o = mxq_recipe_gptq(recipe);
-    if (size < 2 || !o || o->act_order || grid_min_inputs <= 0 || recipe->calib_mode != MXQ_CALIB_FP)
+    if (size < 2 || !o || grid_min_inputs <= 0 || recipe->calib_mode != MXQ_CALIB_FP)
         return 0;
-    const int nb = mxq_gptq_batch_width(&recipe->weights, o);
-    for (int i = 0; i < MXQ_INPUT_COUNT; i++)
-        if (!mxq_hsplit_applies(mxq_input_features(cfg, (mxq_input_id)i), nb, recipe->weights.block))
-            return 0;
     int any = 0;
     for (int l = 0; l < cfg->n_layers; l++)
         for (int li = 0; li < MXQ_LIN_COUNT; li++) {
@@ -58,6 +55,43 @@ int mxq_group_spread_applies(const mxq_recipe *recipe, const mxq_model_config *c
             any = 1;
         }
     return any;
+}
+
+/* Why statistics that could be spread (every GPTQ on the grid) stay whole:
+ * "" if they are spread, or not every GPTQ goes to the grid. */
+static void why_whole(const mxq_recipe *recipe, const mxq_model_config *cfg, int size, int grid_min_inputs, char *why,
+                      size_t n)
+{
+    why[0] = '\0';
+    if (!every_gptq_on_grid(recipe, cfg, size, grid_min_inputs))
+        return;
+    const mxq_gptq_options *o = mxq_recipe_gptq(recipe);
+    const int nb = mxq_gptq_batch_width(&recipe->weights, o);
+    if (o->act_order) {
+        snprintf(why, n, "gptq.act_order is on (the spread block rows are in input order)");
+        return;
+    }
+    for (int i = 0; i < MXQ_INPUT_COUNT && !why[0]; i++)
+        if (!mxq_hsplit_applies(mxq_input_features(cfg, (mxq_input_id)i), nb, recipe->weights.block))
+            snprintf(why, n, "%s's %d features are not whole lazy batches of %d", mxq_input_name((mxq_input_id)i),
+                     mxq_input_features(cfg, (mxq_input_id)i), nb);
+}
+
+int mxq_group_spread_applies(const mxq_recipe *recipe, const mxq_model_config *cfg, int size, int grid_min_inputs)
+{
+    char why[160];
+    why_whole(recipe, cfg, size, grid_min_inputs, why, sizeof(why));
+    return every_gptq_on_grid(recipe, cfg, size, grid_min_inputs) && !why[0];
+}
+
+void mxq_group_log_why_whole(mxq_ctx *ctx, const mxq_dist *dist, const mxq_recipe *recipe,
+                             const mxq_model_config *cfg, int grid_min_inputs)
+{
+    char why[160];
+    why_whole(recipe, cfg, dist->size, grid_min_inputs, why, sizeof(why));
+    if (why[0] && dist->rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO, "the statistics stay whole on the layers' owners, not spread over the ranks: %s",
+                why);
 }
 
 static mxq_status observe(mxq_ctx *ctx, void *user, int layer, mxq_input_id input, const float *x, size_t tokens,

@@ -59,6 +59,10 @@ mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
  * more, act_order off, every linear input whole lazy batches, and every
  * quantized linear's GPTQ on the grid (grid_min_inputs). */
 int mxq_group_spread_applies(const mxq_recipe *recipe, const mxq_model_config *cfg, int size, int grid_min_inputs);
+/* Rank 0 logs why a group whose every GPTQ goes to the grid keeps its
+ * statistics whole (act_order, or an input not whole lazy batches). */
+void mxq_group_log_why_whole(mxq_ctx *ctx, const mxq_dist *dist, const mxq_recipe *recipe,
+                             const mxq_model_config *cfg, int grid_min_inputs);
 mxq_status mxq_calibrate_group_spread(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
                                       const mxq_recipe *recipe, int batch, mxq_act_store *store,
                                       mxq_layer_result *results);

@@ -418,6 +418,18 @@ static void test_group_spread_statistics(void **state)
             assert_true(clip ? diff * 50 <= total : loss <= 1e-6 && diff * 1000 <= total);
             assert_true(fabs(nll_a - nll_b) <= 1e-2 * nll_a);
         }
+    /* act_order: every GPTQ still goes to the grid, the statistics stay whole, and the log says why */
+    char *text = tu_read_file(spread_recipe(0), NULL), *p = strstr(text, "act_order: false"), out[4096];
+    assert_non_null(p);
+    snprintf(out, sizeof(out), "%.*sact_order: true%s", (int)(p - text), text, p + strlen("act_order: false"));
+    const char *act = tu_scratch_path("spread-act-order.yaml");
+    tu_write_file(act, out, strlen(out));
+    free(text);
+    tu_run_result r = run_mpi(2, "quantize", "--model", tiny_model(), "--calib", tu_data_path("stories260K/calib.h5"),
+                              "--recipe", act, "--out", tu_scratch_path("spread-act-order"), "--group-size", "2",
+                              "--grid-min-inputs", "1", NULL);
+    if (r.exit_code != 0 || !strstr(r.err, "not spread over the ranks: gptq.act_order is on"))
+        fail_msg("act_order with every GPTQ on the grid: %s", r.err);
 }
 
 /* A sequential variant of the shipped W3A8 GPTQ recipe, written to the
