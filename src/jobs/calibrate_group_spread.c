@@ -57,39 +57,36 @@ static int every_gptq_on_grid(const mxq_recipe *recipe, const mxq_model_config *
     return any;
 }
 
-/* Why statistics that could be spread (every GPTQ on the grid) stay whole:
- * "" if they are spread, or not every GPTQ goes to the grid. */
-static void why_whole(const mxq_recipe *recipe, const mxq_model_config *cfg, int size, int grid_min_inputs, char *why,
-                      size_t n)
+/* Whether the group spreads its statistics; if not though every GPTQ goes
+ * to the grid, why (else "" in why). */
+static int spread_verdict(const mxq_recipe *recipe, const mxq_model_config *cfg, int size, int grid_min_inputs,
+                          char *why, size_t n)
 {
     why[0] = '\0';
     if (!every_gptq_on_grid(recipe, cfg, size, grid_min_inputs))
-        return;
+        return 0;
     const mxq_gptq_options *o = mxq_recipe_gptq(recipe);
     const int nb = mxq_gptq_batch_width(&recipe->weights, o);
-    if (o->act_order) {
+    if (o->act_order)
         snprintf(why, n, "gptq.act_order is on (the spread block rows are in input order)");
-        return;
-    }
     for (int i = 0; i < MXQ_INPUT_COUNT && !why[0]; i++)
         if (!mxq_hsplit_applies(mxq_input_features(cfg, (mxq_input_id)i), nb, recipe->weights.block))
             snprintf(why, n, "%s's %d features are not whole lazy batches of %d", mxq_input_name((mxq_input_id)i),
                      mxq_input_features(cfg, (mxq_input_id)i), nb);
+    return !why[0];
 }
 
 int mxq_group_spread_applies(const mxq_recipe *recipe, const mxq_model_config *cfg, int size, int grid_min_inputs)
 {
     char why[160];
-    why_whole(recipe, cfg, size, grid_min_inputs, why, sizeof(why));
-    return every_gptq_on_grid(recipe, cfg, size, grid_min_inputs) && !why[0];
+    return spread_verdict(recipe, cfg, size, grid_min_inputs, why, sizeof(why));
 }
 
 void mxq_group_log_why_whole(mxq_ctx *ctx, const mxq_dist *dist, const mxq_recipe *recipe,
                              const mxq_model_config *cfg, int grid_min_inputs)
 {
     char why[160];
-    why_whole(recipe, cfg, dist->size, grid_min_inputs, why, sizeof(why));
-    if (why[0] && dist->rank == 0)
+    if (!spread_verdict(recipe, cfg, dist->size, grid_min_inputs, why, sizeof(why)) && why[0] && dist->rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "the statistics stay whole on the layers' owners, not spread over the ranks: %s",
                 why);
 }

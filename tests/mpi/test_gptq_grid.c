@@ -20,6 +20,7 @@
 #include "mxq/gptq.h"
 #include "mxq/mxq.h"
 #include "parallel/gptq_grid.h"
+#include "mpi_main.h"
 #include "testutil.h"
 
 typedef struct {
@@ -205,14 +206,6 @@ static void test_refuses_partial_batches(void **state)
 
 int main(int argc, char **argv)
 {
-    MPI_Init(&argc, &argv);
-    int rank = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    if (rank != 0 && !freopen("/dev/null", "w", stdout))
-        return 1;
-    if (mxq_ctx_create(&ctx) != MXQ_OK || mxq_dist_create(ctx, MPI_COMM_WORLD, &dist) != MXQ_OK)
-        return 1;
-    mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_microblocks_on_root),
         cmocka_unit_test(test_columns_act_order_dead_partial),
@@ -221,10 +214,5 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_one_batch_empty_ranks),
         cmocka_unit_test(test_refuses_partial_batches),
     };
-    int failed = cmocka_run_group_tests(tests, NULL, NULL);
-    MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    mxq_dist_free(&dist);
-    mxq_ctx_destroy(ctx);
-    MPI_Finalize();
-    return failed ? 1 : 0;
+    return tu_mpi_main(argc, argv, tests, sizeof(tests) / sizeof(tests[0]), &ctx, &dist);
 }

@@ -24,6 +24,7 @@
 #include "mxq/gptq.h"
 #include "mxq/mxq.h"
 #include "parallel/hessian_split.h"
+#include "mpi_main.h"
 #include "testutil.h"
 
 enum { N = 256, NB = 32, CALLS = 4 };
@@ -316,23 +317,10 @@ static void test_failure_reaches_every_rank(void **state)
 
 int main(int argc, char **argv)
 {
-    MPI_Init(&argc, &argv);
-    int rank = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    if (rank != 0 && !freopen("/dev/null", "w", stdout))
-        return 1;
-    if (mxq_ctx_create(&ctx) != MXQ_OK || mxq_dist_create(ctx, MPI_COMM_WORLD, &dist) != MXQ_OK)
-        return 1;
-    mxq_ctx_set_log_level(ctx, MXQ_LOG_ERROR);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_accumulation),
         cmocka_unit_test(test_requests),
         cmocka_unit_test(test_failure_reaches_every_rank),
     };
-    int failed = cmocka_run_group_tests(tests, NULL, NULL);
-    MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    mxq_dist_free(&dist);
-    mxq_ctx_destroy(ctx);
-    MPI_Finalize();
-    return failed ? 1 : 0;
+    return tu_mpi_main(argc, argv, tests, sizeof(tests) / sizeof(tests[0]), &ctx, &dist);
 }
