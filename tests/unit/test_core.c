@@ -11,6 +11,7 @@
 #include <cmocka.h>
 
 #include "core/check.h"
+#include "io/sha256.h"
 #include "mxq/mxq.h"
 
 static void test_fault_specs(void **state)
@@ -67,9 +68,39 @@ static void test_context_goes_in_front_of_the_cause(void **state)
     mxq_ctx_destroy(ctx);
 }
 
+/* FIPS 180-4's examples (and the long one of its test vectors), fed in
+ * pieces of every size so that block boundaries fall everywhere. */
+static void sha256_of(const char *text, size_t len, size_t piece, size_t repeat, char hex[65])
+{
+    mxq_sha256 s;
+    mxq_sha256_init(&s);
+    for (size_t r = 0; r < repeat; r++)
+        for (size_t off = 0; off < len; off += piece)
+            mxq_sha256_update(&s, text + off, len - off < piece ? len - off : piece);
+    mxq_sha256_hex(&s, hex);
+}
+
+static void test_sha256_vectors(void **state)
+{
+    (void)state;
+    static const char *two_blocks = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+    char hex[65];
+    for (size_t piece = 1; piece <= 64; piece++) {
+        sha256_of("", 0, piece, 1, hex);
+        assert_string_equal(hex, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        sha256_of("abc", 3, piece, 1, hex);
+        assert_string_equal(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        sha256_of(two_blocks, strlen(two_blocks), piece, 1, hex);
+        assert_string_equal(hex, "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+    }
+    sha256_of("aaaaaaaaaa", 10, 7, 100000, hex); /* one million 'a' */
+    assert_string_equal(hex, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_sha256_vectors),
         cmocka_unit_test(test_fault_specs),
         cmocka_unit_test(test_fault_fires_once_on_its_rank),
         cmocka_unit_test(test_context_goes_in_front_of_the_cause),
