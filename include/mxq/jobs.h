@@ -71,6 +71,8 @@ typedef struct {
     const char *plan_json; /* with dry_run: also write the plan here as JSON (NULL: no) */
     const char *store_activations; /* every layer's calibration inputs to this parallel-HDF5 file,
                                       written by a data-parallel group (implied; NULL: no store) */
+    int resume; /* continue the unfinished run in out_dir (fp calibration): its recorded layers are taken
+                   as they are, the others quantized; the same bytes as an uninterrupted run */
 } mxq_quantize_options;
 
 /* Read model_dir, calibrate on calib_path, apply the recipe, write the MX

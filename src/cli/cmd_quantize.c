@@ -53,7 +53,15 @@ static void print_quantize_help(FILE *out)
             "                         Default: the node's memory, or its cgroup limit, over its ranks\n"
             "      --force            replace what an earlier mxq run wrote in DIR (listed in its\n"
             "                         .mxq-output.json), temporaries of a killed run included;\n"
-            "                         never a file mxq did not write, nor the input model\n");
+            "                         never a file mxq did not write, nor the input model; an\n"
+            "                         unfinished run's layer records (DIR/.mxq-resume) go too\n"
+            "      --resume           continue the run that died in DIR (killed, out of time, failed):\n"
+            "                         each layer is recorded in DIR/.mxq-resume as soon as it is\n"
+            "                         quantized; the recorded ones are taken as they are, the others\n"
+            "                         calibrated and quantized. Same command otherwise: a different\n"
+            "                         model, recipe, calibration file, mxq, rank count or layout is\n"
+            "                         refused, naming what differs. The checkpoint is the same bytes\n"
+            "                         as an uninterrupted run's. fp calibration only, for now\n");
     print_quantize_help_layout(out);
     print_quantize_help_tail(out);
 }
@@ -163,13 +171,16 @@ static int check_arguments(mxq_ctx *ctx, const char *missing, const char *stray,
         return mxq_cli_usage_error(ctx, "quantize", "unexpected argument '%s'", stray);
     if (opt->plan_json && !opt->dry_run)
         return mxq_cli_usage_error(ctx, "quantize", "--json PLAN.json writes the plan of a --dry-run; add --dry-run");
+    if (opt->resume && opt->force)
+        return mxq_cli_usage_error(ctx, "quantize",
+                                   "--resume continues the run in --out, --force starts it over: give one of them");
     return 0;
 }
 
 int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
 {
     enum { OPT_DRY_RUN = 1000, OPT_FORCE, OPT_STATS_LAYERS, OPT_GROUP_SIZE, OPT_MEM_PER_RANK, OPT_JSON,
-           OPT_GRID_MIN_INPUTS, OPT_STORE_ACTIVATIONS };
+           OPT_GRID_MIN_INPUTS, OPT_STORE_ACTIVATIONS, OPT_RESUME };
     static const struct option options[] = {
         {"model", required_argument, NULL, 'm'}, {"calib", required_argument, NULL, 'c'},
         {"recipe", required_argument, NULL, 'r'}, {"out", required_argument, NULL, 'o'},
@@ -180,6 +191,7 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
         {"mem-per-rank", required_argument, NULL, OPT_MEM_PER_RANK},
         {"json", required_argument, NULL, OPT_JSON}, {"grid-min-inputs", required_argument, NULL, OPT_GRID_MIN_INPUTS},
         {"store-activations", required_argument, NULL, OPT_STORE_ACTIVATIONS},
+        {"resume", no_argument, NULL, OPT_RESUME},
         {"quiet", no_argument, NULL, 'q'},       {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -202,6 +214,7 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
             break;
         case OPT_DRY_RUN: opt.dry_run = 1; break;
         case OPT_FORCE: opt.force = 1; break;
+        case OPT_RESUME: opt.resume = 1; break;
         case OPT_STATS_LAYERS:
             if (mxq_cli_parse_int(optarg, 1, 1 << 20, &value) != 0)
                 return mxq_cli_usage_error(ctx, "quantize", "--stats-layers must be an integer in 1..%d, got '%s'", 1 << 20, optarg);

@@ -27,13 +27,14 @@ typedef struct {
     mxq_layer_stats *stats; /* the layers being calibrated */
     int stats_first;        /* absolute index of stats[0] */
     int stats_count;
+    const mxq_layer_hooks *hooks; /* layers done before have no statistics */
 } calib_state;
 
 static mxq_status observe(mxq_ctx *ctx, void *user, int layer, mxq_input_id input, const float *x, size_t tokens,
                           int features)
 {
     calib_state *c = user;
-    if (layer < c->stats_first || layer >= c->stats_first + c->stats_count)
+    if (layer < c->stats_first || layer >= c->stats_first + c->stats_count || mxq_layer_done(c->hooks, layer))
         return MXQ_OK;
     return mxq_input_stats_add(ctx, &c->stats[layer - c->stats_first].input[input], x, tokens);
 }
@@ -250,7 +251,8 @@ static mxq_status start_pass(mxq_ctx *ctx, mxq_model *model, fp_run *run, int pa
     run->c.stats_first = model->first_layer + lo;
     run->c.stats_count = hi - lo;
     for (int i = 0; i < run->c.stats_count; i++)
-        CALL(ctx, mxq_layer_stats_init(ctx, &model->cfg, &run->c.stats[i]));
+        if (!mxq_layer_done(run->c.hooks, run->c.stats_first + i))
+            CALL(ctx, mxq_layer_stats_init(ctx, &model->cfg, &run->c.stats[i]));
 fail:
     return status;
 }
@@ -267,29 +269,36 @@ static mxq_status finish_pass(mxq_ctx *ctx, const mxq_recipe *recipe, mxq_model 
     for (int i = lo; i < hi; i++) {
         mxq_layer_result *res = &results[i];
         mxq_layer_stats *stats = &run->c.stats[i - lo];
+        const int layer = model->first_layer + i;
         res->seconds_calib = calib_seconds / (hi - lo);
-        if (run->passes == 1) {
-            CALL(ctx, finish_and_quantize(ctx, recipe, model, model->first_layer + i, stats, res, NULL));
+        if (mxq_layer_done(run->c.hooks, layer)) {
+            res->layer = -1; /* the job takes it from the earlier run's record */
+        } else if (run->passes == 1) {
+            CALL(ctx, finish_and_quantize(ctx, recipe, model, layer, stats, res, NULL));
+            CALL(ctx, mxq_layer_hook_record(ctx, run->c.hooks, layer, &model->layers[i], res));
         } else {
             CALL(ctx, layer_copy(ctx, &model->cfg, &model->layers[i], &run->held[i]));
-            CALL(ctx, finish_and_quantize(ctx, recipe, model, model->first_layer + i, stats, res, &run->held[i]));
+            CALL(ctx, finish_and_quantize(ctx, recipe, model, layer, stats, res, &run->held[i]));
             layer_shrink(&run->held[i], res);
+            CALL(ctx, mxq_layer_hook_record(ctx, run->c.hooks, layer, &run->held[i], res));
         }
         mxq_layer_stats_free(stats);
     }
     CALL(ctx, start_pass(ctx, model, run, pass + 1));
     for (int i = 0; pass + 1 == run->passes && run->passes > 1 && i < run->n_local; i++)
-        CALL(ctx, layer_install(ctx, recipe, &model->cfg, &model->layers[i], &run->held[i], &results[i]));
+        if (!mxq_layer_done(run->c.hooks, model->first_layer + i))
+            CALL(ctx, layer_install(ctx, recipe, &model->cfg, &model->layers[i], &run->held[i], &results[i]));
 fail:
     return status;
 }
 
 static mxq_status calibrate_fp(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
-                               const mxq_recipe *recipe, int batch, int stats_layers, mxq_layer_result *results)
+                               const mxq_recipe *recipe, int batch, int stats_layers, const mxq_layer_hooks *hooks,
+                               mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     fp_run run = {.n_local = model->last_layer - model->first_layer};
-    run.c = (calib_state){model, tokens, NULL, NULL, model->first_layer, 0};
+    run.c = (calib_state){model, tokens, NULL, NULL, model->first_layer, 0, hooks};
     int max_local = run.n_local;
     CALL_MPI(ctx, dist->comm, MPI_Allreduce(&run.n_local, &max_local, 1, MPI_INT, MPI_MAX, dist->comm));
     run.window = stats_layers > 0 && stats_layers < max_local ? stats_layers : max_local;
@@ -382,7 +391,7 @@ static mxq_status seq_layers(mxq_ctx *ctx, seq_run *s, mxq_layer_result *results
     mxq_model *model = s->model;
     const int S = s->tokens->seq_len, n_seqs = s->tokens->n_seqs;
     mxq_layer_stats stats = {0};
-    calib_state c = {model, s->tokens, s->ws, &stats, 0, 1};
+    calib_state c = {model, s->tokens, s->ws, &stats, 0, 1, NULL};
     mxq_observer obs = {observe, &c};
     mxq_fake_quant fq = {0};
     fq.enabled_acts = s->recipe->has_acts;
@@ -476,7 +485,7 @@ fail:
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
                                         const char *calib_name, const mxq_recipe *recipe, int batch, int data_parallel,
                                         int stats_layers, int grid_min_inputs, mxq_act_store *store,
-                                        mxq_layer_result *results)
+                                        const mxq_layer_hooks *hooks, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     if (batch <= 0)
@@ -494,9 +503,9 @@ mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_
     if (data_parallel && recipe->calib_mode == MXQ_CALIB_SEQUENTIAL)
         CALL(ctx, mxq_calibrate_group_sequential(ctx, dist, model, calib, recipe, batch, store, results));
     else if (data_parallel)
-        CALL(ctx, mxq_calibrate_group(ctx, dist, model, calib, recipe, batch, grid_min_inputs, store, results));
+        CALL(ctx, mxq_calibrate_group(ctx, dist, model, calib, recipe, batch, grid_min_inputs, store, hooks, results));
     else if (recipe->calib_mode == MXQ_CALIB_FP)
-        CALL(ctx, calibrate_fp(ctx, dist, model, calib, recipe, batch, stats_layers, results));
+        CALL(ctx, calibrate_fp(ctx, dist, model, calib, recipe, batch, stats_layers, hooks, results));
     else
         CALL(ctx, calibrate_sequential(ctx, dist, model, calib, recipe, batch, results));
 fail:

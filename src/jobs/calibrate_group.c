@@ -51,6 +51,7 @@ typedef struct {
     double owned_calib_seconds;
     mxq_layer_record *records; /* rank 0: [size], the layers just quantized, for their progress lines */
     int grid_min_inputs;       /* GPTQ of linears with this many inputs or more on the grid (0: never) */
+    const mxq_layer_hooks *hooks; /* layers done before are only run through */
 } group_run;
 
 static mxq_status observe(mxq_ctx *ctx, void *user, int layer, mxq_input_id input, const float *x, size_t tokens,
@@ -123,7 +124,8 @@ static int gptq_on_grid(const group_run *g, int layer, mxq_linear_id li)
     const mxq_gptq_options *o = mxq_recipe_gptq(g->recipe);
     int out, in;
     mxq_linear_shape(&g->model->cfg, li, &out, &in);
-    return layer < g->model->cfg.n_layers && g->dist->size > 1 && o && g->grid_min_inputs > 0 &&
+    return layer < g->model->cfg.n_layers && !mxq_layer_done(g->hooks, layer) && g->dist->size > 1 && o &&
+           g->grid_min_inputs > 0 &&
            in >= g->grid_min_inputs && mxq_recipe_quantizes_linear(g->recipe, layer, li) &&
            mxq_gptq_grid_applies(&g->recipe->weights, o, (size_t)in, g->dist->size);
 }
@@ -170,6 +172,18 @@ static mxq_layer_stats *owned_stats(group_run *g)
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
         mxq_input_stats_finish(&owned->input[i]);
     return owned;
+}
+
+/* Layer l, just quantized here: recorded, and only what the shard writes
+ * from it kept. */
+static mxq_status keep_and_record(mxq_ctx *ctx, group_run *g, int l, const mxq_layer_result *results)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_layer_result *res = &results[l - g->model->first_layer];
+    CALL(ctx, mxq_layer_hook_record(ctx, g->hooks, l, &g->model->layers[l - g->model->first_layer], res));
+    CALL(ctx, mxq_layer_keep_written(ctx, g->model, l, res));
+fail:
+    return status;
 }
 
 /* Linear li of root's layer on the grid (collective); root's weight, H and
@@ -242,8 +256,7 @@ static mxq_status quantize_round_on_grid(mxq_ctx *ctx, group_run *g, mxq_layer_r
         begun = 0;
         results[l - g->model->first_layer].seconds_calib = g->owned_calib_seconds;
     }
-    AGREE(ctx, g->dist, "group.quantize",
-          l >= 0 ? mxq_layer_keep_written(ctx, g->model, l, &results[l - g->model->first_layer]) : MXQ_OK);
+    AGREE(ctx, g->dist, "group.quantize", l >= 0 ? keep_and_record(ctx, g, l, results) : MXQ_OK);
 fail:
     if (begun)
         mxq_layer_quant_end(&q);
@@ -262,7 +275,7 @@ static mxq_status quantize_own_layer(mxq_ctx *ctx, group_run *g, mxq_layer_resul
     CALL(ctx, mxq_quantize_layer(ctx, g->recipe, &g->model->cfg, l, &g->model->layers[l - g->model->first_layer],
                                  owned_stats(g), res));
     res->seconds_calib = g->owned_calib_seconds;
-    CALL(ctx, mxq_layer_keep_written(ctx, g->model, l, res));
+    CALL(ctx, keep_and_record(ctx, g, l, results));
 fail:
     g->owned_layer = -1;
     return status;
@@ -292,7 +305,7 @@ static void group_run_free(group_run *g)
 
 mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
                                const mxq_recipe *recipe, int batch, int grid_min_inputs, mxq_act_store *store,
-                               mxq_layer_result *results)
+                               const mxq_layer_hooks *hooks, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     group_run g = {.dist = dist,
@@ -301,10 +314,11 @@ mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
                    .recipe = recipe,
                    .batch = batch,
                    .owned_layer = -1,
-                   .grid_min_inputs = grid_min_inputs};
+                   .grid_min_inputs = grid_min_inputs,
+                   .hooks = hooks};
     const int L = model->cfg.n_layers;
     if (mxq_group_spread_applies(recipe, &model->cfg, dist->size, grid_min_inputs))
-        return mxq_calibrate_group_spread(ctx, dist, model, tokens, recipe, batch, store, results);
+        return mxq_calibrate_group_spread(ctx, dist, model, tokens, recipe, batch, store, hooks, results);
     for (int l = 0; l < L; l++)
         results[l].layer = -1;
     AGREE(ctx, dist, "group.setup", group_setup(ctx, &g));
@@ -314,9 +328,13 @@ mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
         double t0 = mxq_time_now();
         if (store)
             CALL(ctx, mxq_act_store_write(ctx, dist, store, l, g.share.first, g.share.n, g.share.acts));
-        AGREE(ctx, dist, "group.forward", group_forward(ctx, &g, l));
-        CALL(ctx, mxq_layer_stats_reduce(ctx, dist, &g.stats[g.partial], l % dist->size));
-        AGREE(ctx, dist, "group.keep", group_keep(ctx, &g, l));
+        if (mxq_layer_done(hooks, l)) {
+            AGREE(ctx, dist, "group.forward", mxq_calib_share_skip_layer(ctx, model, &g.share, l));
+        } else {
+            AGREE(ctx, dist, "group.forward", group_forward(ctx, &g, l));
+            CALL(ctx, mxq_layer_stats_reduce(ctx, dist, &g.stats[g.partial], l % dist->size));
+            AGREE(ctx, dist, "group.keep", group_keep(ctx, &g, l));
+        }
         if (g.owned_layer == l)
             g.owned_calib_seconds = mxq_time_now() - t0;
         if (l % dist->size == dist->size - 1 || l == L - 1) {

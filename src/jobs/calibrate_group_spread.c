@@ -188,6 +188,17 @@ fail:
     return status;
 }
 
+/* On the owner: layer l recorded, and only what the shard writes kept. */
+static mxq_status keep_and_record(mxq_ctx *ctx, mxq_model *model, const mxq_layer_hooks *hooks, int l,
+                                  const mxq_layer_result *res)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, mxq_layer_hook_record(ctx, hooks, l, &model->layers[l - model->first_layer], res));
+    CALL(ctx, mxq_layer_keep_written(ctx, model, l, res));
+fail:
+    return status;
+}
+
 static void spread_free(spread_run *s)
 {
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
@@ -200,7 +211,7 @@ static void spread_free(spread_run *s)
 
 mxq_status mxq_calibrate_group_spread(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
                                       const mxq_recipe *recipe, int batch, mxq_act_store *store,
-                                      mxq_layer_result *results)
+                                      const mxq_layer_hooks *hooks, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
     spread_run s = {.dist = dist, .model = model, .tokens = tokens, .recipe = recipe, .batch = batch};
@@ -220,11 +231,14 @@ mxq_status mxq_calibrate_group_spread(mxq_ctx *ctx, const mxq_dist *dist, mxq_mo
         double t0 = mxq_time_now();
         if (store)
             CALL(ctx, mxq_act_store_write(ctx, dist, store, l, s.share.first, s.share.n, s.share.acts));
+        if (mxq_layer_done(hooks, l)) {
+            AGREE(ctx, dist, "spread.forward", mxq_calib_share_skip_layer(ctx, model, &s.share, l));
+            continue;
+        }
         AGREE(ctx, dist, "spread.forward", spread_forward(ctx, &s, l));
         results[l].seconds_calib = mxq_time_now() - t0;
         CALL(ctx, spread_quantize(ctx, &s, l, &results[l]));
-        AGREE(ctx, dist, "spread.keep",
-              dist->rank == owner ? mxq_layer_keep_written(ctx, model, l, &results[l]) : MXQ_OK);
+        AGREE(ctx, dist, "spread.keep", dist->rank == owner ? keep_and_record(ctx, model, hooks, l, &results[l]) : MXQ_OK);
         CALL(ctx, mxq_group_log_layers(ctx, dist, model, results, dist->rank == owner ? l : -1, s.records));
     }
 fail:

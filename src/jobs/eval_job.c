@@ -119,7 +119,7 @@ static void choose_acts(eval_job *j)
 static mxq_status quantize_in_memory(mxq_ctx *ctx, eval_job *j)
 {
     return mxq_quantize_model_in_memory(ctx, &j->dist, j->model, &j->calib, j->options->calib_path, &j->recipe,
-                                        j->options->batch, 0, 0, 0, NULL, j->results);
+                                        j->options->batch, 0, 0, 0, NULL, NULL, j->results);
 }
 
 static mxq_status load_model(mxq_ctx *ctx, eval_job *j)

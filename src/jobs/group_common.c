@@ -41,6 +41,23 @@ fail:
     return status;
 }
 
+mxq_status mxq_calib_share_skip_layer(mxq_ctx *ctx, mxq_model *model, mxq_calib_share *s, int layer)
+{
+    mxq_status status = MXQ_OK;
+    mxq_workspace *ws = NULL;
+    CALL(ctx, mxq_model_layer_load(ctx, model, layer));
+    CALL(ctx, mxq_workspace_create(ctx, &model->cfg, s->batch, s->seq_len, &ws));
+    for (int mb = 0; mb < mxq_calib_share_batches(s); mb++) {
+        int n;
+        float *x = mxq_calib_share_batch(s, mb, &n);
+        CALL(ctx, mxq_model_run_layers(ctx, model, layer, layer + 1, x, n, s->seq_len, NULL, ws));
+    }
+    CALL(ctx, mxq_model_layer_unload(ctx, model, layer));
+fail:
+    mxq_workspace_free(ws);
+    return status;
+}
+
 void mxq_calib_share_free(mxq_calib_share *s)
 {
     free(s->acts);

@@ -26,6 +26,29 @@ mxq_status mxq_job_partition(mxq_ctx *ctx, int size, const mxq_model_config *cfg
 mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const char *calib_path, const mxq_recipe *recipe,
                                   const char *recipe_path, const mxq_model_config *cfg, mxq_tokens *tokens);
 
+/* What a quantize job asks of calibration besides the results: layers an
+ * earlier run already quantized (--resume), which are then neither
+ * calibrated nor quantized again (their inputs are still run through them
+ * in fp mode), and a record of each layer as soon as its owner has
+ * quantized it (resume.c writes it durably). */
+typedef struct {
+    const unsigned char *done; /* [n_layers], 1: quantized by an earlier run; NULL: none */
+    /* on the layer's owner, once `res` is final; L: the quantized layer */
+    mxq_status (*record)(mxq_ctx *ctx, void *user, int layer, const mxq_layer *L, const mxq_layer_result *res);
+    void *user;
+} mxq_layer_hooks;
+
+static inline int mxq_layer_done(const mxq_layer_hooks *hooks, int layer)
+{
+    return hooks && hooks->done && hooks->done[layer];
+}
+
+static inline mxq_status mxq_layer_hook_record(mxq_ctx *ctx, const mxq_layer_hooks *hooks, int layer, const mxq_layer *L,
+                                               const mxq_layer_result *res)
+{
+    return hooks && hooks->record ? hooks->record(ctx, hooks->user, layer, L, res) : MXQ_OK;
+}
+
 /* Calibrate on `calib` (calib_name for messages) and quantize the layers of
  * `model` in memory. Collective over dist. results[i] for the model's
  * layer first_layer + i.
@@ -41,17 +64,19 @@ mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const char *calib_path, const mx
  * - data_parallel 1 (sequential mode): the same group, layer by layer, each
  *   layer's inputs spread over the ranks (calibrate_group_seq.c); a rank
  *   writes the layers l % size == rank, the other results keep layer = -1.
- * A group writes every layer's inputs to `store` (NULL: none; collective). */
+ * A group writes every layer's inputs to `store` (NULL: none; collective).
+ * `hooks` (NULL: none): layers done before, and the record of each layer;
+ * sequential calibration takes no done layers. */
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
                                         const char *calib_name, const mxq_recipe *recipe, int batch, int data_parallel,
                                         int stats_layers, int grid_min_inputs, mxq_act_store *store,
-                                        mxq_layer_result *results);
+                                        const mxq_layer_hooks *hooks, mxq_layer_result *results);
 
 /* calibrate_group.c: fp calibration and quantization by one data-parallel
  * group of all ranks (see mxq_quantize_model_in_memory). */
 mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
                                const mxq_recipe *recipe, int batch, int grid_min_inputs, mxq_act_store *store,
-                               mxq_layer_result *results);
+                               const mxq_layer_hooks *hooks, mxq_layer_result *results);
 
 /* calibrate_group_spread.c: the fp group with every Hessian spread over the
  * ranks in block rows and every GPTQ on their grid, one layer at a time;
@@ -65,7 +90,7 @@ void mxq_group_log_why_whole(mxq_ctx *ctx, const mxq_dist *dist, const mxq_recip
                              const mxq_model_config *cfg, int grid_min_inputs);
 mxq_status mxq_calibrate_group_spread(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
                                       const mxq_recipe *recipe, int batch, mxq_act_store *store,
-                                      mxq_layer_result *results);
+                                      const mxq_layer_hooks *hooks, mxq_layer_result *results);
 
 /* group_common.c: a rank's share of the calibration sequences in a
  * data-parallel group, sequences [first, first + n) of the set, and their
@@ -83,6 +108,10 @@ int mxq_calib_share_batches(const mxq_calib_share *share);
 /* Micro-batch mb: its activations, and its n sequences. */
 float *mxq_calib_share_batch(const mxq_calib_share *share, int mb, int *n);
 void mxq_calib_share_free(mxq_calib_share *share);
+/* Layer `layer` of a lazy model run on the share without statistics (a
+ * layer done before: its FP outputs are the next one's inputs), then given
+ * back. Local. */
+mxq_status mxq_calib_share_skip_layer(mxq_ctx *ctx, mxq_model *model, mxq_calib_share *share, int layer);
 
 /* The progress lines of the layers just quantized (this rank's `layer`,
  * or -1), printed by rank 0; records: [size] on rank 0. Collective. */

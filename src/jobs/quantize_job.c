@@ -20,6 +20,8 @@
 #include "io/tensor_views.h"
 #include "model/lazy.h"
 #include "jobs/quantize_report.h"
+#include "io/sha256.h"
+#include "jobs/resume.h"
 #include "parallel/act_store.h"
 
 #define REPORT_NAME "mxq_report.json"
@@ -62,6 +64,9 @@ typedef struct {
     mxq_quantize_report report; /* rank 0 */
     mxq_act_store store;        /* --store-activations */
     int have_store;
+    mxq_resume resume;     /* the layer records (every run in fp mode), and with --resume the earlier run's */
+    json_t *fingerprint;   /* rank 0: what the bytes depend on, as job.json records it */
+    mxq_layer_hooks hooks; /* for calibration: the layers done before, and their record */
 } quantize_job;
 
 /* The rank that writes a tensor (layer indices were checked against the
@@ -128,10 +133,8 @@ static void shard_list_free(shard_list *s)
 
 /* Which model tensor (as float32) replaces an input tensor that an
  * algorithm changed; NULL if it is copied unchanged. */
-static const float *modified_tensor(const mxq_model *m, const mxq_layer_result *results, int layer, const char *rest)
+static const float *modified_tensor(const mxq_layer *L, const mxq_layer_result *r, const char *rest)
 {
-    const mxq_layer *L = &m->layers[layer - m->first_layer];
-    const mxq_layer_result *r = &results[layer - m->first_layer];
     if (strcmp(rest, "input_layernorm.weight") == 0)
         return r->attn_norm_modified ? L->attn_norm : NULL;
     if (strcmp(rest, "post_attention_layernorm.weight") == 0)
@@ -151,13 +154,13 @@ static const float *modified_tensor(const mxq_model *m, const mxq_layer_result *
 /* A quantized linear's weight goes out as weight_packed + weight_scale.
  * Returns 1 in *handled if `rest` ("self_attn.q_proj.weight") is one. */
 static mxq_status add_quantized_linear(mxq_ctx *ctx, const quantize_job *job, int layer, const char *rest,
-                                       shard_list *s, int *handled)
+                                       const mxq_layer_result *res, shard_list *s, int *handled)
 {
     mxq_status status = MXQ_OK;
     char buf[300];
     *handled = 0;
     for (int li = 0; li < MXQ_LIN_COUNT && !*handled; li++) {
-        const mxq_linear_result *lr = &job->results[layer - job->model->first_layer].linear[li];
+        const mxq_linear_result *lr = &res->linear[li];
         snprintf(buf, sizeof(buf), "%s.weight", mxq_linear_name((mxq_linear_id)li));
         if (strcmp(rest, buf) != 0 || !lr->quantized)
             continue;
@@ -176,23 +179,134 @@ fail:
     return status;
 }
 
+/* A tensor of layer `layer` (v; `rest` its name after "model.layers.N.")
+ * that the algorithms changed, from the quantized layer L and its result:
+ * a quantized linear's packed weight and scales, or a tensor a folded
+ * scale changed. *handled = 0 if it is copied as it is. */
+static mxq_status add_changed_tensor(mxq_ctx *ctx, const quantize_job *job, int layer, const char *rest,
+                                     const mxq_tensor_view *v, const mxq_layer *L, const mxq_layer_result *res,
+                                     shard_list *s, int *handled)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, add_quantized_linear(ctx, job, layer, rest, res, s, handled));
+    if (*handled)
+        return MXQ_OK;
+    const float *changed = modified_tensor(L, res, rest);
+    /* Folded scales: written in F32 so that the checkpoint holds exactly
+     * the values the quantized model was evaluated with. */
+    if (changed)
+        CALL(ctx, shard_add(ctx, s, v->name, MXQ_DT_F32, v->rank, v->shape, changed));
+    *handled = changed != NULL;
+fail:
+    return status;
+}
+
+/* A record's tensor `name`, which must have the shape the shard expects. */
+static mxq_status add_recorded(mxq_ctx *ctx, const quantize_job *job, int layer, const char *name, mxq_dtype dtype,
+                               int rank, const int64_t *shape, shard_list *s)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_tensor_view *r = mxq_resume_tensor(&job->resume, layer, name);
+    int same = r && r->dtype == dtype && r->rank == rank;
+    for (int d = 0; same && d < rank; d++)
+        same = r->shape[d] == shape[d];
+    CHECK(ctx, same, MXQ_ERR_FORMAT, "%s: tensor '%s' is missing or not %s of the layer's shape; start over with --force",
+          r ? r->file : job->resume.dir, name, mxq_dtype_name(dtype));
+    CALL(ctx, shard_add(ctx, s, name, dtype, rank, shape, r->data));
+fail:
+    return status;
+}
+
+/* A tensor of a layer the earlier run quantized (--resume): from its
+ * record if the algorithms changed it, else copied from the input. */
+static mxq_status add_resumed_tensor(mxq_ctx *ctx, const quantize_job *job, int layer, const mxq_tensor_view *v,
+                                     shard_list *s)
+{
+    mxq_status status = MXQ_OK;
+    char packed[300], scale[300];
+    const size_t len = strlen(v->name);
+    snprintf(packed, sizeof(packed), "%s_packed", v->name);
+    snprintf(scale, sizeof(scale), "%s_scale", v->name);
+    if (mxq_resume_tensor(&job->resume, layer, v->name)) {
+        CALL(ctx, add_recorded(ctx, job, layer, v->name, MXQ_DT_F32, v->rank, v->shape, s));
+    } else if (len > 7 && strcmp(v->name + len - 7, ".weight") == 0 && mxq_resume_tensor(&job->resume, layer, packed)) {
+        const mxq_mx_spec *spec = &job->recipe.weights;
+        const int64_t out = v->shape[0], in = v->shape[1];
+        const int64_t pshape[2] = {out, (int64_t)mxq_mx_packed_row_bytes(spec->format, (size_t)in)};
+        const int64_t sshape[2] = {out, (int64_t)mxq_mx_blocks_per_row((size_t)in, spec->block)};
+        CALL(ctx, add_recorded(ctx, job, layer, packed, MXQ_DT_U8, 2, pshape, s));
+        CALL(ctx, add_recorded(ctx, job, layer, scale, MXQ_DT_U8, 2, sshape, s));
+    } else {
+        CALL(ctx, shard_add(ctx, s, v->name, v->dtype, v->rank, v->shape, v->data));
+    }
+fail:
+    return status;
+}
+
 /* One input tensor of this rank's part, as it goes into the shard. */
 static mxq_status add_tensor(mxq_ctx *ctx, const quantize_job *job, const mxq_tensor_view *v, shard_list *s)
 {
     mxq_status status = MXQ_OK;
     int layer, consumed = 0, handled = 0;
     if (sscanf(v->name, "model.layers.%d.%n", &layer, &consumed) == 1 && consumed > 0) {
-        const char *rest = v->name + consumed;
-        CALL(ctx, add_quantized_linear(ctx, job, layer, rest, s, &handled));
+        if (job->resume.done && job->resume.done[layer])
+            return add_resumed_tensor(ctx, job, layer, v, s);
+        const int i = layer - job->model->first_layer;
+        CALL(ctx, add_changed_tensor(ctx, job, layer, v->name + consumed, v, &job->model->layers[i],
+                                     &job->results[i], s, &handled));
         if (handled)
             return MXQ_OK;
-        const float *changed = modified_tensor(job->model, job->results, layer, rest);
-        /* Folded scales: written in F32 so that the checkpoint holds exactly
-         * the values the quantized model was evaluated with. */
-        if (changed)
-            return shard_add(ctx, s, v->name, MXQ_DT_F32, v->rank, v->shape, changed);
     }
     CALL(ctx, shard_add(ctx, s, v->name, v->dtype, v->rank, v->shape, v->data));
+fail:
+    return status;
+}
+
+/* The record of layer `layer`, just quantized on this rank (calibration's
+ * hook): the tensors the algorithms changed, and the figures. */
+static mxq_status record_layer(mxq_ctx *ctx, void *user, int layer, const mxq_layer *L, const mxq_layer_result *res)
+{
+    mxq_status status = MXQ_OK;
+    quantize_job *job = user;
+    shard_list s = {0};
+    const char **names = NULL;
+    size_t count = 0;
+    char prefix[64];
+    const int plen = snprintf(prefix, sizeof(prefix), "model.layers.%d.", layer);
+    CALL(ctx, mxq_checkpoint_names(ctx, job->ckpt, &names, &count));
+    qsort(names, count, sizeof(char *), cmp_str);
+    for (size_t i = 0; i < count; i++) {
+        int handled;
+        const mxq_tensor_view *v;
+        if (strncmp(names[i], prefix, (size_t)plen) != 0)
+            continue;
+        CALL(ctx, mxq_checkpoint_get(ctx, job->ckpt, names[i], &v));
+        CALL(ctx, add_changed_tensor(ctx, job, layer, names[i] + plen, v, L, res, &s, &handled));
+    }
+    mxq_layer_record figures;
+    mxq_layer_record_of(res, job->dist.rank, &figures);
+    CALL_IN(ctx, mxq_resume_write_layer(ctx, &job->resume, layer, s.t, s.n, &figures, &job->inputs),
+            "layer %d: its record for --resume", layer);
+fail:
+    free(names);
+    shard_list_free(&s);
+    return status;
+}
+
+/* The layers the earlier run quantized that this rank writes: their
+ * records opened, their figures into the results (for the report). */
+static mxq_status restore_done_layers(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    char name[64];
+    for (int l = 0; job->resume.done && l < job->cfg.n_layers; l++) {
+        snprintf(name, sizeof(name), "model.layers.%d.", l);
+        if (!job->resume.done[l] || owner_of_tensor(name, job->first, job->dist.size, job->data_parallel) != job->dist.rank)
+            continue;
+        mxq_layer_record figures;
+        CALL(ctx, mxq_resume_open_layer(ctx, &job->resume, l, &figures));
+        mxq_layer_result_of_record(&figures, &job->results[l - job->model->first_layer]);
+    }
 fail:
     return status;
 }
@@ -203,6 +317,7 @@ static mxq_status write_shard(mxq_ctx *ctx, quantize_job *job)
     mxq_status status = MXQ_OK;
     const char **names = NULL;
     size_t count = 0;
+    CALL(ctx, restore_done_layers(ctx, job));
     CALL(ctx, mxq_checkpoint_names(ctx, job->ckpt, &names, &count));
     qsort(names, count, sizeof(char *), cmp_str);
     for (size_t i = 0; i < count; i++) {
@@ -245,10 +360,12 @@ static mxq_status out_dir_files(mxq_ctx *ctx, quantize_job *job, int check_only)
     snprintf(files[size + 2], sizeof(files[0]), "model.safetensors.index.json");
     for (size_t i = 0; i < n; i++)
         names[i] = files[i];
+    /* a resumed run replaces what the run it continues wrote */
+    const int force = job->opt->force || job->opt->resume;
     if (check_only)
-        CALL(ctx, mxq_ckpt_dir_check(ctx, job->out_dir, job->opt->force, names, n, &job->inputs));
+        CALL(ctx, mxq_ckpt_dir_check(ctx, job->out_dir, force, names, n, &job->inputs));
     else
-        CALL(ctx, mxq_ckpt_dir_prepare(ctx, &job->out, job->out_dir, job->opt->force, names, n, &job->inputs));
+        CALL(ctx, mxq_ckpt_dir_prepare(ctx, &job->out, job->out_dir, force, names, n, &job->inputs));
 fail:
     free(files);
     free(names);
@@ -306,6 +423,10 @@ static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
           group);
     CHECK(ctx, job->opt->stats_layers == 0 || job->recipe.calib_mode == MXQ_CALIB_FP, MXQ_ERR_ARG,
           "--stats-layers bounds fp calibration; the recipe '%s' calibrates sequentially (one layer at a time already)",
+          job->recipe_path);
+    CHECK(ctx, !job->opt->resume || job->recipe.calib_mode == MXQ_CALIB_FP, MXQ_ERR_ARG,
+          "--resume continues runs with fp calibration; the recipe '%s' calibrates sequentially, which cannot resume "
+          "yet (start over with --force)",
           job->recipe_path);
     CALL(ctx, mxq_calibration_tokens(ctx, job->calib_path, &job->recipe, job->recipe_path, &job->cfg, &job->calib));
     CHECK(ctx, !same_directory(job->model_dir, job->out_dir), MXQ_ERR_ARG,
@@ -377,6 +498,103 @@ fail:
     return status;
 }
 
+/* A file's SHA-256 and size under `key` ("recipe": {"sha256", "bytes"}). */
+static mxq_status put_checksum(mxq_ctx *ctx, json_t *fp, const char *key, const char *path, const char *what)
+{
+    mxq_status status = MXQ_OK;
+    char hex[65];
+    uint64_t bytes = 0;
+    CALL(ctx, mxq_sha256_file(ctx, path, what, hex, &bytes));
+    CHECK(ctx, json_object_set_new(fp, key, json_pack("{s:s, s:I}", "sha256", hex, "bytes", (json_int_t)bytes)) == 0,
+          MXQ_ERR_NOMEM, "out of memory recording the job's inputs");
+fail:
+    return status;
+}
+
+/* Rank 0: what the checkpoint's bytes depend on besides mxq's code (the
+ * inputs, and how the ranks share the work), as job.json records it for
+ * --resume. The weights by path and size (hashing 140 GB would take
+ * longer than some layers); config, recipe and calibration by checksum. */
+static mxq_status build_fingerprint(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    char config[MXQ_PATH_BUF];
+    int ok = 1;
+    json_t *fp = job->fingerprint = json_object(), *files = json_object(), *ranges = json_array();
+    CHECK_ALLOC(ctx, fp && files && ranges, 1, "the job's record");
+    mxq_path_join(config, job->model_dir, "config.json");
+    CALL(ctx, put_checksum(ctx, fp, "config", config, "config.json"));
+    CALL(ctx, put_checksum(ctx, fp, "recipe", job->recipe_path, "recipe"));
+    CALL(ctx, put_checksum(ctx, fp, "calibration", job->calib_path, "calibration file"));
+    for (size_t i = 0; i < job->inputs.n; i++) {
+        struct stat st;
+        const char *path = job->inputs.ids[i].path;
+        mxq_json_put(files, path, json_integer(stat(path, &st) == 0 ? (json_int_t)st.st_size : -1), &ok);
+    }
+    for (int r = 0; job->first && !job->data_parallel && r <= job->dist.size; r++)
+        mxq_json_push(ranges, json_integer(job->first[r]), &ok);
+    mxq_json_put(fp, "mxq", json_string(MXQ_VERSION), &ok);
+    mxq_json_put(fp, "input_bytes", json_incref(files), &ok);
+    mxq_json_put(fp, "ranks", json_integer(job->dist.size), &ok);
+    mxq_json_put(fp, "group_size", json_integer(job->data_parallel ? job->dist.size : 1), &ok);
+    mxq_json_put(fp, "layer_ranges", json_incref(ranges), &ok);
+    mxq_json_put(fp, "batch", json_integer(job->batch), &ok);
+    mxq_json_put(fp, "grid_min_inputs", json_integer(job->data_parallel ? job->grid_min_inputs : 0), &ok);
+    mxq_json_put(fp, "layer_record_bytes", json_integer((json_int_t)sizeof(mxq_layer_record)), &ok);
+    CHECK(ctx, ok, MXQ_ERR_NOMEM, "out of memory building the job's record");
+fail:
+    json_decref(files);
+    json_decref(ranges);
+    return status;
+}
+
+/* Whether this run records its layers for --resume: fp calibration (a
+ * sequential run cannot resume yet). */
+static int records_layers(const quantize_job *job) { return job->recipe.calib_mode == MXQ_CALIB_FP; }
+
+/* Rank 0: the earlier run's records checked (--resume) or cleared
+ * (--force), the output directory prepared, a fresh run's records begun. */
+static mxq_status prepare_output(mxq_ctx *ctx, quantize_job *job)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, build_fingerprint(ctx, job));
+    CALL(ctx, mxq_resume_check(ctx, &job->resume, job->out_dir, job->cfg.n_layers, job->fingerprint,
+                               job->opt->resume, job->opt->force));
+    CALL(ctx, out_dir_files(ctx, job, 0));
+    if (records_layers(job))
+        CALL(ctx, mxq_resume_begin(ctx, &job->resume, job->fingerprint, &job->inputs));
+fail:
+    return status;
+}
+
+/* Rank 0 says which layers a resumed run takes from the records. */
+static void log_resume(mxq_ctx *ctx, const quantize_job *job)
+{
+    char text[256] = "";
+    const int L = job->cfg.n_layers;
+    if (job->dist.rank != 0 || !job->opt->resume)
+        return;
+    if (job->resume.n_done == 0) {
+        mxq_log(ctx, MXQ_LOG_INFO, "--resume: no layer of a run in %s is recorded yet; the run starts from the first",
+                job->out_dir);
+        return;
+    }
+    for (int l = 0; l < L; l++) {
+        if (!job->resume.done[l] || (l > 0 && job->resume.done[l - 1]))
+            continue;
+        int end = l;
+        while (end + 1 < L && job->resume.done[end + 1])
+            end++;
+        const size_t used = strlen(text);
+        if (used + 24 < sizeof(text))
+            snprintf(text + used, sizeof(text) - used, used ? ", %d" : "%d", l);
+        if (end > l && strlen(text) + 12 < sizeof(text))
+            snprintf(text + strlen(text), sizeof(text) - strlen(text), "-%d", end);
+    }
+    mxq_log(ctx, MXQ_LOG_INFO, "resuming the run in %s: %d of %d layers from its records (%s), %d to quantize",
+            job->out_dir, job->resume.n_done, L, text[0] ? text : "none", L - job->resume.n_done);
+}
+
 /* --store-activations: the file, created by all ranks (collective). */
 static mxq_status open_store(mxq_ctx *ctx, quantize_job *job)
 {
@@ -397,14 +615,17 @@ fail:
 static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
-    AGREE(ctx, &job->dist, "quantize.outdir", job->dist.rank == 0 ? out_dir_files(ctx, job, 0) : MXQ_OK);
+    AGREE(ctx, &job->dist, "quantize.outdir", job->dist.rank == 0 ? prepare_output(ctx, job) : MXQ_OK);
+    CALL(ctx, mxq_resume_share(ctx, &job->dist, job->out_dir, job->cfg.n_layers, &job->resume));
+    log_resume(ctx, job);
     AGREE(ctx, &job->dist, "quantize.load", open_and_load(ctx, job));
     if (job->opt->store_activations)
         CALL(ctx, open_store(ctx, job));
+    job->hooks = (mxq_layer_hooks){job->resume.done, records_layers(job) ? record_layer : NULL, job};
     double t_quant = mxq_time_now();
     CALL(ctx, mxq_quantize_model_in_memory(ctx, &job->dist, job->model, &job->calib, job->calib_path, &job->recipe,
                                            job->batch, job->data_parallel, job->opt->stats_layers,
-                                           job->grid_min_inputs, job->have_store ? &job->store : NULL,
+                                           job->grid_min_inputs, job->have_store ? &job->store : NULL, &job->hooks,
                                            job->results));
     job->quant_seconds = mxq_time_now() - t_quant;
 fail:
@@ -431,6 +652,8 @@ static mxq_status commit(mxq_ctx *ctx, quantize_job *job)
         mxq_log(ctx, MXQ_LOG_WARN, "the checkpoint is complete, but: %s", mxq_error_message(ctx));
         mxq_error_clear(ctx);
     }
+    if (rank0)
+        mxq_resume_remove(ctx, &job->resume);
     if (rank0)
         mxq_log(ctx, MXQ_LOG_INFO,
                 "wrote %s: %d shard%s, model.safetensors.index.json, config.json, " REPORT_NAME " (%.1f s total)",
@@ -629,6 +852,8 @@ fail:
 
 static void quantize_job_free(quantize_job *job)
 {
+    mxq_resume_free(&job->resume);
+    json_decref(job->fingerprint);
     if (job->have_store)
         mxq_act_store_release(&job->store);
     mxq_quantize_report_free(&job->report);
@@ -683,6 +908,8 @@ fail:
         if (mpi_rc != MPI_SUCCESS)
             mxq_mpi_fatal(ctx, job.dist.comm, mpi_rc, __FILE__, __LINE__, "MPI_Barrier before tidying the output");
         mxq_ckpt_dir_abandon(&job.out);
+        if (job.dist.rank == 0)
+            mxq_resume_abandon(ctx, &job.resume);
     }
     quantize_job_free(&job);
     return status;

@@ -45,6 +45,29 @@ void mxq_layer_record_of(const mxq_layer_result *r, int rank, mxq_layer_record *
     }
 }
 
+void mxq_layer_result_of_record(const mxq_layer_record *rec, mxq_layer_result *r)
+{
+    memset(r, 0, sizeof(*r));
+    r->layer = rec->layer;
+    r->seconds_calib = rec->seconds_calib;
+    r->seconds = rec->seconds;
+    r->peak_rss = (size_t)rec->peak_rss;
+    r->seconds_scales = rec->seconds_phase[MXQ_PHASE_SCALES];
+    r->seconds_clip = rec->seconds_phase[MXQ_PHASE_CLIP];
+    r->seconds_gptq = rec->seconds_phase[MXQ_PHASE_GPTQ];
+    r->seconds_pack = rec->seconds_phase[MXQ_PHASE_PACK];
+    r->seconds_loss = rec->seconds_phase[MXQ_PHASE_LOSS];
+    memcpy(r->awq_alpha, rec->awq_alpha, sizeof(r->awq_alpha));
+    memcpy(r->smooth_alpha, rec->smooth_alpha, sizeof(r->smooth_alpha));
+    for (int li = 0; li < MXQ_LIN_COUNT; li++) {
+        r->linear[li].quantized = rec->linear[li].quantized;
+        r->linear[li].dead_channels = rec->linear[li].dead_channels;
+        r->linear[li].loss_rtn = rec->linear[li].loss_rtn;
+        r->linear[li].loss = rec->linear[li].loss;
+        r->linear[li].seconds = rec->linear[li].seconds;
+    }
+}
+
 void mxq_layer_record_log(mxq_ctx *ctx, int n_layers, const mxq_layer_record *rec)
 {
     double rtn, loss;

@@ -46,6 +46,9 @@ typedef struct {
 /* One layer's figures as recorded; its loss sums over the quantized
  * linears; its AWQ / SmoothQuant alphas as "awq[attn_in]=0.50 ..." ("" if none). */
 void mxq_layer_record_of(const mxq_layer_result *result, int rank, mxq_layer_record *rec);
+/* The figures of a record back into a result (no tensors: those stay in the
+ * record a resumed run takes them from). */
+void mxq_layer_result_of_record(const mxq_layer_record *rec, mxq_layer_result *result);
 void mxq_layer_record_losses(const mxq_layer_record *rec, double *rtn, double *loss);
 void mxq_layer_record_alphas(const mxq_layer_record *rec, char *text, size_t size);
 /* The layer's progress line (rank 0 prints). */

@@ -1,0 +1,289 @@
+/* The records a quantize job leaves to resume from (resume.h). */
+#include <dirent.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/check.h"
+#include "io/ckpt_writer.h"
+#include "jobs/resume.h"
+
+#define JOB_NAME "job.json"
+#define FIGURES_NAME "mxq.layer_record"
+
+static void layer_name(char *buf, size_t size, int layer) { snprintf(buf, size, "layer-%05d.safetensors", layer); }
+
+static void layer_path(const mxq_resume *r, int layer, char path[MXQ_PATH_BUF])
+{
+    char name[64];
+    layer_name(name, sizeof(name), layer);
+    mxq_path_join(path, r->dir, name);
+}
+
+static mxq_status resume_init(mxq_ctx *ctx, mxq_resume *r, const char *out_dir, int n_layers)
+{
+    mxq_status status = MXQ_OK;
+    char path[MXQ_PATH_BUF];
+    mxq_path_join(path, out_dir, MXQ_RESUME_DIR);
+    r->n_layers = n_layers;
+    r->dir = strdup(path);
+    r->done = calloc((size_t)n_layers, 1);
+    r->open = calloc((size_t)n_layers, sizeof(*r->open));
+    CHECK_ALLOC(ctx, r->dir && r->done && r->open, (size_t)n_layers * sizeof(*r->open), "the resume records' list");
+fail:
+    return status;
+}
+
+/* The layers whose records exist (a record that exists is whole). */
+static void find_done(mxq_resume *r)
+{
+    char path[MXQ_PATH_BUF];
+    struct stat st;
+    r->n_done = 0;
+    for (int l = 0; l < r->n_layers; l++) {
+        layer_path(r, l, path);
+        r->done[l] = lstat(path, &st) == 0 && S_ISREG(st.st_mode);
+        r->n_done += r->done[l];
+    }
+}
+
+/* Whether `name` is a file of the records directory, or the temporary of
+ * one a killed run left. */
+static int record_file(const char *name)
+{
+    int layer, end = 0;
+    char final[64];
+    if (strcmp(name, JOB_NAME) == 0 || mxq_is_temp_name_of(name, JOB_NAME))
+        return 1;
+    if (sscanf(name, "layer-%5d.safetensors%n", &layer, &end) == 1 && name[end] == '\0')
+        return 1;
+    if (sscanf(name, ".layer-%5d", &layer) != 1)
+        return 0;
+    layer_name(final, sizeof(final), layer);
+    return mxq_is_temp_name_of(name, final);
+}
+
+/* Remove the records directory: its own files, then the directory (which
+ * stays if something else is in it). */
+static mxq_status remove_records(mxq_ctx *ctx, const mxq_resume *r)
+{
+    mxq_status status = MXQ_OK;
+    char path[MXQ_PATH_BUF];
+    DIR *d = opendir(r->dir);
+    if (!d && errno == ENOENT)
+        return MXQ_OK;
+    CHECK(ctx, d != NULL, MXQ_ERR_IO, "cannot read '%s': %s", r->dir, strerror(errno));
+    for (struct dirent *e = readdir(d); e; e = readdir(d)) {
+        if (!record_file(e->d_name))
+            continue;
+        mxq_path_join(path, r->dir, e->d_name);
+        CHECK(ctx, unlink(path) == 0 || errno == ENOENT, MXQ_ERR_IO, "cannot remove '%s': %s", path, strerror(errno));
+    }
+    CHECK(ctx, rmdir(r->dir) == 0 || errno == ENOENT, MXQ_ERR_IO,
+          "cannot remove '%s' (%s): it holds files mxq did not write there", r->dir, strerror(errno));
+fail:
+    if (d)
+        closedir(d);
+    return status;
+}
+
+/* The first key whose value differs between the recorded job and this one. */
+static const char *first_difference(const json_t *recorded, const json_t *now)
+{
+    const char *key;
+    json_t *value;
+    json_object_foreach((json_t *)now, key, value)
+    {
+        if (!json_equal(value, json_object_get(recorded, key)))
+            return key;
+    }
+    json_object_foreach((json_t *)recorded, key, value)
+    {
+        if (!json_object_get(now, key))
+            return key;
+    }
+    return NULL;
+}
+
+/* --resume: job.json must say the same as this run. */
+static mxq_status check_same_job(mxq_ctx *ctx, const mxq_resume *r, const json_t *fingerprint)
+{
+    mxq_status status = MXQ_OK;
+    char path[MXQ_PATH_BUF];
+    json_t *recorded = NULL;
+    char *was = NULL, *is = NULL;
+    mxq_path_join(path, r->dir, JOB_NAME);
+    CALL(ctx, mxq_json_read(ctx, path, "the record of the run to resume", &recorded));
+    const char *key = first_difference(recorded, fingerprint);
+    if (key) {
+        was = json_dumps(json_object_get(recorded, key), JSON_COMPACT | JSON_ENCODE_ANY);
+        is = json_dumps(json_object_get(fingerprint, key), JSON_COMPACT | JSON_ENCODE_ANY);
+        FAIL(ctx, MXQ_ERR_ARG,
+             "--resume: the run recorded in %s differs in '%s' (it had %.200s, this run has %.200s); resume with the "
+             "same inputs, mxq and layout, or start over with --force instead of --resume",
+             path, key, was ? was : "nothing", is ? is : "nothing");
+    }
+fail:
+    free(was);
+    free(is);
+    json_decref(recorded);
+    return status;
+}
+
+/* Whether `dir` is missing or has no entries (a run that failed before its
+ * first record leaves it so). */
+static int absent_or_empty(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return errno == ENOENT;
+    int entries = 0;
+    for (struct dirent *e = readdir(d); e; e = readdir(d))
+        entries += strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
+    closedir(d);
+    return entries == 0;
+}
+
+mxq_status mxq_resume_check(mxq_ctx *ctx, mxq_resume *r, const char *out_dir, int n_layers,
+                            const json_t *fingerprint, int resume, int force)
+{
+    mxq_status status = MXQ_OK;
+    struct stat st;
+    CALL(ctx, resume_init(ctx, r, out_dir, n_layers));
+    const int exists = lstat(r->dir, &st) == 0;
+    CHECK(ctx, !exists || S_ISDIR(st.st_mode), MXQ_ERR_IO, "'%s' is %s; mxq did not make it, and will not use it",
+          r->dir, mxq_file_kind(st.st_mode));
+    if (exists)
+        find_done(r);
+    if (!resume) {
+        CHECK(ctx, !exists || force, MXQ_ERR_ARG,
+              "output directory '%s' holds an unfinished run (%d of %d layers quantized, recorded in %s): pass "
+              "--resume to continue it, or --force to start over",
+              out_dir, r->n_done, n_layers, r->dir);
+        if (exists)
+            CALL(ctx, remove_records(ctx, r));
+        memset(r->done, 0, (size_t)n_layers);
+        r->n_done = 0;
+        return MXQ_OK;
+    }
+    if (!exists) { /* killed before its first record, or never started: a run from the start */
+        CHECK(ctx, absent_or_empty(out_dir), MXQ_ERR_ARG,
+              "--resume: output directory '%s' holds no unfinished run (no %s); run without --resume", out_dir,
+              r->dir);
+        return MXQ_OK;
+    }
+    CALL(ctx, check_same_job(ctx, r, fingerprint));
+fail:
+    return status;
+}
+
+mxq_status mxq_resume_begin(mxq_ctx *ctx, mxq_resume *r, const json_t *fingerprint, const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    char path[MXQ_PATH_BUF];
+    struct stat st;
+    r->begun = 1;
+    if (lstat(r->dir, &st) == 0) /* --resume: the earlier run's job.json stays */
+        return MXQ_OK;
+    CHECK(ctx, mkdir(r->dir, 0777) == 0, MXQ_ERR_IO, "cannot create '%s': %s", r->dir, strerror(errno));
+    mxq_path_join(path, r->dir, JOB_NAME);
+    CALL(ctx, mxq_json_write_atomic(ctx, fingerprint, path, inputs));
+fail:
+    return status;
+}
+
+mxq_status mxq_resume_share(mxq_ctx *ctx, const mxq_dist *dist, const char *out_dir, int n_layers, mxq_resume *r)
+{
+    mxq_status status = MXQ_OK;
+    if (dist->rank != 0)
+        AGREE(ctx, dist, "resume.share", resume_init(ctx, r, out_dir, n_layers));
+    else
+        AGREE(ctx, dist, "resume.share", MXQ_OK);
+    CALL_MPI(ctx, dist->comm, MPI_Bcast(r->done, n_layers, MPI_UNSIGNED_CHAR, 0, dist->comm));
+    r->n_done = 0;
+    for (int l = 0; l < n_layers; l++)
+        r->n_done += r->done[l] != 0;
+fail:
+    return status;
+}
+
+mxq_status mxq_resume_write_layer(mxq_ctx *ctx, const mxq_resume *r, int layer, const mxq_tensor_write *tensors,
+                                  size_t count, const mxq_layer_record *figures, const mxq_input_set *inputs)
+{
+    mxq_status status = MXQ_OK;
+    char path[MXQ_PATH_BUF];
+    mxq_output out = {NULL, NULL, -1};
+    mxq_tensor_write *all = calloc(count + 1, sizeof(*all));
+    CHECK_ALLOC(ctx, all, (count + 1) * sizeof(*all), "a layer's record");
+    memcpy(all, tensors, count * sizeof(*all));
+    all[count] = (mxq_tensor_write){FIGURES_NAME, MXQ_DT_U8, 1, {(int64_t)sizeof(*figures)}, figures};
+    layer_path(r, layer, path);
+    CALL(ctx, mxq_output_begin(ctx, path, inputs, &out));
+    CALL(ctx, mxq_st_write(ctx, &out, all, count + 1));
+    CALL(ctx, mxq_fault_point(ctx, "resume.record"));
+    CALL(ctx, mxq_output_commit(ctx, &out));
+fail:
+    mxq_output_abort(&out);
+    free(all);
+    return status;
+}
+
+mxq_status mxq_resume_open_layer(mxq_ctx *ctx, mxq_resume *r, int layer, mxq_layer_record *figures)
+{
+    mxq_status status = MXQ_OK;
+    char path[MXQ_PATH_BUF];
+    layer_path(r, layer, path);
+    if (!r->open[layer])
+        CALL(ctx, mxq_st_file_open(ctx, path, &r->open[layer]));
+    const mxq_tensor_view *v = mxq_st_file_find(r->open[layer], FIGURES_NAME);
+    CHECK(ctx, v && v->dtype == MXQ_DT_U8 && v->nbytes == sizeof(*figures), MXQ_ERR_FORMAT,
+          "%s: no layer figures of this mxq build ('%s', %zu bytes); start over with --force", path, FIGURES_NAME,
+          sizeof(*figures));
+    memcpy(figures, v->data, sizeof(*figures));
+    CHECK(ctx, figures->layer == layer, MXQ_ERR_FORMAT, "%s holds the figures of layer %d, not %d", path,
+          figures->layer, layer);
+fail:
+    return status;
+}
+
+const mxq_tensor_view *mxq_resume_tensor(const mxq_resume *r, int layer, const char *name)
+{
+    return r->open && r->open[layer] ? mxq_st_file_find(r->open[layer], name) : NULL;
+}
+
+void mxq_resume_abandon(mxq_ctx *ctx, mxq_resume *r)
+{
+    struct stat st;
+    if (!r->begun || lstat(r->dir, &st) != 0)
+        return;
+    find_done(r);
+    if (r->n_done == 0) {
+        if (remove_records(ctx, r) != MXQ_OK)
+            mxq_error_clear(ctx); /* the job's own failure is the one to report */
+        return;
+    }
+    mxq_log(ctx, MXQ_LOG_WARN, "%d of %d layers are recorded in %s: the same command with --resume continues the run",
+            r->n_done, r->n_layers, r->dir);
+}
+
+void mxq_resume_remove(mxq_ctx *ctx, mxq_resume *r)
+{
+    if (remove_records(ctx, r) != MXQ_OK) {
+        mxq_log(ctx, MXQ_LOG_WARN, "the checkpoint is complete, but: %s", mxq_error_message(ctx));
+        mxq_error_clear(ctx);
+    }
+}
+
+void mxq_resume_free(mxq_resume *r)
+{
+    for (int l = 0; r->open && l < r->n_layers; l++)
+        if (r->open[l])
+            mxq_st_file_close(r->open[l]);
+    free(r->open);
+    free(r->done);
+    free(r->dir);
+    memset(r, 0, sizeof(*r));
+}
