@@ -4,6 +4,7 @@
 
 #include <stdarg.h>
 #include <stddef.h>
+#include <signal.h>
 #include <stdio.h>
 
 #ifdef __cplusplus
@@ -25,6 +26,7 @@ typedef enum {
     MXQ_ERR_LAPACK,
     MXQ_ERR_REMOTE,   /* another rank failed; this rank stopped to avoid a hang */
     MXQ_ERR_INTERNAL, /* a bug in mxq */
+    MXQ_ERR_STOPPED,  /* stopped on request (a signal, see mxq_ctx_set_stop_flag) at a safe point */
 } mxq_status;
 
 const char *mxq_status_name(mxq_status status);
@@ -92,6 +94,14 @@ int mxq_ctx_set_fault(mxq_ctx *ctx, const char *spec);
  * does not exist) and the job ended without reaching its step: a misspelt
  * step must not pass for a job that survived the fault. */
 int mxq_ctx_fault_missed(const mxq_ctx *ctx);
+
+/* A stop request: once *flag is non-zero (a signal number, set by the
+ * caller's signal handler, e.g. for the SIGTERM Slurm sends at a time
+ * limit), the job fails with MXQ_ERR_STOPPED at its next safe point (the
+ * same points fault injection uses, where every rank agrees on a failure),
+ * so that it ends cleanly: what it recorded stays, the rest is tidied.
+ * NULL: no stop requests. */
+void mxq_ctx_set_stop_flag(mxq_ctx *ctx, const volatile sig_atomic_t *flag);
 
 /* Wall-clock seconds since an arbitrary fixed point (monotonic). */
 double mxq_time_now(void);

@@ -5,7 +5,9 @@
 #include "mxq/core.h"
 
 /* Exit codes of the tool. */
-enum { MXQ_EXIT_OK = 0, MXQ_EXIT_FAILURE = 1, MXQ_EXIT_USAGE = 2 };
+/* MXQ_EXIT_STOPPED: stopped on request (SIGTERM, ...), to be resumed:
+ * sysexits' EX_TEMPFAIL, "try again later". */
+enum { MXQ_EXIT_OK = 0, MXQ_EXIT_FAILURE = 1, MXQ_EXIT_USAGE = 2, MXQ_EXIT_STOPPED = 75 };
 
 int mxq_cmd_cast(mxq_ctx *ctx, int argc, char **argv);
 int mxq_cmd_eval(mxq_ctx *ctx, int argc, char **argv);

@@ -2,6 +2,7 @@
  * context, and turns library errors into one line and an exit code. */
 #include <errno.h>
 #include <stdarg.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -104,7 +105,7 @@ int mxq_cli_job_failed(mxq_ctx *ctx, const char *verb)
     char prefix[64];
     snprintf(prefix, sizeof(prefix), "mxq %s", verb);
     mxq_error_print(ctx, stderr, prefix);
-    return MXQ_EXIT_FAILURE;
+    return mxq_error_code(ctx) == MXQ_ERR_STOPPED ? MXQ_EXIT_STOPPED : MXQ_EXIT_FAILURE;
 }
 
 int mxq_cli_parse_int(const char *text, long lo, long hi, long *out)
@@ -198,6 +199,28 @@ static const verb_entry *find_verb(const char *verb)
     return NULL;
 }
 
+/* The one signal flag a handler may set: the library looks at it at its
+ * safe points (mxq_ctx_set_stop_flag). */
+static volatile sig_atomic_t stop_signal;
+
+static void on_stop_signal(int sig) { stop_signal = sig; }
+
+/* SIGTERM (Slurm at a time limit, mpirun passing one on), SIGINT (Ctrl-C)
+ * and SIGUSR1 (Slurm's --signal=USR1@SECONDS) stop a job at its next safe
+ * point instead of killing it mid-write. A second one kills at once. */
+static void catch_stop_signals(mxq_ctx *ctx)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESETHAND; /* the second signal takes the default action */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+    mxq_ctx_set_stop_flag(ctx, &stop_signal);
+}
+
 /* argv[0] is the verb itself, as getopt expects a program name there. */
 static int run_verb(const char *verb, int argc, char **argv)
 {
@@ -231,6 +254,7 @@ static int run_verb(const char *verb, int argc, char **argv)
         mxq_ctx_destroy(ctx);
         return MXQ_EXIT_FAILURE;
     }
+    catch_stop_signals(ctx); /* after MPI_Init, which may set handlers of its own */
     int rc = entry->run(ctx, argc, argv);
     if (mxq_ctx_fault_missed(ctx) && rc == MXQ_EXIT_OK)
         fprintf(stderr, "mxq %s: warning: MXQ_FAULT='%s' never fired on rank %d (no such step in this run; see "

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +36,7 @@ struct mxq_ctx {
     int fault_rank;
     char fault_step[128];
     int fault_fired;
+    const volatile sig_atomic_t *stop_flag; /* a signal number once a stop is requested */
 };
 
 const char *mxq_status_name(mxq_status status)
@@ -50,6 +52,7 @@ const char *mxq_status_name(mxq_status status)
     case MXQ_ERR_LAPACK: return "LAPACK error";
     case MXQ_ERR_REMOTE: return "failure on another rank";
     case MXQ_ERR_INTERNAL: return "internal error";
+    case MXQ_ERR_STOPPED: return "stopped on request";
     }
     return "unknown status";
 }
@@ -275,8 +278,29 @@ int mxq_ctx_fault_missed(const mxq_ctx *ctx)
     return ctx->fault_rank == -1 || ctx->fault_rank == ctx->rank || (ctx->rank == 0 && ctx->fault_rank >= ctx->nranks);
 }
 
+void mxq_ctx_set_stop_flag(mxq_ctx *ctx, const volatile sig_atomic_t *flag) { ctx->stop_flag = flag; }
+
+static const char *signal_name(int sig)
+{
+    switch (sig) {
+    case SIGTERM: return "SIGTERM";
+    case SIGINT: return "SIGINT";
+    case SIGUSR1: return "SIGUSR1";
+    case SIGUSR2: return "SIGUSR2";
+    case SIGHUP: return "SIGHUP";
+    }
+    return "a signal";
+}
+
 mxq_status mxq_fault_point(mxq_ctx *ctx, const char *step)
 {
+    if (ctx->stop_flag && *ctx->stop_flag) {
+        /* the same words on every rank: one of them prints them */
+        mxq_log(ctx, MXQ_LOG_DEBUG, "stop request seen at step '%s'", step);
+        mxq_error_set(ctx, MXQ_ERR_STOPPED, __FILE__, __LINE__, "stopped by %s, at a safe point",
+                      signal_name((int)*ctx->stop_flag));
+        return MXQ_ERR_STOPPED;
+    }
     if (ctx->fault_list) {
         for (int i = 0; i < ctx->n_listed; i++)
             if (strcmp(ctx->listed[i], step) == 0)

@@ -177,6 +177,10 @@ static void collect(pid_t pid, int slot, tu_run_result *r)
     slurp(err_path, r->err, sizeof(r->err));
 }
 
+int tu_start(const char *const *argv, int slot) { return (int)spawn(argv, slot); }
+
+void tu_finish(int pid, int slot, tu_run_result *r) { collect((pid_t)pid, slot, r); }
+
 void tu_run(const char *const *argv, tu_run_result *r)
 {
     collect(spawn(argv, 0), 0, r);

@@ -52,6 +52,12 @@ void tu_run_all(const char *const *const *argvs, size_t n, int parallel, tu_run_
  * arguments in `rest`. */
 void tu_run_prefixed(const char *const *prefix, size_t n_prefix, va_list rest, tu_run_result *result);
 
+/* tu_run in two halves, for a test that acts on a program while it runs
+ * (kills it, say): start it (its output to files tagged `slot`, 100 and
+ * up are free), then wait for it and collect its result. */
+int tu_start(const char *const *argv, int slot);
+void tu_finish(int pid, int slot, tu_run_result *result);
+
 /* Read a whole file into a new NUL-terminated buffer; *size gets its length. */
 char *tu_read_file(const char *path, size_t *size);
 void tu_write_file(const char *path, const void *data, size_t size);

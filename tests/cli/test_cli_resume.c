@@ -1,0 +1,286 @@
+/* mxq quantize --resume: a run that dies midway (kill -9 of one rank) or is
+ * stopped (SIGTERM to every rank, as Slurm sends at a time limit) continues
+ * with --resume to the same bytes as an uninterrupted run, redoing only
+ * the layers it had not recorded; a resume with other inputs or another
+ * rank count is refused, naming what differs; a plain rerun into the
+ * directory is refused, saying how to go on.
+ *
+ * The bundled model calibrates on 512 sequences (its 128, four times) as
+ * a data-parallel group of 2, so that a round of two layers takes about a
+ * second here and a run can be caught between two rounds. */
+#include <dirent.h>
+#include <hdf5.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "testutil.h"
+
+#define HANG_LIMIT "300"
+#define LAYERS 5
+
+/* The calibration file (512 sequences) and a recipe that takes them all. */
+static const char *calib_path, *recipe_path;
+
+static void make_inputs(void)
+{
+    if (calib_path)
+        return;
+    hid_t in = H5Fopen(tu_data_path("stories260K/calib.h5"), H5F_ACC_RDONLY, H5P_DEFAULT);
+    assert_true(in >= 0);
+    int rank;
+    size_t dims[4];
+    int *tokens = tu_h5_read(in, "tokens", H5T_NATIVE_INT32, sizeof(int), &rank, dims);
+    H5Fclose(in);
+    const size_t n = dims[0] * dims[1];
+    int *four = malloc(4 * n * sizeof(int));
+    assert_non_null(four);
+    for (int k = 0; k < 4; k++)
+        memcpy(four + k * n, tokens, n * sizeof(int));
+    calib_path = tu_scratch_path("calib512.h5");
+    hid_t out = H5Fcreate(calib_path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    const hsize_t shape[2] = {4 * dims[0], dims[1]};
+    tu_h5_write(out, "tokens", H5T_STD_I32LE, H5T_NATIVE_INT32, 2, shape, four);
+    H5Fclose(out);
+    free(tokens);
+    free(four);
+
+    char *text = tu_read_file(tu_data_path("../configs/recipes/w4a8-mxint-awq-gptq.yaml"), NULL);
+    char *p = strstr(text, "samples: "), buf[4096];
+    assert_non_null(p);
+    const char *rest = p + strlen("samples: ");
+    while (*rest >= '0' && *rest <= '9')
+        rest++;
+    snprintf(buf, sizeof(buf), "%.*ssamples: 512%s", (int)(p - text), text, rest);
+    recipe_path = tu_scratch_path("resume.yaml");
+    tu_write_file(recipe_path, buf, strlen(buf));
+    free(text);
+}
+
+/* argv of `mpirun -n ranks mxq quantize ... --out out [extra]`. */
+static void quantize_argv(const char **argv, char *ranks_text, int ranks, const char *recipe, const char *out,
+                          const char *extra)
+{
+    static const char *bin;
+    bin = getenv("MXQ_BIN");
+    assert_non_null(bin);
+    snprintf(ranks_text, 8, "%d", ranks);
+    const char *words[] = {"timeout", HANG_LIMIT, "mpirun", "-n", ranks_text, "--oversubscribe", bin, "quantize",
+                           "--model", tu_data_path("stories260K"), "--calib", calib_path, "--recipe", recipe,
+                           "--out", out, "--group-size", ranks_text, extra, NULL};
+    memcpy(argv, words, sizeof(words));
+}
+
+static tu_run_result quantize(int ranks, const char *recipe, const char *out, const char *extra)
+{
+    const char *argv[24];
+    char ranks_text[8];
+    tu_run_result r;
+    quantize_argv(argv, ranks_text, ranks, recipe, out, extra);
+    tu_run(argv, &r);
+    if (r.exit_code == 124)
+        fail_msg("mxq quantize into %s did not finish within %s s: %s", out, HANG_LIMIT, r.err);
+    return r;
+}
+
+static int count_records(const char *out)
+{
+    char dir[1024];
+    snprintf(dir, sizeof(dir), "%s/.mxq-resume", out);
+    DIR *d = opendir(dir);
+    int n = 0;
+    if (!d)
+        return 0;
+    for (struct dirent *e = readdir(d); e; e = readdir(d))
+        n += strncmp(e->d_name, "layer-", 6) == 0;
+    closedir(d);
+    return n;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* The pids (at most max) of the processes named `comm` whose parent is
+ * `parent`; returns how many. */
+static int children_named(int parent, const char *comm, int *pids, int max)
+{
+    DIR *d = opendir("/proc");
+    int found = 0;
+    char name[64];
+    snprintf(name, sizeof(name), "(%s)", comm);
+    assert_non_null(d);
+    for (struct dirent *e = readdir(d); e && found < max; e = readdir(d)) {
+        char path[300], line[512];
+        int pid = atoi(e->d_name), ppid = 0;
+        if (pid <= 0)
+            continue;
+        snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        /* pid (comm) state ppid ...: comm may hold spaces, so read after its ')' */
+        if (fgets(line, sizeof(line), f)) {
+            char *close = strrchr(line, ')');
+            if (close && sscanf(close + 1, " %*c %d", &ppid) == 1 && ppid == parent && strstr(line, name))
+                pids[found++] = pid;
+        }
+        fclose(f);
+    }
+    closedir(d);
+    return found;
+}
+
+/* Start a run, wait until it has recorded its first layers, then send
+ * `sig` to its ranks (`ranks` of them: 1 is a rank dying alone; 2 is
+ * every rank, as Slurm signals every task at a time limit); the run must
+ * end without a checkpoint. Returns what it said. */
+static tu_run_result interrupt(const char *out, int sig, int ranks)
+{
+    const char *argv[24];
+    char ranks_text[8];
+    tu_run_result r;
+    int mpirun = -1, rank[2] = {-1, -1};
+    quantize_argv(argv, ranks_text, 2, recipe_path, out, "--force");
+    const int pid = tu_start(argv, 100); /* timeout, whose child is mpirun, whose children are the ranks */
+    for (int waited = 0; waited < 120000 && count_records(out) == 0; waited += 2)
+        sleep_ms(2);
+    const int found = children_named(pid, "mpirun", &mpirun, 1) == 1 ? children_named(mpirun, "mxq", rank, 2) : 0;
+    if (count_records(out) == 0 || found < ranks)
+        fail_msg("no layer recorded in %s, or not %d ranks to stop (%d found)", out, ranks, found);
+    for (int i = 0; i < ranks; i++)
+        assert_int_equal(kill(rank[i], sig), 0);
+    tu_finish(pid, 100, &r);
+    if (r.exit_code == 0)
+        fail_msg("the run into %s finished before it was interrupted", out);
+    char index[1024];
+    snprintf(index, sizeof(index), "%s/model.safetensors.index.json", out);
+    assert_int_not_equal(access(index, F_OK), 0);
+    return r;
+}
+
+/* Files `name` of directories a and b hold the same bytes. */
+static void assert_same_file(const char *a, const char *b, const char *name)
+{
+    char pa[1024], pb[1024];
+    size_t na, nb;
+    snprintf(pa, sizeof(pa), "%s/%s", a, name);
+    snprintf(pb, sizeof(pb), "%s/%s", b, name);
+    char *da = tu_read_file(pa, &na), *db = tu_read_file(pb, &nb);
+    if (na != nb || memcmp(da, db, na) != 0)
+        fail_msg("%s differs between %s and %s (%zu and %zu bytes)", name, a, b, na, nb);
+    free(da);
+    free(db);
+}
+
+static void assert_same_checkpoint(const char *a, const char *b)
+{
+    assert_same_file(a, b, "model-00001-of-00002.safetensors");
+    assert_same_file(a, b, "model-00002-of-00002.safetensors");
+    assert_same_file(a, b, "model.safetensors.index.json");
+    assert_same_file(a, b, "config.json");
+    char records[1024];
+    snprintf(records, sizeof(records), "%s/.mxq-resume", b);
+    if (access(records, F_OK) == 0)
+        fail_msg("%s is still there after the checkpoint is complete", records);
+}
+
+/* The uninterrupted run every resumed one is compared with. */
+static const char *reference(void)
+{
+    static const char *ref;
+    if (ref)
+        return ref;
+    make_inputs();
+    ref = tu_scratch_path("uninterrupted");
+    tu_run_result r = quantize(2, recipe_path, ref, "--quiet");
+    if (r.exit_code != 0)
+        fail_msg("the uninterrupted run failed: %s", r.err);
+    return ref;
+}
+
+/* kill -9 of one rank mid-run; --resume redoes only what was not recorded. */
+static void test_kill_then_resume(void **state)
+{
+    (void)state;
+    const char *ref = reference(), *out = tu_scratch_path("killed");
+    tu_run_result r = interrupt(out, SIGKILL, 1);
+    const int recorded = count_records(out);
+    print_message("# kill -9 of rank 1 after %d of %d layers were recorded\n", recorded, LAYERS);
+    assert_true(recorded >= 1 && recorded < LAYERS);
+    r = quantize(2, recipe_path, out, "--resume");
+    if (r.exit_code != 0)
+        fail_msg("--resume after kill -9 failed: %s", r.err);
+    char said[128];
+    snprintf(said, sizeof(said), "%d of %d layers from its records", recorded, LAYERS);
+    if (!strstr(r.err, said))
+        fail_msg("the resumed run does not say '%s': %s", said, r.err);
+    assert_same_checkpoint(ref, out);
+}
+
+/* SIGTERM to every rank: they stop at a safe point, say how to resume,
+ * and the refusals of a resume that would not give the same bytes come
+ * before the resume that does. */
+static void test_sigterm_then_resume(void **state)
+{
+    (void)state;
+    const char *ref = reference(), *out = tu_scratch_path("stopped");
+    tu_run_result r = interrupt(out, SIGTERM, 2);
+    if (!strstr(r.err, "stopped by SIGTERM") || !strstr(r.err, "with --resume continues the run"))
+        fail_msg("a run stopped by SIGTERM does not say so and how to resume: %s", r.err);
+    const int recorded = count_records(out);
+    print_message("# SIGTERM to the ranks after %d of %d layers were recorded\n", recorded, LAYERS);
+    if (recorded < 1 || recorded >= LAYERS)
+        fail_msg("%d layers recorded: %s", recorded, r.err);
+
+    r = quantize(2, recipe_path, out, "--quiet");
+    if (r.exit_code == 0 || !strstr(r.err, "holds an unfinished run") || !strstr(r.err, "--resume"))
+        fail_msg("a plain rerun into an unfinished run's directory: %s", r.err);
+    const char *other = tu_scratch_path("other.yaml");
+    char *text = tu_read_file(recipe_path, NULL);
+    char changed[4096];
+    snprintf(changed, sizeof(changed), "%s\n# another recipe\n", text);
+    free(text);
+    tu_write_file(other, changed, strlen(changed));
+    r = quantize(2, other, out, "--resume");
+    if (r.exit_code == 0 || !strstr(r.err, "differs in 'recipe'"))
+        fail_msg("--resume with another recipe: %s", r.err);
+    r = quantize(3, recipe_path, out, "--resume");
+    if (r.exit_code == 0 || !strstr(r.err, "differs in 'ranks'"))
+        fail_msg("--resume on 3 ranks: %s", r.err);
+    text = tu_read_file(recipe_path, NULL);
+    char *mode = strstr(text, "mode: fp");
+    assert_non_null(mode);
+    snprintf(changed, sizeof(changed), "%.*smode: sequential%s", (int)(mode - text), text, mode + strlen("mode: fp"));
+    free(text);
+    tu_write_file(other, changed, strlen(changed));
+    r = quantize(2, other, out, "--resume");
+    if (r.exit_code == 0 || !strstr(r.err, "cannot resume yet"))
+        fail_msg("--resume of a sequential recipe: %s", r.err);
+    assert_int_equal(count_records(out), recorded); /* the refusals kept the records */
+
+    r = quantize(2, recipe_path, out, "--resume");
+    if (r.exit_code != 0)
+        fail_msg("--resume after SIGTERM failed: %s", r.err);
+    assert_same_checkpoint(ref, out);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kill_then_resume),
+        cmocka_unit_test(test_sigterm_then_resume),
+    };
+    return cmocka_run_group_tests_name("cli_resume", tests, NULL, NULL);
+}
