@@ -349,6 +349,41 @@ void mxq_output_abort(mxq_output *out)
     out->temp_path = out->final_path = NULL;
 }
 
+mxq_status mxq_output_adopt(mxq_ctx *ctx, const char *final_path, const char *temp_path, const mxq_input_set *inputs,
+                            mxq_output *out)
+{
+    mxq_status status = MXQ_OK;
+    struct stat st;
+    out->fd = -1;
+    out->final_path = strdup(final_path);
+    out->temp_path = NULL;
+    CHECK_ALLOC(ctx, out->final_path, strlen(final_path) + 1, "an output path");
+    CALL(ctx, mxq_output_check(ctx, final_path, inputs));
+    out->fd = open(temp_path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+    CHECK(ctx, out->fd >= 0, MXQ_ERR_IO, "cannot reopen '%s': %s", temp_path, strerror(errno));
+    CHECK(ctx, fstat(out->fd, &st) == 0 && S_ISREG(st.st_mode), MXQ_ERR_IO, "'%s' is not a regular file", temp_path);
+    out->temp_path = strdup(temp_path);
+    CHECK_ALLOC(ctx, out->temp_path, strlen(temp_path) + 1, "an output path");
+    return MXQ_OK;
+fail:
+    if (out->fd >= 0)
+        close(out->fd);
+    out->fd = -1;
+    free(out->final_path);
+    out->final_path = NULL;
+    return status;
+}
+
+void mxq_output_leave(mxq_output *out)
+{
+    if (out->fd >= 0)
+        close(out->fd);
+    out->fd = -1;
+    free(out->temp_path);
+    free(out->final_path);
+    out->temp_path = out->final_path = NULL;
+}
+
 mxq_status mxq_json_write_temp(mxq_ctx *ctx, const json_t *value, const char *path, const mxq_input_set *inputs,
                                mxq_output *out)
 {

@@ -74,6 +74,13 @@ mxq_status mxq_output_write(mxq_ctx *ctx, mxq_output *out, const void *data, siz
 mxq_status mxq_output_commit(mxq_ctx *ctx, mxq_output *out);
 /* Remove the temporary (safe to call after commit, or twice). */
 void mxq_output_abort(mxq_output *out);
+/* Take over `temp_path`, the temporary of `final_path` that an earlier,
+ * killed run left (a resumed run goes on writing it): committed or aborted
+ * like one begun here. */
+mxq_status mxq_output_adopt(mxq_ctx *ctx, const char *final_path, const char *temp_path, const mxq_input_set *inputs,
+                            mxq_output *out);
+/* Close, and leave the temporary where it is (for a later --resume). */
+void mxq_output_leave(mxq_output *out);
 
 /* 1 if `name` is the temporary name mxq gives `final_name` in some process. */
 int mxq_is_temp_name_of(const char *name, const char *final_name);

@@ -264,7 +264,9 @@ static mxq_status attr_scalar(mxq_ctx *ctx, hid_t object, const char *name, hid_
     hid_t space = H5I_INVALID_HID, attr = H5I_INVALID_HID;
     space = H5Screate(H5S_SCALAR);
     CALL_H5(ctx, space, "cannot create the dataspace of attribute '%s'", name);
-    attr = H5Acreate2(object, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT);
+    /* an existing attribute is updated (a store's count of whole layers) */
+    attr = H5Aexists(object, name) > 0 ? H5Aopen(object, name, H5P_DEFAULT)
+                                       : H5Acreate2(object, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT);
     CALL_H5(ctx, attr, "cannot create attribute '%s'", name);
     CALL_H5(ctx, H5Awrite(attr, mem_type, value), "cannot write attribute '%s'", name);
 fail:
@@ -283,6 +285,37 @@ mxq_status mxq_h5_attr_double(mxq_ctx *ctx, hid_t object, const char *name, doub
 mxq_status mxq_h5_attr_int(mxq_ctx *ctx, hid_t object, const char *name, long long value)
 {
     return attr_scalar(ctx, object, name, H5T_STD_I64LE, H5T_NATIVE_LLONG, &value);
+}
+
+int mxq_h5_attr_int_read(hid_t object, const char *name, long long *value)
+{
+    if (H5Aexists(object, name) <= 0)
+        return -1;
+    hid_t attr = H5Aopen(object, name, H5P_DEFAULT);
+    const int ok = attr >= 0 && H5Aread(attr, H5T_NATIVE_LLONG, value) >= 0;
+    if (attr >= 0)
+        H5Aclose(attr);
+    return ok ? 0 : -1;
+}
+
+int mxq_h5_attr_string_equals(hid_t object, const char *name, const char *expected)
+{
+    if (H5Aexists(object, name) <= 0)
+        return 0;
+    hid_t attr = H5Aopen(object, name, H5P_DEFAULT), type = attr >= 0 ? H5Aget_type(attr) : H5I_INVALID_HID;
+    int equal = 0;
+    if (type >= 0 && H5Tget_class(type) == H5T_STRING && !H5Tis_variable_str(type)) {
+        const size_t size = H5Tget_size(type);
+        char *text = calloc(size + 1, 1);
+        equal = text && H5Aread(attr, type, text) >= 0 && strlen(expected) <= size &&
+                strncmp(text, expected, size) == 0 && (strlen(expected) == size || text[strlen(expected)] == '\0');
+        free(text);
+    }
+    if (type >= 0)
+        H5Tclose(type);
+    if (attr >= 0)
+        H5Aclose(attr);
+    return equal;
 }
 
 mxq_status mxq_h5_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_input_set *inputs,

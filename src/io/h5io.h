@@ -59,6 +59,10 @@ mxq_status mxq_h5_write(mxq_ctx *ctx, hid_t file, const char *name, hid_t mem_ty
 mxq_status mxq_h5_attr_string(mxq_ctx *ctx, hid_t object, const char *name, const char *value);
 mxq_status mxq_h5_attr_double(mxq_ctx *ctx, hid_t object, const char *name, double value);
 mxq_status mxq_h5_attr_int(mxq_ctx *ctx, hid_t object, const char *name, long long value);
+/* An integer attribute's value (0), or -1 if it is missing or unreadable. */
+int mxq_h5_attr_int_read(hid_t object, const char *name, long long *value);
+/* 1 if the string attribute `name` (as mxq_h5_attr_string writes it) equals `expected`. */
+int mxq_h5_attr_string_equals(hid_t object, const char *name, const char *expected);
 
 /* An HDF5 output through mxq_output (fsutil.h): checked against the job's
  * inputs, written under a temporary name, renamed into place when complete.

@@ -501,7 +501,7 @@ mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_
                                      : "one data-parallel group, layer by layer, each layer's inputs spread over the ranks")
                               : "ranks as a pipeline of layer ranges");
     if (data_parallel && recipe->calib_mode == MXQ_CALIB_SEQUENTIAL)
-        CALL(ctx, mxq_calibrate_group_sequential(ctx, dist, model, calib, recipe, batch, store, results));
+        CALL(ctx, mxq_calibrate_group_sequential(ctx, dist, model, calib, recipe, batch, store, hooks, results));
     else if (data_parallel)
         CALL(ctx, mxq_calibrate_group(ctx, dist, model, calib, recipe, batch, grid_min_inputs, store, hooks, results));
     else if (recipe->calib_mode == MXQ_CALIB_FP)

@@ -67,7 +67,8 @@ static mxq_status observe(mxq_ctx *ctx, void *user, int layer, mxq_input_id inpu
 static mxq_status group_setup(mxq_ctx *ctx, group_run *g)
 {
     mxq_status status = MXQ_OK;
-    CALL(ctx, mxq_calib_share_embed(ctx, g->dist, g->model, g->tokens, g->batch, &g->share));
+    CALL(ctx, mxq_calib_share_create(ctx, g->dist, g->model, g->tokens, g->batch, mxq_group_first_layer(g->hooks) == 0,
+                                     &g->share));
     g->records = calloc(g->dist->rank == 0 ? (size_t)g->dist->size : 1, sizeof(*g->records));
     CHECK_ALLOC(ctx, g->records, (size_t)g->dist->size * sizeof(*g->records), "the layer records");
     CALL(ctx, mxq_workspace_create(ctx, &g->model->cfg, g->batch, g->tokens->seq_len, &g->ws));
@@ -322,9 +323,10 @@ mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
     for (int l = 0; l < L; l++)
         results[l].layer = -1;
     AGREE(ctx, dist, "group.setup", group_setup(ctx, &g));
+    CALL(ctx, mxq_calib_share_restart(ctx, dist, hooks, store, &g.share));
     log_grid_linears(ctx, &g);
     mxq_group_log_why_whole(ctx, dist, recipe, &model->cfg, grid_min_inputs);
-    for (int l = 0; l < L; l++) {
+    for (int l = mxq_group_first_layer(hooks); l < L; l++) {
         double t0 = mxq_time_now();
         if (store)
             CALL(ctx, mxq_act_store_write(ctx, dist, store, l, g.share.first, g.share.n, g.share.acts));

@@ -41,6 +41,7 @@ typedef struct {
     int owner[MXQ_INPUT_COUNT];   /* the rank quantizing the linears reading each input; -1: none */
     double *scales[MXQ_INPUT_COUNT]; /* [largest in_features + 1]: a step's scales and, last, its alpha */
     mxq_layer_record *records;    /* rank 0: [size] */
+    const mxq_layer_hooks *hooks; /* the records of layers, a restart from the store */
 } seq_group;
 
 /* GPTQ's flops, roughly, of the quantized linears reading `input`: the
@@ -89,7 +90,8 @@ static mxq_status seq_setup(mxq_ctx *ctx, seq_group *g)
     mxq_status status = MXQ_OK;
     const size_t mb_floats = (size_t)g->batch * g->tokens->seq_len * g->model->cfg.hidden;
     const size_t scale_len = (size_t)mxq_layer_scales_max(&g->model->cfg) + 1;
-    CALL(ctx, mxq_calib_share_embed(ctx, g->dist, g->model, g->tokens, g->batch, &g->share));
+    CALL(ctx, mxq_calib_share_create(ctx, g->dist, g->model, g->tokens, g->batch, mxq_group_first_layer(g->hooks) == 0,
+                                     &g->share));
     g->tmp = mxq_alloc_floats(mb_floats);
     CHECK_ALLOC(ctx, g->tmp, mb_floats * sizeof(float), "a micro-batch of activations");
     for (int i = 0; i < MXQ_INPUT_COUNT; i++) {
@@ -328,6 +330,7 @@ static mxq_status forward_quantized(mxq_ctx *ctx, seq_group *g, int l, mxq_layer
         CALL(ctx, mxq_model_run_layers(ctx, g->model, l, l + 1, x, n, g->share.seq_len, &fq, g->ws));
     }
     if (l % g->dist->size == g->dist->rank) {
+        CALL(ctx, mxq_layer_hook_record(ctx, g->hooks, l, &g->model->layers[l - g->model->first_layer], res));
         CALL(ctx, mxq_layer_keep_written(ctx, g->model, l, res));
     } else {
         mxq_layer_result_free(res);
@@ -369,15 +372,17 @@ static void seq_group_free(seq_group *g)
 
 mxq_status mxq_calibrate_group_sequential(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model,
                                           const mxq_tokens *tokens, const mxq_recipe *recipe, int batch,
-                                          mxq_act_store *store, mxq_layer_result *results)
+                                          mxq_act_store *store, const mxq_layer_hooks *hooks,
+                                          mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
-    seq_group g = {.dist = dist, .model = model, .tokens = tokens, .recipe = recipe, .batch = batch};
+    seq_group g = {.dist = dist, .model = model, .tokens = tokens, .recipe = recipe, .batch = batch, .hooks = hooks};
     const int L = model->cfg.n_layers;
     for (int l = 0; l < L; l++)
         results[l].layer = -1;
     AGREE(ctx, dist, "group.sequential.setup", seq_setup(ctx, &g));
-    for (int l = 0; l < L; l++) {
+    CALL(ctx, mxq_calib_share_restart(ctx, dist, hooks, store, &g.share));
+    for (int l = mxq_group_first_layer(hooks); l < L; l++) {
         if (store)
             CALL(ctx, mxq_act_store_write(ctx, dist, store, l, g.share.first, g.share.n, g.share.acts));
         CALL(ctx, seq_layer(ctx, &g, l, &results[l]));

@@ -35,6 +35,7 @@ typedef struct {
     int adds;             /* the exchanges this rank joined in the current layer */
     int exchange_failed;  /* one of them failed: every rank knows */
     mxq_layer_record *records;
+    const mxq_layer_hooks *hooks; /* layers done before, a restart from the store */
 } spread_run;
 
 /* Whether every quantized linear's GPTQ goes to the grid (and there is one). */
@@ -108,7 +109,8 @@ static mxq_status spread_setup(mxq_ctx *ctx, spread_run *s)
     mxq_status status = MXQ_OK;
     const mxq_model_config *cfg = &s->model->cfg;
     const int nb = mxq_gptq_batch_width(&s->recipe->weights, mxq_recipe_gptq(s->recipe));
-    CALL(ctx, mxq_calib_share_embed(ctx, s->dist, s->model, s->tokens, s->batch, &s->share));
+    CALL(ctx, mxq_calib_share_create(ctx, s->dist, s->model, s->tokens, s->batch, mxq_group_first_layer(s->hooks) == 0,
+                                     &s->share));
     s->records = calloc(s->dist->rank == 0 ? (size_t)s->dist->size : 1, sizeof(*s->records));
     CHECK_ALLOC(ctx, s->records, (size_t)s->dist->size * sizeof(*s->records), "the layer records");
     for (int i = 0; i < MXQ_INPUT_COUNT; i++)
@@ -214,11 +216,12 @@ mxq_status mxq_calibrate_group_spread(mxq_ctx *ctx, const mxq_dist *dist, mxq_mo
                                       const mxq_layer_hooks *hooks, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
-    spread_run s = {.dist = dist, .model = model, .tokens = tokens, .recipe = recipe, .batch = batch};
+    spread_run s = {.dist = dist, .model = model, .tokens = tokens, .recipe = recipe, .batch = batch, .hooks = hooks};
     const int L = model->cfg.n_layers;
     for (int l = 0; l < L; l++)
         results[l].layer = -1;
     AGREE(ctx, dist, "spread.setup", spread_setup(ctx, &s));
+    CALL(ctx, mxq_calib_share_restart(ctx, dist, hooks, store, &s.share));
     s.max_batches = mxq_calib_share_batches(&s.share);
     CALL_MPI(ctx, dist->comm, MPI_Allreduce(MPI_IN_PLACE, &s.max_batches, 1, MPI_INT, MPI_MAX, dist->comm));
     if (dist->rank == 0)
@@ -226,7 +229,7 @@ mxq_status mxq_calibrate_group_spread(mxq_ctx *ctx, const mxq_dist *dist, mxq_mo
                 "statistics spread over the %d ranks (each holds 1/%d of every Hessian), GPTQ of every linear on their "
                 "grid, one layer at a time",
                 dist->size, dist->size);
-    for (int l = 0; l < L; l++) {
+    for (int l = mxq_group_first_layer(hooks); l < L; l++) {
         const int owner = l % dist->size;
         double t0 = mxq_time_now();
         if (store)

@@ -18,8 +18,8 @@ float *mxq_calib_share_batch(const mxq_calib_share *s, int mb, int *n)
     return s->acts + (size_t)mb * s->batch * s->seq_len * s->hidden;
 }
 
-mxq_status mxq_calib_share_embed(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
-                                 int batch, mxq_calib_share *s)
+mxq_status mxq_calib_share_create(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
+                                  int batch, int embed, mxq_calib_share *s)
 {
     mxq_status status = MXQ_OK;
     const int S = tokens->seq_len, d = model->cfg.hidden;
@@ -31,12 +31,31 @@ mxq_status mxq_calib_share_embed(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *
           "a micro-batch of %d sequences x %d tokens x %d features is too large; use a smaller --batch", batch, S, d);
     s->acts = mxq_alloc_floats(floats ? floats : 1);
     CHECK_ALLOC(ctx, s->acts, floats * sizeof(float), "this rank's share of the calibration activations");
-    for (int mb = 0; mb < mxq_calib_share_batches(s); mb++) {
+    for (int mb = 0; embed && mb < mxq_calib_share_batches(s); mb++) {
         int n;
         float *x = mxq_calib_share_batch(s, mb, &n);
         CALL(ctx, mxq_model_embed(ctx, model, tokens->ids + (size_t)(s->first + mb * batch) * S, n, S, x));
     }
     CALL(ctx, mxq_model_unload_embedding(ctx, model));
+fail:
+    return status;
+}
+
+int mxq_group_first_layer(const mxq_layer_hooks *hooks) { return hooks ? hooks->start : 0; }
+
+mxq_status mxq_calib_share_restart(mxq_ctx *ctx, const mxq_dist *dist, const mxq_layer_hooks *hooks,
+                                   mxq_act_store *store, mxq_calib_share *s)
+{
+    mxq_status status = MXQ_OK;
+    const int start = mxq_group_first_layer(hooks);
+    if (start == 0)
+        return MXQ_OK;
+    CHECK_AGREED(ctx, dist, "group.restart", store != NULL, MXQ_ERR_INTERNAL,
+                 "the group starts at layer %d without a store to read its inputs from", start);
+    CALL(ctx, mxq_act_store_read(ctx, dist, store, start, s->first, s->n, s->acts));
+    if (dist->rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO, "layer %d's inputs read from the activation store: layers 0-%d are not run again",
+                start, start - 1);
 fail:
     return status;
 }

@@ -33,6 +33,7 @@ mxq_status mxq_calibration_tokens(mxq_ctx *ctx, const char *calib_path, const mx
  * quantized it (resume.c writes it durably). */
 typedef struct {
     const unsigned char *done; /* [n_layers], 1: quantized by an earlier run; NULL: none */
+    int start; /* a group's first layer; > 0: its inputs are read from the store (an earlier run's) */
     /* on the layer's owner, once `res` is final; L: the quantized layer */
     mxq_status (*record)(mxq_ctx *ctx, void *user, int layer, const mxq_layer *L, const mxq_layer_result *res);
     void *user;
@@ -66,7 +67,8 @@ static inline mxq_status mxq_layer_hook_record(mxq_ctx *ctx, const mxq_layer_hoo
  *   writes the layers l % size == rank, the other results keep layer = -1.
  * A group writes every layer's inputs to `store` (NULL: none; collective).
  * `hooks` (NULL: none): layers done before, and the record of each layer;
- * sequential calibration takes no done layers. */
+ * the sequential pipeline takes no done layers, the sequential group only
+ * the layers before hooks->start. */
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
                                         const char *calib_name, const mxq_recipe *recipe, int batch, int data_parallel,
                                         int stats_layers, int grid_min_inputs, mxq_act_store *store,
@@ -101,9 +103,15 @@ typedef struct {
     float *acts; /* [n, seq_len, hidden] */
 } mxq_calib_share;
 
-/* This rank's share, embedded; the embedding is given back after. */
-mxq_status mxq_calib_share_embed(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
-                                 int batch, mxq_calib_share *share);
+/* This rank's share, embedded (the embedding is given back after), or with
+ * `embed` 0 only allocated, for the store to fill. Local. */
+mxq_status mxq_calib_share_create(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
+                                  int batch, int embed, mxq_calib_share *share);
+/* The first layer a group runs (hooks->start), and its inputs there: read
+ * from the store when it is past the first. Collective. */
+int mxq_group_first_layer(const mxq_layer_hooks *hooks);
+mxq_status mxq_calib_share_restart(mxq_ctx *ctx, const mxq_dist *dist, const mxq_layer_hooks *hooks,
+                                   mxq_act_store *store, mxq_calib_share *share);
 int mxq_calib_share_batches(const mxq_calib_share *share);
 /* Micro-batch mb: its activations, and its n sequences. */
 float *mxq_calib_share_batch(const mxq_calib_share *share, int mb, int *n);
@@ -127,7 +135,8 @@ mxq_status mxq_group_log_layers(mxq_ctx *ctx, const mxq_dist *dist, const mxq_mo
  * the quantized layer. Layer l is written by rank l % size. */
 mxq_status mxq_calibrate_group_sequential(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model,
                                           const mxq_tokens *tokens, const mxq_recipe *recipe, int batch,
-                                          mxq_act_store *store, mxq_layer_result *results);
+                                          mxq_act_store *store, const mxq_layer_hooks *hooks,
+                                          mxq_layer_result *results);
 
 /* A lazy model, after layer `layer` is quantized (res): of its float32
  * tensors only those the shard writes from the model stay (norms, biases

@@ -424,9 +424,10 @@ static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
     CHECK(ctx, job->opt->stats_layers == 0 || job->recipe.calib_mode == MXQ_CALIB_FP, MXQ_ERR_ARG,
           "--stats-layers bounds fp calibration; the recipe '%s' calibrates sequentially (one layer at a time already)",
           job->recipe_path);
-    CHECK(ctx, !job->opt->resume || job->recipe.calib_mode == MXQ_CALIB_FP, MXQ_ERR_ARG,
-          "--resume continues runs with fp calibration; the recipe '%s' calibrates sequentially, which cannot resume "
-          "yet (start over with --force)",
+    CHECK(ctx, !job->opt->resume || job->recipe.calib_mode == MXQ_CALIB_FP || job->opt->store_activations,
+          MXQ_ERR_ARG,
+          "--resume of sequential calibration (the recipe '%s') reads the quantized layers' outputs back from the "
+          "activation store: only a run with --store-activations can resume (start over with --force)",
           job->recipe_path);
     CALL(ctx, mxq_calibration_tokens(ctx, job->calib_path, &job->recipe, job->recipe_path, &job->cfg, &job->calib));
     CHECK(ctx, !same_directory(job->model_dir, job->out_dir), MXQ_ERR_ARG,
@@ -548,9 +549,13 @@ fail:
     return status;
 }
 
-/* Whether this run records its layers for --resume: fp calibration (a
- * sequential run cannot resume yet). */
-static int records_layers(const quantize_job *job) { return job->recipe.calib_mode == MXQ_CALIB_FP; }
+/* Whether this run records its layers for --resume: fp calibration, and
+ * sequential calibration by a group with an activation store (a resumed
+ * run reads the quantized layers' outputs back from it). */
+static int records_layers(const quantize_job *job)
+{
+    return job->recipe.calib_mode == MXQ_CALIB_FP || (job->data_parallel && job->opt->store_activations);
+}
 
 /* Rank 0: the earlier run's records checked (--resume) or cleared
  * (--force), the output directory prepared, a fresh run's records begun. */
@@ -595,19 +600,67 @@ static void log_resume(mxq_ctx *ctx, const quantize_job *job)
             job->out_dir, job->resume.n_done, L, text[0] ? text : "none", L - job->resume.n_done);
 }
 
-/* --store-activations: the file, created by all ranks (collective). */
+/* The first layer a resumed run quantizes (n_layers: none). */
+static int first_undone(const quantize_job *job)
+{
+    int l = 0;
+    while (job->resume.done && l < job->cfg.n_layers && job->resume.done[l])
+        l++;
+    return l;
+}
+
+/* --resume with a store: the killed run's, if it holds the first undone
+ * layer's inputs whole; the group then starts there (hooks.start). A
+ * sequential run cannot go on without it. Collective. */
+static mxq_status reopen_store(mxq_ctx *ctx, quantize_job *job, const mxq_act_store_info *info, int *found)
+{
+    mxq_status status = MXQ_OK;
+    const int from = first_undone(job);
+    const int seq = job->recipe.calib_mode == MXQ_CALIB_SEQUENTIAL;
+    *found = 0;
+    if (from == 0 || from == job->cfg.n_layers)
+        return MXQ_OK;
+    for (int l = from; seq && l < job->cfg.n_layers; l++)
+        CHECK_AGREED(ctx, &job->dist, "store.resume", !job->resume.done[l], MXQ_ERR_FORMAT,
+                     "--resume: layer %d of this sequential run is recorded, but layer %d before it is not; start "
+                     "over with --force",
+                     l, from);
+    CALL(ctx, mxq_act_store_reopen(ctx, &job->dist, job->opt->store_activations, &job->inputs, &job->cfg,
+                                   job->calib.n_seqs, job->calib.seq_len, info, from, &job->store, found));
+    if (!*found)
+        mxq_act_store_release(&job->store);
+    CHECK_AGREED(ctx, &job->dist, "store.resume", *found || !seq, MXQ_ERR_ARG,
+                 "--resume: no activation store of the run is left next to '%s' with layer %d's inputs whole; a "
+                 "sequential run needs it to go on: start over with --force",
+                 job->opt->store_activations, from);
+    job->hooks.start = *found ? from : 0;
+    if (job->dist.rank == 0)
+        mxq_log(ctx, MXQ_LOG_INFO, "%s", *found ? "activation store: the one the run to resume left, taken over"
+                                                : "activation store: none usable left by the run to resume; a new one");
+fail:
+    return status;
+}
+
+/* --store-activations: the file, created by all ranks (collective), or
+ * the one of the run a resumed run continues. */
 static mxq_status open_store(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
+    int found = 0;
     const mxq_act_store_info info = {job->model_dir, job->calib_path,
                                      job->recipe.calib_mode == MXQ_CALIB_FP ? "fp" : "sequential"};
     if (job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "activation store: %s (%d layers x %d x %d x %d float32, %.2f GB)",
                 job->opt->store_activations, job->cfg.n_layers, job->calib.n_seqs, job->calib.seq_len, job->cfg.hidden,
                 store_bytes(job) / 1e9);
-    job->have_store = 1; /* create leaves the store safe to abort whatever happens */
-    CALL(ctx, mxq_act_store_create(ctx, &job->dist, job->opt->store_activations, &job->inputs, job->opt->force,
-                                   &job->cfg, job->calib.n_seqs, job->calib.seq_len, &info, &job->store));
+    job->have_store = 1; /* create and reopen leave the store safe to abort whatever happens */
+    if (job->opt->resume)
+        CALL(ctx, reopen_store(ctx, job, &info, &found));
+    /* a resumed run replaces what the run it continues could (its stale temporaries go) */
+    if (!found)
+        CALL(ctx, mxq_act_store_create(ctx, &job->dist, job->opt->store_activations, &job->inputs,
+                                       job->opt->force || job->opt->resume, &job->cfg, job->calib.n_seqs,
+                                       job->calib.seq_len, &info, &job->store));
 fail:
     return status;
 }
@@ -619,9 +672,10 @@ static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
     CALL(ctx, mxq_resume_share(ctx, &job->dist, job->out_dir, job->cfg.n_layers, &job->resume));
     log_resume(ctx, job);
     AGREE(ctx, &job->dist, "quantize.load", open_and_load(ctx, job));
+    job->hooks = (mxq_layer_hooks){.done = job->resume.done, .record = records_layers(job) ? record_layer : NULL,
+                                   .user = job};
     if (job->opt->store_activations)
         CALL(ctx, open_store(ctx, job));
-    job->hooks = (mxq_layer_hooks){job->resume.done, records_layers(job) ? record_layer : NULL, job};
     double t_quant = mxq_time_now();
     CALL(ctx, mxq_quantize_model_in_memory(ctx, &job->dist, job->model, &job->calib, job->calib_path, &job->recipe,
                                            job->batch, job->data_parallel, job->opt->stats_layers,
@@ -900,7 +954,9 @@ fail:
      * tidies the directory (mxq_ckpt_dir_abandon says how). */
     if (status != MXQ_OK && job.dist.comm != MPI_COMM_NULL) {
         mxq_output_abort(&job.shard_out);
-        if (job.have_store) /* collective: every rank is here */
+        if (job.have_store && records_layers(&job)) /* collective: every rank is here */
+            mxq_act_store_keep(&job.store); /* for --resume, if layers are recorded (see below) */
+        else if (job.have_store)
             mxq_act_store_abort(&job.store);
         mxq_quantize_report_abort(&job.report);
         /* not CALL_MPI: already past the fail label; it aborts the job too */
@@ -908,8 +964,8 @@ fail:
         if (mpi_rc != MPI_SUCCESS)
             mxq_mpi_fatal(ctx, job.dist.comm, mpi_rc, __FILE__, __LINE__, "MPI_Barrier before tidying the output");
         mxq_ckpt_dir_abandon(&job.out);
-        if (job.dist.rank == 0)
-            mxq_resume_abandon(ctx, &job.resume);
+        if (job.dist.rank == 0 && !mxq_resume_abandon(ctx, &job.resume) && job.have_store && records_layers(&job))
+            mxq_act_store_remove_temporaries(options->store_activations); /* nothing to resume: it goes */
     }
     quantize_job_free(&job);
     return status;

@@ -254,19 +254,20 @@ const mxq_tensor_view *mxq_resume_tensor(const mxq_resume *r, int layer, const c
     return r->open && r->open[layer] ? mxq_st_file_find(r->open[layer], name) : NULL;
 }
 
-void mxq_resume_abandon(mxq_ctx *ctx, mxq_resume *r)
+int mxq_resume_abandon(mxq_ctx *ctx, mxq_resume *r)
 {
     struct stat st;
     if (!r->begun || lstat(r->dir, &st) != 0)
-        return;
+        return 0;
     find_done(r);
     if (r->n_done == 0) {
         if (remove_records(ctx, r) != MXQ_OK)
             mxq_error_clear(ctx); /* the job's own failure is the one to report */
-        return;
+        return 0;
     }
     mxq_log(ctx, MXQ_LOG_WARN, "%d of %d layers are recorded in %s: the same command with --resume continues the run",
             r->n_done, r->n_layers, r->dir);
+    return 1;
 }
 
 void mxq_resume_remove(mxq_ctx *ctx, mxq_resume *r)

@@ -64,8 +64,8 @@ const mxq_tensor_view *mxq_resume_tensor(const mxq_resume *r, int layer, const c
 
 /* Rank 0, after a failure (every rank's records written or abandoned), if
  * this run began recording: records of no layer go; else how to resume is
- * said. */
-void mxq_resume_abandon(mxq_ctx *ctx, mxq_resume *r);
+ * said. Returns 1 if records are kept. */
+int mxq_resume_abandon(mxq_ctx *ctx, mxq_resume *r); /* 1: records kept */
 
 /* Rank 0, once the checkpoint is complete: the records go (best effort;
  * what is left is said). */

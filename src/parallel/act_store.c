@@ -71,9 +71,7 @@ fail:
     return status;
 }
 
-/* --force: the temporaries that killed runs left next to the path (a 7B
- * store's is 8.6 GB, in a hidden file). */
-static void remove_stale_temporaries(const char *path)
+void mxq_act_store_remove_temporaries(const char *path)
 {
     char dir[4096];
     const char *base = split_dir(path, dir, sizeof(dir));
@@ -101,6 +99,7 @@ static mxq_status write_header(mxq_ctx *ctx, mxq_act_store *s, const mxq_act_sto
     CALL(ctx, mxq_h5_attr_int(ctx, s->file, "n_seqs", s->n_seqs));
     CALL(ctx, mxq_h5_attr_int(ctx, s->file, "seq_len", s->seq_len));
     CALL(ctx, mxq_h5_attr_int(ctx, s->file, "hidden", s->hidden));
+    CALL(ctx, mxq_h5_attr_int(ctx, s->file, "layers_complete", 0));
     group = H5Gcreate2(s->file, "layers", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
     CALL_H5(ctx, group, "cannot create the group /layers in '%s'", s->path);
 fail:
@@ -184,7 +183,7 @@ mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *
     if (dist->rank == 0) {
         local = mxq_act_store_check(ctx, path, inputs, force); /* again: the path may have changed since setup */
         if (local == MXQ_OK && force)
-            remove_stale_temporaries(path);
+            mxq_act_store_remove_temporaries(path);
         if (local == MXQ_OK)
             local = mxq_output_begin(ctx, path, inputs, &s->out);
         if (local == MXQ_OK)
@@ -205,12 +204,12 @@ fail:
     return status;
 }
 
-/* One collective write: sequences [first, first + n) of the open dataset
- * from acts (n may be 0: nothing selected, but the rank takes part). The
- * selection is local and agreed before the write, which every rank must
- * reach. */
-static mxq_status write_part(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, hid_t dset, hid_t dxpl, int first,
-                             int n, const float *acts)
+/* One collective write (or read): sequences [first, first + n) of the open
+ * dataset from (into) acts (n may be 0: nothing selected, but the rank
+ * takes part). The selection is local and agreed before the transfer,
+ * which every rank must reach. */
+static mxq_status transfer_part(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, hid_t dset, hid_t dxpl,
+                                int first, int n, float *acts, int reading)
 {
     mxq_status status = MXQ_OK;
     const hsize_t start[3] = {(hsize_t)first, 0, 0},
@@ -225,11 +224,12 @@ static mxq_status write_part(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *
         mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot select sequences %d..%d in '%s'", first, first + n - 1,
                          s->path);
     AGREE(ctx, dist, "store.select", selected ? MXQ_OK : MXQ_ERR_HDF5);
-    const herr_t written = H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, fspace, dxpl, acts);
-    if (written < 0)
-        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot write sequences %d..%d to '%s'", first, first + n - 1,
-                         s->path);
-    AGREE(ctx, dist, "store.write", written >= 0 ? MXQ_OK : MXQ_ERR_HDF5);
+    const herr_t moved = reading ? H5Dread(dset, H5T_NATIVE_FLOAT, mspace, fspace, dxpl, acts)
+                                 : H5Dwrite(dset, H5T_NATIVE_FLOAT, mspace, fspace, dxpl, acts);
+    if (moved < 0)
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot %s sequences %d..%d %s '%s'", reading ? "read" : "write",
+                         first, first + n - 1, reading ? "from" : "to", s->path);
+    AGREE(ctx, dist, reading ? "store.read" : "store.write", moved >= 0 ? MXQ_OK : MXQ_ERR_HDF5);
 fail:
     if (fspace >= 0)
         H5Sclose(fspace);
@@ -240,8 +240,8 @@ fail:
 
 /* The whole share in calls of up to WRITE_BYTES (one sequence at least);
  * every rank makes as many calls as the largest share needs. */
-static mxq_status write_layer(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, hid_t dset, hid_t dxpl,
-                              int first, int n, const float *acts)
+static mxq_status transfer_layer(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, hid_t dset, hid_t dxpl,
+                                 int first, int n, float *acts, int reading)
 {
     mxq_status status = MXQ_OK;
     const size_t seq_floats = (size_t)s->seq_len * s->hidden;
@@ -250,9 +250,55 @@ static mxq_status write_layer(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store 
     CALL_MPI(ctx, dist->comm, MPI_Allreduce(MPI_IN_PLACE, &largest, 1, MPI_INT, MPI_MAX, dist->comm));
     for (int done = 0; done < largest; done += per_call) {
         const int take = n - done < per_call ? (n - done > 0 ? n - done : 0) : per_call;
-        CALL(ctx, write_part(ctx, dist, s, dset, dxpl, first + done, take,
-                             take > 0 ? acts + (size_t)done * seq_floats : acts));
+        CALL(ctx, transfer_part(ctx, dist, s, dset, dxpl, first + done, take,
+                                take > 0 ? acts + (size_t)done * seq_floats : acts, reading));
     }
+fail:
+    return status;
+}
+
+/* Layer `layer` moved between the share [first, first + n) and the file.
+ * Collective. */
+static mxq_status transfer(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, int layer, int first, int n,
+                           float *acts, int reading)
+{
+    mxq_status status = MXQ_OK;
+    mxq_h5_quiet quiet;
+    char name[32];
+    snprintf(name, sizeof(name), "layers/%d", layer);
+    mxq_h5_quiet_begin(&quiet);
+    hid_t dset = H5Dopen2(s->file, name, H5P_DEFAULT), dxpl = H5Pcreate(H5P_DATASET_XFER);
+    const int opened = dset >= 0 && dxpl >= 0 && H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE) >= 0;
+    if (!opened)
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot open /%s of '%s'", name, s->path);
+    /* agreed before the collective transfers, which every rank must join */
+    mxq_status local = mxq_agree(ctx, dist, "store.layer", opened ? MXQ_OK : MXQ_ERR_HDF5);
+    if (local == MXQ_OK)
+        local = transfer_layer(ctx, dist, s, dset, dxpl, first, n, acts, reading);
+    if (dset >= 0)
+        H5Dclose(dset);
+    if (dxpl >= 0)
+        H5Pclose(dxpl);
+    mxq_h5_quiet_end(&quiet);
+    CALL(ctx, local);
+fail:
+    return status;
+}
+
+/* The count of whole layers, and everything so far on disk: what a killed
+ * run leaves is readable up to its last whole layer. Collective. */
+static mxq_status mark_complete(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s)
+{
+    mxq_status status = MXQ_OK;
+    mxq_h5_quiet quiet;
+    mxq_h5_quiet_begin(&quiet);
+    mxq_status local = mxq_h5_attr_int(ctx, s->file, "layers_complete", s->layers_written);
+    if (local == MXQ_OK && H5Fflush(s->file, H5F_SCOPE_GLOBAL) < 0) {
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot flush '%s'", s->path);
+        local = MXQ_ERR_HDF5;
+    }
+    mxq_h5_quiet_end(&quiet);
+    AGREE(ctx, dist, "store.flush", local);
 fail:
     return status;
 }
@@ -261,29 +307,27 @@ mxq_status mxq_act_store_write(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store
                                const float *acts)
 {
     mxq_status status = MXQ_OK;
-    mxq_h5_quiet quiet;
-    char name[32];
-    snprintf(name, sizeof(name), "layers/%d", layer);
+    if (layer < s->layers_written && s->reopened) /* whole already, in the store a resumed run took over */
+        return MXQ_OK;
     CHECK_AGREED(ctx, dist, "store.order",
                  layer == s->layers_written && first >= 0 && n >= 0 && first + n <= s->n_seqs, MXQ_ERR_INTERNAL,
                  "activation store: layer %d (sequences %d..%d) written after %d of %d layers", layer, first,
                  first + n - 1, s->layers_written, s->n_layers);
-    mxq_h5_quiet_begin(&quiet);
-    hid_t dset = H5Dopen2(s->file, name, H5P_DEFAULT), dxpl = H5Pcreate(H5P_DATASET_XFER);
-    const int opened = dset >= 0 && dxpl >= 0 && H5Pset_dxpl_mpio(dxpl, H5FD_MPIO_COLLECTIVE) >= 0;
-    if (!opened)
-        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot open /%s of '%s'", name, s->path);
-    /* agreed before the collective writes, which every rank must join */
-    mxq_status local = mxq_agree(ctx, dist, "store.layer", opened ? MXQ_OK : MXQ_ERR_HDF5);
-    if (local == MXQ_OK)
-        local = write_layer(ctx, dist, s, dset, dxpl, first, n, acts);
-    if (dset >= 0)
-        H5Dclose(dset);
-    if (dxpl >= 0)
-        H5Pclose(dxpl);
-    mxq_h5_quiet_end(&quiet);
-    CALL(ctx, local);
+    CALL(ctx, transfer(ctx, dist, s, layer, first, n, (float *)acts, 0));
     s->layers_written++;
+    CALL(ctx, mark_complete(ctx, dist, s));
+fail:
+    return status;
+}
+
+mxq_status mxq_act_store_read(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, int layer, int first, int n,
+                              float *acts)
+{
+    mxq_status status = MXQ_OK;
+    CHECK_AGREED(ctx, dist, "store.order", layer < s->layers_written && first >= 0 && n >= 0 && first + n <= s->n_seqs,
+                 MXQ_ERR_INTERNAL, "activation store: layer %d (sequences %d..%d) read, %d of %d layers are whole",
+                 layer, first, first + n - 1, s->layers_written, s->n_layers);
+    CALL(ctx, transfer(ctx, dist, s, layer, first, n, acts, 1));
 fail:
     return status;
 }
@@ -310,6 +354,109 @@ mxq_status mxq_act_store_commit(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_stor
     AGREE(ctx, dist, "store.commit", local);
 fail:
     return status;
+}
+
+/* Rank 0: the newest temporary a killed or stopped run left next to
+ * `path` ("" if none). */
+static void newest_temporary(const char *path, char *temp, size_t size)
+{
+    char dir[4096];
+    const char *base = split_dir(path, dir, sizeof(dir));
+    double newest = -1;
+    DIR *d = opendir(dir);
+    temp[0] = '\0';
+    for (struct dirent *e = d ? readdir(d) : NULL; e; e = readdir(d)) {
+        char candidate[8192];
+        struct stat st;
+        snprintf(candidate, sizeof(candidate), "%s/%s", dir, e->d_name);
+        if (!mxq_is_temp_name_of(e->d_name, base) || lstat(candidate, &st) != 0 || !S_ISREG(st.st_mode))
+            continue;
+        const double when = (double)st.st_mtim.tv_sec + 1e-9 * (double)st.st_mtim.tv_nsec;
+        if (when > newest && strlen(candidate) < size) {
+            newest = when;
+            snprintf(temp, size, "%s", candidate);
+        }
+    }
+    if (d)
+        closedir(d);
+}
+
+/* Rank 0: whether `temp` is a store of this job (the same header) whose
+ * layers [0, from] are whole. */
+static int resumable(const char *temp, const mxq_act_store *want, const mxq_act_store_info *info, int from)
+{
+    mxq_h5_quiet quiet;
+    long long version = 0, layers = 0, seqs = 0, len = 0, hidden = 0, complete = 0;
+    mxq_h5_quiet_begin(&quiet);
+    hid_t f = H5Fis_hdf5(temp) > 0 ? H5Fopen(temp, H5F_ACC_RDONLY, H5P_DEFAULT) : H5I_INVALID_HID;
+    const int ok = f >= 0 && mxq_h5_attr_int_read(f, "mxq_activation_store", &version) == 0 &&
+                   version == STORE_VERSION && mxq_h5_attr_int_read(f, "n_layers", &layers) == 0 &&
+                   mxq_h5_attr_int_read(f, "n_seqs", &seqs) == 0 && mxq_h5_attr_int_read(f, "seq_len", &len) == 0 &&
+                   mxq_h5_attr_int_read(f, "hidden", &hidden) == 0 &&
+                   mxq_h5_attr_int_read(f, "layers_complete", &complete) == 0 && layers == want->n_layers &&
+                   seqs == want->n_seqs && len == want->seq_len && hidden == want->hidden && complete > from &&
+                   mxq_h5_attr_string_equals(f, "model", info->model) &&
+                   mxq_h5_attr_string_equals(f, "calibration", info->calibration) &&
+                   mxq_h5_attr_string_equals(f, "mode", info->mode);
+    if (f >= 0)
+        H5Fclose(f);
+    mxq_h5_quiet_end(&quiet);
+    return ok;
+}
+
+/* Every rank opens the adopted temporary through MPI-IO. */
+static mxq_status open_adopted(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, const char *temp)
+{
+    mxq_status status = MXQ_OK;
+    mxq_h5_quiet quiet;
+    mxq_h5_quiet_begin(&quiet);
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    if (fapl >= 0 && H5Pset_fapl_mpio(fapl, dist->comm, MPI_INFO_NULL) >= 0)
+        s->file = H5Fopen(temp, H5F_ACC_RDWR, fapl); /* collective */
+    if (s->file < 0)
+        mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot reopen the activation store '%s'", temp);
+    if (fapl >= 0)
+        H5Pclose(fapl);
+    mxq_h5_quiet_end(&quiet);
+    AGREE(ctx, dist, "store.reopen", s->file >= 0 ? MXQ_OK : MXQ_ERR_HDF5);
+fail:
+    return status;
+}
+
+mxq_status mxq_act_store_reopen(mxq_ctx *ctx, const mxq_dist *dist, const char *path, const mxq_input_set *inputs,
+                                const mxq_model_config *cfg, int n_seqs, int seq_len, const mxq_act_store_info *info,
+                                int from, mxq_act_store *s, int *found)
+{
+    mxq_status status = MXQ_OK, local = MXQ_OK;
+    char temp[4096] = "";
+    *s = (mxq_act_store){.file = H5I_INVALID_HID, .out = {NULL, NULL, -1}, .path = strdup(path), .force = 1,
+                         .n_layers = cfg->n_layers, .n_seqs = n_seqs, .seq_len = seq_len, .hidden = cfg->hidden,
+                         .layers_written = from + 1, .reopened = 1};
+    CHECK_ALLOC(ctx, s->path, strlen(path) + 1, "a path");
+    if (dist->rank == 0) {
+        newest_temporary(path, temp, sizeof(temp));
+        if (temp[0] && !resumable(temp, s, info, from))
+            temp[0] = '\0';
+        if (temp[0])
+            local = mxq_output_adopt(ctx, path, temp, inputs, &s->out);
+    }
+    AGREE(ctx, dist, "store.adopt", local);
+    CALL_MPI(ctx, dist->comm, MPI_Bcast(temp, (int)sizeof(temp), MPI_CHAR, 0, dist->comm));
+    *found = temp[0] != '\0';
+    if (*found)
+        CALL(ctx, open_adopted(ctx, dist, s, temp));
+fail:
+    return status;
+}
+
+void mxq_act_store_keep(mxq_act_store *s)
+{
+    if (s->file >= 0)
+        H5Fclose(s->file);
+    s->file = H5I_INVALID_HID;
+    if (!s->committed)
+        mxq_output_leave(&s->out);
+    mxq_act_store_release(s);
 }
 
 void mxq_act_store_abort(mxq_act_store *s)

@@ -31,6 +31,7 @@ typedef struct {
     int n_layers, n_seqs, seq_len, hidden;
     int layers_written; /* layers 0 .. layers_written - 1, in order */
     int committed; /* rank 0: renamed into place (an abort after it removes the file) */
+    int reopened;  /* taken over from a killed run: layers before layers_written are whole */
 } mxq_act_store;
 
 /* What the store says of itself (its root attributes). */
@@ -60,6 +61,22 @@ mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *
 mxq_status mxq_act_store_write(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *store, int layer, int first, int n,
                                const float *acts);
 
+/* Layer `layer`'s inputs (a whole one) of this rank's sequences
+ * [first, first + n) into acts [n, seq_len, hidden]. Collective. */
+mxq_status mxq_act_store_read(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *store, int layer, int first, int n,
+                              float *acts);
+
+/* --resume: take over the store a killed or stopped run of the same job
+ * left under its temporary name next to `path` (the newest, if several),
+ * if its header matches and layers [0, from] are whole in it (the store
+ * records its whole layers in the attribute layers_complete and flushes
+ * the file after each). The run then reads layer `from` from it and goes
+ * on writing it. *found = 0 (and nothing open) if there is no such store.
+ * Collective. */
+mxq_status mxq_act_store_reopen(mxq_ctx *ctx, const mxq_dist *dist, const char *path, const mxq_input_set *inputs,
+                                const mxq_model_config *cfg, int n_seqs, int seq_len, const mxq_act_store_info *info,
+                                int from, mxq_act_store *store, int *found);
+
 /* Close the file (collective) and, on rank 0, rename it into place. Every
  * layer must have been written. */
 mxq_status mxq_act_store_commit(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *store);
@@ -68,6 +85,13 @@ mxq_status mxq_act_store_commit(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_stor
  * the committed file: a job that fails after the commit leaves no store.
  * Then as release. */
 void mxq_act_store_abort(mxq_act_store *store);
+/* Remove the temporaries that killed or failed runs left next to `path`
+ * (a 7B store's is 8.6 GB, in a hidden file). Local. */
+void mxq_act_store_remove_temporaries(const char *path);
+
+/* Close (collective) and leave the temporary for a later --resume (a
+ * failed run whose layers are recorded). Then as release. */
+void mxq_act_store_keep(mxq_act_store *store);
 /* Free what the store holds, after a commit or an abort (local). */
 void mxq_act_store_release(mxq_act_store *store);
 
