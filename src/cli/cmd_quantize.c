@@ -190,8 +190,7 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
         {"group-size", required_argument, NULL, OPT_GROUP_SIZE},
         {"mem-per-rank", required_argument, NULL, OPT_MEM_PER_RANK},
         {"json", required_argument, NULL, OPT_JSON}, {"grid-min-inputs", required_argument, NULL, OPT_GRID_MIN_INPUTS},
-        {"store-activations", required_argument, NULL, OPT_STORE_ACTIVATIONS},
-        {"resume", no_argument, NULL, OPT_RESUME},
+        {"store-activations", required_argument, NULL, OPT_STORE_ACTIVATIONS}, {"resume", no_argument, NULL, OPT_RESUME},
         {"quiet", no_argument, NULL, 'q'},       {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };

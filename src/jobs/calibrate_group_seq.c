@@ -315,9 +315,8 @@ fail:
 }
 
 /* The share run through the quantized layer l (activations quantized as at
- * run time); the writer keeps what it writes, the others give the layer
- * back (local). */
-static mxq_status forward_quantized(mxq_ctx *ctx, seq_group *g, int l, mxq_layer_result *res)
+ * run time). Local. */
+static mxq_status forward_quantized(mxq_ctx *ctx, seq_group *g, int l)
 {
     mxq_status status = MXQ_OK;
     mxq_fake_quant fq = {0};
@@ -329,6 +328,16 @@ static mxq_status forward_quantized(mxq_ctx *ctx, seq_group *g, int l, mxq_layer
         float *x = mxq_calib_share_batch(&g->share, mb, &n);
         CALL(ctx, mxq_model_run_layers(ctx, g->model, l, l + 1, x, n, g->share.seq_len, &fq, g->ws));
     }
+fail:
+    return status;
+}
+
+/* After the next layer's inputs are in the store (a record says the layer
+ * is done: a resumed run reads on from there): the writer records layer l
+ * and keeps what it writes, the others give the layer back (local). */
+static mxq_status finish_layer(mxq_ctx *ctx, seq_group *g, int l, mxq_layer_result *res)
+{
+    mxq_status status = MXQ_OK;
     if (l % g->dist->size == g->dist->rank) {
         CALL(ctx, mxq_layer_hook_record(ctx, g->hooks, l, &g->model->layers[l - g->model->first_layer], res));
         CALL(ctx, mxq_layer_keep_written(ctx, g->model, l, res));
@@ -352,9 +361,8 @@ static mxq_status seq_layer(mxq_ctx *ctx, seq_group *g, int l, mxq_layer_result 
     const double t1 = mxq_time_now();
     CALL(ctx, spread_quantize(ctx, g, l, res));
     const double t2 = mxq_time_now();
-    AGREE(ctx, g->dist, "group.sequential.forward", forward_quantized(ctx, g, l, res));
-    if (res->layer >= 0)
-        res->seconds_calib = (t1 - t0) + (mxq_time_now() - t2);
+    AGREE(ctx, g->dist, "group.sequential.forward", forward_quantized(ctx, g, l));
+    res->seconds_calib = (t1 - t0) + (mxq_time_now() - t2);
 fail:
     return status;
 }
@@ -382,10 +390,14 @@ mxq_status mxq_calibrate_group_sequential(mxq_ctx *ctx, const mxq_dist *dist, mx
         results[l].layer = -1;
     AGREE(ctx, dist, "group.sequential.setup", seq_setup(ctx, &g));
     CALL(ctx, mxq_calib_share_restart(ctx, dist, hooks, store, &g.share));
-    for (int l = mxq_group_first_layer(hooks); l < L; l++) {
-        if (store)
-            CALL(ctx, mxq_act_store_write(ctx, dist, store, l, g.share.first, g.share.n, g.share.acts));
+    const int first = mxq_group_first_layer(hooks);
+    if (store)
+        CALL(ctx, mxq_act_store_write(ctx, dist, store, first, g.share.first, g.share.n, g.share.acts));
+    for (int l = first; l < L; l++) {
         CALL(ctx, seq_layer(ctx, &g, l, &results[l]));
+        if (store && l + 1 < L) /* the quantized layer's outputs: the next layer's inputs */
+            CALL(ctx, mxq_act_store_write(ctx, dist, store, l + 1, g.share.first, g.share.n, g.share.acts));
+        AGREE(ctx, dist, "group.sequential.finish", finish_layer(ctx, &g, l, &results[l]));
         CALL(ctx, mxq_group_log_layers(ctx, dist, model, results, l % dist->size == dist->rank ? l : -1, g.records));
     }
 fail:

@@ -625,15 +625,17 @@ static mxq_status reopen_store(mxq_ctx *ctx, quantize_job *job, const mxq_act_st
                      "--resume: layer %d of this sequential run is recorded, but layer %d before it is not; start "
                      "over with --force",
                      l, from);
+    int start = -1;
     CALL(ctx, mxq_act_store_reopen(ctx, &job->dist, job->opt->store_activations, &job->inputs, &job->cfg,
-                                   job->calib.n_seqs, job->calib.seq_len, info, from, &job->store, found));
+                                   job->calib.n_seqs, job->calib.seq_len, info, from, &job->store, &start));
+    *found = start >= 0;
     if (!*found)
         mxq_act_store_release(&job->store);
-    CHECK_AGREED(ctx, &job->dist, "store.resume", *found || !seq, MXQ_ERR_ARG,
+    CHECK_AGREED(ctx, &job->dist, "store.resume", start == from || !seq, MXQ_ERR_ARG,
                  "--resume: no activation store of the run is left next to '%s' with layer %d's inputs whole; a "
                  "sequential run needs it to go on: start over with --force",
                  job->opt->store_activations, from);
-    job->hooks.start = *found ? from : 0;
+    job->hooks.start = *found ? start : 0; /* fp: the layers from there to `from` are run through, not quantized */
     if (job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "%s", *found ? "activation store: the one the run to resume left, taken over"
                                                 : "activation store: none usable left by the run to resume; a new one");
@@ -963,9 +965,10 @@ fail:
         const int mpi_rc = MPI_Barrier(job.dist.comm);
         if (mpi_rc != MPI_SUCCESS)
             mxq_mpi_fatal(ctx, job.dist.comm, mpi_rc, __FILE__, __LINE__, "MPI_Barrier before tidying the output");
-        mxq_ckpt_dir_abandon(&job.out);
+        /* records first: a directory this run made goes if nothing is left to resume */
         if (job.dist.rank == 0 && !mxq_resume_abandon(ctx, &job.resume) && job.have_store && records_layers(&job))
             mxq_act_store_remove_temporaries(options->store_activations); /* nothing to resume: it goes */
+        mxq_ckpt_dir_abandon(&job.out);
     }
     quantize_job_free(&job);
     return status;

@@ -381,9 +381,9 @@ static void newest_temporary(const char *path, char *temp, size_t size)
         closedir(d);
 }
 
-/* Rank 0: whether `temp` is a store of this job (the same header) whose
- * layers [0, from] are whole. */
-static int resumable(const char *temp, const mxq_act_store *want, const mxq_act_store_info *info, int from)
+/* Rank 0: the count of whole layers in `temp` if it is a store of this
+ * job (the same header), else 0. */
+static int whole_layers(const char *temp, const mxq_act_store *want, const mxq_act_store_info *info)
 {
     mxq_h5_quiet quiet;
     long long version = 0, layers = 0, seqs = 0, len = 0, hidden = 0, complete = 0;
@@ -394,14 +394,15 @@ static int resumable(const char *temp, const mxq_act_store *want, const mxq_act_
                    mxq_h5_attr_int_read(f, "n_seqs", &seqs) == 0 && mxq_h5_attr_int_read(f, "seq_len", &len) == 0 &&
                    mxq_h5_attr_int_read(f, "hidden", &hidden) == 0 &&
                    mxq_h5_attr_int_read(f, "layers_complete", &complete) == 0 && layers == want->n_layers &&
-                   seqs == want->n_seqs && len == want->seq_len && hidden == want->hidden && complete > from &&
+                   seqs == want->n_seqs && len == want->seq_len && hidden == want->hidden && complete > 0 &&
+                   complete <= want->n_layers &&
                    mxq_h5_attr_string_equals(f, "model", info->model) &&
                    mxq_h5_attr_string_equals(f, "calibration", info->calibration) &&
                    mxq_h5_attr_string_equals(f, "mode", info->mode);
     if (f >= 0)
         H5Fclose(f);
     mxq_h5_quiet_end(&quiet);
-    return ok;
+    return ok ? (int)complete : 0;
 }
 
 /* Every rank opens the adopted temporary through MPI-IO. */
@@ -425,25 +426,27 @@ fail:
 
 mxq_status mxq_act_store_reopen(mxq_ctx *ctx, const mxq_dist *dist, const char *path, const mxq_input_set *inputs,
                                 const mxq_model_config *cfg, int n_seqs, int seq_len, const mxq_act_store_info *info,
-                                int from, mxq_act_store *s, int *found)
+                                int from, mxq_act_store *s, int *start)
 {
     mxq_status status = MXQ_OK, local = MXQ_OK;
     char temp[4096] = "";
+    int whole = 0;
     *s = (mxq_act_store){.file = H5I_INVALID_HID, .out = {NULL, NULL, -1}, .path = strdup(path), .force = 1,
                          .n_layers = cfg->n_layers, .n_seqs = n_seqs, .seq_len = seq_len, .hidden = cfg->hidden,
-                         .layers_written = from + 1, .reopened = 1};
+                         .reopened = 1};
     CHECK_ALLOC(ctx, s->path, strlen(path) + 1, "a path");
     if (dist->rank == 0) {
         newest_temporary(path, temp, sizeof(temp));
-        if (temp[0] && !resumable(temp, s, info, from))
-            temp[0] = '\0';
-        if (temp[0])
+        whole = temp[0] ? whole_layers(temp, s, info) : 0;
+        if (whole > 0)
             local = mxq_output_adopt(ctx, path, temp, inputs, &s->out);
     }
     AGREE(ctx, dist, "store.adopt", local);
+    CALL_MPI(ctx, dist->comm, MPI_Bcast(&whole, 1, MPI_INT, 0, dist->comm));
     CALL_MPI(ctx, dist->comm, MPI_Bcast(temp, (int)sizeof(temp), MPI_CHAR, 0, dist->comm));
-    *found = temp[0] != '\0';
-    if (*found)
+    *start = whole > 0 ? (from < whole - 1 ? from : whole - 1) : -1;
+    s->layers_written = *start + 1;
+    if (*start >= 0)
         CALL(ctx, open_adopted(ctx, dist, s, temp));
 fail:
     return status;
@@ -451,11 +454,14 @@ fail:
 
 void mxq_act_store_keep(mxq_act_store *s)
 {
+    if (s->committed) { /* in place already: a failed job leaves no store that looks complete */
+        mxq_act_store_abort(s);
+        return;
+    }
     if (s->file >= 0)
         H5Fclose(s->file);
     s->file = H5I_INVALID_HID;
-    if (!s->committed)
-        mxq_output_leave(&s->out);
+    mxq_output_leave(&s->out);
     mxq_act_store_release(s);
 }
 

@@ -68,14 +68,15 @@ mxq_status mxq_act_store_read(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store 
 
 /* --resume: take over the store a killed or stopped run of the same job
  * left under its temporary name next to `path` (the newest, if several),
- * if its header matches and layers [0, from] are whole in it (the store
- * records its whole layers in the attribute layers_complete and flushes
- * the file after each). The run then reads layer `from` from it and goes
- * on writing it. *found = 0 (and nothing open) if there is no such store.
+ * if its header matches and a layer is whole in it (the store records its
+ * whole layers in the attribute layers_complete and flushes the file after
+ * each). *start: the layer to restart from, `from` or the last whole layer
+ * before it; the run reads that layer from the store and goes on writing
+ * it. *start = -1 (and nothing open) if there is no such store.
  * Collective. */
 mxq_status mxq_act_store_reopen(mxq_ctx *ctx, const mxq_dist *dist, const char *path, const mxq_input_set *inputs,
                                 const mxq_model_config *cfg, int n_seqs, int seq_len, const mxq_act_store_info *info,
-                                int from, mxq_act_store *store, int *found);
+                                int from, mxq_act_store *store, int *start);
 
 /* Close the file (collective) and, on rank 0, rename it into place. Every
  * layer must have been written. */
@@ -90,7 +91,8 @@ void mxq_act_store_abort(mxq_act_store *store);
 void mxq_act_store_remove_temporaries(const char *path);
 
 /* Close (collective) and leave the temporary for a later --resume (a
- * failed run whose layers are recorded). Then as release. */
+ * failed run whose layers are recorded); a store already renamed into
+ * place goes, as with abort. Then as release. */
 void mxq_act_store_keep(mxq_act_store *store);
 /* Free what the store holds, after a commit or an abort (local). */
 void mxq_act_store_release(mxq_act_store *store);

@@ -7,7 +7,9 @@
  * within 10 s with every rank's exit status non-zero, print exactly one
  * error line, naming the rank and the step, and leave no index (quantize)
  * or JSON report (eval), no temporary file and not even the output
- * directory it made behind. */
+ * directory it made behind, unless it recorded layers: then it leaves those
+ * records alone (and a group's activation store), and --resume ends the
+ * job with the bytes of an uninterrupted run. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -86,7 +88,8 @@ static const char *tiny_model(void)
 /* argv of: timeout 10 mpirun -n R -x MXQ_FAULT=fault sh -c 'mxq "$@"; echo rank-exit' sh <job>.
  * Every rank reports its own exit status, and mpirun lets each rank end on
  * its own instead of killing the others at the first failure. */
-static void job_argv_force(const char **argv, job_kind kind, int ranks, const char *fault, const char *out, int force)
+static void job_argv_with(const char **argv, job_kind kind, int ranks, const char *fault, const char *out,
+                          const char *extra)
 {
     char *n = malloc(16), *fault_env = malloc(160); /* live as long as the test */
     snprintf(n, 16, "%d", ranks);
@@ -110,8 +113,8 @@ static void job_argv_force(const char **argv, job_kind kind, int ranks, const ch
                               "--recipe", rec, "--batch", "2", "--out", out, "-q"};
         for (size_t i = 0; i < sizeof(rest) / sizeof(rest[0]); i++)
             argv[k++] = rest[i];
-        if (force)
-            argv[k++] = "--force";
+        if (extra) /* --force, --resume */
+            argv[k++] = extra;
         if (kind == JOB_QUANTIZE_STORE) { /* the group, with its activation store in the output directory */
             char *store = malloc(strlen(out) + 16); /* lives as long as the test */
             sprintf(store, "%s/acts.h5", out);
@@ -134,7 +137,7 @@ static void job_argv_force(const char **argv, job_kind kind, int ranks, const ch
 
 static void job_argv(const char **argv, job_kind kind, int ranks, const char *fault, const char *out)
 {
-    job_argv_force(argv, kind, ranks, fault, out, 0);
+    job_argv_with(argv, kind, ranks, fault, out, NULL);
 }
 
 static void add_step(step_info *steps, int *n, const char *name, int rank)
@@ -186,12 +189,36 @@ static int count(const char *text, const char *what)
     return n;
 }
 
+/* What a failed quantize run may leave in the directory it made: nothing
+ * (the directory goes), or, once a layer is recorded, the records to
+ * resume from (.mxq-resume: job.json and whole layer records) and the
+ * activation store's temporary (acts.h5, the group's). Returns 1 if it
+ * left records. */
+static int check_resumable_leftovers(const char *out, const char *step)
+{
+    char cmd[1400];
+    snprintf(cmd, sizeof(cmd),
+             "cd '%s' && ls -A | grep -v -x -e .mxq-resume -e '[.]acts[.]h5[.]tmp-[0-9-]*'; "
+             "ls -A .mxq-resume | grep -v -x -e job.json -e 'layer-[0-9]*[.]safetensors'; "
+             "ls .mxq-resume | grep -q '^layer-' || echo 'no layer record'",
+             out);
+    const char *argv[] = {"sh", "-c", cmd, NULL};
+    tu_run_result r;
+    tu_run(argv, &r);
+    if (r.out[0])
+        fail_msg("failing at '%s' left %s behind with: %s", step, out, r.out);
+    return 1;
+}
+
 /* A failed run leaves no temporary file, and a quantize run not even the
- * directory it made (also when it failed halfway through its commit). */
-static void check_no_leftovers(const char *out, job_kind kind, const char *step)
+ * directory it made (also when it failed halfway through its commit),
+ * unless it recorded layers to resume from. Returns 1 if it did. */
+static int check_no_leftovers(const char *out, job_kind kind, const char *step)
 {
     char cmd[1200];
     const char *slash = strrchr(out, '/');
+    if (kind != JOB_EVAL && access(out, F_OK) == 0)
+        return check_resumable_leftovers(out, step);
     if (kind == JOB_EVAL)
         snprintf(cmd, sizeof(cmd), "ls -a '%.*s' | grep -F '.%s.tmp-'", (int)(slash - out), out, slash + 1);
     else
@@ -201,8 +228,7 @@ static void check_no_leftovers(const char *out, job_kind kind, const char *step)
     tu_run(argv, &r);
     if (r.out[0])
         fail_msg("failing at '%s' left temporary files behind: %s", step, r.out);
-    if (kind != JOB_EVAL && access(out, F_OK) == 0)
-        fail_msg("failing at '%s' left the output directory %s behind", step, out);
+    return 0;
 }
 
 /* Each rank printed "rank-exit R STATUS" with a non-zero status. */
@@ -218,8 +244,8 @@ static void every_rank_failed(const tu_run_result *r, int ranks, int victim, con
     }
 }
 
-static void check_fault_run(const tu_run_result *r, int ranks, int victim, const char *step, const char *out,
-                            job_kind kind)
+static int check_fault_run(const tu_run_result *r, int ranks, int victim, const char *step, const char *out,
+                           job_kind kind)
 {
     char expect[256], tag[32], leftover[600];
     if (r->exit_code == 124)
@@ -234,7 +260,54 @@ static void check_fault_run(const tu_run_result *r, int ranks, int victim, const
     snprintf(leftover, sizeof(leftover), kind == JOB_EVAL ? "%s" : "%s/model.safetensors.index.json", out);
     if (access(leftover, F_OK) == 0)
         fail_msg("rank %d failing at '%s' on %d ranks: %s was written", victim, step, ranks, leftover);
-    check_no_leftovers(out, kind, step);
+    return check_no_leftovers(out, kind, step);
+}
+
+/* Files `name` of directories a and b hold the same bytes. */
+static void assert_same_file(const char *a, const char *b, const char *name, const char *step)
+{
+    char pa[1024], pb[1024];
+    size_t na, nb;
+    snprintf(pa, sizeof(pa), "%s/%s", a, name);
+    snprintf(pb, sizeof(pb), "%s/%s", b, name);
+    char *da = tu_read_file(pa, &na), *db = tu_read_file(pb, &nb);
+    if (na != nb || memcmp(da, db, na) != 0)
+        fail_msg("failing at '%s', then --resume: %s differs from the uninterrupted run's", step, pb);
+    free(da);
+    free(db);
+}
+
+/* Every run that failed after recording layers goes on with --resume, to
+ * the bytes of the uninterrupted (listing) run. */
+static int resume_each(job_kind kind, int ranks, const char *const *outs, const int *recorded, const char *const *steps,
+                       int n)
+{
+    const char *(*argv_store)[MAX_ARGS] = calloc((size_t)n + 1, sizeof(*argv_store));
+    const char **argvs[MAX_STEPS * 4] = {NULL};
+    int which[MAX_STEPS * 4], m = 0;
+    for (int i = 0; i < n; i++)
+        if (recorded[i]) {
+            job_argv_with(argv_store[m], kind, ranks, "", outs[i], "--resume");
+            argvs[m] = argv_store[m];
+            which[m++] = i;
+        }
+    tu_run_result *results = calloc((size_t)m + 1, sizeof(*results));
+    tu_run_all((const char *const *const *)argvs, (size_t)m, 3, results);
+    const char *reference = tu_scratch_path("faults-list-%d-%d", kind, ranks);
+    for (int j = 0; j < m; j++) {
+        const int i = which[j];
+        char shard[64];
+        if (results[j].exit_code != 0 || strstr(results[j].err, "error:"))
+            fail_msg("failing at '%s', then --resume: %s", steps[i], results[j].err);
+        for (int r = 0; r < ranks; r++) {
+            snprintf(shard, sizeof(shard), "model-%05d-of-%05d.safetensors", r + 1, ranks);
+            assert_same_file(reference, outs[i], shard, steps[i]);
+        }
+        assert_same_file(reference, outs[i], "model.safetensors.index.json", steps[i]);
+    }
+    free(results);
+    free(argv_store);
+    return m;
 }
 
 /* Every step of the job on `ranks` ranks, a few runs at a time. With
@@ -266,14 +339,20 @@ static void walk(job_kind kind, int ranks, int every_rank, const char *label)
     /* the step names once each: cmocka cuts a message of some 4 KB, and
      * with it the TAP line's end */
     char names[2048] = "";
+    int recorded[MAX_STEPS * 4];
+    const char *step_names[MAX_STEPS * 4];
     for (int i = 0; i < n; i++) {
-        check_fault_run(&results[i], ranks, victims[i], steps[step_of[i]].name, outs[i], kind);
+        step_names[i] = steps[step_of[i]].name;
+        recorded[i] = check_fault_run(&results[i], ranks, victims[i], steps[step_of[i]].name, outs[i], kind);
         size_t used = strlen(names);
         if (i == 0 || step_of[i] != step_of[i - 1])
             snprintf(names + used, sizeof(names) - used, "%s%.95s", i ? " " : "", steps[step_of[i]].name);
     }
-    print_message("# %s on %d ranks: %d steps, %d runs (%s); every rank stopped, one message: %s\n", label, ranks,
-                  n_steps, n, every_rank ? "every rank at every step" : "one rank per step, rotating", names);
+    const int resumed = kind == JOB_EVAL ? 0 : resume_each(kind, ranks, outs, recorded, step_names, n);
+    print_message("# %s on %d ranks: %d steps, %d runs (%s); every rank stopped, one message; %d left layer records "
+                  "and --resume gave the uninterrupted run's bytes: %s\n",
+                  label, ranks, n_steps, n, every_rank ? "every rank at every step" : "one rank per step, rotating",
+                  resumed, names);
     free(results);
     free(argv_store);
 }
@@ -299,11 +378,13 @@ static void check_force_run(const tu_run_result *r, int ranks, int victim, const
         fail_msg("--force run failing at '%s': expected one error within 10 s: exit %d, %s", step, r->exit_code,
                  r->err);
     every_rank_failed(r, ranks, victim, step);
-    /* prints any temporary, and before the commit any difference */
+    /* prints any temporary, and before the commit any difference (but the
+     * records a --resume would go on from) */
     if (committing)
         snprintf(cmd, sizeof(cmd), "ls -a '%s' | grep -F '.tmp-'", out);
     else
-        snprintf(cmd, sizeof(cmd), "ls -a '%s' | grep -F '.tmp-'; diff -r '%s' '%s'", out, earlier, out);
+        snprintf(cmd, sizeof(cmd), "ls -a '%s' | grep -F '.tmp-'; diff -r -x .mxq-resume '%s' '%s'", out, earlier,
+                 out);
     const char *argv[] = {"sh", "-c", cmd, NULL};
     tu_run_result d;
     tu_run(argv, &d);
@@ -337,7 +418,7 @@ static void walk_force(int ranks)
         outs[i] = tu_scratch_path("faults-force-%d", i);
         snprintf(cmd, sizeof(cmd), "rm -rf '%s' && cp -a '%s' '%s'", outs[i], earlier, outs[i]);
         sh(cmd);
-        job_argv_force(argv_store[i], JOB_QUANTIZE_FP, ranks, faults[i], outs[i], 1);
+        job_argv_with(argv_store[i], JOB_QUANTIZE_FP, ranks, faults[i], outs[i], "--force");
         argvs[i] = argv_store[i];
     }
     tu_run_result *results = calloc(MAX_STEPS, sizeof(*results));

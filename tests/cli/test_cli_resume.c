@@ -28,6 +28,14 @@
 #define HANG_LIMIT "300"
 #define LAYERS 5
 
+/* The end of a run's stderr: cmocka prints nothing of a message longer
+ * than its buffer. */
+static const char *tail(const char *text)
+{
+    const size_t n = strlen(text);
+    return n > 700 ? text + n - 700 : text;
+}
+
 /* The calibration file (512 sequences) and a recipe that takes them all. */
 static const char *calib_path, *recipe_path;
 
@@ -66,9 +74,9 @@ static void make_inputs(void)
     free(text);
 }
 
-/* argv of `mpirun -n ranks mxq quantize ... --out out [extra]`. */
+/* argv of `mpirun -n ranks mxq quantize ... --out out [extra] [--store-activations store]`. */
 static void quantize_argv(const char **argv, char *ranks_text, int ranks, const char *recipe, const char *out,
-                          const char *extra)
+                          const char *extra, const char *store)
 {
     static const char *bin;
     bin = getenv("MXQ_BIN");
@@ -76,20 +84,27 @@ static void quantize_argv(const char **argv, char *ranks_text, int ranks, const 
     snprintf(ranks_text, 8, "%d", ranks);
     const char *words[] = {"timeout", HANG_LIMIT, "mpirun", "-n", ranks_text, "--oversubscribe", bin, "quantize",
                            "--model", tu_data_path("stories260K"), "--calib", calib_path, "--recipe", recipe,
-                           "--out", out, "--group-size", ranks_text, extra, NULL};
+                           "--out", out, "--group-size", ranks_text, extra, store ? "--store-activations" : NULL,
+                           store, NULL};
     memcpy(argv, words, sizeof(words));
 }
 
-static tu_run_result quantize(int ranks, const char *recipe, const char *out, const char *extra)
+static tu_run_result quantize_with(int ranks, const char *recipe, const char *out, const char *extra,
+                                   const char *store)
 {
     const char *argv[24];
     char ranks_text[8];
     tu_run_result r;
-    quantize_argv(argv, ranks_text, ranks, recipe, out, extra);
+    quantize_argv(argv, ranks_text, ranks, recipe, out, extra, store);
     tu_run(argv, &r);
     if (r.exit_code == 124)
-        fail_msg("mxq quantize into %s did not finish within %s s: %s", out, HANG_LIMIT, r.err);
+        fail_msg("mxq quantize into %s did not finish within %s s: %s", out, HANG_LIMIT, tail(r.err));
     return r;
+}
+
+static tu_run_result quantize(int ranks, const char *recipe, const char *out, const char *extra)
+{
+    return quantize_with(ranks, recipe, out, extra, NULL);
 }
 
 static int count_records(const char *out)
@@ -146,13 +161,13 @@ static int children_named(int parent, const char *comm, int *pids, int max)
  * `sig` to its ranks (`ranks` of them: 1 is a rank dying alone; 2 is
  * every rank, as Slurm signals every task at a time limit); the run must
  * end without a checkpoint. Returns what it said. */
-static tu_run_result interrupt(const char *out, int sig, int ranks)
+static tu_run_result interrupt(const char *recipe, const char *out, const char *store, int sig, int ranks)
 {
     const char *argv[24];
     char ranks_text[8];
     tu_run_result r;
     int mpirun = -1, rank[2] = {-1, -1};
-    quantize_argv(argv, ranks_text, 2, recipe_path, out, "--force");
+    quantize_argv(argv, ranks_text, 2, recipe, out, "--force", store);
     const int pid = tu_start(argv, 100); /* timeout, whose child is mpirun, whose children are the ranks */
     for (int waited = 0; waited < 120000 && count_records(out) == 0; waited += 2)
         sleep_ms(2);
@@ -206,8 +221,72 @@ static const char *reference(void)
     ref = tu_scratch_path("uninterrupted");
     tu_run_result r = quantize(2, recipe_path, ref, "--quiet");
     if (r.exit_code != 0)
-        fail_msg("the uninterrupted run failed: %s", r.err);
+        fail_msg("the uninterrupted run failed: %s", tail(r.err));
     return ref;
+}
+
+/* Every /layers/<l> of two activation stores holds the same floats. */
+static void assert_same_store(const char *a, const char *b)
+{
+    hid_t fa = H5Fopen(a, H5F_ACC_RDONLY, H5P_DEFAULT), fb = H5Fopen(b, H5F_ACC_RDONLY, H5P_DEFAULT);
+    assert_true(fa >= 0 && fb >= 0);
+    for (int l = 0; l < LAYERS; l++) {
+        char name[32];
+        int ra, rb;
+        size_t da[4], db[4];
+        snprintf(name, sizeof(name), "layers/%d", l);
+        float *xa = tu_h5_read(fa, name, H5T_NATIVE_FLOAT, sizeof(float), &ra, da);
+        float *xb = tu_h5_read(fb, name, H5T_NATIVE_FLOAT, sizeof(float), &rb, db);
+        assert_int_equal(ra, 3);
+        assert_int_equal(rb, 3);
+        const size_t n = da[0] * da[1] * da[2];
+        assert_int_equal(n, db[0] * db[1] * db[2]);
+        if (memcmp(xa, xb, n * sizeof(float)) != 0)
+            fail_msg("/%s differs between %s and %s", name, a, b);
+        free(xa);
+        free(xb);
+    }
+    H5Fclose(fa);
+    H5Fclose(fb);
+}
+
+/* Sequential calibration by the group with a store: kill -9 of both ranks
+ * after a layer is recorded; --resume reads the next layer's inputs (the
+ * quantized layers' outputs) back from the store the killed run left,
+ * runs none of the recorded layers again, and ends with the uninterrupted
+ * run's checkpoint and store. */
+static void test_sequential_kill_then_resume_from_store(void **state)
+{
+    (void)state;
+    make_inputs();
+    char *text = tu_read_file(recipe_path, NULL), seq[4096];
+    char *mode = strstr(text, "mode: fp");
+    assert_non_null(mode);
+    snprintf(seq, sizeof(seq), "%.*smode: sequential%s", (int)(mode - text), text, mode + strlen("mode: fp"));
+    free(text);
+    const char *recipe = tu_scratch_path("sequential.yaml");
+    tu_write_file(recipe, seq, strlen(seq));
+    const char *ref = tu_scratch_path("seq-uninterrupted"), *ref_store = tu_scratch_path("seq-uninterrupted.h5");
+    tu_run_result r = quantize_with(2, recipe, ref, "--quiet", ref_store);
+    if (r.exit_code != 0)
+        fail_msg("the uninterrupted sequential run failed: %s", tail(r.err));
+
+    const char *out = tu_scratch_path("seq-killed"), *store = tu_scratch_path("seq-killed.h5");
+    r = interrupt(recipe, out, store, SIGKILL, 2);
+    const int recorded = count_records(out);
+    print_message("# sequential, kill -9 of both ranks after %d of %d layers were recorded\n", recorded, LAYERS);
+    assert_true(recorded >= 1 && recorded < LAYERS);
+    assert_int_not_equal(access(store, F_OK), 0); /* the store is no store until the run is complete */
+    r = quantize_with(2, recipe, out, "--resume", store);
+    if (r.exit_code != 0)
+        fail_msg("--resume of the sequential run failed: %s", tail(r.err));
+    char said[128];
+    snprintf(said, sizeof(said), "layer %d's inputs read from the activation store", recorded);
+    if (!strstr(r.err, said) || !strstr(r.err, "taken over"))
+        fail_msg("the resumed run does not say it read layer %d's inputs from the store it took over: %s", recorded,
+                 tail(r.err));
+    assert_same_checkpoint(ref, out);
+    assert_same_store(ref_store, store);
 }
 
 /* kill -9 of one rank mid-run; --resume redoes only what was not recorded. */
@@ -215,17 +294,17 @@ static void test_kill_then_resume(void **state)
 {
     (void)state;
     const char *ref = reference(), *out = tu_scratch_path("killed");
-    tu_run_result r = interrupt(out, SIGKILL, 1);
+    tu_run_result r = interrupt(recipe_path, out, NULL, SIGKILL, 1);
     const int recorded = count_records(out);
     print_message("# kill -9 of rank 1 after %d of %d layers were recorded\n", recorded, LAYERS);
     assert_true(recorded >= 1 && recorded < LAYERS);
     r = quantize(2, recipe_path, out, "--resume");
     if (r.exit_code != 0)
-        fail_msg("--resume after kill -9 failed: %s", r.err);
+        fail_msg("--resume after kill -9 failed: %s", tail(r.err));
     char said[128];
     snprintf(said, sizeof(said), "%d of %d layers from its records", recorded, LAYERS);
     if (!strstr(r.err, said))
-        fail_msg("the resumed run does not say '%s': %s", said, r.err);
+        fail_msg("the resumed run does not say '%s': %s", said, tail(r.err));
     assert_same_checkpoint(ref, out);
 }
 
@@ -236,17 +315,17 @@ static void test_sigterm_then_resume(void **state)
 {
     (void)state;
     const char *ref = reference(), *out = tu_scratch_path("stopped");
-    tu_run_result r = interrupt(out, SIGTERM, 2);
+    tu_run_result r = interrupt(recipe_path, out, NULL, SIGTERM, 2);
     if (!strstr(r.err, "stopped by SIGTERM") || !strstr(r.err, "with --resume continues the run"))
-        fail_msg("a run stopped by SIGTERM does not say so and how to resume: %s", r.err);
+        fail_msg("a run stopped by SIGTERM does not say so and how to resume: %s", tail(r.err));
     const int recorded = count_records(out);
     print_message("# SIGTERM to the ranks after %d of %d layers were recorded\n", recorded, LAYERS);
     if (recorded < 1 || recorded >= LAYERS)
-        fail_msg("%d layers recorded: %s", recorded, r.err);
+        fail_msg("%d layers recorded: %s", recorded, tail(r.err));
 
     r = quantize(2, recipe_path, out, "--quiet");
     if (r.exit_code == 0 || !strstr(r.err, "holds an unfinished run") || !strstr(r.err, "--resume"))
-        fail_msg("a plain rerun into an unfinished run's directory: %s", r.err);
+        fail_msg("a plain rerun into an unfinished run's directory: %s", tail(r.err));
     const char *other = tu_scratch_path("other.yaml");
     char *text = tu_read_file(recipe_path, NULL);
     char changed[4096];
@@ -255,10 +334,10 @@ static void test_sigterm_then_resume(void **state)
     tu_write_file(other, changed, strlen(changed));
     r = quantize(2, other, out, "--resume");
     if (r.exit_code == 0 || !strstr(r.err, "differs in 'recipe'"))
-        fail_msg("--resume with another recipe: %s", r.err);
+        fail_msg("--resume with another recipe: %s", tail(r.err));
     r = quantize(3, recipe_path, out, "--resume");
     if (r.exit_code == 0 || !strstr(r.err, "differs in 'ranks'"))
-        fail_msg("--resume on 3 ranks: %s", r.err);
+        fail_msg("--resume on 3 ranks: %s", tail(r.err));
     text = tu_read_file(recipe_path, NULL);
     char *mode = strstr(text, "mode: fp");
     assert_non_null(mode);
@@ -266,13 +345,13 @@ static void test_sigterm_then_resume(void **state)
     free(text);
     tu_write_file(other, changed, strlen(changed));
     r = quantize(2, other, out, "--resume");
-    if (r.exit_code == 0 || !strstr(r.err, "cannot resume yet"))
-        fail_msg("--resume of a sequential recipe: %s", r.err);
+    if (r.exit_code == 0 || !strstr(r.err, "only a run with --store-activations can resume"))
+        fail_msg("--resume of a sequential recipe: %s", tail(r.err));
     assert_int_equal(count_records(out), recorded); /* the refusals kept the records */
 
     r = quantize(2, recipe_path, out, "--resume");
     if (r.exit_code != 0)
-        fail_msg("--resume after SIGTERM failed: %s", r.err);
+        fail_msg("--resume after SIGTERM failed: %s", tail(r.err));
     assert_same_checkpoint(ref, out);
 }
 
@@ -281,6 +360,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kill_then_resume),
         cmocka_unit_test(test_sigterm_then_resume),
+        cmocka_unit_test(test_sequential_kill_then_resume_from_store),
     };
     return cmocka_run_group_tests_name("cli_resume", tests, NULL, NULL);
 }
