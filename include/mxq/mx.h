@@ -153,6 +153,17 @@ float mxq_mx_quantize_value(const mxq_format *format, mxq_rounding rounding, flo
 void mxq_mx_pack_row(const mxq_format *format, const uint8_t *codes, size_t cols, uint8_t *packed);
 void mxq_mx_unpack_row(const mxq_format *format, const uint8_t *packed, size_t cols, uint8_t *codes);
 
+/* Whether `code` is one the format can hold and mxq writes: no bits above
+ * `bits`, magnitude at most max_code (so neither the Inf/NaN codes of the
+ * FP8 formats nor an integer format's two's-complement minimum, e.g.
+ * MXINT4's -8). */
+int mxq_mx_code_valid(const mxq_format *format, uint8_t code);
+/* A packed row checked: the first element with an invalid code, `cols` if
+ * every code is valid but bits no element uses are set, (size_t)-1 if the
+ * row is clean. codes [cols] and repacked [packed row bytes] are scratch. */
+size_t mxq_mx_check_row(const mxq_format *format, const uint8_t *packed, size_t cols, uint8_t *codes,
+                        uint8_t *repacked);
+
 #ifdef __cplusplus
 }
 #endif

@@ -156,6 +156,29 @@ void mxq_mx_unpack_row(const mxq_format *format, const uint8_t *packed, size_t c
     }
 }
 
+int mxq_mx_code_valid(const mxq_format *format, uint8_t code)
+{
+    const int sign = 1 << (format->bits - 1);
+    if (code >> format->bits)
+        return 0;
+    if (!format->is_int) /* sign-magnitude: above max_code are Inf and NaN codes */
+        return (code & (sign - 1)) <= format->max_code;
+    const int k = code < sign ? code : code - 2 * sign; /* two's complement */
+    return k >= -format->max_code && k <= format->max_code;
+}
+
+size_t mxq_mx_check_row(const mxq_format *format, const uint8_t *packed, size_t cols, uint8_t *codes,
+                        uint8_t *repacked)
+{
+    mxq_mx_unpack_row(format, packed, cols, codes);
+    for (size_t i = 0; i < cols; i++)
+        if (!mxq_mx_code_valid(format, codes[i]))
+            return i;
+    /* bits no element uses (MXINT3's nibble tops, a row's last byte) are zero */
+    mxq_mx_pack_row(format, codes, cols, repacked);
+    return memcmp(packed, repacked, mxq_mx_packed_row_bytes(format, cols)) == 0 ? (size_t)-1 : cols;
+}
+
 void mxq_mx_quantize_rows_reference(const mxq_format *format, int block, mxq_rounding rounding,
                                     const float *in, size_t rows, size_t cols, uint8_t *packed,
                                     uint8_t *scales, float *dequant, uint8_t *codes)

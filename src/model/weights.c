@@ -52,6 +52,36 @@ fail:
     return status;
 }
 
+/* Every element code valid for the format, unused bits zero, and no scale
+ * byte mxq never writes: 255 (a NaN block: non-finite weights are refused
+ * before quantizing) or 0 (2^-127: below the -126 of an all-zero block).
+ * A flipped bit is named here, not found as a wrong perplexity. */
+static mxq_status check_codes(mxq_ctx *ctx, const mxq_tensor_view *packed, const mxq_tensor_view *scales,
+                              const mxq_mx_spec *spec, size_t out_f, size_t in_f)
+{
+    mxq_status status = MXQ_OK;
+    const size_t row_bytes = mxq_mx_packed_row_bytes(spec->format, in_f), blocks = mxq_mx_blocks_per_row(in_f, spec->block);
+    uint8_t *codes = malloc(in_f + row_bytes);
+    CHECK_ALLOC(ctx, codes, in_f + row_bytes, packed->name);
+    for (size_t r = 0; r < out_f; r++) {
+        const uint8_t *row = (const uint8_t *)packed->data + r * row_bytes, *scale = (const uint8_t *)scales->data + r * blocks;
+        const size_t bad = mxq_mx_check_row(spec->format, row, in_f, codes, codes + in_f);
+        CHECK(ctx, bad == (size_t)-1, MXQ_ERR_FORMAT,
+              bad < in_f ? "%s: '%s' [%zu, %zu] holds code 0x%x, which is no %s element; the checkpoint is corrupt"
+                         : "%s: '%s' row %zu has bits set that no element uses (after column %zu, code 0x%x, %s); the "
+                           "checkpoint is corrupt",
+              packed->file, packed->name, r, bad < in_f ? bad : in_f - 1, bad < in_f ? codes[bad] : codes[in_f - 1],
+              spec->format->name);
+        for (size_t b = 0; b < blocks; b++)
+            CHECK(ctx, scale[b] != 0 && scale[b] != 255, MXQ_ERR_FORMAT,
+                  "%s: '%s' [%zu, %zu] is scale byte %u, which mxq never writes (%s); the checkpoint is corrupt",
+                  scales->file, scales->name, r, b, scale[b], scale[b] ? "a NaN block" : "2^-127");
+    }
+fail:
+    free(codes);
+    return status;
+}
+
 /* An MX linear of an mxq checkpoint: <base>.weight_packed U8 [out, packed
  * row bytes] and <base>.weight_scale U8 [out, blocks], dequantized to float. */
 static mxq_status load_mx_linear(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_tensor_view *packed, const char *base,
@@ -74,6 +104,7 @@ static mxq_status load_mx_linear(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_t
           scales->name, out_f, (long long)blocks, spec->block);
     buf = mxq_alloc_floats((size_t)out_f * in_f);
     CHECK_ALLOC(ctx, buf, (size_t)out_f * in_f * sizeof(float), base);
+    CALL(ctx, check_codes(ctx, packed, scales, spec, (size_t)out_f, (size_t)in_f));
     CALL(ctx, mxq_mx_dequantize_rows(ctx, spec, packed->data, scales->data, (size_t)out_f, (size_t)in_f, buf));
     CALL(ctx, check_decoded(ctx, packed, scales, spec, buf, (size_t)out_f, (size_t)in_f));
     *out = buf;

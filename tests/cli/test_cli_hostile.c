@@ -751,6 +751,31 @@ static void test_nan_scale_in_a_checkpoint(void **state)
     expect_refused("a NaN scale byte in a checkpoint", &r, "model.layers.2.mlp.up_proj.weight", "scale byte 255");
 }
 
+/* Corruptions that decode to finite values: an invalid element code and a
+ * scale byte mxq never writes; eval names them instead of a perplexity. */
+static void test_invalid_codes_in_a_checkpoint(void **state)
+{
+    (void)state;
+    const char *out = tu_scratch_path("bad-codes");
+    tu_run_result r = run_mxq(1, "quantize", "--model", tu_data_path("stories260K"), "--calib",
+                              tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-rtn"), "--out", out,
+                              "-q", NULL);
+    assert_int_equal(r.exit_code, 0);
+    const char *shard = "model-00001-of-00001.safetensors", *packed = "model.layers.1.self_attn.k_proj.weight_packed";
+    const unsigned char minus8 = 0x88, zero_scale = 0;
+    char backup[1024];
+    snprintf(backup, sizeof(backup), "cp '%s/%s' '%s/%s.orig'", out, shard, out, shard);
+    assert_int_equal(system(backup), 0);
+    poke_bytes(out, shard, packed, 3, &minus8, 1);
+    r = run_mxq(2, "eval", "--model", out, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit", "2", NULL);
+    expect_refused("an MXINT4 code -8 in a checkpoint", &r, packed, "code 0x8, which is no mxint4 element");
+    snprintf(backup, sizeof(backup), "cp '%s/%s.orig' '%s/%s'", out, shard, out, shard);
+    assert_int_equal(system(backup), 0);
+    poke_bytes(out, shard, "model.layers.1.self_attn.k_proj.weight_scale", 0, &zero_scale, 1);
+    r = run_mxq(2, "eval", "--model", out, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit", "2", NULL);
+    expect_refused("a scale byte 0 in a checkpoint", &r, "k_proj.weight_scale", "scale byte 0");
+}
+
 static void test_eval_nonfinite_result(void **state)
 {
     (void)state;
@@ -1184,6 +1209,7 @@ int main(void)
         cmocka_unit_test(test_nan_embedding_quantize),
         cmocka_unit_test(test_nan_embedding_eval),
         cmocka_unit_test(test_nan_scale_in_a_checkpoint),
+        cmocka_unit_test(test_invalid_codes_in_a_checkpoint),
         cmocka_unit_test(test_eval_nonfinite_result),
         cmocka_unit_test(test_quantize_linear_nan_hessian),
         cmocka_unit_test(test_quantize_linear_asymmetric_hessian),

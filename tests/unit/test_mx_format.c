@@ -170,13 +170,39 @@ static void test_format_names_are_the_table(void **state)
     assert_string_equal(mxq_format_names(), joined);
 }
 
+/* A code is valid exactly when it decodes (with scale 1) to a finite
+ * value the format can reach: no Inf/NaN codes, no integer code below
+ * -max (MXINT4's -8); and every code the encoder writes is valid. */
+static void test_code_validity(void **state)
+{
+    (void)state;
+    for (int id = 0; id < MXQ_FORMAT_COUNT; id++) {
+        const mxq_format *f = mxq_format_get((mxq_format_id)id);
+        for (int code = 0; code < 256; code++) {
+            const float v = code >> f->bits ? NAN : mxq_mx_decode(f, (uint8_t)code, 0);
+            const int reachable = isfinite(v) && fabsf(v) <= f->max;
+            if (mxq_mx_code_valid(f, (uint8_t)code) != reachable)
+                fail_msg("%s code 0x%x: valid %d, decodes to %g", f->name, code, mxq_mx_code_valid(f, (uint8_t)code),
+                         (double)v);
+        }
+        for (float x = -2.0f * f->max; x <= 2.0f * f->max; x += f->max / 37.0f)
+            assert_true(mxq_mx_code_valid(f, mxq_mx_encode(f, MXQ_ROUND_EVEN, x, 0)));
+    }
+    const mxq_format *int4 = mxq_format_by_name("mxint4");
+    uint8_t codes[3], repacked[2];
+    const uint8_t clean[2] = {0x97, 0x01}, minus8[2] = {0x87, 0x01}, padded[2] = {0x97, 0x21};
+    assert_true(mxq_mx_check_row(int4, clean, 3, codes, repacked) == (size_t)-1);
+    assert_true(mxq_mx_check_row(int4, minus8, 3, codes, repacked) == 1);
+    assert_true(mxq_mx_check_row(int4, padded, 3, codes, repacked) == 3);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_format_names_are_the_table),
         cmocka_unit_test(test_table_matches_spec), cmocka_unit_test(test_decode_encode_all_codes),
         cmocka_unit_test(test_pack_unpack_identity), cmocka_unit_test(test_pack_layout),
-        cmocka_unit_test(test_names),
+        cmocka_unit_test(test_names), cmocka_unit_test(test_code_validity),
     };
     return cmocka_run_group_tests_name("mx_format", tests, NULL, NULL);
 }
