@@ -100,6 +100,24 @@ mxq_status mxq_cast_file(mxq_ctx *ctx, const mxq_mx_spec *spec, const char *in_p
 mxq_status mxq_quantize_linear_file(mxq_ctx *ctx, const char *recipe_path, int role, const char *in_path,
                                     const char *out_path);
 
+/* ---- mxq verify ---------------------------------------------------------- */
+
+typedef struct {
+    int shards;      /* shard files found */
+    int checksummed; /* of which the index records size and SHA-256 (mxq's checkpoints: all) */
+    uint64_t bytes;  /* their size */
+    int layers;      /* decoder layers loaded and checked */
+    int mx;          /* an mxq MX checkpoint (quantization_config) */
+} mxq_verify_result;
+
+/* Whether the checkpoint in `dir` is whole and valid: every shard the index
+ * names exists with the size and SHA-256 the index records (mxq's
+ * checkpoints record them), config.json is readable (known format_version
+ * and formats) and matches the tensors' headers, and every tensor loads as
+ * mxq eval loads it: shapes, valid element codes, scale bytes mxq writes,
+ * finite values. Fails naming the first problem. Local (one process). */
+mxq_status mxq_verify(mxq_ctx *ctx, const char *dir, mxq_verify_result *result);
+
 #ifdef __cplusplus
 }
 #endif

@@ -30,6 +30,8 @@ static void print_main_help(FILE *out)
             "  quantize-linear  one weight (+ inputs or Hessian) from HDF5 through a recipe\n"
             "  synth   write a random-weight model with the shapes of a real one\n"
             "          (llama-2-7b, llama-2-70b, llama-3.1-8b, qwen2-7b, mistral-7b)\n"
+            "  verify  check a checkpoint: shards' sizes and SHA-256, config, every tensor's\n"
+            "          shape, element codes and scale bytes\n"
             "  help    show this text, or `mxq help <command>`\n"
             "\n"
             "MX formats (block of B elements along the last axis shares one E8M0 scale):\n"
@@ -153,6 +155,7 @@ static const verb_entry verbs[] = {
     {"synth", mxq_cmd_synth, 0},
     {"quantize", mxq_cmd_quantize, 1},
     {"quantize-linear", mxq_cmd_quantize_linear, 0},
+    {"verify", mxq_cmd_verify, 0},
 };
 
 static int wants_help(int argc, char **argv)
@@ -226,7 +229,7 @@ static int run_verb(const char *verb, int argc, char **argv)
 {
     const verb_entry *entry = find_verb(verb);
     if (!entry)
-        return mxq_cli_usage_error(NULL, NULL, "unknown command '%s' (commands: cast, eval, quantize, quantize-linear, synth, help; see "
+        return mxq_cli_usage_error(NULL, NULL, "unknown command '%s' (commands: cast, eval, quantize, quantize-linear, synth, verify, help; see "
                                    "mxq --help)",
                                    verb);
     int launch_rank, launch_size;

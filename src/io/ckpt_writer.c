@@ -424,7 +424,7 @@ void mxq_shard_name(char *buf, size_t size, int index, int count)
 }
 
 mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, json_t *map, uint64_t total_size, const char *format,
-                                const mxq_input_set *inputs, mxq_output *pending)
+                                json_t *shards, const mxq_input_set *inputs, mxq_output *pending)
 {
     mxq_status status = MXQ_OK;
     char path[MXQ_PATH_BUF];
@@ -432,6 +432,9 @@ mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, json_t *map, uint
     CHECK_ALLOC(ctx, meta, 1, "the checkpoint index");
     if (format)
         CHECK(ctx, json_object_set_new(meta, "format", json_string(format)) == 0, MXQ_ERR_NOMEM,
+              "out of memory building the checkpoint index");
+    if (shards)
+        CHECK(ctx, json_object_set(meta, "mxq_shards", shards) == 0, MXQ_ERR_NOMEM,
               "out of memory building the checkpoint index");
     index = json_pack("{s:O, s:O}", "metadata", meta, "weight_map", map);
     CHECK_ALLOC(ctx, index, 1, "the checkpoint index");

@@ -76,11 +76,14 @@ void mxq_shard_name(char *buf, size_t size, int index, int count);
 mxq_status mxq_st_write(mxq_ctx *ctx, mxq_output *out, const mxq_tensor_write *tensors, size_t count);
 
 /* model.safetensors.index.json: {"metadata": {"total_size": N[, "format":
- * format]}, "weight_map": map}; `map` is a JSON object tensor -> shard.
+ * format][, "mxq_shards": shards]}, "weight_map": map}; `map` is a JSON
+ * object tensor -> shard, `shards` (NULL: none) shard -> {"sha256",
+ * "bytes"} of each whole file, for mxq verify.
  * With `pending`, it is left under its temporary name for the caller to
  * commit: the index is what makes a directory a checkpoint. */
 struct json_t;
 mxq_status mxq_ckpt_index_write(mxq_ctx *ctx, const char *dir, struct json_t *map, uint64_t total_size,
-                                const char *format, const mxq_input_set *inputs, mxq_output *pending);
+                                const char *format, struct json_t *shards, const mxq_input_set *inputs,
+                                mxq_output *pending);
 
 #endif

@@ -276,6 +276,8 @@ mxq_status mxq_output_write(mxq_ctx *ctx, mxq_output *out, const void *data, siz
 {
     mxq_status status = MXQ_OK;
     const char *p = data;
+    if (out->hash)
+        mxq_sha256_update(out->hash, data, len);
     while (len > 0) {
         ssize_t n = write(out->fd, p, len);
         if (n < 0 && errno == EINTR)
@@ -400,7 +402,7 @@ fail:
 mxq_status mxq_json_write_atomic(mxq_ctx *ctx, const json_t *value, const char *path, const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;
-    mxq_output out = {NULL, NULL, -1};
+    mxq_output out = {NULL, NULL, -1, NULL};
     CALL(ctx, mxq_json_write_temp(ctx, value, path, inputs, &out));
     CALL(ctx, mxq_output_commit(ctx, &out));
 fail:

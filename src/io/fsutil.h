@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <sys/types.h>
 
+#include "io/sha256.h"
 #include "mxq/core.h"
 
 /* Room for a directory of up to PATH_MAX and a file name: a join that does
@@ -64,6 +65,7 @@ typedef struct {
     char *final_path;
     char *temp_path; /* <dir>/.<name>.tmp-<pid>-<n>, or NULL when not begun / committed */
     int fd;          /* open for writing until commit or abort; -1 after */
+    mxq_sha256 *hash; /* when set, every byte written goes through it too */
 } mxq_output;
 
 /* Check `final_path` and create its temporary file. */

@@ -291,7 +291,7 @@ mxq_status mxq_eval_perplexity(mxq_ctx *ctx, MPI_Comm comm, const char *model_di
                                const mxq_eval_options *options, mxq_eval_result *result)
 {
     mxq_status status = MXQ_OK;
-    eval_job j = {.dist = {.comm = MPI_COMM_NULL}, .json_out = {NULL, NULL, -1}};
+    eval_job j = {.dist = {.comm = MPI_COMM_NULL}, .json_out = {NULL, NULL, -1, NULL}};
     j.model_dir = model_dir;
     j.tokens_path = tokens_path;
     j.options = options;

@@ -327,9 +327,16 @@ static mxq_status write_shard(mxq_ctx *ctx, quantize_job *job)
         CALL(ctx, mxq_checkpoint_get(ctx, job->ckpt, names[i], &v));
         CALL(ctx, add_tensor(ctx, job, v, &job->shard));
     }
+    mxq_sha256 hash;
+    mxq_shard_digest digest = {.data_bytes = job->shard.bytes};
+    mxq_sha256_init(&hash);
+    job->shard_out.hash = &hash;
     CALL(ctx, mxq_st_write(ctx, &job->shard_out, job->shard.t, job->shard.n));
+    job->shard_out.hash = NULL;
+    digest.file_bytes = hash.length;
+    mxq_sha256_hex(&hash, digest.sha256);
     CALL(ctx, mxq_quantize_report_pack(ctx, job->dist.rank, job->results, job->n_local, job->shard.names, job->shard.n,
-                                       job->shard.bytes, &job->packed_report, &job->packed_len));
+                                       &digest, &job->packed_report, &job->packed_len));
 fail:
     free(names);
     return status;
@@ -853,6 +860,7 @@ static mxq_status build_report(mxq_ctx *ctx, quantize_job *job, const double *se
     CHECK_ALLOC(ctx, job->report.predicted_rss, (size_t)size * sizeof(double), "the memory plan");
     const mxq_plan_input in = plan_input(job);
     job->report.group_size = job->data_parallel ? size : 1;
+    job->report.inputs = job->fingerprint;
     job->report.grid_min_inputs = job->data_parallel && size > 1 ? job->grid_min_inputs : 0;
     for (int r = 0; r < size; r++) {
         mxq_rank_plan plan;
@@ -886,7 +894,7 @@ fail:
 static mxq_status dry_run_output(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
-    mxq_output out = {NULL, NULL, -1};
+    mxq_output out = {NULL, NULL, -1, NULL};
     const mxq_plan_input in = plan_input(job);
     json_t *plan = NULL;
     mxq_quantize_print_plan(ctx, &in, job->mem_per_rank);
@@ -933,8 +941,8 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
 {
     mxq_status status = MXQ_OK;
     quantize_job job = {.dist = {.comm = MPI_COMM_NULL},
-                        .shard_out = {NULL, NULL, -1},
-                        .store = {.file = -1, .out = {NULL, NULL, -1}}};
+                        .shard_out = {NULL, NULL, -1, NULL},
+                        .store = {.file = -1, .out = {NULL, NULL, -1, NULL}}};
     job.report.index.fd = -1;
     job.model_dir = model_dir;
     job.calib_path = calib_path;

@@ -16,7 +16,9 @@
 
 /* What each rank sends ahead of its records and its tensor names. */
 typedef struct {
-    uint64_t shard_bytes;
+    uint64_t shard_bytes; /* tensor data */
+    uint64_t file_bytes;  /* the whole shard file */
+    char sha256[65];      /* of the whole shard file */
     double peak_rss;
     int n_records;
 } rank_header;
@@ -81,7 +83,8 @@ void mxq_layer_record_log(mxq_ctx *ctx, int n_layers, const mxq_layer_record *re
 
 /* [rank_header][records][names, each followed by '\n'] */
 mxq_status mxq_quantize_report_pack(mxq_ctx *ctx, int rank, const mxq_layer_result *results, int n_local,
-                                    char *const *names, size_t n_names, size_t shard_bytes, char **out, size_t *len)
+                                    char *const *names, size_t n_names, const mxq_shard_digest *shard, char **out,
+                                    size_t *len)
 {
     mxq_status status = MXQ_OK;
     size_t text = 0;
@@ -95,7 +98,9 @@ mxq_status mxq_quantize_report_pack(mxq_ctx *ctx, int rank, const mxq_layer_resu
     CHECK_ALLOC(ctx, buf, *len, "the report of this rank");
     rank_header h;
     memset(&h, 0, sizeof(h)); /* padding too: these bytes travel */
-    h.shard_bytes = shard_bytes;
+    h.shard_bytes = shard->data_bytes;
+    h.file_bytes = shard->file_bytes;
+    snprintf(h.sha256, sizeof(h.sha256), "%s", shard->sha256);
     h.peak_rss = (double)mxq_peak_rss_bytes();
     h.n_records = n_records;
     memcpy(buf, &h, sizeof(h));
@@ -135,6 +140,10 @@ static mxq_status unpack_rank(mxq_ctx *ctx, mxq_quantize_report *rep, int r, con
     rep->peak_rss[r] = h.peak_rss;
     rep->total_bytes += h.shard_bytes;
     mxq_shard_name(shard, sizeof(shard), r, rep->size);
+    h.sha256[sizeof(h.sha256) - 1] = '\0';
+    CHECK(ctx, json_object_set_new(rep->shards, shard, json_pack("{s:s, s:I}", "sha256", h.sha256, "bytes",
+                                                                  (json_int_t)h.file_bytes)) == 0,
+          MXQ_ERR_NOMEM, "out of memory building the checkpoint index");
     for (const char *p = part + head, *end = part + len; p < end;) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
         CHECK(ctx, nl != NULL, MXQ_ERR_INTERNAL, "a tensor name of rank %d is truncated", r);
@@ -161,7 +170,8 @@ static mxq_status unpack_all(mxq_ctx *ctx, mxq_quantize_report *rep, int n_layer
     rep->capacity = n_layers;
     rep->peak_rss = calloc((size_t)rep->size, sizeof(double));
     rep->weight_map = json_object();
-    CHECK_ALLOC(ctx, rep->records && rep->peak_rss && rep->weight_map, (size_t)n_layers * sizeof(*rep->records),
+    rep->shards = json_object();
+    CHECK_ALLOC(ctx, rep->records && rep->peak_rss && rep->weight_map && rep->shards, (size_t)n_layers * sizeof(*rep->records),
                 "the gathered report");
     size_t offset = 0;
     for (int r = 0; r < rep->size; r++) {
@@ -285,6 +295,8 @@ static json_t *report_json(const mxq_quantize_report *rep, const char *model_dir
     mxq_json_put(report, "ranks", json_integer(rep->size), ok);
     /* what the bytes depend on besides the inputs: the sums' grouping, the grid */
     mxq_json_put(report, "group_size", json_integer(rep->group_size), ok);
+    if (rep->inputs) /* paths, sizes and checksums of what went in */
+        mxq_json_put(report, "inputs", json_incref(rep->inputs), ok);
     mxq_json_put(report, "grid_min_inputs", json_integer(rep->grid_min_inputs), ok);
     mxq_json_put(report, "loss_rows",
                  json_string("losses of a linear of 512 rows or more are estimated from every (out/256)-th row, "
@@ -391,7 +403,8 @@ mxq_status mxq_quantize_report_stage(mxq_ctx *ctx, mxq_quantize_report *rep, con
     CALL(ctx, mxq_json_write_temp(ctx, rep->report, path, inputs, &rep->report_out));
     mxq_path_join(path, out_dir, "config.json");
     CALL(ctx, mxq_json_write_temp(ctx, rep->config, path, inputs, &rep->config_out));
-    CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, rep->weight_map, rep->total_bytes, "mxq", inputs, &rep->index));
+    CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, rep->weight_map, rep->total_bytes, "mxq", rep->shards, inputs,
+                                   &rep->index));
 fail:
     return status;
 }
@@ -421,6 +434,7 @@ void mxq_quantize_report_free(mxq_quantize_report *rep)
     free(rep->peak_rss);
     free(rep->predicted_rss);
     json_decref(rep->weight_map);
+    json_decref(rep->shards);
     json_decref(rep->config);
     json_decref(rep->report);
     memset(rep, 0, sizeof(*rep));

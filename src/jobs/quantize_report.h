@@ -38,6 +38,8 @@ typedef struct {
     int group_size;            /* 1: a pipeline; else the data-parallel group's ranks (the bytes depend on it) */
     int grid_min_inputs;       /* group: GPTQ of linears of this many inputs or more on the grid; 0: none */
     json_t *weight_map;        /* tensor -> shard */
+    json_t *shards;            /* shard -> {"sha256", "bytes"}, for the index */
+    json_t *inputs;            /* borrowed: the job's inputs as --resume records them (job.json), for the report */
     uint64_t total_bytes;      /* tensor data of all shards */
     json_t *config, *report;
     mxq_output report_out, config_out, index; /* written, not yet renamed into place */
@@ -54,10 +56,17 @@ void mxq_layer_record_alphas(const mxq_layer_record *rec, char *text, size_t siz
 /* The layer's progress line (rank 0 prints). */
 void mxq_layer_record_log(mxq_ctx *ctx, int n_layers, const mxq_layer_record *rec);
 
+/* A shard as the index records it. */
+typedef struct {
+    uint64_t data_bytes, file_bytes;
+    char sha256[65];
+} mxq_shard_digest;
+
 /* This rank's layer figures (results with layer -1 are skipped), tensor
- * names and shard size as plain bytes (free() *out). Local. */
+ * names and shard's sizes and checksum as plain bytes (free() *out). Local. */
 mxq_status mxq_quantize_report_pack(mxq_ctx *ctx, int rank, const mxq_layer_result *results, int n_local,
-                                    char *const *names, size_t n_names, size_t shard_bytes, char **out, size_t *len);
+                                    char *const *names, size_t n_names, const mxq_shard_digest *shard, char **out,
+                                    size_t *len);
 
 /* Collective: every rank's packed part to rank 0 (into `report`). */
 mxq_status mxq_quantize_report_gather(mxq_ctx *ctx, const mxq_dist *dist, mxq_quantize_report *report,

@@ -215,7 +215,7 @@ mxq_status mxq_resume_write_layer(mxq_ctx *ctx, const mxq_resume *r, int layer, 
 {
     mxq_status status = MXQ_OK;
     char path[MXQ_PATH_BUF];
-    mxq_output out = {NULL, NULL, -1};
+    mxq_output out = {NULL, NULL, -1, NULL};
     mxq_tensor_write *all = calloc(count + 1, sizeof(*all));
     CHECK_ALLOC(ctx, all, (count + 1) * sizeof(*all), "a layer's record");
     memcpy(all, tensors, count * sizeof(*all));

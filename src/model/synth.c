@@ -291,7 +291,8 @@ static mxq_status write_pending(mxq_ctx *ctx, const mxq_synth_options *opt, cons
     for (int sh = 0; sh < plan->n_shards; sh++)
         CALL(ctx, write_shard(ctx, plan, opt, out_dir, sh, weight_map, &pending[sh]));
     if (plan->n_shards > 1)
-        CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, weight_map, plan->total_bytes, NULL, NULL, &pending[plan->n_shards]));
+        CALL(ctx, mxq_ckpt_index_write(ctx, out_dir, weight_map, plan->total_bytes, NULL, NULL, NULL,
+                                       &pending[plan->n_shards]));
     config = config_json(opt->preset, cfg, opt->dtype);
     CHECK_ALLOC(ctx, config, 1, "config.json");
     mxq_path_join(path, out_dir, "config.json");

@@ -157,32 +157,9 @@ static const char *model_copy(const char *name, const char *key, json_t *value)
     return dir;
 }
 
-/* Set element `index` of float32 tensor `tensor` in dir's model.safetensors. */
-/* Overwrite `size` bytes of `tensor` at byte `offset` in dir/file. */
-static void poke_bytes(const char *dir, const char *file, const char *tensor, size_t offset, const void *bytes,
-                       size_t size)
-{
-    char path[1024];
-    snprintf(path, sizeof(path), "%s/%s", dir, file);
-    size_t n;
-    char *data = tu_read_file(path, &n);
-    uint64_t hlen = 0;
-    for (int i = 7; i >= 0; i--)
-        hlen = hlen << 8 | (unsigned char)data[i];
-    json_t *header = json_loadb(data + 8, hlen, 0, NULL);
-    assert_non_null(header);
-    json_t *offsets = json_object_get(json_object_get(header, tensor), "data_offsets");
-    assert_non_null(offsets);
-    size_t at = 8 + hlen + (size_t)json_integer_value(json_array_get(offsets, 0)) + offset;
-    memcpy(data + at, bytes, size);
-    tu_write_file(path, data, n);
-    json_decref(header);
-    free(data);
-}
-
 static void poke_weight(const char *dir, const char *tensor, size_t index, float value)
 {
-    poke_bytes(dir, "model.safetensors", tensor, index * sizeof(float), &value, sizeof(value));
+    tu_poke_tensor(dir, "model.safetensors", tensor, index * sizeof(float), &value, sizeof(value));
 }
 
 static const char *recipe(const char *name)
@@ -746,7 +723,7 @@ static void test_nan_scale_in_a_checkpoint(void **state)
                               "-q", NULL);
     assert_int_equal(r.exit_code, 0);
     const unsigned char nan_scale = 0xFF;
-    poke_bytes(out, "model-00001-of-00001.safetensors", "model.layers.2.mlp.up_proj.weight_scale", 5, &nan_scale, 1);
+    tu_poke_tensor(out, "model-00001-of-00001.safetensors", "model.layers.2.mlp.up_proj.weight_scale", 5, &nan_scale, 1);
     r = run_mxq(2, "eval", "--model", out, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit", "2", NULL);
     expect_refused("a NaN scale byte in a checkpoint", &r, "model.layers.2.mlp.up_proj.weight", "scale byte 255");
 }
@@ -766,12 +743,12 @@ static void test_invalid_codes_in_a_checkpoint(void **state)
     char backup[1024];
     snprintf(backup, sizeof(backup), "cp '%s/%s' '%s/%s.orig'", out, shard, out, shard);
     assert_int_equal(system(backup), 0);
-    poke_bytes(out, shard, packed, 3, &minus8, 1);
+    tu_poke_tensor(out, shard, packed, 3, &minus8, 1);
     r = run_mxq(2, "eval", "--model", out, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit", "2", NULL);
     expect_refused("an MXINT4 code -8 in a checkpoint", &r, packed, "code 0x8, which is no mxint4 element");
     snprintf(backup, sizeof(backup), "cp '%s/%s.orig' '%s/%s'", out, shard, out, shard);
     assert_int_equal(system(backup), 0);
-    poke_bytes(out, shard, "model.layers.1.self_attn.k_proj.weight_scale", 0, &zero_scale, 1);
+    tu_poke_tensor(out, shard, "model.layers.1.self_attn.k_proj.weight_scale", 0, &zero_scale, 1);
     r = run_mxq(2, "eval", "--model", out, "--tokens", tu_data_path("stories260K/eval.h5"), "--limit", "2", NULL);
     expect_refused("a scale byte 0 in a checkpoint", &r, "k_proj.weight_scale", "scale byte 0");
 }

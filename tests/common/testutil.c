@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+#include <jansson.h>
 
 const char *tu_data_dir(void)
 {
@@ -248,4 +249,26 @@ void tu_h5_write(hid_t file, const char *name, hid_t file_type, hid_t mem_type, 
     assert_true(H5Dwrite(d, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0);
     H5Dclose(d);
     H5Sclose(space);
+}
+
+void tu_poke_tensor(const char *dir, const char *file, const char *tensor, size_t offset, const void *bytes,
+                    size_t size)
+{
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/%s", dir, file);
+    size_t n;
+    char *data = tu_read_file(path, &n);
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | (unsigned char)data[i];
+    json_t *header = json_loadb(data + 8, hlen, 0, NULL);
+    assert_non_null(header);
+    json_t *offsets = json_object_get(json_object_get(header, tensor), "data_offsets");
+    assert_non_null(offsets);
+    size_t at = 8 + hlen + (size_t)json_integer_value(json_array_get(offsets, 0)) + offset;
+    assert_true(at + size <= n);
+    memcpy(data + at, bytes, size);
+    tu_write_file(path, data, n);
+    json_decref(header);
+    free(data);
 }

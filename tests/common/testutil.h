@@ -58,6 +58,11 @@ void tu_run_prefixed(const char *const *prefix, size_t n_prefix, va_list rest, t
 int tu_start(const char *const *argv, int slot);
 void tu_finish(int pid, int slot, tu_run_result *result);
 
+/* Overwrite `size` bytes of tensor `tensor` at byte `offset` of its data in
+ * the safetensors file dir/file (its header read here, not through mxq). */
+void tu_poke_tensor(const char *dir, const char *file, const char *tensor, size_t offset, const void *bytes,
+                    size_t size);
+
 /* Read a whole file into a new NUL-terminated buffer; *size gets its length. */
 char *tu_read_file(const char *path, size_t *size);
 void tu_write_file(const char *path, const void *data, size_t size);

@@ -1,0 +1,218 @@
+/* mxq verify on a checkpoint mxq quantize wrote (the bundled model, W4A8
+ * MXINT RTN, 2 shards): it passes as written, and each corruption is
+ * found and named in one error line: a flipped byte in any tensor, a
+ * truncated shard, a missing shard, bytes appended to a shard, an invalid
+ * element code and a scale byte out of range (with the index's checksum
+ * recomputed by sha256sum, so that the content checks must find them), and
+ * an unknown format_version. */
+#include <jansson.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "testutil.h"
+
+#define SHARD1 "model-00001-of-00002.safetensors"
+#define SHARD2 "model-00002-of-00002.safetensors"
+
+static const char *checkpoint(void)
+{
+    static const char *dir;
+    if (dir)
+        return dir;
+    dir = tu_scratch_path("verified");
+    const char *argv[] = {"timeout", "300", "mpirun", "-n", "2", "--oversubscribe", getenv("MXQ_BIN"), "quantize",
+                          "--model", tu_data_path("stories260K"), "--calib", tu_data_path("stories260K/calib.h5"),
+                          "--recipe", tu_data_path("../configs/recipes/block32/w4a8-mxint-rtn.yaml"), "--out", dir,
+                          "-q", NULL};
+    tu_run_result r;
+    tu_run(argv, &r);
+    if (r.exit_code != 0)
+        fail_msg("quantize failed: %.600s", r.err);
+    return dir;
+}
+
+static tu_run_result verify(const char *dir)
+{
+    const char *argv[] = {getenv("MXQ_BIN"), "verify", dir, NULL};
+    tu_run_result r;
+    tu_run(argv, &r);
+    return r;
+}
+
+static int count(const char *text, const char *what)
+{
+    int n = 0;
+    for (const char *p = strstr(text, what); p; p = strstr(p + 1, what))
+        n++;
+    return n;
+}
+
+static void expect_found(const char *what, const char *dir, const char *fragment)
+{
+    tu_run_result r = verify(dir);
+    const char *line = strstr(r.err, "error:");
+    print_message("# %s: exit %d: %.*s\n", what, r.exit_code, line ? (int)strcspn(line, "\n") : 0, line ? line : "");
+    if (r.exit_code != 1 || count(r.err, "error:") != 1 || !strstr(r.err, fragment))
+        fail_msg("%s: expected exit 1 and one error line naming '%s': exit %d, %.600s", what, fragment, r.exit_code,
+                 r.err);
+}
+
+/* A scratch copy of the checkpoint, to corrupt. */
+static const char *copy_of(const char *name)
+{
+    const char *dir = tu_scratch_path("%s", name);
+    char cmd[2048];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s' && cp -r '%s' '%s'", dir, checkpoint(), dir);
+    assert_int_equal(system(cmd), 0);
+    return dir;
+}
+
+/* The index's SHA-256 of `shard` set to what sha256sum says now. */
+static void rehash(const char *dir, const char *shard)
+{
+    char cmd[2048], index[1024];
+    snprintf(cmd, sizeof(cmd), "sha256sum '%s/%s'", dir, shard);
+    FILE *p = popen(cmd, "r");
+    char hex[65] = "";
+    assert_non_null(p);
+    assert_int_equal(fscanf(p, "%64s", hex), 1);
+    pclose(p);
+    snprintf(index, sizeof(index), "%s/model.safetensors.index.json", dir);
+    json_t *root = json_load_file(index, 0, NULL);
+    json_t *entry = json_object_get(json_object_get(json_object_get(root, "metadata"), "mxq_shards"), shard);
+    assert_non_null(entry);
+    json_object_set_new(entry, "sha256", json_string(hex));
+    assert_int_equal(json_dump_file(root, index, JSON_INDENT(2)), 0);
+    json_decref(root);
+}
+
+static void test_written_checkpoint_passes(void **state)
+{
+    (void)state;
+    tu_run_result r = verify(checkpoint());
+    if (r.exit_code != 0 || !strstr(r.out, "OK") || !strstr(r.out, "SHA-256"))
+        fail_msg("verify of a fresh checkpoint: exit %d, %s %s", r.exit_code, r.out, r.err);
+    /* the checksums are those of an independent tool */
+    char cmd[2048];
+    snprintf(cmd, sizeof(cmd), "cd '%s' && grep -q \"$(sha256sum %s | cut -c1-64)\" model.safetensors.index.json",
+             checkpoint(), SHARD1);
+    assert_int_equal(system(cmd), 0);
+}
+
+/* One byte flipped in the middle of every tensor of both shards, in turn. */
+static void test_flipped_byte_in_any_tensor(void **state)
+{
+    (void)state;
+    const char *dir = copy_of("flipped");
+    const char *shards[] = {SHARD1, SHARD2};
+    int tested = 0;
+    for (int s = 0; s < 2; s++) {
+        char path[1024];
+        size_t n;
+        snprintf(path, sizeof(path), "%s/%s", dir, shards[s]);
+        char *data = tu_read_file(path, &n);
+        uint64_t hlen = 0;
+        for (int i = 7; i >= 0; i--)
+            hlen = hlen << 8 | (unsigned char)data[i];
+        json_t *header = json_loadb(data + 8, hlen, 0, NULL);
+        free(data);
+        const char *name;
+        json_t *entry;
+        json_object_foreach(header, name, entry)
+        {
+            json_t *off = json_object_get(entry, "data_offsets");
+            if (!off)
+                continue;
+            const size_t mid = (size_t)(json_integer_value(json_array_get(off, 1)) -
+                                        json_integer_value(json_array_get(off, 0))) / 2;
+            unsigned char byte = 0;
+            data = tu_read_file(path, &n);
+            byte = (unsigned char)data[8 + hlen + (size_t)json_integer_value(json_array_get(off, 0)) + mid] ^ 0x10;
+            free(data);
+            tu_poke_tensor(dir, shards[s], name, mid, &byte, 1);
+            tu_run_result r = verify(dir);
+            if (r.exit_code != 1 || !strstr(r.err, "SHA-256") || !strstr(r.err, shards[s]))
+                fail_msg("a flipped byte in %s of %s: exit %d, %.400s", name, shards[s], r.exit_code, r.err);
+            byte ^= 0x10;
+            tu_poke_tensor(dir, shards[s], name, mid, &byte, 1);
+            tested++;
+        }
+        json_decref(header);
+    }
+    print_message("# a byte flipped in each of the %d tensors: found every time\n", tested);
+    assert_true(tested > 40);
+    assert_int_equal(verify(dir).exit_code, 0); /* flipped back: whole again */
+}
+
+static void test_truncated_missing_and_extended_shards(void **state)
+{
+    (void)state;
+    char cmd[2048];
+    const char *dir = copy_of("truncated");
+    snprintf(cmd, sizeof(cmd), "truncate -s -100 '%s/%s'", dir, SHARD2);
+    assert_int_equal(system(cmd), 0);
+    expect_found("a truncated shard", dir, "truncated");
+    dir = copy_of("missing");
+    snprintf(cmd, sizeof(cmd), "rm '%s/%s'", dir, SHARD1);
+    assert_int_equal(system(cmd), 0);
+    expect_found("a missing shard", dir, "is missing");
+    dir = copy_of("extended");
+    snprintf(cmd, sizeof(cmd), "head -c 16 /dev/zero >> '%s/%s'", dir, SHARD1);
+    assert_int_equal(system(cmd), 0);
+    expect_found("16 bytes after a shard", dir, "bytes appended");
+}
+
+/* Content corruptions behind a checksum that matches them. */
+static void test_invalid_code_and_scale_bytes(void **state)
+{
+    (void)state;
+    const unsigned char minus8 = 0x88, zero = 0, nan = 255;
+    const char *dir = copy_of("bad-code");
+    tu_poke_tensor(dir, SHARD1, "model.layers.0.mlp.up_proj.weight_packed", 10, &minus8, 1);
+    rehash(dir, SHARD1);
+    expect_found("an MXINT4 code -8", dir, "holds code 0x8, which is no mxint4 element");
+    dir = copy_of("zero-scale");
+    tu_poke_tensor(dir, SHARD1, "model.layers.1.self_attn.o_proj.weight_scale", 3, &zero, 1);
+    rehash(dir, SHARD1);
+    expect_found("a scale byte 0", dir, "scale byte 0");
+    dir = copy_of("nan-scale");
+    tu_poke_tensor(dir, SHARD2, "model.layers.4.mlp.down_proj.weight_scale", 7, &nan, 1);
+    rehash(dir, SHARD2);
+    expect_found("a scale byte 255", dir, "scale byte 255");
+}
+
+static void test_unknown_format_version(void **state)
+{
+    (void)state;
+    const char *dir = copy_of("format-2");
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    json_t *cfg = json_load_file(path, 0, NULL);
+    assert_non_null(cfg);
+    json_object_set_new(json_object_get(cfg, "quantization_config"), "format_version", json_integer(2));
+    assert_int_equal(json_dump_file(cfg, path, JSON_INDENT(2)), 0);
+    json_decref(cfg);
+    expect_found("format_version 2", dir, "format_version");
+    tu_run_result r = verify(tu_scratch_path("no-such-dir"));
+    if (r.exit_code != 1 || !strstr(r.err, "not a checkpoint directory"))
+        fail_msg("verify of a missing directory: %.400s", r.err);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_written_checkpoint_passes),
+        cmocka_unit_test(test_flipped_byte_in_any_tensor),
+        cmocka_unit_test(test_truncated_missing_and_extended_shards),
+        cmocka_unit_test(test_invalid_code_and_scale_bytes),
+        cmocka_unit_test(test_unknown_format_version),
+    };
+    return cmocka_run_group_tests_name("cli_verify", tests, NULL, NULL);
+}
