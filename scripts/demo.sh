@@ -30,6 +30,7 @@ limit_args=()
 mkdir -p "$(dirname "$OUT")"
 mpirun -n "$RANKS" --oversubscribe "$BUILD/mxq" quantize --model "$MODEL" --calib "$MODEL/calib.h5" \
   --recipe "$RECIPE" --out "$OUT" --force
+"$BUILD/mxq" verify "$OUT"
 
 ppl() { # model dir -> perplexity
   mpirun -n "$RANKS" --oversubscribe "$BUILD/mxq" eval --model "$1" --tokens "$MODEL/eval.h5" "${limit_args[@]}" \
