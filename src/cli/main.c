@@ -216,7 +216,7 @@ static void catch_stop_signals(mxq_ctx *ctx)
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_stop_signal;
-    sa.sa_flags = SA_RESETHAND; /* the second signal takes the default action */
+    sa.sa_flags = SA_RESETHAND | SA_RESTART; /* the second signal takes the default action */
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
@@ -257,7 +257,8 @@ static int run_verb(const char *verb, int argc, char **argv)
         mxq_ctx_destroy(ctx);
         return MXQ_EXIT_FAILURE;
     }
-    catch_stop_signals(ctx); /* after MPI_Init, which may set handlers of its own */
+    if (use_mpi) /* the jobs with safe points; the others stop at once, as by default */
+        catch_stop_signals(ctx); /* after MPI_Init, which may set handlers of its own */
     int rc = entry->run(ctx, argc, argv);
     if (mxq_ctx_fault_missed(ctx) && rc == MXQ_EXIT_OK)
         fprintf(stderr, "mxq %s: warning: MXQ_FAULT='%s' never fired on rank %d (no such step in this run; see "

@@ -286,8 +286,6 @@ static const char *signal_name(int sig)
     case SIGTERM: return "SIGTERM";
     case SIGINT: return "SIGINT";
     case SIGUSR1: return "SIGUSR1";
-    case SIGUSR2: return "SIGUSR2";
-    case SIGHUP: return "SIGHUP";
     }
     return "a signal";
 }

@@ -17,7 +17,8 @@ typedef struct {
 
 void mxq_sha256_init(mxq_sha256 *s);
 void mxq_sha256_update(mxq_sha256 *s, const void *data, size_t len);
-/* The digest as 64 lowercase hex digits and a NUL. */
+/* The digest as 64 lowercase hex digits and a NUL. It pads the state: feed
+ * nothing more after it. */
 void mxq_sha256_hex(mxq_sha256 *s, char hex[65]);
 
 /* The digest of a whole regular file (read in pieces, never all at once)

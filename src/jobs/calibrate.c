@@ -482,12 +482,34 @@ fail:
     return status;
 }
 
+/* --resume of a run whose every layer is recorded (and its store, if any,
+ * whole): there is nothing to calibrate. The results stay empty; the job
+ * takes every layer from its record. */
+static int nothing_to_run(const mxq_model *model, const mxq_layer_hooks *hooks, const mxq_act_store *store,
+                          mxq_layer_result *results)
+{
+    const int L = model->cfg.n_layers;
+    for (int l = 0; l < L; l++)
+        if (!mxq_layer_done(hooks, l))
+            return 0;
+    if (store && hooks->start != L)
+        return 0;
+    for (int i = 0; i < model->last_layer - model->first_layer; i++)
+        results[i].layer = -1;
+    return 1;
+}
+
 mxq_status mxq_quantize_model_in_memory(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *calib,
                                         const char *calib_name, const mxq_recipe *recipe, int batch, int data_parallel,
                                         int stats_layers, int grid_min_inputs, mxq_act_store *store,
                                         const mxq_layer_hooks *hooks, mxq_layer_result *results)
 {
     mxq_status status = MXQ_OK;
+    if (nothing_to_run(model, hooks, store, results)) {
+        if (dist->rank == 0)
+            mxq_log(ctx, MXQ_LOG_INFO, "every layer is recorded: nothing to calibrate or quantize");
+        return MXQ_OK;
+    }
     if (batch <= 0)
         batch = 8;
     if (batch > calib->n_seqs)

@@ -331,7 +331,7 @@ mxq_status mxq_calibrate_group(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *mo
         if (store)
             CALL(ctx, mxq_act_store_write(ctx, dist, store, l, g.share.first, g.share.n, g.share.acts));
         if (mxq_layer_done(hooks, l)) {
-            AGREE(ctx, dist, "group.forward", mxq_calib_share_skip_layer(ctx, model, &g.share, l));
+            AGREE(ctx, dist, "group.forward", mxq_calib_share_skip_layer(ctx, model, &g.share, l, g.ws));
         } else {
             AGREE(ctx, dist, "group.forward", group_forward(ctx, &g, l));
             CALL(ctx, mxq_layer_stats_reduce(ctx, dist, &g.stats[g.partial], l % dist->size));

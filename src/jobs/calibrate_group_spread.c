@@ -235,7 +235,7 @@ mxq_status mxq_calibrate_group_spread(mxq_ctx *ctx, const mxq_dist *dist, mxq_mo
         if (store)
             CALL(ctx, mxq_act_store_write(ctx, dist, store, l, s.share.first, s.share.n, s.share.acts));
         if (mxq_layer_done(hooks, l)) {
-            AGREE(ctx, dist, "spread.forward", mxq_calib_share_skip_layer(ctx, model, &s.share, l));
+            AGREE(ctx, dist, "spread.forward", mxq_calib_share_skip_layer(ctx, model, &s.share, l, NULL));
             continue;
         }
         AGREE(ctx, dist, "spread.forward", spread_forward(ctx, &s, l));

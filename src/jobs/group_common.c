@@ -60,20 +60,23 @@ fail:
     return status;
 }
 
-mxq_status mxq_calib_share_skip_layer(mxq_ctx *ctx, mxq_model *model, mxq_calib_share *s, int layer)
+mxq_status mxq_calib_share_skip_layer(mxq_ctx *ctx, mxq_model *model, mxq_calib_share *s, int layer,
+                                      mxq_workspace *ws)
 {
     mxq_status status = MXQ_OK;
-    mxq_workspace *ws = NULL;
+    mxq_workspace *own = NULL;
     CALL(ctx, mxq_model_layer_load(ctx, model, layer));
-    CALL(ctx, mxq_workspace_create(ctx, &model->cfg, s->batch, s->seq_len, &ws));
+    if (!ws)
+        CALL(ctx, mxq_workspace_create(ctx, &model->cfg, s->batch, s->seq_len, &own));
     for (int mb = 0; mb < mxq_calib_share_batches(s); mb++) {
         int n;
         float *x = mxq_calib_share_batch(s, mb, &n);
-        CALL(ctx, mxq_model_run_layers(ctx, model, layer, layer + 1, x, n, s->seq_len, NULL, ws));
+        CALL(ctx, mxq_model_run_layers(ctx, model, layer, layer + 1, x, n, s->seq_len, NULL, ws ? ws : own));
     }
-    CALL(ctx, mxq_model_layer_unload(ctx, model, layer));
 fail:
-    mxq_workspace_free(ws);
+    if (mxq_model_layer_unload(ctx, model, layer) != MXQ_OK && status == MXQ_OK)
+        status = mxq_error_code(ctx);
+    mxq_workspace_free(own);
     return status;
 }
 

@@ -107,9 +107,10 @@ typedef struct {
  * `embed` 0 only allocated, for the store to fill. Local. */
 mxq_status mxq_calib_share_create(mxq_ctx *ctx, const mxq_dist *dist, mxq_model *model, const mxq_tokens *tokens,
                                   int batch, int embed, mxq_calib_share *share);
-/* The first layer a group runs (hooks->start), and its inputs there: read
- * from the store when it is past the first. Collective. */
+/* The first layer a group runs (hooks->start; 0 without hooks). */
 int mxq_group_first_layer(const mxq_layer_hooks *hooks);
+/* The share's inputs of that layer, read from the store when it is past
+ * the first. Collective. */
 mxq_status mxq_calib_share_restart(mxq_ctx *ctx, const mxq_dist *dist, const mxq_layer_hooks *hooks,
                                    mxq_act_store *store, mxq_calib_share *share);
 int mxq_calib_share_batches(const mxq_calib_share *share);
@@ -118,8 +119,9 @@ float *mxq_calib_share_batch(const mxq_calib_share *share, int mb, int *n);
 void mxq_calib_share_free(mxq_calib_share *share);
 /* Layer `layer` of a lazy model run on the share without statistics (a
  * layer done before: its FP outputs are the next one's inputs), then given
- * back. Local. */
-mxq_status mxq_calib_share_skip_layer(mxq_ctx *ctx, mxq_model *model, mxq_calib_share *share, int layer);
+ * back; in workspace ws (NULL: one made for it). Local. */
+mxq_status mxq_calib_share_skip_layer(mxq_ctx *ctx, mxq_model *model, mxq_calib_share *share, int layer,
+                                      mxq_workspace *ws);
 
 /* The progress lines of the layers just quantized (this rank's `layer`,
  * or -1), printed by rank 0; records: [size] on rank 0. Collective. */

@@ -9,11 +9,14 @@
  * renamed only when every rank has written its own, and
  * model.safetensors.index.json, without which the directory is no
  * checkpoint, is renamed into place last. */
+#include <cblas.h>
 #include <jansson.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "io/ckpt_writer.h"
 #include "jobs/jobs_internal.h"
@@ -397,7 +400,7 @@ static mxq_status check_store_path(mxq_ctx *ctx, const quantize_job *job)
               strcmp(base, "model.safetensors") != 0 &&
               strcmp(base, "model.safetensors.index.json") != 0 && strcmp(base, ".mxq-output.json") != 0,
           MXQ_ERR_ARG, "--store-activations '%s' has the name of a checkpoint file; give the store another name", path);
-    CALL(ctx, mxq_act_store_check(ctx, path, &job->inputs, job->opt->force));
+    CALL(ctx, mxq_act_store_check(ctx, path, &job->inputs, job->opt->force || job->opt->resume));
     CALL(ctx, mxq_act_store_check_space(ctx, path, store_bytes(job)));
 fail:
     return status;
@@ -520,9 +523,10 @@ fail:
 }
 
 /* Rank 0: what the checkpoint's bytes depend on besides mxq's code (the
- * inputs, and how the ranks share the work), as job.json records it for
- * --resume. The weights by path and size (hashing 140 GB would take
- * longer than some layers); config, recipe and calibration by checksum. */
+ * inputs, how the ranks share the work, OpenBLAS's threads and kernels),
+ * as job.json records it for --resume. The weights by path and size
+ * (hashing 140 GB would take longer than some layers); config, recipe and
+ * calibration by checksum. */
 static mxq_status build_fingerprint(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
@@ -534,10 +538,11 @@ static mxq_status build_fingerprint(mxq_ctx *ctx, quantize_job *job)
     CALL(ctx, put_checksum(ctx, fp, "config", config, "config.json"));
     CALL(ctx, put_checksum(ctx, fp, "recipe", job->recipe_path, "recipe"));
     CALL(ctx, put_checksum(ctx, fp, "calibration", job->calib_path, "calibration file"));
-    for (size_t i = 0; i < job->inputs.n; i++) {
+    for (size_t i = 0; i < job->inputs.n; i++) { /* by real path: ./m and m are one model */
         struct stat st;
-        const char *path = job->inputs.ids[i].path;
-        mxq_json_put(files, path, json_integer(stat(path, &st) == 0 ? (json_int_t)st.st_size : -1), &ok);
+        char real[PATH_MAX];
+        const char *path = job->inputs.ids[i].path, *key = realpath(path, real) ? real : path;
+        mxq_json_put(files, key, json_integer(stat(path, &st) == 0 ? (json_int_t)st.st_size : -1), &ok);
     }
     for (int r = 0; job->first && !job->data_parallel && r <= job->dist.size; r++)
         mxq_json_push(ranges, json_integer(job->first[r]), &ok);
@@ -549,6 +554,9 @@ static mxq_status build_fingerprint(mxq_ctx *ctx, quantize_job *job)
     mxq_json_put(fp, "batch", json_integer(job->batch), &ok);
     mxq_json_put(fp, "grid_min_inputs", json_integer(job->data_parallel ? job->grid_min_inputs : 0), &ok);
     mxq_json_put(fp, "layer_record_bytes", json_integer((json_int_t)sizeof(mxq_layer_record)), &ok);
+    /* OpenBLAS's threads and kernels change the last bits (README, mxq quantize) */
+    mxq_json_put(fp, "openblas", json_pack("{s:i, s:s}", "threads", openblas_get_num_threads(), "core",
+                                           openblas_get_corename()), &ok);
     CHECK(ctx, ok, MXQ_ERR_NOMEM, "out of memory building the job's record");
 fail:
     json_decref(files);
@@ -622,10 +630,10 @@ static int first_undone(const quantize_job *job)
 static mxq_status reopen_store(mxq_ctx *ctx, quantize_job *job, const mxq_act_store_info *info, int *found)
 {
     mxq_status status = MXQ_OK;
-    const int from = first_undone(job);
+    const int L = job->cfg.n_layers, from = first_undone(job), want = from < L ? from : L - 1;
     const int seq = job->recipe.calib_mode == MXQ_CALIB_SEQUENTIAL;
     *found = 0;
-    if (from == 0 || from == job->cfg.n_layers)
+    if (from == 0)
         return MXQ_OK;
     for (int l = from; seq && l < job->cfg.n_layers; l++)
         CHECK_AGREED(ctx, &job->dist, "store.resume", !job->resume.done[l], MXQ_ERR_FORMAT,
@@ -634,18 +642,40 @@ static mxq_status reopen_store(mxq_ctx *ctx, quantize_job *job, const mxq_act_st
                      l, from);
     int start = -1;
     CALL(ctx, mxq_act_store_reopen(ctx, &job->dist, job->opt->store_activations, &job->inputs, &job->cfg,
-                                   job->calib.n_seqs, job->calib.seq_len, info, from, &job->store, &start));
+                                   job->calib.n_seqs, job->calib.seq_len, info, want, &job->store, &start));
     *found = start >= 0;
     if (!*found)
         mxq_act_store_release(&job->store);
-    CHECK_AGREED(ctx, &job->dist, "store.resume", start == from || !seq, MXQ_ERR_ARG,
+    CHECK_AGREED(ctx, &job->dist, "store.resume", start == want || !seq, MXQ_ERR_ARG,
                  "--resume: no activation store of the run is left next to '%s' with layer %d's inputs whole; a "
                  "sequential run needs it to go on: start over with --force",
-                 job->opt->store_activations, from);
-    job->hooks.start = *found ? start : 0; /* fp: the layers from there to `from` are run through, not quantized */
+                 job->opt->store_activations, want);
+    /* fp: the layers from there to `from` are run through, not quantized;
+     * every layer recorded and the store whole: nothing is left to run */
+    job->hooks.start = !*found ? 0 : from == L && start == L - 1 ? L : start;
     if (job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "%s", *found ? "activation store: the one the run to resume left, taken over"
                                                 : "activation store: none usable left by the run to resume; a new one");
+fail:
+    return status;
+}
+
+/* The SHA-256 of job.json's text (rank 0's fingerprint) on every rank:
+ * the store carries it, so that a resumed run takes over only a store of
+ * the same job. Collective. */
+static mxq_status job_digest(mxq_ctx *ctx, const quantize_job *job, char hex[65])
+{
+    mxq_status status = MXQ_OK;
+    memset(hex, 0, 65);
+    if (job->dist.rank == 0) {
+        char *text = json_dumps(job->fingerprint, JSON_COMPACT | JSON_SORT_KEYS);
+        mxq_sha256 s;
+        mxq_sha256_init(&s);
+        mxq_sha256_update(&s, text ? text : "", text ? strlen(text) : 0);
+        mxq_sha256_hex(&s, hex);
+        free(text);
+    }
+    CALL_MPI(ctx, job->dist.comm, MPI_Bcast(hex, 65, MPI_CHAR, 0, job->dist.comm));
 fail:
     return status;
 }
@@ -656,8 +686,10 @@ static mxq_status open_store(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
     int found = 0;
+    char digest[65];
+    CALL(ctx, job_digest(ctx, job, digest));
     const mxq_act_store_info info = {job->model_dir, job->calib_path,
-                                     job->recipe.calib_mode == MXQ_CALIB_FP ? "fp" : "sequential"};
+                                     job->recipe.calib_mode == MXQ_CALIB_FP ? "fp" : "sequential", digest};
     if (job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "activation store: %s (%d layers x %d x %d x %d float32, %.2f GB)",
                 job->opt->store_activations, job->cfg.n_layers, job->calib.n_seqs, job->calib.seq_len, job->cfg.hidden,
@@ -665,10 +697,12 @@ static mxq_status open_store(mxq_ctx *ctx, quantize_job *job)
     job->have_store = 1; /* create and reopen leave the store safe to abort whatever happens */
     if (job->opt->resume)
         CALL(ctx, reopen_store(ctx, job, &info, &found));
-    /* a resumed run replaces what the run it continues could (its stale temporaries go) */
+    /* a resumed run may replace the store the run it continues could; only
+     * --force clears temporaries (another job's may be among them) */
     if (!found)
         CALL(ctx, mxq_act_store_create(ctx, &job->dist, job->opt->store_activations, &job->inputs,
-                                       job->opt->force || job->opt->resume, &job->cfg, job->calib.n_seqs,
+                                       job->opt->force || job->opt->resume, job->opt->force, &job->cfg,
+                                       job->calib.n_seqs,
                                        job->calib.seq_len, &info, &job->store));
 fail:
     return status;
@@ -914,6 +948,30 @@ fail:
     return status;
 }
 
+/* After a failure, on every rank: each removes its own temporary, the
+ * store's temporary stays for --resume (every run with a store records its
+ * layers), then rank 0 tidies the directory: records of no layer go, and
+ * with them this run's store temporary (never another run's), then what
+ * mxq_ckpt_dir_abandon says. */
+static void abandon(mxq_ctx *ctx, quantize_job *job)
+{
+    char *store_temp = NULL;
+    mxq_output_abort(&job->shard_out);
+    if (job->have_store && job->store.out.temp_path)
+        store_temp = strdup(job->store.out.temp_path); /* rank 0's: the file this run wrote */
+    if (job->have_store) /* collective: every rank is here */
+        mxq_act_store_keep(&job->store);
+    mxq_quantize_report_abort(&job->report);
+    /* not CALL_MPI: already past the fail label; it aborts the job too */
+    const int mpi_rc = MPI_Barrier(job->dist.comm);
+    if (mpi_rc != MPI_SUCCESS)
+        mxq_mpi_fatal(ctx, job->dist.comm, mpi_rc, __FILE__, __LINE__, "MPI_Barrier before tidying the output");
+    if (job->dist.rank == 0 && !mxq_resume_abandon(ctx, &job->resume) && store_temp)
+        unlink(store_temp); /* nothing to resume from it */
+    mxq_ckpt_dir_abandon(&job->out);
+    free(store_temp);
+}
+
 static void quantize_job_free(quantize_job *job)
 {
     mxq_resume_free(&job->resume);
@@ -962,22 +1020,8 @@ fail:
     /* Every failure after mxq_dist_create is agreed (or aborts the job), so
      * every rank is here: once each has removed its own temporary, rank 0
      * tidies the directory (mxq_ckpt_dir_abandon says how). */
-    if (status != MXQ_OK && job.dist.comm != MPI_COMM_NULL) {
-        mxq_output_abort(&job.shard_out);
-        if (job.have_store && records_layers(&job)) /* collective: every rank is here */
-            mxq_act_store_keep(&job.store); /* for --resume, if layers are recorded (see below) */
-        else if (job.have_store)
-            mxq_act_store_abort(&job.store);
-        mxq_quantize_report_abort(&job.report);
-        /* not CALL_MPI: already past the fail label; it aborts the job too */
-        const int mpi_rc = MPI_Barrier(job.dist.comm);
-        if (mpi_rc != MPI_SUCCESS)
-            mxq_mpi_fatal(ctx, job.dist.comm, mpi_rc, __FILE__, __LINE__, "MPI_Barrier before tidying the output");
-        /* records first: a directory this run made goes if nothing is left to resume */
-        if (job.dist.rank == 0 && !mxq_resume_abandon(ctx, &job.resume) && job.have_store && records_layers(&job))
-            mxq_act_store_remove_temporaries(options->store_activations); /* nothing to resume: it goes */
-        mxq_ckpt_dir_abandon(&job.out);
-    }
+    if (status != MXQ_OK && job.dist.comm != MPI_COMM_NULL)
+        abandon(ctx, &job);
     quantize_job_free(&job);
     return status;
 }

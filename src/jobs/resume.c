@@ -58,9 +58,11 @@ static int record_file(const char *name)
     char final[64];
     if (strcmp(name, JOB_NAME) == 0 || mxq_is_temp_name_of(name, JOB_NAME))
         return 1;
-    if (sscanf(name, "layer-%5d.safetensors%n", &layer, &end) == 1 && name[end] == '\0')
-        return 1;
-    if (sscanf(name, ".layer-%5d", &layer) != 1)
+    if (sscanf(name, "layer-%5d.safetensors%n", &layer, &end) == 1 && name[end] == '\0' && layer >= 0) {
+        layer_name(final, sizeof(final), layer); /* exactly the name mxq gives: not "layer-1.safetensors" */
+        return strcmp(name, final) == 0;
+    }
+    if (sscanf(name, ".layer-%5d", &layer) != 1 || layer < 0)
         return 0;
     layer_name(final, sizeof(final), layer);
     return mxq_is_temp_name_of(name, final);
@@ -90,8 +92,19 @@ fail:
     return status;
 }
 
-/* The first key whose value differs between the recorded job and this one. */
-static const char *first_difference(const json_t *recorded, const json_t *now)
+/* The first key whose value differs between the recorded job and this one
+ * (for an object, its first differing key in *inner, else NULL). */
+static const char *first_difference_in(const json_t *recorded, const json_t *now);
+
+static const char *first_difference(const json_t *recorded, const json_t *now, const char **inner)
+{
+    const char *key = first_difference_in(recorded, now);
+    const json_t *a = key ? json_object_get(recorded, key) : NULL, *b = key ? json_object_get(now, key) : NULL;
+    *inner = json_is_object(a) && json_is_object(b) ? first_difference_in(a, b) : NULL;
+    return key;
+}
+
+static const char *first_difference_in(const json_t *recorded, const json_t *now)
 {
     const char *key;
     json_t *value;
@@ -117,14 +130,17 @@ static mxq_status check_same_job(mxq_ctx *ctx, const mxq_resume *r, const json_t
     char *was = NULL, *is = NULL;
     mxq_path_join(path, r->dir, JOB_NAME);
     CALL(ctx, mxq_json_read(ctx, path, "the record of the run to resume", &recorded));
-    const char *key = first_difference(recorded, fingerprint);
+    const char *inner = NULL, *key = first_difference(recorded, fingerprint, &inner);
     if (key) {
-        was = json_dumps(json_object_get(recorded, key), JSON_COMPACT | JSON_ENCODE_ANY);
-        is = json_dumps(json_object_get(fingerprint, key), JSON_COMPACT | JSON_ENCODE_ANY);
+        const json_t *a = json_object_get(recorded, key), *b = json_object_get(fingerprint, key);
+        if (inner)
+            a = json_object_get(a, inner), b = json_object_get(b, inner);
+        was = a ? json_dumps(a, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+        is = b ? json_dumps(b, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
         FAIL(ctx, MXQ_ERR_ARG,
-             "--resume: the run recorded in %s differs in '%s' (it had %.200s, this run has %.200s); resume with the "
-             "same inputs, mxq and layout, or start over with --force instead of --resume",
-             path, key, was ? was : "nothing", is ? is : "nothing");
+             "--resume: the run recorded in %s differs in '%s%s%s' (it had %.200s, this run has %.200s); resume with "
+             "the same inputs, mxq, layout and OpenBLAS settings, or start over with --force instead of --resume",
+             path, key, inner ? "." : "", inner ? inner : "", was ? was : "nothing", is ? is : "nothing");
     }
 fail:
     free(was);

@@ -95,6 +95,7 @@ static mxq_status write_header(mxq_ctx *ctx, mxq_act_store *s, const mxq_act_sto
     CALL(ctx, mxq_h5_attr_string(ctx, s->file, "model", info->model));
     CALL(ctx, mxq_h5_attr_string(ctx, s->file, "calibration", info->calibration));
     CALL(ctx, mxq_h5_attr_string(ctx, s->file, "mode", info->mode));
+    CALL(ctx, mxq_h5_attr_string(ctx, s->file, "job", info->job));
     CALL(ctx, mxq_h5_attr_int(ctx, s->file, "n_layers", s->n_layers));
     CALL(ctx, mxq_h5_attr_int(ctx, s->file, "n_seqs", s->n_seqs));
     CALL(ctx, mxq_h5_attr_int(ctx, s->file, "seq_len", s->seq_len));
@@ -161,7 +162,7 @@ fail:
 }
 
 mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *path, const mxq_input_set *inputs,
-                                int force, const mxq_model_config *cfg, int n_seqs, int seq_len,
+                                int force, int clear_temporaries, const mxq_model_config *cfg, int n_seqs, int seq_len,
                                 const mxq_act_store_info *info, mxq_act_store *s)
 {
     mxq_status status = MXQ_OK, local = MXQ_OK;
@@ -182,7 +183,7 @@ mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *
           cfg->hidden);
     if (dist->rank == 0) {
         local = mxq_act_store_check(ctx, path, inputs, force); /* again: the path may have changed since setup */
-        if (local == MXQ_OK && force)
+        if (local == MXQ_OK && clear_temporaries)
             mxq_act_store_remove_temporaries(path);
         if (local == MXQ_OK)
             local = mxq_output_begin(ctx, path, inputs, &s->out);
@@ -293,12 +294,16 @@ static mxq_status mark_complete(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_stor
     mxq_h5_quiet quiet;
     mxq_h5_quiet_begin(&quiet);
     mxq_status local = mxq_h5_attr_int(ctx, s->file, "layers_complete", s->layers_written);
-    if (local == MXQ_OK && H5Fflush(s->file, H5F_SCOPE_GLOBAL) < 0) {
+    local = mxq_agree(ctx, dist, "store.count", local); /* the flush is collective: only if every rank got here */
+    const int counted = local == MXQ_OK;
+    if (counted && H5Fflush(s->file, H5F_SCOPE_GLOBAL) < 0) {
         mxq_h5_error_set(ctx, __FILE__, __LINE__, "cannot flush '%s'", s->path);
         local = MXQ_ERR_HDF5;
     }
+    if (counted)
+        local = mxq_agree(ctx, dist, "store.flush", local);
     mxq_h5_quiet_end(&quiet);
-    AGREE(ctx, dist, "store.flush", local);
+    CALL(ctx, local);
 fail:
     return status;
 }
@@ -398,7 +403,7 @@ static int whole_layers(const char *temp, const mxq_act_store *want, const mxq_a
                    complete <= want->n_layers &&
                    mxq_h5_attr_string_equals(f, "model", info->model) &&
                    mxq_h5_attr_string_equals(f, "calibration", info->calibration) &&
-                   mxq_h5_attr_string_equals(f, "mode", info->mode);
+                   mxq_h5_attr_string_equals(f, "mode", info->mode) && mxq_h5_attr_string_equals(f, "job", info->job);
     if (f >= 0)
         H5Fclose(f);
     mxq_h5_quiet_end(&quiet);
@@ -419,7 +424,10 @@ static mxq_status open_adopted(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store
     if (fapl >= 0)
         H5Pclose(fapl);
     mxq_h5_quiet_end(&quiet);
-    AGREE(ctx, dist, "store.reopen", s->file >= 0 ? MXQ_OK : MXQ_ERR_HDF5);
+    const mxq_status opened = mxq_agree(ctx, dist, "store.reopen", s->file >= 0 ? MXQ_OK : MXQ_ERR_HDF5);
+    if (opened != MXQ_OK) /* closing is collective too: the ranks that opened it cannot */
+        s->file = H5I_INVALID_HID;
+    CALL(ctx, opened);
 fail:
     return status;
 }
@@ -434,10 +442,18 @@ mxq_status mxq_act_store_reopen(mxq_ctx *ctx, const mxq_dist *dist, const char *
     *s = (mxq_act_store){.file = H5I_INVALID_HID, .out = {NULL, NULL, -1, NULL}, .path = strdup(path), .force = 1,
                          .n_layers = cfg->n_layers, .n_seqs = n_seqs, .seq_len = seq_len, .hidden = cfg->hidden,
                          .reopened = 1};
-    CHECK_ALLOC(ctx, s->path, strlen(path) + 1, "a path");
-    if (dist->rank == 0) {
+    if (!s->path) {
+        mxq_error_set(ctx, MXQ_ERR_NOMEM, __FILE__, __LINE__, "out of memory");
+        local = MXQ_ERR_NOMEM;
+    }
+    if (dist->rank == 0 && local == MXQ_OK) {
         newest_temporary(path, temp, sizeof(temp));
         whole = temp[0] ? whole_layers(temp, s, info) : 0;
+        if (temp[0] && whole == 0)
+            mxq_log(ctx, MXQ_LOG_INFO,
+                    "activation store: %s is not this job's, or has no whole layer (mxq_activation_store, model, "
+                    "calibration, mode, job, shape and layers_complete attributes): not taken over",
+                    temp);
         if (whole > 0)
             local = mxq_output_adopt(ctx, path, temp, inputs, &s->out);
     }
@@ -446,8 +462,13 @@ mxq_status mxq_act_store_reopen(mxq_ctx *ctx, const mxq_dist *dist, const char *
     CALL_MPI(ctx, dist->comm, MPI_Bcast(temp, (int)sizeof(temp), MPI_CHAR, 0, dist->comm));
     *start = whole > 0 ? (from < whole - 1 ? from : whole - 1) : -1;
     s->layers_written = *start + 1;
-    if (*start >= 0)
-        CALL(ctx, open_adopted(ctx, dist, s, temp));
+    if (*start < 0)
+        return MXQ_OK;
+    CHECK_AGREED(ctx, dist, "store.shared", access(temp, F_OK) == 0, MXQ_ERR_IO,
+                 "--store-activations '%s': this rank does not see '%s', which rank 0 takes over; give a path on a "
+                 "file system shared by all nodes",
+                 path, temp);
+    CALL(ctx, open_adopted(ctx, dist, s, temp));
 fail:
     return status;
 }

@@ -8,7 +8,9 @@
  *                 a reader of a layer's range of sequences touches only its
  *                 chunks
  *   attributes of /: mxq_activation_store (format version), model,
- *                 calibration, mode, n_layers, n_seqs, seq_len, hidden
+ *                 calibration, mode, job, n_layers, n_seqs, seq_len,
+ *                 hidden, layers_complete (the whole layers, flushed
+ *                 after each: what a killed run leaves is read up to it)
  *
  * The file is written under a temporary name and renamed into place when
  * every layer is in it (mxq_act_store_commit); an existing file at the
@@ -37,6 +39,7 @@ typedef struct {
 /* What the store says of itself (its root attributes). */
 typedef struct {
     const char *model, *calibration, *mode;
+    const char *job; /* the SHA-256 of the job's record (what its bytes depend on): a resumed run takes over only its own store */
 } mxq_act_store_info;
 
 /* Whether the path may take the store (local): not an input, not a
@@ -48,11 +51,12 @@ mxq_status mxq_act_store_check(mxq_ctx *ctx, const char *path, const mxq_input_s
  * that does not exist yet passes). */
 mxq_status mxq_act_store_check_space(mxq_ctx *ctx, const char *path, double bytes);
 
-/* Check the path on rank 0 (with force, remove what killed runs left as
- * its temporaries), then create the file and every layer's dataset
- * on all ranks. Collective (agreed). */
+/* Check the path on rank 0 (force: an earlier store there may be
+ * replaced; clear_temporaries: what killed runs left as its temporaries
+ * goes), then create the file and every layer's dataset on all ranks.
+ * Collective (agreed). */
 mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *path, const mxq_input_set *inputs,
-                                int force, const mxq_model_config *cfg, int n_seqs, int seq_len,
+                                int force, int clear_temporaries, const mxq_model_config *cfg, int n_seqs, int seq_len,
                                 const mxq_act_store_info *info, mxq_act_store *store);
 
 /* Layer `layer`'s inputs (layers in order 0, 1, ...): this rank's

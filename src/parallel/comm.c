@@ -56,17 +56,25 @@ mxq_status mxq_agree(mxq_ctx *ctx, const mxq_dist *dist, const char *step, mxq_s
     if (local == MXQ_OK && step)
         local = mxq_fault_point(ctx, step);
     /* Reduced with MIN: [0] the lowest failing rank; [1], INT_MAX - [2]: the
-     * smallest and largest fingerprint of the failing ranks' messages. */
+     * smallest and largest fingerprint of the failing ranks' messages; [3]
+     * 0 if a rank stopped on request. */
     const int failed = local != MXQ_OK, h = failed ? message_hash(ctx) : 0;
-    int mine[3] = {failed ? dist->rank : INT_MAX, failed ? h : INT_MAX, failed ? INT_MAX - h : INT_MAX};
-    int agreed[3];
-    CALL_MPI(ctx, dist->comm, MPI_Allreduce(mine, agreed, 3, MPI_INT, MPI_MIN, dist->comm));
+    int mine[4] = {failed ? dist->rank : INT_MAX, failed ? h : INT_MAX, failed ? INT_MAX - h : INT_MAX,
+                   local != MXQ_ERR_STOPPED};
+    int agreed[4];
+    CALL_MPI(ctx, dist->comm, MPI_Allreduce(mine, agreed, 4, MPI_INT, MPI_MIN, dist->comm));
     if (failed) {
         /* The failing ranks all have the same message: the lowest of them
          * speaks for all. Different messages are each printed. */
         if (agreed[1] == INT_MAX - agreed[2] && dist->rank != agreed[0])
             mxq_error_mark_reported_elsewhere(ctx);
         return local;
+    }
+    if (agreed[0] != INT_MAX && !agreed[3]) { /* every rank stops as asked: the job can be resumed */
+        mxq_error_set(ctx, MXQ_ERR_STOPPED, __FILE__, __LINE__, "stopped because rank %d was asked to stop",
+                      agreed[0]);
+        mxq_error_mark_reported_elsewhere(ctx);
+        return MXQ_ERR_STOPPED;
     }
     CHECK(ctx, agreed[0] == INT_MAX, MXQ_ERR_REMOTE, "stopped because rank %d failed at step '%s' (see its message)",
           agreed[0], step ? step : "commit");

@@ -43,7 +43,9 @@ void mxq_dist_free(mxq_dist *dist);
  * step S"), so no rank goes on to a collective that a failed rank will never
  * join. Ranks that failed with the same message leave it to the lowest of
  * them to print (theirs are marked as reported elsewhere); different
- * messages are each printed by their rank. `step` names the point in the job
+ * messages are each printed by their rank. A stop request (MXQ_ERR_STOPPED)
+ * on any rank stops every rank with that status, quietly but for the one
+ * that saw it. `step` names the point in the job
  * ("quantize.load", ...): it is what fault injection (mxq_ctx_set_fault)
  * matches, and a rank told to fail there fails here. */
 mxq_status mxq_agree(mxq_ctx *ctx, const mxq_dist *dist, const char *step, mxq_status local);

@@ -74,6 +74,9 @@ static void make_inputs(void)
     free(text);
 }
 
+/* MXQ_FAULT for the next quantize_argv ("" for none). */
+static char fault_env[128] = "MXQ_FAULT=";
+
 /* argv of `mpirun -n ranks mxq quantize ... --out out [extra] [--store-activations store]`. */
 static void quantize_argv(const char **argv, char *ranks_text, int ranks, const char *recipe, const char *out,
                           const char *extra, const char *store)
@@ -82,7 +85,7 @@ static void quantize_argv(const char **argv, char *ranks_text, int ranks, const 
     bin = getenv("MXQ_BIN");
     assert_non_null(bin);
     snprintf(ranks_text, 8, "%d", ranks);
-    const char *words[] = {"timeout", HANG_LIMIT, "mpirun", "-n", ranks_text, "--oversubscribe", bin, "quantize",
+    const char *words[] = {"env", fault_env, "timeout", HANG_LIMIT, "mpirun", "-n", ranks_text, "--oversubscribe", bin, "quantize",
                            "--model", tu_data_path("stories260K"), "--calib", calib_path, "--recipe", recipe,
                            "--out", out, "--group-size", ranks_text, extra, store ? "--store-activations" : NULL,
                            store, NULL};
@@ -92,7 +95,7 @@ static void quantize_argv(const char **argv, char *ranks_text, int ranks, const 
 static tu_run_result quantize_with(int ranks, const char *recipe, const char *out, const char *extra,
                                    const char *store)
 {
-    const char *argv[24];
+    const char *argv[26];
     char ranks_text[8];
     tu_run_result r;
     quantize_argv(argv, ranks_text, ranks, recipe, out, extra, store);
@@ -163,7 +166,7 @@ static int children_named(int parent, const char *comm, int *pids, int max)
  * end without a checkpoint. Returns what it said. */
 static tu_run_result interrupt(const char *recipe, const char *out, const char *store, int sig, int ranks)
 {
-    const char *argv[24];
+    const char *argv[26];
     char ranks_text[8];
     tu_run_result r;
     int mpirun = -1, rank[2] = {-1, -1};
@@ -316,8 +319,10 @@ static void test_sigterm_then_resume(void **state)
     (void)state;
     const char *ref = reference(), *out = tu_scratch_path("stopped");
     tu_run_result r = interrupt(recipe_path, out, NULL, SIGTERM, 2);
-    if (!strstr(r.err, "stopped by SIGTERM") || !strstr(r.err, "with --resume continues the run"))
-        fail_msg("a run stopped by SIGTERM does not say so and how to resume: %s", tail(r.err));
+    if (!strstr(r.err, "stopped by SIGTERM") || !strstr(r.err, "with --resume continues the run") ||
+        r.exit_code != 75)
+        fail_msg("a run stopped by SIGTERM does not say so and how to resume, or exits %d, not 75: %s", r.exit_code,
+                 tail(r.err));
     const int recorded = count_records(out);
     print_message("# SIGTERM to the ranks after %d of %d layers were recorded\n", recorded, LAYERS);
     if (recorded < 1 || recorded >= LAYERS)
@@ -333,7 +338,7 @@ static void test_sigterm_then_resume(void **state)
     free(text);
     tu_write_file(other, changed, strlen(changed));
     r = quantize(2, other, out, "--resume");
-    if (r.exit_code == 0 || !strstr(r.err, "differs in 'recipe'"))
+    if (r.exit_code == 0 || !strstr(r.err, "differs in 'recipe.sha256'"))
         fail_msg("--resume with another recipe: %s", tail(r.err));
     r = quantize(3, recipe_path, out, "--resume");
     if (r.exit_code == 0 || !strstr(r.err, "differs in 'ranks'"))
@@ -355,12 +360,34 @@ static void test_sigterm_then_resume(void **state)
     assert_same_checkpoint(ref, out);
 }
 
+/* A run that failed after every layer was recorded (while its shards were
+ * put in place) with its store whole: --resume runs nothing again, and
+ * commits the store it takes over. */
+static void test_every_layer_recorded(void **state)
+{
+    (void)state;
+    const char *ref = reference(), *out = tu_scratch_path("all-recorded"), *store = tu_scratch_path("all-recorded.h5");
+    snprintf(fault_env, sizeof(fault_env), "MXQ_FAULT=1:quantize.commit.shards");
+    tu_run_result r = quantize_with(2, recipe_path, out, "--quiet", store);
+    snprintf(fault_env, sizeof(fault_env), "MXQ_FAULT=");
+    assert_int_not_equal(r.exit_code, 0);
+    assert_int_equal(count_records(out), LAYERS);
+    r = quantize_with(2, recipe_path, out, "--resume", store);
+    if (r.exit_code != 0 || !strstr(r.err, "every layer is recorded") || !strstr(r.err, "taken over"))
+        fail_msg("--resume with every layer recorded: %s", tail(r.err));
+    if (strstr(r.err, "calibration:"))
+        fail_msg("--resume with every layer recorded calibrated again: %s", tail(r.err));
+    assert_same_checkpoint(ref, out);
+    assert_int_equal(access(store, F_OK), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kill_then_resume),
         cmocka_unit_test(test_sigterm_then_resume),
         cmocka_unit_test(test_sequential_kill_then_resume_from_store),
+        cmocka_unit_test(test_every_layer_recorded),
     };
     return cmocka_run_group_tests_name("cli_resume", tests, NULL, NULL);
 }
