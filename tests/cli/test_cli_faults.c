@@ -263,18 +263,10 @@ static int check_fault_run(const tu_run_result *r, int ranks, int victim, const 
     return check_no_leftovers(out, kind, step);
 }
 
-/* Files `name` of directories a and b hold the same bytes. */
 static void assert_same_file(const char *a, const char *b, const char *name, const char *step)
 {
-    char pa[1024], pb[1024];
-    size_t na, nb;
-    snprintf(pa, sizeof(pa), "%s/%s", a, name);
-    snprintf(pb, sizeof(pb), "%s/%s", b, name);
-    char *da = tu_read_file(pa, &na), *db = tu_read_file(pb, &nb);
-    if (na != nb || memcmp(da, db, na) != 0)
-        fail_msg("failing at '%s', then --resume: %s differs from the uninterrupted run's", step, pb);
-    free(da);
-    free(db);
+    if (!tu_same_file(a, b, name))
+        fail_msg("failing at '%s', then --resume: %s/%s differs from the uninterrupted run's", step, b, name);
 }
 
 /* Every run that failed after recording layers goes on with --resume, to

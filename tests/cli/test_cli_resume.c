@@ -188,18 +188,10 @@ static tu_run_result interrupt(const char *recipe, const char *out, const char *
     return r;
 }
 
-/* Files `name` of directories a and b hold the same bytes. */
 static void assert_same_file(const char *a, const char *b, const char *name)
 {
-    char pa[1024], pb[1024];
-    size_t na, nb;
-    snprintf(pa, sizeof(pa), "%s/%s", a, name);
-    snprintf(pb, sizeof(pb), "%s/%s", b, name);
-    char *da = tu_read_file(pa, &na), *db = tu_read_file(pb, &nb);
-    if (na != nb || memcmp(da, db, na) != 0)
-        fail_msg("%s differs between %s and %s (%zu and %zu bytes)", name, a, b, na, nb);
-    free(da);
-    free(db);
+    if (!tu_same_file(a, b, name))
+        fail_msg("%s differs between %s and %s", name, a, b);
 }
 
 static void assert_same_checkpoint(const char *a, const char *b)

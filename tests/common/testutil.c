@@ -251,21 +251,46 @@ void tu_h5_write(hid_t file, const char *name, hid_t file_type, hid_t mem_type, 
     H5Sclose(space);
 }
 
+int tu_same_file(const char *dir_a, const char *dir_b, const char *name)
+{
+    char pa[1024], pb[1024];
+    size_t na, nb;
+    snprintf(pa, sizeof(pa), "%s/%s", dir_a, name);
+    snprintf(pb, sizeof(pb), "%s/%s", dir_b, name);
+    char *da = tu_read_file(pa, &na), *db = tu_read_file(pb, &nb);
+    const int same = na == nb && memcmp(da, db, na) == 0;
+    free(da);
+    free(db);
+    return same;
+}
+
+json_t *tu_safetensors_header(const char *path, size_t *data_start)
+{
+    size_t n;
+    char *data = tu_read_file(path, &n);
+    uint64_t hlen = 0;
+    assert_true(n >= 8);
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | (unsigned char)data[i];
+    assert_true(hlen <= n - 8);
+    json_t *header = json_loadb(data + 8, hlen, 0, NULL);
+    assert_non_null(header);
+    *data_start = 8 + hlen;
+    free(data);
+    return header;
+}
+
 void tu_poke_tensor(const char *dir, const char *file, const char *tensor, size_t offset, const void *bytes,
                     size_t size)
 {
     char path[1024];
+    size_t n, start;
     snprintf(path, sizeof(path), "%s/%s", dir, file);
-    size_t n;
-    char *data = tu_read_file(path, &n);
-    uint64_t hlen = 0;
-    for (int i = 7; i >= 0; i--)
-        hlen = hlen << 8 | (unsigned char)data[i];
-    json_t *header = json_loadb(data + 8, hlen, 0, NULL);
-    assert_non_null(header);
+    json_t *header = tu_safetensors_header(path, &start);
     json_t *offsets = json_object_get(json_object_get(header, tensor), "data_offsets");
     assert_non_null(offsets);
-    size_t at = 8 + hlen + (size_t)json_integer_value(json_array_get(offsets, 0)) + offset;
+    char *data = tu_read_file(path, &n);
+    size_t at = start + (size_t)json_integer_value(json_array_get(offsets, 0)) + offset;
     assert_true(at + size <= n);
     memcpy(data + at, bytes, size);
     tu_write_file(path, data, n);

@@ -58,6 +58,12 @@ void tu_run_prefixed(const char *const *prefix, size_t n_prefix, va_list rest, t
 int tu_start(const char *const *argv, int slot);
 void tu_finish(int pid, int slot, tu_run_result *result);
 
+/* 1 if files dir_a/name and dir_b/name hold the same bytes. */
+int tu_same_file(const char *dir_a, const char *dir_b, const char *name);
+/* The JSON header of safetensors file `path` (json_decref it) and where its
+ * data starts (8 + header length). */
+struct json_t *tu_safetensors_header(const char *path, size_t *data_start);
+
 /* Overwrite `size` bytes of tensor `tensor` at byte `offset` of its data in
  * the safetensors file dir/file (its header read here, not through mxq). */
 void tu_poke_tensor(const char *dir, const char *file, const char *tensor, size_t offset, const void *bytes,
