@@ -61,7 +61,10 @@ static void print_quantize_help(FILE *out)
             "                         calibrated and quantized. Same command otherwise: a different\n"
             "                         model, recipe, calibration file, mxq, rank count or layout is\n"
             "                         refused, naming what differs. The checkpoint is the same bytes\n"
-            "                         as an uninterrupted run's. fp calibration only, for now\n");
+            "                         as an uninterrupted run's. Sequential calibration records its\n"
+            "                         layers only with --store-activations (resumed from the store).\n"
+            "                         SIGTERM/SIGINT/SIGUSR1 stop a run at its next safe point,\n"
+            "                         resumable (exit 75 when the ranks get the signal)\n");
     print_quantize_help_layout(out);
     print_quantize_help_tail(out);
 }

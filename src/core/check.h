@@ -72,6 +72,9 @@
  * agreement point is such a step; so are the places inside pipelines where a
  * rank can fail while the others wait for it. */
 mxq_status mxq_fault_point(mxq_ctx *ctx, const char *step);
+/* The same, minus the stop requests (mxq_ctx_set_stop_flag) every fault
+ * point also answers: for a step that must finish once begun. */
+mxq_status mxq_fault_inject(mxq_ctx *ctx, const char *step);
 
 /* Another rank hit the same error and prints it (mxq_agree decides which):
  * mxq_error_print stays quiet here (below DEBUG level). Errors of code

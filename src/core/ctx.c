@@ -299,6 +299,11 @@ mxq_status mxq_fault_point(mxq_ctx *ctx, const char *step)
                       signal_name((int)*ctx->stop_flag));
         return MXQ_ERR_STOPPED;
     }
+    return mxq_fault_inject(ctx, step);
+}
+
+mxq_status mxq_fault_inject(mxq_ctx *ctx, const char *step)
+{
     if (ctx->fault_list) {
         for (int i = 0; i < ctx->n_listed; i++)
             if (strcmp(ctx->listed[i], step) == 0)

@@ -434,11 +434,11 @@ static mxq_status setup(mxq_ctx *ctx, quantize_job *job)
     CHECK(ctx, job->opt->stats_layers == 0 || job->recipe.calib_mode == MXQ_CALIB_FP, MXQ_ERR_ARG,
           "--stats-layers bounds fp calibration; the recipe '%s' calibrates sequentially (one layer at a time already)",
           job->recipe_path);
-    CHECK(ctx, !job->opt->resume || job->recipe.calib_mode == MXQ_CALIB_FP || job->opt->store_activations,
-          MXQ_ERR_ARG,
-          "--resume of sequential calibration (the recipe '%s') reads the quantized layers' outputs back from the "
-          "activation store: only a run with --store-activations can resume (start over with --force)",
-          job->recipe_path);
+    if (job->opt->resume && job->recipe.calib_mode == MXQ_CALIB_SEQUENTIAL && !job->opt->store_activations &&
+        job->dist.rank == 0)
+        mxq_log(ctx, MXQ_LOG_WARN,
+                "--resume: sequential calibration records its layers only with --store-activations (a resumed run "
+                "reads the quantized layers' outputs back from it); this run records none");
     CALL(ctx, mxq_calibration_tokens(ctx, job->calib_path, &job->recipe, job->recipe_path, &job->cfg, &job->calib));
     CHECK(ctx, !same_directory(job->model_dir, job->out_dir), MXQ_ERR_ARG,
           "--out '%s' is the input model directory; write the quantized checkpoint elsewhere", job->out_dir);
@@ -542,7 +542,14 @@ static mxq_status build_fingerprint(mxq_ctx *ctx, quantize_job *job)
         struct stat st;
         char real[PATH_MAX];
         const char *path = job->inputs.ids[i].path, *key = realpath(path, real) ? real : path;
-        mxq_json_put(files, key, json_integer(stat(path, &st) == 0 ? (json_int_t)st.st_size : -1), &ok);
+        const size_t len = strlen(path);
+        const int exists = stat(path, &st) == 0, weights = len > 12 && strcmp(path + len - 12, ".safetensors") == 0;
+        /* weights are not hashed: their modification time tells a same-size rewrite */
+        mxq_json_put(files, key,
+                     weights && exists ? json_pack("{s:I, s:I}", "bytes", (json_int_t)st.st_size, "mtime_ns",
+                                                   (json_int_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec)
+                                       : json_integer(exists ? (json_int_t)st.st_size : -1),
+                     &ok);
     }
     for (int r = 0; job->first && !job->data_parallel && r <= job->dist.size; r++)
         mxq_json_push(ranges, json_integer(job->first[r]), &ok);
@@ -564,6 +571,18 @@ fail:
     return status;
 }
 
+/* The SHA-256 of job.json's text: records and the store carry it, so that
+ * a resumed run takes only its own job's. */
+static void fingerprint_digest(const json_t *fingerprint, char hex[65])
+{
+    char *text = json_dumps(fingerprint, JSON_COMPACT | JSON_SORT_KEYS);
+    mxq_sha256 s;
+    mxq_sha256_init(&s);
+    mxq_sha256_update(&s, text ? text : "", text ? strlen(text) : 0);
+    mxq_sha256_hex(&s, hex);
+    free(text);
+}
+
 /* Whether this run records its layers for --resume: fp calibration, and
  * sequential calibration by a group with an activation store (a resumed
  * run reads the quantized layers' outputs back from it). */
@@ -577,7 +596,14 @@ static int records_layers(const quantize_job *job)
 static mxq_status prepare_output(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
+    char records[MXQ_PATH_BUF];
+    mxq_path_join(records, job->out_dir, MXQ_RESUME_DIR);
+    CHECK(ctx, records_layers(job) || !job->opt->resume || access(records, F_OK) != 0, MXQ_ERR_ARG,
+          "--resume of sequential calibration needs the activation store the run wrote (--store-activations): "
+          "without it the records in %s cannot be used; start over with --force",
+          records);
     CALL(ctx, build_fingerprint(ctx, job));
+    fingerprint_digest(job->fingerprint, job->resume.job);
     CALL(ctx, mxq_resume_check(ctx, &job->resume, job->out_dir, job->cfg.n_layers, job->fingerprint,
                                job->opt->resume, job->opt->force));
     CALL(ctx, out_dir_files(ctx, job, 0));
@@ -635,11 +661,6 @@ static mxq_status reopen_store(mxq_ctx *ctx, quantize_job *job, const mxq_act_st
     *found = 0;
     if (from == 0)
         return MXQ_OK;
-    for (int l = from; seq && l < job->cfg.n_layers; l++)
-        CHECK_AGREED(ctx, &job->dist, "store.resume", !job->resume.done[l], MXQ_ERR_FORMAT,
-                     "--resume: layer %d of this sequential run is recorded, but layer %d before it is not; start "
-                     "over with --force",
-                     l, from);
     int start = -1;
     CALL(ctx, mxq_act_store_reopen(ctx, &job->dist, job->opt->store_activations, &job->inputs, &job->cfg,
                                    job->calib.n_seqs, job->calib.seq_len, info, want, &job->store, &start));
@@ -660,36 +681,14 @@ fail:
     return status;
 }
 
-/* The SHA-256 of job.json's text (rank 0's fingerprint) on every rank:
- * the store carries it, so that a resumed run takes over only a store of
- * the same job. Collective. */
-static mxq_status job_digest(mxq_ctx *ctx, const quantize_job *job, char hex[65])
-{
-    mxq_status status = MXQ_OK;
-    memset(hex, 0, 65);
-    if (job->dist.rank == 0) {
-        char *text = json_dumps(job->fingerprint, JSON_COMPACT | JSON_SORT_KEYS);
-        mxq_sha256 s;
-        mxq_sha256_init(&s);
-        mxq_sha256_update(&s, text ? text : "", text ? strlen(text) : 0);
-        mxq_sha256_hex(&s, hex);
-        free(text);
-    }
-    CALL_MPI(ctx, job->dist.comm, MPI_Bcast(hex, 65, MPI_CHAR, 0, job->dist.comm));
-fail:
-    return status;
-}
-
 /* --store-activations: the file, created by all ranks (collective), or
  * the one of the run a resumed run continues. */
 static mxq_status open_store(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
     int found = 0;
-    char digest[65];
-    CALL(ctx, job_digest(ctx, job, digest));
     const mxq_act_store_info info = {job->model_dir, job->calib_path,
-                                     job->recipe.calib_mode == MXQ_CALIB_FP ? "fp" : "sequential", digest};
+                                     job->recipe.calib_mode == MXQ_CALIB_FP ? "fp" : "sequential", job->resume.job};
     if (job->dist.rank == 0)
         mxq_log(ctx, MXQ_LOG_INFO, "activation store: %s (%d layers x %d x %d x %d float32, %.2f GB)",
                 job->opt->store_activations, job->cfg.n_layers, job->calib.n_seqs, job->calib.seq_len, job->cfg.hidden,
@@ -713,6 +712,14 @@ static mxq_status load_and_quantize(mxq_ctx *ctx, quantize_job *job)
     mxq_status status = MXQ_OK;
     AGREE(ctx, &job->dist, "quantize.outdir", job->dist.rank == 0 ? prepare_output(ctx, job) : MXQ_OK);
     CALL(ctx, mxq_resume_share(ctx, &job->dist, job->out_dir, job->cfg.n_layers, &job->resume));
+    /* sequential: a layer's inputs come from the ones before it, so only the
+     * recorded layers before the first that is not count (a damaged record
+     * set aside leaves later ones behind it) */
+    for (int l = first_undone(job); job->recipe.calib_mode == MXQ_CALIB_SEQUENTIAL && l < job->cfg.n_layers; l++)
+        if (job->resume.done[l]) {
+            job->resume.done[l] = 0;
+            job->resume.n_done--;
+        }
     log_resume(ctx, job);
     AGREE(ctx, &job->dist, "quantize.load", open_and_load(ctx, job));
     job->hooks = (mxq_layer_hooks){.done = job->resume.done, .record = records_layers(job) ? record_layer : NULL,

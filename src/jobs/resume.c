@@ -13,6 +13,37 @@
 
 #define JOB_NAME "job.json"
 #define FIGURES_NAME "mxq.layer_record"
+#define DIGEST_NAME "mxq.job"  /* the job's digest: a record of another job is not taken */
+#define CHECKSUM_NAME "mxq.sha256" /* of every other tensor's name and data, in name order */
+
+static int cmp_views(const void *a, const void *b)
+{
+    return strcmp((*(const mxq_tensor_view *const *)a)->name, (*(const mxq_tensor_view *const *)b)->name);
+}
+
+/* The SHA-256 of a record's tensors but CHECKSUM_NAME, names and data, in
+ * name order (the order the writer had does not matter). 0 on success. */
+static int record_checksum(const mxq_st_file *f, char hex[65])
+{
+    const size_t n = mxq_st_file_count(f);
+    const mxq_tensor_view **views = calloc(n + 1, sizeof(*views));
+    size_t k = 0;
+    if (!views)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(mxq_st_file_tensor(f, i)->name, CHECKSUM_NAME) != 0)
+            views[k++] = mxq_st_file_tensor(f, i);
+    qsort(views, k, sizeof(*views), cmp_views);
+    mxq_sha256 s;
+    mxq_sha256_init(&s);
+    for (size_t i = 0; i < k; i++) {
+        mxq_sha256_update(&s, views[i]->name, strlen(views[i]->name) + 1);
+        mxq_sha256_update(&s, views[i]->data, views[i]->nbytes);
+    }
+    mxq_sha256_hex(&s, hex);
+    free(views);
+    return 0;
+}
 
 static void layer_name(char *buf, size_t size, int layer) { snprintf(buf, size, "layer-%05d.safetensors", layer); }
 
@@ -163,6 +194,9 @@ static int absent_or_empty(const char *dir)
     return entries == 0;
 }
 
+static void validate_records(mxq_ctx *ctx, mxq_resume *r);
+static void write_checksum(mxq_tensor_write *t, size_t n, char hex[65]);
+
 mxq_status mxq_resume_check(mxq_ctx *ctx, mxq_resume *r, const char *out_dir, int n_layers,
                             const json_t *fingerprint, int resume, int force)
 {
@@ -179,19 +213,26 @@ mxq_status mxq_resume_check(mxq_ctx *ctx, mxq_resume *r, const char *out_dir, in
               "output directory '%s' holds an unfinished run (%d of %d layers quantized, recorded in %s): pass "
               "--resume to continue it, or --force to start over",
               out_dir, r->n_done, n_layers, r->dir);
-        if (exists)
-            CALL(ctx, remove_records(ctx, r));
+        r->clear = exists; /* once the output directory is locked (mxq_resume_begin) */
         memset(r->done, 0, (size_t)n_layers);
         r->n_done = 0;
         return MXQ_OK;
     }
     if (!exists) { /* killed before its first record, or never started: a run from the start */
+        char index[MXQ_PATH_BUF];
+        mxq_path_join(index, out_dir, "model.safetensors.index.json");
+        CHECK(ctx, access(index, F_OK) != 0, MXQ_ERR_ARG,
+              "--resume: output directory '%s' holds a complete checkpoint and no unfinished run: nothing to resume "
+              "(--force writes it again)",
+              out_dir);
         CHECK(ctx, absent_or_empty(out_dir), MXQ_ERR_ARG,
-              "--resume: output directory '%s' holds no unfinished run (no %s); run without --resume", out_dir,
-              r->dir);
+              "--resume: output directory '%s' holds no unfinished run (no %s) but other files: choose another "
+              "directory, or --force to replace what an earlier mxq run wrote there",
+              out_dir, r->dir);
         return MXQ_OK;
     }
     CALL(ctx, check_same_job(ctx, r, fingerprint));
+    validate_records(ctx, r);
 fail:
     return status;
 }
@@ -201,6 +242,9 @@ mxq_status mxq_resume_begin(mxq_ctx *ctx, mxq_resume *r, const json_t *fingerpri
     mxq_status status = MXQ_OK;
     char path[MXQ_PATH_BUF];
     struct stat st;
+    if (r->clear) /* --force: the unfinished run's records go, now that the directory is this run's */
+        CALL(ctx, remove_records(ctx, r));
+    r->clear = 0;
     r->begun = 1;
     if (lstat(r->dir, &st) == 0) /* --resume: the earlier run's job.json stays */
         return MXQ_OK;
@@ -214,16 +258,75 @@ fail:
 mxq_status mxq_resume_share(mxq_ctx *ctx, const mxq_dist *dist, const char *out_dir, int n_layers, mxq_resume *r)
 {
     mxq_status status = MXQ_OK;
-    if (dist->rank != 0)
-        AGREE(ctx, dist, "resume.share", resume_init(ctx, r, out_dir, n_layers));
-    else
-        AGREE(ctx, dist, "resume.share", MXQ_OK);
+    AGREE(ctx, dist, "resume.share", dist->rank != 0 ? resume_init(ctx, r, out_dir, n_layers) : MXQ_OK);
     CALL_MPI(ctx, dist->comm, MPI_Bcast(r->done, n_layers, MPI_UNSIGNED_CHAR, 0, dist->comm));
+    CALL_MPI(ctx, dist->comm, MPI_Bcast(r->job, (int)sizeof(r->job), MPI_CHAR, 0, dist->comm));
     r->n_done = 0;
     for (int l = 0; l < n_layers; l++)
         r->n_done += r->done[l] != 0;
 fail:
     return status;
+}
+
+/* The same checksum as record_checksum, of the tensors about to be written. */
+static int cmp_writes(const void *a, const void *b)
+{
+    return strcmp(((const mxq_tensor_write *)a)->name, ((const mxq_tensor_write *)b)->name);
+}
+
+static void write_checksum(mxq_tensor_write *t, size_t n, char hex[65])
+{
+    mxq_sha256 s;
+    qsort(t, n, sizeof(*t), cmp_writes);
+    mxq_sha256_init(&s);
+    for (size_t i = 0; i < n; i++) {
+        size_t bytes = mxq_dtype_size(t[i].dtype);
+        for (int d = 0; d < t[i].rank; d++)
+            bytes *= (size_t)t[i].shape[d];
+        mxq_sha256_update(&s, t[i].name, strlen(t[i].name) + 1);
+        mxq_sha256_update(&s, t[i].data, bytes);
+    }
+    mxq_sha256_hex(&s, hex);
+}
+
+/* Why layer l's record cannot be taken ("" if it can): not a safetensors
+ * file, another job's, or data that changed after it was written. */
+static void record_problem(mxq_ctx *ctx, const mxq_resume *r, int l, char *why, size_t size)
+{
+    char path[MXQ_PATH_BUF], sum[65];
+    mxq_st_file *f = NULL;
+    layer_path(r, l, path);
+    why[0] = '\0';
+    if (mxq_st_file_open(ctx, path, &f) != MXQ_OK) {
+        snprintf(why, size, "%s", mxq_error_message(ctx));
+        mxq_error_clear(ctx);
+        return;
+    }
+    const mxq_tensor_view *job = mxq_st_file_find(f, DIGEST_NAME), *want = mxq_st_file_find(f, CHECKSUM_NAME);
+    if (!job || job->nbytes != 64 || memcmp(job->data, r->job, 64) != 0)
+        snprintf(why, size, "it is a record of another job");
+    else if (!want || want->nbytes != 64 || record_checksum(f, sum) != 0 || memcmp(want->data, sum, 64) != 0)
+        snprintf(why, size, "its data changed after it was written (SHA-256)");
+    mxq_st_file_close(f);
+}
+
+/* Rank 0, --resume: every record is checked now, not when the shard is
+ * written hours later; a damaged one is set aside and its layer quantized
+ * again (its new record replaces it). */
+static void validate_records(mxq_ctx *ctx, mxq_resume *r)
+{
+    char why[512], path[MXQ_PATH_BUF];
+    for (int l = 0; l < r->n_layers; l++) {
+        if (!r->done[l])
+            continue;
+        record_problem(ctx, r, l, why, sizeof(why));
+        if (!why[0])
+            continue;
+        layer_path(r, l, path);
+        mxq_log(ctx, MXQ_LOG_WARN, "%s cannot be taken (%s): layer %d is quantized again", path, why, l);
+        r->done[l] = 0;
+        r->n_done--;
+    }
 }
 
 mxq_status mxq_resume_write_layer(mxq_ctx *ctx, const mxq_resume *r, int layer, const mxq_tensor_write *tensors,
@@ -232,14 +335,19 @@ mxq_status mxq_resume_write_layer(mxq_ctx *ctx, const mxq_resume *r, int layer, 
     mxq_status status = MXQ_OK;
     char path[MXQ_PATH_BUF];
     mxq_output out = {NULL, NULL, -1, NULL};
-    mxq_tensor_write *all = calloc(count + 1, sizeof(*all));
-    CHECK_ALLOC(ctx, all, (count + 1) * sizeof(*all), "a layer's record");
+    mxq_tensor_write *all = calloc(count + 3, sizeof(*all));
+    char sum[65];
+    CHECK_ALLOC(ctx, all, (count + 3) * sizeof(*all), "a layer's record");
     memcpy(all, tensors, count * sizeof(*all));
     all[count] = (mxq_tensor_write){FIGURES_NAME, MXQ_DT_U8, 1, {(int64_t)sizeof(*figures)}, figures};
+    all[count + 1] = (mxq_tensor_write){DIGEST_NAME, MXQ_DT_U8, 1, {64}, r->job};
+    write_checksum(all, count + 2, sum);
+    all[count + 2] = (mxq_tensor_write){CHECKSUM_NAME, MXQ_DT_U8, 1, {64}, sum};
     layer_path(r, layer, path);
     CALL(ctx, mxq_output_begin(ctx, path, inputs, &out));
-    CALL(ctx, mxq_st_write(ctx, &out, all, count + 1));
-    CALL(ctx, mxq_fault_point(ctx, "resume.record"));
+    CALL(ctx, mxq_st_write(ctx, &out, all, count + 3));
+    /* a fault injected here, but no stop: the layer is done, its record takes milliseconds */
+    CALL(ctx, mxq_fault_inject(ctx, "resume.record"));
     CALL(ctx, mxq_output_commit(ctx, &out));
 fail:
     mxq_output_abort(&out);
@@ -281,8 +389,8 @@ int mxq_resume_abandon(mxq_ctx *ctx, mxq_resume *r)
             mxq_error_clear(ctx); /* the job's own failure is the one to report */
         return 0;
     }
-    mxq_log(ctx, MXQ_LOG_WARN, "%d of %d layers are recorded in %s: the same command with --resume continues the run",
-            r->n_done, r->n_layers, r->dir);
+    mxq_log(ctx, MXQ_LOG_WARN, "%d of %d layers %s recorded in %s: the same command with --resume continues the run",
+            r->n_done, r->n_layers, r->n_done == 1 ? "is" : "are", r->dir);
     return 1;
 }
 

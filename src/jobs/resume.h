@@ -8,8 +8,10 @@
  *                                       its owner as soon as it is final:
  *                                       the tensors the shard takes from
  *                                       the algorithms (packed weights,
- *                                       scales, folded norms) and the
- *                                       layer's figures (mxq.layer_record)
+ *                                       scales, folded norms), the layer's
+ *                                       figures (mxq.layer_record), the
+ *                                       job's digest (mxq.job) and a
+ *                                       SHA-256 of all that (mxq.sha256)
  *
  * Each file is written under a temporary name, flushed and renamed, so a
  * record that exists is whole. A resumed run checks job.json against its
@@ -35,12 +37,16 @@ typedef struct {
     int n_done;
     mxq_st_file **open;  /* [n_layers]: the records this rank has opened for its shard */
     int begun;           /* rank 0: this run records its layers (mxq_resume_begin) */
+    int clear;           /* rank 0, --force: the unfinished run's records go once the directory is locked */
+    char job[65];        /* the job's digest (SHA-256 of job.json's text), in every record */
 } mxq_resume;
 
-/* Rank 0, before the output directory is prepared. With `resume`: the
- * earlier run's job.json must equal `fingerprint` (else the first key that
- * differs is named), and its layer records are found. Without: records of
- * an unfinished run stop the job, unless `force`, which removes them. */
+/* Rank 0, before the output directory is prepared (r->job set). With
+ * `resume`: the earlier run's job.json must equal `fingerprint` (else the
+ * first key that differs is named), and its layer records are found and
+ * checked (another job's, or changed data: the layer is redone). Without:
+ * records of an unfinished run stop the job, unless `force`, which removes
+ * them once the directory is locked (mxq_resume_begin). */
 mxq_status mxq_resume_check(mxq_ctx *ctx, mxq_resume *r, const char *out_dir, int n_layers,
                             const json_t *fingerprint, int resume, int force);
 
