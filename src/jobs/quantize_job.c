@@ -509,6 +509,18 @@ fail:
     return status;
 }
 
+/* The output directory by its parent's real path and its name (it may not
+ * exist yet: a fresh run makes it after this is recorded). */
+static void real_out_path(const char *out, char *buf, size_t size)
+{
+    char parent[PATH_MAX], real[PATH_MAX];
+    const char *slash = strrchr(out, '/'), *name = slash ? slash + 1 : out;
+    snprintf(parent, sizeof(parent), "%.*s", slash ? (int)(slash - out) : 1, slash ? out : ".");
+    if (!parent[0])
+        snprintf(parent, sizeof(parent), "/");
+    snprintf(buf, size, "%s/%s", realpath(parent, real) ? real : parent, name);
+}
+
 /* A file's SHA-256 and size under `key` ("recipe": {"sha256", "bytes"}). */
 static mxq_status put_checksum(mxq_ctx *ctx, json_t *fp, const char *key, const char *path, const char *what)
 {
@@ -554,6 +566,9 @@ static mxq_status build_fingerprint(mxq_ctx *ctx, quantize_job *job)
     for (int r = 0; job->first && !job->data_parallel && r <= job->dist.size; r++)
         mxq_json_push(ranges, json_integer(job->first[r]), &ok);
     mxq_json_put(fp, "mxq", json_string(MXQ_VERSION), &ok);
+    char out_real[PATH_MAX + 256];
+    real_out_path(job->out_dir, out_real, sizeof(out_real));
+    mxq_json_put(fp, "out", json_string(out_real), &ok);
     mxq_json_put(fp, "input_bytes", json_incref(files), &ok);
     mxq_json_put(fp, "ranks", json_integer(job->dist.size), &ok);
     mxq_json_put(fp, "group_size", json_integer(job->data_parallel ? job->dist.size : 1), &ok);
@@ -703,6 +718,8 @@ static mxq_status open_store(mxq_ctx *ctx, quantize_job *job)
                                        job->opt->force || job->opt->resume, job->opt->force, &job->cfg,
                                        job->calib.n_seqs,
                                        job->calib.seq_len, &info, &job->store));
+    if (job->opt->resume && job->dist.rank == 0) /* this job's, left by the run it continues and not taken */
+        mxq_act_store_remove_job_temporaries(job->opt->store_activations, &info, job->store.out.temp_path);
 fail:
     return status;
 }

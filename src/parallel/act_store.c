@@ -410,6 +410,60 @@ static int whole_layers(const char *temp, const mxq_act_store *want, const mxq_a
     return ok ? (int)complete : 0;
 }
 
+/* Whether `file` is a store of the job `info` describes (its attribute job). */
+static int of_job(const char *file, const mxq_act_store_info *info)
+{
+    mxq_h5_quiet quiet;
+    mxq_h5_quiet_begin(&quiet);
+    hid_t f = H5Fis_hdf5(file) > 0 ? H5Fopen(file, H5F_ACC_RDONLY, H5P_DEFAULT) : H5I_INVALID_HID;
+    const int ours = f >= 0 && mxq_h5_attr_string_equals(f, "job", info->job);
+    if (f >= 0)
+        H5Fclose(f);
+    mxq_h5_quiet_end(&quiet);
+    return ours;
+}
+
+void mxq_act_store_remove_job_temporaries(const char *path, const mxq_act_store_info *info, const char *keep)
+{
+    char dir[4096];
+    const char *base = split_dir(path, dir, sizeof(dir));
+    DIR *d = opendir(dir);
+    for (struct dirent *e = d ? readdir(d) : NULL; e; e = readdir(d)) {
+        char victim[8192];
+        struct stat st;
+        snprintf(victim, sizeof(victim), "%s/%s", dir, e->d_name);
+        if (mxq_is_temp_name_of(e->d_name, base) && (!keep || strcmp(victim, keep) != 0) &&
+            lstat(victim, &st) == 0 && S_ISREG(st.st_mode) && of_job(victim, info))
+            unlink(victim);
+    }
+    if (d)
+        closedir(d);
+}
+
+/* Rank 0: no temporary to take over, but the store in place at `path` is
+ * this job's and whole (a run killed between its store's rename and its
+ * index's): it goes back under a temporary name, to be committed again.
+ * Returns its layers (0: not so). */
+static int reclaim_committed(const char *path, const mxq_act_store *want, const mxq_act_store_info *info, char *temp,
+                             size_t size)
+{
+    char dir[4096];
+    const char *base = split_dir(path, dir, sizeof(dir));
+    if (strlen(dir) + strlen(base) + 48 > size || whole_layers(path, want, info) != want->n_layers)
+        return 0;
+    char tail[48];
+    snprintf(tail, sizeof(tail), ".tmp-%ld-9999", (long)getpid());
+    strcpy(temp, dir); /* fits: checked above */
+    strcat(temp, "/.");
+    strcat(temp, base);
+    strcat(temp, tail);
+    if (rename(path, temp) != 0) {
+        temp[0] = '\0';
+        return 0;
+    }
+    return want->n_layers;
+}
+
 /* Every rank opens the adopted temporary through MPI-IO. */
 static mxq_status open_adopted(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_store *s, const char *temp)
 {
@@ -448,7 +502,7 @@ mxq_status mxq_act_store_reopen(mxq_ctx *ctx, const mxq_dist *dist, const char *
     }
     if (dist->rank == 0 && local == MXQ_OK) {
         newest_temporary(path, temp, sizeof(temp));
-        whole = temp[0] ? whole_layers(temp, s, info) : 0;
+        whole = temp[0] ? whole_layers(temp, s, info) : reclaim_committed(path, s, info, temp, sizeof(temp));
         if (temp[0] && whole == 0)
             mxq_log(ctx, MXQ_LOG_INFO,
                     "activation store: %s is not this job's, or has no whole layer (mxq_activation_store, model, "
