@@ -576,11 +576,17 @@ static void test_store_activations(void **state)
             assert_non_null(strstr(r.err, "activation store: "));
         }
         size_t total, diff = differing_bytes(outs[0], outs[1], &total);
-        const char *h5diff[] = {"h5diff", stores[0], stores[1], NULL};
-        tu_run_result r;
-        tu_run(h5diff, &r);
+        /* every layer's data (the root attribute job, a digest of the run's
+         * record, differs with the rank count) */
+        tu_run_result r = {0};
+        for (int l = 0; l < 5 && r.exit_code == 0; l++) {
+            char dataset[32];
+            snprintf(dataset, sizeof(dataset), "/layers/%d", l);
+            const char *h5diff[] = {"h5diff", stores[0], stores[1], dataset, dataset, NULL};
+            tu_run(h5diff, &r);
+        }
         print_message("# --store-activations, %s mode: %zu of %zu checkpoint bytes differ between 1 and 2 ranks; "
-                      "h5diff of the stores: exit %d %s\n",
+                      "h5diff of the stores' layers: exit %d %s\n",
                       mode ? "sequential" : "fp", diff, total, r.exit_code, r.out);
         assert_int_equal(diff, 0);
         assert_int_equal(r.exit_code, 0);
