@@ -719,7 +719,7 @@ static mxq_status open_store(mxq_ctx *ctx, quantize_job *job)
                                        job->calib.n_seqs,
                                        job->calib.seq_len, &info, &job->store));
     if (job->opt->resume && job->dist.rank == 0) /* this job's, left by the run it continues and not taken */
-        mxq_act_store_remove_job_temporaries(job->opt->store_activations, &info, job->store.out.temp_path);
+        mxq_act_store_remove_temporaries(job->opt->store_activations, &info, job->store.out.temp_path);
 fail:
     return status;
 }

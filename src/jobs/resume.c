@@ -16,32 +16,46 @@
 #define DIGEST_NAME "mxq.job"  /* the job's digest: a record of another job is not taken */
 #define CHECKSUM_NAME "mxq.sha256" /* of every other tensor's name and data, in name order */
 
-static int cmp_views(const void *a, const void *b)
+static int cmp_writes(const void *a, const void *b)
 {
-    return strcmp((*(const mxq_tensor_view *const *)a)->name, (*(const mxq_tensor_view *const *)b)->name);
+    return strcmp(((const mxq_tensor_write *)a)->name, ((const mxq_tensor_write *)b)->name);
 }
 
-/* The SHA-256 of a record's tensors but CHECKSUM_NAME, names and data, in
- * name order (the order the writer had does not matter). 0 on success. */
+/* The SHA-256 of tensors' names and data in name order (sorts t): what a
+ * record's CHECKSUM_NAME holds of its other tensors, whatever order the
+ * file has them in. */
+static void tensors_checksum(mxq_tensor_write *t, size_t n, char hex[65])
+{
+    mxq_sha256 s;
+    qsort(t, n, sizeof(*t), cmp_writes);
+    mxq_sha256_init(&s);
+    for (size_t i = 0; i < n; i++) {
+        size_t bytes = mxq_dtype_size(t[i].dtype);
+        for (int d = 0; d < t[i].rank; d++)
+            bytes *= (size_t)t[i].shape[d];
+        mxq_sha256_update(&s, t[i].name, strlen(t[i].name) + 1);
+        mxq_sha256_update(&s, t[i].data, bytes);
+    }
+    mxq_sha256_hex(&s, hex);
+}
+
+/* The same of a record read back, but its CHECKSUM_NAME. 0 on success. */
 static int record_checksum(const mxq_st_file *f, char hex[65])
 {
     const size_t n = mxq_st_file_count(f);
-    const mxq_tensor_view **views = calloc(n + 1, sizeof(*views));
+    mxq_tensor_write *t = calloc(n + 1, sizeof(*t));
     size_t k = 0;
-    if (!views)
+    if (!t)
         return -1;
-    for (size_t i = 0; i < n; i++)
-        if (strcmp(mxq_st_file_tensor(f, i)->name, CHECKSUM_NAME) != 0)
-            views[k++] = mxq_st_file_tensor(f, i);
-    qsort(views, k, sizeof(*views), cmp_views);
-    mxq_sha256 s;
-    mxq_sha256_init(&s);
-    for (size_t i = 0; i < k; i++) {
-        mxq_sha256_update(&s, views[i]->name, strlen(views[i]->name) + 1);
-        mxq_sha256_update(&s, views[i]->data, views[i]->nbytes);
+    for (size_t i = 0; i < n; i++) {
+        const mxq_tensor_view *v = mxq_st_file_tensor(f, i);
+        if (strcmp(v->name, CHECKSUM_NAME) == 0)
+            continue;
+        t[k] = (mxq_tensor_write){v->name, v->dtype, v->rank, {0}, v->data};
+        memcpy(t[k++].shape, v->shape, sizeof(v->shape));
     }
-    mxq_sha256_hex(&s, hex);
-    free(views);
+    tensors_checksum(t, k, hex);
+    free(t);
     return 0;
 }
 
@@ -195,7 +209,6 @@ static int absent_or_empty(const char *dir)
 }
 
 static void validate_records(mxq_ctx *ctx, mxq_resume *r);
-static void write_checksum(mxq_tensor_write *t, size_t n, char hex[65]);
 
 mxq_status mxq_resume_check(mxq_ctx *ctx, mxq_resume *r, const char *out_dir, int n_layers,
                             const json_t *fingerprint, int resume, int force)
@@ -268,27 +281,6 @@ fail:
     return status;
 }
 
-/* The same checksum as record_checksum, of the tensors about to be written. */
-static int cmp_writes(const void *a, const void *b)
-{
-    return strcmp(((const mxq_tensor_write *)a)->name, ((const mxq_tensor_write *)b)->name);
-}
-
-static void write_checksum(mxq_tensor_write *t, size_t n, char hex[65])
-{
-    mxq_sha256 s;
-    qsort(t, n, sizeof(*t), cmp_writes);
-    mxq_sha256_init(&s);
-    for (size_t i = 0; i < n; i++) {
-        size_t bytes = mxq_dtype_size(t[i].dtype);
-        for (int d = 0; d < t[i].rank; d++)
-            bytes *= (size_t)t[i].shape[d];
-        mxq_sha256_update(&s, t[i].name, strlen(t[i].name) + 1);
-        mxq_sha256_update(&s, t[i].data, bytes);
-    }
-    mxq_sha256_hex(&s, hex);
-}
-
 /* Why layer l's record cannot be taken ("" if it can): not a safetensors
  * file, another job's, or data that changed after it was written. */
 static void record_problem(mxq_ctx *ctx, const mxq_resume *r, int l, char *why, size_t size)
@@ -341,7 +333,7 @@ mxq_status mxq_resume_write_layer(mxq_ctx *ctx, const mxq_resume *r, int layer, 
     memcpy(all, tensors, count * sizeof(*all));
     all[count] = (mxq_tensor_write){FIGURES_NAME, MXQ_DT_U8, 1, {(int64_t)sizeof(*figures)}, figures};
     all[count + 1] = (mxq_tensor_write){DIGEST_NAME, MXQ_DT_U8, 1, {64}, r->job};
-    write_checksum(all, count + 2, sum);
+    tensors_checksum(all, count + 2, sum);
     all[count + 2] = (mxq_tensor_write){CHECKSUM_NAME, MXQ_DT_U8, 1, {64}, sum};
     layer_path(r, layer, path);
     CALL(ctx, mxq_output_begin(ctx, path, inputs, &out));

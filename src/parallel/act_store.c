@@ -71,20 +71,7 @@ fail:
     return status;
 }
 
-void mxq_act_store_remove_temporaries(const char *path)
-{
-    char dir[4096];
-    const char *base = split_dir(path, dir, sizeof(dir));
-    DIR *d = opendir(dir);
-    for (struct dirent *e = d ? readdir(d) : NULL; e; e = readdir(d))
-        if (mxq_is_temp_name_of(e->d_name, base)) {
-            char victim[8192];
-            snprintf(victim, sizeof(victim), "%s/%s", dir, e->d_name);
-            unlink(victim);
-        }
-    if (d)
-        closedir(d);
-}
+static int of_job(const char *file, const mxq_act_store_info *info);
 
 /* The root attributes and the group /layers. */
 static mxq_status write_header(mxq_ctx *ctx, mxq_act_store *s, const mxq_act_store_info *info)
@@ -184,7 +171,7 @@ mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *
     if (dist->rank == 0) {
         local = mxq_act_store_check(ctx, path, inputs, force); /* again: the path may have changed since setup */
         if (local == MXQ_OK && clear_temporaries)
-            mxq_act_store_remove_temporaries(path);
+            mxq_act_store_remove_temporaries(path, NULL, NULL);
         if (local == MXQ_OK)
             local = mxq_output_begin(ctx, path, inputs, &s->out);
         if (local == MXQ_OK)
@@ -423,7 +410,7 @@ static int of_job(const char *file, const mxq_act_store_info *info)
     return ours;
 }
 
-void mxq_act_store_remove_job_temporaries(const char *path, const mxq_act_store_info *info, const char *keep)
+void mxq_act_store_remove_temporaries(const char *path, const mxq_act_store_info *info, const char *keep)
 {
     char dir[4096];
     const char *base = split_dir(path, dir, sizeof(dir));
@@ -433,7 +420,7 @@ void mxq_act_store_remove_job_temporaries(const char *path, const mxq_act_store_
         struct stat st;
         snprintf(victim, sizeof(victim), "%s/%s", dir, e->d_name);
         if (mxq_is_temp_name_of(e->d_name, base) && (!keep || strcmp(victim, keep) != 0) &&
-            lstat(victim, &st) == 0 && S_ISREG(st.st_mode) && of_job(victim, info))
+            lstat(victim, &st) == 0 && S_ISREG(st.st_mode) && (!info || of_job(victim, info)))
             unlink(victim);
     }
     if (d)

@@ -90,14 +90,12 @@ mxq_status mxq_act_store_commit(mxq_ctx *ctx, const mxq_dist *dist, mxq_act_stor
  * the committed file: a job that fails after the commit leaves no store.
  * Then as release. */
 void mxq_act_store_abort(mxq_act_store *store);
-/* Rank 0, --resume: the temporaries of this job (its digest) next to
- * `path` other than `keep` (the one taken over, or just made) go: what
- * the run it continues left and could not be taken over. */
-void mxq_act_store_remove_job_temporaries(const char *path, const mxq_act_store_info *info, const char *keep);
-
 /* Remove the temporaries that killed or failed runs left next to `path`
- * (a 7B store's is 8.6 GB, in a hidden file). Local. */
-void mxq_act_store_remove_temporaries(const char *path);
+ * (a 7B store's is 8.6 GB, in a hidden file): all of them (info NULL,
+ * --force), or those of the job `info` names (its digest) but `keep`
+ * (--resume: what the run it continues left and could not be taken over).
+ * Local. */
+void mxq_act_store_remove_temporaries(const char *path, const mxq_act_store_info *info, const char *keep);
 
 /* Close (collective) and leave the temporary for a later --resume (a
  * failed run whose layers are recorded); a store already renamed into
