@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what mxq needs (Debian packages, through apt-get) and build it.
 # Safe to run again: installs only what is missing, rebuilds only what changed.
-#   MXQ_BUILD_DIR   build directory (default: <repo>/build)
+#   MXQ_BUILD_DIR        build directory (default: <repo>/build)
+#   MXQ_EXTRA_PACKAGES   more Debian packages to install (the test and fuzz scripts use this)
+#   MXQ_SETUP_NO_BUILD   set to 1 to install only
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=${MXQ_BUILD_DIR:-$ROOT/build}
@@ -13,6 +15,8 @@ PACKAGES=(
   libscalapack-openmpi-dev libopenblas-dev liblapacke-dev
   libjansson-dev libfyaml-dev libcmocka-dev
 )
+# shellcheck disable=SC2206
+PACKAGES+=(${MXQ_EXTRA_PACKAGES:-})
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -37,6 +41,9 @@ if ((${#missing[@]})); then
   echo "setup: packages installed"
 fi
 
+if [ "${MXQ_SETUP_NO_BUILD:-0}" = 1 ]; then
+  exit 0
+fi
 if [ ! -f "$BUILD/build.ninja" ]; then
   meson setup "$BUILD" "$ROOT" >/dev/null
 fi

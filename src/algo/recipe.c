@@ -436,6 +436,53 @@ fail:
     return status;
 }
 
+/* Offset of the first byte of `text` that does not continue valid UTF-8,
+ * or -1 if all of it is valid. YAML is Unicode text; libfyaml 0.7.12 loops
+ * forever on some invalid sequences (found by tests/fuzz/fuzz_recipe), so
+ * they are refused before it sees them. */
+static long first_invalid_utf8(const unsigned char *text)
+{
+    const unsigned char *p = text;
+    while (*p) {
+        int more = *p < 0x80 ? 0 : (*p & 0xe0) == 0xc0 ? 1 : (*p & 0xf0) == 0xe0 ? 2 : (*p & 0xf8) == 0xf0 ? 3 : -1;
+        if (more < 0 || (more == 1 && *p < 0xc2) || (more == 3 && *p > 0xf4))
+            return p - text;
+        unsigned cp = *p & (0x7f >> more);
+        for (int i = 1; i <= more; i++) {
+            if ((p[i] & 0xc0) != 0x80)
+                return p - text;
+            cp = cp << 6 | (p[i] & 0x3f);
+        }
+        /* overlong three- and four-byte forms, surrogates, beyond U+10FFFF */
+        if ((more == 2 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) || (more == 3 && (cp < 0x10000 || cp > 0x10ffff)))
+            return p - text;
+        p += 1 + more;
+    }
+    return -1;
+}
+
+/* What libfyaml must not be given: it misbehaves on some invalid input. */
+static mxq_status check_recipe_text(mxq_ctx *ctx, const char *text, const char *name)
+{
+    mxq_status status = MXQ_OK;
+    long bad = first_invalid_utf8((const unsigned char *)text);
+    CHECK(ctx, bad < 0, MXQ_ERR_FORMAT, "%s: byte %ld is not valid UTF-8; a recipe is UTF-8 YAML", name, bad + 1);
+    /* YAML never indents with tabs, and libfyaml 0.7.12 crashes freeing a
+     * parser that failed on some tab placements (tests/fuzz/fuzz_recipe). */
+    const char *tab = strchr(text, '\t');
+    if (tab) {
+        int line = 1;
+        const char *line_start = text;
+        for (const char *p = text; p < tab; p++)
+            if (*p == '\n')
+                line++, line_start = p + 1;
+        FAIL(ctx, MXQ_ERR_FORMAT, "%s: line %d, column %d: a tab; a recipe is indented and separated with spaces",
+             name, line, (int)(tab - line_start) + 1);
+    }
+fail:
+    return status;
+}
+
 mxq_status mxq_recipe_parse_string(mxq_ctx *ctx, const char *text, const char *name, mxq_recipe *recipe)
 {
     mxq_status status = MXQ_OK;
@@ -444,6 +491,7 @@ mxq_status mxq_recipe_parse_string(mxq_ctx *ctx, const char *text, const char *n
     struct fy_document *doc = NULL;
     char diag_text[1024] = "";
     memset(recipe, 0, sizeof(*recipe));
+    CALL(ctx, check_recipe_text(ctx, text, name));
     struct fy_diag_cfg dcfg;
     fy_diag_cfg_default(&dcfg);
     dcfg.fp = NULL;

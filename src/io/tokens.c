@@ -45,6 +45,32 @@ fail:
     return status;
 }
 
+/* Whether the file holds the data its shape declares. A few hundred bytes
+ * can declare [2^29, 2^23] tokens that were never written (HDF5 reads them
+ * as the fill value): allocating and reading that would take the machine's
+ * memory before any id is checked (found by tests/fuzz/fuzz_tokens).
+ * Without filters the stored bytes must cover the shape; compressed data
+ * may expand at most 1024 times. */
+static mxq_status check_tokens_stored(mxq_ctx *ctx, const char *path, const char *what, hid_t dset,
+                                      const hsize_t dims[2])
+{
+    mxq_status status = MXQ_OK;
+    hid_t dcpl = H5Dget_create_plist(dset);
+    CALL_H5(ctx, dcpl, "cannot read the layout of '/tokens' in '%s'", path);
+    int filters = H5Pget_nfilters(dcpl);
+    CALL_H5(ctx, filters, "cannot read the filters of '/tokens' in '%s'", path);
+    const double declared = (double)dims[0] * (double)dims[1] * sizeof(int32_t);
+    const double stored = (double)H5Dget_storage_size(dset);
+    CHECK(ctx, stored * (filters > 0 ? 1024.0 : 1.0) >= declared, MXQ_ERR_FORMAT,
+          "%s '%s': '/tokens' declares [%llu, %llu] int32 but holds only %.0f bytes of data (%s)", what, path,
+          (unsigned long long)dims[0], (unsigned long long)dims[1], stored,
+          filters > 0 ? "more than 1024 times compressed" : "it was never written in full");
+fail:
+    if (dcpl >= 0)
+        H5Pclose(dcpl);
+    return status;
+}
+
 static mxq_status check_ids(mxq_ctx *ctx, const char *path, const mxq_tokens *t, int vocab)
 {
     mxq_status status = MXQ_OK;
@@ -72,6 +98,7 @@ mxq_status mxq_tokens_read(mxq_ctx *ctx, const char *path, const char *what, int
     CALL(ctx, mxq_h5_open_read(ctx, path, what, &file));
     CALL_IN(ctx, mxq_h5_open_dataset(ctx, file, path, "/tokens", &dset), "%s", what);
     CALL(ctx, check_tokens_dataset(ctx, path, what, max_len, dset, dims));
+    CALL(ctx, check_tokens_stored(ctx, path, what, dset, dims));
 
     out->total_seqs = (int)dims[0];
     out->n_seqs = (limit > 0 && limit < (int)dims[0]) ? limit : (int)dims[0];

@@ -586,6 +586,17 @@ static void test_token_sequences_longer_than_the_context(void **state)
     expect_refused("2^19 sequences of 4096 tokens", &r, "long-tokens.h5", "max_position_embeddings");
 }
 
+/* A token file that declares 2^22 sequences within the context (4 GiB of
+ * ids) but holds none of them (found by tests/fuzz/fuzz_tokens): refused
+ * from its stored size, before the 4 GiB are allocated and filled. */
+static void test_token_file_declaring_unwritten_sequences(void **state)
+{
+    (void)state;
+    const char *path = declared_only("unwritten-tokens.h5", "/tokens", H5T_STD_I32LE, 1u << 22, 256);
+    tu_run_result r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens", path, NULL);
+    expect_refused("2^22 unwritten sequences", &r, "unwritten-tokens.h5", "never written in full");
+}
+
 /* cast of a dataset that declares 2^40 rows (never written): refused from
  * its shape, before 512 TiB are asked for. */
 static void test_cast_input_declaring_huge_rows(void **state)
@@ -1176,6 +1187,7 @@ int main(void)
         cmocka_unit_test(test_token_data_stored_in_a_fifo),
         cmocka_unit_test(test_token_external_link_to_a_fifo),
         cmocka_unit_test(test_token_sequences_longer_than_the_context),
+        cmocka_unit_test(test_token_file_declaring_unwritten_sequences),
         cmocka_unit_test(test_cast_input_declaring_huge_rows),
         cmocka_unit_test(test_huge_layer_count),
         cmocka_unit_test(test_nan_weight_rtn),

@@ -161,6 +161,30 @@ static void test_errors_with_lines(void **state)
     expect_error("weights: {format: mxint4, block: 5000}\n", "'block' must be an integer in 1..4096");
 }
 
+/* Inputs found by tests/fuzz/fuzz_recipe that hung or crashed libfyaml
+ * 0.7.12: invalid UTF-8 and tabs are refused before it sees them. */
+static void test_fuzz_findings(void **state)
+{
+    (void)state;
+    char hang[140] = "%";
+    memset(hang + 1, 0xff, 130);
+    expect_error(hang, "bad.yaml: byte 2 is not valid UTF-8");
+    expect_error("? - - - \t\tgrid:\t-", "bad.yaml: line 1, column 9: a tab");
+    expect_error("weights: {format: mxint4}\n  \tblock: 32\n", "bad.yaml: line 2, column 3: a tab");
+    expect_error("weights: {format: mxint4} # \xc0\xaf overlong\n", "byte 29 is not valid UTF-8");
+    expect_error("weights: {format: mxint4} # \xed\xa0\x80 surrogate\n", "byte 29 is not valid UTF-8");
+    /* valid UTF-8 is still welcome, in comments and in exclude patterns */
+    mxq_ctx *ctx;
+    mxq_ctx_create(&ctx);
+    mxq_recipe r;
+    assert_int_equal(mxq_recipe_parse_string(ctx, "# r\xc3\xa9sum\xc3\xa9 \xf0\x9f\x98\x80\nweights: {format: mxint4}\n"
+                                                  "exclude: [\"caf\xc3\xa9.*\"]\n",
+                                             "ok.yaml", &r),
+                     MXQ_OK);
+    mxq_recipe_free(&r);
+    mxq_ctx_destroy(ctx);
+}
+
 static void test_missing_file(void **state)
 {
     (void)state;
@@ -179,6 +203,7 @@ int main(void)
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_aliases_take_the_anchored_value),
         cmocka_unit_test(test_errors_with_lines),
+        cmocka_unit_test(test_fuzz_findings),
         cmocka_unit_test(test_missing_file),
     };
     return cmocka_run_group_tests_name("recipe", tests, NULL, NULL);

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Fuzz mxq's parsers with libFuzzer (clang, ASan, UBSan), each target for a
+# bounded time. Installs clang and its runtime from Debian if missing.
+#
+#   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET ...]
+#
+# Targets: safetensors index config recipe tokens (default: all), 60 s each
+# by default. Seeds come from tests/fuzz/corpus/<target>/ and are never
+# modified; what the fuzzer finds new goes to $MXQ_FUZZ_WORK/<target>/corpus
+# (default: <build>/fuzz-work), crashing inputs to $MXQ_FUZZ_WORK/<target>/.
+# The exit status is non-zero if any target crashed, leaked, timed out or
+# tripped a sanitizer; the last line is "N passed, N failed" over targets.
+#   MXQ_FUZZ_BUILD_DIR  build directory (default: <repo>/build-fuzz)
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD=${MXQ_FUZZ_BUILD_DIR:-$ROOT/build-fuzz}
+WORK=${MXQ_FUZZ_WORK:-$BUILD/fuzz-work}
+SECONDS_EACH=${1:-60}
+shift || true
+TARGETS=("$@")
+if ((${#TARGETS[@]} == 0)); then
+  TARGETS=(safetensors index config recipe tokens)
+fi
+case $SECONDS_EACH in
+  ''|*[!0-9]*) echo "fuzz: SECONDS_PER_TARGET must be a whole number, not '$SECONDS_EACH'" >&2; exit 2 ;;
+esac
+
+MXQ_EXTRA_PACKAGES="clang libclang-rt-14-dev" MXQ_SETUP_NO_BUILD=1 bash "$ROOT/scripts/setup.sh"
+if [ ! -f "$BUILD/build.ninja" ]; then
+  CC=clang meson setup "$BUILD" "$ROOT" -Dfuzz=true -Dtests=false -Dbuildtype=debugoptimized \
+    -Db_sanitize=address,undefined -Db_lundef=false \
+    -Dc_args="-fsanitize=fuzzer-no-link -fno-sanitize-recover=all -fno-omit-frame-pointer" >/dev/null
+fi
+if ! log=$(meson compile -C "$BUILD" 2>&1); then
+  echo "$log" | grep -E 'error|FAILED' >&2 || echo "$log" | tail -20 >&2
+  echo "fuzz: the build in $BUILD failed"
+  echo "0 passed, ${#TARGETS[@]} failed"
+  exit 1
+fi
+
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+passed=0 failed=0
+for t in "${TARGETS[@]}"; do
+  bin=$BUILD/tests/fuzz/fuzz_$t
+  seeds=$ROOT/tests/fuzz/corpus/$t
+  if [ ! -x "$bin" ] || [ ! -d "$seeds" ]; then
+    echo "fuzz: unknown target '$t' (no $bin or no $seeds)" >&2
+    failed=$((failed + 1))
+    continue
+  fi
+  mkdir -p "$WORK/$t/corpus"
+  dict=()
+  if [ -f "$ROOT/tests/fuzz/$t.dict" ]; then dict=(-dict="$ROOT/tests/fuzz/$t.dict"); fi
+  log=$WORK/$t/fuzz.log
+  echo "fuzz: $t for ${SECONDS_EACH} s (log $log)"
+  if "$bin" -max_total_time="$SECONDS_EACH" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
+       "${dict[@]}" -artifact_prefix="$WORK/$t/" "$WORK/$t/corpus" "$seeds" >"$log" 2>&1; then
+    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
+    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 || true)
+    echo "ok $t: $runs inputs in ${SECONDS_EACH} s, $cov, no crash, leak or sanitizer report"
+    passed=$((passed + 1))
+  else
+    echo "FAILED $t: see $log; the input is in $WORK/$t/ (crash-*, leak-*, timeout-* or oom-*)"
+    grep -m3 -E 'ERROR|SUMMARY|runtime error' "$log" || tail -5 "$log"
+    failed=$((failed + 1))
+  fi
+done
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
