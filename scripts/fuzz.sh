@@ -52,6 +52,8 @@ for t in "${TARGETS[@]}"; do
   mkdir -p "$WORK/$t/corpus"
   dict=()
   if [ -f "$ROOT/tests/fuzz/$t.dict" ]; then dict=(-dict="$ROOT/tests/fuzz/$t.dict"); fi
+  supp=$ROOT/tests/fuzz/$t.lsan.supp
+  if [ -f "$supp" ]; then export LSAN_OPTIONS=suppressions=$supp; else unset LSAN_OPTIONS; fi
   log=$WORK/$t/fuzz.log
   echo "fuzz: $t for ${SECONDS_EACH} s (log $log)"
   if "$bin" -max_total_time="$SECONDS_EACH" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \

@@ -118,6 +118,15 @@ typedef struct {
  * finite values. Fails naming the first problem. Local (one process). */
 mxq_status mxq_verify(mxq_ctx *ctx, const char *dir, mxq_verify_result *result);
 
+/* ---- mxq inspect ---------------------------------------------------------- */
+
+/* A checkpoint described for a person, printed to the context's output
+ * stream: the model; the recipe (formats, algorithms, calibration); size on
+ * disk against the FP model and bits per weight; and, from mxq_report.json,
+ * the run's ranks, times and memory and each layer's losses. Reads
+ * config.json, mxq_report.json and the tensors' headers only. Local. */
+mxq_status mxq_inspect(mxq_ctx *ctx, const char *dir);
+
 #ifdef __cplusplus
 }
 #endif

@@ -32,6 +32,8 @@ static void print_main_help(FILE *out)
             "          (llama-2-7b, llama-2-70b, llama-3.1-8b, qwen2-7b, mistral-7b)\n"
             "  verify  check a checkpoint: shards' sizes and SHA-256, config, every tensor's\n"
             "          shape, element codes and scale bytes\n"
+            "  inspect describe a checkpoint: recipe, formats, bits per weight, size against\n"
+            "          the FP model, per-layer losses, the run's ranks and times\n"
             "  help    show this text, or `mxq help <command>`\n"
             "\n"
             "MX formats (block of B elements along the last axis shares one E8M0 scale):\n"
@@ -156,6 +158,7 @@ static const verb_entry verbs[] = {
     {"quantize", mxq_cmd_quantize, 1},
     {"quantize-linear", mxq_cmd_quantize_linear, 0},
     {"verify", mxq_cmd_verify, 0},
+    {"inspect", mxq_cmd_inspect, 0},
 };
 
 static int wants_help(int argc, char **argv)
@@ -229,7 +232,7 @@ static int run_verb(const char *verb, int argc, char **argv)
 {
     const verb_entry *entry = find_verb(verb);
     if (!entry)
-        return mxq_cli_usage_error(NULL, NULL, "unknown command '%s' (commands: cast, eval, quantize, quantize-linear, synth, verify, help; see "
+        return mxq_cli_usage_error(NULL, NULL, "unknown command '%s' (commands: cast, eval, quantize, quantize-linear, synth, verify, inspect, help; see "
                                    "mxq --help)",
                                    verb);
     int launch_rank, launch_size;

@@ -43,35 +43,8 @@ static void make_inputs(void)
 {
     if (calib_path)
         return;
-    hid_t in = H5Fopen(tu_data_path("stories260K/calib.h5"), H5F_ACC_RDONLY, H5P_DEFAULT);
-    assert_true(in >= 0);
-    int rank;
-    size_t dims[4];
-    int *tokens = tu_h5_read(in, "tokens", H5T_NATIVE_INT32, sizeof(int), &rank, dims);
-    H5Fclose(in);
-    const size_t n = dims[0] * dims[1];
-    int *four = malloc(4 * n * sizeof(int));
-    assert_non_null(four);
-    for (int k = 0; k < 4; k++)
-        memcpy(four + k * n, tokens, n * sizeof(int));
-    calib_path = tu_scratch_path("calib512.h5");
-    hid_t out = H5Fcreate(calib_path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    const hsize_t shape[2] = {4 * dims[0], dims[1]};
-    tu_h5_write(out, "tokens", H5T_STD_I32LE, H5T_NATIVE_INT32, 2, shape, four);
-    H5Fclose(out);
-    free(tokens);
-    free(four);
-
-    char *text = tu_read_file(tu_data_path("../configs/recipes/w4a8-mxint-awq-gptq.yaml"), NULL);
-    char *p = strstr(text, "samples: "), buf[4096];
-    assert_non_null(p);
-    const char *rest = p + strlen("samples: ");
-    while (*rest >= '0' && *rest <= '9')
-        rest++;
-    snprintf(buf, sizeof(buf), "%.*ssamples: 512%s", (int)(p - text), text, rest);
-    recipe_path = tu_scratch_path("resume.yaml");
-    tu_write_file(recipe_path, buf, strlen(buf));
-    free(text);
+    calib_path = tu_tiled_calib(4);
+    recipe_path = tu_recipe_variant("w4a8-mxint-awq-gptq.yaml", 512, NULL, "resume.yaml");
 }
 
 /* MXQ_FAULT for the next quantize_argv ("" for none). */
@@ -254,13 +227,7 @@ static void test_sequential_kill_then_resume_from_store(void **state)
 {
     (void)state;
     make_inputs();
-    char *text = tu_read_file(recipe_path, NULL), seq[4096];
-    char *mode = strstr(text, "mode: fp");
-    assert_non_null(mode);
-    snprintf(seq, sizeof(seq), "%.*smode: sequential%s", (int)(mode - text), text, mode + strlen("mode: fp"));
-    free(text);
-    const char *recipe = tu_scratch_path("sequential.yaml");
-    tu_write_file(recipe, seq, strlen(seq));
+    const char *recipe = tu_recipe_variant("w4a8-mxint-awq-gptq.yaml", 512, "sequential", "sequential.yaml");
     const char *ref = tu_scratch_path("seq-uninterrupted"), *ref_store = tu_scratch_path("seq-uninterrupted.h5");
     tu_run_result r = quantize_with(2, recipe, ref, "--quiet", ref_store);
     if (r.exit_code != 0)

@@ -4,7 +4,9 @@
  * truncated shard, a missing shard, bytes appended to a shard, an invalid
  * element code and a scale byte out of range (with the index's checksum
  * recomputed by sha256sum, so that the content checks must find them), and
- * an unknown format_version. */
+ * an unknown format_version. mxq inspect of the same checkpoint gives its
+ * recipe, its size and bits per weight as the shards' headers and sizes
+ * give them, and one loss line per layer. */
 #include <jansson.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -16,6 +18,7 @@
 
 #include <cmocka.h>
 
+#include "mxq/core.h"
 #include "testutil.h"
 
 #define SHARD1 "model-00001-of-00002.safetensors"
@@ -200,6 +203,84 @@ static void test_unknown_format_version(void **state)
         fail_msg("verify of a missing directory: %.400s", r.err);
 }
 
+static void expect_line(const char *text, const char *line)
+{
+    if (!strstr(text, line))
+        fail_msg("mxq inspect printed no '%s':\n%s", line, text);
+}
+
+/* Bytes of the packed weights and scales in a shard, from its header. */
+static size_t mx_bytes(const char *dir, const char *shard)
+{
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/%s", dir, shard);
+    size_t data_start;
+    json_t *header = tu_safetensors_header(path, &data_start);
+    const char *name;
+    json_t *entry;
+    size_t bytes = 0;
+    json_object_foreach(header, name, entry)
+    {
+        if (!strstr(name, ".weight_packed") && !strstr(name, ".weight_scale"))
+            continue;
+        json_t *off = json_object_get(entry, "data_offsets");
+        bytes += (size_t)(json_integer_value(json_array_get(off, 1)) - json_integer_value(json_array_get(off, 0)));
+    }
+    json_decref(header);
+    return bytes;
+}
+
+static void test_inspect(void **state)
+{
+    (void)state;
+    const char *dir = checkpoint();
+    const char *argv[] = {getenv("MXQ_BIN"), "inspect", dir, NULL};
+    tu_run_result r;
+    tu_run(argv, &r);
+    assert_int_equal(r.exit_code, 0);
+    expect_line(r.out, "  weights      mxint4, MX block 32, rounding even\n");
+    expect_line(r.out, "  activations  mxint8, MX block 32, rounding even");
+    expect_line(r.out, "  algorithms   none (round to nearest)\n");
+    expect_line(r.out, "  calibration  128 sequences, fp mode, ");
+    expect_line(r.out, "run          mxq " MXQ_VERSION ", 2 ranks, group size 1;");
+    /* stories260K: 5 layers of q, o [64, 64], k, v [32, 64], gate, up [172, 64], down [64, 172] */
+    const double weights = 5.0 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 172 * 64);
+    char line[256];
+    snprintf(line, sizeof(line), "35 quantized, %.2f MB for 227K weights: %.3f bits per weight",
+             (double)(mx_bytes(dir, SHARD1) + mx_bytes(dir, SHARD2)) / 1e6,
+             8.0 * (double)(mx_bytes(dir, SHARD1) + mx_bytes(dir, SHARD2)) / weights);
+    expect_line(r.out, line);
+    size_t size1 = 0, size2 = 0;
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/%s", dir, SHARD1);
+    free(tu_read_file(path, &size1));
+    snprintf(path, sizeof(path), "%s/%s", dir, SHARD2);
+    free(tu_read_file(path, &size2));
+    snprintf(line, sizeof(line), "storage      2 shards, %.2f MB on disk: ", (double)(size1 + size2) / 1e6);
+    expect_line(r.out, line);
+    for (int l = 0; l < 5; l++) {
+        snprintf(line, sizeof(line), "\n%-6d %-5d ", l, l < 2 ? 0 : 1);
+        expect_line(r.out, line);
+    }
+    expect_line(r.out, "\ntotal        ");
+
+    const char *plain[] = {getenv("MXQ_BIN"), "inspect", tu_data_path("stories260K"), NULL};
+    tu_run(plain, &r);
+    assert_int_equal(r.exit_code, 0);
+    expect_line(r.out, "recipe       none: not a checkpoint mxq wrote");
+    /* tied embedding [512, 64], 5 layers of the linears above and 2 norms, the final norm */
+    const double params = 512.0 * 64 + weights + 5 * 2 * 64 + 64;
+    size_t fp_size = 0;
+    free(tu_read_file(tu_data_path("stories260K/model.safetensors"), &fp_size));
+    snprintf(line, sizeof(line), "storage      1 shard, %.2f MB on disk: %.3fx FP16 (%.2f MB)", (double)fp_size / 1e6,
+             (double)fp_size / (2 * params), 2 * params / 1e6);
+    expect_line(r.out, line);
+    const char *missing[] = {getenv("MXQ_BIN"), "inspect", tu_scratch_path("no-such-dir"), NULL};
+    tu_run(missing, &r);
+    assert_int_equal(r.exit_code, 1);
+    assert_non_null(strstr(r.err, "no-such-dir/config.json"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -208,6 +289,7 @@ int main(void)
         cmocka_unit_test(test_truncated_missing_and_extended_shards),
         cmocka_unit_test(test_invalid_code_and_scale_bytes),
         cmocka_unit_test(test_unknown_format_version),
+        cmocka_unit_test(test_inspect),
     };
     return cmocka_run_group_tests_name("cli_verify", tests, NULL, NULL);
 }

@@ -297,3 +297,57 @@ void tu_poke_tensor(const char *dir, const char *file, const char *tensor, size_
     json_decref(header);
     free(data);
 }
+
+const char *tu_tiled_calib(int copies)
+{
+    const char *path = tu_scratch_path("calib%d.h5", copies * 128);
+    if (access(path, F_OK) == 0)
+        return path;
+    hid_t in = H5Fopen(tu_data_path("stories260K/calib.h5"), H5F_ACC_RDONLY, H5P_DEFAULT);
+    assert_true(in >= 0);
+    int rank;
+    size_t dims[4];
+    int *tokens = tu_h5_read(in, "tokens", H5T_NATIVE_INT32, sizeof(int), &rank, dims);
+    H5Fclose(in);
+    const size_t n = dims[0] * dims[1];
+    int *tiled = malloc((size_t)copies * n * sizeof(int));
+    assert_non_null(tiled);
+    for (int k = 0; k < copies; k++)
+        memcpy(tiled + (size_t)k * n, tokens, n * sizeof(int));
+    hid_t out = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    const hsize_t shape[2] = {(hsize_t)copies * dims[0], dims[1]};
+    tu_h5_write(out, "tokens", H5T_STD_I32LE, H5T_NATIVE_INT32, 2, shape, tiled);
+    H5Fclose(out);
+    free(tokens);
+    free(tiled);
+    return path;
+}
+
+/* text with the value after `key` (up to the next ',' or '}') replaced */
+static char *replace_value(char *text, const char *key, const char *value)
+{
+    char *p = strstr(text, key);
+    assert_non_null(p);
+    const char *rest = p + strlen(key) + strcspn(p + strlen(key), ",}");
+    size_t len = (size_t)(p - text) + strlen(key) + strlen(value) + strlen(rest) + 1;
+    char *out = malloc(len);
+    assert_non_null(out);
+    snprintf(out, len, "%.*s%s%s%s", (int)(p - text), text, key, value, rest);
+    free(text);
+    return out;
+}
+
+const char *tu_recipe_variant(const char *recipe, int samples, const char *mode, const char *name)
+{
+    char rel[512], count[32];
+    snprintf(rel, sizeof(rel), "../configs/recipes/%s", recipe);
+    char *text = tu_read_file(tu_data_path(rel), NULL);
+    snprintf(count, sizeof(count), "%d", samples);
+    text = replace_value(text, "samples: ", count);
+    if (mode)
+        text = replace_value(text, "mode: ", mode);
+    const char *path = tu_scratch_path("%s", name);
+    tu_write_file(path, text, strlen(text));
+    free(text);
+    return path;
+}

@@ -73,4 +73,11 @@ void tu_poke_tensor(const char *dir, const char *file, const char *tensor, size_
 char *tu_read_file(const char *path, size_t *size);
 void tu_write_file(const char *path, const void *data, size_t size);
 
+/* The bundled calib.h5 repeated `copies` times, as <scratch>/calib<N>.h5
+ * (written once per process). */
+const char *tu_tiled_calib(int copies);
+/* configs/recipes/<recipe> with `calibration: {samples: samples, mode: mode}`
+ * (mode NULL keeps the recipe's), as <scratch>/<name>. */
+const char *tu_recipe_variant(const char *recipe, int samples, const char *mode, const char *name);
+
 #endif
