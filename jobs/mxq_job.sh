@@ -81,6 +81,9 @@ mxq_job_requeue() {
     exit 75
   fi
   echo "mxq-job: scontrol requeue $SLURM_JOB_ID (the run continues with --resume)"
-  scontrol requeue "$SLURM_JOB_ID"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    echo "mxq-job: scontrol requeue failed (does the cluster allow requeues?): resubmit with MXQ_RESUME=1"
+    exit 75
+  fi
   exit 0
 }

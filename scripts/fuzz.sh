@@ -11,10 +11,12 @@
 # The exit status is non-zero if any target crashed, leaked, timed out or
 # tripped a sanitizer; the last line is "N passed, N failed" over targets.
 #   MXQ_FUZZ_BUILD_DIR  build directory (default: <repo>/build-fuzz)
+#   MXQ_FUZZ_TAP=1      report in TAP (the test suite runs it so, 30 s per target)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=${MXQ_FUZZ_BUILD_DIR:-$ROOT/build-fuzz}
 WORK=${MXQ_FUZZ_WORK:-$BUILD/fuzz-work}
+TAP=${MXQ_FUZZ_TAP:-0}
 SECONDS_EACH=${1:-60}
 shift || true
 TARGETS=("$@")
@@ -24,49 +26,54 @@ fi
 case $SECONDS_EACH in
   ''|*[!0-9]*) echo "fuzz: SECONDS_PER_TARGET must be a whole number, not '$SECONDS_EACH'" >&2; exit 2 ;;
 esac
+# Lines that are not results are TAP comments in TAP mode.
+say() { if [ "$TAP" = 1 ]; then sed 's/^/# /'; else cat; fi; }
+if [ "$TAP" = 1 ]; then echo "1..${#TARGETS[@]}"; fi
 
-MXQ_EXTRA_PACKAGES="clang libclang-rt-14-dev" MXQ_SETUP_NO_BUILD=1 bash "$ROOT/scripts/setup.sh"
+MXQ_EXTRA_PACKAGES="clang libclang-rt-14-dev" MXQ_SETUP_NO_BUILD=1 bash "$ROOT/scripts/setup.sh" 2>&1 | say
 if [ ! -f "$BUILD/build.ninja" ]; then
   CC=clang meson setup "$BUILD" "$ROOT" -Dfuzz=true -Dtests=false -Dbuildtype=debugoptimized \
     -Db_sanitize=address,undefined -Db_lundef=false \
-    -Dc_args="-fsanitize=fuzzer-no-link -fno-sanitize-recover=all -fno-omit-frame-pointer" >/dev/null
+    -Dc_args="-fsanitize=fuzzer-no-link -fno-sanitize-recover=all -fno-omit-frame-pointer" 2>&1 | tail -3 | say
 fi
 if ! log=$(meson compile -C "$BUILD" 2>&1); then
-  echo "$log" | grep -E 'error|FAILED' >&2 || echo "$log" | tail -20 >&2
-  echo "fuzz: the build in $BUILD failed"
-  echo "0 passed, ${#TARGETS[@]} failed"
+  { echo "$log" | grep -E 'error|FAILED' || echo "$log" | tail -20; } | say
+  echo "fuzz: the build in $BUILD failed" | say
+  if [ "$TAP" = 1 ]; then for i in "${!TARGETS[@]}"; do echo "not ok $((i + 1)) - ${TARGETS[$i]}: not built"; done; fi
+  echo "0 passed, ${#TARGETS[@]} failed" | say
   exit 1
 fi
 
-export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-passed=0 failed=0
+passed=0 failed=0 n=0
 for t in "${TARGETS[@]}"; do
+  n=$((n + 1))
   bin=$BUILD/tests/fuzz/fuzz_$t
   seeds=$ROOT/tests/fuzz/corpus/$t
+  ok=ok result=""
   if [ ! -x "$bin" ] || [ ! -d "$seeds" ]; then
-    echo "fuzz: unknown target '$t' (no $bin or no $seeds)" >&2
-    failed=$((failed + 1))
-    continue
-  fi
-  mkdir -p "$WORK/$t/corpus"
-  dict=()
-  if [ -f "$ROOT/tests/fuzz/$t.dict" ]; then dict=(-dict="$ROOT/tests/fuzz/$t.dict"); fi
-  supp=$ROOT/tests/fuzz/$t.lsan.supp
-  if [ -f "$supp" ]; then export LSAN_OPTIONS=suppressions=$supp; else unset LSAN_OPTIONS; fi
-  log=$WORK/$t/fuzz.log
-  echo "fuzz: $t for ${SECONDS_EACH} s (log $log)"
-  if "$bin" -max_total_time="$SECONDS_EACH" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
-       "${dict[@]}" -artifact_prefix="$WORK/$t/" "$WORK/$t/corpus" "$seeds" >"$log" 2>&1; then
-    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
-    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 || true)
-    echo "ok $t: $runs inputs in ${SECONDS_EACH} s, $cov, no crash, leak or sanitizer report"
-    passed=$((passed + 1))
+    ok="not ok" result="unknown target (no $bin or no $seeds)"
   else
-    echo "FAILED $t: see $log; the input is in $WORK/$t/ (crash-*, leak-*, timeout-* or oom-*)"
-    grep -m3 -E 'ERROR|SUMMARY|runtime error' "$log" || tail -5 "$log"
-    failed=$((failed + 1))
+    mkdir -p "$WORK/$t/corpus"
+    opts=(-max_total_time="$SECONDS_EACH" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1
+          -artifact_prefix="$WORK/$t/")
+    if [ -f "$ROOT/tests/fuzz/$t.dict" ]; then opts+=(-dict="$ROOT/tests/fuzz/$t.dict"); fi
+    supp=$ROOT/tests/fuzz/$t.lsan.supp
+    if [ -f "$supp" ]; then export LSAN_OPTIONS=suppressions=$supp; else unset LSAN_OPTIONS; fi
+    log=$WORK/$t/fuzz.log
+    echo "fuzz: $t for ${SECONDS_EACH} s (log $log)" | say
+    if "$bin" "${opts[@]}" "$WORK/$t/corpus" "$seeds" >"$log" 2>&1; then
+      runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
+      cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 || true)
+      result="$runs inputs in ${SECONDS_EACH} s, $cov, no crash, leak or sanitizer report"
+    else
+      ok="not ok" result="see $log; the input is in $WORK/$t/ (crash-*, leak-*, timeout-* or oom-*)"
+      { grep -m3 -E 'ERROR|SUMMARY|runtime error' "$log" || tail -5 "$log"; } | say
+    fi
   fi
+  if [ "$ok" = ok ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+  if [ "$TAP" = 1 ]; then echo "$ok $n - $t: $result"; else echo "${ok/not ok/FAILED} $t: $result"; fi
 done
-echo "$passed passed, $failed failed"
+echo "$passed passed, $failed failed" | say
 [ "$failed" -eq 0 ]

@@ -7,7 +7,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=${MXQ_BUILD_DIR:-$ROOT/build}
 export MXQ_BUILD_DIR=$BUILD
 
-if ! bash "$ROOT/scripts/setup.sh"; then
+# The tests also need a real Slurm (slurm-wlm, munge) and libFuzzer (clang).
+if ! MXQ_EXTRA_PACKAGES="slurm-wlm munge clang libclang-rt-14-dev" bash "$ROOT/scripts/setup.sh"; then
   echo "test: set-up or build failed"
   echo "0 passed, 1 failed"
   exit 1
