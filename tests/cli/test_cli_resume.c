@@ -47,6 +47,9 @@ static void make_inputs(void)
     recipe_path = tu_recipe_variant("w4a8-mxint-awq-gptq.yaml", 512, NULL, "resume.yaml");
 }
 
+/* The model quantize_argv names (NULL: the bundled stories260K). */
+static const char *model_path;
+
 /* MXQ_FAULT for the next quantize_argv ("" for none). */
 static char fault_env[128] = "MXQ_FAULT=";
 
@@ -59,7 +62,7 @@ static void quantize_argv(const char **argv, char *ranks_text, int ranks, const 
     assert_non_null(bin);
     snprintf(ranks_text, 8, "%d", ranks);
     const char *words[] = {"env", fault_env, "timeout", HANG_LIMIT, "mpirun", "-n", ranks_text, "--oversubscribe", bin, "quantize",
-                           "--model", tu_data_path("stories260K"), "--calib", calib_path, "--recipe", recipe,
+                           "--model", model_path ? model_path : tu_data_path("stories260K"), "--calib", calib_path, "--recipe", recipe,
                            "--out", out, "--group-size", ranks_text, extra, store ? "--store-activations" : NULL,
                            store, NULL};
     memcpy(argv, words, sizeof(words));
@@ -251,6 +254,37 @@ static void test_sequential_kill_then_resume_from_store(void **state)
     assert_same_store(ref_store, store);
 }
 
+/* The issue's case: a model written by mxq synth (tiny-llama: 2 layers of
+ * hidden 256, BF16), calibrated sequentially on 512 sequences so that a
+ * layer takes seconds; kill -9 of one rank while the second layer is being
+ * calibrated (the first recorded), then --resume: the uninterrupted bytes. */
+static void test_synth_model_kill_one_rank_mid_layer(void **state)
+{
+    (void)state;
+    make_inputs();
+    const char *model = tu_scratch_path("tiny-llama");
+    const char *synth[] = {getenv("MXQ_BIN"), "synth", "--preset", "tiny-llama", "--out", model, "-q", NULL};
+    tu_run_result r;
+    tu_run(synth, &r);
+    assert_int_equal(r.exit_code, 0);
+    model_path = model;
+    const char *recipe = tu_recipe_variant("w4a8-mxint-awq-gptq.yaml", 512, "sequential", "synth-sequential.yaml");
+    const char *ref = tu_scratch_path("synth-uninterrupted");
+    r = quantize_with(2, recipe, ref, "--quiet", tu_scratch_path("synth-uninterrupted.h5"));
+    if (r.exit_code != 0)
+        fail_msg("the uninterrupted run of the synth model failed: %s", tail(r.err));
+    const char *out = tu_scratch_path("synth-killed"), *store = tu_scratch_path("synth-killed.h5");
+    r = interrupt(recipe, out, store, SIGKILL, 1);
+    assert_int_equal(count_records(out), 1);
+    r = quantize_with(2, recipe, out, "--resume", store);
+    model_path = NULL;
+    if (r.exit_code != 0)
+        fail_msg("--resume of the synth model's run failed: %s", tail(r.err));
+    if (!strstr(r.err, "resuming the run in ") || !strstr(r.err, "1 of 2 layers from its records"))
+        fail_msg("the resumed run does not say it took layer 0 from its records: %s", tail(r.err));
+    assert_same_checkpoint(ref, out);
+}
+
 /* kill -9 of one rank mid-run; --resume redoes only what was not recorded. */
 static void test_kill_then_resume(void **state)
 {
@@ -347,6 +381,7 @@ int main(void)
         cmocka_unit_test(test_sigterm_then_resume),
         cmocka_unit_test(test_sequential_kill_then_resume_from_store),
         cmocka_unit_test(test_every_layer_recorded),
+        cmocka_unit_test(test_synth_model_kill_one_rank_mid_layer),
     };
     return cmocka_run_group_tests_name("cli_resume", tests, NULL, NULL);
 }

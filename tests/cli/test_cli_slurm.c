@@ -304,8 +304,8 @@ static int wait_for_job_with_requeues(const char *id, const char *log)
 
 /* A time limit of one minute on a run of about 100 s here (6144 calibration
  * sequences, sequential, a group of 2 with a store, a finer AWQ grid):
- * Slurm's warning signal (USR1 10 s before the limit; Slurm checks every
- * 30 s, so it comes 20 to 50 s after the start) reaches the batch script
+ * Slurm's warning signal (USR1 20 s before the limit; Slurm checks every
+ * 30 s, so it comes 10 to 40 s after the start) reaches the batch script
  * midway; mxq stops at a safe point, the job requeues itself, and each
  * requeued run resumes from the layers recorded so far and the store. The
  * uninterrupted reference runs without a store (same bytes, less disk). */
@@ -341,7 +341,7 @@ static void test_time_limit_requeue_resume(void **state)
     setenv("MXQ_ARGS", args, 1);
     snprintf(output, sizeof(output), "--output=%s", log);
     const char *submit[] = {"sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--time=1",
-                            "--signal=B:USR1@10", output, job_script("quantize.sbatch"), NULL};
+                            "--signal=B:USR1@20", output, job_script("quantize.sbatch"), NULL};
     tu_run_result r = run(submit);
     unsetenv("MXQ_ARGS");
     if (r.exit_code != 0)
