@@ -306,13 +306,7 @@ static void test_group_data_parallel(void **state)
 static void test_group_gptq_on_grid(void **state)
 {
     (void)state;
-    char *text = tu_read_file(recipe("w4a8-mxint-awq-gptq"), NULL);
-    char *p = strstr(text, "gptq: {block: 128");
-    assert_non_null(p);
-    memcpy(p, "gptq: {block:  32", strlen("gptq: {block:  32"));
-    const char *rec = tu_scratch_path("grid.yaml");
-    tu_write_file(rec, text, strlen(text));
-    free(text);
+    const char *rec = tu_edited_copy(recipe("w4a8-mxint-awq-gptq"), "gptq: {block: 128", "gptq: {block:  32", "grid.yaml");
     for (int ranks = 2; ranks <= 3; ranks++) {
         char size[8];
         snprintf(size, sizeof(size), "%d", ranks);

@@ -319,13 +319,9 @@ static void test_time_limit_requeue_resume(void **state)
         fail_msg("%s has %.1f GB free; the activation store of this test needs 2 GB", tu_scratch_dir(),
                  (double)fs.f_bavail * fs.f_frsize / 1e9);
     const char *calib = tu_tiled_calib(48);
-    char *text = tu_read_file(tu_recipe_variant("w4a8-mxint-awq-gptq.yaml", 6144, "sequential", "limit.yaml"), NULL);
-    char *grid = strstr(text, "grid: 20, clip: true, clip_grid: 20");
-    assert_non_null(grid);
-    memcpy(grid, "grid: 80, clip: true, clip_grid: 60", strlen("grid: 80, clip: true, clip_grid: 60"));
-    const char *recipe = tu_scratch_path("limit.yaml");
-    tu_write_file(recipe, text, strlen(text));
-    free(text);
+    const char *recipe = tu_edited_copy(tu_recipe_variant("w4a8-mxint-awq-gptq.yaml", 6144, "sequential", "limit-0.yaml"),
+                                        "grid: 20, clip: true, clip_grid: 20", "grid: 80, clip: true, clip_grid: 60",
+                                        "limit.yaml");
     const time_t t0 = time(NULL);
     const char *ref = tu_scratch_path("limit-uninterrupted");
     mpirun_quantize(calib, recipe, ref, 1);

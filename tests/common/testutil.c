@@ -351,3 +351,18 @@ const char *tu_recipe_variant(const char *recipe, int samples, const char *mode,
     free(text);
     return path;
 }
+
+const char *tu_edited_copy(const char *path, const char *from, const char *to, const char *name)
+{
+    assert_int_equal(strlen(from), strlen(to));
+    char *text = tu_read_file(path, NULL);
+    assert_non_null(text);
+    char *p = strstr(text, from);
+    if (!p)
+        fail_msg("'%s' is not in %s", from, path);
+    memcpy(p, to, strlen(to));
+    const char *out = tu_scratch_path("%s", name);
+    tu_write_file(out, text, strlen(text));
+    free(text);
+    return out;
+}
