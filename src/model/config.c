@@ -206,6 +206,13 @@ static mxq_status parse_sizes(config_reader *r, mxq_model_config *cfg)
     CALL(ctx, get_int(r, r->root, "num_attention_heads", -1, 1, MXQ_MAX_HEADS, &cfg->n_heads));
     CALL(ctx, get_int(r, r->root, "vocab_size", -1, 1, MXQ_MAX_VOCAB, &cfg->vocab));
     CALL(ctx, get_int(r, r->root, "num_key_value_heads", cfg->n_heads, 1, MXQ_MAX_HEADS, &cfg->n_kv_heads));
+    /* Without head_dim, the heads split hidden_size evenly (a fallback that
+     * get_int does not range-check: 64 / 98 heads gave head_dim 0 and
+     * empty q_proj rows; found by tests/fuzz/fuzz_config). */
+    json_t *head_dim = json_object_get(r->root, "head_dim");
+    CHECK(ctx, (head_dim && !json_is_null(head_dim)) || (cfg->hidden % cfg->n_heads == 0 && cfg->hidden / cfg->n_heads >= 2),
+          MXQ_ERR_FORMAT, "%s: hidden_size (%d) is not num_attention_heads (%d) heads of 2 or more, and there is no head_dim",
+          r->path, cfg->hidden, cfg->n_heads);
     CALL(ctx, get_int(r, r->root, "head_dim", cfg->hidden / cfg->n_heads, 2, MXQ_MAX_HEAD_DIM, &cfg->head_dim));
     long default_positions = cfg->arch == MXQ_ARCH_LLAMA ? 2048 : 32768;
     CALL(ctx, get_int(r, r->root, "max_position_embeddings", default_positions, 1, MXQ_MAX_POSITIONS,

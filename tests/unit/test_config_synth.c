@@ -120,6 +120,13 @@ static void test_config_errors(void **state)
     snprintf(json, sizeof(json), "{\"model_type\": \"llama\", \"hidden_size\": \"64\", \"intermediate_size\": 172}");
     expect_config_error(json, "'hidden_size' must be an integer");
     expect_config_error("{\"model_type\": \"llama\",", "not valid JSON");
+    /* found by tests/fuzz/fuzz_config: more heads than hidden_size gave head_dim 0 */
+    expect_config_error("{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 172, "
+                        "\"num_hidden_layers\": 5, \"num_attention_heads\": 98, \"vocab_size\": 512}",
+                        "hidden_size (64) is not num_attention_heads (98) heads of 2 or more, and there is no head_dim");
+    expect_config_error("{\"model_type\": \"llama\", \"hidden_size\": 65, \"intermediate_size\": 172, "
+                        "\"num_hidden_layers\": 5, \"num_attention_heads\": 8, \"vocab_size\": 512}",
+                        "hidden_size (65) is not num_attention_heads (8) heads");
 }
 
 static void test_partition(void **state)
