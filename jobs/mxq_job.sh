@@ -36,35 +36,42 @@ mxq_job_setup() {
 mxq_job_is_restart() { [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] || [ "${MXQ_RESUME:-0}" = 1 ]; }
 
 MXQ_JOB_STOPPED=0
+MXQ_JOB_PID=
 # Runs when Slurm's warning signal (or a time-limit SIGTERM) reaches the batch
-# shell: forwards SIGUSR1, which mxq takes as "stop at the next safe point"
-# (srun and mpirun both pass it on to every rank).
+# shell, at any time of the job: forwards SIGUSR1 to a running mxq, which
+# takes it as "stop at the next safe point" (srun and mpirun both pass it on
+# to every rank); between two steps, the next step is not started.
 mxq_job_on_signal() {
   echo "mxq-job: $1 at $(date '+%F %T'): stopping mxq at its next safe point, then requeueing"
   MXQ_JOB_STOPPED=1
-  if [ -n "${MXQ_JOB_PID:-}" ]; then kill -USR1 "$MXQ_JOB_PID" 2>/dev/null || true; fi
+  if [ -n "$MXQ_JOB_PID" ]; then kill -USR1 "$MXQ_JOB_PID" 2>/dev/null || true; fi
 }
+trap 'mxq_job_on_signal SIGUSR1' USR1
+trap 'mxq_job_on_signal SIGTERM' TERM
 
 # mxq_job_run VERB ARGS...: launch mxq VERB on the job's tasks, echoing the
-# command; returns mxq's exit status. If the job was signalled and mxq did not
-# finish, requeues the job (when allowed) and exits the batch script.
+# command; returns mxq's exit status. If a stop was asked for and mxq stopped
+# (exit 75, MXQ_EXIT_STOPPED) or had not started, requeues the job (when
+# allowed) and exits the batch script; any other failure is returned as it is.
 mxq_job_run() {
   local cmd=("${MXQ_LAUNCH[@]}" "$MXQ" "$@") rc=0
+  if [ "$MXQ_JOB_STOPPED" = 1 ]; then
+    echo "mxq-job: not starting '${cmd[*]}': the job was asked to stop"
+    mxq_job_requeue
+  fi
   echo "mxq-job: command: ${cmd[*]}"
-  trap 'mxq_job_on_signal SIGUSR1' USR1
-  trap 'mxq_job_on_signal SIGTERM' TERM
   "${cmd[@]}" &
   MXQ_JOB_PID=$!
-  # `wait` returns early when a trapped signal arrives: wait again until the
-  # launcher itself has exited.
-  while :; do
-    wait "$MXQ_JOB_PID" && rc=0 || rc=$?
-    kill -0 "$MXQ_JOB_PID" 2>/dev/null || break
+  # Poll rather than `wait` alone: a trapped signal interrupts `wait` (status
+  # above 128) and the launcher's own status could then be lost. bash reaps
+  # the launcher when it exits; `wait` then returns its status.
+  while kill -0 "$MXQ_JOB_PID" 2>/dev/null; do
+    sleep 1
   done
+  wait "$MXQ_JOB_PID" && rc=0 || rc=$?
   MXQ_JOB_PID=
-  trap - USR1 TERM
   echo "mxq-job: exit status $rc at $(date '+%F %T')"
-  if [ "$MXQ_JOB_STOPPED" = 1 ] && [ "$rc" -ne 0 ]; then
+  if [ "$MXQ_JOB_STOPPED" = 1 ] && [ "$rc" -eq 75 ]; then
     mxq_job_requeue
   fi
   return "$rc"
@@ -86,4 +93,11 @@ mxq_job_requeue() {
     exit 75
   fi
   exit 0
+}
+
+# The words of an options variable (MXQ_ARGS, ...) into the array named $1,
+# split on blanks, never glob-expanded.
+mxq_job_words() {
+  local -n into=$1
+  read -r -a into <<<"${2:-}"
 }

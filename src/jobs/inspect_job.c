@@ -18,6 +18,7 @@ typedef struct {
     uint64_t dtype_bytes[MXQ_DT_COUNT]; /* every other tensor, by dtype */
     size_t dtype_count[MXQ_DT_COUNT];
     size_t quantized;                   /* linears stored as weight_packed */
+    double quantized_weights;           /* their elements (out x in each) */
     uint64_t shard_bytes;               /* the shard files on disk */
     int shards;
 } tensor_tally;
@@ -28,7 +29,23 @@ static int ends_with(const char *s, const char *suffix)
     return n >= m && strcmp(s + n - m, suffix) == 0;
 }
 
-static mxq_status tally_tensors(mxq_ctx *ctx, const char *dir, tensor_tally *t)
+/* out x in of the linear a "<...>.<linear>.weight_packed" tensor holds, or
+ * 0 if the name is no linear the config knows. */
+static double packed_weights(const mxq_model_config *cfg, const char *name)
+{
+    for (int l = 0; l < MXQ_LIN_COUNT; l++) {
+        char suffix[64];
+        snprintf(suffix, sizeof(suffix), ".%s.weight_packed", mxq_linear_name((mxq_linear_id)l));
+        if (ends_with(name, suffix)) {
+            int out, in;
+            mxq_linear_shape(cfg, (mxq_linear_id)l, &out, &in);
+            return (double)out * in;
+        }
+    }
+    return 0;
+}
+
+static mxq_status tally_tensors(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, tensor_tally *t)
 {
     mxq_status status = MXQ_OK;
     mxq_checkpoint *ckpt = NULL;
@@ -43,6 +60,7 @@ static mxq_status tally_tensors(mxq_ctx *ctx, const char *dir, tensor_tally *t)
         if (ends_with(names[i], ".weight_packed")) {
             t->packed_bytes += v->nbytes;
             t->quantized++;
+            t->quantized_weights += packed_weights(cfg, names[i]);
         } else if (ends_with(names[i], ".weight_scale")) {
             t->scale_bytes += v->nbytes;
         } else {
@@ -86,17 +104,6 @@ static double model_params(const mxq_model_config *cfg)
     double embed = (double)mxq_config_embedding_params(cfg);
     return embed * (cfg->tie_embeddings ? 1 : 2) + (double)cfg->n_layers * (double)mxq_config_layer_params(cfg) +
            cfg->hidden;
-}
-
-static double linear_params(const mxq_model_config *cfg)
-{
-    double n = 0;
-    for (int l = 0; l < MXQ_LIN_COUNT; l++) {
-        int out, in;
-        mxq_linear_shape(cfg, (mxq_linear_id)l, &out, &in);
-        n += (double)out * in;
-    }
-    return n * cfg->n_layers;
 }
 
 /* 6.74B, 260K, ... into buf */
@@ -148,26 +155,50 @@ static void params_text(json_t *obj, char *buf, size_t size)
     }
 }
 
-static void print_spec(mxq_ctx *ctx, const char *label, json_t *spec, const char *note)
+static void print_spec(mxq_ctx *ctx, const char *label, int present, const mxq_mx_spec *spec, const char *note)
 {
-    if (!json_is_object(spec)) {
+    if (!present)
         mxq_print(ctx, "  %-12s none\n", label);
-        return;
-    }
-    mxq_print(ctx, "  %-12s %s, MX block %lld, rounding %s%s\n", label,
-              json_string_value(json_object_get(spec, "format")),
-              (long long)json_integer_value(json_object_get(spec, "block")),
-              json_string_value(json_object_get(spec, "rounding")), note);
+    else
+        mxq_print(ctx, "  %-12s %s, MX block %d, rounding %s%s\n", label, spec->format->name, spec->block,
+                  mxq_rounding_name(spec->rounding), note);
 }
 
-static void print_recipe(mxq_ctx *ctx, json_t *quant, json_t *report)
+/* The parts of quantization_config the config reader leaves alone, checked
+ * here before they are printed. */
+static mxq_status check_recipe_record(mxq_ctx *ctx, const char *path, json_t *quant)
+{
+    mxq_status status = MXQ_OK;
+    json_t *algos = json_object_get(quant, "algorithms"), *calib = json_object_get(quant, "calibration"), *step;
+    size_t i;
+    CHECK(ctx, !algos || json_is_array(algos), MXQ_ERR_FORMAT, "%s: quantization_config.algorithms must be a list", path);
+    json_array_foreach(algos, i, step)
+    {
+        const char *name;
+        json_t *params;
+        CHECK(ctx, json_is_object(step), MXQ_ERR_FORMAT, "%s: quantization_config.algorithms[%zu] must be an object",
+              path, i);
+        json_object_foreach(step, name, params)
+            CHECK(ctx, json_is_object(params), MXQ_ERR_FORMAT,
+                  "%s: quantization_config.algorithms[%zu].%s must be an object", path, i, name);
+    }
+    CHECK(ctx,
+          !calib || (json_is_object(calib) && json_is_integer(json_object_get(calib, "samples")) &&
+                     json_is_string(json_object_get(calib, "mode")) && json_is_string(json_object_get(calib, "file"))),
+          MXQ_ERR_FORMAT, "%s: quantization_config.calibration must be {samples: integer, mode: string, file: string}",
+          path);
+    CHECK(ctx, !json_object_get(quant, "exclude") || json_is_array(json_object_get(quant, "exclude")), MXQ_ERR_FORMAT,
+          "%s: quantization_config.exclude must be a list", path);
+fail:
+    return status;
+}
+
+static void print_recipe(mxq_ctx *ctx, const mxq_model_config *cfg, json_t *quant, json_t *report)
 {
     const char *recipe = json_string_value(json_object_get(report, "recipe"));
-    mxq_print(ctx, "recipe       %s (format_version %lld)\n", recipe ? recipe : "(no mxq_report.json: file unknown)",
-              (long long)json_integer_value(json_object_get(quant, "format_version")));
-    print_spec(ctx, "weights", json_object_get(quant, "weights"), "");
-    print_spec(ctx, "activations", json_object_get(quant, "activations"),
-               " (applied to every linear's input at run time)");
+    mxq_print(ctx, "recipe       %s\n", recipe ? recipe : "(its file is not recorded: no mxq_report.json, or no 'recipe' in it)");
+    print_spec(ctx, "weights", cfg->mx_weights, &cfg->mx_weight_spec, "");
+    print_spec(ctx, "activations", cfg->mx_acts, &cfg->mx_act_spec, " (applied to every linear's input at run time)");
     size_t i;
     json_t *step;
     json_array_foreach(json_object_get(quant, "algorithms"), i, step)
@@ -184,13 +215,15 @@ static void print_recipe(mxq_ctx *ctx, json_t *quant, json_t *report)
     if (json_array_size(json_object_get(quant, "algorithms")) == 0)
         mxq_print(ctx, "  %-12s none (round to nearest)\n", "algorithms");
     json_t *calib = json_object_get(quant, "calibration");
-    if (json_is_object(calib))
+    if (calib)
         mxq_print(ctx, "  %-12s %lld sequences, %s mode, %s\n", "calibration",
                   (long long)json_integer_value(json_object_get(calib, "samples")),
                   json_string_value(json_object_get(calib, "mode")), json_string_value(json_object_get(calib, "file")));
-    json_t *exclude = json_object_get(quant, "exclude");
-    mxq_print(ctx, "  %-12s %zu pattern%s\n", "exclude", json_array_size(exclude),
-              json_array_size(exclude) == 1 ? "" : "s");
+    json_t *exclude = json_object_get(quant, "exclude"), *pattern;
+    mxq_print(ctx, "  %-12s", "exclude");
+    json_array_foreach(exclude, i, pattern)
+        mxq_print(ctx, " %s", json_is_string(pattern) ? json_string_value(pattern) : "?");
+    mxq_print(ctx, "%s\n", json_array_size(exclude) ? "" : " nothing");
 }
 
 /* Bytes of the FP weights the run read (report.inputs.input_bytes). */
@@ -218,8 +251,8 @@ static void print_storage(mxq_ctx *ctx, const mxq_model_config *cfg, const tenso
     if (fp_bytes > 0)
         mxq_print(ctx, ": %.3fx the FP model it came from (%.2f MB)", disk / fp_bytes, fp_bytes / mb);
     mxq_print(ctx, "%s %.3fx FP16 (%.2f MB)\n", fp_bytes > 0 ? " and" : ":", disk / fp16, fp16 / mb);
-    if (t->quantized) {
-        const double weights = linear_params(cfg), bits = 8.0 * (double)(t->packed_bytes + t->scale_bytes) / weights;
+    if (t->quantized && t->quantized_weights > 0) {
+        const double weights = t->quantized_weights, bits = 8.0 * (double)(t->packed_bytes + t->scale_bytes) / weights;
         const mxq_mx_spec *w = &cfg->mx_weight_spec;
         char count[32];
         mxq_print(ctx, "  %-12s %zu quantized, %.2f MB for %s weights: %.3f bits per weight", "linears",
@@ -246,20 +279,78 @@ static double max_of(json_t *array)
     return m;
 }
 
+static int numbers_only(json_t *array)
+{
+    size_t i;
+    json_t *v;
+    json_array_foreach(array, i, v) if (!json_is_number(v)) return 0;
+    return json_is_array(array);
+}
+
+/* One layer of the report: what print_layers reads. */
+static mxq_status check_report_layer(mxq_ctx *ctx, const char *path, size_t i, json_t *layer)
+{
+    mxq_status status = MXQ_OK;
+    const char *name;
+    json_t *lin;
+    CHECK(ctx,
+          json_is_object(layer) && json_is_integer(json_object_get(layer, "layer")) &&
+              json_is_integer(json_object_get(layer, "rank")) && json_is_number(json_object_get(layer, "seconds")) &&
+              json_is_number(json_object_get(layer, "seconds_calib")) &&
+              json_is_number(json_object_get(layer, "peak_rss_mb")) && json_is_object(json_object_get(layer, "linears")),
+          MXQ_ERR_FORMAT,
+          "%s: layers[%zu] must hold layer, rank (integers), seconds, seconds_calib, peak_rss_mb (numbers) and linears",
+          path, i);
+    json_object_foreach(json_object_get(layer, "linears"), name, lin)
+        CHECK(ctx, json_is_number(json_object_get(lin, "loss_rtn")) && json_is_number(json_object_get(lin, "loss")),
+              MXQ_ERR_FORMAT, "%s: layers[%zu].linears.%s must hold loss_rtn and loss (numbers)", path, i, name);
+fail:
+    return status;
+}
+
+/* Every field of mxq_report.json that inspect prints, checked first: a
+ * damaged report is named, never printed as zeros. */
+static mxq_status check_report(mxq_ctx *ctx, const char *path, json_t *report)
+{
+    mxq_status status = MXQ_OK;
+    json_t *totals = json_object_get(report, "totals"), *layers = json_object_get(report, "layers"), *layer;
+    const char *keys[] = {"seconds_total", "seconds_quantize", "seconds_write", "loss_rtn", "loss"};
+    size_t i;
+    CHECK(ctx, json_is_object(report), MXQ_ERR_FORMAT, "%s: not a JSON object", path);
+    CHECK(ctx, json_is_integer(json_object_get(report, "ranks")) && json_is_integer(json_object_get(report, "group_size")),
+          MXQ_ERR_FORMAT, "%s: 'ranks' and 'group_size' must be integers", path);
+    CHECK(ctx, json_is_object(totals), MXQ_ERR_FORMAT, "%s: 'totals' must be an object", path);
+    for (i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+        CHECK(ctx, json_is_number(json_object_get(totals, keys[i])), MXQ_ERR_FORMAT, "%s: totals.%s must be a number",
+              path, keys[i]);
+    CHECK(ctx, numbers_only(json_object_get(report, "peak_rss_mb_per_rank")), MXQ_ERR_FORMAT,
+          "%s: 'peak_rss_mb_per_rank' must be a list of numbers", path);
+    json_t *predicted = json_object_get(report, "predicted_peak_rss_mb_per_rank");
+    CHECK(ctx, !predicted || numbers_only(predicted), MXQ_ERR_FORMAT,
+          "%s: 'predicted_peak_rss_mb_per_rank' must be a list of numbers", path);
+    CHECK(ctx, json_is_array(layers), MXQ_ERR_FORMAT, "%s: 'layers' must be a list", path);
+    json_array_foreach(layers, i, layer) CALL(ctx, check_report_layer(ctx, path, i, layer));
+fail:
+    return status;
+}
+
 static void print_run(mxq_ctx *ctx, json_t *report)
 {
     json_t *totals = json_object_get(report, "totals"), *inputs = json_object_get(report, "inputs");
     const char *version = json_string_value(json_object_get(inputs, "mxq"));
-    mxq_print(ctx, "run          mxq %s, %lld ranks, group size %lld; %.1f s in all (quantize %.1f s, write %.1f s)\n",
-              version ? version : "(version not recorded)",
-              (long long)json_integer_value(json_object_get(report, "ranks")),
+    const long long ranks = json_integer_value(json_object_get(report, "ranks"));
+    mxq_print(ctx, "run          mxq %s, %lld rank%s, group size %lld; %.1f s in all (quantize %.1f s, write %.1f s)\n",
+              version ? version : "(version not recorded)", ranks, ranks == 1 ? "" : "s",
               (long long)json_integer_value(json_object_get(report, "group_size")),
               json_number_value(json_object_get(totals, "seconds_total")),
               json_number_value(json_object_get(totals, "seconds_quantize")),
               json_number_value(json_object_get(totals, "seconds_write")));
-    mxq_print(ctx, "  %-12s peak RSS %.0f MB on the busiest rank (--dry-run predicted %.0f MB)\n", "memory",
-              max_of(json_object_get(report, "peak_rss_mb_per_rank")),
-              max_of(json_object_get(report, "predicted_peak_rss_mb_per_rank")));
+    mxq_print(ctx, "  %-12s peak RSS %.0f MB on the busiest rank", "memory",
+              max_of(json_object_get(report, "peak_rss_mb_per_rank")));
+    json_t *predicted = json_object_get(report, "predicted_peak_rss_mb_per_rank");
+    if (json_array_size(predicted))
+        mxq_print(ctx, " (--dry-run predicted %.0f MB)", max_of(predicted));
+    mxq_print(ctx, "\n");
 }
 
 /* One line per layer: the losses summed over its linears (GPTQ's objective,
@@ -272,27 +363,30 @@ static void print_layers(mxq_ctx *ctx, json_t *report)
     mxq_print(ctx, "\nlayer  rank      loss rtn         loss   change  seconds   rss MB  worst linear (loss / rtn)\n");
     json_array_foreach(layers, i, layer)
     {
-        const char *name, *worst = "";
+        const char *name, *worst = NULL;
         json_t *lin;
-        double worst_ratio = -1, rtn = 0, loss = 0;
+        double worst_ratio = 0, rtn = 0, loss = 0;
         json_object_foreach(json_object_get(layer, "linears"), name, lin)
         {
             double r = json_number_value(json_object_get(lin, "loss_rtn")), q = json_number_value(json_object_get(lin, "loss"));
             rtn += r, loss += q;
-            if (r > 0 && q / r > worst_ratio)
+            if (r > 0 && (!worst || q / r > worst_ratio))
                 worst_ratio = q / r, worst = name;
         }
-        mxq_print(ctx, "%-6lld %-5lld %12.4e %12.4e %7.1f%% %8.2f %8.0f  %s (%.2f)\n",
+        char worst_text[96] = "-";
+        if (worst)
+            snprintf(worst_text, sizeof(worst_text), "%s (%.2f)", worst, worst_ratio);
+        mxq_print(ctx, "%-6lld %-5lld %12.4e %12.4e %+7.1f%% %8.2f %8.0f  %s\n",
                   (long long)json_integer_value(json_object_get(layer, "layer")),
                   (long long)json_integer_value(json_object_get(layer, "rank")), rtn, loss,
                   rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0,
                   json_number_value(json_object_get(layer, "seconds_calib")) +
                       json_number_value(json_object_get(layer, "seconds")),
-                  json_number_value(json_object_get(layer, "peak_rss_mb")), worst, worst_ratio);
+                  json_number_value(json_object_get(layer, "peak_rss_mb")), worst_text);
     }
     const double rtn = json_number_value(json_object_get(totals, "loss_rtn")),
                  loss = json_number_value(json_object_get(totals, "loss"));
-    mxq_print(ctx, "total        %12.4e %12.4e %7.1f%%\n", rtn, loss, rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0);
+    mxq_print(ctx, "total        %12.4e %12.4e %+7.1f%%\n", rtn, loss, rtn > 0 ? 100.0 * (loss - rtn) / rtn : 0.0);
     const char *rows = json_string_value(json_object_get(report, "loss_rows"));
     if (rows)
         mxq_print(ctx, "(%s)\n", rows);
@@ -324,13 +418,19 @@ mxq_status mxq_inspect(mxq_ctx *ctx, const char *dir)
     mxq_path_join(path, dir, "config.json");
     CALL(ctx, mxq_json_read(ctx, path, "model config", &config));
     CALL(ctx, read_optional_json(ctx, dir, "mxq_report.json", "run report", &report));
+    mxq_path_join(path, dir, "mxq_report.json");
+    if (report)
+        CALL(ctx, check_report(ctx, path, report));
+    json_t *quant = json_object_get(config, "quantization_config");
+    mxq_path_join(path, dir, "config.json");
+    if (json_is_object(quant))
+        CALL(ctx, check_recipe_record(ctx, path, quant));
     CALL(ctx, read_optional_json(ctx, dir, "model.safetensors.index.json", "checkpoint index", &index));
-    CALL(ctx, tally_tensors(ctx, dir, &tally));
+    CALL(ctx, tally_tensors(ctx, dir, &cfg, &tally));
     tally_files(dir, index, &tally);
     print_model(ctx, dir, &cfg, report);
-    json_t *quant = json_object_get(config, "quantization_config");
     if (json_is_object(quant))
-        print_recipe(ctx, quant, report);
+        print_recipe(ctx, &cfg, quant, report);
     else
         mxq_print(ctx, "recipe       none: not a checkpoint mxq wrote (no quantization_config in config.json)\n");
     print_storage(ctx, &cfg, &tally, report);

@@ -99,6 +99,18 @@ static int group_teardown(void **state)
     return r.exit_code == 0 ? 0 : -1;
 }
 
+/* Each test sets the jobs' MXQ_* inputs; none leaks into the next, even
+ * when a test fails. */
+static int unset_job_env(void **state)
+{
+    (void)state;
+    const char *vars[] = {"MXQ_MODEL", "MXQ_CALIB", "MXQ_RECIPE", "MXQ_OUT", "MXQ_TOKENS", "MXQ_ARGS", "MXQ_LAUNCHER",
+                          "MXQ_RECIPES", "MXQ_EVAL_ARGS", "MXQ_QUANT_ARGS", "MXQ_RESUME"};
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++)
+        unsetenv(vars[i]);
+    return 0;
+}
+
 static void need_slurm(void)
 {
     if (slurm_missing) {
@@ -207,7 +219,6 @@ static void test_quantize_and_eval_jobs(void **state)
         assert_string_equal(got, expected);
         expect_in_log(eval_log, i == 0 ? "mxq-job: command: srun --mpi=pmix " : "mxq-job: command: mpirun -n 2 ");
     }
-    unsetenv("MXQ_LAUNCHER");
 }
 
 /* paper-table.sbatch: FP and two recipes; the table's cells are what mxq
@@ -252,9 +263,6 @@ static void test_paper_table_job(void **state)
     assert_string_equal(again, table);
     free(again);
     free(table);
-    unsetenv("MXQ_RECIPES");
-    unsetenv("MXQ_EVAL_ARGS");
-    unsetenv("MXQ_QUANT_ARGS");
 }
 
 /* "Key=value" of `scontrol show job -o ID`, into out ("" if absent). */
@@ -286,7 +294,11 @@ static int wait_for_job_with_requeues(const char *id, const char *log)
         job_field(r.out, "Restarts", restarts, sizeof(restarts));
         if (strcmp(state, "COMPLETED") == 0)
             return atoi(restarts);
-        if (strcmp(state, "FAILED") == 0 || strcmp(state, "TIMEOUT") == 0 || strcmp(state, "CANCELLED") == 0) {
+        const char *waiting[] = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED"};
+        int still = 0;
+        for (size_t i = 0; i < sizeof(waiting) / sizeof(waiting[0]); i++)
+            still |= strcmp(state, waiting[i]) == 0;
+        if (!still) {
             char *text = tu_read_file(log, NULL);
             fail_msg("job %s ended %s (%s): %s", id, state, reason, text ? tail(text) : "");
         }
@@ -313,19 +325,33 @@ static void test_time_limit_requeue_resume(void **state)
 {
     (void)state;
     need_slurm();
+    /* The job must outlast the warning (40 s at the latest): on a machine
+     * that runs the reference in under 50 s, twice the sequences. */
+    const char *calib = NULL, *recipe = NULL, *ref = NULL;
+    int copies = 0;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        copies = 48 << attempt;
+        char name[64], samples_name[64];
+        snprintf(name, sizeof(name), "limit-%d.yaml", copies);
+        snprintf(samples_name, sizeof(samples_name), "limit-%d-0.yaml", copies);
+        calib = tu_tiled_calib(copies);
+        recipe = tu_edited_copy(tu_recipe_variant("w4a8-mxint-awq-gptq.yaml", 128 * copies, "sequential", samples_name),
+                                "grid: 20, clip: true, clip_grid: 20", "grid: 80, clip: true, clip_grid: 60", name);
+        ref = tu_scratch_path("limit-uninterrupted-%d", copies);
+        const time_t t0 = time(NULL);
+        mpirun_quantize(calib, recipe, ref, 1);
+        const long took = (long)(time(NULL) - t0);
+        print_message("# the uninterrupted run of %d sequences took %ld s\n", 128 * copies, took);
+        if (took >= 50)
+            break;
+    }
+    /* the store: 5 layers x sequences x 256 tokens x 64 floats */
+    const double store_bytes = 5.0 * 128 * copies * 256 * 64 * 4;
     struct statvfs fs;
     assert_int_equal(statvfs(tu_scratch_dir(), &fs), 0);
-    if ((double)fs.f_bavail * fs.f_frsize < 3e9)
-        fail_msg("%s has %.1f GB free; the activation store of this test needs 2 GB", tu_scratch_dir(),
-                 (double)fs.f_bavail * fs.f_frsize / 1e9);
-    const char *calib = tu_tiled_calib(48);
-    const char *recipe = tu_edited_copy(tu_recipe_variant("w4a8-mxint-awq-gptq.yaml", 6144, "sequential", "limit-0.yaml"),
-                                        "grid: 20, clip: true, clip_grid: 20", "grid: 80, clip: true, clip_grid: 60",
-                                        "limit.yaml");
-    const time_t t0 = time(NULL);
-    const char *ref = tu_scratch_path("limit-uninterrupted");
-    mpirun_quantize(calib, recipe, ref, 1);
-    print_message("# the uninterrupted run took %ld s\n", (long)(time(NULL) - t0));
+    if ((double)fs.f_bavail * fs.f_frsize < store_bytes + 1e9)
+        fail_msg("%s has %.1f GB free; this test's activation store needs %.1f GB, and 1 GB to spare", tu_scratch_dir(),
+                 (double)fs.f_bavail * fs.f_frsize / 1e9, store_bytes / 1e9);
 
     const char *out = tu_scratch_path("limit-job"), *log = tu_scratch_path("limit.log");
     char args[700], output[600];
@@ -339,7 +365,6 @@ static void test_time_limit_requeue_resume(void **state)
     const char *submit[] = {"sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--time=1",
                             "--signal=B:USR1@20", output, job_script("quantize.sbatch"), NULL};
     tu_run_result r = run(submit);
-    unsetenv("MXQ_ARGS");
     if (r.exit_code != 0)
         fail_msg("sbatch failed: %s", tail(r.err));
     char id[32];
@@ -350,7 +375,13 @@ static void test_time_limit_requeue_resume(void **state)
     assert_true(restarts >= 1);
     expect_in_log(log, "mxq-job: SIGUSR1 at ");
     expect_in_log(log, "mxq-job: scontrol requeue ");
-    expect_in_log(log, "--resume");
+    /* a requeued run's echoed command ends with --resume */
+    char *echoed = tu_read_file(log, NULL);
+    int resumed_command = 0;
+    for (const char *p = strstr(echoed, "mxq-job: command: "); p; p = strstr(p + 1, "mxq-job: command: "))
+        resumed_command |= strncmp(p + strcspn(p, "\n") - strlen(" --resume"), " --resume", strlen(" --resume")) == 0;
+    free(echoed);
+    assert_true(resumed_command);
     expect_in_log(log, "resuming the run in ");
     /* Some requeued run resumed from at least one recorded layer. */
     char *log_text = tu_read_file(log, NULL);
@@ -369,9 +400,9 @@ static void test_time_limit_requeue_resume(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_quantize_and_eval_jobs),
-        cmocka_unit_test(test_paper_table_job),
-        cmocka_unit_test(test_time_limit_requeue_resume),
+        cmocka_unit_test_setup_teardown(test_quantize_and_eval_jobs, unset_job_env, unset_job_env),
+        cmocka_unit_test_setup_teardown(test_paper_table_job, unset_job_env, unset_job_env),
+        cmocka_unit_test_setup_teardown(test_time_limit_requeue_resume, unset_job_env, unset_job_env),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -281,6 +281,46 @@ static void test_inspect(void **state)
     assert_non_null(strstr(r.err, "no-such-dir/config.json"));
 }
 
+/* A recipe that keeps layer 0 unquantized: bits per weight count the
+ * quantized linears only; a damaged report is named, not printed. */
+static void test_inspect_exclude_and_damaged_report(void **state)
+{
+    (void)state;
+    const char *recipe = tu_edited_copy(tu_data_path("../configs/recipes/block32/w4a8-mxint-rtn.yaml"), "exclude: []",
+                                        "exclude: [\"*.layers.0.*\"]", "exclude.yaml");
+    const char *dir = tu_scratch_path("excluded");
+    const char *q[] = {"mpirun", "-n", "2", "--oversubscribe", getenv("MXQ_BIN"), "quantize", "--model",
+                       tu_data_path("stories260K"), "--calib", tu_data_path("stories260K/calib.h5"), "--recipe", recipe,
+                       "--out", dir, "-q", NULL};
+    tu_run_result r;
+    tu_run(q, &r);
+    if (r.exit_code != 0)
+        fail_msg("quantize with an exclude failed: %.600s", r.err);
+    const char *argv[] = {getenv("MXQ_BIN"), "inspect", dir, NULL};
+    tu_run(argv, &r);
+    assert_int_equal(r.exit_code, 0);
+    const double weights = 4.0 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 172 * 64); /* layers 1-4 */
+    const size_t bytes = mx_bytes(dir, SHARD1) + mx_bytes(dir, SHARD2);
+    char line[256];
+    snprintf(line, sizeof(line), "28 quantized, %.2f MB for 181K weights: %.3f bits per weight", (double)bytes / 1e6,
+             8.0 * (double)bytes / weights);
+    expect_line(r.out, line);
+    expect_line(r.out, "  exclude      *.layers.0.*\n");
+    expect_line(r.out, "\n0      0       0.0000e+00   0.0000e+00    +0.0%");
+
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/mxq_report.json", dir);
+    json_t *report = json_load_file(path, 0, NULL);
+    assert_non_null(report);
+    json_object_set_new(report, "totals", json_integer(3));
+    assert_int_equal(json_dump_file(report, path, 0), 0);
+    json_decref(report);
+    tu_run(argv, &r);
+    assert_int_equal(r.exit_code, 1);
+    if (!strstr(r.err, "mxq_report.json: 'totals' must be an object"))
+        fail_msg("a damaged report was not named: %s", r.err);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -290,6 +330,7 @@ int main(void)
         cmocka_unit_test(test_invalid_code_and_scale_bytes),
         cmocka_unit_test(test_unknown_format_version),
         cmocka_unit_test(test_inspect),
+        cmocka_unit_test(test_inspect_exclude_and_damaged_report),
     };
     return cmocka_run_group_tests_name("cli_verify", tests, NULL, NULL);
 }

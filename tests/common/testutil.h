@@ -74,7 +74,7 @@ char *tu_read_file(const char *path, size_t *size);
 void tu_write_file(const char *path, const void *data, size_t size);
 
 /* A copy of text file `path` as <scratch>/<name>, with its first `from`
- * replaced by `to` (same length); fails the test if `from` is absent. */
+ * replaced by `to`; fails the test if `from` is absent. */
 const char *tu_edited_copy(const char *path, const char *from, const char *to, const char *name);
 /* The bundled calib.h5 repeated `copies` times, as <scratch>/calib<N>.h5
  * (written once per process). */

@@ -11,7 +11,7 @@
 set -euo pipefail
 cmd=${1:-}
 DIR=${2:-}
-[ -n "$cmd" ] && [ -n "$DIR" ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+if [ -z "$cmd" ] || [ -z "$DIR" ]; then echo "usage: $0 start|stop DIR" >&2; exit 2; fi
 
 stop_pid() { # stop_pid FILE: TERM, then KILL after 10 s
   local f=$1 pid
@@ -52,8 +52,14 @@ chmod 600 "$DIR/munge/key"
 munged --force --socket="$DIR/munge/socket" --key-file="$DIR/munge/key" --log-file="$DIR/munge/log" \
   --pid-file="$DIR/munged.pid" --seed-file="$DIR/munge/seed"
 
-# Free ports near a random base, so that two test runs never meet.
-port=$((20000 + RANDOM % 20000))
+# Two free ports at a random base (nothing answers on them), so that this
+# Slurm meets no other daemon; a port taken between this check and the
+# daemons' start makes the start fail, and the caller sees it.
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for _ in $(seq 50); do
+  port=$((20000 + RANDOM % 20000))
+  if ! listening "$port" && ! listening $((port + 1)); then break; fi
+done
 node=$(hostname -s)
 cat >"$DIR/slurm.conf" <<CONF
 ClusterName=mxqtest
