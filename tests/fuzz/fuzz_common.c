@@ -8,6 +8,15 @@
 static char dir_buf[256];
 static char path_buf[512];
 
+/* The directory and what the targets wrote in it go when the fuzzer exits. */
+static void remove_dir(void)
+{
+    char cmd[300];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir_buf);
+    if (system(cmd) != 0)
+        fprintf(stderr, "could not remove %s\n", dir_buf);
+}
+
 const char *fuzz_dir(void)
 {
     if (!dir_buf[0]) {
@@ -17,6 +26,7 @@ const char *fuzz_dir(void)
             perror("mkdtemp");
             abort();
         }
+        atexit(remove_dir);
     }
     return dir_buf;
 }
