@@ -415,6 +415,44 @@ static void capture_diag(struct fy_diag *diag, void *user, const char *buf, size
     }
 }
 
+/* Nodes of `node` with every alias expanded, counted up to `budget` (then
+ * the count stops: the work is bounded however deep the aliases nest). */
+static size_t expanded_nodes(struct fy_node *node, size_t budget)
+{
+    size_t n = 1;
+    if (fy_node_is_alias(node)) {
+        struct fy_node *target = fy_node_resolve_alias(node);
+        return target ? expanded_nodes(target, budget) : 1;
+    }
+    void *iter = NULL;
+    if (fy_node_is_sequence(node)) {
+        for (struct fy_node *item; n <= budget && (item = fy_node_sequence_iterate(node, &iter));)
+            n += expanded_nodes(item, budget - n);
+    } else if (fy_node_is_mapping(node)) {
+        for (struct fy_node_pair *pair; n <= budget && (pair = fy_node_mapping_iterate(node, &iter));) {
+            n += expanded_nodes(fy_node_pair_key(pair), budget - n);
+            if (n <= budget)
+                n += expanded_nodes(fy_node_pair_value(pair), budget - n);
+        }
+    }
+    return n;
+}
+
+/* Aliases resolved into copies of their anchors, once the copies are known
+ * to stay small: a few hundred bytes of nested aliases ("billion laughs")
+ * would otherwise expand to gigabytes inside libfyaml. */
+static mxq_status resolve_aliases(mxq_ctx *ctx, struct fy_document *doc, const char *name)
+{
+    mxq_status status = MXQ_OK;
+    enum { MAX_NODES = 10000 }; /* a recipe has a few dozen */
+    CHECK(ctx, expanded_nodes(fy_document_root(doc), MAX_NODES) <= MAX_NODES, MXQ_ERR_FORMAT,
+          "%s: with its aliases expanded the recipe has more than %d YAML nodes; a recipe has a few dozen", name,
+          MAX_NODES);
+    CHECK(ctx, fy_document_resolve(doc) == 0, MXQ_ERR_FORMAT, "%s: an alias names no anchor", name);
+fail:
+    return status;
+}
+
 /* The first YAML document of `text`, and whether a second one follows
  * (which the recipe schema does not allow). */
 static mxq_status load_single_document(mxq_ctx *ctx, struct fy_parser *parser, const char *name,
@@ -500,13 +538,14 @@ mxq_status mxq_recipe_parse_string(mxq_ctx *ctx, const char *text, const char *n
     dcfg.colorize = false;
     diag = fy_diag_create(&dcfg);
     CHECK_ALLOC(ctx, diag, 1, "the YAML diagnostics");
-    /* resolved: an alias reads as the value of its anchor, not as its name */
-    struct fy_parse_cfg pcfg = {
-        .search_path = NULL, .flags = FYPCF_QUIET | FYPCF_RESOLVE_DOCUMENT, .userdata = NULL, .diag = diag};
+    /* resolved after loading (resolve_aliases): an alias reads as the value
+     * of its anchor, not as its name */
+    struct fy_parse_cfg pcfg = {.search_path = NULL, .flags = FYPCF_QUIET, .userdata = NULL, .diag = diag};
     parser = fy_parser_create(&pcfg);
     CHECK_ALLOC(ctx, parser, 1, "the YAML parser");
     CHECK(ctx, fy_parser_set_string(parser, text, FY_NT) == 0, MXQ_ERR_NOMEM, "cannot start parsing '%s'", name);
     CALL(ctx, load_single_document(ctx, parser, name, diag_text, &doc));
+    CALL(ctx, resolve_aliases(ctx, doc, name));
     reader r = {ctx, name};
     CALL(ctx, parse_document(&r, fy_document_root(doc), recipe));
 fail:

@@ -594,7 +594,33 @@ static void test_token_file_declaring_unwritten_sequences(void **state)
     (void)state;
     const char *path = declared_only("unwritten-tokens.h5", "/tokens", H5T_STD_I32LE, 1u << 22, 256);
     tu_run_result r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens", path, NULL);
-    expect_refused("2^22 unwritten sequences", &r, "unwritten-tokens.h5", "never written in full");
+    expect_refused("2^22 unwritten sequences", &r, "unwritten-tokens.h5", "only 0 of the 4194304 chunks");
+}
+
+/* A gzip-compressed token file of 64 sequences of which only the first 8
+ * (one chunk) were written: refused, not scored with token 0 for the rest. */
+static void test_token_file_partly_written(void **state)
+{
+    (void)state;
+    const char *path = tu_scratch_path("partial-tokens.h5");
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    hsize_t dims[2] = {64, 256}, chunk[2] = {8, 256}, start[2] = {0, 0};
+    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE), space = H5Screate_simple(2, dims, NULL);
+    assert_true(H5Pset_chunk(dcpl, 2, chunk) >= 0 && H5Pset_deflate(dcpl, 6) >= 0);
+    hid_t d = H5Dcreate2(f, "/tokens", H5T_STD_I32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    int32_t ids[8 * 256];
+    for (int i = 0; i < 8 * 256; i++)
+        ids[i] = 1 + i % 500;
+    hid_t mem = H5Screate_simple(2, chunk, NULL);
+    assert_true(H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, chunk, NULL) >= 0);
+    assert_true(H5Dwrite(d, H5T_NATIVE_INT32, mem, space, H5P_DEFAULT, ids) >= 0);
+    H5Sclose(mem);
+    H5Dclose(d);
+    H5Sclose(space);
+    H5Pclose(dcpl);
+    H5Fclose(f);
+    tu_run_result r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens", path, NULL);
+    expect_refused("8 of 64 sequences written", &r, "partial-tokens.h5", "only 1 of the 8 chunks");
 }
 
 /* cast of a dataset that declares 2^40 rows (never written): refused from
@@ -1188,6 +1214,7 @@ int main(void)
         cmocka_unit_test(test_token_external_link_to_a_fifo),
         cmocka_unit_test(test_token_sequences_longer_than_the_context),
         cmocka_unit_test(test_token_file_declaring_unwritten_sequences),
+        cmocka_unit_test(test_token_file_partly_written),
         cmocka_unit_test(test_cast_input_declaring_huge_rows),
         cmocka_unit_test(test_huge_layer_count),
         cmocka_unit_test(test_nan_weight_rtn),

@@ -173,6 +173,16 @@ static void test_fuzz_findings(void **state)
     expect_error("weights: {format: mxint4}\n  \tblock: 32\n", "bad.yaml: line 2, column 3: a tab");
     expect_error("weights: {format: mxint4} # \xc0\xaf overlong\n", "byte 29 is not valid UTF-8");
     expect_error("weights: {format: mxint4} # \xed\xa0\x80 surrogate\n", "byte 29 is not valid UTF-8");
+    /* nested aliases ("billion laughs"): 9 levels of 9 would expand to 9^9 nodes */
+    char bomb[2048] = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n";
+    for (int l = 1; l <= 9; l++) {
+        char line[160];
+        snprintf(line, sizeof(line), "a%d: &a%d [*a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d]\n", l, l, l - 1,
+                 l - 1, l - 1, l - 1, l - 1, l - 1, l - 1, l - 1, l - 1);
+        strcat(bomb, line);
+    }
+    expect_error(bomb, "with its aliases expanded the recipe has more than 10000 YAML nodes");
+    expect_error("weights: &w [*w]\n", "more than 10000 YAML nodes");
     /* valid UTF-8 is still welcome, in comments and in exclude patterns */
     mxq_ctx *ctx;
     mxq_ctx_create(&ctx);
