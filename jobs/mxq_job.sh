@@ -14,8 +14,8 @@ mxq_job_fail() { echo "mxq-job: error: $*" >&2; exit 2; }
 # MXQ: the mxq binary. sbatch runs a copy of the batch script from Slurm's
 # spool, so paths are taken from the submit directory, not the script's.
 mxq_job_setup() {
-  MXQ=${MXQ:-${SLURM_SUBMIT_DIR:-$PWD}/build/mxq}
-  [ -x "$MXQ" ] || mxq_job_fail "no mxq binary at '$MXQ': set MXQ, or submit from the repository after 'bash scripts/setup.sh'"
+  MXQ=${MXQ:-${MXQ_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/build/mxq}
+  [ -x "$MXQ" ] || mxq_job_fail "no mxq binary at '$MXQ': set MXQ (or MXQ_ROOT), or submit from the repository after 'bash scripts/setup.sh'"
   export OPENBLAS_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
   export OMP_NUM_THREADS=$OPENBLAS_NUM_THREADS
   export OMPI_MCA_btl_vader_single_copy_mechanism=${OMPI_MCA_btl_vader_single_copy_mechanism:-none}
@@ -42,7 +42,8 @@ MXQ_JOB_PID=
 # takes it as "stop at the next safe point" (srun and mpirun both pass it on
 # to every rank); between two steps, the next step is not started.
 mxq_job_on_signal() {
-  echo "mxq-job: $1 at $(date '+%F %T'): stopping mxq at its next safe point, then requeueing"
+  echo "mxq-job: $1 at $(date '+%F %T'): stopping mxq at its next safe point; the job is requeued if it stops there"
+  echo "mxq-job: (a time limit's warning, or scancel: after scancel the job ends here, its log may stop short)"
   MXQ_JOB_STOPPED=1
   if [ -n "$MXQ_JOB_PID" ]; then kill -USR1 "$MXQ_JOB_PID" 2>/dev/null || true; fi
 }
@@ -59,7 +60,8 @@ mxq_job_run() {
     echo "mxq-job: not starting '${cmd[*]}': the job was asked to stop"
     mxq_job_requeue
   fi
-  echo "mxq-job: command: ${cmd[*]}"
+  # quoted as a shell would need it, so that the line can be run again
+  echo "mxq-job: command:$(printf ' %q' "${cmd[@]}")"
   "${cmd[@]}" &
   MXQ_JOB_PID=$!
   # Poll rather than `wait` alone: a trapped signal interrupts `wait` (status
@@ -87,7 +89,7 @@ mxq_job_requeue() {
     echo "mxq-job: already requeued $max times (MXQ_MAX_REQUEUES): not requeueing; resubmit with MXQ_RESUME=1"
     exit 75
   fi
-  echo "mxq-job: scontrol requeue $SLURM_JOB_ID (the run continues with --resume)"
+  echo "mxq-job: scontrol requeue $SLURM_JOB_ID (the job runs again: quantize continues with --resume, eval starts over)"
   if ! scontrol requeue "$SLURM_JOB_ID"; then
     echo "mxq-job: scontrol requeue failed (does the cluster allow requeues?): resubmit with MXQ_RESUME=1"
     exit 75

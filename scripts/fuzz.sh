@@ -24,8 +24,11 @@ if ((${#TARGETS[@]} == 0)); then
   TARGETS=(safetensors index config recipe tokens)
 fi
 case $SECONDS_EACH in
-  ''|*[!0-9]*) echo "fuzz: SECONDS_PER_TARGET must be a whole number, not '$SECONDS_EACH'" >&2; exit 2 ;;
+  ''|*[!0-9]*|0) echo "fuzz: SECONDS_PER_TARGET must be a whole number of 1 or more, not '$SECONDS_EACH'" >&2; exit 2 ;;
 esac
+for t in "${TARGETS[@]}"; do
+  [ -d "$ROOT/tests/fuzz/corpus/$t" ] || { echo "fuzz: unknown target '$t' (targets: safetensors index config recipe tokens)" >&2; exit 2; }
+done
 # Lines that are not results are TAP comments in TAP mode.
 say() { if [ "$TAP" = 1 ]; then sed 's/^/# /'; else cat; fi; }
 if [ "$TAP" = 1 ]; then echo "1..${#TARGETS[@]}"; fi

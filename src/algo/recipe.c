@@ -499,23 +499,37 @@ static long first_invalid_utf8(const unsigned char *text)
     return -1;
 }
 
+/* Line and column (in characters: UTF-8 continuation bytes do not count)
+ * of `at` in `text`, both from 1. */
+static void text_position(const char *text, const char *at, int *line, int *column)
+{
+    *line = 1, *column = 1;
+    for (const char *p = text; p < at; p++) {
+        if (*p == '\n')
+            (*line)++, *column = 1;
+        else if (((unsigned char)*p & 0xc0) != 0x80)
+            (*column)++;
+    }
+}
+
 /* What libfyaml must not be given: it misbehaves on some invalid input. */
 static mxq_status check_recipe_text(mxq_ctx *ctx, const char *text, const char *name)
 {
     mxq_status status = MXQ_OK;
     long bad = first_invalid_utf8((const unsigned char *)text);
-    CHECK(ctx, bad < 0, MXQ_ERR_FORMAT, "%s: byte %ld is not valid UTF-8; a recipe is UTF-8 YAML", name, bad + 1);
+    int line, column;
+    if (bad >= 0) {
+        text_position(text, text + bad, &line, &column);
+        FAIL(ctx, MXQ_ERR_FORMAT, "%s: line %d, column %d (byte %ld): not valid UTF-8; a recipe is UTF-8 YAML", name,
+             line, column, bad + 1);
+    }
     /* YAML never indents with tabs, and libfyaml 0.7.12 crashes freeing a
      * parser that failed on some tab placements (tests/fuzz/fuzz_recipe). */
     const char *tab = strchr(text, '\t');
     if (tab) {
-        int line = 1;
-        const char *line_start = text;
-        for (const char *p = text; p < tab; p++)
-            if (*p == '\n')
-                line++, line_start = p + 1;
+        text_position(text, tab, &line, &column);
         FAIL(ctx, MXQ_ERR_FORMAT, "%s: line %d, column %d: a tab; a recipe is indented and separated with spaces",
-             name, line, (int)(tab - line_start) + 1);
+             name, line, column);
     }
 fail:
     return status;

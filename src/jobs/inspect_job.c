@@ -1,6 +1,7 @@
 /* mxq inspect: a checkpoint described for a person, from its config.json,
  * its tensors' headers, its index and the mxq_report.json of the run that
  * wrote it. Reads headers only, never the tensors' data. */
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <string.h>
@@ -235,7 +236,12 @@ static double source_weight_bytes(json_t *report)
     double bytes = 0;
     json_object_foreach(files, path, entry)
     {
-        if (!ends_with(path, ".safetensors"))
+        /* the weights a model loads: model.safetensors or its shards
+         * model-0000k-of-0000N.safetensors, not other files beside them
+         * (Mistral repositories carry a consolidated.safetensors too) */
+        const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+        if (strcmp(base, "model.safetensors") != 0 &&
+            !(strncmp(base, "model-", 6) == 0 && strstr(base, "-of-") && ends_with(base, ".safetensors")))
             continue;
         json_t *b = json_is_object(entry) ? json_object_get(entry, "bytes") : entry;
         bytes += json_number_value(b);
@@ -288,7 +294,8 @@ static int numbers_only(json_t *array)
 }
 
 /* One layer of the report: what print_layers reads. */
-static mxq_status check_report_layer(mxq_ctx *ctx, const char *path, size_t i, json_t *layer)
+static mxq_status check_report_layer(mxq_ctx *ctx, const char *path, size_t i, json_t *layer, int n_layers,
+                                     json_int_t ranks)
 {
     mxq_status status = MXQ_OK;
     const char *name;
@@ -301,24 +308,32 @@ static mxq_status check_report_layer(mxq_ctx *ctx, const char *path, size_t i, j
           MXQ_ERR_FORMAT,
           "%s: layers[%zu] must hold layer, rank (integers), seconds, seconds_calib, peak_rss_mb (numbers) and linears",
           path, i);
+    const json_int_t l = json_integer_value(json_object_get(layer, "layer")),
+                     rank = json_integer_value(json_object_get(layer, "rank"));
+    CHECK(ctx, l >= 0 && l < n_layers && rank >= 0 && rank < ranks, MXQ_ERR_FORMAT,
+          "%s: layers[%zu] is layer %lld on rank %lld; the model has %d layers and the run %lld ranks", path, i,
+          (long long)l, (long long)rank, n_layers, (long long)ranks);
     json_object_foreach(json_object_get(layer, "linears"), name, lin)
-        CHECK(ctx, json_is_number(json_object_get(lin, "loss_rtn")) && json_is_number(json_object_get(lin, "loss")),
-              MXQ_ERR_FORMAT, "%s: layers[%zu].linears.%s must hold loss_rtn and loss (numbers)", path, i, name);
+        CHECK(ctx, json_number_value(json_object_get(lin, "loss_rtn")) >= 0 && json_number_value(json_object_get(lin, "loss")) >= 0,
+              MXQ_ERR_FORMAT, "%s: layers[%zu].linears.%s must hold loss_rtn and loss (numbers, not negative)", path, i,
+              name);
 fail:
     return status;
 }
 
 /* Every field of mxq_report.json that inspect prints, checked first: a
  * damaged report is named, never printed as zeros. */
-static mxq_status check_report(mxq_ctx *ctx, const char *path, json_t *report)
+static mxq_status check_report(mxq_ctx *ctx, const char *path, json_t *report, int n_layers)
 {
     mxq_status status = MXQ_OK;
     json_t *totals = json_object_get(report, "totals"), *layers = json_object_get(report, "layers"), *layer;
     const char *keys[] = {"seconds_total", "seconds_quantize", "seconds_write", "loss_rtn", "loss"};
     size_t i;
     CHECK(ctx, json_is_object(report), MXQ_ERR_FORMAT, "%s: not a JSON object", path);
-    CHECK(ctx, json_is_integer(json_object_get(report, "ranks")) && json_is_integer(json_object_get(report, "group_size")),
-          MXQ_ERR_FORMAT, "%s: 'ranks' and 'group_size' must be integers", path);
+    const json_int_t ranks = json_integer_value(json_object_get(report, "ranks"));
+    CHECK(ctx, json_is_integer(json_object_get(report, "ranks")) && json_is_integer(json_object_get(report, "group_size")) &&
+                   ranks >= 1,
+          MXQ_ERR_FORMAT, "%s: 'ranks' (1 or more) and 'group_size' must be integers", path);
     CHECK(ctx, json_is_object(totals), MXQ_ERR_FORMAT, "%s: 'totals' must be an object", path);
     for (i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
         CHECK(ctx, json_is_number(json_object_get(totals, keys[i])), MXQ_ERR_FORMAT, "%s: totals.%s must be a number",
@@ -328,8 +343,9 @@ static mxq_status check_report(mxq_ctx *ctx, const char *path, json_t *report)
     json_t *predicted = json_object_get(report, "predicted_peak_rss_mb_per_rank");
     CHECK(ctx, !predicted || numbers_only(predicted), MXQ_ERR_FORMAT,
           "%s: 'predicted_peak_rss_mb_per_rank' must be a list of numbers", path);
-    CHECK(ctx, json_is_array(layers), MXQ_ERR_FORMAT, "%s: 'layers' must be a list", path);
-    json_array_foreach(layers, i, layer) CALL(ctx, check_report_layer(ctx, path, i, layer));
+    CHECK(ctx, json_is_array(layers) && json_array_size(layers) <= (size_t)n_layers, MXQ_ERR_FORMAT,
+          "%s: 'layers' must be a list of at most the model's %d layers", path, n_layers);
+    json_array_foreach(layers, i, layer) CALL(ctx, check_report_layer(ctx, path, i, layer, n_layers, ranks));
 fail:
     return status;
 }
@@ -399,9 +415,10 @@ static mxq_status read_optional_json(mxq_ctx *ctx, const char *dir, const char *
     mxq_status status = MXQ_OK;
     char path[MXQ_PATH_BUF];
     mxq_path_join(path, dir, name);
+    struct stat st;
     *out = NULL;
-    if (access(path, F_OK) != 0)
-        return MXQ_OK;
+    if (lstat(path, &st) != 0 && errno == ENOENT)
+        return MXQ_OK; /* absent; a dangling link is read, and its error named */
     CALL(ctx, mxq_json_read(ctx, path, what, out));
 fail:
     return status;
@@ -414,13 +431,14 @@ mxq_status mxq_inspect(mxq_ctx *ctx, const char *dir)
     mxq_model_config cfg;
     tensor_tally tally;
     char path[MXQ_PATH_BUF];
+    CHECK(ctx, dir[0] != '\0', MXQ_ERR_ARG, "the checkpoint directory is an empty string");
     CALL(ctx, mxq_config_load(ctx, dir, &cfg));
     mxq_path_join(path, dir, "config.json");
     CALL(ctx, mxq_json_read(ctx, path, "model config", &config));
     CALL(ctx, read_optional_json(ctx, dir, "mxq_report.json", "run report", &report));
     mxq_path_join(path, dir, "mxq_report.json");
     if (report)
-        CALL(ctx, check_report(ctx, path, report));
+        CALL(ctx, check_report(ctx, path, report, cfg.n_layers));
     json_t *quant = json_object_get(config, "quantization_config");
     mxq_path_join(path, dir, "config.json");
     if (json_is_object(quant))

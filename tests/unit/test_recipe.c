@@ -168,11 +168,12 @@ static void test_fuzz_findings(void **state)
     (void)state;
     char hang[140] = "%";
     memset(hang + 1, 0xff, 130);
-    expect_error(hang, "bad.yaml: byte 2 is not valid UTF-8");
+    expect_error(hang, "bad.yaml: line 1, column 2 (byte 2): not valid UTF-8");
     expect_error("? - - - \t\tgrid:\t-", "bad.yaml: line 1, column 9: a tab");
     expect_error("weights: {format: mxint4}\n  \tblock: 32\n", "bad.yaml: line 2, column 3: a tab");
-    expect_error("weights: {format: mxint4} # \xc0\xaf overlong\n", "byte 29 is not valid UTF-8");
-    expect_error("weights: {format: mxint4} # \xed\xa0\x80 surrogate\n", "byte 29 is not valid UTF-8");
+    expect_error("weights: {format: mxint4} # \xc0\xaf overlong\n", "line 1, column 29 (byte 29): not valid UTF-8");
+    expect_error("weights: {format: mxint4}\n# \xc3\xa9 \xed\xa0\x80 surrogate\n", "line 2, column 5 (byte 32): not valid UTF-8");
+    expect_error("weights: {format: mxint4}\n# \xc3\xa9 \xc3\xbc\tx\n", "bad.yaml: line 2, column 6: a tab");
     /* nested aliases ("billion laughs"): 9 levels of 9 would expand to 9^9 nodes */
     char bomb[2048] = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n";
     for (int l = 1; l <= 9; l++) {
