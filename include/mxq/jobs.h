@@ -127,6 +127,26 @@ mxq_status mxq_verify(mxq_ctx *ctx, const char *dir, mxq_verify_result *result);
  * config.json, mxq_report.json and the tensors' headers only. Local. */
 mxq_status mxq_inspect(mxq_ctx *ctx, const char *dir);
 
+/* ---- mxq export --to gguf ------------------------------------------------ */
+
+typedef struct {
+    const char *tokenizer; /* llama2.c tokenizer.bin; NULL: beside the checkpoint or its source model */
+} mxq_export_options;
+
+typedef struct {
+    int tensors;             /* written */
+    int quantized;           /* MX linears written as Q4_0, Q8_0 or MXFP4 */
+    int bf16_fallbacks;      /* MX linears that no block type holds exactly, written as BF16 */
+    int activations_dropped; /* the checkpoint quantizes activations, which GGUF does not carry */
+    uint64_t bytes;          /* of the file */
+} mxq_export_result;
+
+/* The checkpoint in `dir` (an mxq MX checkpoint, or an FP Hugging Face one
+ * of the llama architecture) as a GGUF v3 file at `out_path` that
+ * llama.cpp loads, every weight value unchanged. Local (one process). */
+mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, const mxq_export_options *opt,
+                           mxq_export_result *res);
+
 #ifdef __cplusplus
 }
 #endif

@@ -16,6 +16,7 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv);
 int mxq_cmd_quantize_linear(mxq_ctx *ctx, int argc, char **argv);
 int mxq_cmd_verify(mxq_ctx *ctx, int argc, char **argv);
 int mxq_cmd_inspect(mxq_ctx *ctx, int argc, char **argv);
+int mxq_cmd_export(mxq_ctx *ctx, int argc, char **argv);
 
 /* Print "mxq <verb>: error: <message>" (one line, from rank 0 only: every
  * rank of an mpirun job parses the same command line) and return

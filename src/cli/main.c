@@ -32,6 +32,7 @@ static void print_main_help(FILE *out)
             "          (llama-2-7b, llama-2-70b, llama-3.1-8b, qwen2-7b, mistral-7b)\n"
             "  verify  check a checkpoint: shards' sizes and SHA-256, config, every tensor's\n"
             "          shape, element codes and scale bytes\n"
+            "  export  write a checkpoint as GGUF for llama.cpp (MX weights as Q4_0/Q8_0/MXFP4, exactly)\n"
             "  inspect describe a checkpoint: recipe, formats, bits per weight, size against\n"
             "          the FP model, per-layer losses, the run's ranks and times\n"
             "  help    show this text, or `mxq help <command>`\n"
@@ -159,6 +160,7 @@ static const verb_entry verbs[] = {
     {"quantize-linear", mxq_cmd_quantize_linear, 0},
     {"verify", mxq_cmd_verify, 0},
     {"inspect", mxq_cmd_inspect, 0},
+    {"export", mxq_cmd_export, 0},
 };
 
 static int wants_help(int argc, char **argv)
@@ -232,7 +234,7 @@ static int run_verb(const char *verb, int argc, char **argv)
 {
     const verb_entry *entry = find_verb(verb);
     if (!entry)
-        return mxq_cli_usage_error(NULL, NULL, "unknown command '%s' (commands: cast, eval, quantize, quantize-linear, synth, verify, inspect, help; see "
+        return mxq_cli_usage_error(NULL, NULL, "unknown command '%s' (commands: cast, eval, quantize, quantize-linear, synth, verify, inspect, export, help; see "
                                    "mxq --help)",
                                    verb);
     int launch_rank, launch_size;

@@ -1,0 +1,86 @@
+#include "formats/mx_ggml.h"
+
+#include <string.h>
+
+int mxq_mx_ggml_blocks_fit(size_t cols, int block)
+{
+    return cols % MXQ_GGML_BLOCK == 0 && block % MXQ_GGML_BLOCK == 0;
+}
+
+/* f16 bits of 2^e, or 0 if 2^e is not an f16 value (normal from 2^-14 to
+ * 2^15, subnormal down to 2^-24). */
+static uint16_t f16_power_of_two(int e)
+{
+    if (e >= -14 && e <= 15)
+        return (uint16_t)((e + 15) << 10);
+    if (e >= -24 && e < -14)
+        return (uint16_t)(1u << (e + 24));
+    return 0;
+}
+
+/* k of an integer element code: two's complement in format->bits bits */
+static int int_code_value(const mxq_format *format, uint8_t code)
+{
+    const int bits = format->bits, sign = 1 << (bits - 1);
+    const int v = code & ((1 << bits) - 1);
+    return v & sign ? v - 2 * sign : v;
+}
+
+static int scale_exponent(const uint8_t *scales, size_t col, int block) { return (int)scales[col / (size_t)block] - 127; }
+
+int mxq_mx_row_to_q4_0(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
+                       uint8_t *out)
+{
+    for (size_t b = 0; b < cols / MXQ_GGML_BLOCK; b++) {
+        const size_t first = b * MXQ_GGML_BLOCK;
+        const uint16_t d = f16_power_of_two(scale_exponent(scales, first, block) - format->mbits);
+        if (!d)
+            return 0;
+        uint8_t *dst = out + b * 18;
+        memcpy(dst, &d, 2); /* little-endian host, as the format */
+        for (int j = 0; j < 16; j++) {
+            const int lo = int_code_value(format, codes[first + j]) + 8;
+            const int hi = int_code_value(format, codes[first + j + 16]) + 8;
+            dst[2 + j] = (uint8_t)(lo | hi << 4);
+        }
+    }
+    return 1;
+}
+
+int mxq_mx_row_to_q8_0(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
+                       uint8_t *out)
+{
+    for (size_t b = 0; b < cols / MXQ_GGML_BLOCK; b++) {
+        const size_t first = b * MXQ_GGML_BLOCK;
+        const uint16_t d = f16_power_of_two(scale_exponent(scales, first, block) - format->mbits);
+        if (!d)
+            return 0;
+        uint8_t *dst = out + b * 34;
+        memcpy(dst, &d, 2);
+        for (int j = 0; j < MXQ_GGML_BLOCK; j++)
+            dst[2 + j] = (uint8_t)(int8_t)int_code_value(format, codes[first + j]);
+    }
+    return 1;
+}
+
+void mxq_mx_row_to_mxfp4(const uint8_t *codes, const uint8_t *scales, size_t cols, int block, uint8_t *out)
+{
+    for (size_t b = 0; b < cols / MXQ_GGML_BLOCK; b++) {
+        const size_t first = b * MXQ_GGML_BLOCK;
+        uint8_t *dst = out + b * 17;
+        dst[0] = scales[first / (size_t)block];
+        for (int j = 0; j < 16; j++)
+            dst[1 + j] = (uint8_t)((codes[first + j] & 0xF) | (codes[first + j + 16] & 0xF) << 4);
+    }
+}
+
+void mxq_mx_row_to_bf16(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
+                        uint16_t *out)
+{
+    for (size_t c = 0; c < cols; c++) {
+        const float v = mxq_mx_decode(format, codes[c], scale_exponent(scales, c, block));
+        uint32_t bits;
+        memcpy(&bits, &v, 4);
+        out[c] = (uint16_t)(bits >> 16); /* exact: an MX value has at most 8 significant bits */
+    }
+}

@@ -1,0 +1,37 @@
+/* MX rows as ggml's blocks of 32, exactly. Internal.
+ *
+ * A block of an MX row (block 32, or 64, 128, ... cut into pieces of 32 that
+ * repeat its scale) maps onto one ggml block:
+ *   MXINT4/3/2 -> Q4_0: f16 d = 2^(se - mbits), nibbles q = k + 8 (element j
+ *                 in the low nibble of byte j, element j + 16 in the high one);
+ *   MXINT8     -> Q8_0: f16 d = 2^(se - 6), int8 q = k;
+ *   MXFP4      -> MXFP4: the same E8M0 byte, the same E2M1 codes, Q4_0's
+ *                 nibble order;
+ *   any format -> BF16: every MX value is a BF16 value.
+ * Codes are the unpacked element codes of a row (mxq_mx_unpack_row), scales
+ * its E8M0 bytes. The Q4_0 and Q8_0 converters return 0 when a block's d is
+ * outside f16 (normal or subnormal), which the caller answers with BF16. */
+#ifndef MXQ_MX_GGML_H
+#define MXQ_MX_GGML_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mxq/mx.h"
+
+#define MXQ_GGML_BLOCK 32
+
+/* 1 if rows of `cols` in MX blocks of `block` map onto ggml blocks of 32. */
+int mxq_mx_ggml_blocks_fit(size_t cols, int block);
+
+/* out: cols / 32 blocks of 18 (Q4_0), 34 (Q8_0) or 17 (MXFP4) bytes. */
+int mxq_mx_row_to_q4_0(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
+                       uint8_t *out);
+int mxq_mx_row_to_q8_0(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
+                       uint8_t *out);
+void mxq_mx_row_to_mxfp4(const uint8_t *codes, const uint8_t *scales, size_t cols, int block, uint8_t *out);
+/* out: cols BF16 values. */
+void mxq_mx_row_to_bf16(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
+                        uint16_t *out);
+
+#endif

@@ -1,0 +1,297 @@
+#include "io/gguf.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/check.h"
+
+#define GGUF_MAX_DIMS 4
+
+typedef struct {
+    uint8_t *bytes;
+    size_t len, cap;
+} byte_buf;
+
+typedef struct {
+    char *name;
+    mxq_ggml_type type;
+    int n_dims;
+    int64_t ne[GGUF_MAX_DIMS];
+    uint64_t size;   /* bytes of data */
+    uint64_t offset; /* from the start of the data section */
+} tensor_info;
+
+struct mxq_gguf {
+    byte_buf kv;
+    uint64_t n_kv;
+    tensor_info *tensors;
+    size_t n_tensors, cap_tensors;
+    uint64_t data_size; /* with every tensor's padding */
+    size_t next;        /* tensor whose data comes next */
+    uint64_t written;   /* of it */
+};
+
+static const struct {
+    mxq_ggml_type type;
+    const char *name;
+    int block;       /* elements per block */
+    int block_bytes; /* bytes per block */
+} ggml_types[] = {
+    {MXQ_GGML_F32, "F32", 1, 4},     {MXQ_GGML_F16, "F16", 1, 2},    {MXQ_GGML_Q4_0, "Q4_0", 32, 18},
+    {MXQ_GGML_Q8_0, "Q8_0", 32, 34}, {MXQ_GGML_BF16, "BF16", 1, 2}, {MXQ_GGML_MXFP4, "MXFP4", 32, 17},
+};
+
+static int type_index(mxq_ggml_type type)
+{
+    for (size_t i = 0; i < sizeof(ggml_types) / sizeof(ggml_types[0]); i++)
+        if (ggml_types[i].type == type)
+            return (int)i;
+    return -1;
+}
+
+size_t mxq_ggml_row_bytes(mxq_ggml_type type, int64_t n)
+{
+    int i = type_index(type);
+    if (i < 0 || n < 0 || n % ggml_types[i].block != 0)
+        return 0;
+    return (size_t)(n / ggml_types[i].block) * (size_t)ggml_types[i].block_bytes;
+}
+
+const char *mxq_ggml_type_name(mxq_ggml_type type)
+{
+    int i = type_index(type);
+    return i < 0 ? "?" : ggml_types[i].name;
+}
+
+static mxq_status append(mxq_ctx *ctx, byte_buf *b, const void *data, size_t len)
+{
+    mxq_status status = MXQ_OK;
+    if (b->len + len > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + len)
+            cap *= 2;
+        uint8_t *grown = realloc(b->bytes, cap);
+        CHECK_ALLOC(ctx, grown, cap, "the GGUF header");
+        b->bytes = grown, b->cap = cap;
+    }
+    memcpy(b->bytes + b->len, data, len);
+    b->len += len;
+fail:
+    return status;
+}
+
+/* Little-endian scalars, as the format says (this host is little-endian:
+ * the build targets x86-64 and aarch64). */
+static mxq_status put_u32(mxq_ctx *ctx, byte_buf *b, uint32_t v) { return append(ctx, b, &v, 4); }
+static mxq_status put_u64(mxq_ctx *ctx, byte_buf *b, uint64_t v) { return append(ctx, b, &v, 8); }
+
+static mxq_status put_string(mxq_ctx *ctx, byte_buf *b, const char *s)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, put_u64(ctx, b, strlen(s)));
+    CALL(ctx, append(ctx, b, s, strlen(s)));
+fail:
+    return status;
+}
+
+mxq_status mxq_gguf_create(mxq_ctx *ctx, mxq_gguf **out)
+{
+    mxq_status status = MXQ_OK;
+    *out = calloc(1, sizeof(**out));
+    CHECK_ALLOC(ctx, *out, sizeof(**out), "a GGUF writer");
+fail:
+    return status;
+}
+
+void mxq_gguf_free(mxq_gguf *g)
+{
+    if (!g)
+        return;
+    for (size_t i = 0; i < g->n_tensors; i++)
+        free(g->tensors[i].name);
+    free(g->tensors);
+    free(g->kv.bytes);
+    free(g);
+}
+
+/* key and value type; the caller appends the payload */
+static mxq_status kv_begin(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t type)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, put_string(ctx, &g->kv, key));
+    CALL(ctx, put_u32(ctx, &g->kv, type));
+    g->n_kv++;
+fail:
+    return status;
+}
+
+mxq_status mxq_gguf_kv_string(mxq_ctx *ctx, mxq_gguf *g, const char *key, const char *value)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, kv_begin(ctx, g, key, MXQ_GGUF_STRING));
+    CALL(ctx, put_string(ctx, &g->kv, value));
+fail:
+    return status;
+}
+
+mxq_status mxq_gguf_kv_u32(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t value)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, kv_begin(ctx, g, key, MXQ_GGUF_U32));
+    CALL(ctx, put_u32(ctx, &g->kv, value));
+fail:
+    return status;
+}
+
+mxq_status mxq_gguf_kv_f32(mxq_ctx *ctx, mxq_gguf *g, const char *key, float value)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, kv_begin(ctx, g, key, MXQ_GGUF_F32));
+    CALL(ctx, append(ctx, &g->kv, &value, 4));
+fail:
+    return status;
+}
+
+mxq_status mxq_gguf_kv_bool(mxq_ctx *ctx, mxq_gguf *g, const char *key, int value)
+{
+    mxq_status status = MXQ_OK;
+    uint8_t b = value != 0;
+    CALL(ctx, kv_begin(ctx, g, key, MXQ_GGUF_BOOL));
+    CALL(ctx, append(ctx, &g->kv, &b, 1));
+fail:
+    return status;
+}
+
+static mxq_status array_begin(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t element_type, size_t n)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, kv_begin(ctx, g, key, MXQ_GGUF_ARRAY));
+    CALL(ctx, put_u32(ctx, &g->kv, element_type));
+    CALL(ctx, put_u64(ctx, &g->kv, n));
+fail:
+    return status;
+}
+
+mxq_status mxq_gguf_kv_strings(mxq_ctx *ctx, mxq_gguf *g, const char *key, const char *const *values, size_t n)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, array_begin(ctx, g, key, MXQ_GGUF_STRING, n));
+    for (size_t i = 0; i < n; i++)
+        CALL(ctx, put_string(ctx, &g->kv, values[i]));
+fail:
+    return status;
+}
+
+mxq_status mxq_gguf_kv_f32s(mxq_ctx *ctx, mxq_gguf *g, const char *key, const float *values, size_t n)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, array_begin(ctx, g, key, MXQ_GGUF_F32, n));
+    CALL(ctx, append(ctx, &g->kv, values, 4 * n));
+fail:
+    return status;
+}
+
+mxq_status mxq_gguf_kv_i32s(mxq_ctx *ctx, mxq_gguf *g, const char *key, const int32_t *values, size_t n)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, array_begin(ctx, g, key, MXQ_GGUF_I32, n));
+    CALL(ctx, append(ctx, &g->kv, values, 4 * n));
+fail:
+    return status;
+}
+
+mxq_status mxq_gguf_kv_raw(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t type, const void *value, size_t size)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, kv_begin(ctx, g, key, type));
+    CALL(ctx, append(ctx, &g->kv, value, size));
+fail:
+    return status;
+}
+
+static uint64_t padded(uint64_t n) { return (n + MXQ_GGUF_ALIGNMENT - 1) / MXQ_GGUF_ALIGNMENT * MXQ_GGUF_ALIGNMENT; }
+
+mxq_status mxq_gguf_add_tensor(mxq_ctx *ctx, mxq_gguf *g, const char *name, mxq_ggml_type type, int n_dims,
+                               const int64_t *ne)
+{
+    mxq_status status = MXQ_OK;
+    CHECK(ctx, n_dims >= 1 && n_dims <= GGUF_MAX_DIMS, MXQ_ERR_ARG, "GGUF tensor '%s': %d dimensions", name, n_dims);
+    uint64_t rows = 1;
+    for (int d = 1; d < n_dims; d++)
+        rows *= (uint64_t)ne[d];
+    const size_t row = mxq_ggml_row_bytes(type, ne[0]);
+    CHECK(ctx, row > 0 || ne[0] == 0, MXQ_ERR_ARG, "GGUF tensor '%s': rows of %lld elements cannot be %s", name,
+          (long long)ne[0], mxq_ggml_type_name(type));
+    if (g->n_tensors == g->cap_tensors) {
+        size_t cap = g->cap_tensors ? 2 * g->cap_tensors : 64;
+        tensor_info *grown = realloc(g->tensors, cap * sizeof(*grown));
+        CHECK_ALLOC(ctx, grown, cap * sizeof(*grown), "the GGUF tensor list");
+        g->tensors = grown, g->cap_tensors = cap;
+    }
+    tensor_info *t = &g->tensors[g->n_tensors];
+    memset(t, 0, sizeof(*t));
+    t->name = strdup(name);
+    CHECK_ALLOC(ctx, t->name, strlen(name) + 1, "a tensor name");
+    t->type = type, t->n_dims = n_dims;
+    memcpy(t->ne, ne, (size_t)n_dims * sizeof(int64_t));
+    t->size = rows * row;
+    t->offset = g->data_size;
+    g->data_size += padded(t->size);
+    g->n_tensors++;
+fail:
+    return status;
+}
+
+static const uint8_t zeros[MXQ_GGUF_ALIGNMENT];
+
+mxq_status mxq_gguf_write_header(mxq_ctx *ctx, mxq_gguf *g, mxq_output *out)
+{
+    mxq_status status = MXQ_OK;
+    byte_buf head = {0};
+    CALL(ctx, append(ctx, &head, "GGUF", 4));
+    CALL(ctx, put_u32(ctx, &head, 3));
+    CALL(ctx, put_u64(ctx, &head, g->n_tensors));
+    CALL(ctx, put_u64(ctx, &head, g->n_kv));
+    CALL(ctx, append(ctx, &head, g->kv.bytes, g->kv.len));
+    for (size_t i = 0; i < g->n_tensors; i++) {
+        const tensor_info *t = &g->tensors[i];
+        CALL(ctx, put_string(ctx, &head, t->name));
+        CALL(ctx, put_u32(ctx, &head, (uint32_t)t->n_dims));
+        for (int d = 0; d < t->n_dims; d++)
+            CALL(ctx, put_u64(ctx, &head, (uint64_t)t->ne[d]));
+        CALL(ctx, put_u32(ctx, &head, (uint32_t)t->type));
+        CALL(ctx, put_u64(ctx, &head, t->offset));
+    }
+    CALL(ctx, append(ctx, &head, zeros, padded(head.len) - head.len));
+    CALL(ctx, mxq_output_write(ctx, out, head.bytes, head.len));
+    g->next = 0, g->written = 0;
+fail:
+    free(head.bytes);
+    return status;
+}
+
+mxq_status mxq_gguf_write_data(mxq_ctx *ctx, mxq_gguf *g, mxq_output *out, const void *data, size_t size)
+{
+    mxq_status status = MXQ_OK;
+    CHECK(ctx, g->next < g->n_tensors, MXQ_ERR_ARG, "GGUF: data after the last tensor");
+    const tensor_info *t = &g->tensors[g->next];
+    CHECK(ctx, g->written + size <= t->size, MXQ_ERR_ARG, "GGUF tensor '%s': %llu bytes written, it holds %llu",
+          t->name, (unsigned long long)(g->written + size), (unsigned long long)t->size);
+    CALL(ctx, mxq_output_write(ctx, out, data, size));
+    g->written += size;
+    if (g->written == t->size) {
+        CALL(ctx, mxq_output_write(ctx, out, zeros, padded(t->size) - t->size));
+        g->next++, g->written = 0;
+    }
+fail:
+    return status;
+}
+
+mxq_status mxq_gguf_finish(mxq_ctx *ctx, mxq_gguf *g)
+{
+    mxq_status status = MXQ_OK;
+    CHECK(ctx, g->next == g->n_tensors, MXQ_ERR_ARG, "GGUF: tensor '%s' has not had its data",
+          g->next < g->n_tensors ? g->tensors[g->next].name : "?");
+fail:
+    return status;
+}

@@ -1,0 +1,86 @@
+/* GGUF v3 writing (llama.cpp's model file). Internal.
+ *
+ * A file is: "GGUF", version 3, tensor count, key-value count (little-endian
+ * u32, u32, u64, u64); the key-values (key: u64 length + bytes; value: u32
+ * type + payload, arrays as element type + u64 count + elements); the tensor
+ * infos (name, u32 n_dims, u64 ne[n_dims] with ne[0] the fastest-varying
+ * dimension, u32 ggml type, u64 offset into the data); padding to the
+ * alignment (general.alignment, 32 by default); the tensors' data, each at
+ * its offset, padded to the alignment.
+ *
+ * Usage: collect the key-values and tensor infos, then write the header
+ * through an mxq_output and stream each tensor's bytes in the order added. */
+#ifndef MXQ_GGUF_H
+#define MXQ_GGUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "io/fsutil.h"
+#include "mxq/core.h"
+
+#define MXQ_GGUF_ALIGNMENT 32
+
+/* ggml tensor types mxq writes */
+typedef enum {
+    MXQ_GGML_F32 = 0,
+    MXQ_GGML_F16 = 1,
+    MXQ_GGML_Q4_0 = 2,
+    MXQ_GGML_Q8_0 = 8,
+    MXQ_GGML_BF16 = 30,
+    MXQ_GGML_MXFP4 = 39,
+} mxq_ggml_type;
+
+/* gguf value types */
+typedef enum {
+    MXQ_GGUF_U8 = 0,
+    MXQ_GGUF_I8 = 1,
+    MXQ_GGUF_U16 = 2,
+    MXQ_GGUF_I16 = 3,
+    MXQ_GGUF_U32 = 4,
+    MXQ_GGUF_I32 = 5,
+    MXQ_GGUF_F32 = 6,
+    MXQ_GGUF_BOOL = 7,
+    MXQ_GGUF_STRING = 8,
+    MXQ_GGUF_ARRAY = 9,
+    MXQ_GGUF_U64 = 10,
+    MXQ_GGUF_I64 = 11,
+    MXQ_GGUF_F64 = 12,
+} mxq_gguf_value_type;
+
+/* Bytes of one row of `n` elements of a ggml type (n a multiple of the
+ * type's block of 32 for the block types), or 0 if it is not. */
+size_t mxq_ggml_row_bytes(mxq_ggml_type type, int64_t n);
+const char *mxq_ggml_type_name(mxq_ggml_type type);
+
+typedef struct mxq_gguf mxq_gguf;
+
+mxq_status mxq_gguf_create(mxq_ctx *ctx, mxq_gguf **out);
+void mxq_gguf_free(mxq_gguf *g);
+
+mxq_status mxq_gguf_kv_string(mxq_ctx *ctx, mxq_gguf *g, const char *key, const char *value);
+mxq_status mxq_gguf_kv_u32(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t value);
+mxq_status mxq_gguf_kv_f32(mxq_ctx *ctx, mxq_gguf *g, const char *key, float value);
+mxq_status mxq_gguf_kv_bool(mxq_ctx *ctx, mxq_gguf *g, const char *key, int value);
+mxq_status mxq_gguf_kv_strings(mxq_ctx *ctx, mxq_gguf *g, const char *key, const char *const *values, size_t n);
+mxq_status mxq_gguf_kv_f32s(mxq_ctx *ctx, mxq_gguf *g, const char *key, const float *values, size_t n);
+mxq_status mxq_gguf_kv_i32s(mxq_ctx *ctx, mxq_gguf *g, const char *key, const int32_t *values, size_t n);
+/* A key-value copied as it is: `value` holds the serialized value of type
+ * `type` (for an array: element type, count, elements), `size` bytes. */
+mxq_status mxq_gguf_kv_raw(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t type, const void *value,
+                           size_t size);
+
+/* A tensor of `n_dims` dimensions, ne[0] the fastest-varying (a [rows, cols]
+ * matrix is ne = {cols, rows}). Its data follows in the order added. */
+mxq_status mxq_gguf_add_tensor(mxq_ctx *ctx, mxq_gguf *g, const char *name, mxq_ggml_type type, int n_dims,
+                               const int64_t *ne);
+
+/* Header, key-values, tensor infos and padding. */
+mxq_status mxq_gguf_write_header(mxq_ctx *ctx, mxq_gguf *g, mxq_output *out);
+/* The next tensor's data, in pieces of any size; a tensor's last piece
+ * brings the padding after it. */
+mxq_status mxq_gguf_write_data(mxq_ctx *ctx, mxq_gguf *g, mxq_output *out, const void *data, size_t size);
+/* Every tensor's data was written in full. */
+mxq_status mxq_gguf_finish(mxq_ctx *ctx, mxq_gguf *g);
+
+#endif

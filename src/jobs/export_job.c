@@ -1,0 +1,444 @@
+/* mxq export --to gguf: a checkpoint (an mxq MX one, or a Hugging Face FP
+ * one) as a GGUF file that llama.cpp runs, with no value changed: MX
+ * weights become Q4_0, Q8_0 or MXFP4 blocks holding the same values, or
+ * BF16 where no block type can (formats/mx_ggml.h); other tensors keep their
+ * F32/F16/BF16 bytes. q_proj and k_proj rows go from the Hugging Face
+ * rotate-half order to the interleaved order of llama.cpp's llama
+ * architecture. One tensor at a time, from the mapped checkpoint, into a
+ * temporary file renamed into place when complete. */
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/check.h"
+#include "formats/mx_ggml.h"
+#include "io/fsutil.h"
+#include "io/gguf.h"
+#include "mxq/jobs.h"
+#include "mxq/safetensors.h"
+
+/* One tensor of the GGUF and where it comes from. */
+typedef struct {
+    char name[64];       /* llama.cpp's: "blk.3.attn_q.weight" */
+    char source[208];    /* the checkpoint's: "model.layers.3.self_attn.q_proj" (+".weight" unless mx) */
+    int mx;              /* stored as <source>.weight_packed + .weight_scale */
+    int heads;           /* > 0: rows permuted from rotate-half order, this many heads */
+    int64_t rows, cols;  /* [rows, cols]; 1-D tensors have rows 1 */
+    mxq_ggml_type type;
+    const char *why_bf16; /* a fallback's reason, or NULL */
+} export_tensor;
+
+static const struct {
+    const char *gguf;
+    mxq_linear_id id;
+} linear_names[] = {
+    {"attn_q", MXQ_LIN_Q},    {"attn_k", MXQ_LIN_K},  {"attn_v", MXQ_LIN_V},      {"attn_output", MXQ_LIN_O},
+    {"ffn_gate", MXQ_LIN_GATE}, {"ffn_up", MXQ_LIN_UP}, {"ffn_down", MXQ_LIN_DOWN},
+};
+
+static mxq_ggml_type plain_type(mxq_dtype dtype)
+{
+    return dtype == MXQ_DT_F16 ? MXQ_GGML_F16 : dtype == MXQ_DT_BF16 ? MXQ_GGML_BF16 : MXQ_GGML_F32;
+}
+
+/* The block type an MX linear becomes, or BF16 with the reason. */
+static void choose_mx_type(const mxq_model_config *cfg, const mxq_tensor_view *scales, export_tensor *t)
+{
+    const mxq_mx_spec *spec = &cfg->mx_weight_spec;
+    const mxq_format *f = spec->format;
+    t->type = MXQ_GGML_BF16;
+    if (f->id == MXQ_MXFP6_E3M2 || f->id == MXQ_MXFP6_E2M3 || f->id == MXQ_MXFP8_E4M3 || f->id == MXQ_MXFP8_E5M2)
+        return; /* no ggml block type holds them: BF16 by the table, not a fallback */
+    if (!mxq_mx_ggml_blocks_fit((size_t)t->cols, spec->block)) {
+        t->why_bf16 = "rows are not whole blocks of 32";
+        return;
+    }
+    if (f->id == MXQ_MXFP4_E2M1) {
+        t->type = MXQ_GGML_MXFP4;
+        return;
+    }
+    /* Q4_0 / Q8_0 hold d = 2^(se - mbits) as an f16 */
+    const uint8_t *s = scales->data;
+    for (size_t i = 0; i < scales->numel; i++) {
+        const int e = (int)s[i] - 127 - f->mbits;
+        if (e < -24 || e > 15) {
+            t->why_bf16 = "a block's scale is outside f16";
+            return;
+        }
+    }
+    t->type = f->id == MXQ_MXINT8 ? MXQ_GGML_Q8_0 : MXQ_GGML_Q4_0;
+}
+
+/* A linear of layer l into t: its source, shape and type. */
+static mxq_status plan_linear(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_checkpoint *ckpt, int l, int which,
+                              export_tensor *t)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_linear_id id = linear_names[which].id;
+    int out, in;
+    mxq_linear_shape(cfg, id, &out, &in);
+    snprintf(t->name, sizeof(t->name), "blk.%d.%s.weight", l, linear_names[which].gguf);
+    snprintf(t->source, sizeof(t->source), "model.layers.%d.%s", l, mxq_linear_name(id));
+    t->rows = out, t->cols = in;
+    t->heads = id == MXQ_LIN_Q ? cfg->n_heads : id == MXQ_LIN_K ? cfg->n_kv_heads : 0;
+    char name[256];
+    const mxq_tensor_view *v = NULL;
+    snprintf(name, sizeof(name), "%s.weight_scale", t->source);
+    CALL(ctx, mxq_checkpoint_lookup(ctx, ckpt, name, &v));
+    t->mx = v != NULL;
+    if (t->mx) {
+        choose_mx_type(cfg, v, t);
+    } else {
+        snprintf(name, sizeof(name), "%s.weight", t->source);
+        CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &v));
+        t->type = plain_type(v->dtype);
+        snprintf(t->source, sizeof(t->source), "%s", name);
+    }
+fail:
+    return status;
+}
+
+static mxq_status plan_plain(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *gguf, const char *source, int64_t rows,
+                             int64_t cols, export_tensor *t)
+{
+    mxq_status status = MXQ_OK;
+    const mxq_tensor_view *v = NULL;
+    CALL(ctx, mxq_checkpoint_get(ctx, ckpt, source, &v));
+    snprintf(t->name, sizeof(t->name), "%s", gguf);
+    snprintf(t->source, sizeof(t->source), "%s", source);
+    t->rows = rows, t->cols = cols;
+    t->type = plain_type(v->dtype);
+fail:
+    return status;
+}
+
+/* Every tensor of the GGUF in llama.cpp's order; *n gets their count. */
+static mxq_status export_plan(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_checkpoint *ckpt, export_tensor **out,
+                           size_t *n)
+{
+    mxq_status status = MXQ_OK;
+    const size_t count = 3 + (size_t)cfg->n_layers * 9 + (cfg->tie_embeddings ? 0 : 1);
+    export_tensor *t = calloc(count, sizeof(*t));
+    size_t k = 0;
+    CHECK_ALLOC(ctx, t, count * sizeof(*t), "the export plan");
+    CALL(ctx, plan_plain(ctx, ckpt, "token_embd.weight", "model.embed_tokens.weight", cfg->vocab, cfg->hidden, &t[k++]));
+    for (int l = 0; l < cfg->n_layers; l++) {
+        char gguf[64], source[128];
+        snprintf(gguf, sizeof(gguf), "blk.%d.attn_norm.weight", l);
+        snprintf(source, sizeof(source), "model.layers.%d.input_layernorm.weight", l);
+        CALL(ctx, plan_plain(ctx, ckpt, gguf, source, 1, cfg->hidden, &t[k++]));
+        for (int w = 0; w < 4; w++)
+            CALL_IN(ctx, plan_linear(ctx, cfg, ckpt, l, w, &t[k++]), "layer %d", l);
+        snprintf(gguf, sizeof(gguf), "blk.%d.ffn_norm.weight", l);
+        snprintf(source, sizeof(source), "model.layers.%d.post_attention_layernorm.weight", l);
+        CALL(ctx, plan_plain(ctx, ckpt, gguf, source, 1, cfg->hidden, &t[k++]));
+        for (int w = 4; w < 7; w++)
+            CALL_IN(ctx, plan_linear(ctx, cfg, ckpt, l, w, &t[k++]), "layer %d", l);
+    }
+    CALL(ctx, plan_plain(ctx, ckpt, "output_norm.weight", "model.norm.weight", 1, cfg->hidden, &t[k++]));
+    if (!cfg->tie_embeddings)
+        CALL(ctx, plan_plain(ctx, ckpt, "output.weight", "lm_head.weight", cfg->vocab, cfg->hidden, &t[k++]));
+    *out = t, *n = k;
+    return MXQ_OK;
+fail:
+    free(t);
+    return status;
+}
+
+/* ---- metadata ------------------------------------------------------------ */
+
+static mxq_status write_hyperparameters(mxq_ctx *ctx, mxq_gguf *g, const mxq_model_config *cfg, const char *name)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, mxq_gguf_kv_string(ctx, g, "general.architecture", "llama"));
+    CALL(ctx, mxq_gguf_kv_string(ctx, g, "general.name", name));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "general.alignment", MXQ_GGUF_ALIGNMENT));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.context_length", (uint32_t)cfg->max_positions));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.embedding_length", (uint32_t)cfg->hidden));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.block_count", (uint32_t)cfg->n_layers));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.feed_forward_length", (uint32_t)cfg->intermediate));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.attention.head_count", (uint32_t)cfg->n_heads));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.attention.head_count_kv", (uint32_t)cfg->n_kv_heads));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.attention.key_length", (uint32_t)cfg->head_dim));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.attention.value_length", (uint32_t)cfg->head_dim));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.rope.dimension_count", (uint32_t)cfg->head_dim));
+    CALL(ctx, mxq_gguf_kv_f32(ctx, g, "llama.rope.freq_base", (float)cfg->rope_theta));
+    CALL(ctx, mxq_gguf_kv_f32(ctx, g, "llama.attention.layer_norm_rms_epsilon", (float)cfg->rms_eps));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.vocab_size", (uint32_t)cfg->vocab));
+fail:
+    return status;
+}
+
+/* A llama2.c tokenizer.bin: int32 max token length, then per token a float
+ * score, an int32 length and the bytes, with spaces where SentencePiece
+ * has U+2581. */
+typedef struct {
+    char **tokens;
+    float *scores;
+    int32_t *types;
+    int n;
+} vocab;
+
+static void vocab_free(vocab *v)
+{
+    for (int i = 0; v->tokens && i < v->n; i++)
+        free(v->tokens[i]);
+    free(v->tokens), free(v->scores), free(v->types);
+}
+
+/* token text as SentencePiece spells it: ' ' -> U+2581 (3 bytes) */
+static char *spm_text(const char *bytes, int len)
+{
+    char *out = malloc((size_t)len * 3 + 1), *o = out;
+    if (!out)
+        return NULL;
+    for (int i = 0; i < len; i++) {
+        if (bytes[i] == ' ')
+            memcpy(o, "\xe2\x96\x81", 3), o += 3;
+        else
+            *o++ = bytes[i];
+    }
+    *o = '\0';
+    return out;
+}
+
+static int token_type(int id, const char *text)
+{
+    if (id == 0)
+        return 2; /* unknown */
+    if (id == 1 || id == 2)
+        return 3; /* control: BOS, EOS */
+    if (strlen(text) == 6 && strncmp(text, "<0x", 3) == 0 && text[5] == '>')
+        return 6; /* byte */
+    return 1;     /* normal */
+}
+
+static mxq_status read_tokenizer_bin(mxq_ctx *ctx, const char *path, int n, vocab *v)
+{
+    mxq_status status = MXQ_OK;
+    char *bytes = NULL;
+    size_t size = 0, at = 4;
+    memset(v, 0, sizeof(*v));
+    CALL(ctx, mxq_input_read_all(ctx, path, "tokenizer", (size_t)1 << 28, &bytes, &size));
+    v->tokens = calloc((size_t)n, sizeof(char *));
+    v->scores = calloc((size_t)n, sizeof(float));
+    v->types = calloc((size_t)n, sizeof(int32_t));
+    CHECK_ALLOC(ctx, v->tokens && v->scores && v->types, (size_t)n * 16, "the vocabulary");
+    for (int i = 0; i < n; i++) {
+        int32_t len = -1;
+        CHECK(ctx, at + 8 <= size, MXQ_ERR_FORMAT, "%s: ends at token %d; the model's vocabulary has %d (llama2.c "
+              "tokenizer.bin: int32 max length, then per token float score, int32 length, bytes)", path, i, n);
+        memcpy(&v->scores[i], bytes + at, 4);
+        memcpy(&len, bytes + at + 4, 4);
+        at += 8;
+        CHECK(ctx, len >= 0 && (size_t)len <= size - at, MXQ_ERR_FORMAT, "%s: token %d has length %d, past the file's end",
+              path, i, len);
+        v->tokens[i] = spm_text(bytes + at, len);
+        CHECK_ALLOC(ctx, v->tokens[i], (size_t)len * 3 + 1, "a token");
+        v->n = i + 1;
+        v->types[i] = token_type(i, v->tokens[i]);
+        at += (size_t)len;
+    }
+    CHECK(ctx, at == size, MXQ_ERR_FORMAT, "%s: %zu bytes after the model's %d tokens: not this model's tokenizer", path,
+          size - at, n);
+fail:
+    free(bytes);
+    if (status != MXQ_OK)
+        vocab_free(v);
+    return status;
+}
+
+static mxq_status write_vocab(mxq_ctx *ctx, mxq_gguf *g, const vocab *v, const mxq_model_config *cfg)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, mxq_gguf_kv_string(ctx, g, "tokenizer.ggml.model", "llama"));
+    CALL(ctx, mxq_gguf_kv_strings(ctx, g, "tokenizer.ggml.tokens", (const char *const *)v->tokens, (size_t)v->n));
+    CALL(ctx, mxq_gguf_kv_f32s(ctx, g, "tokenizer.ggml.scores", v->scores, (size_t)v->n));
+    CALL(ctx, mxq_gguf_kv_i32s(ctx, g, "tokenizer.ggml.token_type", v->types, (size_t)v->n));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "tokenizer.ggml.bos_token_id", (uint32_t)cfg->bos_token));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "tokenizer.ggml.eos_token_id", 2));
+    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "tokenizer.ggml.unknown_token_id", 0));
+    CALL(ctx, mxq_gguf_kv_bool(ctx, g, "tokenizer.ggml.add_bos_token", 1));
+fail:
+    return status;
+}
+
+/* ---- tensor data --------------------------------------------------------- */
+
+/* Row r of the GGUF tensor comes from this row of the source: q_proj and
+ * k_proj rows go from rotate-half order (within a head: the first halves
+ * of the pairs, then the second halves) to interleaved pairs. */
+static int64_t source_row(const export_tensor *t, int64_t r)
+{
+    if (t->heads <= 0)
+        return r;
+    const int64_t head_dim = t->rows / t->heads, h = r / head_dim, within = r % head_dim;
+    return h * head_dim + (within % 2) * (head_dim / 2) + within / 2;
+}
+
+/* One MX row converted into `out` (the GGUF row's bytes). */
+static void convert_mx_row(const mxq_model_config *cfg, const export_tensor *t, const uint8_t *packed,
+                           const uint8_t *scales, uint8_t *codes, uint8_t *out)
+{
+    const mxq_mx_spec *spec = &cfg->mx_weight_spec;
+    const size_t cols = (size_t)t->cols;
+    mxq_mx_unpack_row(spec->format, packed, cols, codes);
+    switch (t->type) {
+    case MXQ_GGML_Q4_0: (void)mxq_mx_row_to_q4_0(spec->format, codes, scales, cols, spec->block, out); break;
+    case MXQ_GGML_Q8_0: (void)mxq_mx_row_to_q8_0(spec->format, codes, scales, cols, spec->block, out); break;
+    case MXQ_GGML_MXFP4: mxq_mx_row_to_mxfp4(codes, scales, cols, spec->block, out); break;
+    default: mxq_mx_row_to_bf16(spec->format, codes, scales, cols, spec->block, (uint16_t *)out); break;
+    }
+}
+
+static mxq_status write_tensor(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_checkpoint *ckpt, mxq_gguf *g,
+                               mxq_output *out, const export_tensor *t)
+{
+    mxq_status status = MXQ_OK;
+    const size_t row_bytes = mxq_ggml_row_bytes(t->type, t->cols);
+    uint8_t *row = malloc(row_bytes), *codes = malloc((size_t)t->cols);
+    const mxq_tensor_view *data = NULL, *scales = NULL;
+    char name[256];
+    CHECK_ALLOC(ctx, row && codes, row_bytes + (size_t)t->cols, "a row of the export");
+    snprintf(name, sizeof(name), t->mx ? "%s.weight_packed" : "%s", t->source);
+    CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &data));
+    if (t->mx) {
+        snprintf(name, sizeof(name), "%s.weight_scale", t->source);
+        CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &scales));
+    }
+    const size_t src_row = t->mx ? mxq_mx_packed_row_bytes(cfg->mx_weight_spec.format, (size_t)t->cols) : row_bytes;
+    const size_t scale_row = t->mx ? mxq_mx_blocks_per_row((size_t)t->cols, cfg->mx_weight_spec.block) : 0;
+    CHECK(ctx, data->nbytes == (size_t)t->rows * src_row && (!scales || scales->nbytes == (size_t)t->rows * scale_row),
+          MXQ_ERR_FORMAT, "%s: tensor '%s' has %zu bytes, not those of [%lld, %lld]", data->file, data->name,
+          data->nbytes, (long long)t->rows, (long long)t->cols);
+    for (int64_t r = 0; r < t->rows; r++) {
+        const int64_t s = source_row(t, r);
+        const uint8_t *src = (const uint8_t *)data->data + (size_t)s * src_row;
+        if (t->mx)
+            convert_mx_row(cfg, t, src, (const uint8_t *)scales->data + (size_t)s * scale_row, codes, row);
+        else
+            memcpy(row, src, row_bytes);
+        CALL(ctx, mxq_gguf_write_data(ctx, g, out, row, row_bytes));
+    }
+fail:
+    free(row);
+    free(codes);
+    return status;
+}
+
+/* ---- the job ------------------------------------------------------------- */
+
+/* tokenizer.bin: the one given, or beside the checkpoint, or beside the
+ * model the checkpoint was quantized from (its mxq_report.json says which). */
+static mxq_status find_tokenizer(mxq_ctx *ctx, const char *dir, const char *given, char *path)
+{
+    mxq_status status = MXQ_OK;
+    json_t *report = NULL;
+    if (given) {
+        snprintf(path, MXQ_PATH_BUF, "%s", given);
+        return MXQ_OK;
+    }
+    mxq_path_join(path, dir, "tokenizer.bin");
+    if (access(path, F_OK) == 0)
+        return MXQ_OK;
+    char report_path[MXQ_PATH_BUF];
+    mxq_path_join(report_path, dir, "mxq_report.json");
+    const char *model = NULL;
+    if (access(report_path, F_OK) == 0) {
+        CALL(ctx, mxq_json_read(ctx, report_path, "run report", &report));
+        model = json_string_value(json_object_get(report, "model"));
+    }
+    if (model)
+        mxq_path_join(path, model, "tokenizer.bin");
+    CHECK(ctx, model && access(path, F_OK) == 0, MXQ_ERR_ARG,
+          "no vocabulary for %s: neither it%s has a llama2.c tokenizer.bin; give one with --tokenizer (a GGUF needs a "
+          "vocabulary: llama.cpp aborts on one without)",
+          dir, model ? " nor the model it was quantized from" : "");
+fail:
+    json_decref(report);
+    return status;
+}
+
+static mxq_status write_file(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_checkpoint *ckpt, mxq_gguf *g,
+                             const export_tensor *t, size_t n, mxq_output *out)
+{
+    mxq_status status = MXQ_OK;
+    for (size_t i = 0; i < n; i++) {
+        const int64_t ne[2] = {t[i].cols, t[i].rows};
+        CALL(ctx, mxq_gguf_add_tensor(ctx, g, t[i].name, t[i].type, t[i].rows == 1 ? 1 : 2, ne));
+    }
+    CALL(ctx, mxq_gguf_write_header(ctx, g, out));
+    for (size_t i = 0; i < n; i++) {
+        CALL_IN(ctx, write_tensor(ctx, cfg, ckpt, g, out, &t[i]), "tensor %s", t[i].name);
+        if ((i + 1) % 64 == 0 || i + 1 == n)
+            mxq_log(ctx, MXQ_LOG_INFO, "export: %zu/%zu tensors", i + 1, n);
+    }
+    CALL(ctx, mxq_gguf_finish(ctx, g));
+fail:
+    return status;
+}
+
+static void summarize(mxq_ctx *ctx, const mxq_model_config *cfg, const export_tensor *t, size_t n,
+                      mxq_export_result *res)
+{
+    memset(res, 0, sizeof(*res));
+    res->tensors = (int)n;
+    for (size_t i = 0; i < n; i++) {
+        if (t[i].why_bf16) {
+            if (res->bf16_fallbacks++ < 8)
+                mxq_log(ctx, MXQ_LOG_WARN, "export: %s as BF16 (lossless): %s", t[i].name, t[i].why_bf16);
+        }
+        res->quantized += t[i].mx && t[i].type != MXQ_GGML_BF16;
+    }
+    if (res->bf16_fallbacks > 8)
+        mxq_log(ctx, MXQ_LOG_WARN, "export: %d tensors in all as BF16 instead of a block type", res->bf16_fallbacks);
+    res->activations_dropped = cfg->mx_acts;
+    if (cfg->mx_acts)
+        mxq_log(ctx, MXQ_LOG_WARN,
+                "export: the checkpoint quantizes activations (%s, block %d); GGUF carries the weights only: llama.cpp "
+                "quantizes activations its own way",
+                cfg->mx_act_spec.format->name, cfg->mx_act_spec.block);
+}
+
+mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, const mxq_export_options *opt,
+                           mxq_export_result *res)
+{
+    mxq_status status = MXQ_OK;
+    mxq_model_config cfg;
+    mxq_checkpoint *ckpt = NULL;
+    mxq_gguf *g = NULL;
+    export_tensor *plan = NULL;
+    size_t n = 0;
+    vocab v = {0};
+    mxq_input_set inputs = {0};
+    mxq_output out = {.fd = -1};
+    char tokenizer[MXQ_PATH_BUF];
+    CALL(ctx, mxq_config_load(ctx, dir, &cfg));
+    CHECK(ctx, cfg.arch == MXQ_ARCH_LLAMA && !cfg.qkv_bias && !cfg.o_bias, MXQ_ERR_FORMAT,
+          "%s: the GGUF export writes llama.cpp's 'llama' architecture; this model is %s%s", dir,
+          mxq_arch_name(cfg.arch), cfg.qkv_bias || cfg.o_bias ? " with attention biases" : "");
+    CALL(ctx, mxq_model_check_checkpoint(ctx, dir, &cfg));
+    CALL(ctx, find_tokenizer(ctx, dir, opt->tokenizer, tokenizer));
+    CALL(ctx, mxq_input_set_add_model(ctx, &inputs, dir));
+    CALL(ctx, mxq_input_set_add(ctx, &inputs, tokenizer, "tokenizer"));
+    CALL(ctx, mxq_output_begin(ctx, out_path, &inputs, &out));
+    CALL(ctx, read_tokenizer_bin(ctx, tokenizer, cfg.vocab, &v));
+    CALL(ctx, mxq_checkpoint_open(ctx, dir, &ckpt));
+    CALL(ctx, export_plan(ctx, &cfg, ckpt, &plan, &n));
+    CALL(ctx, mxq_gguf_create(ctx, &g));
+    CALL(ctx, write_hyperparameters(ctx, g, &cfg, dir));
+    CALL(ctx, write_vocab(ctx, g, &v, &cfg));
+    summarize(ctx, &cfg, plan, n, res);
+    CALL(ctx, write_file(ctx, &cfg, ckpt, g, plan, n, &out));
+    res->bytes = (uint64_t)lseek(out.fd, 0, SEEK_CUR);
+    CALL(ctx, mxq_output_commit(ctx, &out));
+fail:
+    mxq_output_abort(&out);
+    mxq_gguf_free(g);
+    free(plan);
+    vocab_free(&v);
+    mxq_checkpoint_close(ckpt);
+    mxq_input_set_free(&inputs);
+    return status;
+}
