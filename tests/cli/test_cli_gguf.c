@@ -1,0 +1,321 @@
+/* mxq export --to gguf, checked without llama.cpp: a GGUF reader written
+ * here from the format's description (not mxq's writer) decodes every
+ * tensor of the exported file (F32, BF16, Q4_0, Q8_0, MXFP4), puts q_proj
+ * and k_proj rows back in Hugging Face order, and finds every weight
+ * bit-identical to what mxq loads from the checkpoint (mxq_model_load, as
+ * mxq eval does), for every MX format and the BF16 fallback (the bundled
+ * model's down_proj has 172 inputs). Bad input: an unsupported
+ * architecture, an output path that is an input, a checkpoint with
+ * activation quantization (exported with a notice). */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "mxq/mxq.h"
+#include "testutil.h"
+
+/* ---- a GGUF reader (tensor infos and data only) -------------------------- */
+
+typedef struct {
+    char name[96];
+    uint32_t type;
+    int64_t ne[4];
+    uint32_t n_dims;
+    uint64_t offset;
+} gguf_tensor;
+
+typedef struct {
+    uint8_t *bytes;
+    size_t size, at;
+    gguf_tensor *tensors;
+    uint64_t n_tensors;
+    size_t data_start;
+} gguf_file;
+
+static uint64_t rd(gguf_file *f, int n)
+{
+    uint64_t v = 0;
+    assert_true(f->at + (size_t)n <= f->size);
+    memcpy(&v, f->bytes + f->at, (size_t)n);
+    f->at += (size_t)n;
+    return v;
+}
+
+/* skip a value of gguf type `type` */
+static void skip_value(gguf_file *f, uint32_t type)
+{
+    static const int sizes[] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+    assert_true(type <= 12);
+    if (type == 8) { /* string */
+        f->at += rd(f, 8);
+    } else if (type == 9) { /* array */
+        uint32_t element = (uint32_t)rd(f, 4);
+        uint64_t n = rd(f, 8);
+        for (uint64_t i = 0; i < n; i++)
+            skip_value(f, element);
+    } else {
+        f->at += (size_t)sizes[type];
+    }
+}
+
+static void gguf_open(const char *path, gguf_file *f)
+{
+    memset(f, 0, sizeof(*f));
+    f->bytes = (uint8_t *)tu_read_file(path, &f->size);
+    assert_non_null(f->bytes);
+    assert_memory_equal(f->bytes, "GGUF", 4);
+    f->at = 4;
+    assert_int_equal(rd(f, 4), 3);
+    f->n_tensors = rd(f, 8);
+    uint64_t n_kv = rd(f, 8);
+    for (uint64_t i = 0; i < n_kv; i++) {
+        f->at += rd(f, 8); /* key */
+        skip_value(f, (uint32_t)rd(f, 4));
+    }
+    f->tensors = calloc(f->n_tensors, sizeof(gguf_tensor));
+    for (uint64_t i = 0; i < f->n_tensors; i++) {
+        gguf_tensor *t = &f->tensors[i];
+        uint64_t len = rd(f, 8);
+        assert_true(len < sizeof(t->name));
+        memcpy(t->name, f->bytes + f->at, len);
+        f->at += len;
+        t->n_dims = (uint32_t)rd(f, 4);
+        t->ne[1] = 1;
+        for (uint32_t d = 0; d < t->n_dims; d++)
+            t->ne[d] = (int64_t)rd(f, 8);
+        t->type = (uint32_t)rd(f, 4);
+        t->offset = rd(f, 8);
+    }
+    f->data_start = (f->at + 31) / 32 * 32;
+}
+
+static const gguf_tensor *gguf_find(const gguf_file *f, const char *name)
+{
+    for (uint64_t i = 0; i < f->n_tensors; i++)
+        if (strcmp(f->tensors[i].name, name) == 0)
+            return &f->tensors[i];
+    fail_msg("no tensor '%s' in the GGUF", name);
+    return NULL;
+}
+
+static float half_to_float(uint16_t h)
+{
+    const int e = (h >> 10) & 31, m = h & 1023;
+    const float v = e == 0 ? ldexpf((float)m, -24) : ldexpf((float)(m | 1024), e - 25);
+    return h & 0x8000 ? -v : v;
+}
+
+static float bf16_to_float(uint16_t b)
+{
+    uint32_t bits = (uint32_t)b << 16;
+    float v;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+
+/* Row r of tensor t as floats. */
+static void decode_row(const gguf_file *f, const gguf_tensor *t, int64_t r, float *out)
+{
+    static const float e2m1[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
+    const int64_t n = t->ne[0];
+    const uint8_t *base = f->bytes + f->data_start + t->offset;
+    switch (t->type) {
+    case 0: memcpy(out, base + (size_t)r * (size_t)n * 4, (size_t)n * 4); break;
+    case 30:
+        for (int64_t c = 0; c < n; c++) {
+            uint16_t b;
+            memcpy(&b, base + ((size_t)r * (size_t)n + (size_t)c) * 2, 2);
+            out[c] = bf16_to_float(b);
+        }
+        break;
+    case 2: /* Q4_0: f16 d, 16 bytes: element j low nibble of byte j, j + 16 high */
+    case 8: /* Q8_0: f16 d, 32 int8 */
+    case 39: /* MXFP4: E8M0 byte, 16 bytes of E2M1 in Q4_0's order */
+        for (int64_t b = 0; b < n / 32; b++) {
+            const size_t bytes = t->type == 2 ? 18 : t->type == 8 ? 34 : 17;
+            const uint8_t *blk = base + ((size_t)r * (size_t)(n / 32) + (size_t)b) * bytes;
+            uint16_t d16;
+            memcpy(&d16, blk, 2);
+            for (int j = 0; j < 32; j++) {
+                float v;
+                if (t->type == 2)
+                    v = half_to_float(d16) * (float)(((j < 16 ? blk[2 + j] : blk[2 + j - 16] >> 4) & 15) - 8);
+                else if (t->type == 8)
+                    v = half_to_float(d16) * (float)(int8_t)blk[2 + j];
+                else
+                    v = ldexpf(e2m1[(j < 16 ? blk[1 + j] : blk[1 + j - 16] >> 4) & 15], blk[0] - 127);
+                out[b * 32 + j] = v;
+            }
+        }
+        break;
+    default: fail_msg("tensor %s: ggml type %u not expected", t->name, t->type);
+    }
+}
+
+/* ---- the checks --------------------------------------------------------- */
+
+/* GGUF row r of q_proj/k_proj holds Hugging Face row source(r). */
+static int64_t hf_row(int64_t r, int64_t rows, int heads)
+{
+    if (heads <= 0)
+        return r;
+    const int64_t hd = rows / heads, h = r / hd, w = r % hd;
+    return h * hd + (w % 2) * (hd / 2) + w / 2;
+}
+
+/* Every value of GGUF tensor `name` against mxq's [rows, cols] floats. */
+static int compare_tensor(const gguf_file *f, const char *name, const float *want, int64_t rows, int64_t cols,
+                          int heads, uint32_t *type)
+{
+    const gguf_tensor *t = gguf_find(f, name);
+    assert_int_equal(t->ne[0], cols);
+    assert_int_equal(t->ne[1], rows);
+    *type = t->type;
+    float *row = malloc((size_t)cols * sizeof(float));
+    int differ = 0;
+    for (int64_t r = 0; r < rows && !differ; r++) {
+        decode_row(f, t, r, row);
+        differ = memcmp(row, want + hf_row(r, rows, heads) * cols, (size_t)cols * sizeof(float)) != 0;
+        if (differ)
+            print_message("# %s: row %lld differs\n", name, (long long)r);
+    }
+    free(row);
+    return !differ;
+}
+
+static tu_run_result run_mxq(const char *const *args)
+{
+    const char *argv[32] = {getenv("MXQ_BIN")};
+    for (int i = 0; args[i]; i++)
+        argv[i + 1] = args[i];
+    tu_run_result r;
+    tu_run(argv, &r);
+    return r;
+}
+
+/* The checkpoint of `format` at `block` (round to nearest, weights only). */
+static const char *quantized(const char *format, int block)
+{
+    char from[] = "weights:     {format: mxint4, block: 32, rounding: even}", to[128], name[64];
+    snprintf(to, sizeof(to), "weights:     {format: %s, block: %d, rounding: even}", format, block);
+    snprintf(name, sizeof(name), "%s-%d.yaml", format, block);
+    const char *recipe = tu_edited_copy(tu_data_path("../configs/recipes/block32/w4a8-mxint-rtn.yaml"), from, to, name);
+    recipe = tu_edited_copy(recipe, "activations: {format: mxint8, block: 32}", "activations: none", name);
+    const char *dir = tu_scratch_path("%s-%d", format, block);
+    const char *args[] = {"quantize", "-q", "--model", tu_data_path("stories260K"), "--calib",
+                          tu_data_path("stories260K/calib.h5"), "--recipe", recipe, "--out", dir, NULL};
+    tu_run_result r = run_mxq(args);
+    if (r.exit_code != 0)
+        fail_msg("quantize %s-%d failed: %.600s", format, block, r.err);
+    return dir;
+}
+
+/* Export `dir` and compare every tensor with mxq's own load of it; counts
+ * the GGUF types seen into `seen` (indexed by ggml type). */
+static void check_bit_identity(const char *dir, int seen[64])
+{
+    const char *gguf = tu_scratch_path("%s.gguf", strrchr(dir, '/') + 1);
+    const char *args[] = {"export", "-q", "--to", "gguf", dir, gguf, "--tokenizer",
+                          tu_data_path("stories260K/tokenizer.bin"), NULL};
+    tu_run_result r = run_mxq(args);
+    if (r.exit_code != 0)
+        fail_msg("export of %s failed: %.600s", dir, r.err);
+    mxq_ctx *ctx;
+    mxq_ctx_create(&ctx);
+    mxq_model_config cfg;
+    assert_int_equal(mxq_config_load(ctx, dir, &cfg), MXQ_OK);
+    mxq_model_part part = {0, cfg.n_layers, 1, 1};
+    mxq_model *m = NULL;
+    assert_int_equal(mxq_model_load(ctx, dir, &cfg, &part, &m), MXQ_OK);
+    gguf_file f;
+    gguf_open(gguf, &f);
+    static const char *names[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+    uint32_t type;
+    assert_true(compare_tensor(&f, "token_embd.weight", m->embedding, cfg.vocab, cfg.hidden, 0, &type));
+    for (int l = 0; l < cfg.n_layers; l++)
+        for (int w = 0; w < MXQ_LIN_COUNT; w++) {
+            int out, in;
+            char name[64];
+            mxq_linear_shape(&cfg, (mxq_linear_id)w, &out, &in);
+            snprintf(name, sizeof(name), "blk.%d.%s.weight", l, names[w]);
+            const int heads = w == MXQ_LIN_Q ? cfg.n_heads : w == MXQ_LIN_K ? cfg.n_kv_heads : 0;
+            if (!compare_tensor(&f, name, m->layers[l].weight[w], out, in, heads, &type))
+                fail_msg("%s of %s is not bit-identical to mxq's weights", name, dir);
+            seen[type & 63]++;
+        }
+    free(f.tensors);
+    free(f.bytes);
+    mxq_model_free(m);
+    mxq_ctx_destroy(ctx);
+}
+
+static void test_bit_identity_every_format(void **state)
+{
+    (void)state;
+    const struct {
+        const char *format;
+        int block;
+        int expect_type; /* of the linears with 64 inputs */
+    } cases[] = {{"mxint4", 32, 2},  {"mxint4", 128, 2},     {"mxint3", 32, 2},     {"mxint2", 32, 2},
+                 {"mxint8", 32, 8},  {"mxfp4_e2m1", 32, 39}, {"mxfp6_e2m3", 32, 30}, {"mxfp8_e4m3", 32, 30}};
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        int seen[64] = {0};
+        check_bit_identity(quantized(cases[i].format, cases[i].block), seen);
+        print_message("# %s block %d: %d linears as type %d, %d as BF16\n", cases[i].format, cases[i].block,
+                      seen[cases[i].expect_type], cases[i].expect_type, seen[30]);
+        assert_int_equal(seen[cases[i].expect_type] + (cases[i].expect_type == 30 ? 0 : seen[30]), 35);
+        if (cases[i].expect_type != 30)
+            assert_int_equal(seen[30], 5); /* down_proj: 172 inputs, the BF16 fallback */
+    }
+    int seen[64] = {0};
+    check_bit_identity(tu_data_path("stories260K"), seen); /* the FP model: F32 throughout */
+    assert_int_equal(seen[0], 35);
+}
+
+static void test_bad_input(void **state)
+{
+    (void)state;
+    /* an output that is an input */
+    const char *over[] = {"export", "--to", "gguf", tu_data_path("stories260K"), tu_data_path("stories260K/model.safetensors"), NULL};
+    tu_run_result r = run_mxq(over);
+    assert_int_equal(r.exit_code, 1);
+    assert_non_null(strstr(r.err, "model.safetensors"));
+    /* an unsupported architecture */
+    const char *model = tu_scratch_path("qwen2");
+    char cmd[2048];
+    snprintf(cmd, sizeof(cmd), "mkdir -p %s && cp %s/model.safetensors %s/ && sed 's/\"llama\"/\"qwen2\"/; s/LlamaForCausalLM/Qwen2ForCausalLM/' %s/config.json > %s/config.json",
+             model, tu_data_path("stories260K"), model, tu_data_path("stories260K"), model);
+    assert_int_equal(system(cmd), 0);
+    const char *qwen[] = {"export", "--to", "gguf", model, tu_scratch_path("qwen2.gguf"), NULL};
+    r = run_mxq(qwen);
+    assert_int_equal(r.exit_code, 1);
+    if (!strstr(r.err, "llama.cpp's 'llama' architecture"))
+        fail_msg("an unsupported architecture was not named: %s", r.err);
+    /* activation quantization: exported, with one notice */
+    const char *dir = tu_scratch_path("w4a8");
+    const char *q[] = {"quantize", "-q", "--model", tu_data_path("stories260K"), "--calib",
+                       tu_data_path("stories260K/calib.h5"), "--recipe",
+                       tu_data_path("../configs/recipes/block32/w4a8-mxint-rtn.yaml"), "--out", dir, NULL};
+    assert_int_equal(run_mxq(q).exit_code, 0);
+    const char *e[] = {"export", "--to", "gguf", dir, tu_scratch_path("w4a8.gguf"), NULL};
+    r = run_mxq(e);
+    assert_int_equal(r.exit_code, 0);
+    assert_non_null(strstr(r.err, "GGUF carries the weights only"));
+    assert_non_null(strstr(r.out, "weights only"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_bit_identity_every_format),
+        cmocka_unit_test(test_bad_input),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
