@@ -130,7 +130,8 @@ mxq_status mxq_inspect(mxq_ctx *ctx, const char *dir);
 /* ---- mxq export --to gguf ------------------------------------------------ */
 
 typedef struct {
-    const char *tokenizer; /* llama2.c tokenizer.bin; NULL: beside the checkpoint or its source model */
+    const char *tokenizer;  /* llama2.c tokenizer.bin; NULL: beside the checkpoint or its source model */
+    const char *vocab_from; /* a GGUF of the same model whose tokenizer.* keys are copied (instead) */
 } mxq_export_options;
 
 typedef struct {

@@ -9,7 +9,7 @@
 static void print_export_help(FILE *out)
 {
     fprintf(out,
-            "Usage: mxq export --to gguf CHECKPOINT_DIR OUT.gguf [--tokenizer tokenizer.bin]\n"
+            "Usage: mxq export --to gguf CHECKPOINT_DIR OUT.gguf [--tokenizer tokenizer.bin | --vocab-from F.gguf]\n"
             "\n"
             "Write the checkpoint in CHECKPOINT_DIR (an mxq MX checkpoint, or an FP Hugging Face\n"
             "model of the llama architecture) as a GGUF v3 file that llama.cpp loads, with every\n"
@@ -30,6 +30,8 @@ static void print_export_help(FILE *out)
             "      --to gguf          the output format (the only one)\n"
             "      --tokenizer FILE   the vocabulary, a llama2.c tokenizer.bin (default: the one in\n"
             "                         CHECKPOINT_DIR, else in the model it was quantized from)\n"
+            "      --vocab-from F.gguf  copy the tokenizer.* keys of a GGUF of the same model (e.g.\n"
+            "                         one llama.cpp's converter made) instead\n"
             "  -q, --quiet            print errors only\n"
             "  -h, --help             this text\n"
             "\n"
@@ -39,9 +41,10 @@ static void print_export_help(FILE *out)
 
 int mxq_cmd_export(mxq_ctx *ctx, int argc, char **argv)
 {
-    enum { OPT_TO = 256, OPT_TOKENIZER };
+    enum { OPT_TO = 256, OPT_TOKENIZER, OPT_VOCAB_FROM };
     static const struct option options[] = {{"to", required_argument, NULL, OPT_TO},
                                             {"tokenizer", required_argument, NULL, OPT_TOKENIZER},
+                                            {"vocab-from", required_argument, NULL, OPT_VOCAB_FROM},
                                             {"quiet", no_argument, NULL, 'q'},
                                             {"help", no_argument, NULL, 'h'},
                                             {NULL, 0, NULL, 0}};
@@ -54,6 +57,7 @@ int mxq_cmd_export(mxq_ctx *ctx, int argc, char **argv)
         switch (c) {
         case OPT_TO: to = optarg; break;
         case OPT_TOKENIZER: opt.tokenizer = optarg; break;
+        case OPT_VOCAB_FROM: opt.vocab_from = optarg; break;
         case 'q': quiet = 1; break;
         case 'h': print_export_help(stdout); return MXQ_EXIT_OK;
         case ':': return mxq_cli_usage_error(ctx, "export", "option '%s' needs a value", argv[optind - 1]);
@@ -63,6 +67,8 @@ int mxq_cmd_export(mxq_ctx *ctx, int argc, char **argv)
     if (!to || strcmp(to, "gguf") != 0)
         return mxq_cli_usage_error(ctx, "export", to ? "--to '%s': the only format is gguf" : "--to gguf is required",
                                    to);
+    if (opt.tokenizer && opt.vocab_from)
+        return mxq_cli_usage_error(ctx, "export", "--tokenizer and --vocab-from both give the vocabulary: give one");
     if (argc - optind != 2)
         return mxq_cli_usage_error(ctx, "export", "CHECKPOINT_DIR and OUT.gguf are required (see mxq export --help)");
     if (quiet)

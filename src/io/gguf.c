@@ -295,3 +295,102 @@ mxq_status mxq_gguf_finish(mxq_ctx *ctx, mxq_gguf *g)
 fail:
     return status;
 }
+
+/* ---- reading another GGUF's key-values (--vocab-from) -------------------- */
+
+typedef struct {
+    mxq_ctx *ctx;
+    const char *path;
+    const uint8_t *bytes;
+    size_t size, at;
+} gguf_reader;
+
+static mxq_status take(gguf_reader *r, size_t n, const uint8_t **out)
+{
+    mxq_status status = MXQ_OK;
+    CHECK(r->ctx, n <= r->size - r->at, MXQ_ERR_FORMAT, "%s: ends inside its key-values (at byte %zu): not a GGUF file",
+          r->path, r->at);
+    *out = r->bytes + r->at;
+    r->at += n;
+fail:
+    return status;
+}
+
+static mxq_status take_u64(gguf_reader *r, uint64_t *v)
+{
+    const uint8_t *p;
+    mxq_status status = take(r, 8, &p);
+    if (status == MXQ_OK)
+        memcpy(v, p, 8);
+    return status;
+}
+
+/* Skips one value of type `type` (depth: arrays of arrays are bounded). */
+static mxq_status skip_value(gguf_reader *r, uint32_t type, int depth)
+{
+    static const uint8_t sizes[] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+    mxq_status status = MXQ_OK;
+    const uint8_t *p;
+    uint64_t n = 0;
+    CHECK(r->ctx, type <= 12 && depth < 4, MXQ_ERR_FORMAT, "%s: value type %u at byte %zu is not a GGUF type", r->path,
+          type, r->at);
+    if (type == MXQ_GGUF_STRING) {
+        CALL(r->ctx, take_u64(r, &n));
+        CALL(r->ctx, take(r, (size_t)n, &p));
+    } else if (type == MXQ_GGUF_ARRAY) {
+        uint32_t element;
+        CALL(r->ctx, take(r, 4, &p));
+        memcpy(&element, p, 4);
+        CALL(r->ctx, take_u64(r, &n));
+        if (element != MXQ_GGUF_STRING && element != MXQ_GGUF_ARRAY && element <= 12) {
+            CHECK(r->ctx, n <= (r->size - r->at) / sizes[element], MXQ_ERR_FORMAT, "%s: an array at byte %zu runs past the end",
+                  r->path, r->at);
+            CALL(r->ctx, take(r, (size_t)n * sizes[element], &p));
+        } else {
+            for (uint64_t i = 0; i < n; i++)
+                CALL(r->ctx, skip_value(r, element, depth + 1));
+        }
+    } else {
+        CALL(r->ctx, take(r, sizes[type], &p));
+    }
+fail:
+    return status;
+}
+
+mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const void *bytes, size_t size,
+                             const char *prefix, int *copied)
+{
+    mxq_status status = MXQ_OK;
+    gguf_reader r = {ctx, path, bytes, size, 0};
+    const uint8_t *p;
+    uint32_t version;
+    uint64_t n_tensors, n_kv;
+    *copied = 0;
+    CALL(ctx, take(&r, 8, &p));
+    CHECK(ctx, memcmp(p, "GGUF", 4) == 0, MXQ_ERR_FORMAT, "%s: not a GGUF file (no 'GGUF' magic)", path);
+    memcpy(&version, p + 4, 4);
+    CHECK(ctx, version == 2 || version == 3, MXQ_ERR_FORMAT, "%s: GGUF version %u (2 and 3 are read)", path, version);
+    CALL(ctx, take_u64(&r, &n_tensors));
+    CALL(ctx, take_u64(&r, &n_kv));
+    for (uint64_t i = 0; i < n_kv; i++) {
+        uint64_t key_len;
+        uint32_t type;
+        CALL(ctx, take_u64(&r, &key_len));
+        CHECK(ctx, key_len < 256, MXQ_ERR_FORMAT, "%s: key %llu is %llu bytes long", path, (unsigned long long)i,
+              (unsigned long long)key_len);
+        char key[256];
+        CALL(ctx, take(&r, (size_t)key_len, &p));
+        memcpy(key, p, (size_t)key_len);
+        key[key_len] = '\0';
+        CALL(ctx, take(&r, 4, &p));
+        memcpy(&type, p, 4);
+        const size_t value_at = r.at;
+        CALL(ctx, skip_value(&r, type, 0));
+        if (strncmp(key, prefix, strlen(prefix)) == 0) {
+            CALL(ctx, mxq_gguf_kv_raw(ctx, g, key, type, r.bytes + value_at, r.at - value_at));
+            (*copied)++;
+        }
+    }
+fail:
+    return status;
+}

@@ -70,6 +70,12 @@ mxq_status mxq_gguf_kv_i32s(mxq_ctx *ctx, mxq_gguf *g, const char *key, const in
 mxq_status mxq_gguf_kv_raw(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t type, const void *value,
                            size_t size);
 
+/* Copy every key-value of the GGUF file in `bytes` (`size` bytes, from
+ * `path`) whose key starts with `prefix` ("tokenizer."); *copied counts
+ * them. Reads the header and key-values only, each bounded by the size. */
+mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const void *bytes, size_t size,
+                             const char *prefix, int *copied);
+
 /* A tensor of `n_dims` dimensions, ne[0] the fastest-varying (a [rows, cols]
  * matrix is ne = {cols, rows}). Its data follows in the order added. */
 mxq_status mxq_gguf_add_tensor(mxq_ctx *ctx, mxq_gguf *g, const char *name, mxq_ggml_type type, int n_dims,

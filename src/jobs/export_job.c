@@ -9,6 +9,8 @@
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/check.h"
@@ -21,7 +23,7 @@
 /* One tensor of the GGUF and where it comes from. */
 typedef struct {
     char name[64];       /* llama.cpp's: "blk.3.attn_q.weight" */
-    char source[208];    /* the checkpoint's: "model.layers.3.self_attn.q_proj" (+".weight" unless mx) */
+    char source[256];    /* the checkpoint's: "model.layers.3.self_attn.q_proj" (+".weight" unless mx) */
     int mx;              /* stored as <source>.weight_packed + .weight_scale */
     int heads;           /* > 0: rows permuted from rotate-half order, this many heads */
     int64_t rows, cols;  /* [rows, cols]; 1-D tensors have rows 1 */
@@ -327,6 +329,27 @@ fail:
     return status;
 }
 
+/* --vocab-from: the tokenizer.* key-values of another GGUF of the model. */
+static mxq_status copy_vocab(mxq_ctx *ctx, mxq_gguf *g, const char *path)
+{
+    mxq_status status = MXQ_OK;
+    int fd = -1, copied = 0;
+    void *map = MAP_FAILED;
+    struct stat st;
+    CALL(ctx, mxq_input_open(ctx, path, "vocabulary GGUF", &fd));
+    CHECK(ctx, fstat(fd, &st) == 0 && st.st_size > 0, MXQ_ERR_IO, "%s: cannot read its size, or it is empty", path);
+    map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    CHECK(ctx, map != MAP_FAILED, MXQ_ERR_IO, "%s: cannot map it", path);
+    CALL(ctx, mxq_gguf_copy_kvs(ctx, g, path, map, (size_t)st.st_size, "tokenizer.", &copied));
+    CHECK(ctx, copied > 0, MXQ_ERR_FORMAT, "%s: has no tokenizer.* keys to take the vocabulary from", path);
+fail:
+    if (map != MAP_FAILED)
+        munmap(map, (size_t)st.st_size);
+    if (fd >= 0)
+        close(fd);
+    return status;
+}
+
 /* ---- the job ------------------------------------------------------------- */
 
 /* tokenizer.bin: the one given, or beside the checkpoint, or beside the
@@ -419,16 +442,23 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
           "%s: the GGUF export writes llama.cpp's 'llama' architecture; this model is %s%s", dir,
           mxq_arch_name(cfg.arch), cfg.qkv_bias || cfg.o_bias ? " with attention biases" : "");
     CALL(ctx, mxq_model_check_checkpoint(ctx, dir, &cfg));
-    CALL(ctx, find_tokenizer(ctx, dir, opt->tokenizer, tokenizer));
+    if (opt->vocab_from)
+        snprintf(tokenizer, sizeof(tokenizer), "%s", opt->vocab_from);
+    else
+        CALL(ctx, find_tokenizer(ctx, dir, opt->tokenizer, tokenizer));
     CALL(ctx, mxq_input_set_add_model(ctx, &inputs, dir));
-    CALL(ctx, mxq_input_set_add(ctx, &inputs, tokenizer, "tokenizer"));
+    CALL(ctx, mxq_input_set_add(ctx, &inputs, tokenizer, "vocabulary"));
     CALL(ctx, mxq_output_begin(ctx, out_path, &inputs, &out));
-    CALL(ctx, read_tokenizer_bin(ctx, tokenizer, cfg.vocab, &v));
+    if (!opt->vocab_from)
+        CALL(ctx, read_tokenizer_bin(ctx, tokenizer, cfg.vocab, &v));
     CALL(ctx, mxq_checkpoint_open(ctx, dir, &ckpt));
     CALL(ctx, export_plan(ctx, &cfg, ckpt, &plan, &n));
     CALL(ctx, mxq_gguf_create(ctx, &g));
     CALL(ctx, write_hyperparameters(ctx, g, &cfg, dir));
-    CALL(ctx, write_vocab(ctx, g, &v, &cfg));
+    if (opt->vocab_from)
+        CALL(ctx, copy_vocab(ctx, g, opt->vocab_from));
+    else
+        CALL(ctx, write_vocab(ctx, g, &v, &cfg));
     summarize(ctx, &cfg, plan, n, res);
     CALL(ctx, write_file(ctx, &cfg, ckpt, g, plan, n, &out));
     res->bytes = (uint64_t)lseek(out.fd, 0, SEEK_CUR);
