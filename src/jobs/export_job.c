@@ -23,7 +23,7 @@
 /* One tensor of the GGUF and where it comes from. */
 typedef struct {
     char name[64];       /* llama.cpp's: "blk.3.attn_q.weight" */
-    char source[256];    /* the checkpoint's: "model.layers.3.self_attn.q_proj" (+".weight" unless mx) */
+    char source[128];    /* the checkpoint's: "model.layers.3.self_attn.q_proj" (+".weight" unless mx) */
     int mx;              /* stored as <source>.weight_packed + .weight_scale */
     int heads;           /* > 0: rows permuted from rotate-half order, this many heads */
     int64_t rows, cols;  /* [rows, cols]; 1-D tensors have rows 1 */
@@ -84,7 +84,7 @@ static mxq_status plan_linear(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_che
     snprintf(t->source, sizeof(t->source), "model.layers.%d.%s", l, mxq_linear_name(id));
     t->rows = out, t->cols = in;
     t->heads = id == MXQ_LIN_Q ? cfg->n_heads : id == MXQ_LIN_K ? cfg->n_kv_heads : 0;
-    char name[256];
+    char name[144];
     const mxq_tensor_view *v = NULL;
     snprintf(name, sizeof(name), "%s.weight_scale", t->source);
     CALL(ctx, mxq_checkpoint_lookup(ctx, ckpt, name, &v));
@@ -92,10 +92,10 @@ static mxq_status plan_linear(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_che
     if (t->mx) {
         choose_mx_type(cfg, v, t);
     } else {
-        snprintf(name, sizeof(name), "%s.weight", t->source);
-        CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &v));
+        const size_t len = strlen(t->source);
+        snprintf(t->source + len, sizeof(t->source) - len, ".weight");
+        CALL(ctx, mxq_checkpoint_get(ctx, ckpt, t->source, &v));
         t->type = plain_type(v->dtype);
-        snprintf(t->source, sizeof(t->source), "%s", name);
     }
 fail:
     return status;

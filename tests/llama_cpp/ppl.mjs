@@ -20,7 +20,7 @@ let nll = 0, scored = 0;
 for (let s = 0; s < nSeqs; s++) {
   const tokens = Array.from(ids.subarray(s * seqLen, (s + 1) * seqLen));
   await sequence.clearHistory();
-  const input = tokens.slice(0, seqLen - 1).map((t) => [t, { generateNext: { probabilities: true, options: { temperature: 1 } } }]);
+  const input = tokens.slice(0, seqLen - 1).map((t) => [t, { generateNext: { probabilities: true, options: { temperature: 1, topK: 0, topP: 1, minP: 0 } } }]);
   const out = await sequence.controlledEvaluate(input);
   for (let t = 0; t < seqLen - 1; t++) {
     const p = out[t]?.next?.probabilities?.get(tokens[t + 1]);
