@@ -441,6 +441,10 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     CHECK(ctx, cfg.arch == MXQ_ARCH_LLAMA && !cfg.qkv_bias && !cfg.o_bias, MXQ_ERR_FORMAT,
           "%s: the GGUF export writes llama.cpp's 'llama' architecture; this model is %s%s", dir,
           mxq_arch_name(cfg.arch), cfg.qkv_bias || cfg.o_bias ? " with attention biases" : "");
+    CHECK(ctx, cfg.rope_factor == 0, MXQ_ERR_FORMAT,
+          "%s: Llama-3 rope scaling (rope_type llama3) is not exported yet: llama.cpp needs its frequency factors as a "
+          "rope_freqs tensor, which mxq does not write",
+          dir);
     CALL(ctx, mxq_model_check_checkpoint(ctx, dir, &cfg));
     if (opt->vocab_from)
         snprintf(tokenizer, sizeof(tokenizer), "%s", opt->vocab_from);
