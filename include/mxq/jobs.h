@@ -137,7 +137,8 @@ typedef struct {
 typedef struct {
     int tensors;             /* written */
     int quantized;           /* MX linears written as Q4_0, Q8_0 or MXFP4 */
-    int bf16_fallbacks;      /* MX linears that no block type holds exactly, written as BF16 */
+    int mx_bf16;             /* MX linears written as BF16 (MXFP6/MXFP8, and the fallbacks) */
+    int bf16_fallbacks;      /* of which no block type could hold them exactly */
     int activations_dropped; /* the checkpoint quantizes activations, which GGUF does not carry */
     uint64_t bytes;          /* of the file */
 } mxq_export_result;

@@ -69,6 +69,8 @@ int mxq_cmd_export(mxq_ctx *ctx, int argc, char **argv)
                                    to);
     if (opt.tokenizer && opt.vocab_from)
         return mxq_cli_usage_error(ctx, "export", "--tokenizer and --vocab-from both give the vocabulary: give one");
+    if (argc - optind > 2)
+        return mxq_cli_usage_error(ctx, "export", "unexpected argument '%s'", argv[optind + 2]);
     if (argc - optind != 2)
         return mxq_cli_usage_error(ctx, "export", "CHECKPOINT_DIR and OUT.gguf are required (see mxq export --help)");
     if (quiet)
@@ -77,8 +79,8 @@ int mxq_cmd_export(mxq_ctx *ctx, int argc, char **argv)
     if (mxq_export_gguf(ctx, argv[optind], argv[optind + 1], &opt, &res) != MXQ_OK)
         return mxq_cli_job_failed(ctx, "export");
     if (!quiet)
-        printf("%s: %d tensors, %d MX linears as block types, %d as BF16, %.1f MB%s\n", argv[optind + 1], res.tensors,
-               res.quantized, res.bf16_fallbacks, (double)res.bytes / 1e6,
+        printf("%s: %d tensors, %d MX linears as block types, %d as BF16 (%d of them a fallback), %.1f MB%s\n",
+               argv[optind + 1], res.tensors, res.quantized, res.mx_bf16, res.bf16_fallbacks, (double)res.bytes / 1e6,
                res.activations_dropped ? "; weights only (activations: llama.cpp's own)" : "");
     return MXQ_EXIT_OK;
 }

@@ -262,7 +262,9 @@ static int run_verb(const char *verb, int argc, char **argv)
         mxq_ctx_destroy(ctx);
         return MXQ_EXIT_FAILURE;
     }
-    if (use_mpi) /* the jobs with safe points; the others stop at once, as by default */
+    /* the jobs with safe points (export: between tensors, so that its
+     * temporary file is removed); the others stop at once, as by default */
+    if (use_mpi || strcmp(verb, "export") == 0)
         catch_stop_signals(ctx); /* after MPI_Init, which may set handlers of its own */
     int rc = entry->run(ctx, argc, argv);
     if (mxq_ctx_fault_missed(ctx) && rc == MXQ_EXIT_OK)

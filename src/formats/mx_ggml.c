@@ -2,6 +2,9 @@
 
 #include <string.h>
 
+/* ggml blocks are little-endian, as this host */
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "GGUF blocks are written in host byte order");
+
 int mxq_mx_ggml_blocks_fit(size_t cols, int block)
 {
     return cols % MXQ_GGML_BLOCK == 0 && block % MXQ_GGML_BLOCK == 0;
@@ -26,6 +29,26 @@ static int int_code_value(const mxq_format *format, uint8_t code)
     return v & sign ? v - 2 * sign : v;
 }
 
+static int all_zero(const uint8_t *codes)
+{
+    for (int j = 0; j < MXQ_GGML_BLOCK; j++)
+        if (codes[j])
+            return 0;
+    return 1;
+}
+
+int mxq_mx_ggml_block_fits(const mxq_format *format, const uint8_t *codes, int se)
+{
+    return f16_power_of_two(se - format->mbits) != 0 || all_zero(codes);
+}
+
+/* d of a block that fits: 1.0 for an all-zero block outside f16 */
+static uint16_t block_d(const mxq_format *format, const uint8_t *codes, int se)
+{
+    const uint16_t d = f16_power_of_two(se - format->mbits);
+    return d ? d : all_zero(codes) ? 0x3C00 : 0;
+}
+
 static int scale_exponent(const uint8_t *scales, size_t col, int block) { return (int)scales[col / (size_t)block] - 127; }
 
 int mxq_mx_row_to_q4_0(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
@@ -33,7 +56,7 @@ int mxq_mx_row_to_q4_0(const mxq_format *format, const uint8_t *codes, const uin
 {
     for (size_t b = 0; b < cols / MXQ_GGML_BLOCK; b++) {
         const size_t first = b * MXQ_GGML_BLOCK;
-        const uint16_t d = f16_power_of_two(scale_exponent(scales, first, block) - format->mbits);
+        const uint16_t d = block_d(format, codes + first, scale_exponent(scales, first, block));
         if (!d)
             return 0;
         uint8_t *dst = out + b * 18;
@@ -52,7 +75,7 @@ int mxq_mx_row_to_q8_0(const mxq_format *format, const uint8_t *codes, const uin
 {
     for (size_t b = 0; b < cols / MXQ_GGML_BLOCK; b++) {
         const size_t first = b * MXQ_GGML_BLOCK;
-        const uint16_t d = f16_power_of_two(scale_exponent(scales, first, block) - format->mbits);
+        const uint16_t d = block_d(format, codes + first, scale_exponent(scales, first, block));
         if (!d)
             return 0;
         uint8_t *dst = out + b * 34;
@@ -74,13 +97,16 @@ void mxq_mx_row_to_mxfp4(const uint8_t *codes, const uint8_t *scales, size_t col
     }
 }
 
-void mxq_mx_row_to_bf16(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
-                        uint16_t *out)
+int mxq_mx_row_to_bf16(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
+                       uint16_t *out)
 {
     for (size_t c = 0; c < cols; c++) {
         const float v = mxq_mx_decode(format, codes[c], scale_exponent(scales, c, block));
         uint32_t bits;
         memcpy(&bits, &v, 4);
-        out[c] = (uint16_t)(bits >> 16); /* exact: an MX value has at most 8 significant bits */
+        if (bits & 0xFFFF)
+            return 0; /* an MX value has at most 8 significant bits: only below 2^-133 can it lose any */
+        out[c] = (uint16_t)(bits >> 16);
     }
+    return 1;
 }

@@ -21,6 +21,11 @@
 
 #define MXQ_GGML_BLOCK 32
 
+/* 1 if the 32 codes of a block with shared exponent `se` can be a Q4_0 or
+ * Q8_0 block: its d = 2^(se - mbits) is an f16 value, or every code is 0
+ * (then any d is exact; MX gives an all-zero block the smallest scale). */
+int mxq_mx_ggml_block_fits(const mxq_format *format, const uint8_t *codes, int se);
+
 /* 1 if rows of `cols` in MX blocks of `block` map onto ggml blocks of 32. */
 int mxq_mx_ggml_blocks_fit(size_t cols, int block);
 
@@ -30,8 +35,9 @@ int mxq_mx_row_to_q4_0(const mxq_format *format, const uint8_t *codes, const uin
 int mxq_mx_row_to_q8_0(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
                        uint8_t *out);
 void mxq_mx_row_to_mxfp4(const uint8_t *codes, const uint8_t *scales, size_t cols, int block, uint8_t *out);
-/* out: cols BF16 values. */
-void mxq_mx_row_to_bf16(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
+/* out: cols BF16 values; returns 0 if one is not exact (an FP8 value at a
+ * scale near 2^-127 can be below BF16's smallest subnormal). */
+int mxq_mx_row_to_bf16(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
                         uint16_t *out);
 
 #endif

@@ -66,6 +66,8 @@ const char *mxq_ggml_type_name(mxq_ggml_type type)
 static mxq_status append(mxq_ctx *ctx, byte_buf *b, const void *data, size_t len)
 {
     mxq_status status = MXQ_OK;
+    if (len == 0)
+        return MXQ_OK;
     if (b->len + len > b->cap) {
         size_t cap = b->cap ? b->cap : 4096;
         while (cap < b->len + len)
@@ -80,8 +82,8 @@ fail:
     return status;
 }
 
-/* Little-endian scalars, as the format says (this host is little-endian:
- * the build targets x86-64 and aarch64). */
+/* Little-endian scalars, as the format says, written in host order. */
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "GGUF is written in host byte order");
 static mxq_status put_u32(mxq_ctx *ctx, byte_buf *b, uint32_t v) { return append(ctx, b, &v, 4); }
 static mxq_status put_u64(mxq_ctx *ctx, byte_buf *b, uint64_t v) { return append(ctx, b, &v, 8); }
 
@@ -332,8 +334,8 @@ static mxq_status skip_value(gguf_reader *r, uint32_t type, int depth)
     mxq_status status = MXQ_OK;
     const uint8_t *p;
     uint64_t n = 0;
-    CHECK(r->ctx, type <= 12 && depth < 4, MXQ_ERR_FORMAT, "%s: value type %u at byte %zu is not a GGUF type", r->path,
-          type, r->at);
+    CHECK(r->ctx, type <= 12, MXQ_ERR_FORMAT, "%s: value type %u at byte %zu is not a GGUF type", r->path, type, r->at);
+    CHECK(r->ctx, depth < 4, MXQ_ERR_FORMAT, "%s: arrays nested more than 4 deep at byte %zu", r->path, r->at);
     if (type == MXQ_GGUF_STRING) {
         CALL(r->ctx, take_u64(r, &n));
         CALL(r->ctx, take(r, (size_t)n, &p));
@@ -358,7 +360,7 @@ fail:
 }
 
 mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const void *bytes, size_t size,
-                             const char *prefix, int *copied)
+                             const char *prefix, int *copied, uint64_t *n_tokens)
 {
     mxq_status status = MXQ_OK;
     gguf_reader r = {ctx, path, bytes, size, 0};
@@ -366,6 +368,7 @@ mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const 
     uint32_t version;
     uint64_t n_tensors, n_kv;
     *copied = 0;
+    *n_tokens = 0;
     CALL(ctx, take(&r, 8, &p));
     CHECK(ctx, memcmp(p, "GGUF", 4) == 0, MXQ_ERR_FORMAT, "%s: not a GGUF file (no 'GGUF' magic)", path);
     memcpy(&version, p + 4, 4);
@@ -376,8 +379,8 @@ mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const 
         uint64_t key_len;
         uint32_t type;
         CALL(ctx, take_u64(&r, &key_len));
-        CHECK(ctx, key_len < 256, MXQ_ERR_FORMAT, "%s: key %llu is %llu bytes long", path, (unsigned long long)i,
-              (unsigned long long)key_len);
+        CHECK(ctx, key_len < 256, MXQ_ERR_FORMAT, "%s: key %llu is %llu bytes long (at most 255 are read)", path,
+              (unsigned long long)i, (unsigned long long)key_len);
         char key[256];
         CALL(ctx, take(&r, (size_t)key_len, &p));
         memcpy(key, p, (size_t)key_len);
@@ -386,6 +389,14 @@ mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const 
         memcpy(&type, p, 4);
         const size_t value_at = r.at;
         CALL(ctx, skip_value(&r, type, 0));
+        if (strcmp(key, "tokenizer.ggml.tokens") == 0) {
+            uint32_t element = 0;
+            if (type == MXQ_GGUF_ARRAY)
+                memcpy(&element, r.bytes + value_at, 4);
+            CHECK(ctx, type == MXQ_GGUF_ARRAY && element == MXQ_GGUF_STRING, MXQ_ERR_FORMAT,
+                  "%s: tokenizer.ggml.tokens is not an array of strings", path);
+            memcpy(n_tokens, r.bytes + value_at + 4, 8); /* element type, then the count */
+        }
         if (strncmp(key, prefix, strlen(prefix)) == 0) {
             CALL(ctx, mxq_gguf_kv_raw(ctx, g, key, type, r.bytes + value_at, r.at - value_at));
             (*copied)++;

@@ -72,9 +72,10 @@ mxq_status mxq_gguf_kv_raw(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t 
 
 /* Copy every key-value of the GGUF file in `bytes` (`size` bytes, from
  * `path`) whose key starts with `prefix` ("tokenizer."); *copied counts
- * them. Reads the header and key-values only, each bounded by the size. */
+ * them, *n_tokens gets the length of tokenizer.ggml.tokens (0: absent).
+ * Reads the header and key-values only, each bounded by the size. */
 mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const void *bytes, size_t size,
-                             const char *prefix, int *copied);
+                             const char *prefix, int *copied, uint64_t *n_tokens);
 
 /* A tensor of `n_dims` dimensions, ne[0] the fastest-varying (a [rows, cols]
  * matrix is ne = {cols, rows}). Its data follows in the order added. */

@@ -6,6 +6,8 @@
  * rotate-half order to the interleaved order of llama.cpp's llama
  * architecture. One tensor at a time, from the mapped checkpoint, into a
  * temporary file renamed into place when complete. */
+#include <dirent.h>
+#include <errno.h>
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,37 +41,75 @@ static const struct {
     {"ffn_gate", MXQ_LIN_GATE}, {"ffn_up", MXQ_LIN_UP}, {"ffn_down", MXQ_LIN_DOWN},
 };
 
-static mxq_ggml_type plain_type(mxq_dtype dtype)
+/* A float tensor keeps its type; 1-D ones (norms) become F32, as
+ * llama.cpp's converter writes them: some ggml backends multiply by F32
+ * only. */
+static mxq_status plain_type(mxq_ctx *ctx, const mxq_tensor_view *v, int64_t rows, mxq_ggml_type *type)
 {
-    return dtype == MXQ_DT_F16 ? MXQ_GGML_F16 : dtype == MXQ_DT_BF16 ? MXQ_GGML_BF16 : MXQ_GGML_F32;
+    mxq_status status = MXQ_OK;
+    CHECK(ctx, v->dtype == MXQ_DT_F32 || v->dtype == MXQ_DT_F16 || v->dtype == MXQ_DT_BF16, MXQ_ERR_FORMAT,
+          "%s: tensor '%s' is %s; the GGUF export takes F32, F16 or BF16", v->file, v->name, mxq_dtype_name(v->dtype));
+    *type = rows == 1 || v->dtype == MXQ_DT_F32 ? MXQ_GGML_F32 : v->dtype == MXQ_DT_F16 ? MXQ_GGML_F16 : MXQ_GGML_BF16;
+fail:
+    return status;
+}
+
+/* Whether every block of an MX linear can be a Q4_0/Q8_0 block (its d an
+ * f16, or all its codes zero): the codes are read to tell. */
+static mxq_status blocks_fit(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_tensor_view *packed,
+                             const mxq_tensor_view *scales, const export_tensor *t, int *fit)
+{
+    mxq_status status = MXQ_OK;
+    const size_t cols = (size_t)t->cols, row_bytes = mxq_mx_packed_row_bytes(spec->format, cols);
+    const size_t blocks = mxq_mx_blocks_per_row(cols, spec->block);
+    uint8_t *codes = malloc(cols);
+    CHECK_ALLOC(ctx, codes, cols, "a row of codes");
+    CHECK(ctx, packed->nbytes == (size_t)t->rows * row_bytes && scales->nbytes == (size_t)t->rows * blocks,
+          MXQ_ERR_FORMAT, "%s: '%s' and its scales are not those of [%lld, %lld]", packed->file, packed->name,
+          (long long)t->rows, (long long)t->cols);
+    *fit = 1;
+    for (int64_t r = 0; r < t->rows && *fit; r++) {
+        const uint8_t *s = (const uint8_t *)scales->data + (size_t)r * blocks;
+        mxq_mx_unpack_row(spec->format, (const uint8_t *)packed->data + (size_t)r * row_bytes, cols, codes);
+        for (size_t b = 0; b < cols / MXQ_GGML_BLOCK && *fit; b++)
+            *fit = mxq_mx_ggml_block_fits(spec->format, codes + b * MXQ_GGML_BLOCK,
+                                          (int)s[b * MXQ_GGML_BLOCK / (size_t)spec->block] - 127);
+    }
+fail:
+    free(codes);
+    return status;
 }
 
 /* The block type an MX linear becomes, or BF16 with the reason. */
-static void choose_mx_type(const mxq_model_config *cfg, const mxq_tensor_view *scales, export_tensor *t)
+static mxq_status choose_mx_type(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_checkpoint *ckpt,
+                                 const mxq_tensor_view *scales, export_tensor *t)
 {
+    mxq_status status = MXQ_OK;
     const mxq_mx_spec *spec = &cfg->mx_weight_spec;
     const mxq_format *f = spec->format;
+    const mxq_tensor_view *packed = NULL;
+    char name[160];
+    int fit = 0;
     t->type = MXQ_GGML_BF16;
     if (f->id == MXQ_MXFP6_E3M2 || f->id == MXQ_MXFP6_E2M3 || f->id == MXQ_MXFP8_E4M3 || f->id == MXQ_MXFP8_E5M2)
-        return; /* no ggml block type holds them: BF16 by the table, not a fallback */
+        return MXQ_OK; /* no ggml block type holds them: BF16 by the table, not a fallback */
     if (!mxq_mx_ggml_blocks_fit((size_t)t->cols, spec->block)) {
         t->why_bf16 = "rows are not whole blocks of 32";
-        return;
+        return MXQ_OK;
     }
     if (f->id == MXQ_MXFP4_E2M1) {
         t->type = MXQ_GGML_MXFP4;
-        return;
+        return MXQ_OK;
     }
-    /* Q4_0 / Q8_0 hold d = 2^(se - mbits) as an f16 */
-    const uint8_t *s = scales->data;
-    for (size_t i = 0; i < scales->numel; i++) {
-        const int e = (int)s[i] - 127 - f->mbits;
-        if (e < -24 || e > 15) {
-            t->why_bf16 = "a block's scale is outside f16";
-            return;
-        }
-    }
-    t->type = f->id == MXQ_MXINT8 ? MXQ_GGML_Q8_0 : MXQ_GGML_Q4_0;
+    snprintf(name, sizeof(name), "%s.weight_packed", t->source);
+    CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &packed));
+    CALL(ctx, blocks_fit(ctx, spec, packed, scales, t, &fit));
+    if (fit)
+        t->type = f->id == MXQ_MXINT8 ? MXQ_GGML_Q8_0 : MXQ_GGML_Q4_0;
+    else
+        t->why_bf16 = "a block's scale is outside f16";
+fail:
+    return status;
 }
 
 /* A linear of layer l into t: its source, shape and type. */
@@ -90,12 +130,12 @@ static mxq_status plan_linear(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_che
     CALL(ctx, mxq_checkpoint_lookup(ctx, ckpt, name, &v));
     t->mx = v != NULL;
     if (t->mx) {
-        choose_mx_type(cfg, v, t);
+        CALL(ctx, choose_mx_type(ctx, cfg, ckpt, v, t));
     } else {
         const size_t len = strlen(t->source);
         snprintf(t->source + len, sizeof(t->source) - len, ".weight");
         CALL(ctx, mxq_checkpoint_get(ctx, ckpt, t->source, &v));
-        t->type = plain_type(v->dtype);
+        CALL(ctx, plain_type(ctx, v, t->rows, &t->type));
     }
 fail:
     return status;
@@ -110,7 +150,7 @@ static mxq_status plan_plain(mxq_ctx *ctx, mxq_checkpoint *ckpt, const char *ggu
     snprintf(t->name, sizeof(t->name), "%s", gguf);
     snprintf(t->source, sizeof(t->source), "%s", source);
     t->rows = rows, t->cols = cols;
-    t->type = plain_type(v->dtype);
+    CALL(ctx, plain_type(ctx, v, rows, &t->type));
 fail:
     return status;
 }
@@ -187,6 +227,7 @@ static void vocab_free(vocab *v)
     for (int i = 0; v->tokens && i < v->n; i++)
         free(v->tokens[i]);
     free(v->tokens), free(v->scores), free(v->types);
+    memset(v, 0, sizeof(*v));
 }
 
 /* token text as SentencePiece spells it: ' ' -> U+2581 (3 bytes) */
@@ -214,6 +255,24 @@ static int token_type(int id, const char *text)
     if (strlen(text) == 6 && strncmp(text, "<0x", 3) == 0 && text[5] == '>')
         return 6; /* byte */
     return 1;     /* normal */
+}
+
+static int compare_text(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* llama.cpp aborts on a vocabulary with two tokens of one text. */
+static mxq_status check_unique_tokens(mxq_ctx *ctx, const char *path, const vocab *v)
+{
+    mxq_status status = MXQ_OK;
+    char **sorted = malloc((size_t)v->n * sizeof(char *));
+    CHECK_ALLOC(ctx, sorted, (size_t)v->n * sizeof(char *), "the sorted vocabulary");
+    memcpy(sorted, v->tokens, (size_t)v->n * sizeof(char *));
+    qsort(sorted, (size_t)v->n, sizeof(char *), compare_text);
+    for (int i = 1; i < v->n; i++)
+        CHECK(ctx, strcmp(sorted[i - 1], sorted[i]) != 0, MXQ_ERR_FORMAT,
+              "%s: the token '%s' appears twice; llama.cpp needs every token text once", path, sorted[i]);
+fail:
+    free(sorted);
+    return status;
 }
 
 static mxq_status read_tokenizer_bin(mxq_ctx *ctx, const char *path, int n, vocab *v)
@@ -244,6 +303,7 @@ static mxq_status read_tokenizer_bin(mxq_ctx *ctx, const char *path, int n, voca
     }
     CHECK(ctx, at == size, MXQ_ERR_FORMAT, "%s: %zu bytes after the model's %d tokens: not this model's tokenizer", path,
           size - at, n);
+    CALL(ctx, check_unique_tokens(ctx, path, v));
 fail:
     free(bytes);
     if (status != MXQ_OK)
@@ -259,6 +319,7 @@ static mxq_status write_vocab(mxq_ctx *ctx, mxq_gguf *g, const vocab *v, const m
     CALL(ctx, mxq_gguf_kv_f32s(ctx, g, "tokenizer.ggml.scores", v->scores, (size_t)v->n));
     CALL(ctx, mxq_gguf_kv_i32s(ctx, g, "tokenizer.ggml.token_type", v->types, (size_t)v->n));
     CALL(ctx, mxq_gguf_kv_u32(ctx, g, "tokenizer.ggml.bos_token_id", (uint32_t)cfg->bos_token));
+    /* a llama2.c tokenizer.bin (SentencePiece's export) has <unk> 0, <s> 1, </s> 2 */
     CALL(ctx, mxq_gguf_kv_u32(ctx, g, "tokenizer.ggml.eos_token_id", 2));
     CALL(ctx, mxq_gguf_kv_u32(ctx, g, "tokenizer.ggml.unknown_token_id", 0));
     CALL(ctx, mxq_gguf_kv_bool(ctx, g, "tokenizer.ggml.add_bos_token", 1));
@@ -279,18 +340,19 @@ static int64_t source_row(const export_tensor *t, int64_t r)
     return h * head_dim + (within % 2) * (head_dim / 2) + within / 2;
 }
 
-/* One MX row converted into `out` (the GGUF row's bytes). */
-static void convert_mx_row(const mxq_model_config *cfg, const export_tensor *t, const uint8_t *packed,
+/* One MX row converted into `out` (the GGUF row's bytes); 0 if a value
+ * could not be kept exactly (the plan said it could: a bug). */
+static int convert_mx_row(const mxq_model_config *cfg, const export_tensor *t, const uint8_t *packed,
                            const uint8_t *scales, uint8_t *codes, uint8_t *out)
 {
     const mxq_mx_spec *spec = &cfg->mx_weight_spec;
     const size_t cols = (size_t)t->cols;
     mxq_mx_unpack_row(spec->format, packed, cols, codes);
     switch (t->type) {
-    case MXQ_GGML_Q4_0: (void)mxq_mx_row_to_q4_0(spec->format, codes, scales, cols, spec->block, out); break;
-    case MXQ_GGML_Q8_0: (void)mxq_mx_row_to_q8_0(spec->format, codes, scales, cols, spec->block, out); break;
-    case MXQ_GGML_MXFP4: mxq_mx_row_to_mxfp4(codes, scales, cols, spec->block, out); break;
-    default: mxq_mx_row_to_bf16(spec->format, codes, scales, cols, spec->block, (uint16_t *)out); break;
+    case MXQ_GGML_Q4_0: return mxq_mx_row_to_q4_0(spec->format, codes, scales, cols, spec->block, out);
+    case MXQ_GGML_Q8_0: return mxq_mx_row_to_q8_0(spec->format, codes, scales, cols, spec->block, out);
+    case MXQ_GGML_MXFP4: mxq_mx_row_to_mxfp4(codes, scales, cols, spec->block, out); return 1;
+    default: return mxq_mx_row_to_bf16(spec->format, codes, scales, cols, spec->block, (uint16_t *)out);
     }
 }
 
@@ -309,7 +371,8 @@ static mxq_status write_tensor(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_ch
         snprintf(name, sizeof(name), "%s.weight_scale", t->source);
         CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &scales));
     }
-    const size_t src_row = t->mx ? mxq_mx_packed_row_bytes(cfg->mx_weight_spec.format, (size_t)t->cols) : row_bytes;
+    const size_t src_row = t->mx ? mxq_mx_packed_row_bytes(cfg->mx_weight_spec.format, (size_t)t->cols)
+                                 : (size_t)t->cols * mxq_dtype_size(data->dtype);
     const size_t scale_row = t->mx ? mxq_mx_blocks_per_row((size_t)t->cols, cfg->mx_weight_spec.block) : 0;
     CHECK(ctx, data->nbytes == (size_t)t->rows * src_row && (!scales || scales->nbytes == (size_t)t->rows * scale_row),
           MXQ_ERR_FORMAT, "%s: tensor '%s' has %zu bytes, not those of [%lld, %lld]", data->file, data->name,
@@ -318,7 +381,11 @@ static mxq_status write_tensor(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_ch
         const int64_t s = source_row(t, r);
         const uint8_t *src = (const uint8_t *)data->data + (size_t)s * src_row;
         if (t->mx)
-            convert_mx_row(cfg, t, src, (const uint8_t *)scales->data + (size_t)s * scale_row, codes, row);
+            CHECK(ctx, convert_mx_row(cfg, t, src, (const uint8_t *)scales->data + (size_t)s * scale_row, codes, row),
+                  MXQ_ERR_FORMAT, "row %lld of '%s' cannot be written exactly as %s", (long long)s, t->source,
+                  mxq_ggml_type_name(t->type));
+        else if (t->rows == 1 && data->dtype != MXQ_DT_F32)
+            CALL(ctx, mxq_tensor_to_f32(ctx, data, data->rank, data->shape, (float *)row));
         else
             memcpy(row, src, row_bytes);
         CALL(ctx, mxq_gguf_write_data(ctx, g, out, row, row_bytes));
@@ -330,7 +397,7 @@ fail:
 }
 
 /* --vocab-from: the tokenizer.* key-values of another GGUF of the model. */
-static mxq_status copy_vocab(mxq_ctx *ctx, mxq_gguf *g, const char *path)
+static mxq_status copy_vocab(mxq_ctx *ctx, mxq_gguf *g, const char *path, int n_vocab)
 {
     mxq_status status = MXQ_OK;
     int fd = -1, copied = 0;
@@ -340,8 +407,12 @@ static mxq_status copy_vocab(mxq_ctx *ctx, mxq_gguf *g, const char *path)
     CHECK(ctx, fstat(fd, &st) == 0 && st.st_size > 0, MXQ_ERR_IO, "%s: cannot read its size, or it is empty", path);
     map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
     CHECK(ctx, map != MAP_FAILED, MXQ_ERR_IO, "%s: cannot map it", path);
-    CALL(ctx, mxq_gguf_copy_kvs(ctx, g, path, map, (size_t)st.st_size, "tokenizer.", &copied));
+    uint64_t tokens = 0;
+    CALL(ctx, mxq_gguf_copy_kvs(ctx, g, path, map, (size_t)st.st_size, "tokenizer.", &copied, &tokens));
     CHECK(ctx, copied > 0, MXQ_ERR_FORMAT, "%s: has no tokenizer.* keys to take the vocabulary from", path);
+    CHECK(ctx, tokens == (uint64_t)n_vocab, MXQ_ERR_FORMAT,
+          "%s: its tokenizer.ggml.tokens has %llu tokens; the model's vocabulary has %d: not the same model", path,
+          (unsigned long long)tokens, n_vocab);
 fail:
     if (map != MAP_FAILED)
         munmap(map, (size_t)st.st_size);
@@ -351,6 +422,26 @@ fail:
 }
 
 /* ---- the job ------------------------------------------------------------- */
+
+/* Every file of the checkpoint directory is an input: the export may not
+ * replace its report, records or anything else beside the weights. */
+static mxq_status add_dir_files(mxq_ctx *ctx, mxq_input_set *inputs, const char *dir)
+{
+    mxq_status status = MXQ_OK;
+    DIR *d = opendir(dir);
+    CHECK(ctx, d != NULL, MXQ_ERR_IO, "cannot list '%s': %s", dir, strerror(errno));
+    for (struct dirent *e; (e = readdir(d));) {
+        char path[MXQ_PATH_BUF];
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        mxq_path_join(path, dir, e->d_name);
+        CALL(ctx, mxq_input_set_add(ctx, inputs, path, "a file of the checkpoint"));
+    }
+fail:
+    if (d)
+        closedir(d);
+    return status;
+}
 
 /* tokenizer.bin: the one given, or beside the checkpoint, or beside the
  * model the checkpoint was quantized from (its mxq_report.json says which). */
@@ -375,9 +466,9 @@ static mxq_status find_tokenizer(mxq_ctx *ctx, const char *dir, const char *give
     if (model)
         mxq_path_join(path, model, "tokenizer.bin");
     CHECK(ctx, model && access(path, F_OK) == 0, MXQ_ERR_ARG,
-          "no vocabulary for %s: neither it%s has a llama2.c tokenizer.bin; give one with --tokenizer (a GGUF needs a "
-          "vocabulary: llama.cpp aborts on one without)",
-          dir, model ? " nor the model it was quantized from" : "");
+          "no vocabulary for %s: it has no llama2.c tokenizer.bin%s%s%s; give one with --tokenizer or --vocab-from (a "
+          "GGUF needs a vocabulary: llama.cpp aborts on one without)",
+          dir, model ? ", nor has '" : "", model ? model : "", model ? "' (the model its report names, a path relative to where quantize ran)" : "");
 fail:
     json_decref(report);
     return status;
@@ -393,6 +484,7 @@ static mxq_status write_file(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_chec
     }
     CALL(ctx, mxq_gguf_write_header(ctx, g, out));
     for (size_t i = 0; i < n; i++) {
+        CALL(ctx, mxq_fault_point(ctx, "export.tensor")); /* a stop signal: the temporary file goes */
         CALL_IN(ctx, write_tensor(ctx, cfg, ckpt, g, out, &t[i]), "tensor %s", t[i].name);
         if ((i + 1) % 64 == 0 || i + 1 == n)
             mxq_log(ctx, MXQ_LOG_INFO, "export: %zu/%zu tensors", i + 1, n);
@@ -413,6 +505,7 @@ static void summarize(mxq_ctx *ctx, const mxq_model_config *cfg, const export_te
                 mxq_log(ctx, MXQ_LOG_WARN, "export: %s as BF16 (lossless): %s", t[i].name, t[i].why_bf16);
         }
         res->quantized += t[i].mx && t[i].type != MXQ_GGML_BF16;
+        res->mx_bf16 += t[i].mx && t[i].type == MXQ_GGML_BF16;
     }
     if (res->bf16_fallbacks > 8)
         mxq_log(ctx, MXQ_LOG_WARN, "export: %d tensors in all as BF16 instead of a block type", res->bf16_fallbacks);
@@ -451,6 +544,7 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     else
         CALL(ctx, find_tokenizer(ctx, dir, opt->tokenizer, tokenizer));
     CALL(ctx, mxq_input_set_add_model(ctx, &inputs, dir));
+    CALL(ctx, add_dir_files(ctx, &inputs, dir));
     CALL(ctx, mxq_input_set_add(ctx, &inputs, tokenizer, "vocabulary"));
     CALL(ctx, mxq_output_begin(ctx, out_path, &inputs, &out));
     if (!opt->vocab_from)
@@ -460,12 +554,14 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     CALL(ctx, mxq_gguf_create(ctx, &g));
     CALL(ctx, write_hyperparameters(ctx, g, &cfg, dir));
     if (opt->vocab_from)
-        CALL(ctx, copy_vocab(ctx, g, opt->vocab_from));
+        CALL(ctx, copy_vocab(ctx, g, opt->vocab_from, cfg.vocab));
     else
         CALL(ctx, write_vocab(ctx, g, &v, &cfg));
     summarize(ctx, &cfg, plan, n, res);
     CALL(ctx, write_file(ctx, &cfg, ckpt, g, plan, n, &out));
-    res->bytes = (uint64_t)lseek(out.fd, 0, SEEK_CUR);
+    const off_t end = lseek(out.fd, 0, SEEK_CUR);
+    CHECK(ctx, end >= 0, MXQ_ERR_IO, "%s: cannot tell its size", out_path);
+    res->bytes = (uint64_t)end;
     CALL(ctx, mxq_output_commit(ctx, &out));
 fail:
     mxq_output_abort(&out);

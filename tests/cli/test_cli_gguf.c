@@ -259,6 +259,11 @@ static void check_bit_identity(const char *dir, int seen[64])
 static void test_bit_identity_every_format(void **state)
 {
     (void)state;
+    /* the reordering by hand: a head of 4 rows (pairs (0,2), (1,3) in
+     * rotate-half order) interleaved is 0, 2, 1, 3 */
+    const int64_t want[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+    for (int r = 0; r < 8; r++)
+        assert_int_equal(hf_row(r, 8, 2), want[r]);
     const struct {
         const char *format;
         int block;
@@ -287,6 +292,17 @@ static void test_bad_input(void **state)
     tu_run_result r = run_mxq(over);
     assert_int_equal(r.exit_code, 1);
     assert_non_null(strstr(r.err, "model.safetensors"));
+    /* a truncated tokenizer.bin: one line, no crash */
+    size_t size = 0;
+    char *tok = tu_read_file(tu_data_path("stories260K/tokenizer.bin"), &size);
+    tu_write_file(tu_scratch_path("short-tokenizer.bin"), tok, 5000);
+    free(tok);
+    const char *shortt[] = {"export", "--to", "gguf", tu_data_path("stories260K"), tu_scratch_path("short.gguf"),
+                            "--tokenizer", tu_scratch_path("short-tokenizer.bin"), NULL};
+    r = run_mxq(shortt);
+    assert_int_equal(r.exit_code, 1);
+    if (!strstr(r.err, "short-tokenizer.bin: token 385 has length 4, past the file's end"))
+        fail_msg("a truncated tokenizer was not named: %s", r.err);
     /* an unsupported architecture */
     const char *model = tu_scratch_path("qwen2");
     char cmd[2048];
