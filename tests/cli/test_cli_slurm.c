@@ -314,23 +314,25 @@ static int wait_for_job_with_requeues(const char *id, const char *log)
     return -1;
 }
 
-/* A time limit of one minute on a run of about 100 s here (6144 calibration
+/* A time limit of two minutes on a run of about 85 s here (8192 calibration
  * sequences, sequential, a group of 2 with a store, a finer AWQ grid):
- * Slurm's warning signal (USR1 20 s before the limit; Slurm checks every
- * 30 s, so it comes 10 to 40 s after the start) reaches the batch script
- * midway; mxq stops at a safe point, the job requeues itself, and each
- * requeued run resumes from the layers recorded so far and the store. The
- * uninterrupted reference runs without a store (same bytes, less disk). */
+ * Slurm's warning signal (USR1 60 s before the limit; Slurm checks every
+ * 30 s, so it comes 30 to 60 s after the start, while a layer takes about
+ * 16 s) reaches the batch script midway; mxq stops at a safe point, the job
+ * requeues itself, and each requeued run resumes from the layers recorded so
+ * far and the store. (A warning 10 to 40 s in, with 12 s layers, could come
+ * before a run had recorded anything, again and again.) The uninterrupted
+ * reference runs without a store (same bytes, less disk). */
 static void test_time_limit_requeue_resume(void **state)
 {
     (void)state;
     need_slurm();
-    /* The job must outlast the warning (40 s at the latest): on a machine
-     * that runs the reference in under 50 s, twice the sequences. */
+    /* The job must outlast the warning (60 s at the latest): on a machine
+     * that runs the reference in under 75 s, twice the sequences. */
     const char *calib = NULL, *recipe = NULL, *ref = NULL;
     int copies = 0;
     for (int attempt = 0; attempt < 2; attempt++) {
-        copies = 48 << attempt;
+        copies = 64 << attempt;
         char name[64], samples_name[64];
         snprintf(name, sizeof(name), "limit-%d.yaml", copies);
         snprintf(samples_name, sizeof(samples_name), "limit-%d-0.yaml", copies);
@@ -342,7 +344,7 @@ static void test_time_limit_requeue_resume(void **state)
         mpirun_quantize(calib, recipe, ref, 1);
         const long took = (long)(time(NULL) - t0);
         print_message("# the uninterrupted run of %d sequences took %ld s\n", 128 * copies, took);
-        if (took >= 50)
+        if (took >= 75)
             break;
     }
     /* the store: 5 layers x sequences x 256 tokens x 64 floats */
@@ -362,8 +364,8 @@ static void test_time_limit_requeue_resume(void **state)
     setenv("MXQ_OUT", out, 1);
     setenv("MXQ_ARGS", args, 1);
     snprintf(output, sizeof(output), "--output=%s", log);
-    const char *submit[] = {"sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--time=1",
-                            "--signal=B:USR1@20", output, job_script("quantize.sbatch"), NULL};
+    const char *submit[] = {"sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--time=2",
+                            "--signal=B:USR1@60", output, job_script("quantize.sbatch"), NULL};
     tu_run_result r = run(submit);
     if (r.exit_code != 0)
         fail_msg("sbatch failed: %s", tail(r.err));
