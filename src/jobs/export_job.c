@@ -31,6 +31,7 @@ typedef struct {
     int64_t rows, cols;  /* [rows, cols]; 1-D tensors have rows 1 */
     mxq_ggml_type type;
     const char *why_bf16; /* a fallback's reason, or NULL */
+    const float *values;  /* [cols] computed here (rope_freqs), not read from the checkpoint */
 } export_tensor;
 
 static const struct {
@@ -155,15 +156,40 @@ fail:
     return status;
 }
 
-/* Every tensor of the GGUF in llama.cpp's order; *n gets their count. */
-static mxq_status export_plan(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_checkpoint *ckpt, export_tensor **out,
-                           size_t *n)
+/* Llama-3 rope scaling as llama.cpp takes it: a rope_freqs tensor of
+ * factors [head_dim / 2] that its rope divides each frequency by. */
+static mxq_status rope_factors(mxq_ctx *ctx, const mxq_model_config *cfg, float **out)
 {
     mxq_status status = MXQ_OK;
-    const size_t count = 3 + (size_t)cfg->n_layers * 9 + (cfg->tie_embeddings ? 0 : 1);
+    const int half = cfg->head_dim / 2;
+    double *scaled = calloc((size_t)half, sizeof(double)), *unscaled = calloc((size_t)half, sizeof(double));
+    float *factors = calloc((size_t)half, sizeof(float));
+    CHECK_ALLOC(ctx, scaled && unscaled && factors, (size_t)half * 20, "the rope frequency factors");
+    mxq_config_rope_frequencies(cfg, scaled, unscaled);
+    for (int i = 0; i < half; i++)
+        factors[i] = (float)(unscaled[i] / scaled[i]);
+    *out = factors, factors = NULL;
+fail:
+    free(scaled), free(unscaled), free(factors);
+    return status;
+}
+
+/* Every tensor of the GGUF in llama.cpp's order; *n gets their count.
+ * `factors` (Llama-3 rope scaling, or NULL) becomes rope_freqs. */
+static mxq_status export_plan(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_checkpoint *ckpt, const float *factors,
+                              export_tensor **out, size_t *n)
+{
+    mxq_status status = MXQ_OK;
+    const size_t count = 4 + (size_t)cfg->n_layers * 9 + (cfg->tie_embeddings ? 0 : 1);
     export_tensor *t = calloc(count, sizeof(*t));
     size_t k = 0;
     CHECK_ALLOC(ctx, t, count * sizeof(*t), "the export plan");
+    if (factors) {
+        snprintf(t[k].name, sizeof(t[k].name), "rope_freqs.weight");
+        snprintf(t[k].source, sizeof(t[k].source), "(Llama-3 rope scaling of config.json)");
+        t[k].rows = 1, t[k].cols = cfg->head_dim / 2, t[k].type = MXQ_GGML_F32, t[k].values = factors;
+        k++;
+    }
     CALL(ctx, plan_plain(ctx, ckpt, "token_embd.weight", "model.embed_tokens.weight", cfg->vocab, cfg->hidden, &t[k++]));
     for (int l = 0; l < cfg->n_layers; l++) {
         char gguf[64], source[128];
@@ -485,7 +511,10 @@ static mxq_status write_file(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_chec
     CALL(ctx, mxq_gguf_write_header(ctx, g, out));
     for (size_t i = 0; i < n; i++) {
         CALL(ctx, mxq_fault_point(ctx, "export.tensor")); /* a stop signal: the temporary file goes */
-        CALL_IN(ctx, write_tensor(ctx, cfg, ckpt, g, out, &t[i]), "tensor %s", t[i].name);
+        if (t[i].values)
+            CALL(ctx, mxq_gguf_write_data(ctx, g, out, t[i].values, (size_t)t[i].cols * sizeof(float)));
+        else
+            CALL_IN(ctx, write_tensor(ctx, cfg, ckpt, g, out, &t[i]), "tensor %s", t[i].name);
         if ((i + 1) % 64 == 0 || i + 1 == n)
             mxq_log(ctx, MXQ_LOG_INFO, "export: %zu/%zu tensors", i + 1, n);
     }
@@ -525,6 +554,7 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     mxq_checkpoint *ckpt = NULL;
     mxq_gguf *g = NULL;
     export_tensor *plan = NULL;
+    float *factors = NULL;
     size_t n = 0;
     vocab v = {0};
     mxq_input_set inputs = {0};
@@ -534,10 +564,6 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     CHECK(ctx, cfg.arch == MXQ_ARCH_LLAMA && !cfg.qkv_bias && !cfg.o_bias, MXQ_ERR_FORMAT,
           "%s: the GGUF export writes llama.cpp's 'llama' architecture; this model is %s%s", dir,
           mxq_arch_name(cfg.arch), cfg.qkv_bias || cfg.o_bias ? " with attention biases" : "");
-    CHECK(ctx, cfg.rope_factor == 0, MXQ_ERR_FORMAT,
-          "%s: Llama-3 rope scaling (rope_type llama3) is not exported yet: llama.cpp needs its frequency factors as a "
-          "rope_freqs tensor, which mxq does not write",
-          dir);
     CALL(ctx, mxq_model_check_checkpoint(ctx, dir, &cfg));
     if (opt->vocab_from)
         snprintf(tokenizer, sizeof(tokenizer), "%s", opt->vocab_from);
@@ -550,7 +576,9 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     if (!opt->vocab_from)
         CALL(ctx, read_tokenizer_bin(ctx, tokenizer, cfg.vocab, &v));
     CALL(ctx, mxq_checkpoint_open(ctx, dir, &ckpt));
-    CALL(ctx, export_plan(ctx, &cfg, ckpt, &plan, &n));
+    if (cfg.rope_factor > 0)
+        CALL(ctx, rope_factors(ctx, &cfg, &factors));
+    CALL(ctx, export_plan(ctx, &cfg, ckpt, factors, &plan, &n));
     CALL(ctx, mxq_gguf_create(ctx, &g));
     CALL(ctx, write_hyperparameters(ctx, g, &cfg, dir));
     if (opt->vocab_from)
@@ -567,6 +595,7 @@ fail:
     mxq_output_abort(&out);
     mxq_gguf_free(g);
     free(plan);
+    free(factors);
     vocab_free(&v);
     mxq_checkpoint_close(ckpt);
     mxq_input_set_free(&inputs);

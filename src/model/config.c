@@ -1,6 +1,7 @@
 /* Hugging Face config.json for llama, mistral and qwen2. */
 #include <errno.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -350,5 +351,36 @@ int mxq_input_features(const mxq_model_config *cfg, mxq_input_id id)
     case MXQ_INPUT_O: return cfg->n_heads * cfg->head_dim;
     case MXQ_INPUT_DOWN: return cfg->intermediate;
     default: return cfg->hidden;
+    }
+}
+
+/* HF's rotary frequencies, llama3-scaled when configured: computed as
+ * transformers does (float32 inv_freq), kept in double for the table. The
+ * unscaled ones, where asked for, are what llama.cpp divides by its
+ * rope_freqs factors. */
+void mxq_config_rope_frequencies(const mxq_model_config *cfg, double *inv_freq, double *unscaled)
+{
+    int half = cfg->head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float exponent = (float)(2 * i) / (float)cfg->head_dim;
+        float f = (float)(1.0 / pow(cfg->rope_theta, (double)exponent));
+        double freq = f;
+        if (unscaled)
+            unscaled[i] = f;
+        if (cfg->rope_factor > 0) {
+            double old_len = cfg->rope_original_max_positions;
+            double low_wavelen = old_len / cfg->rope_low_freq_factor;
+            double high_wavelen = old_len / cfg->rope_high_freq_factor;
+            double wavelen = 2.0 * M_PI / freq;
+            if (wavelen > low_wavelen) {
+                freq = freq / cfg->rope_factor;
+            } else if (wavelen >= high_wavelen) {
+                double smooth = (old_len / wavelen - cfg->rope_low_freq_factor) /
+                                (cfg->rope_high_freq_factor - cfg->rope_low_freq_factor);
+                freq = (1.0 - smooth) * freq / cfg->rope_factor + smooth * freq;
+            }
+            freq = (float)freq;
+        }
+        inv_freq[i] = freq;
     }
 }

@@ -207,33 +207,6 @@ fail:
     return status;
 }
 
-/* HF's rotary frequencies, llama3-scaled when configured: computed as
- * transformers does (float32 inv_freq), kept in double for the table. */
-static void rope_frequencies(const mxq_model_config *cfg, double *inv_freq)
-{
-    int half = cfg->head_dim / 2;
-    for (int i = 0; i < half; i++) {
-        float exponent = (float)(2 * i) / (float)cfg->head_dim;
-        float f = (float)(1.0 / pow(cfg->rope_theta, (double)exponent));
-        double freq = f;
-        if (cfg->rope_factor > 0) {
-            double old_len = cfg->rope_original_max_positions;
-            double low_wavelen = old_len / cfg->rope_low_freq_factor;
-            double high_wavelen = old_len / cfg->rope_high_freq_factor;
-            double wavelen = 2.0 * M_PI / freq;
-            if (wavelen > low_wavelen) {
-                freq = freq / cfg->rope_factor;
-            } else if (wavelen >= high_wavelen) {
-                double smooth = (old_len / wavelen - cfg->rope_low_freq_factor) /
-                                (cfg->rope_high_freq_factor - cfg->rope_low_freq_factor);
-                freq = (1.0 - smooth) * freq / cfg->rope_factor + smooth * freq;
-            }
-            freq = (float)freq;
-        }
-        inv_freq[i] = freq;
-    }
-}
-
 /* The float32 tensors of layer l that `layer` does not hold yet. */
 static mxq_status load_layer(mxq_ctx *ctx, mxq_checkpoint *ckpt, const mxq_model_config *cfg, int l, mxq_layer *layer)
 {
@@ -351,7 +324,7 @@ static mxq_status load_model(mxq_ctx *ctx, const char *dir, const mxq_model_conf
     m->layers = calloc(n_local ? (size_t)n_local : 1, sizeof(mxq_layer));
     m->rope_inv_freq = calloc((size_t)cfg->head_dim / 2, sizeof(double));
     CHECK_ALLOC(ctx, m->layers && m->rope_inv_freq, (size_t)n_local * sizeof(mxq_layer), "the layer table");
-    rope_frequencies(cfg, m->rope_inv_freq);
+    mxq_config_rope_frequencies(cfg, m->rope_inv_freq, NULL);
     for (int l = part->first_layer; l < part->last_layer && !every; l++)
         CALL(ctx, load_layer(ctx, ckpt, cfg, l, &m->layers[l - part->first_layer]));
     if (every)

@@ -284,6 +284,47 @@ static void test_bit_identity_every_format(void **state)
     assert_int_equal(seen[0], 35);
 }
 
+/* Llama-3 rope scaling: the rope_freqs factors llama.cpp divides each
+ * frequency by, against the converter's formula in double: of head_dim 8's
+ * four wavelengths (2 pi 10000^(i/4): 6.3, 63, 628, 6283) with an original
+ * context of 64, low_freq_factor 1 and high 4 (wavelengths 64 and 16), the
+ * first is kept, the second smoothed, the others divided by the factor 8. */
+static void test_llama3_rope_freqs(void **state)
+{
+    (void)state;
+    const char *model = tu_scratch_path("rope3");
+    char cmd[2048];
+    snprintf(cmd, sizeof(cmd),
+             "mkdir -p %s && cp %s/model.safetensors %s/ && sed 's/\"rope_theta\": 10000.0,/&\"rope_scaling\": "
+             "{\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, "
+             "\"original_max_position_embeddings\": 64},/' %s/config.json > %s/config.json",
+             model, tu_data_path("stories260K"), model, tu_data_path("stories260K"), model);
+    assert_int_equal(system(cmd), 0);
+    const char *gguf = tu_scratch_path("rope3.gguf");
+    const char *args[] = {"export", "-q", "--to", "gguf", model, gguf, "--tokenizer",
+                          tu_data_path("stories260K/tokenizer.bin"), NULL};
+    tu_run_result r = run_mxq(args);
+    if (r.exit_code != 0)
+        fail_msg("export with Llama-3 rope scaling failed: %.600s", r.err);
+    gguf_file f;
+    gguf_open(gguf, &f);
+    const gguf_tensor *t = gguf_find(&f, "rope_freqs.weight");
+    assert_int_equal(t->type, 0);
+    assert_int_equal(t->n_dims, 1);
+    assert_int_equal(t->ne[0], 4);
+    const float *got = (const float *)(f.bytes + f.data_start + t->offset);
+    for (int i = 0; i < 4; i++) {
+        const double wavelen = 2 * M_PI * pow(10000.0, i / 4.0);
+        const double smooth = (64 / wavelen - 1.0) / (4.0 - 1.0);
+        const double want = wavelen < 16 ? 1 : wavelen > 64 ? 8 : 1 / ((1 - smooth) / 8 + smooth);
+        print_message("# rope_freqs[%d] = %.7g (converter's formula %.7g)\n", i, got[i], want);
+        assert_true(fabs(got[i] - want) <= 1e-6 * want);
+    }
+    assert_true(got[1] > 1 && got[1] < 8);
+    free(f.tensors);
+    free(f.bytes);
+}
+
 static void test_bad_input(void **state)
 {
     (void)state;
@@ -331,6 +372,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bit_identity_every_format),
+        cmocka_unit_test(test_llama3_rope_freqs),
         cmocka_unit_test(test_bad_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

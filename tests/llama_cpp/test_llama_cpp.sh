@@ -6,7 +6,10 @@
 # F32 within a relative 1e-4; weight-only AWQ+GPTQ checkpoints at MXINT4
 # (blocks 32 and 128), MXINT8 and MXFP4 within 1% (llama.cpp quantizes
 # activations its own way; the gap is printed); a GGUF whose vocabulary is
-# copied with --vocab-from gives the same perplexity as its twin. TAP.
+# copied with --vocab-from gives the same perplexity as its twin; the FP
+# model given Llama-3 rope scaling (rope_type llama3: of its four
+# frequencies at head_dim 8, one kept, one smoothed, two divided by the
+# factor) exported with its rope_freqs factors, within 1e-4 again. TAP.
 #   test_llama_cpp.sh BUILD_DIR SOURCE_DIR
 set -uo pipefail
 BUILD=$1 ROOT=$2
@@ -14,7 +17,7 @@ MXQ=$BUILD/mxq NPM=$BUILD/npm DATA=$ROOT/data/stories260K
 SEQS=32
 WORK=$(mktemp -d /tmp/mxq-llama-cpp-XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-CASES=(f32 mxint4:32 mxint4:128 mxint8:32 mxfp4_e2m1:32 vocab-from)
+CASES=(f32 mxint4:32 mxint4:128 mxint8:32 mxfp4_e2m1:32 vocab-from llama3-rope)
 echo "1..${#CASES[@]}"
 if ! command -v node >/dev/null || [ ! -d "$NPM/node_modules/node-llama-cpp" ]; then
   why="node or node-llama-cpp is not installed in $NPM (scripts/test.sh installs it with npm)"
@@ -58,6 +61,14 @@ for c in "${CASES[@]}"; do
       a=$(llama_ppl "$WORK/vocab.gguf") b=$(llama_ppl "$WORK/mxint4-32.gguf")
       if [ -n "$a" ] && [ "$a" = "$b" ]; then echo "ok $n - --vocab-from the F32 export: $a, as with tokenizer.bin";
       else echo "not ok $n - --vocab-from: '$a', with tokenizer.bin '$b'"; fi ;;
+    llama3-rope)
+      mkdir "$WORK/rope3" && cp "$DATA"/{model.safetensors,tokenizer.bin} "$WORK/rope3/"
+      sed 's/"rope_theta": 10000.0,/&\n  "rope_scaling": {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 128},/' \
+        "$DATA/config.json" >"$WORK/rope3/config.json"
+      "$MXQ" export -q --to gguf "$WORK/rope3" "$WORK/rope3.gguf" 2>"$WORK/q.err"
+      a=$(mxq_ppl "$WORK/rope3") b=$(mxq_ppl "$DATA")
+      if [ -z "$a" ] || [ "$a" = "$b" ]; then echo "not ok $n - Llama-3 rope: the scaling changed nothing in mxq ('$a' vs '$b')"; continue; fi
+      check $n "FP model with Llama-3 rope scaling as F32" "$(llama_ppl "$WORK/rope3.gguf")" "$a" 1e-4 ;;
     *)
       f=${c%:*} b=${c#*:}
       quantize "$f" "$b" "$WORK/$f-$b" && "$MXQ" export -q --to gguf "$WORK/$f-$b" "$WORK/$f-$b.gguf" 2>"$WORK/q.err"
