@@ -51,39 +51,50 @@ static uint16_t block_d(const mxq_format *format, const uint8_t *codes, int se)
 
 static int scale_exponent(const uint8_t *scales, size_t col, int block) { return (int)scales[col / (size_t)block] - 127; }
 
-int mxq_mx_row_to_q4_0(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
-                       uint8_t *out)
+/* Q4_0's 16 bytes: q = k + 8, element j low, element j + 16 high */
+static void pack_q4_0(const mxq_format *format, const uint8_t *codes, uint8_t *dst)
+{
+    for (int j = 0; j < 16; j++) {
+        const int lo = int_code_value(format, codes[j]) + 8, hi = int_code_value(format, codes[j + 16]) + 8;
+        dst[j] = (uint8_t)(lo | hi << 4);
+    }
+}
+
+/* Q8_0's 32 bytes: q = k */
+static void pack_q8_0(const mxq_format *format, const uint8_t *codes, uint8_t *dst)
+{
+    for (int j = 0; j < MXQ_GGML_BLOCK; j++)
+        dst[j] = (uint8_t)(int8_t)int_code_value(format, codes[j]);
+}
+
+/* Blocks of an f16 d (2 bytes, little-endian as this host) and a payload
+ * that `pack` writes; 0 if a block's d is not an f16 value. */
+static int row_to_d_blocks(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols,
+                           int block, size_t block_bytes,
+                           void (*pack)(const mxq_format *, const uint8_t *, uint8_t *), uint8_t *out)
 {
     for (size_t b = 0; b < cols / MXQ_GGML_BLOCK; b++) {
         const size_t first = b * MXQ_GGML_BLOCK;
         const uint16_t d = block_d(format, codes + first, scale_exponent(scales, first, block));
         if (!d)
             return 0;
-        uint8_t *dst = out + b * 18;
-        memcpy(dst, &d, 2); /* little-endian host, as the format */
-        for (int j = 0; j < 16; j++) {
-            const int lo = int_code_value(format, codes[first + j]) + 8;
-            const int hi = int_code_value(format, codes[first + j + 16]) + 8;
-            dst[2 + j] = (uint8_t)(lo | hi << 4);
-        }
+        uint8_t *dst = out + b * block_bytes;
+        memcpy(dst, &d, 2);
+        pack(format, codes + first, dst + 2);
     }
     return 1;
+}
+
+int mxq_mx_row_to_q4_0(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
+                       uint8_t *out)
+{
+    return row_to_d_blocks(format, codes, scales, cols, block, 18, pack_q4_0, out);
 }
 
 int mxq_mx_row_to_q8_0(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
                        uint8_t *out)
 {
-    for (size_t b = 0; b < cols / MXQ_GGML_BLOCK; b++) {
-        const size_t first = b * MXQ_GGML_BLOCK;
-        const uint16_t d = block_d(format, codes + first, scale_exponent(scales, first, block));
-        if (!d)
-            return 0;
-        uint8_t *dst = out + b * 34;
-        memcpy(dst, &d, 2);
-        for (int j = 0; j < MXQ_GGML_BLOCK; j++)
-            dst[2 + j] = (uint8_t)(int8_t)int_code_value(format, codes[first + j]);
-    }
-    return 1;
+    return row_to_d_blocks(format, codes, scales, cols, block, 34, pack_q8_0, out);
 }
 
 void mxq_mx_row_to_mxfp4(const uint8_t *codes, const uint8_t *scales, size_t cols, int block, uint8_t *out)

@@ -136,40 +136,43 @@ fail:
     return status;
 }
 
-mxq_status mxq_gguf_kv_u32(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t value)
+mxq_status mxq_gguf_kv_raw(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t type, const void *value, size_t size)
 {
     mxq_status status = MXQ_OK;
-    CALL(ctx, kv_begin(ctx, g, key, MXQ_GGUF_U32));
-    CALL(ctx, put_u32(ctx, &g->kv, value));
+    CALL(ctx, kv_begin(ctx, g, key, type));
+    CALL(ctx, append(ctx, &g->kv, value, size));
 fail:
     return status;
+}
+
+/* Scalars are their little-endian bytes, as this host's. */
+mxq_status mxq_gguf_kv_u32(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t value)
+{
+    return mxq_gguf_kv_raw(ctx, g, key, MXQ_GGUF_U32, &value, 4);
 }
 
 mxq_status mxq_gguf_kv_f32(mxq_ctx *ctx, mxq_gguf *g, const char *key, float value)
 {
-    mxq_status status = MXQ_OK;
-    CALL(ctx, kv_begin(ctx, g, key, MXQ_GGUF_F32));
-    CALL(ctx, append(ctx, &g->kv, &value, 4));
-fail:
-    return status;
+    return mxq_gguf_kv_raw(ctx, g, key, MXQ_GGUF_F32, &value, 4);
 }
 
 mxq_status mxq_gguf_kv_bool(mxq_ctx *ctx, mxq_gguf *g, const char *key, int value)
 {
-    mxq_status status = MXQ_OK;
-    uint8_t b = value != 0;
-    CALL(ctx, kv_begin(ctx, g, key, MXQ_GGUF_BOOL));
-    CALL(ctx, append(ctx, &g->kv, &b, 1));
-fail:
-    return status;
+    const uint8_t b = value != 0;
+    return mxq_gguf_kv_raw(ctx, g, key, MXQ_GGUF_BOOL, &b, 1);
 }
 
-static mxq_status array_begin(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t element_type, size_t n)
+/* An array of n elements of element_type; `values` (NULL for strings, which
+ * the caller appends) holds them as they are written, `size` bytes. */
+static mxq_status kv_array(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t element_type, size_t n,
+                           const void *values, size_t size)
 {
     mxq_status status = MXQ_OK;
     CALL(ctx, kv_begin(ctx, g, key, MXQ_GGUF_ARRAY));
     CALL(ctx, put_u32(ctx, &g->kv, element_type));
     CALL(ctx, put_u64(ctx, &g->kv, n));
+    if (values)
+        CALL(ctx, append(ctx, &g->kv, values, size));
 fail:
     return status;
 }
@@ -177,7 +180,7 @@ fail:
 mxq_status mxq_gguf_kv_strings(mxq_ctx *ctx, mxq_gguf *g, const char *key, const char *const *values, size_t n)
 {
     mxq_status status = MXQ_OK;
-    CALL(ctx, array_begin(ctx, g, key, MXQ_GGUF_STRING, n));
+    CALL(ctx, kv_array(ctx, g, key, MXQ_GGUF_STRING, n, NULL, 0));
     for (size_t i = 0; i < n; i++)
         CALL(ctx, put_string(ctx, &g->kv, values[i]));
 fail:
@@ -186,29 +189,12 @@ fail:
 
 mxq_status mxq_gguf_kv_f32s(mxq_ctx *ctx, mxq_gguf *g, const char *key, const float *values, size_t n)
 {
-    mxq_status status = MXQ_OK;
-    CALL(ctx, array_begin(ctx, g, key, MXQ_GGUF_F32, n));
-    CALL(ctx, append(ctx, &g->kv, values, 4 * n));
-fail:
-    return status;
+    return kv_array(ctx, g, key, MXQ_GGUF_F32, n, values, 4 * n);
 }
 
 mxq_status mxq_gguf_kv_i32s(mxq_ctx *ctx, mxq_gguf *g, const char *key, const int32_t *values, size_t n)
 {
-    mxq_status status = MXQ_OK;
-    CALL(ctx, array_begin(ctx, g, key, MXQ_GGUF_I32, n));
-    CALL(ctx, append(ctx, &g->kv, values, 4 * n));
-fail:
-    return status;
-}
-
-mxq_status mxq_gguf_kv_raw(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t type, const void *value, size_t size)
-{
-    mxq_status status = MXQ_OK;
-    CALL(ctx, kv_begin(ctx, g, key, type));
-    CALL(ctx, append(ctx, &g->kv, value, size));
-fail:
-    return status;
+    return kv_array(ctx, g, key, MXQ_GGUF_I32, n, values, 4 * n);
 }
 
 static uint64_t padded(uint64_t n) { return (n + MXQ_GGUF_ALIGNMENT - 1) / MXQ_GGUF_ALIGNMENT * MXQ_GGUF_ALIGNMENT; }
