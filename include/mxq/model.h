@@ -63,11 +63,6 @@ typedef struct {
 mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg);
 const char *mxq_arch_name(mxq_arch arch);
 
-/* The rotary inverse frequencies [head_dim / 2], Llama-3-scaled when the
- * config says so, as transformers computes them; `unscaled` (may be NULL)
- * gets them before scaling. */
-void mxq_config_rope_frequencies(const mxq_model_config *cfg, double *inv_freq, double *unscaled);
-
 /* Parameter counts, used to balance layers over ranks. */
 size_t mxq_config_layer_params(const mxq_model_config *cfg);
 size_t mxq_config_embedding_params(const mxq_model_config *cfg);

@@ -5,6 +5,43 @@
 /* ggml blocks are little-endian, as this host */
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "GGUF blocks are written in host byte order");
 
+/* The ggml types, defined once: name, elements and bytes per block. */
+static const struct {
+    mxq_ggml_type type;
+    const char *name;
+    int block;
+    int block_bytes;
+} ggml_types[] = {
+    {MXQ_GGML_F32, "F32", 1, 4},
+    {MXQ_GGML_F16, "F16", 1, 2},
+    {MXQ_GGML_Q4_0, "Q4_0", MXQ_GGML_BLOCK, 2 + MXQ_GGML_BLOCK / 2},  /* f16 d, 4-bit codes */
+    {MXQ_GGML_Q8_0, "Q8_0", MXQ_GGML_BLOCK, 2 + MXQ_GGML_BLOCK},      /* f16 d, int8 codes */
+    {MXQ_GGML_BF16, "BF16", 1, 2},
+    {MXQ_GGML_MXFP4, "MXFP4", MXQ_GGML_BLOCK, 1 + MXQ_GGML_BLOCK / 2}, /* E8M0 byte, E2M1 codes */
+};
+
+static int type_index(mxq_ggml_type type)
+{
+    for (size_t i = 0; i < sizeof(ggml_types) / sizeof(ggml_types[0]); i++)
+        if (ggml_types[i].type == type)
+            return (int)i;
+    return -1;
+}
+
+size_t mxq_ggml_row_bytes(mxq_ggml_type type, int64_t n)
+{
+    int i = type_index(type);
+    if (i < 0 || n < 0 || n % ggml_types[i].block != 0)
+        return 0;
+    return (size_t)(n / ggml_types[i].block) * (size_t)ggml_types[i].block_bytes;
+}
+
+const char *mxq_ggml_type_name(mxq_ggml_type type)
+{
+    int i = type_index(type);
+    return i < 0 ? "?" : ggml_types[i].name;
+}
+
 int mxq_mx_ggml_blocks_fit(size_t cols, int block)
 {
     return cols % MXQ_GGML_BLOCK == 0 && block % MXQ_GGML_BLOCK == 0;
@@ -39,12 +76,19 @@ static int all_zero(const uint8_t *codes)
 
 int mxq_mx_ggml_block_fits(const mxq_format *format, const uint8_t *codes, int se)
 {
+    if (se == MXQ_SE_NAN)
+        return 0;
+    if (format->id == MXQ_MXFP4_E2M1)
+        return 1; /* the same E8M0 byte */
     return f16_power_of_two(se - format->mbits) != 0 || all_zero(codes);
 }
 
-/* d of a block that fits: 1.0 for an all-zero block outside f16 */
+/* d of a block that fits: 1.0 for an all-zero block outside f16; 0 for
+ * one that does not fit */
 static uint16_t block_d(const mxq_format *format, const uint8_t *codes, int se)
 {
+    if (se == MXQ_SE_NAN)
+        return 0; /* a NaN block has zero codes: only BF16 keeps its NaN */
     const uint16_t d = f16_power_of_two(se - format->mbits);
     return d ? d : all_zero(codes) ? 0x3C00 : 0;
 }
@@ -54,8 +98,9 @@ static int scale_exponent(const uint8_t *scales, size_t col, int block) { return
 /* Q4_0's 16 bytes: q = k + 8, element j low, element j + 16 high */
 static void pack_q4_0(const mxq_format *format, const uint8_t *codes, uint8_t *dst)
 {
-    for (int j = 0; j < 16; j++) {
-        const int lo = int_code_value(format, codes[j]) + 8, hi = int_code_value(format, codes[j + 16]) + 8;
+    const int half = MXQ_GGML_BLOCK / 2;
+    for (int j = 0; j < half; j++) {
+        const int lo = int_code_value(format, codes[j]) + 8, hi = int_code_value(format, codes[j + half]) + 8;
         dst[j] = (uint8_t)(lo | hi << 4);
     }
 }
@@ -67,12 +112,14 @@ static void pack_q8_0(const mxq_format *format, const uint8_t *codes, uint8_t *d
         dst[j] = (uint8_t)(int8_t)int_code_value(format, codes[j]);
 }
 
-/* Blocks of an f16 d (2 bytes, little-endian as this host) and a payload
- * that `pack` writes; 0 if a block's d is not an f16 value. */
-static int row_to_d_blocks(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols,
-                           int block, size_t block_bytes,
-                           void (*pack)(const mxq_format *, const uint8_t *, uint8_t *), uint8_t *out)
+/* Blocks of `type` that start with an f16 scale d (2 bytes, little-endian
+ * as this host) followed by codes that `pack` writes; 0 if a block's d is
+ * not an f16 value. */
+static int row_to_f16_scaled_blocks(mxq_ggml_type type, const mxq_format *format, const uint8_t *codes,
+                                    const uint8_t *scales, size_t cols, int block,
+                                    void (*pack)(const mxq_format *, const uint8_t *, uint8_t *), uint8_t *out)
 {
+    const size_t block_bytes = mxq_ggml_row_bytes(type, MXQ_GGML_BLOCK);
     for (size_t b = 0; b < cols / MXQ_GGML_BLOCK; b++) {
         const size_t first = b * MXQ_GGML_BLOCK;
         const uint16_t d = block_d(format, codes + first, scale_exponent(scales, first, block));
@@ -88,24 +135,29 @@ static int row_to_d_blocks(const mxq_format *format, const uint8_t *codes, const
 int mxq_mx_row_to_q4_0(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
                        uint8_t *out)
 {
-    return row_to_d_blocks(format, codes, scales, cols, block, 18, pack_q4_0, out);
+    return row_to_f16_scaled_blocks(MXQ_GGML_Q4_0, format, codes, scales, cols, block, pack_q4_0, out);
 }
 
 int mxq_mx_row_to_q8_0(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,
                        uint8_t *out)
 {
-    return row_to_d_blocks(format, codes, scales, cols, block, 34, pack_q8_0, out);
+    return row_to_f16_scaled_blocks(MXQ_GGML_Q8_0, format, codes, scales, cols, block, pack_q8_0, out);
 }
 
-void mxq_mx_row_to_mxfp4(const uint8_t *codes, const uint8_t *scales, size_t cols, int block, uint8_t *out)
+int mxq_mx_row_to_mxfp4(const uint8_t *codes, const uint8_t *scales, size_t cols, int block, uint8_t *out)
 {
+    const size_t block_bytes = mxq_ggml_row_bytes(MXQ_GGML_MXFP4, MXQ_GGML_BLOCK);
+    const int half = MXQ_GGML_BLOCK / 2;
     for (size_t b = 0; b < cols / MXQ_GGML_BLOCK; b++) {
         const size_t first = b * MXQ_GGML_BLOCK;
-        uint8_t *dst = out + b * 17;
+        uint8_t *dst = out + b * block_bytes;
+        if (scale_exponent(scales, first, block) == MXQ_SE_NAN)
+            return 0; /* ggml reads E8M0 0xFF as infinity, not NaN */
         dst[0] = scales[first / (size_t)block];
-        for (int j = 0; j < 16; j++)
-            dst[1 + j] = (uint8_t)((codes[first + j] & 0xF) | (codes[first + j + 16] & 0xF) << 4);
+        for (int j = 0; j < half; j++)
+            dst[1 + j] = (uint8_t)((codes[first + j] & 0xF) | (codes[first + j + half] & 0xF) << 4);
     }
+    return 1;
 }
 
 int mxq_mx_row_to_bf16(const mxq_format *format, const uint8_t *codes, const uint8_t *scales, size_t cols, int block,

@@ -31,38 +31,6 @@ struct mxq_gguf {
     uint64_t written;   /* of it */
 };
 
-static const struct {
-    mxq_ggml_type type;
-    const char *name;
-    int block;       /* elements per block */
-    int block_bytes; /* bytes per block */
-} ggml_types[] = {
-    {MXQ_GGML_F32, "F32", 1, 4},     {MXQ_GGML_F16, "F16", 1, 2},    {MXQ_GGML_Q4_0, "Q4_0", 32, 18},
-    {MXQ_GGML_Q8_0, "Q8_0", 32, 34}, {MXQ_GGML_BF16, "BF16", 1, 2}, {MXQ_GGML_MXFP4, "MXFP4", 32, 17},
-};
-
-static int type_index(mxq_ggml_type type)
-{
-    for (size_t i = 0; i < sizeof(ggml_types) / sizeof(ggml_types[0]); i++)
-        if (ggml_types[i].type == type)
-            return (int)i;
-    return -1;
-}
-
-size_t mxq_ggml_row_bytes(mxq_ggml_type type, int64_t n)
-{
-    int i = type_index(type);
-    if (i < 0 || n < 0 || n % ggml_types[i].block != 0)
-        return 0;
-    return (size_t)(n / ggml_types[i].block) * (size_t)ggml_types[i].block_bytes;
-}
-
-const char *mxq_ggml_type_name(mxq_ggml_type type)
-{
-    int i = type_index(type);
-    return i < 0 ? "?" : ggml_types[i].name;
-}
-
 static mxq_status append(mxq_ctx *ctx, byte_buf *b, const void *data, size_t len)
 {
     mxq_status status = MXQ_OK;
@@ -136,7 +104,8 @@ fail:
     return status;
 }
 
-mxq_status mxq_gguf_kv_raw(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t type, const void *value, size_t size)
+mxq_status mxq_gguf_kv_raw(mxq_ctx *ctx, mxq_gguf *g, const char *key, mxq_gguf_value_type type, const void *value,
+                           size_t size)
 {
     mxq_status status = MXQ_OK;
     CALL(ctx, kv_begin(ctx, g, key, type));
@@ -148,12 +117,12 @@ fail:
 /* Scalars are their little-endian bytes, as this host's. */
 mxq_status mxq_gguf_kv_u32(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t value)
 {
-    return mxq_gguf_kv_raw(ctx, g, key, MXQ_GGUF_U32, &value, 4);
+    return mxq_gguf_kv_raw(ctx, g, key, MXQ_GGUF_U32, &value, sizeof(value));
 }
 
 mxq_status mxq_gguf_kv_f32(mxq_ctx *ctx, mxq_gguf *g, const char *key, float value)
 {
-    return mxq_gguf_kv_raw(ctx, g, key, MXQ_GGUF_F32, &value, 4);
+    return mxq_gguf_kv_raw(ctx, g, key, MXQ_GGUF_F32, &value, sizeof(value));
 }
 
 mxq_status mxq_gguf_kv_bool(mxq_ctx *ctx, mxq_gguf *g, const char *key, int value)
@@ -162,17 +131,12 @@ mxq_status mxq_gguf_kv_bool(mxq_ctx *ctx, mxq_gguf *g, const char *key, int valu
     return mxq_gguf_kv_raw(ctx, g, key, MXQ_GGUF_BOOL, &b, 1);
 }
 
-/* An array of n elements of element_type; `values` (NULL for strings, which
- * the caller appends) holds them as they are written, `size` bytes. */
-static mxq_status kv_array(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t element_type, size_t n,
-                           const void *values, size_t size)
+static mxq_status array_begin(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t element_type, size_t n)
 {
     mxq_status status = MXQ_OK;
     CALL(ctx, kv_begin(ctx, g, key, MXQ_GGUF_ARRAY));
     CALL(ctx, put_u32(ctx, &g->kv, element_type));
     CALL(ctx, put_u64(ctx, &g->kv, n));
-    if (values)
-        CALL(ctx, append(ctx, &g->kv, values, size));
 fail:
     return status;
 }
@@ -180,7 +144,7 @@ fail:
 mxq_status mxq_gguf_kv_strings(mxq_ctx *ctx, mxq_gguf *g, const char *key, const char *const *values, size_t n)
 {
     mxq_status status = MXQ_OK;
-    CALL(ctx, kv_array(ctx, g, key, MXQ_GGUF_STRING, n, NULL, 0));
+    CALL(ctx, array_begin(ctx, g, key, MXQ_GGUF_STRING, n));
     for (size_t i = 0; i < n; i++)
         CALL(ctx, put_string(ctx, &g->kv, values[i]));
 fail:
@@ -189,12 +153,20 @@ fail:
 
 mxq_status mxq_gguf_kv_f32s(mxq_ctx *ctx, mxq_gguf *g, const char *key, const float *values, size_t n)
 {
-    return kv_array(ctx, g, key, MXQ_GGUF_F32, n, values, 4 * n);
+    mxq_status status = MXQ_OK;
+    CALL(ctx, array_begin(ctx, g, key, MXQ_GGUF_F32, n));
+    CALL(ctx, append(ctx, &g->kv, values, n * sizeof(*values)));
+fail:
+    return status;
 }
 
 mxq_status mxq_gguf_kv_i32s(mxq_ctx *ctx, mxq_gguf *g, const char *key, const int32_t *values, size_t n)
 {
-    return kv_array(ctx, g, key, MXQ_GGUF_I32, n, values, 4 * n);
+    mxq_status status = MXQ_OK;
+    CALL(ctx, array_begin(ctx, g, key, MXQ_GGUF_I32, n));
+    CALL(ctx, append(ctx, &g->kv, values, n * sizeof(*values)));
+fail:
+    return status;
 }
 
 static uint64_t padded(uint64_t n) { return (n + MXQ_GGUF_ALIGNMENT - 1) / MXQ_GGUF_ALIGNMENT * MXQ_GGUF_ALIGNMENT; }
@@ -204,12 +176,15 @@ mxq_status mxq_gguf_add_tensor(mxq_ctx *ctx, mxq_gguf *g, const char *name, mxq_
 {
     mxq_status status = MXQ_OK;
     CHECK(ctx, n_dims >= 1 && n_dims <= GGUF_MAX_DIMS, MXQ_ERR_ARG, "GGUF tensor '%s': %d dimensions", name, n_dims);
-    uint64_t rows = 1;
-    for (int d = 1; d < n_dims; d++)
-        rows *= (uint64_t)ne[d];
+    uint64_t rows = 1, size = 0;
+    for (int d = 0; d < n_dims; d++)
+        CHECK(ctx, ne[d] >= 0 && (d == 0 || !__builtin_mul_overflow(rows, (uint64_t)ne[d], &rows)), MXQ_ERR_ARG,
+              "GGUF tensor '%s': dimension %d (%lld) is negative or the size overflows", name, d, (long long)ne[d]);
     const size_t row = mxq_ggml_row_bytes(type, ne[0]);
     CHECK(ctx, row > 0 || ne[0] == 0, MXQ_ERR_ARG, "GGUF tensor '%s': rows of %lld elements cannot be %s", name,
           (long long)ne[0], mxq_ggml_type_name(type));
+    CHECK(ctx, !__builtin_mul_overflow(rows, (uint64_t)row, &size) && size <= UINT64_MAX - g->data_size - MXQ_GGUF_ALIGNMENT,
+          MXQ_ERR_ARG, "GGUF tensor '%s': its size overflows", name);
     if (g->n_tensors == g->cap_tensors) {
         size_t cap = g->cap_tensors ? 2 * g->cap_tensors : 64;
         tensor_info *grown = realloc(g->tensors, cap * sizeof(*grown));
@@ -222,7 +197,7 @@ mxq_status mxq_gguf_add_tensor(mxq_ctx *ctx, mxq_gguf *g, const char *name, mxq_
     CHECK_ALLOC(ctx, t->name, strlen(name) + 1, "a tensor name");
     t->type = type, t->n_dims = n_dims;
     memcpy(t->ne, ne, (size_t)n_dims * sizeof(int64_t));
-    t->size = rows * row;
+    t->size = size;
     t->offset = g->data_size;
     g->data_size += padded(t->size);
     g->n_tensors++;
@@ -293,101 +268,162 @@ typedef struct {
     size_t size, at;
 } gguf_reader;
 
-static mxq_status take(gguf_reader *r, size_t n, const uint8_t **out)
+/* n bytes at the reader's position; `what` names them in the error */
+static mxq_status take(gguf_reader *r, size_t n, const char *what, const uint8_t **out)
 {
     mxq_status status = MXQ_OK;
-    CHECK(r->ctx, n <= r->size - r->at, MXQ_ERR_FORMAT, "%s: ends inside its key-values (at byte %zu): not a GGUF file",
-          r->path, r->at);
+    CHECK(r->ctx, n <= r->size - r->at, MXQ_ERR_FORMAT, "%s: ends inside %s (at byte %zu): not a whole GGUF file",
+          r->path, what, r->at);
     *out = r->bytes + r->at;
     r->at += n;
 fail:
     return status;
 }
 
-static mxq_status take_u64(gguf_reader *r, uint64_t *v)
+static mxq_status take_u32(gguf_reader *r, const char *what, uint32_t *v)
 {
     const uint8_t *p;
-    mxq_status status = take(r, 8, &p);
+    mxq_status status = take(r, 4, what, &p);
+    if (status == MXQ_OK)
+        memcpy(v, p, 4);
+    return status;
+}
+
+static mxq_status take_u64(gguf_reader *r, const char *what, uint64_t *v)
+{
+    const uint8_t *p;
+    mxq_status status = take(r, 8, what, &p);
     if (status == MXQ_OK)
         memcpy(v, p, 8);
     return status;
 }
 
-/* Skips one value of type `type` (depth: arrays of arrays are bounded). */
-static mxq_status skip_value(gguf_reader *r, uint32_t type, int depth)
+/* bytes of a scalar type's value; 0 for strings, arrays and non-types */
+static size_t scalar_size(uint32_t type)
 {
     static const uint8_t sizes[] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+    return type < sizeof(sizes) ? sizes[type] : 0;
+}
+
+/* Skips one value of type `type`, as llama.cpp reads them: scalars,
+ * strings, and arrays of scalars or strings (not of arrays). An array's
+ * element type and count go to *array (when it is one). */
+static mxq_status skip_value(gguf_reader *r, uint32_t type, mxq_gguf_array *array)
+{
     mxq_status status = MXQ_OK;
     const uint8_t *p;
     uint64_t n = 0;
-    CHECK(r->ctx, type <= 12, MXQ_ERR_FORMAT, "%s: value type %u at byte %zu is not a GGUF type", r->path, type, r->at);
-    CHECK(r->ctx, depth < 4, MXQ_ERR_FORMAT, "%s: arrays nested more than 4 deep at byte %zu", r->path, r->at);
+    CHECK(r->ctx, type <= MXQ_GGUF_F64, MXQ_ERR_FORMAT, "%s: value type %u at byte %zu is not a GGUF type", r->path,
+          type, r->at);
     if (type == MXQ_GGUF_STRING) {
-        CALL(r->ctx, take_u64(r, &n));
-        CALL(r->ctx, take(r, (size_t)n, &p));
+        CALL(r->ctx, take_u64(r, "a string's length", &n));
+        CALL(r->ctx, take(r, (size_t)n, "a string", &p));
     } else if (type == MXQ_GGUF_ARRAY) {
         uint32_t element;
-        CALL(r->ctx, take(r, 4, &p));
-        memcpy(&element, p, 4);
-        CALL(r->ctx, take_u64(r, &n));
-        if (element != MXQ_GGUF_STRING && element != MXQ_GGUF_ARRAY && element <= 12) {
-            CHECK(r->ctx, n <= (r->size - r->at) / sizes[element], MXQ_ERR_FORMAT, "%s: an array at byte %zu runs past the end",
-                  r->path, r->at);
-            CALL(r->ctx, take(r, (size_t)n * sizes[element], &p));
-        } else {
+        CALL(r->ctx, take_u32(r, "an array's type", &element));
+        CALL(r->ctx, take_u64(r, "an array's length", &n));
+        CHECK(r->ctx, element <= MXQ_GGUF_F64 && element != MXQ_GGUF_ARRAY, MXQ_ERR_FORMAT,
+              "%s: an array of element type %u at byte %zu (llama.cpp reads arrays of scalars or strings)", r->path,
+              element, r->at);
+        array->element = element, array->count = n, array->first = r->at;
+        if (element == MXQ_GGUF_STRING) {
             for (uint64_t i = 0; i < n; i++)
-                CALL(r->ctx, skip_value(r, element, depth + 1));
+                CALL(r->ctx, skip_value(r, element, NULL));
+        } else {
+            CHECK(r->ctx, n <= (r->size - r->at) / scalar_size(element), MXQ_ERR_FORMAT,
+                  "%s: an array at byte %zu runs past the end", r->path, r->at);
+            CALL(r->ctx, take(r, (size_t)n * scalar_size(element), "an array", &p));
         }
     } else {
-        CALL(r->ctx, take(r, sizes[type], &p));
+        CALL(r->ctx, take(r, scalar_size(type), "a value", &p));
     }
 fail:
     return status;
 }
 
+/* The arrays of the vocabulary keys, for the caller to check. */
+static mxq_gguf_array *vocab_array(mxq_gguf_kvs *kvs, const char *key)
+{
+    return strcmp(key, "tokenizer.ggml.tokens") == 0       ? &kvs->tokens
+           : strcmp(key, "tokenizer.ggml.scores") == 0     ? &kvs->scores
+           : strcmp(key, "tokenizer.ggml.token_type") == 0 ? &kvs->token_types
+                                                           : NULL;
+}
+
+/* Key i: no NUL inside (it would be cut short), none seen before (llama.cpp
+ * refuses a file with a key twice). keys[] holds the earlier ones. */
+static mxq_status read_key(gguf_reader *r, uint64_t i, char *const *keys, char *key)
+{
+    mxq_status status = MXQ_OK;
+    uint64_t len;
+    const uint8_t *p;
+    CALL(r->ctx, take_u64(r, "a key's length", &len));
+    CHECK(r->ctx, len > 0 && len < MXQ_GGUF_MAX_KEY, MXQ_ERR_FORMAT, "%s: key %llu is %llu bytes long (1 to %d are read)",
+          r->path, (unsigned long long)i, (unsigned long long)len, MXQ_GGUF_MAX_KEY - 1);
+    CALL(r->ctx, take(r, (size_t)len, "a key", &p));
+    CHECK(r->ctx, memchr(p, 0, (size_t)len) == NULL, MXQ_ERR_FORMAT, "%s: key %llu has a NUL byte in it", r->path,
+          (unsigned long long)i);
+    memcpy(key, p, (size_t)len);
+    key[len] = '\0';
+    for (uint64_t j = 0; j < i; j++)
+        CHECK(r->ctx, strcmp(keys[j], key) != 0, MXQ_ERR_FORMAT, "%s: key '%s' appears twice", r->path, key);
+fail:
+    return status;
+}
+
+/* The header: magic, version 2 or 3, tensor and key-value counts. */
+static mxq_status read_header(gguf_reader *r, uint64_t *n_kv)
+{
+    mxq_status status = MXQ_OK;
+    const uint8_t *p;
+    uint32_t version;
+    uint64_t n_tensors;
+    CALL(r->ctx, take(r, 4, "its magic", &p));
+    CHECK(r->ctx, memcmp(p, "GGUF", 4) == 0, MXQ_ERR_FORMAT, "%s: not a GGUF file (no 'GGUF' magic)", r->path);
+    CALL(r->ctx, take_u32(r, "its header", &version));
+    CHECK(r->ctx, version == 2 || version == 3, MXQ_ERR_FORMAT, "%s: GGUF version %u (2 and 3 are read)", r->path,
+          version);
+    CALL(r->ctx, take_u64(r, "its header", &n_tensors));
+    CALL(r->ctx, take_u64(r, "its header", n_kv));
+    /* a key-value takes 12 bytes at least: a count beyond that is a lie */
+    CHECK(r->ctx, *n_kv <= (r->size - r->at) / 12, MXQ_ERR_FORMAT, "%s: claims %llu key-values in %zu bytes", r->path,
+          (unsigned long long)*n_kv, r->size);
+fail:
+    return status;
+}
+
 mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const void *bytes, size_t size,
-                             const char *prefix, int *copied, uint64_t *n_tokens)
+                             const char *prefix, mxq_gguf_kvs *kvs)
 {
     mxq_status status = MXQ_OK;
     gguf_reader r = {ctx, path, bytes, size, 0};
-    const uint8_t *p;
-    uint32_t version;
-    uint64_t n_tensors, n_kv;
-    *copied = 0;
-    *n_tokens = 0;
-    CALL(ctx, take(&r, 8, &p));
-    CHECK(ctx, memcmp(p, "GGUF", 4) == 0, MXQ_ERR_FORMAT, "%s: not a GGUF file (no 'GGUF' magic)", path);
-    memcpy(&version, p + 4, 4);
-    CHECK(ctx, version == 2 || version == 3, MXQ_ERR_FORMAT, "%s: GGUF version %u (2 and 3 are read)", path, version);
-    CALL(ctx, take_u64(&r, &n_tensors));
-    CALL(ctx, take_u64(&r, &n_kv));
+    uint64_t n_kv = 0;
+    char **keys = NULL;
+    memset(kvs, 0, sizeof(*kvs));
+    CALL(ctx, read_header(&r, &n_kv));
+    keys = calloc(n_kv ? (size_t)n_kv : 1, sizeof(*keys));
+    CHECK_ALLOC(ctx, keys, (size_t)n_kv * sizeof(*keys), "the GGUF's keys");
     for (uint64_t i = 0; i < n_kv; i++) {
-        uint64_t key_len;
+        char key[MXQ_GGUF_MAX_KEY];
         uint32_t type;
-        CALL(ctx, take_u64(&r, &key_len));
-        CHECK(ctx, key_len < 256, MXQ_ERR_FORMAT, "%s: key %llu is %llu bytes long (at most 255 are read)", path,
-              (unsigned long long)i, (unsigned long long)key_len);
-        char key[256];
-        CALL(ctx, take(&r, (size_t)key_len, &p));
-        memcpy(key, p, (size_t)key_len);
-        key[key_len] = '\0';
-        CALL(ctx, take(&r, 4, &p));
-        memcpy(&type, p, 4);
+        CALL(ctx, read_key(&r, i, keys, key));
+        keys[i] = strdup(key);
+        CHECK_ALLOC(ctx, keys[i], strlen(key) + 1, "a GGUF key");
+        CALL_IN(ctx, take_u32(&r, "a value's type", &type), "key '%s'", key);
         const size_t value_at = r.at;
-        CALL(ctx, skip_value(&r, type, 0));
-        if (strcmp(key, "tokenizer.ggml.tokens") == 0) {
-            uint32_t element = 0;
-            if (type == MXQ_GGUF_ARRAY)
-                memcpy(&element, r.bytes + value_at, 4);
-            CHECK(ctx, type == MXQ_GGUF_ARRAY && element == MXQ_GGUF_STRING, MXQ_ERR_FORMAT,
-                  "%s: tokenizer.ggml.tokens is not an array of strings", path);
-            memcpy(n_tokens, r.bytes + value_at + 4, 8); /* element type, then the count */
-        }
+        mxq_gguf_array scratch = {0}, *array = vocab_array(kvs, key);
+        CALL_IN(ctx, skip_value(&r, type, array && type == MXQ_GGUF_ARRAY ? array : &scratch), "key '%s'", key);
+        if (array)
+            array->present = 1, array->type = type;
         if (strncmp(key, prefix, strlen(prefix)) == 0) {
-            CALL(ctx, mxq_gguf_kv_raw(ctx, g, key, type, r.bytes + value_at, r.at - value_at));
-            (*copied)++;
+            CALL(ctx, mxq_gguf_kv_raw(ctx, g, key, (mxq_gguf_value_type)type, r.bytes + value_at, r.at - value_at));
+            kvs->copied++;
         }
     }
+    kvs->end = r.at;
 fail:
+    for (uint64_t i = 0; keys && i < n_kv; i++)
+        free(keys[i]);
+    free(keys);
     return status;
 }

@@ -16,20 +16,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "formats/mx_ggml.h"
 #include "io/fsutil.h"
 #include "mxq/core.h"
 
 #define MXQ_GGUF_ALIGNMENT 32
-
-/* ggml tensor types mxq writes */
-typedef enum {
-    MXQ_GGML_F32 = 0,
-    MXQ_GGML_F16 = 1,
-    MXQ_GGML_Q4_0 = 2,
-    MXQ_GGML_Q8_0 = 8,
-    MXQ_GGML_BF16 = 30,
-    MXQ_GGML_MXFP4 = 39,
-} mxq_ggml_type;
 
 /* gguf value types */
 typedef enum {
@@ -48,11 +39,6 @@ typedef enum {
     MXQ_GGUF_F64 = 12,
 } mxq_gguf_value_type;
 
-/* Bytes of one row of `n` elements of a ggml type (n a multiple of the
- * type's block of 32 for the block types), or 0 if it is not. */
-size_t mxq_ggml_row_bytes(mxq_ggml_type type, int64_t n);
-const char *mxq_ggml_type_name(mxq_ggml_type type);
-
 typedef struct mxq_gguf mxq_gguf;
 
 mxq_status mxq_gguf_create(mxq_ctx *ctx, mxq_gguf **out);
@@ -65,17 +51,37 @@ mxq_status mxq_gguf_kv_bool(mxq_ctx *ctx, mxq_gguf *g, const char *key, int valu
 mxq_status mxq_gguf_kv_strings(mxq_ctx *ctx, mxq_gguf *g, const char *key, const char *const *values, size_t n);
 mxq_status mxq_gguf_kv_f32s(mxq_ctx *ctx, mxq_gguf *g, const char *key, const float *values, size_t n);
 mxq_status mxq_gguf_kv_i32s(mxq_ctx *ctx, mxq_gguf *g, const char *key, const int32_t *values, size_t n);
-/* A key-value copied as it is: `value` holds the serialized value of type
- * `type` (for an array: element type, count, elements), `size` bytes. */
-mxq_status mxq_gguf_kv_raw(mxq_ctx *ctx, mxq_gguf *g, const char *key, uint32_t type, const void *value,
+/* A key-value from its serialized value of type `type` (for an array:
+ * element type, count, elements), `size` bytes: the scalar setters' path,
+ * and a key-value copied from another GGUF as it is. */
+mxq_status mxq_gguf_kv_raw(mxq_ctx *ctx, mxq_gguf *g, const char *key, mxq_gguf_value_type type, const void *value,
                            size_t size);
 
+#define MXQ_GGUF_MAX_KEY 256 /* bytes of a key read, with its NUL */
+
+/* An array value found by mxq_gguf_copy_kvs. */
+typedef struct {
+    int present;      /* the key was there */
+    uint32_t type;    /* its value type (MXQ_GGUF_ARRAY when it is an array) */
+    uint32_t element; /* an array's element type, its count, and where its first element is in the file */
+    uint64_t count;
+    size_t first;
+} mxq_gguf_array;
+
+/* What mxq_gguf_copy_kvs read: how many key-values it copied, where they
+ * end in the file, and the vocabulary's arrays for the caller to check. */
+typedef struct {
+    int copied;
+    size_t end;
+    mxq_gguf_array tokens, scores, token_types; /* tokenizer.ggml.{tokens,scores,token_type} */
+} mxq_gguf_kvs;
+
 /* Copy every key-value of the GGUF file in `bytes` (`size` bytes, from
- * `path`) whose key starts with `prefix` ("tokenizer."); *copied counts
- * them, *n_tokens gets the length of tokenizer.ggml.tokens (0: absent).
- * Reads the header and key-values only, each bounded by the size. */
+ * `path`) whose key starts with `prefix` ("tokenizer."). Reads the header
+ * and key-values only, each bounded by the size, as llama.cpp would accept
+ * them: no key twice, none with a NUL, no array of arrays. */
 mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const void *bytes, size_t size,
-                             const char *prefix, int *copied, uint64_t *n_tokens);
+                             const char *prefix, mxq_gguf_kvs *kvs);
 
 /* A tensor of `n_dims` dimensions, ne[0] the fastest-varying (a [rows, cols]
  * matrix is ne = {cols, rows}). Its data follows in the order added. */

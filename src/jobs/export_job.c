@@ -19,6 +19,7 @@
 #include "formats/mx_ggml.h"
 #include "io/fsutil.h"
 #include "io/gguf.h"
+#include "model/rope.h"
 #include "mxq/jobs.h"
 #include "mxq/safetensors.h"
 
@@ -55,8 +56,9 @@ fail:
     return status;
 }
 
-/* Whether every block of an MX linear can be a Q4_0/Q8_0 block (its d an
- * f16, or all its codes zero): the codes are read to tell. */
+/* Whether every block of an MX linear can be a ggml block (no NaN scale;
+ * for Q4_0/Q8_0 its d an f16, or all its codes zero): the codes are read
+ * to tell. */
 static mxq_status blocks_fit(mxq_ctx *ctx, const mxq_mx_spec *spec, const mxq_tensor_view *packed,
                              const mxq_tensor_view *scales, const export_tensor *t, int *fit)
 {
@@ -98,17 +100,13 @@ static mxq_status choose_mx_type(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_
         t->why_bf16 = "rows are not whole blocks of 32";
         return MXQ_OK;
     }
-    if (f->id == MXQ_MXFP4_E2M1) {
-        t->type = MXQ_GGML_MXFP4;
-        return MXQ_OK;
-    }
     snprintf(name, sizeof(name), "%s.weight_packed", t->source);
     CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &packed));
     CALL(ctx, blocks_fit(ctx, spec, packed, scales, t, &fit));
     if (fit)
-        t->type = f->id == MXQ_MXINT8 ? MXQ_GGML_Q8_0 : MXQ_GGML_Q4_0;
+        t->type = f->id == MXQ_MXFP4_E2M1 ? MXQ_GGML_MXFP4 : f->id == MXQ_MXINT8 ? MXQ_GGML_Q8_0 : MXQ_GGML_Q4_0;
     else
-        t->why_bf16 = "a block's scale is outside f16";
+        t->why_bf16 = f->id == MXQ_MXFP4_E2M1 ? "a block's scale is NaN" : "a block's scale is NaN or outside f16";
 fail:
     return status;
 }
@@ -157,37 +155,34 @@ fail:
 }
 
 /* Llama-3 rope scaling as llama.cpp takes it: a rope_freqs tensor of
- * factors [head_dim / 2] that its rope divides each frequency by. */
-static mxq_status rope_factors(mxq_ctx *ctx, const mxq_model_config *cfg, float **out)
+ * divisors [head_dim / 2], one per frequency. */
+static mxq_status rope_divisors(mxq_ctx *ctx, const mxq_model_config *cfg, float **out)
 {
     mxq_status status = MXQ_OK;
-    const int half = cfg->head_dim / 2;
-    double *scaled = calloc((size_t)half, sizeof(double)), *unscaled = calloc((size_t)half, sizeof(double));
-    float *factors = calloc((size_t)half, sizeof(float));
-    CHECK_ALLOC(ctx, scaled && unscaled && factors, (size_t)half * 20, "the rope frequency factors");
-    mxq_config_rope_frequencies(cfg, scaled, unscaled);
-    for (int i = 0; i < half; i++)
-        factors[i] = (float)(unscaled[i] / scaled[i]);
-    *out = factors, factors = NULL;
+    const size_t half = (size_t)cfg->head_dim / 2;
+    float *divisors = calloc(half, sizeof(float));
+    CHECK_ALLOC(ctx, divisors, half * sizeof(float), "the rope frequency divisors");
+    mxq_rope_llama3_divisors(cfg, divisors);
+    *out = divisors;
 fail:
-    free(scaled), free(unscaled), free(factors);
     return status;
 }
 
 /* Every tensor of the GGUF in llama.cpp's order; *n gets their count.
- * `factors` (Llama-3 rope scaling, or NULL) becomes rope_freqs. */
-static mxq_status export_plan(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_checkpoint *ckpt, const float *factors,
+ * `rope_freqs` (Llama-3 rope scaling's divisors, or NULL) becomes a tensor. */
+static mxq_status export_plan(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_checkpoint *ckpt, const float *rope_freqs,
                               export_tensor **out, size_t *n)
 {
     mxq_status status = MXQ_OK;
-    const size_t count = 4 + (size_t)cfg->n_layers * 9 + (cfg->tie_embeddings ? 0 : 1);
+    /* embedding, output norm, rope_freqs if any, 9 per layer, output if untied */
+    const size_t count = 3 + (size_t)cfg->n_layers * 9 + (cfg->tie_embeddings ? 0 : 1);
     export_tensor *t = calloc(count, sizeof(*t));
     size_t k = 0;
     CHECK_ALLOC(ctx, t, count * sizeof(*t), "the export plan");
-    if (factors) {
+    if (rope_freqs) {
         snprintf(t[k].name, sizeof(t[k].name), "rope_freqs.weight");
         snprintf(t[k].source, sizeof(t[k].source), "(Llama-3 rope scaling of config.json)");
-        t[k].rows = 1, t[k].cols = cfg->head_dim / 2, t[k].type = MXQ_GGML_F32, t[k].values = factors;
+        t[k].rows = 1, t[k].cols = cfg->head_dim / 2, t[k].type = MXQ_GGML_F32, t[k].values = rope_freqs;
         k++;
     }
     CALL(ctx, plan_plain(ctx, ckpt, "token_embd.weight", "model.embed_tokens.weight", cfg->vocab, cfg->hidden, &t[k++]));
@@ -377,7 +372,7 @@ static int convert_mx_row(const mxq_model_config *cfg, const export_tensor *t, c
     switch (t->type) {
     case MXQ_GGML_Q4_0: return mxq_mx_row_to_q4_0(spec->format, codes, scales, cols, spec->block, out);
     case MXQ_GGML_Q8_0: return mxq_mx_row_to_q8_0(spec->format, codes, scales, cols, spec->block, out);
-    case MXQ_GGML_MXFP4: mxq_mx_row_to_mxfp4(codes, scales, cols, spec->block, out); return 1;
+    case MXQ_GGML_MXFP4: return mxq_mx_row_to_mxfp4(codes, scales, cols, spec->block, out);
     default: return mxq_mx_row_to_bf16(spec->format, codes, scales, cols, spec->block, (uint16_t *)out);
     }
 }
@@ -391,7 +386,10 @@ static mxq_status write_tensor(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_ch
     const mxq_tensor_view *data = NULL, *scales = NULL;
     char name[256];
     CHECK_ALLOC(ctx, row && codes, row_bytes + (size_t)t->cols, "a row of the export");
-    snprintf(name, sizeof(name), t->mx ? "%s.weight_packed" : "%s", t->source);
+    if (t->mx)
+        snprintf(name, sizeof(name), "%s.weight_packed", t->source);
+    else
+        snprintf(name, sizeof(name), "%s", t->source);
     CALL(ctx, mxq_checkpoint_get(ctx, ckpt, name, &data));
     if (t->mx) {
         snprintf(name, sizeof(name), "%s.weight_scale", t->source);
@@ -422,23 +420,75 @@ fail:
     return status;
 }
 
+/* The token texts of a GGUF's tokenizer.ggml.tokens (its strings were
+ * bounded by the reader), as a vocab for check_unique_tokens. */
+static mxq_status gguf_token_texts(mxq_ctx *ctx, const uint8_t *bytes, const mxq_gguf_array *tokens, vocab *v)
+{
+    mxq_status status = MXQ_OK;
+    v->tokens = calloc((size_t)tokens->count, sizeof(char *));
+    CHECK_ALLOC(ctx, v->tokens, (size_t)tokens->count * sizeof(char *), "the vocabulary's texts");
+    v->n = (int)tokens->count;
+    size_t at = tokens->first;
+    for (uint64_t i = 0; i < tokens->count; i++) {
+        uint64_t len;
+        memcpy(&len, bytes + at, 8);
+        v->tokens[i] = strndup((const char *)bytes + at + 8, (size_t)len);
+        CHECK_ALLOC(ctx, v->tokens[i], (size_t)len + 1, "a token's text");
+        at += 8 + (size_t)len;
+    }
+fail:
+    return status;
+}
+
+/* The vocabulary arrays llama.cpp reads for each token: the texts (n_vocab
+ * strings, each once), and if present F32 scores and I32 types as many. */
+static mxq_status check_gguf_vocab(mxq_ctx *ctx, const char *path, const uint8_t *bytes, const mxq_gguf_kvs *kvs,
+                                   int n_vocab)
+{
+    mxq_status status = MXQ_OK;
+    vocab texts = {0};
+    CHECK(ctx, kvs->tokens.present && kvs->tokens.type == MXQ_GGUF_ARRAY && kvs->tokens.element == MXQ_GGUF_STRING,
+          MXQ_ERR_FORMAT, "%s: tokenizer.ggml.tokens is %s; an array of strings was expected", path,
+          kvs->tokens.present ? "not an array of strings" : "missing");
+    CHECK(ctx, kvs->tokens.count == (uint64_t)n_vocab, MXQ_ERR_FORMAT,
+          "%s: its tokenizer.ggml.tokens has %llu tokens; the model's vocabulary has %d: not the same model", path,
+          (unsigned long long)kvs->tokens.count, n_vocab);
+    const struct {
+        const mxq_gguf_array *array;
+        const char *key;
+        uint32_t element;
+        const char *element_name;
+    } per_token[] = {{&kvs->scores, "tokenizer.ggml.scores", MXQ_GGUF_F32, "f32"},
+                     {&kvs->token_types, "tokenizer.ggml.token_type", MXQ_GGUF_I32, "i32"}};
+    for (size_t i = 0; i < sizeof(per_token) / sizeof(per_token[0]); i++) {
+        const mxq_gguf_array *a = per_token[i].array;
+        CHECK(ctx, !a->present || (a->type == MXQ_GGUF_ARRAY && a->element == per_token[i].element &&
+                                   a->count == (uint64_t)n_vocab),
+              MXQ_ERR_FORMAT, "%s: %s must be an array of %d %s values (one per token)", path, per_token[i].key,
+              n_vocab, per_token[i].element_name);
+    }
+    CALL(ctx, gguf_token_texts(ctx, bytes, &kvs->tokens, &texts));
+    CALL(ctx, check_unique_tokens(ctx, path, &texts));
+fail:
+    vocab_free(&texts);
+    return status;
+}
+
 /* --vocab-from: the tokenizer.* key-values of another GGUF of the model. */
 static mxq_status copy_vocab(mxq_ctx *ctx, mxq_gguf *g, const char *path, int n_vocab)
 {
     mxq_status status = MXQ_OK;
-    int fd = -1, copied = 0;
+    int fd = -1;
     void *map = MAP_FAILED;
     struct stat st;
+    mxq_gguf_kvs kvs;
     CALL(ctx, mxq_input_open(ctx, path, "vocabulary GGUF", &fd));
     CHECK(ctx, fstat(fd, &st) == 0 && st.st_size > 0, MXQ_ERR_IO, "%s: cannot read its size, or it is empty", path);
     map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
     CHECK(ctx, map != MAP_FAILED, MXQ_ERR_IO, "%s: cannot map it", path);
-    uint64_t tokens = 0;
-    CALL(ctx, mxq_gguf_copy_kvs(ctx, g, path, map, (size_t)st.st_size, "tokenizer.", &copied, &tokens));
-    CHECK(ctx, copied > 0, MXQ_ERR_FORMAT, "%s: has no tokenizer.* keys to take the vocabulary from", path);
-    CHECK(ctx, tokens == (uint64_t)n_vocab, MXQ_ERR_FORMAT,
-          "%s: its tokenizer.ggml.tokens has %llu tokens; the model's vocabulary has %d: not the same model", path,
-          (unsigned long long)tokens, n_vocab);
+    CALL(ctx, mxq_gguf_copy_kvs(ctx, g, path, map, (size_t)st.st_size, "tokenizer.", &kvs));
+    CHECK(ctx, kvs.copied > 0, MXQ_ERR_FORMAT, "%s: has no tokenizer.* keys to take the vocabulary from", path);
+    CALL(ctx, check_gguf_vocab(ctx, path, map, &kvs, n_vocab));
 fail:
     if (map != MAP_FAILED)
         munmap(map, (size_t)st.st_size);
@@ -512,7 +562,8 @@ static mxq_status write_file(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_chec
     for (size_t i = 0; i < n; i++) {
         CALL(ctx, mxq_fault_point(ctx, "export.tensor")); /* a stop signal: the temporary file goes */
         if (t[i].values)
-            CALL(ctx, mxq_gguf_write_data(ctx, g, out, t[i].values, (size_t)t[i].cols * sizeof(float)));
+            CALL_IN(ctx, mxq_gguf_write_data(ctx, g, out, t[i].values, (size_t)t[i].cols * sizeof(float)), "tensor %s",
+                    t[i].name);
         else
             CALL_IN(ctx, write_tensor(ctx, cfg, ckpt, g, out, &t[i]), "tensor %s", t[i].name);
         if ((i + 1) % 64 == 0 || i + 1 == n)
@@ -554,7 +605,7 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     mxq_checkpoint *ckpt = NULL;
     mxq_gguf *g = NULL;
     export_tensor *plan = NULL;
-    float *factors = NULL;
+    float *rope_freqs = NULL;
     size_t n = 0;
     vocab v = {0};
     mxq_input_set inputs = {0};
@@ -577,8 +628,8 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
         CALL(ctx, read_tokenizer_bin(ctx, tokenizer, cfg.vocab, &v));
     CALL(ctx, mxq_checkpoint_open(ctx, dir, &ckpt));
     if (cfg.rope_factor > 0)
-        CALL(ctx, rope_factors(ctx, &cfg, &factors));
-    CALL(ctx, export_plan(ctx, &cfg, ckpt, factors, &plan, &n));
+        CALL(ctx, rope_divisors(ctx, &cfg, &rope_freqs));
+    CALL(ctx, export_plan(ctx, &cfg, ckpt, rope_freqs, &plan, &n));
     CALL(ctx, mxq_gguf_create(ctx, &g));
     CALL(ctx, write_hyperparameters(ctx, g, &cfg, dir));
     if (opt->vocab_from)
@@ -595,7 +646,7 @@ fail:
     mxq_output_abort(&out);
     mxq_gguf_free(g);
     free(plan);
-    free(factors);
+    free(rope_freqs);
     vocab_free(&v);
     mxq_checkpoint_close(ckpt);
     mxq_input_set_free(&inputs);

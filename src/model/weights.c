@@ -9,6 +9,7 @@
 #include "io/tensor_views.h"
 #include "model/lazy.h"
 #include "model/model_internal.h"
+#include "model/rope.h"
 #include "mxq/model.h"
 
 
@@ -324,7 +325,7 @@ static mxq_status load_model(mxq_ctx *ctx, const char *dir, const mxq_model_conf
     m->layers = calloc(n_local ? (size_t)n_local : 1, sizeof(mxq_layer));
     m->rope_inv_freq = calloc((size_t)cfg->head_dim / 2, sizeof(double));
     CHECK_ALLOC(ctx, m->layers && m->rope_inv_freq, (size_t)n_local * sizeof(mxq_layer), "the layer table");
-    mxq_config_rope_frequencies(cfg, m->rope_inv_freq, NULL);
+    mxq_rope_frequencies(cfg, m->rope_inv_freq);
     for (int l = part->first_layer; l < part->last_layer && !every; l++)
         CALL(ctx, load_layer(ctx, ckpt, cfg, l, &m->layers[l - part->first_layer]));
     if (every)

@@ -200,15 +200,16 @@ static tu_run_result run_mxq(const char *const *args)
     return r;
 }
 
-/* The checkpoint of `format` at `block` (round to nearest, weights only). */
-static const char *quantized(const char *format, int block)
+/* The checkpoint of `format` at `block` (round to nearest, weights only),
+ * in scratch directory `name` (NULL: "<format>-<block>"). */
+static const char *quantized_to(const char *format, int block, const char *name_or_null)
 {
     char from[] = "weights:     {format: mxint4, block: 32, rounding: even}", to[128], name[64];
     snprintf(to, sizeof(to), "weights:     {format: %s, block: %d, rounding: even}", format, block);
     snprintf(name, sizeof(name), "%s-%d.yaml", format, block);
     const char *recipe = tu_edited_copy(tu_data_path("../configs/recipes/block32/w4a8-mxint-rtn.yaml"), from, to, name);
     recipe = tu_edited_copy(recipe, "activations: {format: mxint8, block: 32}", "activations: none", name);
-    const char *dir = tu_scratch_path("%s-%d", format, block);
+    const char *dir = name_or_null ? tu_scratch_path("%s", name_or_null) : tu_scratch_path("%s-%d", format, block);
     const char *args[] = {"quantize", "-q", "--model", tu_data_path("stories260K"), "--calib",
                           tu_data_path("stories260K/calib.h5"), "--recipe", recipe, "--out", dir, NULL};
     tu_run_result r = run_mxq(args);
@@ -216,6 +217,8 @@ static const char *quantized(const char *format, int block)
         fail_msg("quantize %s-%d failed: %.600s", format, block, r.err);
     return dir;
 }
+
+static const char *quantized(const char *format, int block) { return quantized_to(format, block, NULL); }
 
 /* Export `dir` and compare every tensor with mxq's own load of it; counts
  * the GGUF types seen into `seen` (indexed by ggml type). */
@@ -312,6 +315,7 @@ static void test_llama3_rope_freqs(void **state)
     assert_int_equal(t->type, 0);
     assert_int_equal(t->n_dims, 1);
     assert_int_equal(t->ne[0], 4);
+    assert_true(f.data_start + t->offset + 4 * sizeof(float) <= f.size);
     const float *got = (const float *)(f.bytes + f.data_start + t->offset);
     for (int i = 0; i < 4; i++) {
         const double wavelen = 2 * M_PI * pow(10000.0, i / 4.0);
@@ -323,6 +327,156 @@ static void test_llama3_rope_freqs(void **state)
     assert_true(got[1] > 1 && got[1] < 8);
     free(f.tensors);
     free(f.bytes);
+}
+
+/* A NaN block (E8M0 0xFF, zero codes, as mxq stores one) has no Q4_0 or
+ * MXFP4 form (Q4_0's d would make it zeros, ggml reads an MXFP4 0xFF as
+ * infinity): its linear goes to BF16, which keeps the NaN, and says why. */
+static void test_nan_block(void **state)
+{
+    (void)state;
+    const char *formats[] = {"mxint4", "mxfp4_e2m1"};
+    for (int i = 0; i < 2; i++) {
+        const char *dir = quantized_to(formats[i], 32, i ? "nan-mxfp4" : "nan-mxint4");
+        const uint8_t nan_scale = 0xFF, zeros[16] = {0};
+        tu_poke_tensor(dir, "model-00001-of-00001.safetensors", "model.layers.0.self_attn.q_proj.weight_scale", 0,
+                       &nan_scale, 1);
+        tu_poke_tensor(dir, "model-00001-of-00001.safetensors", "model.layers.0.self_attn.q_proj.weight_packed", 0,
+                       zeros, sizeof(zeros));
+        const char *gguf = tu_scratch_path("nan-%d.gguf", i);
+        const char *args[] = {"export", "--to", "gguf", dir, gguf, NULL};
+        tu_run_result r = run_mxq(args);
+        if (r.exit_code != 0 || !strstr(r.err, "blk.0.attn_q.weight as BF16 (lossless): a block's scale is NaN"))
+            fail_msg("%s: a NaN block was not sent to BF16 with its reason: %.600s", formats[i], r.err);
+        gguf_file f;
+        gguf_open(gguf, &f);
+        const gguf_tensor *t = gguf_find(&f, "blk.0.attn_q.weight");
+        assert_int_equal(t->type, 30);
+        float row[64];
+        decode_row(&f, t, 0, row); /* GGUF row 0 is Hugging Face row 0 */
+        for (int c = 0; c < 32; c++)
+            assert_true(isnan(row[c]));
+        assert_false(isnan(row[32]));
+        free(f.tensors);
+        free(f.bytes);
+    }
+}
+
+/* ---- --vocab-from GGUFs, written here byte by byte ---------------------- */
+
+typedef struct {
+    uint8_t bytes[16384];
+    size_t len;
+    uint64_t n_kv;
+} gguf_builder;
+
+static void put(gguf_builder *b, const void *data, size_t n)
+{
+    assert_true(b->len + n <= sizeof(b->bytes));
+    memcpy(b->bytes + b->len, data, n);
+    b->len += n;
+}
+
+static void put_u32(gguf_builder *b, uint32_t v) { put(b, &v, 4); }
+static void put_u64(gguf_builder *b, uint64_t v) { put(b, &v, 8); }
+static void put_str(gguf_builder *b, const char *s)
+{
+    put_u64(b, strlen(s));
+    put(b, s, strlen(s));
+}
+
+/* key, then an array header of `count` elements of `element` */
+static void put_array(gguf_builder *b, const char *key, uint32_t element, uint64_t count)
+{
+    put_str(b, key);
+    put_u32(b, 9);
+    put_u32(b, element);
+    put_u64(b, count);
+    b->n_kv++;
+}
+
+/* A vocabulary of `n` tokens "t0", "t1", ...; token `dup` (if >= 0) repeats
+ * token 0's text; scores of `n_scores` f32 values. */
+static void vocab_gguf(gguf_builder *b, int n, int dup, int n_scores)
+{
+    memset(b, 0, sizeof(*b));
+    put_str(b, "tokenizer.ggml.model");
+    put_u32(b, 8);
+    put_str(b, "llama");
+    b->n_kv++;
+    put_array(b, "tokenizer.ggml.tokens", 8, (uint64_t)n);
+    for (int i = 0; i < n; i++) {
+        char text[16];
+        snprintf(text, sizeof(text), "t%d", i == dup ? 0 : i);
+        put_str(b, text);
+    }
+    put_array(b, "tokenizer.ggml.scores", 6, (uint64_t)n_scores);
+    for (int i = 0; i < n_scores; i++) {
+        const float score = (float)-i;
+        put(b, &score, 4);
+    }
+}
+
+/* b's key-values under a GGUF v3 header (no tensors), into scratch `name` */
+static const char *gguf_file_of(const gguf_builder *b, const char *name)
+{
+    uint8_t *file = malloc(24 + b->len);
+    memcpy(file, "GGUF", 4);
+    const uint32_t version = 3;
+    const uint64_t n_tensors = 0;
+    memcpy(file + 4, &version, 4);
+    memcpy(file + 8, &n_tensors, 8);
+    memcpy(file + 16, &b->n_kv, 8);
+    memcpy(file + 24, b->bytes, b->len);
+    const char *path = tu_scratch_path("%s", name);
+    tu_write_file(path, file, 24 + b->len);
+    free(file);
+    return path;
+}
+
+static void expect_vocab_refused(const char *vocab, const char *message)
+{
+    const char *args[] = {"export", "--to", "gguf", tu_data_path("stories260K"), tu_scratch_path("refused.gguf"),
+                          "--vocab-from", vocab, NULL};
+    tu_run_result r = run_mxq(args);
+    if (r.exit_code != 1 || !strstr(r.err, message))
+        fail_msg("--vocab-from %s: exit %d, expected '%s' in: %.600s", vocab, r.exit_code, message, r.err);
+    if (strchr(r.err, '\n') != strrchr(r.err, '\n'))
+        fail_msg("--vocab-from %s: more than one line: %.600s", vocab, r.err);
+}
+
+static void test_vocab_from_bad(void **state)
+{
+    (void)state;
+    gguf_builder b;
+    vocab_gguf(&b, 512, -1, 512);
+    const char *good = gguf_file_of(&b, "good-vocab.gguf");
+    const char *args[] = {"export", "-q", "--to", "gguf", tu_data_path("stories260K"), tu_scratch_path("ok.gguf"),
+                          "--vocab-from", good, NULL};
+    tu_run_result r = run_mxq(args);
+    if (r.exit_code != 0)
+        fail_msg("a well-formed --vocab-from was refused: %.600s", r.err);
+    size_t size = 0;
+    char *bytes = tu_read_file(good, &size);
+    tu_write_file(tu_scratch_path("cut-vocab.gguf"), bytes, size / 2);
+    free(bytes);
+    expect_vocab_refused(tu_scratch_path("cut-vocab.gguf"), "ends inside a string");
+    vocab_gguf(&b, 511, -1, 511);
+    expect_vocab_refused(gguf_file_of(&b, "short-vocab.gguf"), "has 511 tokens; the model's vocabulary has 512");
+    vocab_gguf(&b, 512, 7, 512);
+    expect_vocab_refused(gguf_file_of(&b, "dup-vocab.gguf"), "the token 't0' appears twice");
+    vocab_gguf(&b, 512, -1, 500);
+    expect_vocab_refused(gguf_file_of(&b, "scores-vocab.gguf"),
+                         "tokenizer.ggml.scores must be an array of 512 f32 values (one per token)");
+    vocab_gguf(&b, 512, -1, 512);
+    put_str(&b, "tokenizer.ggml.model");
+    put_u32(&b, 8);
+    put_str(&b, "gpt2");
+    b.n_kv++;
+    expect_vocab_refused(gguf_file_of(&b, "twice-vocab.gguf"), "key 'tokenizer.ggml.model' appears twice");
+    vocab_gguf(&b, 512, -1, 512);
+    put_array(&b, "tokenizer.nested", 9, 0);
+    expect_vocab_refused(gguf_file_of(&b, "nested-vocab.gguf"), "an array of element type 9");
 }
 
 static void test_bad_input(void **state)
@@ -373,6 +527,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bit_identity_every_format),
         cmocka_unit_test(test_llama3_rope_freqs),
+        cmocka_unit_test(test_nan_block),
+        cmocka_unit_test(test_vocab_from_bad),
         cmocka_unit_test(test_bad_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
