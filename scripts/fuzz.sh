@@ -4,8 +4,8 @@
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET ...]
 #
-# Targets: safetensors index config recipe tokens gguf (default: all), 60 s each
-# by default. Seeds come from tests/fuzz/corpus/<target>/ and are never
+# Targets: one per directory of tests/fuzz/corpus/ (safetensors index config
+# recipe tokens gguf; default: all), 60 s each by default. Seeds come from tests/fuzz/corpus/<target>/ and are never
 # modified; what the fuzzer finds new goes to $MXQ_FUZZ_WORK/<target>/corpus
 # (default: <build>/fuzz-work), crashing inputs to $MXQ_FUZZ_WORK/<target>/.
 # The exit status is non-zero if any target crashed, leaked, timed out or
@@ -20,14 +20,16 @@ TAP=${MXQ_FUZZ_TAP:-0}
 SECONDS_EACH=${1:-60}
 shift || true
 TARGETS=("$@")
+ALL=()
+for d in "$ROOT"/tests/fuzz/corpus/*/; do ALL+=("$(basename "$d")"); done
 if ((${#TARGETS[@]} == 0)); then
-  TARGETS=(safetensors index config recipe tokens gguf)
+  TARGETS=("${ALL[@]}")
 fi
 case $SECONDS_EACH in
   ''|*[!0-9]*|0) echo "fuzz: SECONDS_PER_TARGET must be a whole number of 1 or more, not '$SECONDS_EACH'" >&2; exit 2 ;;
 esac
 for t in "${TARGETS[@]}"; do
-  [ -d "$ROOT/tests/fuzz/corpus/$t" ] || { echo "fuzz: unknown target '$t' (targets: safetensors index config recipe tokens gguf)" >&2; exit 2; }
+  [ -d "$ROOT/tests/fuzz/corpus/$t" ] || { echo "fuzz: unknown target '$t' (targets: ${ALL[*]})" >&2; exit 2; }
 done
 # Lines that are not results are TAP comments in TAP mode.
 say() { if [ "$TAP" = 1 ]; then sed 's/^/# /'; else cat; fi; }

@@ -150,17 +150,21 @@ typedef struct {
     const char *name;
     int (*run)(mxq_ctx *ctx, int argc, char **argv);
     int needs_mpi;
+    /* SIGTERM/SIGINT stop it at a safe point (the MPI jobs, so that every
+     * rank stops together; export, so that its temporary file is removed);
+     * the others stop at once, as by default */
+    int safe_points;
 } verb_entry;
 
 static const verb_entry verbs[] = {
-    {"cast", mxq_cmd_cast, 0},
-    {"eval", mxq_cmd_eval, 1},
-    {"synth", mxq_cmd_synth, 0},
-    {"quantize", mxq_cmd_quantize, 1},
-    {"quantize-linear", mxq_cmd_quantize_linear, 0},
-    {"verify", mxq_cmd_verify, 0},
-    {"inspect", mxq_cmd_inspect, 0},
-    {"export", mxq_cmd_export, 0},
+    {"cast", mxq_cmd_cast, 0, 0},
+    {"eval", mxq_cmd_eval, 1, 1},
+    {"synth", mxq_cmd_synth, 0, 0},
+    {"quantize", mxq_cmd_quantize, 1, 1},
+    {"quantize-linear", mxq_cmd_quantize_linear, 0, 0},
+    {"verify", mxq_cmd_verify, 0, 0},
+    {"inspect", mxq_cmd_inspect, 0, 0},
+    {"export", mxq_cmd_export, 0, 1},
 };
 
 static int wants_help(int argc, char **argv)
@@ -262,9 +266,7 @@ static int run_verb(const char *verb, int argc, char **argv)
         mxq_ctx_destroy(ctx);
         return MXQ_EXIT_FAILURE;
     }
-    /* the jobs with safe points (export: between tensors, so that its
-     * temporary file is removed); the others stop at once, as by default */
-    if (use_mpi || strcmp(verb, "export") == 0)
+    if (entry->safe_points && !help)
         catch_stop_signals(ctx); /* after MPI_Init, which may set handlers of its own */
     int rc = entry->run(ctx, argc, argv);
     if (mxq_ctx_fault_missed(ctx) && rc == MXQ_EXIT_OK)

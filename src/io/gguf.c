@@ -347,6 +347,8 @@ static mxq_gguf_array *vocab_array(mxq_gguf_kvs *kvs, const char *key)
     return strcmp(key, "tokenizer.ggml.tokens") == 0       ? &kvs->tokens
            : strcmp(key, "tokenizer.ggml.scores") == 0     ? &kvs->scores
            : strcmp(key, "tokenizer.ggml.token_type") == 0 ? &kvs->token_types
+           : strcmp(key, "tokenizer.ggml.model") == 0      ? &kvs->model
+           : strcmp(key, "tokenizer.ggml.merges") == 0     ? &kvs->merges
                                                            : NULL;
 }
 
@@ -413,8 +415,15 @@ mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const 
         const size_t value_at = r.at;
         mxq_gguf_array scratch = {0}, *array = vocab_array(kvs, key);
         CALL_IN(ctx, skip_value(&r, type, array && type == MXQ_GGUF_ARRAY ? array : &scratch), "key '%s'", key);
-        if (array)
+        if (array) {
             array->present = 1, array->type = type;
+            if (type != MXQ_GGUF_ARRAY)
+                array->first = value_at;
+        }
+        const size_t len = strlen(key), suffix = strlen("_token_id");
+        if (!kvs->bad_token_id[0] && type != MXQ_GGUF_U32 && strncmp(key, "tokenizer.ggml.", 15) == 0 &&
+            len > suffix && strcmp(key + len - suffix, "_token_id") == 0)
+            snprintf(kvs->bad_token_id, sizeof(kvs->bad_token_id), "%s", key);
         if (strncmp(key, prefix, strlen(prefix)) == 0) {
             CALL(ctx, mxq_gguf_kv_raw(ctx, g, key, (mxq_gguf_value_type)type, r.bytes + value_at, r.at - value_at));
             kvs->copied++;

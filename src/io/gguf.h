@@ -21,6 +21,8 @@
 #include "mxq/core.h"
 
 #define MXQ_GGUF_ALIGNMENT 32
+/* the key-value mxq writes its version in: a GGUF with it is mxq's */
+#define MXQ_GGUF_VERSION_KEY "mxq.version"
 
 /* gguf value types */
 typedef enum {
@@ -74,6 +76,8 @@ typedef struct {
     int copied;
     size_t end;
     mxq_gguf_array tokens, scores, token_types; /* tokenizer.ggml.{tokens,scores,token_type} */
+    mxq_gguf_array model, merges;               /* tokenizer.ggml.{model,merges}; a string's `first` is its length */
+    char bad_token_id[MXQ_GGUF_MAX_KEY];        /* the first tokenizer.ggml.*_token_id that is not a u32, or "" */
 } mxq_gguf_kvs;
 
 /* Copy every key-value of the GGUF file in `bytes` (`size` bytes, from

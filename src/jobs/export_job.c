@@ -8,7 +8,10 @@
  * temporary file renamed into place when complete. */
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <float.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -163,8 +166,14 @@ static mxq_status rope_divisors(mxq_ctx *ctx, const mxq_model_config *cfg, float
     float *divisors = calloc(half, sizeof(float));
     CHECK_ALLOC(ctx, divisors, half * sizeof(float), "the rope frequency divisors");
     mxq_rope_llama3_divisors(cfg, divisors);
-    *out = divisors;
+    for (size_t i = 0; i < half; i++)
+        CHECK(ctx, isfinite(divisors[i]) && divisors[i] >= FLT_MIN, MXQ_ERR_FORMAT,
+              "config.json: rope_scaling factor %g gives frequency %zu a divisor of %g in float32, which llama.cpp "
+              "cannot use",
+              cfg->rope_factor, i, (double)divisors[i]);
+    *out = divisors, divisors = NULL;
 fail:
+    free(divisors);
     return status;
 }
 
@@ -215,7 +224,9 @@ static mxq_status write_hyperparameters(mxq_ctx *ctx, mxq_gguf *g, const mxq_mod
 {
     mxq_status status = MXQ_OK;
     CALL(ctx, mxq_gguf_kv_string(ctx, g, "general.architecture", "llama"));
-    CALL(ctx, mxq_gguf_kv_string(ctx, g, "general.name", name));
+    const char *slash = strrchr(name, '/');
+    CALL(ctx, mxq_gguf_kv_string(ctx, g, "general.name", slash && slash[1] ? slash + 1 : name));
+    CALL(ctx, mxq_gguf_kv_string(ctx, g, MXQ_GGUF_VERSION_KEY, MXQ_VERSION)); /* marks the file as mxq's to replace */
     CALL(ctx, mxq_gguf_kv_u32(ctx, g, "general.alignment", MXQ_GGUF_ALIGNMENT));
     CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.context_length", (uint32_t)cfg->max_positions));
     CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.embedding_length", (uint32_t)cfg->hidden));
@@ -440,6 +451,34 @@ fail:
     return status;
 }
 
+/* tokenizer.ggml.model: a string naming a tokenizer llama.cpp has (and for
+ * gpt2, its merges). "no_vocab" is refused: llama.cpp aborts on it. */
+static mxq_status check_gguf_tokenizer_model(mxq_ctx *ctx, const char *path, const uint8_t *bytes,
+                                             const mxq_gguf_kvs *kvs)
+{
+    mxq_status status = MXQ_OK;
+    static const char *const known[] = {"llama", "gpt2", "bert", "t5", "rwkv", "plamo2"};
+    char name[32] = "";
+    uint64_t len = 0;
+    CHECK(ctx, kvs->model.present && kvs->model.type == MXQ_GGUF_STRING, MXQ_ERR_FORMAT,
+          "%s: tokenizer.ggml.model is %s; a string naming the tokenizer (llama, gpt2, ...) was expected", path,
+          kvs->model.present ? "not a string" : "missing");
+    memcpy(&len, bytes + kvs->model.first, 8);
+    if (len < sizeof(name))
+        memcpy(name, bytes + kvs->model.first + 8, (size_t)len), name[len] = '\0';
+    int found = 0;
+    for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++)
+        found |= strcmp(name, known[i]) == 0;
+    CHECK(ctx, found, MXQ_ERR_FORMAT,
+          "%s: tokenizer.ggml.model '%.31s' is not a tokenizer llama.cpp has (llama, gpt2, bert, t5, rwkv, plamo2)",
+          path, name);
+    CHECK(ctx, strcmp(name, "gpt2") != 0 || (kvs->merges.present && kvs->merges.type == MXQ_GGUF_ARRAY &&
+                                              kvs->merges.element == MXQ_GGUF_STRING),
+          MXQ_ERR_FORMAT, "%s: a gpt2 tokenizer needs tokenizer.ggml.merges, an array of strings", path);
+fail:
+    return status;
+}
+
 /* The vocabulary arrays llama.cpp reads for each token: the texts (n_vocab
  * strings, each once), and if present F32 scores and I32 types as many. */
 static mxq_status check_gguf_vocab(mxq_ctx *ctx, const char *path, const uint8_t *bytes, const mxq_gguf_kvs *kvs,
@@ -467,6 +506,9 @@ static mxq_status check_gguf_vocab(mxq_ctx *ctx, const char *path, const uint8_t
               MXQ_ERR_FORMAT, "%s: %s must be an array of %d %s values (one per token)", path, per_token[i].key,
               n_vocab, per_token[i].element_name);
     }
+    CHECK(ctx, !kvs->bad_token_id[0], MXQ_ERR_FORMAT, "%s: %s must be a u32 (llama.cpp reads token ids so)", path,
+          kvs->bad_token_id);
+    CALL(ctx, check_gguf_tokenizer_model(ctx, path, bytes, kvs));
     CALL(ctx, gguf_token_texts(ctx, bytes, &kvs->tokens, &texts));
     CALL(ctx, check_unique_tokens(ctx, path, &texts));
 fail:
@@ -519,12 +561,31 @@ fail:
     return status;
 }
 
-/* tokenizer.bin: the one given, or beside the checkpoint, or beside the
- * model the checkpoint was quantized from (its mxq_report.json says which). */
-static mxq_status find_tokenizer(mxq_ctx *ctx, const char *dir, const char *given, char *path)
+/* The model a checkpoint was quantized from, as its mxq_report.json names
+ * it (a path relative to where quantize ran); "" when there is none. */
+static mxq_status source_model(mxq_ctx *ctx, const char *dir, char *model)
 {
     mxq_status status = MXQ_OK;
     json_t *report = NULL;
+    char report_path[MXQ_PATH_BUF];
+    model[0] = '\0';
+    mxq_path_join(report_path, dir, "mxq_report.json");
+    if (access(report_path, F_OK) != 0)
+        return MXQ_OK;
+    CALL(ctx, mxq_json_read(ctx, report_path, "run report", &report));
+    const char *named = json_string_value(json_object_get(report, "model"));
+    if (named)
+        snprintf(model, MXQ_PATH_BUF, "%s", named);
+fail:
+    json_decref(report);
+    return status;
+}
+
+/* tokenizer.bin: the one given, or beside the checkpoint, or beside the
+ * model the checkpoint was quantized from. */
+static mxq_status find_tokenizer(mxq_ctx *ctx, const char *dir, const char *model, const char *given, char *path)
+{
+    mxq_status status = MXQ_OK;
     if (given) {
         snprintf(path, MXQ_PATH_BUF, "%s", given);
         return MXQ_OK;
@@ -532,22 +593,90 @@ static mxq_status find_tokenizer(mxq_ctx *ctx, const char *dir, const char *give
     mxq_path_join(path, dir, "tokenizer.bin");
     if (access(path, F_OK) == 0)
         return MXQ_OK;
-    char report_path[MXQ_PATH_BUF];
-    mxq_path_join(report_path, dir, "mxq_report.json");
-    const char *model = NULL;
-    if (access(report_path, F_OK) == 0) {
-        CALL(ctx, mxq_json_read(ctx, report_path, "run report", &report));
-        model = json_string_value(json_object_get(report, "model"));
-    }
-    if (model)
+    if (model[0])
         mxq_path_join(path, model, "tokenizer.bin");
-    CHECK(ctx, model && access(path, F_OK) == 0, MXQ_ERR_ARG,
+    CHECK(ctx, model[0] && access(path, F_OK) == 0, MXQ_ERR_ARG,
           "no vocabulary for %s: it has no llama2.c tokenizer.bin%s%s%s; give one with --tokenizer or --vocab-from (a "
           "GGUF needs a vocabulary: llama.cpp aborts on one without)",
-          dir, model ? ", nor has '" : "", model ? model : "", model ? "' (the model its report names, a path relative to where quantize ran)" : "");
+          dir, model[0] ? ", nor has '" : "", model,
+          model[0] ? "' (the model its report names, a path relative to where quantize ran)" : "");
 fail:
-    json_decref(report);
     return status;
+}
+
+/* What the export may not replace: the checkpoint (every file of its
+ * directory), the vocabulary, and the model it was quantized from. */
+static mxq_status protect_inputs(mxq_ctx *ctx, mxq_input_set *inputs, const char *dir, const char *model,
+                                 const char *vocabulary)
+{
+    mxq_status status = MXQ_OK;
+    CALL(ctx, mxq_input_set_add_model(ctx, inputs, dir));
+    CALL(ctx, add_dir_files(ctx, inputs, dir));
+    CALL(ctx, mxq_input_set_add(ctx, inputs, vocabulary, "vocabulary"));
+    if (model[0] && access(model, F_OK) == 0) {
+        CALL(ctx, mxq_input_set_add_model(ctx, inputs, model));
+        char tokenizer[MXQ_PATH_BUF];
+        mxq_path_join(tokenizer, model, "tokenizer.bin");
+        CALL(ctx, mxq_input_set_add(ctx, inputs, tokenizer, "the source model's tokenizer"));
+    }
+fail:
+    return status;
+}
+
+/* An existing `path` is replaced only if it is a GGUF mxq wrote (it carries
+ * mxq.version): anything else may be a user's file. */
+static mxq_status check_replaceable(mxq_ctx *ctx, const char *path)
+{
+    mxq_status status = MXQ_OK;
+    struct stat st;
+    int fd = -1, ours = 0;
+    void *map = MAP_FAILED;
+    mxq_gguf *scratch = NULL;
+    if (lstat(path, &st) != 0 || !S_ISREG(st.st_mode))
+        return MXQ_OK; /* absent; or not a file, which the output check refuses */
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0 && st.st_size > 0)
+        map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (map != MAP_FAILED) {
+        mxq_gguf_kvs kvs;
+        ours = mxq_gguf_create(ctx, &scratch) == MXQ_OK &&
+               mxq_gguf_copy_kvs(ctx, scratch, path, map, (size_t)st.st_size, MXQ_GGUF_VERSION_KEY, &kvs) == MXQ_OK &&
+               kvs.copied == 1;
+        mxq_error_clear(ctx); /* a file that is no GGUF is answered below */
+    }
+    CHECK(ctx, ours, MXQ_ERR_ARG,
+          "output '%s' exists and is not a GGUF that mxq wrote (it has no %s key); mxq will not replace it: move it "
+          "away or choose another name",
+          path, MXQ_GGUF_VERSION_KEY);
+fail:
+    mxq_gguf_free(scratch);
+    if (map != MAP_FAILED)
+        munmap(map, (size_t)st.st_size);
+    if (fd >= 0)
+        close(fd);
+    return status;
+}
+
+/* A killed export leaves its temporary (.NAME.tmp-PID-N) beside the
+ * output. Another export may still be writing it, perhaps from another
+ * node, so it is named, not removed. */
+static void warn_stale_temporaries(mxq_ctx *ctx, const char *path)
+{
+    char dir[MXQ_PATH_BUF];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    const char *name = slash ? slash + 1 : path;
+    if (slash)
+        *slash = '\0';
+    DIR *d = opendir(slash ? (dir[0] ? dir : "/") : ".");
+    for (struct dirent *e; d && (e = readdir(d));)
+        if (mxq_is_temp_name_of(e->d_name, name))
+            mxq_log(ctx, MXQ_LOG_WARN,
+                    "export: '%s' beside the output is the temporary of an export that was killed or is still "
+                    "running; remove it if none is",
+                    e->d_name);
+    if (d)
+        closedir(d);
 }
 
 static mxq_status write_file(mxq_ctx *ctx, const mxq_model_config *cfg, mxq_checkpoint *ckpt, mxq_gguf *g,
@@ -610,19 +739,21 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     vocab v = {0};
     mxq_input_set inputs = {0};
     mxq_output out = {.fd = -1};
-    char tokenizer[MXQ_PATH_BUF];
+    char tokenizer[MXQ_PATH_BUF], model[MXQ_PATH_BUF];
     CALL(ctx, mxq_config_load(ctx, dir, &cfg));
     CHECK(ctx, cfg.arch == MXQ_ARCH_LLAMA && !cfg.qkv_bias && !cfg.o_bias, MXQ_ERR_FORMAT,
           "%s: the GGUF export writes llama.cpp's 'llama' architecture; this model is %s%s", dir,
           mxq_arch_name(cfg.arch), cfg.qkv_bias || cfg.o_bias ? " with attention biases" : "");
     CALL(ctx, mxq_model_check_checkpoint(ctx, dir, &cfg));
+    CALL(ctx, source_model(ctx, dir, model));
     if (opt->vocab_from)
         snprintf(tokenizer, sizeof(tokenizer), "%s", opt->vocab_from);
     else
-        CALL(ctx, find_tokenizer(ctx, dir, opt->tokenizer, tokenizer));
-    CALL(ctx, mxq_input_set_add_model(ctx, &inputs, dir));
-    CALL(ctx, add_dir_files(ctx, &inputs, dir));
-    CALL(ctx, mxq_input_set_add(ctx, &inputs, tokenizer, "vocabulary"));
+        CALL(ctx, find_tokenizer(ctx, dir, model, opt->tokenizer, tokenizer));
+    CALL(ctx, protect_inputs(ctx, &inputs, dir, model, tokenizer));
+    CALL(ctx, mxq_output_check(ctx, out_path, &inputs));
+    CALL(ctx, check_replaceable(ctx, out_path));
+    warn_stale_temporaries(ctx, out_path);
     CALL(ctx, mxq_output_begin(ctx, out_path, &inputs, &out));
     if (!opt->vocab_from)
         CALL(ctx, read_tokenizer_bin(ctx, tokenizer, cfg.vocab, &v));

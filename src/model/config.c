@@ -264,6 +264,42 @@ fail:
     return status;
 }
 
+static int same_rope(const mxq_model_config *a, const mxq_model_config *b)
+{
+    return a->rope_theta == b->rope_theta && a->rope_factor == b->rope_factor &&
+           a->rope_low_freq_factor == b->rope_low_freq_factor && a->rope_high_freq_factor == b->rope_high_freq_factor &&
+           a->rope_original_max_positions == b->rope_original_max_positions;
+}
+
+/* The rotary embedding: rope_theta, then rope_scaling (classic) or
+ * rope_parameters (transformers >= 4.5x). Where a config has both, or a
+ * theta in both places, they must agree: which one a runtime reads is not
+ * something to guess. Only full rotation (partial_rotary_factor 1). */
+static mxq_status parse_rope(config_reader *r, mxq_model_config *cfg)
+{
+    mxq_status status = MXQ_OK;
+    double partial = 1;
+    CALL(r->ctx, get_number(r, r->root, "partial_rotary_factor", 1, 0, &partial));
+    CHECK(r->ctx, partial == 1, MXQ_ERR_FORMAT,
+          "%s: partial_rotary_factor %g: mxq's LLaMA rotates every dimension of a head (1.0)", r->path, partial);
+    json_t *scaling = json_object_get(r->root, "rope_scaling"), *params = json_object_get(r->root, "rope_parameters");
+    const int has_scaling = scaling && !json_is_null(scaling), has_params = params && !json_is_null(params);
+    const mxq_model_config base = *cfg;
+    if (has_scaling)
+        CALL(r->ctx, parse_rope_object(r, scaling, "rope_scaling", cfg));
+    if (has_params) {
+        mxq_model_config from_params = base;
+        CALL(r->ctx, parse_rope_object(r, params, "rope_parameters", &from_params));
+        const int theta_twice = json_object_get(r->root, "rope_theta") && json_object_get(params, "rope_theta");
+        CHECK(r->ctx, (!has_scaling && !theta_twice) || same_rope(cfg, &from_params), MXQ_ERR_FORMAT,
+              "%s: rope_parameters disagrees with %s; give the rotary settings once", r->path,
+              has_scaling ? "rope_scaling (or rope_theta)" : "rope_theta");
+        *cfg = from_params;
+    }
+fail:
+    return status;
+}
+
 mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
 {
     mxq_status status = MXQ_OK;
@@ -276,12 +312,7 @@ mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
     CALL(ctx, parse_arch(&r, cfg));
     CALL(ctx, parse_sizes(&r, cfg));
     CALL(ctx, parse_variants(&r, cfg));
-    json_t *scaling = json_object_get(r.root, "rope_scaling");
-    if (scaling && !json_is_null(scaling))
-        CALL(ctx, parse_rope_object(&r, scaling, "rope_scaling", cfg));
-    json_t *params = json_object_get(r.root, "rope_parameters");
-    if (params && !json_is_null(params))
-        CALL(ctx, parse_rope_object(&r, params, "rope_parameters", cfg));
+    CALL(ctx, parse_rope(&r, cfg));
     json_t *quant = json_object_get(r.root, "quantization_config");
     if (quant && !json_is_null(quant))
         CALL(ctx, parse_quantization_config(&r, quant, cfg));

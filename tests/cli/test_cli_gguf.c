@@ -327,6 +327,12 @@ static void test_llama3_rope_freqs(void **state)
     assert_true(got[1] > 1 && got[1] < 8);
     free(f.tensors);
     free(f.bytes);
+    /* a factor whose divisors are not float32 numbers llama.cpp can divide by */
+    snprintf(cmd, sizeof(cmd), "sed -i 's/\"factor\": 8.0/\"factor\": 1e-300/' %s/config.json", model);
+    assert_int_equal(system(cmd), 0);
+    r = run_mxq(args);
+    if (r.exit_code != 1 || !strstr(r.err, "rope_scaling factor 1e-300 gives frequency 1 a divisor of 0"))
+        fail_msg("a rope factor of 1e-300 was not refused: %.600s", r.err);
 }
 
 /* A NaN block (E8M0 0xFF, zero codes, as mxq stores one) has no Q4_0 or
@@ -395,15 +401,22 @@ static void put_array(gguf_builder *b, const char *key, uint32_t element, uint64
     b->n_kv++;
 }
 
-/* A vocabulary of `n` tokens "t0", "t1", ...; token `dup` (if >= 0) repeats
- * token 0's text; scores of `n_scores` f32 values. */
-static void vocab_gguf(gguf_builder *b, int n, int dup, int n_scores)
+static void put_string_kv(gguf_builder *b, const char *key, const char *value)
+{
+    put_str(b, key);
+    put_u32(b, 8);
+    put_str(b, value);
+    b->n_kv++;
+}
+
+/* A vocabulary of tokenizer `model` (NULL: none) with `n` tokens "t0", "t1",
+ * ...; token `dup` (if >= 0) repeats token 0's text; scores of `n_scores`
+ * f32 values. */
+static void vocab_gguf_of(gguf_builder *b, const char *model, int n, int dup, int n_scores)
 {
     memset(b, 0, sizeof(*b));
-    put_str(b, "tokenizer.ggml.model");
-    put_u32(b, 8);
-    put_str(b, "llama");
-    b->n_kv++;
+    if (model)
+        put_string_kv(b, "tokenizer.ggml.model", model);
     put_array(b, "tokenizer.ggml.tokens", 8, (uint64_t)n);
     for (int i = 0; i < n; i++) {
         char text[16];
@@ -418,6 +431,8 @@ static void vocab_gguf(gguf_builder *b, int n, int dup, int n_scores)
 }
 
 /* b's key-values under a GGUF v3 header (no tensors), into scratch `name` */
+static void vocab_gguf(gguf_builder *b, int n, int dup, int n_scores) { vocab_gguf_of(b, "llama", n, dup, n_scores); }
+
 static const char *gguf_file_of(const gguf_builder *b, const char *name)
 {
     uint8_t *file = malloc(24 + b->len);
@@ -477,6 +492,16 @@ static void test_vocab_from_bad(void **state)
     vocab_gguf(&b, 512, -1, 512);
     put_array(&b, "tokenizer.nested", 9, 0);
     expect_vocab_refused(gguf_file_of(&b, "nested-vocab.gguf"), "an array of element type 9");
+    /* what llama.cpp's vocabulary loader would refuse */
+    vocab_gguf_of(&b, NULL, 512, -1, 512);
+    expect_vocab_refused(gguf_file_of(&b, "nomodel-vocab.gguf"), "tokenizer.ggml.model is missing");
+    vocab_gguf_of(&b, "nonsense", 512, -1, 512);
+    expect_vocab_refused(gguf_file_of(&b, "nonsense-vocab.gguf"), "tokenizer.ggml.model 'nonsense' is not a tokenizer");
+    vocab_gguf_of(&b, "gpt2", 512, -1, 512);
+    expect_vocab_refused(gguf_file_of(&b, "gpt2-vocab.gguf"), "a gpt2 tokenizer needs tokenizer.ggml.merges");
+    vocab_gguf(&b, 512, -1, 512);
+    put_string_kv(&b, "tokenizer.ggml.bos_token_id", "1");
+    expect_vocab_refused(gguf_file_of(&b, "bos-vocab.gguf"), "tokenizer.ggml.bos_token_id must be a u32");
 }
 
 static void test_bad_input(void **state)
@@ -498,6 +523,36 @@ static void test_bad_input(void **state)
     assert_int_equal(r.exit_code, 1);
     if (!strstr(r.err, "short-tokenizer.bin: token 385 has length 4, past the file's end"))
         fail_msg("a truncated tokenizer was not named: %s", r.err);
+    /* a file mxq did not write is not replaced; a GGUF it wrote is */
+    const char *mine = tu_scratch_path("mine.gguf");
+    tu_write_file(mine, "precious", 8);
+    const char *onto_mine[] = {"export", "--to", "gguf", tu_data_path("stories260K"), mine, NULL};
+    r = run_mxq(onto_mine);
+    assert_int_equal(r.exit_code, 1);
+    if (!strstr(r.err, "exists and is not a GGUF that mxq wrote"))
+        fail_msg("a file mxq did not write was replaced or not named: %s", r.err);
+    char *kept = tu_read_file(mine, &size);
+    assert_memory_equal(kept, "precious", 8);
+    free(kept);
+    const char *fresh[] = {"export", "-q", "--to", "gguf", tu_data_path("stories260K"), tu_scratch_path("again.gguf"), NULL};
+    assert_int_equal(run_mxq(fresh).exit_code, 0);
+    assert_int_equal(run_mxq(fresh).exit_code, 0);
+    /* the model a checkpoint was quantized from is an input too */
+    const char *src = tu_scratch_path("source-model");
+    char copy[2048];
+    snprintf(copy, sizeof(copy), "mkdir -p %s && cp %s/config.json %s/model.safetensors %s/tokenizer.bin %s/", src,
+             tu_data_path("stories260K"), tu_data_path("stories260K"), tu_data_path("stories260K"), src);
+    assert_int_equal(system(copy), 0);
+    const char *from_src[] = {"quantize", "-q", "--model", src, "--calib", tu_data_path("stories260K/calib.h5"),
+                              "--recipe", tu_data_path("../configs/recipes/block32/w4a8-mxint-rtn.yaml"), "--out",
+                              tu_scratch_path("from-source"), NULL};
+    assert_int_equal(run_mxq(from_src).exit_code, 0);
+    const char *onto_src[] = {"export", "--to", "gguf", tu_scratch_path("from-source"),
+                              tu_scratch_path("source-model/config.json"), NULL};
+    r = run_mxq(onto_src);
+    assert_int_equal(r.exit_code, 1);
+    if (!strstr(r.err, "source-model/config.json"))
+        fail_msg("the source model's config was not protected: %s", r.err);
     /* an unsupported architecture */
     const char *model = tu_scratch_path("qwen2");
     char cmd[2048];

@@ -57,6 +57,29 @@ static void test_llama3_rope_parameters(void **state)
                             "\"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 8192}}");
     assert_int_equal(mxq_config_load(ctx, dir, &classic), MXQ_OK);
     assert_memory_equal(&cfg, &classic, sizeof(cfg));
+    /* both spellings at once: accepted when they agree, refused when not */
+    const char *head = "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 128,"
+                       "\"num_hidden_layers\": 1, \"num_attention_heads\": 4, \"vocab_size\": 32,"
+                       "\"max_position_embeddings\": 64, \"rope_theta\": 500000.0,";
+    const char *l3 = "{\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 1.0,"
+                     "\"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 32}";
+    char json[1024];
+    snprintf(json, sizeof(json), "%s \"rope_scaling\": %s, \"rope_parameters\": %s}", head, l3, l3);
+    assert_int_equal(mxq_config_load(ctx, config_dir("both-same", json), &cfg), MXQ_OK);
+    assert_true(cfg.rope_factor == 8.0);
+    snprintf(json, sizeof(json), "%s \"rope_scaling\": %s, \"rope_parameters\": {\"rope_type\": \"default\"}}",
+             head, l3);
+    assert_int_equal(mxq_config_load(ctx, config_dir("both-differ", json), &cfg), MXQ_ERR_FORMAT);
+    assert_non_null(strstr(mxq_error_message(ctx), "rope_parameters disagrees with rope_scaling"));
+    mxq_error_clear(ctx);
+    snprintf(json, sizeof(json), "%s \"rope_parameters\": {\"rope_theta\": 10000.0}}", head);
+    assert_int_equal(mxq_config_load(ctx, config_dir("theta-differ", json), &cfg), MXQ_ERR_FORMAT);
+    assert_non_null(strstr(mxq_error_message(ctx), "rope_parameters disagrees with rope_theta"));
+    /* partial rotation is not LLaMA's */
+    mxq_error_clear(ctx);
+    snprintf(json, sizeof(json), "%s \"partial_rotary_factor\": 0.5}", head);
+    assert_int_equal(mxq_config_load(ctx, config_dir("partial", json), &cfg), MXQ_ERR_FORMAT);
+    assert_non_null(strstr(mxq_error_message(ctx), "partial_rotary_factor 0.5"));
     mxq_ctx_destroy(ctx);
 }
 
