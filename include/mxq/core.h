@@ -11,7 +11,7 @@
 extern "C" {
 #endif
 
-#define MXQ_VERSION "0.5.0"
+#define MXQ_VERSION "0.6.0"
 
 /* Every fallible library function returns one of these. The human-readable
  * story of what went wrong lives in the mxq_ctx that was passed in. */

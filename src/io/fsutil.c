@@ -187,6 +187,31 @@ const mxq_file_id *mxq_input_set_find(const mxq_input_set *set, const char *path
 
 /* ---- outputs --------------------------------------------------------------- */
 
+mxq_status mxq_output_check_ours(mxq_ctx *ctx, const char *path, mxq_file_is_ours_fn is_ours, const char *mark)
+{
+    mxq_status status = MXQ_OK;
+    struct stat st;
+    if (lstat(path, &st) != 0 || !S_ISREG(st.st_mode))
+        return MXQ_OK; /* absent; what is not a regular file mxq_output_check refuses */
+    CHECK(ctx, is_ours(path), MXQ_ERR_ARG,
+          "output '%s' exists and mxq did not write it (it has no %s); mxq will not replace it: move it away or choose "
+          "another name",
+          path, mark);
+fail:
+    return status;
+}
+
+int mxq_json_file_is_ours(const char *path)
+{
+    struct stat st;
+    if (stat(path, &st) != 0 || st.st_size > (64 << 20))
+        return 0;
+    json_t *root = json_load_file(path, 0, NULL);
+    const int ours = json_is_string(json_object_get(root, MXQ_VERSION_MARK));
+    json_decref(root);
+    return ours;
+}
+
 mxq_status mxq_output_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;

@@ -61,6 +61,18 @@ const mxq_file_id *mxq_input_set_find(const mxq_input_set *set, const char *path
 /* `path` may be written: it is absent or a regular file, and not an input. */
 mxq_status mxq_output_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs);
 
+/* The mark every single-file output of mxq carries (a JSON key, an HDF5
+ * attribute, a GGUF key-value holding the version): a file without it was
+ * not written by mxq, and is never replaced. */
+#define MXQ_VERSION_MARK "mxq_version"
+/* 1 if the regular file `path` carries the mark of its kind. */
+typedef int (*mxq_file_is_ours_fn)(const char *path);
+/* An existing regular file at `path` may be replaced only if `is_ours`
+ * says mxq wrote it; `mark` names what was looked for. */
+mxq_status mxq_output_check_ours(mxq_ctx *ctx, const char *path, mxq_file_is_ours_fn is_ours, const char *mark);
+/* A JSON object with a string MXQ_VERSION_MARK (files of at most 64 MB). */
+int mxq_json_file_is_ours(const char *path);
+
 typedef struct {
     char *final_path;
     char *temp_path; /* <dir>/.<name>.tmp-<pid>-<n>, or NULL when not begun / committed */

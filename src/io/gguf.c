@@ -1,7 +1,11 @@
 #include "io/gguf.h"
 
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "core/check.h"
 
@@ -435,4 +439,28 @@ fail:
         free(keys[i]);
     free(keys);
     return status;
+}
+
+int mxq_gguf_file_is_ours(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC), ours = 0;
+    struct stat st;
+    void *map = MAP_FAILED;
+    mxq_ctx *ctx = NULL;
+    mxq_gguf *scratch = NULL;
+    mxq_gguf_kvs kvs;
+    if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0)
+        map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    /* a context of its own: what is wrong with a file that is not mxq's is
+     * no error of the caller's */
+    if (map != MAP_FAILED && mxq_ctx_create(&ctx) == MXQ_OK && mxq_gguf_create(ctx, &scratch) == MXQ_OK)
+        ours = mxq_gguf_copy_kvs(ctx, scratch, path, map, (size_t)st.st_size, MXQ_GGUF_VERSION_KEY, &kvs) == MXQ_OK &&
+               kvs.copied == 1;
+    mxq_gguf_free(scratch);
+    mxq_ctx_destroy(ctx);
+    if (map != MAP_FAILED)
+        munmap(map, (size_t)st.st_size);
+    if (fd >= 0)
+        close(fd);
+    return ours;
 }

@@ -87,6 +87,9 @@ typedef struct {
 mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const void *bytes, size_t size,
                              const char *prefix, mxq_gguf_kvs *kvs);
 
+/* A GGUF file with the key-value MXQ_GGUF_VERSION_KEY. */
+int mxq_gguf_file_is_ours(const char *path);
+
 /* A tensor of `n_dims` dimensions, ne[0] the fastest-varying (a [rows, cols]
  * matrix is ne = {cols, rows}). Its data follows in the order added. */
 mxq_status mxq_gguf_add_tensor(mxq_ctx *ctx, mxq_gguf *g, const char *name, mxq_ggml_type type, int n_dims,

@@ -318,11 +318,25 @@ int mxq_h5_attr_string_equals(hid_t object, const char *name, const char *expect
     return equal;
 }
 
+int mxq_h5_file_is_ours(const char *path)
+{
+    mxq_h5_quiet quiet;
+    mxq_h5_quiet_begin(&quiet);
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    const int ours = file >= 0 && H5Aexists(file, MXQ_VERSION_MARK) > 0;
+    if (file >= 0)
+        H5Fclose(file);
+    mxq_h5_quiet_end(&quiet);
+    return ours;
+}
+
 mxq_status mxq_h5_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_input_set *inputs,
                                mxq_h5_output *out)
 {
     mxq_status status = MXQ_OK;
     out->file = H5I_INVALID_HID;
+    CALL(ctx, mxq_output_check(ctx, final_path, inputs));
+    CALL(ctx, mxq_output_check_ours(ctx, final_path, mxq_h5_file_is_ours, MXQ_VERSION_MARK " attribute"));
     CALL(ctx, mxq_output_begin(ctx, final_path, inputs, &out->out));
     /* HDF5 opens files by name: give it the one of the temporary just
      * created (its descriptor stays open for the commit's fsync). */
@@ -330,6 +344,7 @@ mxq_status mxq_h5_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_i
     out->file = H5Fcreate(fd_path(out->out.fd, out->out.temp_path, proc, sizeof(proc)), H5F_ACC_TRUNC, H5P_DEFAULT,
                           H5P_DEFAULT);
     CALL_H5(ctx, out->file, "cannot create '%s'", final_path);
+    CALL(ctx, mxq_h5_attr_string(ctx, out->file, MXQ_VERSION_MARK, MXQ_VERSION));
     return MXQ_OK;
 fail:
     mxq_h5_output_abort(out);

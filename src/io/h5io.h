@@ -35,6 +35,9 @@ typedef struct {
 void mxq_h5_quiet_begin(mxq_h5_quiet *q);
 void mxq_h5_quiet_end(const mxq_h5_quiet *q);
 
+/* An HDF5 file whose root has the attribute MXQ_VERSION_MARK. */
+int mxq_h5_file_is_ours(const char *path);
+
 /* Open an existing HDF5 file read-only; clear errors for a missing file, an
  * unreadable file, a file that is not regular (a FIFO would block) and a
  * file that is not HDF5. */

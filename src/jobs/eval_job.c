@@ -94,8 +94,12 @@ static mxq_status open_outputs(mxq_ctx *ctx, eval_job *j)
     CALL(ctx, mxq_input_set_add(ctx, &j->inputs, j->tokens_path, "the token file"));
     CALL(ctx, mxq_input_set_add(ctx, &j->inputs, o->recipe_path, "the recipe"));
     CALL(ctx, mxq_input_set_add(ctx, &j->inputs, o->calib_path, "the calibration file"));
-    if (o->json_path && j->dist.rank == 0)
+    if (o->json_path && j->dist.rank == 0) {
+        CALL_IN(ctx, mxq_output_check(ctx, o->json_path, &j->inputs), "--json");
+        CALL_IN(ctx, mxq_output_check_ours(ctx, o->json_path, mxq_json_file_is_ours, MXQ_VERSION_MARK " key"),
+                "--json");
         CALL_IN(ctx, mxq_output_begin(ctx, o->json_path, &j->inputs, &j->json_out), "--json");
+    }
 fail:
     return status;
 }
@@ -245,7 +249,8 @@ fail:
 static json_t *result_json(const eval_job *j, const mxq_eval_result *r, int *ok)
 {
     const mxq_eval_options *o = j->options;
-    json_t *root = json_pack("{s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:s, s:s}", "ppl", r->ppl, "mean_nll",
+    json_t *root = json_pack("{s:s, s:f, s:f, s:I, s:f, s:f, s:f, s:i, s:i, s:i, s:s, s:s}", MXQ_VERSION_MARK,
+                             MXQ_VERSION, "ppl", r->ppl, "mean_nll",
                              r->mean_nll, "tokens_scored", (json_int_t)r->tokens_scored, "seconds", r->seconds,
                              "tokens_per_s", r->tokens_per_s, "load_seconds", r->load_seconds, "sequences",
                              r->sequences, "seq_len", r->seq_len, "ranks", r->ranks, "model", j->model_dir, "tokens",

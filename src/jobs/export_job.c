@@ -623,40 +623,6 @@ fail:
     return status;
 }
 
-/* An existing `path` is replaced only if it is a GGUF mxq wrote (it carries
- * mxq.version): anything else may be a user's file. */
-static mxq_status check_replaceable(mxq_ctx *ctx, const char *path)
-{
-    mxq_status status = MXQ_OK;
-    struct stat st;
-    int fd = -1, ours = 0;
-    void *map = MAP_FAILED;
-    mxq_gguf *scratch = NULL;
-    if (lstat(path, &st) != 0 || !S_ISREG(st.st_mode))
-        return MXQ_OK; /* absent; or not a file, which the output check refuses */
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd >= 0 && st.st_size > 0)
-        map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (map != MAP_FAILED) {
-        mxq_gguf_kvs kvs;
-        ours = mxq_gguf_create(ctx, &scratch) == MXQ_OK &&
-               mxq_gguf_copy_kvs(ctx, scratch, path, map, (size_t)st.st_size, MXQ_GGUF_VERSION_KEY, &kvs) == MXQ_OK &&
-               kvs.copied == 1;
-        mxq_error_clear(ctx); /* a file that is no GGUF is answered below */
-    }
-    CHECK(ctx, ours, MXQ_ERR_ARG,
-          "output '%s' exists and is not a GGUF that mxq wrote (it has no %s key); mxq will not replace it: move it "
-          "away or choose another name",
-          path, MXQ_GGUF_VERSION_KEY);
-fail:
-    mxq_gguf_free(scratch);
-    if (map != MAP_FAILED)
-        munmap(map, (size_t)st.st_size);
-    if (fd >= 0)
-        close(fd);
-    return status;
-}
-
 /* A killed export leaves its temporary (.NAME.tmp-PID-N) beside the
  * output. Another export may still be writing it, perhaps from another
  * node, so it is named, not removed. */
@@ -752,7 +718,7 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
         CALL(ctx, find_tokenizer(ctx, dir, model, opt->tokenizer, tokenizer));
     CALL(ctx, protect_inputs(ctx, &inputs, dir, model, tokenizer));
     CALL(ctx, mxq_output_check(ctx, out_path, &inputs));
-    CALL(ctx, check_replaceable(ctx, out_path));
+    CALL(ctx, mxq_output_check_ours(ctx, out_path, mxq_gguf_file_is_ours, MXQ_GGUF_VERSION_KEY " key-value"));
     warn_stale_temporaries(ctx, out_path);
     CALL(ctx, mxq_output_begin(ctx, out_path, &inputs, &out));
     if (!opt->vocab_from)

@@ -719,6 +719,8 @@ json_t *mxq_quantize_plan_json(const mxq_plan_input *in, double budget)
         ok = one && json_array_append_new(ranks, one) == 0;
     }
     if (ok)
+        mxq_json_put(root, MXQ_VERSION_MARK, json_string(MXQ_VERSION), &ok);
+    if (ok)
         mxq_json_put(root, "layout", json_string(in->data_parallel ? "data-parallel group" : "pipeline"), &ok);
     if (ok)
         mxq_json_put(root, "mem_per_rank_bytes", json_integer((json_int_t)budget), &ok);

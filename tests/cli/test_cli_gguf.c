@@ -529,7 +529,7 @@ static void test_bad_input(void **state)
     const char *onto_mine[] = {"export", "--to", "gguf", tu_data_path("stories260K"), mine, NULL};
     r = run_mxq(onto_mine);
     assert_int_equal(r.exit_code, 1);
-    if (!strstr(r.err, "exists and is not a GGUF that mxq wrote"))
+    if (!strstr(r.err, "exists and mxq did not write it (it has no mxq.version key-value)"))
         fail_msg("a file mxq did not write was replaced or not named: %s", r.err);
     char *kept = tu_read_file(mine, &size);
     assert_memory_equal(kept, "precious", 8);

@@ -268,6 +268,43 @@ static void test_eval_json_onto_the_model_config(void **state)
     expect_untouched("eval --json <config.json>", &s);
 }
 
+/* A user's file at an output path is never replaced, whatever its kind;
+ * what mxq wrote there itself is (it carries mxq_version). */
+static void test_outputs_onto_a_users_file(void **state)
+{
+    (void)state;
+    const char *in = cast_input("users-in.h5");
+    const char *h5 = tu_scratch_path("users.h5"), *json = tu_scratch_path("users.json");
+    copy_file(tu_data_path("stories260K/eval.h5"), h5); /* an HDF5 file mxq did not write */
+    tu_write_file(json, "{\"ppl\": 1}", 10);
+    const char *keep[] = {h5, json, NULL};
+    snapshot s;
+    snap(&s, keep);
+    tu_run_result r = run_mxq(0, "cast", "--format", "mxint4", "--block", "32", in, h5, NULL);
+    expect_refused("cast onto a user's HDF5 file", &r, "users.h5", "mxq did not write it");
+    r = run_mxq(0, "quantize-linear", "--recipe", recipe("w4a8-mxint-gptq"), linear_input("users-lin.h5", LINEAR_GOOD),
+                h5, NULL);
+    expect_refused("quantize-linear onto a user's HDF5 file", &r, "users.h5", "mxq did not write it");
+    r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens", tu_data_path("stories260K/eval.h5"),
+                "--limit", "2", "--json", json, NULL);
+    expect_refused("eval --json onto a user's file", &r, "users.json", "mxq did not write it");
+    r = run_mxq(0, "export", "--to", "gguf", tu_data_path("stories260K"), json, NULL);
+    expect_refused("export onto a user's file", &r, "users.json", "mxq did not write it");
+    expect_untouched("outputs onto a user's file", &s);
+    /* mxq's own files are replaced: twice to each path */
+    const char *own_h5 = tu_scratch_path("own.h5"), *own_json = tu_scratch_path("own.json");
+    unlink(own_h5), unlink(own_json);
+    for (int i = 0; i < 2; i++) {
+        r = run_mxq(0, "cast", "--format", "mxint4", "--block", "32", in, own_h5, NULL);
+        if (r.exit_code != 0)
+            fail_msg("cast onto its own output (run %d): %s", i + 1, r.err);
+        r = run_mxq(2, "eval", "--model", tu_data_path("stories260K"), "--tokens",
+                    tu_data_path("stories260K/eval.h5"), "--limit", "2", "--json", own_json, NULL);
+        if (r.exit_code != 0)
+            fail_msg("eval --json onto its own output (run %d): %s", i + 1, r.err);
+    }
+}
+
 /* Devices are never replaced (as root, rename(2) would happily do it). As
  * root the test uses its own node of the same device, so that a build with
  * this bug cannot take the machine's /dev/null with it. */
@@ -1196,6 +1233,7 @@ int main(void)
         cmocka_unit_test(test_quantize_linear_onto_its_input),
         cmocka_unit_test(test_eval_json_onto_the_token_file),
         cmocka_unit_test(test_eval_json_onto_the_model_config),
+        cmocka_unit_test(test_outputs_onto_a_users_file),
         cmocka_unit_test(test_cast_onto_dev_null),
         cmocka_unit_test(test_cast_onto_dev_full),
         cmocka_unit_test(test_cast_onto_a_hard_link_of_the_input),

@@ -285,6 +285,7 @@ static int wait_for_job_with_requeues(const char *id, const char *log)
 {
     const time_t give_up = time(NULL) + 900;
     char state[64] = "", reason[128], restarts[32];
+    int seen_ended = 0;
     while (time(NULL) < give_up) {
         const char *show[] = {"scontrol", "show", "job", "-o", id, NULL};
         tu_run_result r = run(show);
@@ -298,7 +299,11 @@ static int wait_for_job_with_requeues(const char *id, const char *log)
         int still = 0;
         for (size_t i = 0; i < sizeof(waiting) / sizeof(waiting[0]); i++)
             still |= strcmp(state, waiting[i]) == 0;
-        if (!still) {
+        /* A job that requeues itself is killed by the requeue and can show
+         * as ended (FAILED) for a moment before it is pending again: an end
+         * counts once it has lasted 10 s. */
+        seen_ended = still ? 0 : seen_ended + 1;
+        if (seen_ended > 10) {
             char *text = tu_read_file(log, NULL);
             fail_msg("job %s ended %s (%s): %s", id, state, reason, text ? tail(text) : "");
         }
