@@ -39,6 +39,7 @@ typedef struct {
     int o_bias;         /* o_proj has a bias (llama attention_bias) */
     int sliding_window; /* 0 = full causal attention */
     int bos_token;
+    int eos_token; /* the first of eos_token_id's ids; 2 when absent */
     /* mxq's own checkpoints (quantization_config.quant_method = "mxq"):
      * quantized linears are stored as weight_packed + weight_scale. */
     int mx_weights;

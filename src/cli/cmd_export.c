@@ -9,7 +9,7 @@
 static void print_export_help(FILE *out)
 {
     fprintf(out,
-            "Usage: mxq export --to gguf CHECKPOINT_DIR OUT.gguf [--tokenizer tokenizer.bin | --vocab-from F.gguf]\n"
+            "Usage: mxq export --to gguf CHECKPOINT_DIR OUT.gguf [--tokenizer FILE | --vocab-from F.gguf]\n"
             "\n"
             "Write the checkpoint in CHECKPOINT_DIR (an mxq MX checkpoint, or an FP Hugging Face\n"
             "model of the llama architecture) as a GGUF v3 file that llama.cpp loads, with every\n"
@@ -22,21 +22,26 @@ static void print_export_help(FILE *out)
             "rows are not whole blocks of 32, or whose scales fall outside f16's range for Q4_0/\n"
             "Q8_0, is written as BF16 (also exact); the export names each one. Other tensors keep\n"
             "their F32/F16/BF16 bytes. q_proj and k_proj rows are reordered from Hugging Face's\n"
-            "rotate-half layout to llama.cpp's interleaved one.\n"
+            "rotate-half layout to llama.cpp's interleaved one; Llama-3 rope scaling becomes\n"
+            "llama.cpp's rope_freqs tensor.\n"
             "GGUF carries weights only: a checkpoint that quantizes activations is exported with\n"
             "a notice, and llama.cpp quantizes activations its own way.\n"
             "\n"
             "Options:\n"
             "      --to gguf          the output format (the only one)\n"
-            "      --tokenizer FILE   the vocabulary, a llama2.c tokenizer.bin (default: the one in\n"
-            "                         CHECKPOINT_DIR, else in the model it was quantized from)\n"
+            "      --tokenizer FILE   the vocabulary: a llama2.c tokenizer.bin, or a Hugging Face\n"
+            "                         tokenizer.json of SentencePiece-style BPE (byte_fallback, as\n"
+            "                         Llama-2's). Default: tokenizer.bin, else tokenizer.json, in\n"
+            "                         CHECKPOINT_DIR, else in the model it was quantized from\n"
             "      --vocab-from F.gguf  copy the tokenizer.* keys of a GGUF of the same model (e.g.\n"
-            "                         one llama.cpp's converter made) instead\n"
+            "                         one llama.cpp's convert_hf_to_gguf.py made; needed for\n"
+            "                         byte-level BPE such as Llama-3's) instead\n"
             "  -q, --quiet            print errors only\n"
             "  -h, --help             this text\n"
             "\n"
-            "The output is written under a temporary name and renamed when complete; it is never\n"
-            "one of the inputs.\n");
+            "The output is written under a temporary name and renamed when complete. It is never\n"
+            "an input (a file of the checkpoint, the vocabulary, the model the checkpoint came\n"
+            "from), and an existing OUT.gguf is replaced only if mxq wrote it.\n");
 }
 
 int mxq_cmd_export(mxq_ctx *ctx, int argc, char **argv)

@@ -22,6 +22,7 @@
 #include "formats/mx_ggml.h"
 #include "io/fsutil.h"
 #include "io/gguf.h"
+#include "jobs/export_vocab.h"
 #include "model/rope.h"
 #include "mxq/jobs.h"
 #include "mxq/safetensors.h"
@@ -244,121 +245,6 @@ fail:
     return status;
 }
 
-/* A llama2.c tokenizer.bin: int32 max token length, then per token a float
- * score, an int32 length and the bytes, with spaces where SentencePiece
- * has U+2581. */
-typedef struct {
-    char **tokens;
-    float *scores;
-    int32_t *types;
-    int n;
-} vocab;
-
-static void vocab_free(vocab *v)
-{
-    for (int i = 0; v->tokens && i < v->n; i++)
-        free(v->tokens[i]);
-    free(v->tokens), free(v->scores), free(v->types);
-    memset(v, 0, sizeof(*v));
-}
-
-/* token text as SentencePiece spells it: ' ' -> U+2581 (3 bytes) */
-static char *spm_text(const char *bytes, int len)
-{
-    char *out = malloc((size_t)len * 3 + 1), *o = out;
-    if (!out)
-        return NULL;
-    for (int i = 0; i < len; i++) {
-        if (bytes[i] == ' ')
-            memcpy(o, "\xe2\x96\x81", 3), o += 3;
-        else
-            *o++ = bytes[i];
-    }
-    *o = '\0';
-    return out;
-}
-
-static int token_type(int id, const char *text)
-{
-    if (id == 0)
-        return 2; /* unknown */
-    if (id == 1 || id == 2)
-        return 3; /* control: BOS, EOS */
-    if (strlen(text) == 6 && strncmp(text, "<0x", 3) == 0 && text[5] == '>')
-        return 6; /* byte */
-    return 1;     /* normal */
-}
-
-static int compare_text(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
-
-/* llama.cpp aborts on a vocabulary with two tokens of one text. */
-static mxq_status check_unique_tokens(mxq_ctx *ctx, const char *path, const vocab *v)
-{
-    mxq_status status = MXQ_OK;
-    char **sorted = malloc((size_t)v->n * sizeof(char *));
-    CHECK_ALLOC(ctx, sorted, (size_t)v->n * sizeof(char *), "the sorted vocabulary");
-    memcpy(sorted, v->tokens, (size_t)v->n * sizeof(char *));
-    qsort(sorted, (size_t)v->n, sizeof(char *), compare_text);
-    for (int i = 1; i < v->n; i++)
-        CHECK(ctx, strcmp(sorted[i - 1], sorted[i]) != 0, MXQ_ERR_FORMAT,
-              "%s: the token '%s' appears twice; llama.cpp needs every token text once", path, sorted[i]);
-fail:
-    free(sorted);
-    return status;
-}
-
-static mxq_status read_tokenizer_bin(mxq_ctx *ctx, const char *path, int n, vocab *v)
-{
-    mxq_status status = MXQ_OK;
-    char *bytes = NULL;
-    size_t size = 0, at = 4;
-    memset(v, 0, sizeof(*v));
-    CALL(ctx, mxq_input_read_all(ctx, path, "tokenizer", (size_t)1 << 28, &bytes, &size));
-    v->tokens = calloc((size_t)n, sizeof(char *));
-    v->scores = calloc((size_t)n, sizeof(float));
-    v->types = calloc((size_t)n, sizeof(int32_t));
-    CHECK_ALLOC(ctx, v->tokens && v->scores && v->types, (size_t)n * 16, "the vocabulary");
-    for (int i = 0; i < n; i++) {
-        int32_t len = -1;
-        CHECK(ctx, at + 8 <= size, MXQ_ERR_FORMAT, "%s: ends at token %d; the model's vocabulary has %d (llama2.c "
-              "tokenizer.bin: int32 max length, then per token float score, int32 length, bytes)", path, i, n);
-        memcpy(&v->scores[i], bytes + at, 4);
-        memcpy(&len, bytes + at + 4, 4);
-        at += 8;
-        CHECK(ctx, len >= 0 && (size_t)len <= size - at, MXQ_ERR_FORMAT, "%s: token %d has length %d, past the file's end",
-              path, i, len);
-        v->tokens[i] = spm_text(bytes + at, len);
-        CHECK_ALLOC(ctx, v->tokens[i], (size_t)len * 3 + 1, "a token");
-        v->n = i + 1;
-        v->types[i] = token_type(i, v->tokens[i]);
-        at += (size_t)len;
-    }
-    CHECK(ctx, at == size, MXQ_ERR_FORMAT, "%s: %zu bytes after the model's %d tokens: not this model's tokenizer", path,
-          size - at, n);
-    CALL(ctx, check_unique_tokens(ctx, path, v));
-fail:
-    free(bytes);
-    if (status != MXQ_OK)
-        vocab_free(v);
-    return status;
-}
-
-static mxq_status write_vocab(mxq_ctx *ctx, mxq_gguf *g, const vocab *v, const mxq_model_config *cfg)
-{
-    mxq_status status = MXQ_OK;
-    CALL(ctx, mxq_gguf_kv_string(ctx, g, "tokenizer.ggml.model", "llama"));
-    CALL(ctx, mxq_gguf_kv_strings(ctx, g, "tokenizer.ggml.tokens", (const char *const *)v->tokens, (size_t)v->n));
-    CALL(ctx, mxq_gguf_kv_f32s(ctx, g, "tokenizer.ggml.scores", v->scores, (size_t)v->n));
-    CALL(ctx, mxq_gguf_kv_i32s(ctx, g, "tokenizer.ggml.token_type", v->types, (size_t)v->n));
-    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "tokenizer.ggml.bos_token_id", (uint32_t)cfg->bos_token));
-    /* a llama2.c tokenizer.bin (SentencePiece's export) has <unk> 0, <s> 1, </s> 2 */
-    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "tokenizer.ggml.eos_token_id", 2));
-    CALL(ctx, mxq_gguf_kv_u32(ctx, g, "tokenizer.ggml.unknown_token_id", 0));
-    CALL(ctx, mxq_gguf_kv_bool(ctx, g, "tokenizer.ggml.add_bos_token", 1));
-fail:
-    return status;
-}
-
 /* ---- tensor data --------------------------------------------------------- */
 
 /* Row r of the GGUF tensor comes from this row of the source: q_proj and
@@ -431,114 +317,6 @@ fail:
     return status;
 }
 
-/* The token texts of a GGUF's tokenizer.ggml.tokens (its strings were
- * bounded by the reader), as a vocab for check_unique_tokens. */
-static mxq_status gguf_token_texts(mxq_ctx *ctx, const uint8_t *bytes, const mxq_gguf_array *tokens, vocab *v)
-{
-    mxq_status status = MXQ_OK;
-    v->tokens = calloc((size_t)tokens->count, sizeof(char *));
-    CHECK_ALLOC(ctx, v->tokens, (size_t)tokens->count * sizeof(char *), "the vocabulary's texts");
-    v->n = (int)tokens->count;
-    size_t at = tokens->first;
-    for (uint64_t i = 0; i < tokens->count; i++) {
-        uint64_t len;
-        memcpy(&len, bytes + at, 8);
-        v->tokens[i] = strndup((const char *)bytes + at + 8, (size_t)len);
-        CHECK_ALLOC(ctx, v->tokens[i], (size_t)len + 1, "a token's text");
-        at += 8 + (size_t)len;
-    }
-fail:
-    return status;
-}
-
-/* tokenizer.ggml.model: a string naming a tokenizer llama.cpp has (and for
- * gpt2, its merges). "no_vocab" is refused: llama.cpp aborts on it. */
-static mxq_status check_gguf_tokenizer_model(mxq_ctx *ctx, const char *path, const uint8_t *bytes,
-                                             const mxq_gguf_kvs *kvs)
-{
-    mxq_status status = MXQ_OK;
-    static const char *const known[] = {"llama", "gpt2", "bert", "t5", "rwkv", "plamo2"};
-    char name[32] = "";
-    uint64_t len = 0;
-    CHECK(ctx, kvs->model.present && kvs->model.type == MXQ_GGUF_STRING, MXQ_ERR_FORMAT,
-          "%s: tokenizer.ggml.model is %s; a string naming the tokenizer (llama, gpt2, ...) was expected", path,
-          kvs->model.present ? "not a string" : "missing");
-    memcpy(&len, bytes + kvs->model.first, 8);
-    if (len < sizeof(name))
-        memcpy(name, bytes + kvs->model.first + 8, (size_t)len), name[len] = '\0';
-    int found = 0;
-    for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++)
-        found |= strcmp(name, known[i]) == 0;
-    CHECK(ctx, found, MXQ_ERR_FORMAT,
-          "%s: tokenizer.ggml.model '%.31s' is not a tokenizer llama.cpp has (llama, gpt2, bert, t5, rwkv, plamo2)",
-          path, name);
-    CHECK(ctx, strcmp(name, "gpt2") != 0 || (kvs->merges.present && kvs->merges.type == MXQ_GGUF_ARRAY &&
-                                              kvs->merges.element == MXQ_GGUF_STRING),
-          MXQ_ERR_FORMAT, "%s: a gpt2 tokenizer needs tokenizer.ggml.merges, an array of strings", path);
-fail:
-    return status;
-}
-
-/* The vocabulary arrays llama.cpp reads for each token: the texts (n_vocab
- * strings, each once), and if present F32 scores and I32 types as many. */
-static mxq_status check_gguf_vocab(mxq_ctx *ctx, const char *path, const uint8_t *bytes, const mxq_gguf_kvs *kvs,
-                                   int n_vocab)
-{
-    mxq_status status = MXQ_OK;
-    vocab texts = {0};
-    CHECK(ctx, kvs->tokens.present && kvs->tokens.type == MXQ_GGUF_ARRAY && kvs->tokens.element == MXQ_GGUF_STRING,
-          MXQ_ERR_FORMAT, "%s: tokenizer.ggml.tokens is %s; an array of strings was expected", path,
-          kvs->tokens.present ? "not an array of strings" : "missing");
-    CHECK(ctx, kvs->tokens.count == (uint64_t)n_vocab, MXQ_ERR_FORMAT,
-          "%s: its tokenizer.ggml.tokens has %llu tokens; the model's vocabulary has %d: not the same model", path,
-          (unsigned long long)kvs->tokens.count, n_vocab);
-    const struct {
-        const mxq_gguf_array *array;
-        const char *key;
-        uint32_t element;
-        const char *element_name;
-    } per_token[] = {{&kvs->scores, "tokenizer.ggml.scores", MXQ_GGUF_F32, "f32"},
-                     {&kvs->token_types, "tokenizer.ggml.token_type", MXQ_GGUF_I32, "i32"}};
-    for (size_t i = 0; i < sizeof(per_token) / sizeof(per_token[0]); i++) {
-        const mxq_gguf_array *a = per_token[i].array;
-        CHECK(ctx, !a->present || (a->type == MXQ_GGUF_ARRAY && a->element == per_token[i].element &&
-                                   a->count == (uint64_t)n_vocab),
-              MXQ_ERR_FORMAT, "%s: %s must be an array of %d %s values (one per token)", path, per_token[i].key,
-              n_vocab, per_token[i].element_name);
-    }
-    CHECK(ctx, !kvs->bad_token_id[0], MXQ_ERR_FORMAT, "%s: %s must be a u32 (llama.cpp reads token ids so)", path,
-          kvs->bad_token_id);
-    CALL(ctx, check_gguf_tokenizer_model(ctx, path, bytes, kvs));
-    CALL(ctx, gguf_token_texts(ctx, bytes, &kvs->tokens, &texts));
-    CALL(ctx, check_unique_tokens(ctx, path, &texts));
-fail:
-    vocab_free(&texts);
-    return status;
-}
-
-/* --vocab-from: the tokenizer.* key-values of another GGUF of the model. */
-static mxq_status copy_vocab(mxq_ctx *ctx, mxq_gguf *g, const char *path, int n_vocab)
-{
-    mxq_status status = MXQ_OK;
-    int fd = -1;
-    void *map = MAP_FAILED;
-    struct stat st;
-    mxq_gguf_kvs kvs;
-    CALL(ctx, mxq_input_open(ctx, path, "vocabulary GGUF", &fd));
-    CHECK(ctx, fstat(fd, &st) == 0 && st.st_size > 0, MXQ_ERR_IO, "%s: cannot read its size, or it is empty", path);
-    map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    CHECK(ctx, map != MAP_FAILED, MXQ_ERR_IO, "%s: cannot map it", path);
-    CALL(ctx, mxq_gguf_copy_kvs(ctx, g, path, map, (size_t)st.st_size, "tokenizer.", &kvs));
-    CHECK(ctx, kvs.copied > 0, MXQ_ERR_FORMAT, "%s: has no tokenizer.* keys to take the vocabulary from", path);
-    CALL(ctx, check_gguf_vocab(ctx, path, map, &kvs, n_vocab));
-fail:
-    if (map != MAP_FAILED)
-        munmap(map, (size_t)st.st_size);
-    if (fd >= 0)
-        close(fd);
-    return status;
-}
-
 /* ---- the job ------------------------------------------------------------- */
 
 /* Every file of the checkpoint directory is an input: the export may not
@@ -581,23 +359,28 @@ fail:
     return status;
 }
 
-/* tokenizer.bin: the one given, or beside the checkpoint, or beside the
- * model the checkpoint was quantized from. */
+/* The vocabulary file: the one given, or a tokenizer.bin (llama2.c) or
+ * tokenizer.json (Hugging Face) beside the checkpoint, or beside the model
+ * the checkpoint was quantized from. */
 static mxq_status find_tokenizer(mxq_ctx *ctx, const char *dir, const char *model, const char *given, char *path)
 {
     mxq_status status = MXQ_OK;
+    static const char *const names[] = {"tokenizer.bin", "tokenizer.json"};
     if (given) {
         snprintf(path, MXQ_PATH_BUF, "%s", given);
         return MXQ_OK;
     }
-    mxq_path_join(path, dir, "tokenizer.bin");
-    if (access(path, F_OK) == 0)
-        return MXQ_OK;
-    if (model[0])
-        mxq_path_join(path, model, "tokenizer.bin");
-    CHECK(ctx, model[0] && access(path, F_OK) == 0, MXQ_ERR_ARG,
-          "no vocabulary for %s: it has no llama2.c tokenizer.bin%s%s%s; give one with --tokenizer or --vocab-from (a "
-          "GGUF needs a vocabulary: llama.cpp aborts on one without)",
+    for (int where = 0; where < 2; where++)
+        for (int i = 0; i < 2; i++) {
+            if (where == 1 && !model[0])
+                break;
+            mxq_path_join(path, where == 0 ? dir : model, names[i]);
+            if (access(path, F_OK) == 0)
+                return MXQ_OK;
+        }
+    CHECK(ctx, 0, MXQ_ERR_ARG,
+          "no vocabulary for %s: it has no tokenizer.bin (llama2.c) or tokenizer.json%s%s%s; give one with --tokenizer "
+          "or --vocab-from (a GGUF needs a vocabulary: llama.cpp aborts on one without)",
           dir, model[0] ? ", nor has '" : "", model,
           model[0] ? "' (the model its report names, a path relative to where quantize ran)" : "");
 fail:
@@ -615,9 +398,7 @@ static mxq_status protect_inputs(mxq_ctx *ctx, mxq_input_set *inputs, const char
     CALL(ctx, mxq_input_set_add(ctx, inputs, vocabulary, "vocabulary"));
     if (model[0] && access(model, F_OK) == 0) {
         CALL(ctx, mxq_input_set_add_model(ctx, inputs, model));
-        char tokenizer[MXQ_PATH_BUF];
-        mxq_path_join(tokenizer, model, "tokenizer.bin");
-        CALL(ctx, mxq_input_set_add(ctx, inputs, tokenizer, "the source model's tokenizer"));
+        CALL(ctx, add_dir_files(ctx, inputs, model)); /* its tokenizer files, licence, ... */
     }
 fail:
     return status;
@@ -702,7 +483,7 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     export_tensor *plan = NULL;
     float *rope_freqs = NULL;
     size_t n = 0;
-    vocab v = {0};
+    export_vocab v = {0};
     mxq_input_set inputs = {0};
     mxq_output out = {.fd = -1};
     char tokenizer[MXQ_PATH_BUF], model[MXQ_PATH_BUF];
@@ -722,7 +503,7 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     warn_stale_temporaries(ctx, out_path);
     CALL(ctx, mxq_output_begin(ctx, out_path, &inputs, &out));
     if (!opt->vocab_from)
-        CALL(ctx, read_tokenizer_bin(ctx, tokenizer, cfg.vocab, &v));
+        CALL(ctx, export_vocab_read(ctx, tokenizer, &cfg, &v));
     CALL(ctx, mxq_checkpoint_open(ctx, dir, &ckpt));
     if (cfg.rope_factor > 0)
         CALL(ctx, rope_divisors(ctx, &cfg, &rope_freqs));
@@ -730,9 +511,9 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     CALL(ctx, mxq_gguf_create(ctx, &g));
     CALL(ctx, write_hyperparameters(ctx, g, &cfg, dir));
     if (opt->vocab_from)
-        CALL(ctx, copy_vocab(ctx, g, opt->vocab_from, cfg.vocab));
+        CALL(ctx, export_vocab_copy(ctx, g, opt->vocab_from, cfg.vocab));
     else
-        CALL(ctx, write_vocab(ctx, g, &v, &cfg));
+        CALL(ctx, export_vocab_write(ctx, g, &v, &cfg));
     summarize(ctx, &cfg, plan, n, res);
     CALL(ctx, write_file(ctx, &cfg, ckpt, g, plan, n, &out));
     const off_t end = lseek(out.fd, 0, SEEK_CUR);
@@ -744,7 +525,7 @@ fail:
     mxq_gguf_free(g);
     free(plan);
     free(rope_freqs);
-    vocab_free(&v);
+    export_vocab_free(&v);
     mxq_checkpoint_close(ckpt);
     mxq_input_set_free(&inputs);
     return status;

@@ -219,7 +219,6 @@ static mxq_status parse_sizes(config_reader *r, mxq_model_config *cfg)
     long default_positions = cfg->arch == MXQ_ARCH_LLAMA ? 2048 : 32768;
     CALL(ctx, get_int(r, r->root, "max_position_embeddings", default_positions, 1, MXQ_MAX_POSITIONS,
                       &cfg->max_positions));
-    CALL(ctx, get_int(r, r->root, "bos_token_id", 1, 0, MXQ_MAX_VOCAB, &cfg->bos_token));
     CALL(ctx, get_number(r, r->root, "rms_norm_eps", 1e-6, 0, &cfg->rms_eps));
     CALL(ctx, get_number(r, r->root, "rope_theta", 10000.0, 0, &cfg->rope_theta));
     CALL(ctx, get_bool(r, "tie_word_embeddings", 0, &cfg->tie_embeddings));
@@ -260,6 +259,26 @@ static mxq_status parse_variants(config_reader *r, mxq_model_config *cfg)
         CALL(ctx, get_bool(r, "use_sliding_window", 0, &use_window));
     if (use_window && window && !json_is_null(window))
         CALL(ctx, get_int(r, r->root, "sliding_window", -1, 1, MXQ_MAX_POSITIONS, &cfg->sliding_window));
+fail:
+    return status;
+}
+
+/* bos_token_id, and eos_token_id: an id or a list of them (Llama-3 lists
+ * its end-of-turn ids too), of which the first is the end of text. */
+static mxq_status parse_special_tokens(config_reader *r, mxq_model_config *cfg)
+{
+    mxq_status status = MXQ_OK;
+    CALL(r->ctx, get_int(r, r->root, "bos_token_id", 1, 0, MXQ_MAX_VOCAB, &cfg->bos_token));
+    json_t *eos = json_object_get(r->root, "eos_token_id");
+    if (json_is_array(eos))
+        eos = json_array_get(eos, 0);
+    cfg->eos_token = 2;
+    if (eos && !json_is_null(eos)) {
+        CHECK(r->ctx, json_is_integer(eos) && json_integer_value(eos) >= 0 && json_integer_value(eos) < cfg->vocab,
+              MXQ_ERR_FORMAT, "%s: eos_token_id must be a token id below vocab_size (%d), or a list of them", r->path,
+              cfg->vocab);
+        cfg->eos_token = (int)json_integer_value(eos);
+    }
 fail:
     return status;
 }
@@ -312,6 +331,7 @@ mxq_status mxq_config_load(mxq_ctx *ctx, const char *dir, mxq_model_config *cfg)
     CALL(ctx, parse_arch(&r, cfg));
     CALL(ctx, parse_sizes(&r, cfg));
     CALL(ctx, parse_variants(&r, cfg));
+    CALL(ctx, parse_special_tokens(&r, cfg));
     CALL(ctx, parse_rope(&r, cfg));
     json_t *quant = json_object_get(r.root, "quantization_config");
     if (quant && !json_is_null(quant))

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include <cmocka.h>
+#include <jansson.h>
 
 #include "mxq/mxq.h"
 #include "testutil.h"
@@ -504,6 +505,79 @@ static void test_vocab_from_bad(void **state)
     expect_vocab_refused(gguf_file_of(&b, "bos-vocab.gguf"), "tokenizer.ggml.bos_token_id must be a u32");
 }
 
+/* The bundled tokenizer.bin as Hugging Face's tokenizer.json would hold it
+ * (SentencePiece-style BPE: U+2581 for spaces, byte_fallback, the control
+ * tokens in added_tokens), written here with jansson. */
+static const char *tokenizer_json_of_bin(const char *name)
+{
+    size_t size = 0, at = 4;
+    char *bin = tu_read_file(tu_data_path("stories260K/tokenizer.bin"), &size);
+    json_t *vocab = json_object(), *added = json_array();
+    for (int id = 0; id < 512; id++) {
+        int32_t len;
+        memcpy(&len, bin + at + 4, 4);
+        char text[256], *o = text;
+        for (int i = 0; i < len; i++)
+            if (bin[at + 8 + (size_t)i] == ' ')
+                memcpy(o, "\xe2\x96\x81", 3), o += 3;
+            else
+                *o++ = bin[at + 8 + (size_t)i];
+        *o = '\0';
+        at += 8 + (size_t)len;
+        if (id == 1 || id == 2)
+            json_array_append_new(added, json_pack("{s:i, s:s, s:b}", "id", id, "content", text, "special", 1));
+        else
+            json_object_set_new(vocab, text, json_integer(id));
+    }
+    free(bin);
+    json_t *root = json_pack("{s:o, s:{s:s, s:b, s:s, s:o, s:[]}}", "added_tokens", added, "model", "type", "BPE",
+                             "byte_fallback", 1, "unk_token", "<unk>", "vocab", vocab, "merges");
+    const char *path = tu_scratch_path("%s", name);
+    assert_int_equal(json_dump_file(root, path, 0), 0);
+    json_decref(root);
+    return path;
+}
+
+/* A vocabulary from tokenizer.json gives the same GGUF, byte for byte, as
+ * the same vocabulary from tokenizer.bin; found beside a model that has no
+ * tokenizer.bin; a byte-level BPE one is refused, naming --vocab-from. */
+static void test_tokenizer_json(void **state)
+{
+    (void)state;
+    const char *json = tokenizer_json_of_bin("tokenizer.json");
+    const char *from_bin = tu_scratch_path("vocab-bin.gguf"), *from_json = tu_scratch_path("vocab-json.gguf");
+    const char *a[] = {"export", "-q", "--to", "gguf", tu_data_path("stories260K"), from_bin, NULL};
+    const char *b[] = {"export", "-q", "--to", "gguf", tu_data_path("stories260K"), from_json, "--tokenizer", json, NULL};
+    assert_int_equal(run_mxq(a).exit_code, 0);
+    tu_run_result r = run_mxq(b);
+    if (r.exit_code != 0)
+        fail_msg("export with a tokenizer.json failed: %.600s", r.err);
+    size_t size_a = 0, size_b = 0;
+    char *bytes_a = tu_read_file(from_bin, &size_a), *bytes_b = tu_read_file(from_json, &size_b);
+    assert_int_equal(size_a, size_b);
+    assert_memory_equal(bytes_a, bytes_b, size_a);
+    free(bytes_a);
+    free(bytes_b);
+    /* found by itself beside a model without tokenizer.bin */
+    const char *model = tu_scratch_path("json-model");
+    char cmd[2048];
+    snprintf(cmd, sizeof(cmd), "mkdir -p %s && cp %s/config.json %s/model.safetensors %s %s/", model,
+             tu_data_path("stories260K"), tu_data_path("stories260K"), json, model);
+    assert_int_equal(system(cmd), 0);
+    const char *found[] = {"export", "-q", "--to", "gguf", model, tu_scratch_path("found.gguf"), NULL};
+    r = run_mxq(found);
+    if (r.exit_code != 0)
+        fail_msg("the tokenizer.json beside the model was not used: %.600s", r.err);
+    /* byte-level BPE (Llama-3's) */
+    const char *byte_level = tu_edited_copy(json, "\"byte_fallback\": true", "\"byte_fallback\": false", "bytelevel.json");
+    const char *c[] = {"export", "--to", "gguf", tu_data_path("stories260K"), tu_scratch_path("bl.gguf"), "--tokenizer",
+                       byte_level, NULL};
+    r = run_mxq(c);
+    assert_int_equal(r.exit_code, 1);
+    if (!strstr(r.err, "without byte_fallback (byte-level BPE)") || !strstr(r.err, "--vocab-from"))
+        fail_msg("a byte-level BPE tokenizer.json was not refused clearly: %.600s", r.err);
+}
+
 static void test_bad_input(void **state)
 {
     (void)state;
@@ -584,6 +658,7 @@ int main(void)
         cmocka_unit_test(test_llama3_rope_freqs),
         cmocka_unit_test(test_nan_block),
         cmocka_unit_test(test_vocab_from_bad),
+        cmocka_unit_test(test_tokenizer_json),
         cmocka_unit_test(test_bad_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
