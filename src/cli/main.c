@@ -203,6 +203,17 @@ static int check_stdout(const char *verb, int rc)
     return rc == MXQ_EXIT_OK ? MXQ_EXIT_FAILURE : rc;
 }
 
+/* "unknown command" with the commands of the table */
+static int unknown_verb(const char *verb)
+{
+    char names[256] = "";
+    for (size_t i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++) {
+        const size_t len = strlen(names);
+        snprintf(names + len, sizeof(names) - len, "%s, ", verbs[i].name);
+    }
+    return mxq_cli_usage_error(NULL, NULL, "unknown command '%s' (commands: %shelp; see mxq --help)", verb, names);
+}
+
 static const verb_entry *find_verb(const char *verb)
 {
     for (size_t i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++)
@@ -238,9 +249,7 @@ static int run_verb(const char *verb, int argc, char **argv)
 {
     const verb_entry *entry = find_verb(verb);
     if (!entry)
-        return mxq_cli_usage_error(NULL, NULL, "unknown command '%s' (commands: cast, eval, quantize, quantize-linear, synth, verify, inspect, export, help; see "
-                                   "mxq --help)",
-                                   verb);
+        return unknown_verb(verb);
     int launch_rank, launch_size;
     launcher_rank(&launch_rank, &launch_size);
     /* --help needs no MPI: it must work on a login node without a launcher. */

@@ -31,9 +31,11 @@ static int type_index(mxq_ggml_type type)
 size_t mxq_ggml_row_bytes(mxq_ggml_type type, int64_t n)
 {
     int i = type_index(type);
-    if (i < 0 || n < 0 || n % ggml_types[i].block != 0)
+    size_t bytes = 0;
+    if (i < 0 || n < 0 || n % ggml_types[i].block != 0 ||
+        __builtin_mul_overflow((size_t)(n / ggml_types[i].block), (size_t)ggml_types[i].block_bytes, &bytes))
         return 0;
-    return (size_t)(n / ggml_types[i].block) * (size_t)ggml_types[i].block_bytes;
+    return bytes;
 }
 
 const char *mxq_ggml_type_name(mxq_ggml_type type)

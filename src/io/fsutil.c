@@ -204,11 +204,14 @@ fail:
 int mxq_json_file_is_ours(const char *path)
 {
     struct stat st;
-    if (stat(path, &st) != 0 || st.st_size > (64 << 20))
-        return 0;
-    json_t *root = json_load_file(path, 0, NULL);
+    json_t *root = NULL;
+    const int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC); /* a FIFO put in its place must not block */
+    if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= (64 << 20))
+        root = json_loadfd(fd, 0, NULL);
     const int ours = json_is_string(json_object_get(root, MXQ_VERSION_MARK));
     json_decref(root);
+    if (fd >= 0)
+        close(fd);
     return ours;
 }
 
@@ -343,6 +346,19 @@ static void sync_directory_of(const char *path)
     }
 }
 
+mxq_status mxq_output_begin_ours(mxq_ctx *ctx, const char *final_path, const mxq_input_set *inputs,
+                                 mxq_file_is_ours_fn is_ours, const char *mark, mxq_output *out)
+{
+    mxq_status status = MXQ_OK;
+    out->fd = -1, out->temp_path = NULL, out->final_path = NULL;
+    CALL(ctx, mxq_output_check(ctx, final_path, inputs)); /* an input is named as one first */
+    CALL(ctx, mxq_output_check_ours(ctx, final_path, is_ours, mark));
+    CALL(ctx, mxq_output_begin(ctx, final_path, inputs, out));
+    out->is_ours = is_ours, out->ours_mark = mark;
+fail:
+    return status;
+}
+
 mxq_status mxq_output_commit(mxq_ctx *ctx, mxq_output *out)
 {
     mxq_status status = MXQ_OK;
@@ -352,6 +368,8 @@ mxq_status mxq_output_commit(mxq_ctx *ctx, mxq_output *out)
     CALL(ctx, close_fd(ctx, out));
     /* Between begin and now something may have appeared at the target. */
     CALL(ctx, mxq_output_check(ctx, out->final_path, NULL));
+    if (out->is_ours)
+        CALL(ctx, mxq_output_check_ours(ctx, out->final_path, out->is_ours, out->ours_mark));
     CHECK(ctx, rename(out->temp_path, out->final_path) == 0, MXQ_ERR_IO, "cannot rename '%s' to '%s': %s",
           out->temp_path, out->final_path, strerror(errno));
     free(out->temp_path);
@@ -427,7 +445,7 @@ fail:
 mxq_status mxq_json_write_atomic(mxq_ctx *ctx, const json_t *value, const char *path, const mxq_input_set *inputs)
 {
     mxq_status status = MXQ_OK;
-    mxq_output out = {NULL, NULL, -1, NULL};
+    mxq_output out = {.fd = -1};
     CALL(ctx, mxq_json_write_temp(ctx, value, path, inputs, &out));
     CALL(ctx, mxq_output_commit(ctx, &out));
 fail:

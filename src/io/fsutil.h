@@ -61,9 +61,10 @@ const mxq_file_id *mxq_input_set_find(const mxq_input_set *set, const char *path
 /* `path` may be written: it is absent or a regular file, and not an input. */
 mxq_status mxq_output_check(mxq_ctx *ctx, const char *path, const mxq_input_set *inputs);
 
-/* The mark every single-file output of mxq carries (a JSON key, an HDF5
- * attribute, a GGUF key-value holding the version): a file without it was
- * not written by mxq, and is never replaced. */
+/* The mark every single-file output of mxq carries, holding its version:
+ * the JSON key or HDF5 root attribute MXQ_VERSION_MARK, the GGUF key-value
+ * MXQ_GGUF_VERSION_KEY (io/gguf.h). A file without it was not written by
+ * mxq, and is never replaced. */
 #define MXQ_VERSION_MARK "mxq_version"
 /* 1 if the regular file `path` carries the mark of its kind. */
 typedef int (*mxq_file_is_ours_fn)(const char *path);
@@ -78,10 +79,18 @@ typedef struct {
     char *temp_path; /* <dir>/.<name>.tmp-<pid>-<n>, or NULL when not begun / committed */
     int fd;          /* open for writing until commit or abort; -1 after */
     mxq_sha256 *hash; /* when set, every byte written goes through it too */
+    /* when set (mxq_output_begin_ours), an existing target is replaced only
+     * if it is mxq's: checked at begin and again just before the rename */
+    mxq_file_is_ours_fn is_ours;
+    const char *ours_mark;
 } mxq_output;
 
 /* Check `final_path` and create its temporary file. */
 mxq_status mxq_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_input_set *inputs, mxq_output *out);
+/* The same for a single-file output that never replaces a file mxq did not
+ * write: `is_ours` tells (mxq_output_check_ours), `mark` names its mark. */
+mxq_status mxq_output_begin_ours(mxq_ctx *ctx, const char *final_path, const mxq_input_set *inputs,
+                                 mxq_file_is_ours_fn is_ours, const char *mark, mxq_output *out);
 /* Write all of `data`; errors name the final path and the system's reason. */
 mxq_status mxq_output_write(mxq_ctx *ctx, mxq_output *out, const void *data, size_t len);
 /* Flush to disk, check the target once more, rename into place. */

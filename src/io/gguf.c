@@ -305,7 +305,11 @@ static mxq_status take_u64(gguf_reader *r, const char *what, uint64_t *v)
 /* bytes of a scalar type's value; 0 for strings, arrays and non-types */
 static size_t scalar_size(uint32_t type)
 {
-    static const uint8_t sizes[] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+    static const uint8_t sizes[] = {
+        [MXQ_GGUF_U8] = 1,  [MXQ_GGUF_I8] = 1,  [MXQ_GGUF_U16] = 2, [MXQ_GGUF_I16] = 2,  [MXQ_GGUF_U32] = 4,
+        [MXQ_GGUF_I32] = 4, [MXQ_GGUF_F32] = 4, [MXQ_GGUF_BOOL] = 1, [MXQ_GGUF_U64] = 8, [MXQ_GGUF_I64] = 8,
+        [MXQ_GGUF_F64] = 8, /* strings and arrays: 0 */
+    };
     return type < sizeof(sizes) ? sizes[type] : 0;
 }
 
@@ -356,9 +360,8 @@ static mxq_gguf_array *vocab_array(mxq_gguf_kvs *kvs, const char *key)
                                                            : NULL;
 }
 
-/* Key i: no NUL inside (it would be cut short), none seen before (llama.cpp
- * refuses a file with a key twice). keys[] holds the earlier ones. */
-static mxq_status read_key(gguf_reader *r, uint64_t i, char *const *keys, char *key)
+/* Key i: no NUL inside (it would be cut short). */
+static mxq_status read_key(gguf_reader *r, uint64_t i, char *key)
 {
     mxq_status status = MXQ_OK;
     uint64_t len;
@@ -371,8 +374,19 @@ static mxq_status read_key(gguf_reader *r, uint64_t i, char *const *keys, char *
           (unsigned long long)i);
     memcpy(key, p, (size_t)len);
     key[len] = '\0';
-    for (uint64_t j = 0; j < i; j++)
-        CHECK(r->ctx, strcmp(keys[j], key) != 0, MXQ_ERR_FORMAT, "%s: key '%s' appears twice", r->path, key);
+fail:
+    return status;
+}
+
+static int compare_keys(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* llama.cpp refuses a file with a key twice: sorted, neighbours differ. */
+static mxq_status check_unique_keys(gguf_reader *r, char **keys, uint64_t n)
+{
+    mxq_status status = MXQ_OK;
+    qsort(keys, (size_t)n, sizeof(char *), compare_keys);
+    for (uint64_t i = 1; i < n; i++)
+        CHECK(r->ctx, strcmp(keys[i - 1], keys[i]) != 0, MXQ_ERR_FORMAT, "%s: key '%s' appears twice", r->path, keys[i]);
 fail:
     return status;
 }
@@ -412,7 +426,7 @@ mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const 
     for (uint64_t i = 0; i < n_kv; i++) {
         char key[MXQ_GGUF_MAX_KEY];
         uint32_t type;
-        CALL(ctx, read_key(&r, i, keys, key));
+        CALL(ctx, read_key(&r, i, key));
         keys[i] = strdup(key);
         CHECK_ALLOC(ctx, keys[i], strlen(key) + 1, "a GGUF key");
         CALL_IN(ctx, take_u32(&r, "a value's type", &type), "key '%s'", key);
@@ -425,7 +439,7 @@ mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const 
                 array->first = value_at;
         }
         const size_t len = strlen(key), suffix = strlen("_token_id");
-        if (!kvs->bad_token_id[0] && type != MXQ_GGUF_U32 && strncmp(key, "tokenizer.ggml.", 15) == 0 &&
+        if (!kvs->bad_token_id[0] && type != MXQ_GGUF_U32 && strncmp(key, "tokenizer.ggml.", strlen("tokenizer.ggml.")) == 0 &&
             len > suffix && strcmp(key + len - suffix, "_token_id") == 0)
             snprintf(kvs->bad_token_id, sizeof(kvs->bad_token_id), "%s", key);
         if (strncmp(key, prefix, strlen(prefix)) == 0) {
@@ -434,6 +448,7 @@ mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const 
         }
     }
     kvs->end = r.at;
+    CALL(ctx, check_unique_keys(&r, keys, n_kv));
 fail:
     for (uint64_t i = 0; keys && i < n_kv; i++)
         free(keys[i]);
@@ -441,22 +456,38 @@ fail:
     return status;
 }
 
+/* Whether the GGUF in `map` has `key` exactly (not just a key it begins). */
+static int has_key(mxq_ctx *ctx, const char *path, const void *map, size_t size, const char *key)
+{
+    mxq_gguf *scratch = NULL;
+    mxq_gguf_kvs kvs;
+    uint64_t len = 0;
+    int found = mxq_gguf_create(ctx, &scratch) == MXQ_OK &&
+                mxq_gguf_copy_kvs(ctx, scratch, path, map, size, key, &kvs) == MXQ_OK && scratch->kv.len >= 8;
+    if (found) {
+        memcpy(&len, scratch->kv.bytes, 8); /* the first key copied: the one, or one it begins */
+        found = len == strlen(key);
+    }
+    mxq_gguf_free(scratch);
+    return found;
+}
+
+/* mxq's own: its version key-value, and no general.quantization_version,
+ * which llama.cpp's llama-quantize writes into what it makes of one (and
+ * copies mxq.version into). */
 int mxq_gguf_file_is_ours(const char *path)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC), ours = 0;
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC), ours = 0; /* a FIFO put in its place must not block */
     struct stat st;
     void *map = MAP_FAILED;
     mxq_ctx *ctx = NULL;
-    mxq_gguf *scratch = NULL;
-    mxq_gguf_kvs kvs;
     if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0)
         map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
     /* a context of its own: what is wrong with a file that is not mxq's is
      * no error of the caller's */
-    if (map != MAP_FAILED && mxq_ctx_create(&ctx) == MXQ_OK && mxq_gguf_create(ctx, &scratch) == MXQ_OK)
-        ours = mxq_gguf_copy_kvs(ctx, scratch, path, map, (size_t)st.st_size, MXQ_GGUF_VERSION_KEY, &kvs) == MXQ_OK &&
-               kvs.copied == 1;
-    mxq_gguf_free(scratch);
+    if (map != MAP_FAILED && mxq_ctx_create(&ctx) == MXQ_OK)
+        ours = has_key(ctx, path, map, (size_t)st.st_size, MXQ_GGUF_VERSION_KEY) &&
+               !has_key(ctx, path, map, (size_t)st.st_size, "general.quantization_version");
     mxq_ctx_destroy(ctx);
     if (map != MAP_FAILED)
         munmap(map, (size_t)st.st_size);

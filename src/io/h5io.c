@@ -335,9 +335,9 @@ mxq_status mxq_h5_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_i
 {
     mxq_status status = MXQ_OK;
     out->file = H5I_INVALID_HID;
-    CALL(ctx, mxq_output_check(ctx, final_path, inputs));
-    CALL(ctx, mxq_output_check_ours(ctx, final_path, mxq_h5_file_is_ours, MXQ_VERSION_MARK " attribute"));
-    CALL(ctx, mxq_output_begin(ctx, final_path, inputs, &out->out));
+    out->out = (mxq_output){.fd = -1};
+    CALL(ctx, mxq_output_begin_ours(ctx, final_path, inputs, mxq_h5_file_is_ours, MXQ_VERSION_MARK " attribute",
+                                    &out->out));
     /* HDF5 opens files by name: give it the one of the temporary just
      * created (its descriptor stays open for the commit's fsync). */
     char proc[64];

@@ -693,7 +693,7 @@ fail:
 mxq_status mxq_st_write_file(mxq_ctx *ctx, const char *path, const mxq_tensor_write *tensors, size_t count)
 {
     mxq_status status = MXQ_OK;
-    mxq_output out = {NULL, NULL, -1, NULL};
+    mxq_output out = {.fd = -1};
     CALL(ctx, mxq_output_begin(ctx, path, NULL, &out));
     CALL(ctx, mxq_st_write(ctx, &out, tensors, count));
     CALL(ctx, mxq_output_commit(ctx, &out));

@@ -51,7 +51,7 @@ mxq_status mxq_cast_file(mxq_ctx *ctx, const mxq_mx_spec *spec, const char *in_p
     mxq_h5_quiet_begin(&quiet);
     hid_t in = H5I_INVALID_HID;
     cast_data c = {0};
-    mxq_h5_output out = {H5I_INVALID_HID, {NULL, NULL, -1, NULL}};
+    mxq_h5_output out = {H5I_INVALID_HID, {.fd = -1}};
     mxq_input_set inputs = {0};
 
     CALL(ctx, mxq_mx_spec_check(ctx, spec));

@@ -95,10 +95,10 @@ static mxq_status open_outputs(mxq_ctx *ctx, eval_job *j)
     CALL(ctx, mxq_input_set_add(ctx, &j->inputs, o->recipe_path, "the recipe"));
     CALL(ctx, mxq_input_set_add(ctx, &j->inputs, o->calib_path, "the calibration file"));
     if (o->json_path && j->dist.rank == 0) {
-        CALL_IN(ctx, mxq_output_check(ctx, o->json_path, &j->inputs), "--json");
-        CALL_IN(ctx, mxq_output_check_ours(ctx, o->json_path, mxq_json_file_is_ours, MXQ_VERSION_MARK " key"),
+        CALL_IN(ctx,
+                mxq_output_begin_ours(ctx, o->json_path, &j->inputs, mxq_json_file_is_ours, MXQ_VERSION_MARK " key",
+                                      &j->json_out),
                 "--json");
-        CALL_IN(ctx, mxq_output_begin(ctx, o->json_path, &j->inputs, &j->json_out), "--json");
     }
 fail:
     return status;
@@ -296,7 +296,7 @@ mxq_status mxq_eval_perplexity(mxq_ctx *ctx, MPI_Comm comm, const char *model_di
                                const mxq_eval_options *options, mxq_eval_result *result)
 {
     mxq_status status = MXQ_OK;
-    eval_job j = {.dist = {.comm = MPI_COMM_NULL}, .json_out = {NULL, NULL, -1, NULL}};
+    eval_job j = {.dist = {.comm = MPI_COMM_NULL}, .json_out = {.fd = -1}};
     j.model_dir = model_dir;
     j.tokens_path = tokens_path;
     j.options = options;

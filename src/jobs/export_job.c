@@ -8,14 +8,11 @@
  * temporary file renamed into place when complete. */
 #include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <float.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/check.h"
@@ -160,7 +157,7 @@ fail:
 
 /* Llama-3 rope scaling as llama.cpp takes it: a rope_freqs tensor of
  * divisors [head_dim / 2], one per frequency. */
-static mxq_status rope_divisors(mxq_ctx *ctx, const mxq_model_config *cfg, float **out)
+static mxq_status rope_divisors(mxq_ctx *ctx, const char *dir, const mxq_model_config *cfg, float **out)
 {
     mxq_status status = MXQ_OK;
     const size_t half = (size_t)cfg->head_dim / 2;
@@ -169,9 +166,9 @@ static mxq_status rope_divisors(mxq_ctx *ctx, const mxq_model_config *cfg, float
     mxq_rope_llama3_divisors(cfg, divisors);
     for (size_t i = 0; i < half; i++)
         CHECK(ctx, isfinite(divisors[i]) && divisors[i] >= FLT_MIN, MXQ_ERR_FORMAT,
-              "config.json: rope_scaling factor %g gives frequency %zu a divisor of %g in float32, which llama.cpp "
-              "cannot use",
-              cfg->rope_factor, i, (double)divisors[i]);
+              "%s/config.json: rope_scaling factor %g gives frequency %zu a divisor of %g in float32, which "
+              "llama.cpp cannot use",
+              dir, cfg->rope_factor, i, (double)divisors[i]);
     *out = divisors, divisors = NULL;
 fail:
     free(divisors);
@@ -225,8 +222,12 @@ static mxq_status write_hyperparameters(mxq_ctx *ctx, mxq_gguf *g, const mxq_mod
 {
     mxq_status status = MXQ_OK;
     CALL(ctx, mxq_gguf_kv_string(ctx, g, "general.architecture", "llama"));
-    const char *slash = strrchr(name, '/');
-    CALL(ctx, mxq_gguf_kv_string(ctx, g, "general.name", slash && slash[1] ? slash + 1 : name));
+    char base[MXQ_PATH_BUF];
+    snprintf(base, sizeof(base), "%s", name);
+    for (size_t len = strlen(base); len > 1 && base[len - 1] == '/'; len--)
+        base[len - 1] = '\0'; /* "ckpt/" is "ckpt" */
+    const char *slash = strrchr(base, '/');
+    CALL(ctx, mxq_gguf_kv_string(ctx, g, "general.name", slash && slash[1] ? slash + 1 : base));
     CALL(ctx, mxq_gguf_kv_string(ctx, g, MXQ_GGUF_VERSION_KEY, MXQ_VERSION)); /* marks the file as mxq's to replace */
     CALL(ctx, mxq_gguf_kv_u32(ctx, g, "general.alignment", MXQ_GGUF_ALIGNMENT));
     CALL(ctx, mxq_gguf_kv_u32(ctx, g, "llama.context_length", (uint32_t)cfg->max_positions));
@@ -396,6 +397,11 @@ static mxq_status protect_inputs(mxq_ctx *ctx, mxq_input_set *inputs, const char
     CALL(ctx, mxq_input_set_add_model(ctx, inputs, dir));
     CALL(ctx, add_dir_files(ctx, inputs, dir));
     CALL(ctx, mxq_input_set_add(ctx, inputs, vocabulary, "vocabulary"));
+    if (model[0] && access(model, F_OK) != 0)
+        mxq_log(ctx, MXQ_LOG_WARN,
+                "export: the model %s was quantized from, '%s', is not found from here (its report names it relative "
+                "to where quantize ran): its files are not protected as inputs",
+                dir, model);
     if (model[0] && access(model, F_OK) == 0) {
         CALL(ctx, mxq_input_set_add_model(ctx, inputs, model));
         CALL(ctx, add_dir_files(ctx, inputs, model)); /* its tokenizer files, licence, ... */
@@ -483,7 +489,7 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     export_tensor *plan = NULL;
     float *rope_freqs = NULL;
     size_t n = 0;
-    export_vocab v = {0};
+    mxq_export_vocab v = {0};
     mxq_input_set inputs = {0};
     mxq_output out = {.fd = -1};
     char tokenizer[MXQ_PATH_BUF], model[MXQ_PATH_BUF];
@@ -498,22 +504,21 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     else
         CALL(ctx, find_tokenizer(ctx, dir, model, opt->tokenizer, tokenizer));
     CALL(ctx, protect_inputs(ctx, &inputs, dir, model, tokenizer));
-    CALL(ctx, mxq_output_check(ctx, out_path, &inputs));
-    CALL(ctx, mxq_output_check_ours(ctx, out_path, mxq_gguf_file_is_ours, MXQ_GGUF_VERSION_KEY " key-value"));
-    warn_stale_temporaries(ctx, out_path);
-    CALL(ctx, mxq_output_begin(ctx, out_path, &inputs, &out));
+    warn_stale_temporaries(ctx, out_path); /* before this export makes its own */
+    CALL(ctx, mxq_output_begin_ours(ctx, out_path, &inputs, mxq_gguf_file_is_ours, MXQ_GGUF_VERSION_KEY " key-value",
+                                    &out));
     if (!opt->vocab_from)
-        CALL(ctx, export_vocab_read(ctx, tokenizer, &cfg, &v));
+        CALL(ctx, mxq_export_vocab_read(ctx, tokenizer, &cfg, &v));
     CALL(ctx, mxq_checkpoint_open(ctx, dir, &ckpt));
     if (cfg.rope_factor > 0)
-        CALL(ctx, rope_divisors(ctx, &cfg, &rope_freqs));
+        CALL(ctx, rope_divisors(ctx, dir, &cfg, &rope_freqs));
     CALL(ctx, export_plan(ctx, &cfg, ckpt, rope_freqs, &plan, &n));
     CALL(ctx, mxq_gguf_create(ctx, &g));
     CALL(ctx, write_hyperparameters(ctx, g, &cfg, dir));
     if (opt->vocab_from)
-        CALL(ctx, export_vocab_copy(ctx, g, opt->vocab_from, cfg.vocab));
+        CALL(ctx, mxq_export_vocab_copy(ctx, g, opt->vocab_from, cfg.vocab));
     else
-        CALL(ctx, export_vocab_write(ctx, g, &v, &cfg));
+        CALL(ctx, mxq_export_vocab_write(ctx, g, &v, &cfg));
     summarize(ctx, &cfg, plan, n, res);
     CALL(ctx, write_file(ctx, &cfg, ckpt, g, plan, n, &out));
     const off_t end = lseek(out.fd, 0, SEEK_CUR);
@@ -525,7 +530,7 @@ fail:
     mxq_gguf_free(g);
     free(plan);
     free(rope_freqs);
-    export_vocab_free(&v);
+    mxq_export_vocab_free(&v);
     mxq_checkpoint_close(ckpt);
     mxq_input_set_free(&inputs);
     return status;

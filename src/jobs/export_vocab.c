@@ -12,7 +12,7 @@
 #include "core/check.h"
 #include "jobs/export_vocab.h"
 
-void export_vocab_free(export_vocab *v)
+void mxq_export_vocab_free(mxq_export_vocab *v)
 {
     for (int i = 0; v->tokens && i < v->n; i++)
         free(v->tokens[i]);
@@ -52,7 +52,7 @@ static int token_type(int id, const char *text)
 static int compare_text(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
 /* llama.cpp aborts on a vocabulary with two tokens of one text. */
-static mxq_status check_unique_tokens(mxq_ctx *ctx, const char *path, const export_vocab *v)
+static mxq_status check_unique_tokens(mxq_ctx *ctx, const char *path, const mxq_export_vocab *v)
 {
     mxq_status status = MXQ_OK;
     char **sorted = malloc((size_t)v->n * sizeof(char *));
@@ -61,7 +61,7 @@ static mxq_status check_unique_tokens(mxq_ctx *ctx, const char *path, const expo
     qsort(sorted, (size_t)v->n, sizeof(char *), compare_text);
     for (int i = 1; i < v->n; i++)
         CHECK(ctx, strcmp(sorted[i - 1], sorted[i]) != 0, MXQ_ERR_FORMAT,
-              "%s: the token '%s' appears twice; llama.cpp needs every token text once", path, sorted[i]);
+              "%s: the token '%.40s' appears twice; llama.cpp needs every token text once", path, sorted[i]);
 fail:
     free(sorted);
     return status;
@@ -70,7 +70,7 @@ fail:
 /* A llama2.c tokenizer.bin: int32 max token length, then per token a float
  * score, an int32 length and the bytes, with spaces where SentencePiece
  * has U+2581. */
-static mxq_status read_tokenizer_bin(mxq_ctx *ctx, const char *path, int n, export_vocab *v)
+static mxq_status read_tokenizer_bin(mxq_ctx *ctx, const char *path, int n, mxq_export_vocab *v)
 {
     mxq_status status = MXQ_OK;
     char *bytes = NULL;
@@ -103,14 +103,14 @@ fail:
     free(bytes);
     v->unknown_id = 0, v->eos_id = 2; /* SentencePiece's export: <unk> 0, <s> 1, </s> 2 */
     if (status != MXQ_OK)
-        export_vocab_free(v);
+        mxq_export_vocab_free(v);
     return status;
 }
 
 /* ---- tokenizer.json (Hugging Face, SentencePiece-style BPE) ------------- */
 
 /* token text of tokenizer.json: already with U+2581 for spaces */
-static mxq_status json_token(mxq_ctx *ctx, const char *path, export_vocab *v, const char *text, json_int_t id, int n)
+static mxq_status json_token(mxq_ctx *ctx, const char *path, mxq_export_vocab *v, const char *text, json_int_t id, int n)
 {
     mxq_status status = MXQ_OK;
     CHECK(ctx, id >= 0 && id < n, MXQ_ERR_FORMAT, "%s: token '%.40s' has id %lld; the model's vocabulary has %d", path,
@@ -127,7 +127,7 @@ fail:
 
 /* ids of model.vocab and added_tokens; added special tokens are control
  * tokens (the unknown token, model.unk_token, is of its own type) */
-static mxq_status json_tokens(mxq_ctx *ctx, const char *path, json_t *root, int n, export_vocab *v)
+static mxq_status json_tokens(mxq_ctx *ctx, const char *path, json_t *root, int n, mxq_export_vocab *v)
 {
     mxq_status status = MXQ_OK;
     json_t *model = json_object_get(root, "model"), *vocab = json_object_get(model, "vocab");
@@ -154,7 +154,7 @@ fail:
 /* Types and scores: SentencePiece's BPE gives its normal pieces the score
  * -(their rank among the normal pieces), and 0 to the others. Ids no token
  * names become "[PAD<id>]" of type unused, as llama.cpp's converter does. */
-static void json_types_and_scores(const char *unk, int n, export_vocab *v)
+static void json_types_and_scores(const char *unk, int n, mxq_export_vocab *v)
 {
     int rank = 0;
     for (int id = 0; id < n; id++) {
@@ -175,7 +175,7 @@ static void json_types_and_scores(const char *unk, int n, export_vocab *v)
 /* A tokenizer.json whose model is SentencePiece-style BPE (byte_fallback:
  * Llama-2's); a byte-level BPE (Llama-3's) needs llama.cpp's own pre-
  * tokenizer name and merges, and is left to --vocab-from. */
-static mxq_status read_tokenizer_json(mxq_ctx *ctx, const char *path, const mxq_model_config *cfg, export_vocab *v)
+static mxq_status read_tokenizer_json(mxq_ctx *ctx, const char *path, const mxq_model_config *cfg, mxq_export_vocab *v)
 {
     mxq_status status = MXQ_OK;
     json_t *root = NULL;
@@ -203,11 +203,11 @@ static mxq_status read_tokenizer_json(mxq_ctx *ctx, const char *path, const mxq_
 fail:
     json_decref(root);
     if (status != MXQ_OK)
-        export_vocab_free(v);
+        mxq_export_vocab_free(v);
     return status;
 }
 
-mxq_status export_vocab_read(mxq_ctx *ctx, const char *path, const mxq_model_config *cfg, export_vocab *v)
+mxq_status mxq_export_vocab_read(mxq_ctx *ctx, const char *path, const mxq_model_config *cfg, mxq_export_vocab *v)
 {
     const size_t len = strlen(path);
     if (len >= 5 && strcmp(path + len - 5, ".json") == 0)
@@ -215,7 +215,7 @@ mxq_status export_vocab_read(mxq_ctx *ctx, const char *path, const mxq_model_con
     return read_tokenizer_bin(ctx, path, cfg->vocab, v);
 }
 
-mxq_status export_vocab_write(mxq_ctx *ctx, mxq_gguf *g, const export_vocab *v, const mxq_model_config *cfg)
+mxq_status mxq_export_vocab_write(mxq_ctx *ctx, mxq_gguf *g, const mxq_export_vocab *v, const mxq_model_config *cfg)
 {
     mxq_status status = MXQ_OK;
     CALL(ctx, mxq_gguf_kv_string(ctx, g, "tokenizer.ggml.model", "llama"));
@@ -233,7 +233,8 @@ fail:
 
 /* The token texts of a GGUF's tokenizer.ggml.tokens (its strings were
  * bounded by the reader), as a vocabulary for check_unique_tokens. */
-static mxq_status gguf_token_texts(mxq_ctx *ctx, const uint8_t *bytes, const mxq_gguf_array *tokens, export_vocab *v)
+static mxq_status gguf_token_texts(mxq_ctx *ctx, const char *path, const uint8_t *bytes, size_t size,
+                                   const mxq_gguf_array *tokens, mxq_export_vocab *v)
 {
     mxq_status status = MXQ_OK;
     v->tokens = calloc((size_t)tokens->count, sizeof(char *));
@@ -241,8 +242,11 @@ static mxq_status gguf_token_texts(mxq_ctx *ctx, const uint8_t *bytes, const mxq
     v->n = (int)tokens->count;
     size_t at = tokens->first;
     for (uint64_t i = 0; i < tokens->count; i++) {
-        uint64_t len;
+        uint64_t len = 0;
+        /* bounded again: the file is mapped, and may have changed since */
+        CHECK(ctx, at <= size && size - at >= 8, MXQ_ERR_IO, "%s: changed while it was read", path);
         memcpy(&len, bytes + at, 8);
+        CHECK(ctx, len <= size - at - 8, MXQ_ERR_IO, "%s: changed while it was read", path);
         v->tokens[i] = strndup((const char *)bytes + at + 8, (size_t)len);
         CHECK_ALLOC(ctx, v->tokens[i], (size_t)len + 1, "a token's text");
         at += 8 + (size_t)len;
@@ -253,7 +257,7 @@ fail:
 
 /* tokenizer.ggml.model: a string naming a tokenizer llama.cpp has (and for
  * gpt2, its merges). "no_vocab" is refused: llama.cpp aborts on it. */
-static mxq_status check_gguf_tokenizer_model(mxq_ctx *ctx, const char *path, const uint8_t *bytes,
+static mxq_status check_gguf_tokenizer_model(mxq_ctx *ctx, const char *path, const uint8_t *bytes, size_t size,
                                              const mxq_gguf_kvs *kvs)
 {
     mxq_status status = MXQ_OK;
@@ -263,8 +267,10 @@ static mxq_status check_gguf_tokenizer_model(mxq_ctx *ctx, const char *path, con
     CHECK(ctx, kvs->model.present && kvs->model.type == MXQ_GGUF_STRING, MXQ_ERR_FORMAT,
           "%s: tokenizer.ggml.model is %s; a string naming the tokenizer (llama, gpt2, ...) was expected", path,
           kvs->model.present ? "not a string" : "missing");
+    CHECK(ctx, kvs->model.first <= size && size - kvs->model.first >= 8, MXQ_ERR_IO, "%s: changed while it was read",
+          path);
     memcpy(&len, bytes + kvs->model.first, 8);
-    if (len < sizeof(name))
+    if (len < sizeof(name) && len <= size - kvs->model.first - 8)
         memcpy(name, bytes + kvs->model.first + 8, (size_t)len), name[len] = '\0';
     int found = 0;
     for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++)
@@ -281,11 +287,12 @@ fail:
 
 /* The vocabulary arrays llama.cpp reads for each token: the texts (n_vocab
  * strings, each once), and if present F32 scores and I32 types as many. */
-static mxq_status check_gguf_vocab(mxq_ctx *ctx, const char *path, const uint8_t *bytes, const mxq_gguf_kvs *kvs,
+static mxq_status check_gguf_vocab(mxq_ctx *ctx, const char *path, const uint8_t *bytes, size_t size,
+                                   const mxq_gguf_kvs *kvs,
                                    int n_vocab)
 {
     mxq_status status = MXQ_OK;
-    export_vocab texts = {0};
+    mxq_export_vocab texts = {0};
     CHECK(ctx, kvs->tokens.present && kvs->tokens.type == MXQ_GGUF_ARRAY && kvs->tokens.element == MXQ_GGUF_STRING,
           MXQ_ERR_FORMAT, "%s: tokenizer.ggml.tokens is %s; an array of strings was expected", path,
           kvs->tokens.present ? "not an array of strings" : "missing");
@@ -308,16 +315,16 @@ static mxq_status check_gguf_vocab(mxq_ctx *ctx, const char *path, const uint8_t
     }
     CHECK(ctx, !kvs->bad_token_id[0], MXQ_ERR_FORMAT, "%s: %s must be a u32 (llama.cpp reads token ids so)", path,
           kvs->bad_token_id);
-    CALL(ctx, check_gguf_tokenizer_model(ctx, path, bytes, kvs));
-    CALL(ctx, gguf_token_texts(ctx, bytes, &kvs->tokens, &texts));
+    CALL(ctx, check_gguf_tokenizer_model(ctx, path, bytes, size, kvs));
+    CALL(ctx, gguf_token_texts(ctx, path, bytes, size, &kvs->tokens, &texts));
     CALL(ctx, check_unique_tokens(ctx, path, &texts));
 fail:
-    export_vocab_free(&texts);
+    mxq_export_vocab_free(&texts);
     return status;
 }
 
 /* --vocab-from: the tokenizer.* key-values of another GGUF of the model. */
-mxq_status export_vocab_copy(mxq_ctx *ctx, mxq_gguf *g, const char *path, int n_vocab)
+mxq_status mxq_export_vocab_copy(mxq_ctx *ctx, mxq_gguf *g, const char *path, int n_vocab)
 {
     mxq_status status = MXQ_OK;
     int fd = -1;
@@ -330,7 +337,7 @@ mxq_status export_vocab_copy(mxq_ctx *ctx, mxq_gguf *g, const char *path, int n_
     CHECK(ctx, map != MAP_FAILED, MXQ_ERR_IO, "%s: cannot map it", path);
     CALL(ctx, mxq_gguf_copy_kvs(ctx, g, path, map, (size_t)st.st_size, "tokenizer.", &kvs));
     CHECK(ctx, kvs.copied > 0, MXQ_ERR_FORMAT, "%s: has no tokenizer.* keys to take the vocabulary from", path);
-    CALL(ctx, check_gguf_vocab(ctx, path, map, &kvs, n_vocab));
+    CALL(ctx, check_gguf_vocab(ctx, path, map, (size_t)st.st_size, &kvs, n_vocab));
 fail:
     if (map != MAP_FAILED)
         munmap(map, (size_t)st.st_size);

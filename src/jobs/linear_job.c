@@ -109,7 +109,7 @@ mxq_status mxq_quantize_linear_file(mxq_ctx *ctx, const char *recipe_path, int r
     int have_recipe = 0;
     hid_t in = H5I_INVALID_HID;
     linear_data d = {0};
-    mxq_h5_output out = {H5I_INVALID_HID, {NULL, NULL, -1, NULL}};
+    mxq_h5_output out = {H5I_INVALID_HID, {.fd = -1}};
     mxq_input_set inputs = {0};
     char algos[128] = "rtn";
 

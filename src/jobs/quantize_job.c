@@ -952,7 +952,7 @@ fail:
 static mxq_status dry_run_output(mxq_ctx *ctx, quantize_job *job)
 {
     mxq_status status = MXQ_OK;
-    mxq_output out = {NULL, NULL, -1, NULL};
+    mxq_output out = {.fd = -1};
     const mxq_plan_input in = plan_input(job);
     json_t *plan = NULL;
     mxq_quantize_print_plan(ctx, &in, job->mem_per_rank);
@@ -968,6 +968,7 @@ static mxq_status dry_run_output(mxq_ctx *ctx, quantize_job *job)
     CALL_IN(ctx, mxq_output_check_ours(ctx, job->opt->plan_json, mxq_json_file_is_ours, MXQ_VERSION_MARK " key"),
             "--json");
     CALL_IN(ctx, mxq_json_write_temp(ctx, plan, job->opt->plan_json, &job->inputs, &out), "--json");
+    out.is_ours = mxq_json_file_is_ours, out.ours_mark = MXQ_VERSION_MARK " key"; /* checked again at the commit */
     CALL_IN(ctx, mxq_output_commit(ctx, &out), "--json");
 fail:
     mxq_output_abort(&out);
@@ -1026,8 +1027,8 @@ mxq_status mxq_quantize(mxq_ctx *ctx, MPI_Comm comm, const char *model_dir, cons
 {
     mxq_status status = MXQ_OK;
     quantize_job job = {.dist = {.comm = MPI_COMM_NULL},
-                        .shard_out = {NULL, NULL, -1, NULL},
-                        .store = {.file = -1, .out = {NULL, NULL, -1, NULL}}};
+                        .shard_out = {.fd = -1},
+                        .store = {.file = -1, .out = {.fd = -1}}};
     job.report.index.fd = -1;
     job.model_dir = model_dir;
     job.calib_path = calib_path;

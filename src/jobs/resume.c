@@ -326,7 +326,7 @@ mxq_status mxq_resume_write_layer(mxq_ctx *ctx, const mxq_resume *r, int layer, 
 {
     mxq_status status = MXQ_OK;
     char path[MXQ_PATH_BUF];
-    mxq_output out = {NULL, NULL, -1, NULL};
+    mxq_output out = {.fd = -1};
     mxq_tensor_write *all = calloc(count + 3, sizeof(*all));
     char sum[65];
     CHECK_ALLOC(ctx, all, (count + 3) * sizeof(*all), "a layer's record");

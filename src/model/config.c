@@ -10,7 +10,6 @@
 #include "core/check.h"
 #include "formats/mx_spec.h"
 #include "io/fsutil.h"
-#include "model/rope.h"
 #include "mxq/model.h"
 
 const char *mxq_arch_name(mxq_arch arch)
@@ -275,8 +274,9 @@ static mxq_status parse_special_tokens(config_reader *r, mxq_model_config *cfg)
     cfg->eos_token = 2;
     if (eos && !json_is_null(eos)) {
         CHECK(r->ctx, json_is_integer(eos) && json_integer_value(eos) >= 0 && json_integer_value(eos) < cfg->vocab,
-              MXQ_ERR_FORMAT, "%s: eos_token_id must be a token id below vocab_size (%d), or a list of them", r->path,
-              cfg->vocab);
+              MXQ_ERR_FORMAT, "%s: eos_token_id must be a token id below vocab_size (%d), or a list of them; found %s%lld",
+              r->path, cfg->vocab, json_is_integer(eos) ? "" : "a non-integer ",
+              json_is_integer(eos) ? (long long)json_integer_value(eos) : 0LL);
         cfg->eos_token = (int)json_integer_value(eos);
     }
 fail:
@@ -310,9 +310,11 @@ static mxq_status parse_rope(config_reader *r, mxq_model_config *cfg)
         mxq_model_config from_params = base;
         CALL(r->ctx, parse_rope_object(r, params, "rope_parameters", &from_params));
         const int theta_twice = json_object_get(r->root, "rope_theta") && json_object_get(params, "rope_theta");
-        CHECK(r->ctx, (!has_scaling && !theta_twice) || same_rope(cfg, &from_params), MXQ_ERR_FORMAT,
-              "%s: rope_parameters disagrees with %s; give the rotary settings once", r->path,
-              has_scaling ? "rope_scaling (or rope_theta)" : "rope_theta");
+        /* with rope_scaling too, every setting must agree; else the theta */
+        const int agree = has_scaling ? same_rope(cfg, &from_params)
+                                      : !theta_twice || cfg->rope_theta == from_params.rope_theta;
+        CHECK(r->ctx, agree, MXQ_ERR_FORMAT, "%s: rope_parameters disagrees with %s; give the rotary settings once",
+              r->path, has_scaling ? "rope_scaling (or rope_theta)" : "rope_theta");
         *cfg = from_params;
     }
 fail:
@@ -403,52 +405,5 @@ int mxq_input_features(const mxq_model_config *cfg, mxq_input_id id)
     case MXQ_INPUT_O: return cfg->n_heads * cfg->head_dim;
     case MXQ_INPUT_DOWN: return cfg->intermediate;
     default: return cfg->hidden;
-    }
-}
-
-/* theta^(-2i/head_dim) in float32, as transformers computes inv_freq */
-static double base_frequency(const mxq_model_config *cfg, int i)
-{
-    float exponent = (float)(2 * i) / (float)cfg->head_dim;
-    return (float)(1.0 / pow(cfg->rope_theta, (double)exponent));
-}
-
-/* Where a wavelength falls in Llama-3 scaling: -1 below high_freq's
- * wavelength (kept), 1 above low_freq's (divided by the factor), 0 between
- * (smoothed, with *smooth). */
-static int llama3_band(const mxq_model_config *cfg, double freq, double *smooth)
-{
-    const double old_len = cfg->rope_original_max_positions, wavelen = 2.0 * M_PI / freq;
-    if (wavelen < old_len / cfg->rope_high_freq_factor)
-        return -1;
-    if (wavelen > old_len / cfg->rope_low_freq_factor)
-        return 1;
-    *smooth = (old_len / wavelen - cfg->rope_low_freq_factor) / (cfg->rope_high_freq_factor - cfg->rope_low_freq_factor);
-    return 0;
-}
-
-void mxq_rope_frequencies(const mxq_model_config *cfg, double *inv_freq)
-{
-    for (int i = 0; i < cfg->head_dim / 2; i++) {
-        double freq = base_frequency(cfg, i), smooth = 0;
-        if (cfg->rope_factor > 0) {
-            const int band = llama3_band(cfg, freq, &smooth);
-            if (band > 0)
-                freq = freq / cfg->rope_factor;
-            else if (band == 0) /* transformers' expression, for its rounding */
-                freq = (1.0 - smooth) * freq / cfg->rope_factor + smooth * freq;
-            freq = (float)freq;
-        }
-        inv_freq[i] = freq;
-    }
-}
-
-void mxq_rope_llama3_divisors(const mxq_model_config *cfg, float *divisors)
-{
-    for (int i = 0; i < cfg->head_dim / 2; i++) {
-        double smooth = 0;
-        const int band = cfg->rope_factor > 0 ? llama3_band(cfg, base_frequency(cfg, i), &smooth) : -1;
-        divisors[i] = band < 0 ? 1.0f : band > 0 ? (float)cfg->rope_factor
-                                                 : (float)(1.0 / ((1.0 - smooth) / cfg->rope_factor + smooth));
     }
 }

@@ -156,7 +156,7 @@ mxq_status mxq_act_store_create(mxq_ctx *ctx, const mxq_dist *dist, const char *
     mxq_h5_quiet quiet;
     char temp[4096] = "";
     *s = (mxq_act_store){.file = H5I_INVALID_HID,
-                         .out = {NULL, NULL, -1, NULL},
+                         .out = {.fd = -1},
                          .path = strdup(path),
                          .force = force,
                          .n_layers = cfg->n_layers,
@@ -480,7 +480,7 @@ mxq_status mxq_act_store_reopen(mxq_ctx *ctx, const mxq_dist *dist, const char *
     mxq_status status = MXQ_OK, local = MXQ_OK;
     char temp[4096] = "";
     int whole = 0;
-    *s = (mxq_act_store){.file = H5I_INVALID_HID, .out = {NULL, NULL, -1, NULL}, .path = strdup(path), .force = 1,
+    *s = (mxq_act_store){.file = H5I_INVALID_HID, .out = {.fd = -1}, .path = strdup(path), .force = 1,
                          .n_layers = cfg->n_layers, .n_seqs = n_seqs, .seq_len = seq_len, .hidden = cfg->hidden,
                          .reopened = 1};
     if (!s->path) {

@@ -493,6 +493,11 @@ static void test_vocab_from_bad(void **state)
     vocab_gguf(&b, 512, -1, 512);
     put_array(&b, "tokenizer.nested", 9, 0);
     expect_vocab_refused(gguf_file_of(&b, "nested-vocab.gguf"), "an array of element type 9");
+    /* a GGUF mxq did not write (no mxq.version) is not replaced by an export */
+    const char *theirs[] = {"export", "--to", "gguf", tu_data_path("stories260K"), good, NULL};
+    r = run_mxq(theirs);
+    if (r.exit_code != 1 || !strstr(r.err, "exists and mxq did not write it"))
+        fail_msg("a GGUF mxq did not write was replaced: %.600s", r.err);
     /* what llama.cpp's vocabulary loader would refuse */
     vocab_gguf_of(&b, NULL, 512, -1, 512);
     expect_vocab_refused(gguf_file_of(&b, "nomodel-vocab.gguf"), "tokenizer.ggml.model is missing");
@@ -625,8 +630,8 @@ static void test_bad_input(void **state)
                               tu_scratch_path("source-model/config.json"), NULL};
     r = run_mxq(onto_src);
     assert_int_equal(r.exit_code, 1);
-    if (!strstr(r.err, "source-model/config.json"))
-        fail_msg("the source model's config was not protected: %s", r.err);
+    if (!strstr(r.err, "source-model/config.json") || !strstr(r.err, "a file of the input model"))
+        fail_msg("the source model's config was not protected as an input: %s", r.err);
     /* an unsupported architecture */
     const char *model = tu_scratch_path("qwen2");
     char cmd[2048];

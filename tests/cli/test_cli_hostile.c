@@ -290,6 +290,10 @@ static void test_outputs_onto_a_users_file(void **state)
     expect_refused("eval --json onto a user's file", &r, "users.json", "mxq did not write it");
     r = run_mxq(0, "export", "--to", "gguf", tu_data_path("stories260K"), json, NULL);
     expect_refused("export onto a user's file", &r, "users.json", "mxq did not write it");
+    r = run_mxq(0, "quantize", "--model", tu_data_path("stories260K"), "--calib", tu_data_path("stories260K/calib.h5"),
+                "--recipe", recipe("w4a8-mxint-rtn"), "--out", tu_scratch_path("users-plan-out"), "--dry-run", "--json",
+                json, NULL);
+    expect_refused("quantize --dry-run --json onto a user's file", &r, "users.json", "mxq did not write it");
     expect_untouched("outputs onto a user's file", &s);
     /* mxq's own files are replaced: twice to each path */
     const char *own_h5 = tu_scratch_path("own.h5"), *own_json = tu_scratch_path("own.json");

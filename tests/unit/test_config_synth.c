@@ -75,6 +75,23 @@ static void test_llama3_rope_parameters(void **state)
     snprintf(json, sizeof(json), "%s \"rope_parameters\": {\"rope_theta\": 10000.0}}", head);
     assert_int_equal(mxq_config_load(ctx, config_dir("theta-differ", json), &cfg), MXQ_ERR_FORMAT);
     assert_non_null(strstr(mxq_error_message(ctx), "rope_parameters disagrees with rope_theta"));
+    /* the same theta in both places, with llama3 scaling only in rope_parameters */
+    mxq_error_clear(ctx);
+    snprintf(json, sizeof(json), "%s \"rope_parameters\": {\"rope_theta\": 500000.0, \"rope_type\": \"llama3\","
+             "\"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 32}}",
+             head);
+    assert_int_equal(mxq_config_load(ctx, config_dir("theta-same", json), &cfg), MXQ_OK);
+    assert_true(cfg.rope_factor == 8.0);
+    /* eos_token_id: an id, a list (the first), out of range */
+    snprintf(json, sizeof(json), "%s \"eos_token_id\": [7, 9]}", head);
+    assert_int_equal(mxq_config_load(ctx, config_dir("eos-list", json), &cfg), MXQ_OK);
+    assert_int_equal(cfg.eos_token, 7);
+    snprintf(json, sizeof(json), "%s \"eos_token_id\": 5}", head);
+    assert_int_equal(mxq_config_load(ctx, config_dir("eos-id", json), &cfg), MXQ_OK);
+    assert_int_equal(cfg.eos_token, 5);
+    snprintf(json, sizeof(json), "%s \"eos_token_id\": 32}", head);
+    assert_int_equal(mxq_config_load(ctx, config_dir("eos-far", json), &cfg), MXQ_ERR_FORMAT);
+    assert_non_null(strstr(mxq_error_message(ctx), "eos_token_id must be a token id below vocab_size (32)"));
     /* partial rotation is not LLaMA's */
     mxq_error_clear(ctx);
     snprintf(json, sizeof(json), "%s \"partial_rotary_factor\": 0.5}", head);
