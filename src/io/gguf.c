@@ -360,6 +360,28 @@ static mxq_gguf_array *vocab_array(mxq_gguf_kvs *kvs, const char *key)
                                                            : NULL;
 }
 
+/* The type llama.cpp reads tokenizer.ggml.`key` as, if `type` is not it
+ * (NULL when it is, or when the key is not one it types): ids u32, flags
+ * bool, the pre-tokenizer's name a string. */
+static const char *vocab_key_type(const char *key, uint32_t type)
+{
+    static const char prefix[] = "tokenizer.ggml.";
+    static const char *const flags[] = {"add_bos_token", "add_eos_token", "add_sep_token", "add_space_prefix",
+                                        "remove_extra_whitespaces"};
+    if (strncmp(key, prefix, strlen(prefix)) != 0)
+        return NULL;
+    const char *name = key + strlen(prefix);
+    const size_t len = strlen(name), suffix = strlen("_token_id");
+    if (len > suffix && strcmp(name + len - suffix, "_token_id") == 0)
+        return type == MXQ_GGUF_U32 ? NULL : "u32";
+    for (size_t i = 0; i < sizeof(flags) / sizeof(flags[0]); i++)
+        if (strcmp(name, flags[i]) == 0)
+            return type == MXQ_GGUF_BOOL ? NULL : "bool";
+    if (strcmp(name, "pre") == 0)
+        return type == MXQ_GGUF_STRING ? NULL : "string";
+    return NULL;
+}
+
 /* Key i: no NUL inside (it would be cut short). */
 static mxq_status read_key(gguf_reader *r, uint64_t i, char *key)
 {
@@ -438,10 +460,11 @@ mxq_status mxq_gguf_copy_kvs(mxq_ctx *ctx, mxq_gguf *g, const char *path, const 
             if (type != MXQ_GGUF_ARRAY)
                 array->first = value_at;
         }
-        const size_t len = strlen(key), suffix = strlen("_token_id");
-        if (!kvs->bad_token_id[0] && type != MXQ_GGUF_U32 && strncmp(key, "tokenizer.ggml.", strlen("tokenizer.ggml.")) == 0 &&
-            len > suffix && strcmp(key + len - suffix, "_token_id") == 0)
-            snprintf(kvs->bad_token_id, sizeof(kvs->bad_token_id), "%s", key);
+        const char *expected = vocab_key_type(key, type);
+        if (expected && !kvs->bad_type_key[0]) {
+            snprintf(kvs->bad_type_key, sizeof(kvs->bad_type_key), "%s", key);
+            kvs->bad_type_expected = expected;
+        }
         if (strncmp(key, prefix, strlen(prefix)) == 0) {
             CALL(ctx, mxq_gguf_kv_raw(ctx, g, key, (mxq_gguf_value_type)type, r.bytes + value_at, r.at - value_at));
             kvs->copied++;
@@ -456,8 +479,9 @@ fail:
     return status;
 }
 
-/* Whether the GGUF in `map` has `key` exactly (not just a key it begins). */
-static int has_key(mxq_ctx *ctx, const char *path, const void *map, size_t size, const char *key)
+/* Whether the GGUF in `map` has `key` exactly (not just a key it begins),
+ * and when `want_string`, a string value. */
+static int has_key(mxq_ctx *ctx, const char *path, const void *map, size_t size, const char *key, int want_string)
 {
     mxq_gguf *scratch = NULL;
     mxq_gguf_kvs kvs;
@@ -467,6 +491,12 @@ static int has_key(mxq_ctx *ctx, const char *path, const void *map, size_t size,
     if (found) {
         memcpy(&len, scratch->kv.bytes, 8); /* the first key copied: the one, or one it begins */
         found = len == strlen(key);
+    }
+    if (found && want_string) {
+        uint32_t type = 0;
+        found = scratch->kv.len >= 12 + len;
+        if (found)
+            memcpy(&type, scratch->kv.bytes + 8 + len, 4), found = type == MXQ_GGUF_STRING;
     }
     mxq_gguf_free(scratch);
     return found;
@@ -486,8 +516,8 @@ int mxq_gguf_file_is_ours(const char *path)
     /* a context of its own: what is wrong with a file that is not mxq's is
      * no error of the caller's */
     if (map != MAP_FAILED && mxq_ctx_create(&ctx) == MXQ_OK)
-        ours = has_key(ctx, path, map, (size_t)st.st_size, MXQ_GGUF_VERSION_KEY) &&
-               !has_key(ctx, path, map, (size_t)st.st_size, "general.quantization_version");
+        ours = has_key(ctx, path, map, (size_t)st.st_size, MXQ_GGUF_VERSION_KEY, 1) &&
+               !has_key(ctx, path, map, (size_t)st.st_size, "general.quantization_version", 0);
     mxq_ctx_destroy(ctx);
     if (map != MAP_FAILED)
         munmap(map, (size_t)st.st_size);

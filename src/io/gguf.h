@@ -77,7 +77,10 @@ typedef struct {
     size_t end;
     mxq_gguf_array tokens, scores, token_types; /* tokenizer.ggml.{tokens,scores,token_type} */
     mxq_gguf_array model, merges;               /* tokenizer.ggml.{model,merges}; a string's `first` is its length */
-    char bad_token_id[MXQ_GGUF_MAX_KEY];        /* the first tokenizer.ggml.*_token_id that is not a u32, or "" */
+    /* the first tokenizer.ggml.* key of a type llama.cpp does not read it
+     * as (*_token_id u32, add_* and the like bool, pre string), or "" */
+    char bad_type_key[MXQ_GGUF_MAX_KEY];
+    const char *bad_type_expected; /* "u32", "bool", "string" */
 } mxq_gguf_kvs;
 
 /* Copy every key-value of the GGUF file in `bytes` (`size` bytes, from

@@ -341,7 +341,9 @@ fail:
 }
 
 /* The model a checkpoint was quantized from, as its mxq_report.json names
- * it (a path relative to where quantize ran); "" when there is none. */
+ * it; "" when there is none, or when the path is relative (mxq before 0.6
+ * wrote the path as given, relative to a directory it did not record: from
+ * here it could name another model). */
 static mxq_status source_model(mxq_ctx *ctx, const char *dir, char *model)
 {
     mxq_status status = MXQ_OK;
@@ -353,7 +355,12 @@ static mxq_status source_model(mxq_ctx *ctx, const char *dir, char *model)
         return MXQ_OK;
     CALL(ctx, mxq_json_read(ctx, report_path, "run report", &report));
     const char *named = json_string_value(json_object_get(report, "model"));
-    if (named)
+    if (named && named[0] != '/')
+        mxq_log(ctx, MXQ_LOG_WARN,
+                "export: %s names its source model by a relative path, '%s' (mxq before 0.6), relative to where "
+                "quantize ran: it is not used; give the vocabulary with --tokenizer or --vocab-from",
+                report_path, named);
+    else if (named)
         snprintf(model, MXQ_PATH_BUF, "%s", named);
 fail:
     json_decref(report);
@@ -383,7 +390,7 @@ static mxq_status find_tokenizer(mxq_ctx *ctx, const char *dir, const char *mode
           "no vocabulary for %s: it has no tokenizer.bin (llama2.c) or tokenizer.json%s%s%s; give one with --tokenizer "
           "or --vocab-from (a GGUF needs a vocabulary: llama.cpp aborts on one without)",
           dir, model[0] ? ", nor has '" : "", model,
-          model[0] ? "' (the model its report names, a path relative to where quantize ran)" : "");
+          model[0] ? "' (the model its report names)" : "");
 fail:
     return status;
 }
@@ -399,8 +406,7 @@ static mxq_status protect_inputs(mxq_ctx *ctx, mxq_input_set *inputs, const char
     CALL(ctx, mxq_input_set_add(ctx, inputs, vocabulary, "vocabulary"));
     if (model[0] && access(model, F_OK) != 0)
         mxq_log(ctx, MXQ_LOG_WARN,
-                "export: the model %s was quantized from, '%s', is not found from here (its report names it relative "
-                "to where quantize ran): its files are not protected as inputs",
+                "export: the model %s was quantized from, '%s', is not found: its files are not protected as inputs",
                 dir, model);
     if (model[0] && access(model, F_OK) == 0) {
         CALL(ctx, mxq_input_set_add_model(ctx, inputs, model));
@@ -504,6 +510,7 @@ mxq_status mxq_export_gguf(mxq_ctx *ctx, const char *dir, const char *out_path, 
     else
         CALL(ctx, find_tokenizer(ctx, dir, model, opt->tokenizer, tokenizer));
     CALL(ctx, protect_inputs(ctx, &inputs, dir, model, tokenizer));
+    mxq_log(ctx, MXQ_LOG_INFO, "export: vocabulary from %s%s", opt->vocab_from ? "--vocab-from " : "", tokenizer);
     warn_stale_temporaries(ctx, out_path); /* before this export makes its own */
     CALL(ctx, mxq_output_begin_ours(ctx, out_path, &inputs, mxq_gguf_file_is_ours, MXQ_GGUF_VERSION_KEY " key-value",
                                     &out));

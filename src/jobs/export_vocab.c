@@ -49,6 +49,22 @@ static int token_type(int id, const char *text)
     return 1;     /* normal */
 }
 
+/* llama.cpp's SentencePiece vocabulary finds its line feed as the byte
+ * token <0x0A>, and aborts without one. */
+static mxq_status check_linefeed(mxq_ctx *ctx, const char *path, const mxq_export_vocab *v)
+{
+    mxq_status status = MXQ_OK;
+    int found = 0;
+    for (int i = 0; i < v->n && !found; i++)
+        found = strcmp(v->tokens[i], "<0x0A>") == 0;
+    CHECK(ctx, found, MXQ_ERR_FORMAT,
+          "%s: no byte token <0x0A>; llama.cpp's SentencePiece vocabulary needs it for the line feed (it aborts "
+          "without)",
+          path);
+fail:
+    return status;
+}
+
 static int compare_text(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
 /* llama.cpp aborts on a vocabulary with two tokens of one text. */
@@ -99,6 +115,7 @@ static mxq_status read_tokenizer_bin(mxq_ctx *ctx, const char *path, int n, mxq_
     CHECK(ctx, at == size, MXQ_ERR_FORMAT, "%s: %zu bytes after the model's %d tokens: not this model's tokenizer", path,
           size - at, n);
     CALL(ctx, check_unique_tokens(ctx, path, v));
+    CALL(ctx, check_linefeed(ctx, path, v));
 fail:
     free(bytes);
     v->unknown_id = 0, v->eos_id = 2; /* SentencePiece's export: <unk> 0, <s> 1, </s> 2 */
@@ -200,6 +217,7 @@ static mxq_status read_tokenizer_json(mxq_ctx *ctx, const char *path, const mxq_
         CHECK_ALLOC(ctx, v->tokens[id], 32, "a token");
     v->eos_id = cfg->eos_token;
     CALL(ctx, check_unique_tokens(ctx, path, v));
+    CALL(ctx, check_linefeed(ctx, path, v));
 fail:
     json_decref(root);
     if (status != MXQ_OK)
@@ -258,10 +276,11 @@ fail:
 /* tokenizer.ggml.model: a string naming a tokenizer llama.cpp has (and for
  * gpt2, its merges). "no_vocab" is refused: llama.cpp aborts on it. */
 static mxq_status check_gguf_tokenizer_model(mxq_ctx *ctx, const char *path, const uint8_t *bytes, size_t size,
-                                             const mxq_gguf_kvs *kvs)
+                                             const mxq_gguf_kvs *kvs, int *sentencepiece)
 {
     mxq_status status = MXQ_OK;
-    static const char *const known[] = {"llama", "gpt2", "bert", "t5", "rwkv", "plamo2"};
+    /* the vocabularies llama.cpp pairs with its llama architecture */
+    static const char *const known[] = {"llama", "gpt2"};
     char name[32] = "";
     uint64_t len = 0;
     CHECK(ctx, kvs->model.present && kvs->model.type == MXQ_GGUF_STRING, MXQ_ERR_FORMAT,
@@ -276,11 +295,12 @@ static mxq_status check_gguf_tokenizer_model(mxq_ctx *ctx, const char *path, con
     for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++)
         found |= strcmp(name, known[i]) == 0;
     CHECK(ctx, found, MXQ_ERR_FORMAT,
-          "%s: tokenizer.ggml.model '%.31s' is not a tokenizer llama.cpp has (llama, gpt2, bert, t5, rwkv, plamo2)",
+          "%s: tokenizer.ggml.model '%.31s' is not one llama.cpp's llama architecture takes (llama, gpt2)",
           path, name);
     CHECK(ctx, strcmp(name, "gpt2") != 0 || (kvs->merges.present && kvs->merges.type == MXQ_GGUF_ARRAY &&
                                               kvs->merges.element == MXQ_GGUF_STRING),
           MXQ_ERR_FORMAT, "%s: a gpt2 tokenizer needs tokenizer.ggml.merges, an array of strings", path);
+    *sentencepiece = strcmp(name, "llama") == 0;
 fail:
     return status;
 }
@@ -313,11 +333,14 @@ static mxq_status check_gguf_vocab(mxq_ctx *ctx, const char *path, const uint8_t
               MXQ_ERR_FORMAT, "%s: %s must be an array of %d %s values (one per token)", path, per_token[i].key,
               n_vocab, per_token[i].element_name);
     }
-    CHECK(ctx, !kvs->bad_token_id[0], MXQ_ERR_FORMAT, "%s: %s must be a u32 (llama.cpp reads token ids so)", path,
-          kvs->bad_token_id);
-    CALL(ctx, check_gguf_tokenizer_model(ctx, path, bytes, size, kvs));
+    CHECK(ctx, !kvs->bad_type_key[0], MXQ_ERR_FORMAT, "%s: %s must be a %s (llama.cpp reads it so)", path,
+          kvs->bad_type_key, kvs->bad_type_expected);
+    int sentencepiece = 0;
+    CALL(ctx, check_gguf_tokenizer_model(ctx, path, bytes, size, kvs, &sentencepiece));
     CALL(ctx, gguf_token_texts(ctx, path, bytes, size, &kvs->tokens, &texts));
     CALL(ctx, check_unique_tokens(ctx, path, &texts));
+    if (sentencepiece)
+        CALL(ctx, check_linefeed(ctx, path, &texts));
 fail:
     mxq_export_vocab_free(&texts);
     return status;

@@ -289,7 +289,11 @@ static json_t *report_json(const mxq_quantize_report *rep, const char *model_dir
 {
     json_t *report = json_object(), *layers = json_array(), *rss = json_array();
     double tot_rtn = 0, tot_loss = 0;
-    mxq_json_put(report, "model", json_string(model_dir), ok);
+    /* absolute, so that what reads the report later (export's vocabulary,
+     * inspect) finds the model from any directory */
+    char *absolute = realpath(model_dir, NULL);
+    mxq_json_put(report, "model", json_string(absolute ? absolute : model_dir), ok);
+    free(absolute);
     mxq_json_put(report, "calibration", json_string(calib_path), ok);
     mxq_json_put(report, "recipe", json_string(recipe_path), ok);
     mxq_json_put(report, "ranks", json_integer(rep->size), ok);

@@ -97,6 +97,11 @@ static mxq_status parse_rope_object(config_reader *r, json_t *obj, const char *w
     const char *type_name = json_is_string(type) ? json_string_value(type) : "default";
     if (json_object_get(obj, "rope_theta"))
         CALL(ctx, get_number(r, obj, "rope_theta", 0, 1, &cfg->rope_theta));
+    double partial = 1; /* transformers >= 5 keeps it here */
+    CALL(ctx, get_number(r, obj, "partial_rotary_factor", 1, 0, &partial));
+    CHECK(ctx, partial == 1, MXQ_ERR_FORMAT,
+          "%s: %s.partial_rotary_factor %.17g: mxq's LLaMA rotates every dimension of a head (1.0)", r->path, what,
+          partial);
     if (strcmp(type_name, "default") == 0)
         return MXQ_OK;
     CHECK(ctx, strcmp(type_name, "llama3") == 0, MXQ_ERR_FORMAT,
@@ -273,10 +278,11 @@ static mxq_status parse_special_tokens(config_reader *r, mxq_model_config *cfg)
         eos = json_array_get(eos, 0);
     cfg->eos_token = 2;
     if (eos && !json_is_null(eos)) {
-        CHECK(r->ctx, json_is_integer(eos) && json_integer_value(eos) >= 0 && json_integer_value(eos) < cfg->vocab,
-              MXQ_ERR_FORMAT, "%s: eos_token_id must be a token id below vocab_size (%d), or a list of them; found %s%lld",
-              r->path, cfg->vocab, json_is_integer(eos) ? "" : "a non-integer ",
-              json_is_integer(eos) ? (long long)json_integer_value(eos) : 0LL);
+        CHECK(r->ctx, json_is_integer(eos), MXQ_ERR_FORMAT,
+              "%s: eos_token_id must be a token id (an integer) or a list of them", r->path);
+        CHECK(r->ctx, json_integer_value(eos) >= 0 && json_integer_value(eos) < cfg->vocab, MXQ_ERR_FORMAT,
+              "%s: eos_token_id %lld is not a token id below vocab_size (%d)", r->path,
+              (long long)json_integer_value(eos), cfg->vocab);
         cfg->eos_token = (int)json_integer_value(eos);
     }
 fail:
@@ -300,7 +306,7 @@ static mxq_status parse_rope(config_reader *r, mxq_model_config *cfg)
     double partial = 1;
     CALL(r->ctx, get_number(r, r->root, "partial_rotary_factor", 1, 0, &partial));
     CHECK(r->ctx, partial == 1, MXQ_ERR_FORMAT,
-          "%s: partial_rotary_factor %g: mxq's LLaMA rotates every dimension of a head (1.0)", r->path, partial);
+          "%s: partial_rotary_factor %.17g: mxq's LLaMA rotates every dimension of a head (1.0)", r->path, partial);
     json_t *scaling = json_object_get(r->root, "rope_scaling"), *params = json_object_get(r->root, "rope_parameters");
     const int has_scaling = scaling && !json_is_null(scaling), has_params = params && !json_is_null(params);
     const mxq_model_config base = *cfg;

@@ -422,6 +422,8 @@ static void vocab_gguf_of(gguf_builder *b, const char *model, int n, int dup, in
     for (int i = 0; i < n; i++) {
         char text[16];
         snprintf(text, sizeof(text), "t%d", i == dup ? 0 : i);
+        if (i == 13)
+            snprintf(text, sizeof(text), "<0x0A>"); /* the line feed llama.cpp looks for */
         put_str(b, text);
     }
     put_array(b, "tokenizer.ggml.scores", 6, (uint64_t)n_scores);
@@ -452,7 +454,7 @@ static const char *gguf_file_of(const gguf_builder *b, const char *name)
 
 static void expect_vocab_refused(const char *vocab, const char *message)
 {
-    const char *args[] = {"export", "--to", "gguf", tu_data_path("stories260K"), tu_scratch_path("refused.gguf"),
+    const char *args[] = {"export", "-q", "--to", "gguf", tu_data_path("stories260K"), tu_scratch_path("refused.gguf"),
                           "--vocab-from", vocab, NULL};
     tu_run_result r = run_mxq(args);
     if (r.exit_code != 1 || !strstr(r.err, message))
@@ -502,12 +504,24 @@ static void test_vocab_from_bad(void **state)
     vocab_gguf_of(&b, NULL, 512, -1, 512);
     expect_vocab_refused(gguf_file_of(&b, "nomodel-vocab.gguf"), "tokenizer.ggml.model is missing");
     vocab_gguf_of(&b, "nonsense", 512, -1, 512);
-    expect_vocab_refused(gguf_file_of(&b, "nonsense-vocab.gguf"), "tokenizer.ggml.model 'nonsense' is not a tokenizer");
+    expect_vocab_refused(gguf_file_of(&b, "nonsense-vocab.gguf"), "tokenizer.ggml.model 'nonsense' is not one llama.cpp's llama architecture takes");
     vocab_gguf_of(&b, "gpt2", 512, -1, 512);
     expect_vocab_refused(gguf_file_of(&b, "gpt2-vocab.gguf"), "a gpt2 tokenizer needs tokenizer.ggml.merges");
     vocab_gguf(&b, 512, -1, 512);
     put_string_kv(&b, "tokenizer.ggml.bos_token_id", "1");
     expect_vocab_refused(gguf_file_of(&b, "bos-vocab.gguf"), "tokenizer.ggml.bos_token_id must be a u32");
+    vocab_gguf(&b, 512, -1, 512);
+    put_string_kv(&b, "tokenizer.ggml.add_bos_token", "yes");
+    expect_vocab_refused(gguf_file_of(&b, "addbos-vocab.gguf"), "tokenizer.ggml.add_bos_token must be a bool");
+    vocab_gguf_of(&b, "bert", 512, -1, 512);
+    expect_vocab_refused(gguf_file_of(&b, "bert-vocab.gguf"), "tokenizer.ggml.model 'bert' is not one llama.cpp's llama");
+    /* a SentencePiece vocabulary without the line feed's byte token */
+    vocab_gguf(&b, 512, -1, 512);
+    /* the builder names token 13 <0x0A>: rename it */
+    for (size_t at = 0; at + 6 <= b.len; at++)
+        if (memcmp(b.bytes + at, "<0x0A>", 6) == 0)
+            memcpy(b.bytes + at, "<0x0B>", 6);
+    expect_vocab_refused(gguf_file_of(&b, "nolf-vocab.gguf"), "no byte token <0x0A>");
 }
 
 /* The bundled tokenizer.bin as Hugging Face's tokenizer.json would hold it

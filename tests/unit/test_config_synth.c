@@ -91,12 +91,17 @@ static void test_llama3_rope_parameters(void **state)
     assert_int_equal(cfg.eos_token, 5);
     snprintf(json, sizeof(json), "%s \"eos_token_id\": 32}", head);
     assert_int_equal(mxq_config_load(ctx, config_dir("eos-far", json), &cfg), MXQ_ERR_FORMAT);
-    assert_non_null(strstr(mxq_error_message(ctx), "eos_token_id must be a token id below vocab_size (32)"));
+    assert_non_null(strstr(mxq_error_message(ctx), "eos_token_id 32 is not a token id below vocab_size (32)"));
     /* partial rotation is not LLaMA's */
     mxq_error_clear(ctx);
     snprintf(json, sizeof(json), "%s \"partial_rotary_factor\": 0.5}", head);
     assert_int_equal(mxq_config_load(ctx, config_dir("partial", json), &cfg), MXQ_ERR_FORMAT);
     assert_non_null(strstr(mxq_error_message(ctx), "partial_rotary_factor 0.5"));
+    mxq_error_clear(ctx);
+    snprintf(json, sizeof(json), "%s \"rope_parameters\": {\"rope_type\": \"default\", \"partial_rotary_factor\": 0.5}}",
+             head);
+    assert_int_equal(mxq_config_load(ctx, config_dir("partial-in-params", json), &cfg), MXQ_ERR_FORMAT);
+    assert_non_null(strstr(mxq_error_message(ctx), "rope_parameters.partial_rotary_factor 0.5"));
     mxq_ctx_destroy(ctx);
 }
 
