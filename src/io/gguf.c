@@ -284,23 +284,18 @@ fail:
     return status;
 }
 
-static mxq_status take_u32(gguf_reader *r, const char *what, uint32_t *v)
+/* a little-endian value of n bytes, as this host's */
+static mxq_status take_value(gguf_reader *r, size_t n, const char *what, void *v)
 {
     const uint8_t *p;
-    mxq_status status = take(r, 4, what, &p);
+    mxq_status status = take(r, n, what, &p);
     if (status == MXQ_OK)
-        memcpy(v, p, 4);
+        memcpy(v, p, n);
     return status;
 }
 
-static mxq_status take_u64(gguf_reader *r, const char *what, uint64_t *v)
-{
-    const uint8_t *p;
-    mxq_status status = take(r, 8, what, &p);
-    if (status == MXQ_OK)
-        memcpy(v, p, 8);
-    return status;
-}
+static mxq_status take_u32(gguf_reader *r, const char *what, uint32_t *v) { return take_value(r, 4, what, v); }
+static mxq_status take_u64(gguf_reader *r, const char *what, uint64_t *v) { return take_value(r, 8, what, v); }
 
 /* bytes of a scalar type's value; 0 for strings, arrays and non-types */
 static size_t scalar_size(uint32_t type)
