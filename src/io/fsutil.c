@@ -281,7 +281,9 @@ mxq_status mxq_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_inpu
     out->temp_path = NULL;
     out->final_path = strdup(final_path);
     CHECK_ALLOC(ctx, out->final_path, strlen(final_path) + 1, "an output path");
-    CALL(ctx, mxq_output_check(ctx, final_path, inputs));
+    CALL(ctx, mxq_output_check(ctx, final_path, inputs)); /* an input is named as one first */
+    if (out->is_ours)
+        CALL(ctx, mxq_output_check_ours(ctx, final_path, out->is_ours, out->ours_mark));
     int err = EEXIST;
     for (int attempt = 0; attempt < 1000 && err == EEXIST; attempt++) {
         char *temp = NULL;
@@ -349,14 +351,8 @@ static void sync_directory_of(const char *path)
 mxq_status mxq_output_begin_ours(mxq_ctx *ctx, const char *final_path, const mxq_input_set *inputs,
                                  mxq_file_is_ours_fn is_ours, const char *mark, mxq_output *out)
 {
-    mxq_status status = MXQ_OK;
-    out->fd = -1, out->temp_path = NULL, out->final_path = NULL;
-    CALL(ctx, mxq_output_check(ctx, final_path, inputs)); /* an input is named as one first */
-    CALL(ctx, mxq_output_check_ours(ctx, final_path, is_ours, mark));
-    CALL(ctx, mxq_output_begin(ctx, final_path, inputs, out));
     out->is_ours = is_ours, out->ours_mark = mark;
-fail:
-    return status;
+    return mxq_output_begin(ctx, final_path, inputs, out);
 }
 
 mxq_status mxq_output_commit(mxq_ctx *ctx, mxq_output *out)

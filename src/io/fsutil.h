@@ -85,7 +85,8 @@ typedef struct {
     const char *ours_mark;
 } mxq_output;
 
-/* Check `final_path` and create its temporary file. */
+/* Check `final_path` (with out->is_ours set, as mxq_output_begin_ours
+ * does, also that an existing file is mxq's) and create its temporary. */
 mxq_status mxq_output_begin(mxq_ctx *ctx, const char *final_path, const mxq_input_set *inputs, mxq_output *out);
 /* The same for a single-file output that never replaces a file mxq did not
  * write: `is_ours` tells (mxq_output_check_ours), `mark` names its mark. */

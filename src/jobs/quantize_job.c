@@ -964,11 +964,8 @@ static mxq_status dry_run_output(mxq_ctx *ctx, quantize_job *job)
         return MXQ_OK;
     plan = mxq_quantize_plan_json(&in, job->mem_per_rank);
     CHECK_ALLOC(ctx, plan, 1, "the plan's JSON");
-    CALL_IN(ctx, mxq_output_check(ctx, job->opt->plan_json, &job->inputs), "--json");
-    CALL_IN(ctx, mxq_output_check_ours(ctx, job->opt->plan_json, mxq_json_file_is_ours, MXQ_VERSION_MARK " key"),
-            "--json");
+    out.is_ours = mxq_json_file_is_ours, out.ours_mark = MXQ_VERSION_MARK " key"; /* at begin and at the commit */
     CALL_IN(ctx, mxq_json_write_temp(ctx, plan, job->opt->plan_json, &job->inputs, &out), "--json");
-    out.is_ours = mxq_json_file_is_ours, out.ours_mark = MXQ_VERSION_MARK " key"; /* checked again at the commit */
     CALL_IN(ctx, mxq_output_commit(ctx, &out), "--json");
 fail:
     mxq_output_abort(&out);

@@ -1,7 +1,6 @@
 /* Hugging Face config.json for llama, mistral and qwen2. */
 #include <errno.h>
 #include <jansson.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
