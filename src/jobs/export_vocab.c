@@ -106,8 +106,8 @@ static mxq_status read_tokenizer_bin(mxq_ctx *ctx, const char *path, int n, mxq_
         at += 8;
         CHECK(ctx, len >= 0 && (size_t)len <= size - at, MXQ_ERR_FORMAT, "%s: token %d has length %d, past the file's end",
               path, i, len);
-        /* a GGUF string may hold one, but llama.cpp compares token texts
-         * as C strings, and so do the checks below */
+        /* mxq and llama.cpp both hold token texts as C strings: a NUL
+         * would cut the token short */
         CHECK(ctx, !memchr(bytes + at, '\0', (size_t)len), MXQ_ERR_FORMAT,
               "%s: token %d holds a NUL byte; SentencePiece pieces never do (not a tokenizer.bin?)", path, i);
         v->tokens[i] = spm_text(bytes + at, len);

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 #include <jansson.h>
@@ -616,7 +617,9 @@ static void test_bad_input(void **state)
     assert_int_equal(r.exit_code, 1);
     if (!strstr(r.err, "short-tokenizer.bin: token 385 has length 4, past the file's end"))
         fail_msg("a truncated tokenizer was not named: %s", r.err);
-    /* a NUL byte in a token (token 3's text is "<0x00>": its 'x' made NUL) */
+    /* a NUL byte in a token (token 3's text is "<0x00>": its '>' made NUL;
+     * "<0x00" is no other token's text, so without the check the export
+     * would succeed with the token cut short) */
     tok = tu_read_file(tu_data_path("stories260K/tokenizer.bin"), &size);
     size_t at = 4;
     for (int id = 0; id < 3; id++) {
@@ -625,7 +628,7 @@ static void test_bad_input(void **state)
         at += 8 + (size_t)len;
     }
     assert_memory_equal(tok + at + 8, "<0x00>", 6);
-    tok[at + 8 + 2] = '\0';
+    tok[at + 8 + 5] = '\0';
     tu_write_file(tu_scratch_path("nul-tokenizer.bin"), tok, size);
     free(tok);
     const char *nul[] = {"export", "--to", "gguf", tu_data_path("stories260K"), tu_scratch_path("nul.gguf"),
@@ -634,6 +637,7 @@ static void test_bad_input(void **state)
     assert_int_equal(r.exit_code, 1);
     if (!strstr(r.err, "nul-tokenizer.bin: token 3 holds a NUL byte"))
         fail_msg("a token with a NUL byte was not refused: %s", r.err);
+    assert_int_equal(access(tu_scratch_path("nul.gguf"), F_OK), -1);
     /* a file mxq did not write is not replaced; a GGUF it wrote is */
     const char *mine = tu_scratch_path("mine.gguf");
     tu_write_file(mine, "precious", 8);
