@@ -1,4 +1,5 @@
 /* mxq quantize: a Hugging Face model -> an MX checkpoint, over MPI ranks. */
+#include <ctype.h>
 #include <getopt.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -48,8 +49,8 @@ static void print_quantize_help(FILE *out)
             "      --dry-run          print who owns which layers and the predicted memory per rank\n"
             "      --json PLAN.json   with --dry-run, the plan for scripts too: {\"ranks\": [{\"rank\",\n"
             "                         \"group\", \"layers\": [first, end], \"peak_bytes\"}], \"mem_per_rank_bytes\"}\n"
-            "      --mem-per-rank SIZE  the memory a rank may use (K, M, G, T: powers of 1024, as\n"
-            "                         Slurm's --mem); it chooses the layout (see --group-size).\n"
+            "      --mem-per-rank SIZE  the memory a rank may use (K, M, G, T: powers of 1024; a bare\n"
+            "                         number is M, as in Slurm's --mem); it chooses the layout.\n"
             "                         Default: the node's memory, or its cgroup limit, over its ranks\n"
             "      --force            replace what an earlier mxq run wrote in DIR (listed in its\n"
             "                         .mxq-output.json), temporaries of a killed run included;\n"
@@ -228,8 +229,12 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
             opt.group_size = (int)value;
             break;
         case OPT_MEM_PER_RANK: {
+            /* a bare number is megabytes, as in Slurm's --mem */
+            const size_t len = strlen(optarg);
+            char text[64];
+            snprintf(text, sizeof(text), "%s%s", optarg, len && isdigit((unsigned char)optarg[len - 1]) ? "M" : "");
             size_t bytes;
-            if (mxq_cli_parse_bytes(optarg, 1024, &bytes) != 0)
+            if (len >= sizeof(text) - 1 || mxq_cli_parse_bytes(text, 1024, &bytes) != 0)
                 return mxq_cli_usage_error(ctx, "quantize", "--mem-per-rank must be a size like 32G or 4096M, got '%s'",
                                            optarg);
             opt.mem_per_rank = (double)bytes;

@@ -777,14 +777,15 @@ static void test_sequential_mode(void **state)
 }
 
 /* --json: the plan for scripts; --mem-per-rank below the pipeline's plan
- * makes it one data-parallel group. */
+ * makes it one data-parallel group (given as a bare number: megabytes, as
+ * Slurm's --mem). */
 static void check_dry_run_json(void)
 {
     const char *plan = tu_scratch_path("plan.json");
     for (int small = 0; small <= 1; small++) {
         tu_run_result r = run_mpi(3, "quantize", "--model", tu_data_path("stories260K"), "--calib",
                                   tu_data_path("stories260K/calib.h5"), "--recipe", recipe("w4a8-mxint-awq-gptq"),
-                                  "--dry-run", "--json", plan, "--mem-per-rank", small ? "1M" : "4G", NULL);
+                                  "--dry-run", "--json", plan, "--mem-per-rank", small ? "1" : "4G", NULL);
         if (r.exit_code != 0)
             fail_msg("dry run --json failed: %s", r.err);
         json_t *root = json_load_file(plan, 0, NULL);
