@@ -181,6 +181,18 @@ static int check_arguments(mxq_ctx *ctx, const char *missing, const char *stray,
     return 0;
 }
 
+/* --mem-per-rank: K/M/G/T in powers of 1024; a bare number is megabytes,
+ * as in Slurm's --mem. 0 on success. */
+static int parse_mem_per_rank(const char *arg, size_t *bytes)
+{
+    const size_t len = strlen(arg);
+    char text[64];
+    if (len == 0 || len >= sizeof(text) - 1)
+        return -1;
+    snprintf(text, sizeof(text), "%s%s", arg, isdigit((unsigned char)arg[len - 1]) ? "M" : "");
+    return mxq_cli_parse_bytes(text, 1024, bytes);
+}
+
 int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
 {
     enum { OPT_DRY_RUN = 1000, OPT_FORCE, OPT_STATS_LAYERS, OPT_GROUP_SIZE, OPT_MEM_PER_RANK, OPT_JSON,
@@ -229,12 +241,8 @@ int mxq_cmd_quantize(mxq_ctx *ctx, int argc, char **argv)
             opt.group_size = (int)value;
             break;
         case OPT_MEM_PER_RANK: {
-            /* a bare number is megabytes, as in Slurm's --mem */
-            const size_t len = strlen(optarg);
-            char text[64];
-            snprintf(text, sizeof(text), "%s%s", optarg, len && isdigit((unsigned char)optarg[len - 1]) ? "M" : "");
             size_t bytes;
-            if (len >= sizeof(text) - 1 || mxq_cli_parse_bytes(text, 1024, &bytes) != 0)
+            if (parse_mem_per_rank(optarg, &bytes) != 0)
                 return mxq_cli_usage_error(ctx, "quantize", "--mem-per-rank must be a size like 32G or 4096M, got '%s'",
                                            optarg);
             opt.mem_per_rank = (double)bytes;
